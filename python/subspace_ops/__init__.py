@@ -1,0 +1,25 @@
+"""subspace_ops: fused kernels for subspace parameter-efficient fine-tuning.
+
+Functional ops live at the top level (``subspace_ops.rescaled_linear``), layers in
+``subspace_ops.nn``, the pure-PyTorch ground truth in ``subspace_ops.reference``, and backend
+selection in ``subspace_ops.backends``.
+"""
+
+from . import nn, reference
+from .adapters import AdaptReport, apply_rlrr
+from .backends import BackendUnavailableError, available_backends, backend_report, resolve_backend
+from .ops import rescaled_linear
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdaptReport",
+    "apply_rlrr",
+    "nn",
+    "BackendUnavailableError",
+    "available_backends",
+    "backend_report",
+    "reference",
+    "rescaled_linear",
+    "resolve_backend",
+]

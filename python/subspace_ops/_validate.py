@@ -1,0 +1,37 @@
+"""Argument checks shared by every op: errors name the argument and say what was expected."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+
+def check_tensor(name: str, value: object, *, ndims: Optional[Sequence[int]] = None, min_ndim: int = 0) -> Tensor:
+    """``value`` must be a floating-point tensor with an allowed number of dimensions."""
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must have a floating-point dtype, got {value.dtype}")
+    if ndims is not None and value.dim() not in ndims:
+        expected = " or ".join(f"{n}-D" for n in ndims)
+        raise ValueError(f"{name} must be {expected}, got shape {tuple(value.shape)}")
+    if value.dim() < min_ndim:
+        raise ValueError(f"{name} must have at least {min_ndim} dimension(s), got shape {tuple(value.shape)}")
+    return value
+
+
+def check_size(name: str, value: Tensor, dim: int, expected: int, what: str) -> None:
+    if value.shape[dim] != expected:
+        raise ValueError(
+            f"{name} must have size {expected} ({what}) in dimension {dim}, got shape {tuple(value.shape)}"
+        )
+
+
+def check_like(name: str, value: Tensor, ref_name: str, ref: Tensor) -> None:
+    """Same dtype and device as ``ref`` (the ops do not cast behind the caller's back)."""
+    if value.dtype != ref.dtype:
+        raise TypeError(f"{name} has dtype {value.dtype} but {ref_name} has {ref.dtype}; they must match")
+    if value.device != ref.device:
+        raise ValueError(f"{name} is on {value.device} but {ref_name} is on {ref.device}; they must match")

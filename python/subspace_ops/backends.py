@@ -1,0 +1,188 @@
+"""Which implementation of an op runs, and why.
+
+Three backends serve every op:
+
+- ``"reference"``: pure PyTorch from :mod:`subspace_ops.reference`. Always available; materializes
+  the full matrices, so it is the ground truth, not a fast path.
+- ``"cpu"``: the C++ extension ``subspace_ops._C`` (ATen GEMMs + ``at::parallel_for``), CPU tensors.
+- ``"triton"``: the Triton kernels in ``subspace_ops.triton_kernels``; CUDA tensors, or CPU tensors
+  when ``TRITON_INTERPRET=1`` was set before triton was imported (slow; for tests).
+
+``backend=None`` picks the fastest available backend for the tensor's device; the environment
+variable ``SUBSPACE_OPS_BACKEND`` overrides that choice. An explicitly requested backend that
+cannot run raises :class:`BackendUnavailableError` with the reason. When no fused backend exists
+for a device, the default is ``"reference"`` and a warning says so once: nothing falls back silently.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+
+BACKENDS = ("reference", "cpu", "triton")
+ENV_VAR = "SUBSPACE_OPS_BACKEND"
+
+__all__ = [
+    "BACKENDS",
+    "ENV_VAR",
+    "BackendUnavailableError",
+    "BackendStatus",
+    "backend_status",
+    "available_backends",
+    "default_backend",
+    "resolve_backend",
+    "backend_report",
+]
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was requested that cannot run on the given device."""
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    name: str
+    device_type: str
+    available: bool
+    reason: str
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_extension() -> tuple[Optional[object], str]:
+    try:
+        module = importlib.import_module("subspace_ops._C")
+    except ImportError as exc:
+        return None, (
+            f"the C++ extension subspace_ops._C is not built ({exc}); reinstall with "
+            "`pip install --no-build-isolation .` and a C++ compiler"
+        )
+    return module, "C++ extension subspace_ops._C"
+
+
+@functools.lru_cache(maxsize=None)
+def _triton() -> tuple[Optional[object], str]:
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        return None, f"triton is not installed ({exc}); `pip install triton`"
+    return triton, f"triton {triton.__version__}"
+
+
+def triton_interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def cpu_extension():
+    """The loaded ``subspace_ops._C`` module; raises BackendUnavailableError if it is not built."""
+    module, reason = _cpu_extension()
+    if module is None:
+        raise BackendUnavailableError(f"backend 'cpu' is unavailable: {reason}")
+    return module
+
+
+def backend_status(name: str, device: Union[str, torch.device]) -> BackendStatus:
+    """Whether backend ``name`` can run ops on tensors of ``device``, and why (not)."""
+    device_type = torch.device(device).type
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {name!r}")
+    if name == "reference":
+        return BackendStatus(name, device_type, True, "pure PyTorch (materializes W')")
+    if name == "cpu":
+        if device_type != "cpu":
+            return BackendStatus(name, device_type, False, f"the C++ backend only runs CPU tensors, not {device_type}")
+        module, reason = _cpu_extension()
+        return BackendStatus(name, device_type, module is not None, reason)
+    # triton
+    module, reason = _triton()
+    if module is None:
+        return BackendStatus(name, device_type, False, reason)
+    if device_type == "cuda":
+        if not torch.cuda.is_available():
+            return BackendStatus(name, device_type, False, "no CUDA device is available")
+        return BackendStatus(name, device_type, True, reason)
+    if device_type == "cpu":
+        if triton_interpreter_enabled():
+            return BackendStatus(name, device_type, True, reason + " (interpreter, TRITON_INTERPRET=1)")
+        return BackendStatus(name, device_type, False, "CPU tensors need TRITON_INTERPRET=1 set before importing triton")
+    return BackendStatus(name, device_type, False, f"triton kernels do not run on {device_type} tensors")
+
+
+def available_backends(device: Union[str, torch.device, None] = None) -> list[str]:
+    """Names of the backends that can run on ``device`` (default: CUDA if present, else CPU)."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return [name for name in BACKENDS if backend_status(name, device).available]
+
+
+# Fastest first, per device type.
+_PREFERENCE = {"cuda": ("triton",), "cpu": ("cpu",)}
+
+
+def default_backend(device_type: str) -> str:
+    """The fastest available backend for ``device_type`` ("reference" when no fused one can run)."""
+    for name in _PREFERENCE.get(device_type, ()):
+        if backend_status(name, device_type).available:
+            return name
+    return "reference"
+
+
+# Dynamo calls this eagerly and treats the answer as a constant, so compiled graphs hold no
+# backend-selection logic (the backend is a static argument of the registered op).
+@torch.compiler.assume_constant_result
+@functools.lru_cache(maxsize=None)
+def _resolve(requested: Optional[str], device_type: str) -> str:
+    if requested is not None:
+        status = backend_status(requested, device_type)
+        if not status.available:
+            raise BackendUnavailableError(
+                f"backend {requested!r} is unavailable for {device_type} tensors: {status.reason}"
+            )
+        return requested
+    chosen = default_backend(device_type)
+    if chosen == "reference":  # warned once per device type: the result is cached
+        reasons = "; ".join(
+            f"{name}: {backend_status(name, device_type).reason}" for name in _PREFERENCE.get(device_type, ())
+        )
+        warnings.warn(
+            f"subspace_ops: no fused backend for {device_type} tensors ({reasons or 'none exists'}); "
+            "using the 'reference' backend, which materializes the full weight. "
+            f"Set {ENV_VAR}=reference to silence this.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+    return chosen
+
+
+def resolve_backend(requested: Optional[str], device: Union[str, torch.device]) -> str:
+    """The backend an op will use: ``requested``, else ``$SUBSPACE_OPS_BACKEND``, else the best available.
+
+    Raises ``ValueError`` for an unknown name and :class:`BackendUnavailableError` when the
+    requested backend cannot run on ``device``.
+    """
+    if requested is None:
+        requested = os.environ.get(ENV_VAR) or None
+    if requested is not None and requested not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {requested!r}")
+    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
+    return _resolve(requested, device_type)
+
+
+def backend_report() -> str:
+    """A human-readable table of every backend on CPU and (if present) CUDA, with reasons."""
+    device_types = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    lines = [f"{'device':<7} {'backend':<10} {'available':<10} reason"]
+    for device_type in device_types:
+        default = default_backend(device_type)
+        for name in BACKENDS:
+            status = backend_status(name, device_type)
+            mark = "yes" if status.available else "no"
+            if name == default:
+                mark += " (default)"
+            lines.append(f"{device_type:<7} {name:<10} {mark:<10} {status.reason}")
+    return "\n".join(lines)

@@ -1,0 +1,303 @@
+"""Layers of the rescaled-linear family (METHODS.md §1) and SSF scale/shift.
+
+- :class:`RLRRLinear`: RLRR (paper 000, eq. 16): ``y = x (W + s_l ⊙ W ⊙ s_rᵀ)ᵀ + b + f``.
+- :class:`ScaledLinear`: SSB (``D1 W D2``), SSL (one of the two) and (IA)³ (one output or input
+  vector) from paper 001 §3.2: ``y = x (s_l ⊙ W ⊙ s_rᵀ)ᵀ + b``.
+- :class:`SSF`: ``y = f(x) · γ + β`` after a LayerNorm / patch embedding (RLRR's recipe, from SSF).
+
+Every layer wraps an existing module, freezes its weights, and can ``merge()`` its adaptation
+into them for inference and ``unmerge()`` back. Merging keeps the original tensors (not a copy:
+the merged weight is a new tensor), so ``unmerge()`` restores them bit for bit — dividing the
+scales back out would not be exact in floating point.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..backends import resolve_backend
+from ..ops import rescaled_linear
+from .. import reference
+
+__all__ = ["RLRRLinear", "ScaledLinear", "SSF"]
+
+
+def _kaiming_uniform_vector(length: int) -> Tensor:
+    """RLRR's official init for a scale vector: kaiming_uniform_(a=√5) on a [1, length] parameter,
+    i.e. U(−1/√length, 1/√length), so W' starts within O(1/√(NK)) of W."""
+    vector = torch.empty(1, length)
+    nn.init.kaiming_uniform_(vector, a=math.sqrt(5))
+    return vector[0]
+
+
+def _compute_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
+    """The dtype F.linear would compute in: the autocast dtype when autocast is on, else W's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return weight.dtype
+
+
+class _MergeableLinear(nn.Module):
+    """Shared plumbing: a frozen wrapped nn.Linear, exact merge/unmerge, backend reporting."""
+
+    method: str = ""
+
+    def __init__(self, base: nn.Linear, backend: Optional[str]) -> None:
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
+        self.in_features = base.in_features
+        self.out_features = base.out_features
+        self.weight = base.weight
+        self.bias = base.bias
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self.backend = backend
+        self._originals: Optional[tuple[Tensor, Optional[Tensor]]] = None
+
+    @property
+    def merged(self) -> bool:
+        return self._originals is not None
+
+    # Subclasses provide the merged weight and bias, computed by the reference formula.
+    def merged_weight_and_bias(self) -> tuple[Tensor, Optional[Tensor]]:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the adaptation into ``weight``/``bias`` (inference runs a plain F.linear)."""
+        if self.merged:
+            raise RuntimeError(f"{type(self).__name__} is already merged; call unmerge() first")
+        weight, bias = self.merged_weight_and_bias()
+        self._originals = (self.weight.data, None if self.bias is None else self.bias.data)
+        self.weight.data = weight.to(self.weight.dtype)
+        if bias is not None:
+            if self.bias is None:
+                self.bias = nn.Parameter(bias.to(self.weight.dtype), requires_grad=False)
+            else:
+                self.bias.data = bias.to(self.bias.dtype)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore the exact original ``weight``/``bias`` tensors saved by :meth:`merge`."""
+        if not self.merged:
+            raise RuntimeError(f"{type(self).__name__} is not merged")
+        weight, bias = self._originals
+        self.weight.data = weight
+        if bias is None:
+            self.bias = None
+        else:
+            self.bias.data = bias
+        self._originals = None
+
+    def resolved_backend(self) -> str:
+        return resolve_backend(self.backend, self.weight.device)
+
+    def _describe(self) -> str:
+        chosen = self.resolved_backend()
+        backend = chosen if self.backend is not None else f"auto->{chosen}"
+        state = ", merged" if self.merged else ""
+        return (
+            f"method={self.method}, in_features={self.in_features}, out_features={self.out_features}, "
+            f"backend={backend}{state}"
+        )
+
+
+class RLRRLinear(_MergeableLinear):
+    """RLRR (paper 000, eq. 16): ``W' = W + s_l ⊙ W ⊙ s_rᵀ``, plus a trainable shift added to b.
+
+    Args:
+        base: the pretrained nn.Linear; its weight and bias are frozen and shared, not copied.
+        splits: for a fused projection such as timm's ``qkv`` (out = 3·dim), the output sizes of
+            the fused parts, e.g. ``(dim, dim, dim)``. Each part gets its own ``s_r`` so the layer
+            equals separate RLRR q, k and v layers (same parameter count as the paper).
+            Implemented as one rank-len(splits) op whose ``S_l`` is block-sparse.
+        backend: op backend ("reference", "cpu", "triton" or None for the best available).
+    """
+
+    method = "rlrr"
+
+    def __init__(
+        self, base: nn.Linear, *, splits: Optional[Sequence[int]] = None, backend: Optional[str] = None
+    ) -> None:
+        super().__init__(base, backend)
+        splits = tuple(splits) if splits is not None else (self.out_features,)
+        if sum(splits) != self.out_features or any(s <= 0 for s in splits):
+            raise ValueError(f"splits must be positive and sum to out_features={self.out_features}, got {splits}")
+        self.splits = splits
+        device, dtype = self.weight.device, self.weight.dtype
+        self.s_l = nn.Parameter(_kaiming_uniform_vector(self.out_features).to(device, dtype))
+        self.s_r = nn.Parameter(
+            torch.stack([_kaiming_uniform_vector(self.in_features) for _ in splits]).to(device, dtype)
+        )
+        self.shift = nn.Parameter(torch.zeros(self.out_features, device=device, dtype=dtype))
+        # part_mask[n, j] = 1 where output row n belongs to fused part j.
+        part_mask = torch.zeros(self.out_features, len(splits), dtype=dtype, device=device)
+        start = 0
+        for j, size in enumerate(splits):
+            part_mask[start : start + size, j] = 1
+            start += size
+        self.register_buffer("part_mask", part_mask, persistent=False)
+
+    def scale_matrices(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """(S_l [N, parts], S_r [K, parts]) in ``dtype``; S_l is zero outside each row's own part."""
+        s_l = self.s_l.to(dtype)
+        if len(self.splits) == 1:
+            return s_l, self.s_r[0].to(dtype)
+        return s_l[:, None] * self.part_mask.to(dtype), self.s_r.T.to(dtype)
+
+    def merged_weight_and_bias(self) -> tuple[Tensor, Optional[Tensor]]:
+        s_l, s_r = self.scale_matrices(self.weight.dtype)
+        weight = reference.rescaled_weight(self.weight, s_l, s_r, residual=True)
+        bias = self.shift if self.bias is None else self.bias + self.shift
+        return weight, bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.merged:
+            return F.linear(x, self.weight, self.bias)
+        dtype = _compute_dtype(x, self.weight)
+        s_l, s_r = self.scale_matrices(dtype)
+        bias = self.shift if self.bias is None else self.bias + self.shift
+        return rescaled_linear(
+            x.to(dtype), self.weight.to(dtype), s_l, s_r, bias.to(dtype), residual=True, backend=self.backend
+        )
+
+    def extra_repr(self) -> str:
+        parts = f", splits={self.splits}" if len(self.splits) > 1 else ""
+        return self._describe() + parts
+
+
+class ScaledLinear(_MergeableLinear):
+    """``W' = s_l ⊙ W ⊙ s_rᵀ`` (no residual): SSB, SSL and (IA)³ from paper 001 §3.2.
+
+    Args:
+        base: the pretrained nn.Linear (frozen, shared).
+        left: train an output-feature scale ``s_l [N]``.
+        right: train an input-feature scale ``s_r [K]``.
+        method: the name reported by ``extra_repr`` ("ssb": both; "ssl": one singular side;
+            "ia3": output scale, as (IA)³'s rescaling of a layer's activations).
+    Scales start at one, so the layer starts equal to ``base``.
+    """
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        *,
+        left: bool = True,
+        right: bool = True,
+        method: str = "ssb",
+        backend: Optional[str] = None,
+    ) -> None:
+        super().__init__(base, backend)
+        if not (left or right):
+            raise ValueError("ScaledLinear needs at least one of left=True or right=True")
+        self.method = method
+        device, dtype = self.weight.device, self.weight.dtype
+        self.s_l = nn.Parameter(torch.ones(self.out_features, device=device, dtype=dtype)) if left else None
+        self.s_r = nn.Parameter(torch.ones(self.in_features, device=device, dtype=dtype)) if right else None
+
+    @classmethod
+    def ssb(cls, base: nn.Linear, backend: Optional[str] = None) -> "ScaledLinear":
+        return cls(base, left=True, right=True, method="ssb", backend=backend)
+
+    @classmethod
+    def ssl(cls, base: nn.Linear, side: str = "left", backend: Optional[str] = None) -> "ScaledLinear":
+        if side not in ("left", "right"):
+            raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+        return cls(base, left=side == "left", right=side == "right", method="ssl", backend=backend)
+
+    @classmethod
+    def ia3(cls, base: nn.Linear, side: str = "left", backend: Optional[str] = None) -> "ScaledLinear":
+        if side not in ("left", "right"):
+            raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+        return cls(base, left=side == "left", right=side == "right", method="ia3", backend=backend)
+
+    def merged_weight_and_bias(self) -> tuple[Tensor, Optional[Tensor]]:
+        # The bias is added after the scaled product, unscaled, so it merges unchanged.
+        weight = reference.rescaled_weight(self.weight, self.s_l, self.s_r, residual=False)
+        return weight, self.bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.merged:
+            return F.linear(x, self.weight, self.bias)
+        dtype = _compute_dtype(x, self.weight)
+        cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+        return rescaled_linear(
+            x.to(dtype), cast(self.weight), cast(self.s_l), cast(self.s_r), cast(self.bias),
+            residual=False, backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        sides = "+".join(side for side, s in (("left", self.s_l), ("right", self.s_r)) if s is not None)
+        return self._describe() + f", scales={sides}"
+
+
+class SSF(nn.Module):
+    """Scale-and-shift after a module: ``y = inner(x) · γ + β`` over the last dimension.
+
+    ``inner`` is typically a LayerNorm, a Linear or a timm PatchEmbed. ``fold_into`` names the
+    submodule of ``inner`` whose affine parameters produce those channels ("" for ``inner`` itself,
+    ``"proj"`` for a patch embedding's Conv2d); :meth:`merge` folds γ, β into it (``w ← w·γ``,
+    ``b ← b·γ + β``) and :meth:`unmerge` restores the original tensors exactly.
+    Init as RLRR/SSF: γ ~ N(1, 0.02), β ~ N(0, 0.02).
+    """
+
+    method = "ssf"
+
+    def __init__(self, inner: nn.Module, dim: int, fold_into: str = "") -> None:
+        super().__init__()
+        self.inner = inner
+        self.dim = dim
+        parameter = next(inner.parameters(), None)
+        device = parameter.device if parameter is not None else None
+        dtype = parameter.dtype if parameter is not None else None
+        self.gamma = nn.Parameter(torch.empty(dim, device=device, dtype=dtype).normal_(1.0, 0.02))
+        self.beta = nn.Parameter(torch.empty(dim, device=device, dtype=dtype).normal_(0.0, 0.02))
+        self.fold_into = fold_into
+        self._originals: Optional[tuple[Tensor, Tensor]] = None
+
+    @property
+    def merged(self) -> bool:
+        return self._originals is not None
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.inner(x)
+        if self.merged:
+            return y
+        return reference.ssf(y, self.gamma, self.beta)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.merged:
+            raise RuntimeError("SSF is already merged; call unmerge() first")
+        target = self.inner.get_submodule(self.fold_into)
+        weight = getattr(target, "weight", None)
+        bias = getattr(target, "bias", None)
+        if not isinstance(weight, Tensor) or not isinstance(bias, Tensor):
+            raise RuntimeError(
+                f"SSF can only merge into a module with weight and bias, {type(target).__name__} has "
+                f"weight={type(weight).__name__}, bias={type(bias).__name__}"
+            )
+        if weight.shape[0] != self.dim or bias.shape[0] != self.dim:
+            raise RuntimeError(f"SSF of dim {self.dim} cannot fold into weight {tuple(weight.shape)}")
+        gamma = self.gamma.to(weight.dtype).reshape(-1, *([1] * (weight.dim() - 1)))
+        self._originals = (weight.data, bias.data)
+        weight.data = weight.data * gamma
+        bias.data = bias.data * self.gamma.to(bias.dtype) + self.beta.to(bias.dtype)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            raise RuntimeError("SSF is not merged")
+        target = self.inner.get_submodule(self.fold_into)
+        target.weight.data, target.bias.data = self._originals
+        self._originals = None
+
+    def extra_repr(self) -> str:
+        return f"method=ssf, dim={self.dim}" + (", merged" if self.merged else "")

@@ -1,0 +1,198 @@
+"""``rescaled_linear``: y = x (W ⊙ (c + S_l S_rᵀ))ᵀ + b — RLRR, SSB, SSL, (IA)³ (METHODS.md §1).
+
+This file is the op's public function, its ``torch.library`` registration (``subspace_ops::``
+namespace, fake kernels for ``torch.compile``) and its autograd formula. The math lives in the
+kernels: ``csrc/rescaled_linear.cpp`` (backend "cpu") and ``triton_kernels/rescaled_linear.py``
+(backend "triton"); ``subspace_ops.reference.rescaled_linear`` is the ground truth.
+
+Autograd saves x, W, S_l, S_r (what full fine-tuning of a linear layer saves, plus two vectors):
+no N×K tensor is saved, and the kernels never write W' or G = gyᵀx.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from .._validate import check_like, check_size, check_tensor
+from ..backends import cpu_extension, resolve_backend
+
+__all__ = ["rescaled_linear"]
+
+
+def _kernels(backend: str):
+    """The module holding ``rescaled_linear_forward`` / ``rescaled_linear_backward`` for a backend."""
+    if backend == "cpu":
+        return cpu_extension()
+    if backend == "triton":
+        from ..triton_kernels import rescaled_linear as triton_rescaled_linear
+
+        return triton_rescaled_linear
+    raise ValueError(f"backend {backend!r} has no fused kernels for rescaled_linear")
+
+
+@torch.library.custom_op("subspace_ops::rescaled_linear", mutates_args=())
+def _rescaled_linear_op(
+    x: Tensor, weight: Tensor, s_l: Tensor, s_r: Tensor, bias: Optional[Tensor], residual: bool, backend: str
+) -> Tensor:
+    y = _kernels(backend).rescaled_linear_forward(x.reshape(-1, x.shape[-1]), weight, s_l, s_r, bias, residual)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+@_rescaled_linear_op.register_fake
+def _(x, weight, s_l, s_r, bias, residual, backend):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+@torch.library.custom_op("subspace_ops::rescaled_linear_backward", mutates_args=())
+def _rescaled_linear_backward_op(
+    grad_y: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    s_l: Tensor,
+    s_r: Tensor,
+    residual: bool,
+    backend: str,
+    need_x: bool,
+    need_weight: bool,
+    need_scales: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns (gx, gw, gs_l, gs_r); a gradient that was not asked for is an empty tensor."""
+    gx, gw, gs_l, gs_r = _kernels(backend).rescaled_linear_backward(
+        grad_y.reshape(-1, grad_y.shape[-1]),
+        x.reshape(-1, x.shape[-1]),
+        weight,
+        s_l,
+        s_r,
+        residual,
+        need_x,
+        need_weight,
+        need_scales,
+    )
+    return (
+        gx.reshape(x.shape) if need_x else x.new_empty(0),
+        gw if need_weight else x.new_empty(0),
+        gs_l if need_scales else x.new_empty(0),
+        gs_r if need_scales else x.new_empty(0),
+    )
+
+
+@_rescaled_linear_backward_op.register_fake
+def _(grad_y, x, weight, s_l, s_r, residual, backend, need_x, need_weight, need_scales):
+    return (
+        torch.empty_like(x) if need_x else x.new_empty(0),
+        torch.empty_like(weight) if need_weight else x.new_empty(0),
+        torch.empty_like(s_l) if need_scales else x.new_empty(0),
+        torch.empty_like(s_r) if need_scales else x.new_empty(0),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, s_l, s_r, bias, residual, backend = inputs
+    ctx.save_for_backward(x, weight, s_l, s_r)
+    ctx.residual = residual
+    ctx.backend = backend
+
+
+def _backward(ctx, grad_y):
+    x, weight, s_l, s_r = ctx.saved_tensors
+    need_x, need_weight, need_s_l, need_s_r, need_bias = ctx.needs_input_grad[:5]
+    need_scales = need_s_l or need_s_r
+    gx = gw = gs_l = gs_r = gb = None
+    if need_x or need_weight or need_scales:
+        gx, gw, gs_l, gs_r = torch.ops.subspace_ops.rescaled_linear_backward(
+            grad_y, x, weight, s_l, s_r, ctx.residual, ctx.backend, need_x, need_weight, need_scales
+        )
+    if need_bias:
+        gb = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
+    return (
+        gx if need_x else None,
+        gw if need_weight else None,
+        gs_l if need_s_l else None,
+        gs_r if need_s_r else None,
+        gb,
+        None,
+        None,
+    )
+
+
+_rescaled_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check_inputs(x, weight, s_l, s_r, bias) -> None:
+    check_tensor("x", x, min_ndim=1)
+    check_tensor("weight", weight, ndims=(2,))
+    out_features, in_features = weight.shape
+    check_size("x", x, -1, in_features, "in_features = weight.shape[1]")
+    check_like("weight", weight, "x", x)
+    ranks = {}
+    for name, scale, length, what in (
+        ("s_l", s_l, out_features, "out_features = weight.shape[0]"),
+        ("s_r", s_r, in_features, "in_features = weight.shape[1]"),
+    ):
+        if scale is None:
+            continue
+        check_tensor(name, scale, ndims=(1, 2))
+        check_size(name, scale, 0, length, what)
+        check_like(name, scale, "x", x)
+        if scale.dim() == 2:
+            if scale.shape[1] < 1:
+                raise ValueError(f"{name} must have rank >= 1 columns, got shape {tuple(scale.shape)}")
+            ranks[name] = scale.shape[1]
+    if len(set(ranks.values())) > 1:
+        raise ValueError(f"s_l and s_r must have the same rank r, got s_l {tuple(s_l.shape)} and s_r {tuple(s_r.shape)}")
+    if bias is not None:
+        check_tensor("bias", bias, ndims=(1,))
+        check_size("bias", bias, 0, out_features, "out_features = weight.shape[0]")
+        check_like("bias", bias, "x", x)
+
+
+def _scale_matrix(scale: Optional[Tensor], length: int, rank: int, like: Tensor) -> Tensor:
+    """The kernels take [L, r] scales; an absent (untrained) scale is a column of ones."""
+    if scale is None:
+        return torch.ones(length, rank, dtype=like.dtype, device=like.device)
+    return (scale.unsqueeze(-1) if scale.dim() == 1 else scale).contiguous()
+
+
+def rescaled_linear(
+    x: Tensor,
+    weight: Tensor,
+    s_l: Optional[Tensor] = None,
+    s_r: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    *,
+    residual: bool = True,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """``y = x (W ⊙ (c + s_l s_rᵀ))ᵀ + bias`` with ``c = 1 if residual else 0``, never forming W ⊙ (…).
+
+    Args:
+        x: ``[..., K]`` input.
+        weight: ``[N, K]`` (frozen for RLRR/SSB/SSL/(IA)³; a gradient is computed only if it
+            requires grad).
+        s_l: ``[N]`` or ``[N, r]`` output-side scale, or None for ones (not trained).
+        s_r: ``[K]`` or ``[K, r]`` input-side scale, or None for ones (not trained).
+        bias: ``[N]`` or None.
+        residual: RLRR's ``W + s_l ⊙ W ⊙ s_r`` (True) or the plain ``s_l ⊙ W ⊙ s_r`` of SSB/SSL/(IA)³.
+        backend: "reference", "cpu", "triton" or None (best available; see :mod:`subspace_ops.backends`).
+
+    All tensors must share x's dtype and device. Returns ``[..., N]``.
+    """
+    _check_inputs(x, weight, s_l, s_r, bias)
+    name = resolve_backend(backend, x.device)
+    if name == "reference":
+        return reference.rescaled_linear(x, weight, s_l, s_r, bias, residual=residual)
+    out_features, in_features = weight.shape
+    rank = next((s.shape[1] for s in (s_l, s_r) if s is not None and s.dim() == 2), 1)
+    return torch.ops.subspace_ops.rescaled_linear(
+        x,
+        weight,
+        _scale_matrix(s_l, out_features, rank, x),
+        _scale_matrix(s_r, in_features, rank, x),
+        bias,
+        residual,
+        name,
+    )

@@ -1,0 +1,188 @@
+"""RLRRLinear / ScaledLinear / SSF layers and apply_rlrr on a timm ViT."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import subspace_ops
+from subspace_ops.adapters import apply_rlrr, merge_all, unmerge_all
+from subspace_ops.nn import SSF, RLRRLinear, ScaledLinear
+
+from conftest import backend_device
+
+LAYERS = {
+    "rlrr": lambda lin, b: RLRRLinear(lin, backend=b),
+    "rlrr-qkv": lambda lin, b: RLRRLinear(lin, splits=(4, 4, 4), backend=b),
+    "ssb": lambda lin, b: ScaledLinear.ssb(lin, backend=b),
+    "ssl-right": lambda lin, b: ScaledLinear.ssl(lin, side="right", backend=b),
+    "ia3": lambda lin, b: ScaledLinear.ia3(lin, backend=b),
+}
+
+
+def _perturb(layer: nn.Module) -> None:
+    """Move trainable parameters away from their init so merge has something to fold."""
+    with torch.no_grad():
+        for p in layer.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+
+
+@pytest.mark.parametrize("kind", sorted(LAYERS))
+def test_layer_merge_unmerge_round_trip(backend, kind):
+    device = backend_device(backend)
+    base = nn.Linear(10, 12).to(device)
+    original_weight, original_bias = base.weight.detach().clone(), base.bias.detach().clone()
+    layer = LAYERS[kind](base, backend)
+    _perturb(layer)
+    x = torch.randn(3, 5, 10, device=device)
+    y = layer(x)
+    layer.merge()
+    assert layer.merged and "merged" in repr(layer)
+    torch.testing.assert_close(layer(x), y, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="already merged"):
+        layer.merge()
+    layer.unmerge()
+    assert torch.equal(layer.weight, original_weight) and torch.equal(layer.bias, original_bias)
+    torch.testing.assert_close(layer(x), y)
+    with pytest.raises(RuntimeError, match="not merged"):
+        layer.unmerge()
+
+
+@pytest.mark.parametrize("kind", sorted(LAYERS))
+def test_layer_trains_only_its_own_parameters(kind):
+    layer = LAYERS[kind](nn.Linear(10, 12), None)
+    assert not layer.weight.requires_grad and not layer.bias.requires_grad
+    layer(torch.randn(4, 10)).square().sum().backward()
+    trainable = [n for n, p in layer.named_parameters() if p.requires_grad]
+    assert trainable and all(layer.get_parameter(n).grad is not None for n in trainable)
+    assert layer.weight.grad is None
+    assert f"method={kind.split('-')[0]}" in repr(layer) and "backend=" in repr(layer)
+
+
+def test_scaled_layers_start_as_identity():
+    base = nn.Linear(10, 12)
+    x = torch.randn(4, 10)
+    for make in (ScaledLinear.ssb, ScaledLinear.ssl, ScaledLinear.ia3):
+        torch.testing.assert_close(make(copy.deepcopy(base))(x), base(x))
+
+
+def test_fused_qkv_split_equals_three_separate_layers():
+    """RLRRLinear(splits=(d,d,d)) on a fused qkv == separate RLRR q, k, v layers (paper's form)."""
+    d = 6
+    fused = nn.Linear(d, 3 * d, dtype=torch.float64)
+    layer = RLRRLinear(fused, splits=(d, d, d), backend="reference")
+    _perturb(layer)
+    x = torch.randn(5, d, dtype=torch.float64)
+    parts = []
+    for j in range(3):
+        rows = slice(j * d, (j + 1) * d)
+        w, b = fused.weight[rows], fused.bias[rows]
+        w_ft = w + layer.s_l[rows, None] * w * layer.s_r[j][None, :]
+        parts.append(x @ w_ft.T + b + layer.shift[rows])
+    torch.testing.assert_close(layer(x), torch.cat(parts, dim=-1))
+    assert sum(p.numel() for p in layer.parameters() if p.requires_grad) == 3 * (d + d + d)
+
+
+def test_ssf_layernorm_and_linear_merge():
+    for inner in (nn.LayerNorm(8), nn.Linear(5, 8)):
+        ssf = SSF(inner, 8)
+        x = torch.randn(3, 8 if isinstance(inner, nn.LayerNorm) else 5)
+        y = ssf(x)
+        torch.testing.assert_close(y, inner(x) * ssf.gamma + ssf.beta)
+        w0, b0 = inner.weight.detach().clone(), inner.bias.detach().clone()
+        ssf.merge()
+        torch.testing.assert_close(ssf(x), y, rtol=1e-5, atol=1e-6)
+        ssf.unmerge()
+        assert torch.equal(inner.weight, w0) and torch.equal(inner.bias, b0)
+    with pytest.raises(RuntimeError, match="can only merge into a module with weight and bias"):
+        SSF(nn.LayerNorm(8, elementwise_affine=False), 8).merge()
+
+
+def test_ssb_merge_is_exact_diag_product():
+    base = nn.Linear(4, 3, dtype=torch.float64)
+    layer = ScaledLinear.ssb(base)
+    _perturb(layer)
+    expected = torch.diag(layer.s_l) @ base.weight @ torch.diag(layer.s_r)
+    merged_weight, _ = layer.merged_weight_and_bias()
+    torch.testing.assert_close(merged_weight, expected)
+
+
+timm = pytest.importorskip("timm")
+
+
+def tiny_vit(**kw) -> nn.Module:
+    cfg = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=10)
+    cfg.update(kw)
+    return timm.models.vision_transformer.VisionTransformer(**cfg)
+
+
+def rlrr_param_count(dim: int, depth: int, mlp_ratio: int = 4) -> int:
+    """RLRR on q, k, v, proj, fc1, fc2 (+ shifts) and SSF after norm1, norm2, patch embed, final norm."""
+    hidden = mlp_ratio * dim
+    per_linear = lambda n, k: n + k + n  # noqa: E731  s_l, s_r, shift
+    block = 3 * per_linear(dim, dim) + per_linear(dim, dim) + per_linear(hidden, dim) + per_linear(dim, hidden)
+    ssf = 2 * 2 * dim
+    return depth * (block + ssf) + 2 * dim + 2 * dim
+
+
+@pytest.mark.integration
+def test_apply_rlrr_vit_b16_parameter_count():
+    """ViT-B/16 built on the meta device (no weights): 288 768 RLRR parameters + the head.
+
+    The paper reports 0.33 M on VTAB-1k, which includes the task heads (their size varies with the
+    number of classes: 768·C + C): 288 768 + 0.04 M for a ~50-class head."""
+    with torch.device("meta"):
+        model = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=100)
+    report = apply_rlrr(model)
+    assert report.adapter_params == rlrr_param_count(768, 12) == 288_768
+    assert report.other_trainable_params == 768 * 100 + 100  # the head
+    assert len(report.layers) == 12 * (4 + 2) + 2
+    assert "288,768" in str(report)
+
+
+@pytest.mark.integration
+def test_apply_rlrr_tiny_vit_trains_merges_and_compiles(fused_backend):
+    device = backend_device(fused_backend)
+    model = tiny_vit().to(device).eval()
+    x = torch.randn(2, 3, 32, 32, device=device)
+    report = apply_rlrr(model, backend=fused_backend)
+    assert report.adapter_params == rlrr_param_count(48, 2)
+    assert isinstance(model.blocks[0].attn.qkv, RLRRLinear) and model.blocks[0].attn.qkv.splits == (48, 48, 48)
+    assert isinstance(model.blocks[0].norm1, SSF) and isinstance(model.patch_embed, SSF)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    y = model(x)
+    y.square().sum().backward()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert all(model.get_parameter(n).grad is not None for n in trainable)
+    assert all(p.grad is None for n, p in model.named_parameters() if n not in trainable)
+
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    assert merge_all(model) == len(report.layers)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), y, rtol=1e-4, atol=1e-4)
+    assert unmerge_all(model) == len(report.layers)
+    assert all(torch.equal(model.get_parameter(n), w) for n, w in frozen.items())
+
+    if fused_backend == "cpu":  # the interpreter is too slow to trace a whole ViT under inductor
+        compiled = torch.compile(model, fullgraph=True)
+        torch.testing.assert_close(compiled(x), y.detach(), rtol=1e-4, atol=1e-4)
+
+
+def test_apply_rlrr_errors():
+    with pytest.raises(ValueError, match="match no nn.Linear"):
+        apply_rlrr(nn.Sequential(nn.Conv2d(1, 1, 1)))
+    with pytest.raises(ValueError, match="ssf_targets"):
+        apply_rlrr(nn.Sequential(nn.Linear(2, 2)), targets=("0",))
+    with pytest.raises(ValueError, match="fused_qkv"):
+        apply_rlrr(nn.Sequential(nn.Linear(2, 2)), fused_qkv="maybe")
+    with pytest.raises(ValueError, match="splits must"):
+        RLRRLinear(nn.Linear(2, 6), splits=(2, 2))
+    with pytest.raises(TypeError, match="base must be an nn.Linear"):
+        RLRRLinear(nn.Conv2d(1, 1, 1))

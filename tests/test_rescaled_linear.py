@@ -1,0 +1,219 @@
+"""rescaled_linear (METHODS.md §1) on every backend against the float64 reference."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import subspace_ops
+from subspace_ops import reference
+from subspace_ops.backends import BackendUnavailableError, resolve_backend
+from subspace_ops.testing import check_close
+
+from conftest import ON_INTERPRETER, backend_device
+
+# Each case: M tokens, K in, N out, rank r, and which features are on. K, N are not multiples of
+# any tile size; M covers decode (1), tiny (7) and a ViT sequence (197).
+CASES = {
+    "m1-rank1-bias": dict(M=1, K=33, N=40, r=1, residual=True, bias=True),
+    "m7-rank4-plain": dict(M=7, K=40, N=33, r=4, residual=False, bias=False),
+    "m197-3d": dict(M=197, K=24, N=40, r=1, residual=True, bias=False, batch=True),
+    "noncontiguous": dict(M=7, K=33, N=24, r=1, residual=True, bias=True, noncontiguous=True),
+    "s_l-none-rank4": dict(M=7, K=24, N=33, r=4, residual=True, bias=True, drop="s_l"),
+    "ia3-s_r-none": dict(M=7, K=24, N=33, r=1, residual=False, bias=True, drop="s_r"),
+    "both-none": dict(M=5, K=16, N=16, r=1, residual=True, bias=False, drop="both"),
+    "weight-grad-rank2": dict(M=7, K=33, N=24, r=2, residual=True, bias=True, weight_grad=True),
+}
+
+
+def make_inputs(case: dict, dtype: torch.dtype, device: str) -> dict:
+    """Inputs in float64 (the ground truth is computed from these, then cast)."""
+    M, K, N, r = case["M"], case["K"], case["N"], case["r"]
+    g = torch.Generator().manual_seed(1234)
+    randn = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
+    x = randn(3, M, K) if case.get("batch") else randn(M, K)
+    weight = randn(N, K) / K**0.5
+    if case.get("noncontiguous"):
+        x = randn(K, M).T  # a transposed view
+        weight = (randn(K, N) / K**0.5).T
+    s_l = randn(N) if r == 1 else randn(N, r)
+    s_r = randn(K) if r == 1 else randn(K, r)
+    drop = case.get("drop")
+    if drop in ("s_l", "both"):
+        s_l = None
+    if drop in ("s_r", "both"):
+        s_r = None
+    bias = randn(N) if case["bias"] else None
+    tensors = dict(x=x, weight=weight, s_l=s_l, s_r=s_r, bias=bias)
+    out = {}
+    for name, t in tensors.items():
+        if t is None:
+            out[name] = None
+            continue
+        t = t.to(device=device, dtype=dtype)
+        if case.get("noncontiguous") and name in ("x", "weight"):
+            t = t.T.contiguous().T  # keep it a non-contiguous view after the cast
+        out[name] = t.requires_grad_(name != "weight" or case.get("weight_grad", False))
+    return out
+
+
+def run(inputs: dict, case: dict, backend: str, grad_y: torch.Tensor):
+    y = subspace_ops.rescaled_linear(
+        inputs["x"], inputs["weight"], inputs["s_l"], inputs["s_r"], inputs["bias"],
+        residual=case["residual"], backend=backend,
+    )
+    names = [n for n, t in inputs.items() if t is not None and t.requires_grad]
+    grads = torch.autograd.grad(y, [inputs[n] for n in names], grad_y)
+    return y, dict(zip(names, grads))
+
+
+def dtypes_for(backend: str) -> list:
+    if backend == "triton" and ON_INTERPRETER:
+        return [torch.float32]  # the interpreter computes through numpy: no bf16/fp16 there
+    return [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("case_name", sorted(CASES))
+def test_matches_float64_reference(backend, case_name):
+    case = CASES[case_name]
+    device = backend_device(backend)
+    for dtype in dtypes_for(backend):
+        truth_inputs = make_inputs(case, torch.float64, device)
+        low_inputs = make_inputs(case, dtype, device)
+        grad_y64 = torch.randn(
+            *truth_inputs["x"].shape[:-1], case["N"], dtype=torch.float64, generator=torch.Generator().manual_seed(7)
+        ).to(device)
+        y64, g64 = run(truth_inputs, case, "reference", grad_y64)
+        y_ref, g_ref = run(make_inputs(case, dtype, device), case, "reference", grad_y64.to(dtype))
+        y, g = run(low_inputs, case, backend, grad_y64.to(dtype))
+        assert y.dtype == dtype and y.shape == y64.shape
+        check_close(f"{case_name}/{dtype}/y", y, y64, y_ref)
+        assert sorted(g) == sorted(g64)
+        for name in g64:
+            check_close(f"{case_name}/{dtype}/d{name}", g[name], g64[name], g_ref[name])
+
+
+@pytest.mark.parametrize("residual", [True, False])
+@pytest.mark.parametrize("rank", [1, 4])
+def test_gradcheck_float64(backend, residual, rank):
+    device = backend_device(backend)
+    M, K, N = (3, 5, 4) if backend == "triton" else (7, 9, 6)
+    opts = dict(dtype=torch.float64, device=device, requires_grad=True)
+    x = torch.randn(M, K, **opts)
+    weight = torch.randn(N, K, **opts)
+    s_l = torch.randn(N, rank, **opts)
+    s_r = torch.randn(K, rank, **opts)
+    bias = torch.randn(N, **opts)
+
+    def f(x, weight, s_l, s_r, bias):
+        return subspace_ops.rescaled_linear(x, weight, s_l, s_r, bias, residual=residual, backend=backend)
+
+    # The interpreter is slow: one random direction (fast mode) still checks every gradient.
+    assert torch.autograd.gradcheck(f, (x, weight, s_l, s_r, bias), fast_mode=backend == "triton")
+
+
+def test_forward_equals_paper_formula():
+    """RLRR eq. 16 transcribed literally: W + s_left ⊙ W ⊙ s_rightᵀ, plus b + f."""
+    x, W = torch.randn(5, 6, dtype=torch.float64), torch.randn(4, 6, dtype=torch.float64)
+    s_left, s_right, b, f = (torch.randn(n, dtype=torch.float64) for n in (4, 6, 4, 4))
+    W_ft = torch.empty_like(W)
+    for i in range(4):
+        for j in range(6):
+            W_ft[i, j] = W[i, j] + s_left[i] * W[i, j] * s_right[j]
+    expected = x @ W_ft.T + b + f
+    got = subspace_ops.rescaled_linear(x, W, s_left, s_right, b + f, residual=True, backend="reference")
+    torch.testing.assert_close(got, expected)
+    # SSB (001 eq. 7, D1 W D2): no residual.
+    expected_ssb = x @ (torch.diag(s_left) @ W @ torch.diag(s_right)).T
+    torch.testing.assert_close(reference.rescaled_linear(x, W, s_left, s_right, residual=False), expected_ssb)
+
+
+def _opcheck_args(backend: str, requires_grad: bool):
+    device = backend_device(backend)
+    opts = dict(dtype=torch.float32, device=device)
+    x = torch.randn(2, 5, 12, **opts, requires_grad=requires_grad)
+    weight = torch.randn(10, 12, **opts)
+    s_l = torch.randn(10, 2, **opts, requires_grad=requires_grad)
+    s_r = torch.randn(12, 2, **opts, requires_grad=requires_grad)
+    bias = torch.randn(10, **opts, requires_grad=requires_grad)
+    return (x, weight, s_l, s_r, bias, True, backend)
+
+
+@pytest.mark.parametrize("requires_grad", [True, False])
+def test_opcheck(fused_backend, requires_grad):
+    torch.library.opcheck(torch.ops.subspace_ops.rescaled_linear.default, _opcheck_args(fused_backend, requires_grad))
+
+
+def test_opcheck_backward(fused_backend):
+    x, weight, s_l, s_r, bias, residual, backend = _opcheck_args(fused_backend, False)
+    grad_y = torch.randn(2, 5, 10, device=x.device)
+    for needs in [(True, True, True), (True, False, False), (False, False, True)]:
+        torch.library.opcheck(
+            torch.ops.subspace_ops.rescaled_linear_backward.default,
+            (grad_y, x, weight, s_l, s_r, residual, backend, *needs),
+        )
+
+
+def test_compile_fullgraph_matches_eager(fused_backend):
+    device = backend_device(fused_backend)
+    layer = subspace_ops.nn.RLRRLinear(torch.nn.Linear(12, 9), backend=fused_backend).to(device)
+    x = torch.randn(4, 12, device=device, requires_grad=True)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager" if fused_backend == "triton" else "inductor")
+    y_eager, y_compiled = layer(x), compiled(x)
+    torch.testing.assert_close(y_compiled, y_eager)
+    g_eager = torch.autograd.grad(y_eager.sum(), [x, layer.s_l, layer.s_r, layer.shift])
+    g_compiled = torch.autograd.grad(y_compiled.sum(), [x, layer.s_l, layer.s_r, layer.shift])
+    for a, b in zip(g_compiled, g_eager):
+        torch.testing.assert_close(a, b)
+
+
+BAD_INPUTS = [
+    (dict(x=torch.randn(4, 7)), ValueError, "x must have size 8"),
+    (dict(weight=torch.randn(6)), ValueError, "weight must be 2-D"),
+    (dict(s_l=torch.randn(5)), ValueError, "s_l must have size 6"),
+    (dict(s_r=torch.randn(8, 2), s_l=torch.randn(6, 3)), ValueError, "same rank"),
+    (dict(s_r=torch.randn(8, 1, 1)), ValueError, "s_r must be 1-D or 2-D"),
+    (dict(bias=torch.randn(5)), ValueError, "bias must have size 6"),
+    (dict(x=torch.randn(4, 8, dtype=torch.float64)), TypeError, "weight has dtype torch.float32 but x"),
+    (dict(s_l=torch.randn(6, dtype=torch.float16)), TypeError, "s_l has dtype"),
+    (dict(x=torch.ones(4, 8, dtype=torch.int64)), TypeError, "x must have a floating-point dtype"),
+    (dict(weight=[[1.0]]), TypeError, "weight must be a torch.Tensor"),
+    (dict(s_l=torch.randn(6, device="meta")), ValueError, "s_l is on meta"),
+]
+
+
+@pytest.mark.parametrize("override,error,message", BAD_INPUTS)
+def test_bad_input_names_the_argument(override, error, message):
+    args = dict(x=torch.randn(4, 8), weight=torch.randn(6, 8), s_l=torch.randn(6), s_r=torch.randn(8), bias=None)
+    args.update(override)
+    with pytest.raises(error, match=message):
+        subspace_ops.rescaled_linear(**args, backend="reference")
+
+
+def test_backend_selection(monkeypatch):
+    with pytest.raises(ValueError, match="backend must be one of"):
+        resolve_backend("cuda-magic", "cpu")
+    with pytest.raises(BackendUnavailableError, match="only runs CPU tensors"):
+        resolve_backend("cpu", "cuda")
+    monkeypatch.setenv("SUBSPACE_OPS_BACKEND", "reference")
+    assert resolve_backend(None, "cpu") == "reference"
+    monkeypatch.setenv("SUBSPACE_OPS_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="nonsense"):
+        subspace_ops.rescaled_linear(torch.randn(2, 3), torch.randn(4, 3))
+    monkeypatch.delenv("SUBSPACE_OPS_BACKEND")
+    assert "reference" in subspace_ops.available_backends("cpu")
+    assert resolve_backend("reference", "cpu") == "reference"
+    if os.environ.get("SUBSPACE_OPS_ALLOW_MISSING") is None:
+        assert resolve_backend(None, "cpu") == "cpu"  # the C++ extension is the CPU default
+
+
+def test_frozen_everything_needs_no_backward(fused_backend):
+    """With nothing requiring grad, the op runs forward only and returns a plain tensor."""
+    device = backend_device(fused_backend)
+    x, w = torch.randn(3, 8, device=device), torch.randn(5, 8, device=device)
+    y = subspace_ops.rescaled_linear(x, w, torch.ones(5, device=device), None, backend=fused_backend)
+    assert not y.requires_grad
+    torch.testing.assert_close(y, F.linear(x, 2 * w))
