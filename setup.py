@@ -33,7 +33,7 @@ def extension_modules():
         sources=sources,
         include_dirs=[os.path.abspath("csrc")],
         # -fopenmp: at::parallel_for is header-inline and only runs in parallel under OpenMP.
-        extra_compile_args=["-O3", "-fopenmp", "-std=c++17"],
+        extra_compile_args=["-O3", "-fopenmp"],
         extra_link_args=["-fopenmp"],
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}

@@ -186,3 +186,25 @@ def test_apply_rlrr_errors():
         RLRRLinear(nn.Linear(2, 6), splits=(2, 2))
     with pytest.raises(TypeError, match="base must be an nn.Linear"):
         RLRRLinear(nn.Conv2d(1, 1, 1))
+
+
+@pytest.mark.integration
+def test_apply_rlrr_to_a_transformers_roberta():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.RobertaConfig(
+        vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=40,
+    )
+    model = transformers.RobertaModel(config).eval()
+    ids = torch.randint(0, 50, (2, 9))
+    report = apply_rlrr(model, targets=("query", "key", "value", "dense"), ssf_targets=("LayerNorm",), trainable=())
+    # per layer: q, k, v, attention.output.dense, intermediate.dense, output.dense; plus the pooler.
+    assert sum(isinstance(m, RLRRLinear) for m in model.modules()) == 2 * 6 + 1
+    assert sum(isinstance(m, SSF) for m in model.modules()) == 2 * 2 + 1  # + the embeddings' LayerNorm
+    assert report.trainable_params == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    out = model(ids).last_hidden_state
+    out.square().sum().backward()
+    assert model.encoder.layer[0].attention.self.query.s_l.grad is not None
+    merge_all(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).last_hidden_state, out, rtol=1e-4, atol=1e-4)

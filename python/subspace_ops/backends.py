@@ -132,9 +132,6 @@ def default_backend(device_type: str) -> str:
     return "reference"
 
 
-# Dynamo calls this eagerly and treats the answer as a constant, so compiled graphs hold no
-# backend-selection logic (the backend is a static argument of the registered op).
-@torch.compiler.assume_constant_result
 @functools.lru_cache(maxsize=None)
 def _resolve(requested: Optional[str], device_type: str) -> str:
     if requested is not None:
@@ -159,6 +156,13 @@ def _resolve(requested: Optional[str], device_type: str) -> str:
     return chosen
 
 
+# Dynamo runs this eagerly and treats the answer as a constant, so compiled graphs hold no
+# backend-selection logic (the backend is a static argument of the registered op).
+@torch.compiler.assume_constant_result
+def _resolve_as_constant(requested: Optional[str], device_type: str) -> str:
+    return _resolve(requested, device_type)
+
+
 def resolve_backend(requested: Optional[str], device: Union[str, torch.device]) -> str:
     """The backend an op will use: ``requested``, else ``$SUBSPACE_OPS_BACKEND``, else the best available.
 
@@ -170,7 +174,7 @@ def resolve_backend(requested: Optional[str], device: Union[str, torch.device]) 
     if requested is not None and requested not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {requested!r}")
     device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
-    return _resolve(requested, device_type)
+    return _resolve_as_constant(requested, device_type)
 
 
 def backend_report() -> str:

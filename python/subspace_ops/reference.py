@@ -17,6 +17,7 @@ from torch import Tensor
 __all__ = [
     "rescaled_weight",
     "rescaled_linear",
+    "ssf",
 ]
 
 
@@ -55,3 +56,8 @@ def rescaled_linear(
 ) -> Tensor:
     """y = x W'ᵀ + b with W' from :func:`rescaled_weight` (METHODS.md §1)."""
     return torch.nn.functional.linear(x, rescaled_weight(weight, s_l, s_r, residual=residual), bias)
+
+
+def ssf(x: Tensor, gamma: Tensor, beta: Tensor) -> Tensor:
+    """SSF scale and shift over the last dimension: ``x · γ + β`` (RLRR's recipe after norms)."""
+    return x * gamma + beta

@@ -1,0 +1,40 @@
+// Python bindings of the C++ CPU kernels: the module subspace_ops._C.
+#include <torch/extension.h>
+
+#include <sstream>
+
+#include "rescaled_linear.h"
+
+namespace {
+
+std::string build_info() {
+  std::ostringstream out;
+  out << "subspace_ops._C built with "
+#if defined(__clang__)
+      << "clang " << __clang_version__
+#elif defined(__GNUC__)
+      << "gcc " << __GNUC__ << "." << __GNUC_MINOR__
+#else
+      << "an unknown compiler"
+#endif
+#ifdef _OPENMP
+      << ", OpenMP " << _OPENMP
+#else
+      << ", no OpenMP (at::parallel_for runs serially)"
+#endif
+      << ", torch " << TORCH_VERSION << "; block " << subspace_ops::kBlock << "\n"
+      << at::get_parallel_info();
+  return out.str();
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "subspace_ops C++ CPU kernels";
+  m.def("rescaled_linear_forward", &subspace_ops::rescaled_linear_forward, py::arg("x2d"), py::arg("weight"),
+        py::arg("s_l"), py::arg("s_r"), py::arg("bias"), py::arg("residual"));
+  m.def("rescaled_linear_backward", &subspace_ops::rescaled_linear_backward, py::arg("grad_y"), py::arg("x2d"),
+        py::arg("weight"), py::arg("s_l"), py::arg("s_r"), py::arg("residual"), py::arg("need_x"),
+        py::arg("need_weight"), py::arg("need_scales"));
+  m.def("build_info", &build_info);
+}
