@@ -1,0 +1,1 @@
+"""Microbenchmarks: one harness (:mod:`.harness`), many cases (:mod:`.cases`); see ``subspace-ops bench``."""

@@ -1,0 +1,1 @@
+"""pytest-benchmark suite: ``pytest benchmarks/ --benchmark-only`` (not part of the test run)."""

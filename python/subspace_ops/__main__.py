@@ -1,0 +1,7 @@
+"""``python -m subspace_ops bench ...`` — the same CLI as the ``subspace-ops`` console script."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
