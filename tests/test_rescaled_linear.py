@@ -217,3 +217,43 @@ def test_frozen_everything_needs_no_backward(fused_backend):
     y = subspace_ops.rescaled_linear(x, w, torch.ones(5, device=device), None, backend=fused_backend)
     assert not y.requires_grad
     torch.testing.assert_close(y, F.linear(x, 2 * w))
+
+
+def test_missing_extension_is_reported_not_hidden(monkeypatch):
+    """Without subspace_ops._C the package still imports; 'cpu' says why it is unavailable."""
+    import importlib
+
+    from subspace_ops import backends
+
+    real_import = importlib.import_module
+
+    def fake_import(name, *args, **kwargs):
+        if name == "subspace_ops._C":
+            raise ImportError("simulated: extension not built")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib, "import_module", fake_import)
+    backends._cpu_extension.cache_clear()
+    backends._resolve.cache_clear()
+    try:
+        status = backends.backend_status("cpu", "cpu")
+        assert not status.available and "simulated: extension not built" in status.reason
+        with pytest.raises(BackendUnavailableError, match="not built"):
+            subspace_ops.rescaled_linear(torch.randn(2, 3), torch.randn(4, 3), backend="cpu")
+        with pytest.warns(RuntimeWarning, match="using the 'reference' backend"):
+            assert resolve_backend(None, "cpu") == "reference"
+    finally:
+        monkeypatch.undo()
+        backends._cpu_extension.cache_clear()
+        backends._resolve.cache_clear()
+
+
+def test_layer_under_autocast_runs_in_the_autocast_dtype():
+    layer = subspace_ops.nn.RLRRLinear(torch.nn.Linear(16, 8))
+    x = torch.randn(4, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert layer.s_l.grad is not None and layer.s_l.grad.dtype == torch.float32
+    torch.testing.assert_close(y.float(), layer(x), rtol=3e-2, atol=3e-2)
