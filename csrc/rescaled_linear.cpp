@@ -8,11 +8,12 @@
 //
 // W' is formed block by block in a small buffer and consumed at once by one GEMM that writes its
 // own slice of the output exactly once (BLAS handles the leading dimension, so no copies):
-//   forward: blocks of kBlock rows of W   -> columns of y
-//   gx:      blocks of kBlock columns of W -> columns of gx (gx is never re-read to accumulate)
-//   G:       blocks of kBlock rows         -> a [kBlock, K] buffer, reduced at once into ds_l, ds_r
-// So a training step runs the three GEMMs of full fine-tuning, and the largest temporary is
-// [kBlock, K] or [N, kBlock], whatever N and K are.
+//   forward: blocks of rows of W    -> columns of y
+//   gx:      blocks of columns of W -> columns of gx (gx is never re-read to accumulate)
+//   G:       blocks of rows         -> a [rows, K] buffer, reduced at once into ds_l, ds_r
+// So a training step runs the three GEMMs of full fine-tuning, and every temporary is bounded by
+// kMaxBlockBytes (rescaled_linear.h), whatever N and K are. Smaller blocks would cost speed: each
+// block is one more GEMM call that streams all of x (or gy) again.
 #include "rescaled_linear.h"
 
 #include <ATen/Dispatch.h>
@@ -159,9 +160,10 @@ at::Tensor rescaled_linear_forward(const at::Tensor& x2d_in, const at::Tensor& w
   const int64_t m = x2d.size(0), n = weight.size(0), k = weight.size(1);
   const double c = residual ? 1.0 : 0.0;
   at::Tensor y = at::empty({m, n}, x2d.options());
-  at::Tensor w_block = at::empty({std::min(n, kBlock), k}, weight.options());
-  for (int64_t n0 = 0; n0 < n; n0 += kBlock) {
-    const int64_t nb = std::min(kBlock, n - n0);
+  const int64_t rows = block_rows(n, k, weight.element_size());
+  at::Tensor w_block = at::empty({rows, k}, weight.options());
+  for (int64_t n0 = 0; n0 < n; n0 += rows) {
+    const int64_t nb = std::min(rows, n - n0);
     at::Tensor w_mod = w_block.narrow(0, 0, nb);
     modulate_rows(weight.narrow(0, n0, nb), s_l.narrow(0, n0, nb), s_r, c, w_mod);
     at::Tensor y_cols = y.narrow(1, n0, nb);  // strided view: BLAS writes it in place (ldc = N)
@@ -196,9 +198,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rescaled_linear_backw
     gs_r_acc = at::zeros(s_r.sizes(), s_r.options().dtype(acc));
   }
   if (need_x) {  // gx[:, block] = gy W'[:, block], one GEMM per block of columns of W
-    at::Tensor w_block = at::empty({n, std::min(k, kBlock)}, weight.options());
-    for (int64_t k0 = 0; k0 < k; k0 += kBlock) {
-      const int64_t kb = std::min(kBlock, k - k0);
+    const int64_t cols = block_rows(k, n, weight.element_size());
+    at::Tensor w_block = at::empty({n, cols}, weight.options());
+    for (int64_t k0 = 0; k0 < k; k0 += cols) {
+      const int64_t kb = std::min(cols, k - k0);
       at::Tensor w_mod = w_block.narrow(1, 0, kb);
       modulate_rows(weight.narrow(1, k0, kb), s_l, s_r.narrow(0, k0, kb), c, w_mod);
       at::Tensor gx_cols = gx.narrow(1, k0, kb);
@@ -206,9 +209,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rescaled_linear_backw
     }
   }
   if (need_weight || need_scales) {  // G[block] = gy[:, block]ᵀ x, reduced before the next block
-    at::Tensor g_block = at::empty({std::min(n, kBlock), k}, weight.options());
-    for (int64_t n0 = 0; n0 < n; n0 += kBlock) {
-      const int64_t nb = std::min(kBlock, n - n0);
+    const int64_t rows = block_rows(n, k, weight.element_size());
+    at::Tensor g_block = at::empty({rows, k}, weight.options());
+    for (int64_t n0 = 0; n0 < n; n0 += rows) {
+      const int64_t nb = std::min(rows, n - n0);
       const at::Tensor s_l_rows = s_l.narrow(0, n0, nb);
       at::Tensor g = g_block.narrow(0, 0, nb);
       at::mm_out(g, grad_y.narrow(1, n0, nb).t(), x2d);
