@@ -41,6 +41,15 @@ def _modulation(s_l_ptr, s_r_ptr, offs_n, offs_k, mask_n, mask_k, c, R: tl.const
 
 
 @triton.jit
+def _modulated_w_tile(w_ptr, s_l_ptr, s_r_ptr, offs_n, offs_k, mask_n, mask_k, stride_wn, stride_wk, c,
+                      R: tl.constexpr, ACC: tl.constexpr):
+    """The W' tile W[n, k] · (c + Σ_j S_l[n, j] S_r[k, j]), in W's dtype, ready for the MMA."""
+    w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
+                mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+    return (w.to(ACC) * _modulation(s_l_ptr, s_r_ptr, offs_n, offs_k, mask_n, mask_k, c, R, ACC)).to(w.dtype)
+
+
+@triton.jit
 def _grouped_tile(pid, rows, cols, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, GROUP: tl.constexpr):
     """Program id -> (row tile, column tile), GROUP row tiles at a time so W tiles stay in L2."""
     tiles_r = tl.cdiv(rows, BLOCK_ROWS)
@@ -71,9 +80,8 @@ def _forward_kernel(
         mask_k = offs_k < K
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
-                    mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-        w_mod = (w.to(acc_dtype) * _modulation(s_l_ptr, s_r_ptr, offs_n, offs_k, mask_n, mask_k, c, R, acc_dtype)).to(w.dtype)
+        w_mod = _modulated_w_tile(w_ptr, s_l_ptr, s_r_ptr, offs_n, offs_k, mask_n, mask_k, stride_wn, stride_wk, c,
+                                  R, acc_dtype)
         acc = tl.dot(x, tl.trans(w_mod), acc, input_precision=PRECISION, out_dtype=acc_dtype)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(acc_dtype)[None, :]
@@ -101,9 +109,8 @@ def _grad_x_kernel(
         mask_n = offs_n < N
         gy = tl.load(gy_ptr + offs_m[:, None] * stride_gym + offs_n[None, :] * stride_gyn,
                      mask=mask_m[:, None] & mask_n[None, :], other=0.0)
-        w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
-                    mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-        w_mod = (w.to(acc_dtype) * _modulation(s_l_ptr, s_r_ptr, offs_n, offs_k, mask_n, mask_k, c, R, acc_dtype)).to(w.dtype)
+        w_mod = _modulated_w_tile(w_ptr, s_l_ptr, s_r_ptr, offs_n, offs_k, mask_n, mask_k, stride_wn, stride_wk, c,
+                                  R, acc_dtype)
         acc = tl.dot(gy, w_mod, acc, input_precision=PRECISION, out_dtype=acc_dtype)
     tl.store(gx_ptr + offs_m[:, None] * stride_gxm + offs_k[None, :] * stride_gxk,
              acc.to(gx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])

@@ -1,89 +1,255 @@
 """One benchmark harness for every op: timing, peak memory, tables, JSON/CSV and plots.
 
-A *case* (see :mod:`subspace_ops.bench.cases`) turns a shape into *variants*: our op, the naive
-formula the papers use, ``torch.compile`` of it, and the nearest standard layers. Each variant
-provides a forward closure and the tensors whose gradients a training step produces; the harness
-runs every variant side by side in one process, in two modes:
+The harness knows nothing about any op. A :class:`Case` (see :mod:`subspace_ops.bench.cases`)
+names its :class:`Variant` s -- for an op: our kernel, the naive formula of the papers,
+``torch.compile`` of that formula and the nearest standard layers -- and each variant's ``setup``
+turns ``(shape, dtype, device)`` into a :class:`Workload`: a zero-argument forward closure over
+tensors it created (same seed, so every variant sees the same values), the tensors whose ``.grad``
+a training step fills, and one fixed upstream gradient. :func:`iteration` turns a workload into the
+zero-argument closure that runs one iteration of a mode; :func:`run_case` runs every variant of a
+case side by side, in one process, for each mode.
 
-- ``forward``: the forward pass with the same ``requires_grad`` flags as a training step;
-- ``fwd+bwd``: forward, then ``backward`` with one fixed upstream gradient (grads reset to None
-  between iterations, so nothing accumulates).
+Modes
+-----
+``forward``
+    The forward pass only, with the ``requires_grad`` flags of a training step (so autograd
+    records the graph and the forward saves what backward will need). This is the fair
+    forward-time comparison for fine-tuning: a kernel cannot win by skipping the work or the
+    saved tensors that training requires. Its peak memory is the activation memory a training
+    step holds after the forward.
+``fwd+bwd``
+    ``forward().backward(grad_output)`` with the workload's fixed, pre-made upstream gradient, then
+    every tracked tensor's ``.grad`` is set to ``None`` (inside the iteration, as
+    ``optimizer.zero_grad(set_to_none=True)`` would), so nothing accumulates between iterations
+    and memory is not inflated.
+``inference``
+    The forward under ``torch.no_grad()``: what serving the un-merged adapter costs. Not part of
+    the default run (``--mode all`` adds it); it is *not* the number to compare training kernels on.
 
-Time: the median of ``repeats`` runs after ``warmup`` runs. On CUDA ``triton.testing.do_bench``
-(CUDA events, L2 flushed between runs); on CPU ``time.perf_counter``, variants interleaved round by
-round so slow drifts of a shared machine hit every variant alike.
+Time
+----
+Every variant first runs ``warmup`` untimed iterations (at least one: it triggers
+``torch.compile``, Triton autotuning and lazy initialisation); a variant whose warm-up raises is
+reported with the reason, never dropped silently.
 
-Peak memory: the most memory held at any moment of one iteration beyond what was held before it
-(inputs, weights and the upstream gradient excluded; temporaries inside kernels included). CUDA:
-``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``. CPU: the running sum of the
-allocation and free events that ``torch.profiler(profile_memory=True)`` records from the CPU
-allocator, which also sees allocations made inside C++ kernels.
+- CUDA: ``triton.testing.do_bench`` (CUDA events around each call, L2 cache flushed between
+  calls) when triton is importable, else a CUDA-event loop. ``do_bench`` budgets in milliseconds,
+  so the harness first times a few calls and converts ``warmup``/``repeats`` into the budgets
+  that give about that many calls.
+- CPU: ``time.perf_counter`` around each call, ``repeats`` timed calls per variant, with the
+  variants interleaved round by round (variant A, B, C, A, B, C, ...) so that slow drifts of a
+  shared machine hit every variant alike; Python's garbage collector is paused while timing. The
+  number of threads is whatever ``torch.get_num_threads()`` says (the CLI's ``--threads``).
+
+Reported: the median (``median_ms``) and the quartiles (``q25_ms``, ``q75_ms``) of the per-call
+times, and ``ratio`` = median / the median of the case's baseline variant for that mode.
+
+Peak memory
+-----------
+``peak_mem_mb`` is the most memory the iteration holds at any moment *beyond what was held before
+it started*: the inputs, weights and upstream gradient are excluded; outputs, tensors saved for
+backward, gradients and temporaries allocated inside kernels are included. It is measured in one
+extra, untimed iteration, after the timing.
+
+- CUDA: ``torch.cuda.max_memory_allocated()`` after ``torch.cuda.reset_peak_memory_stats()``,
+  minus ``torch.cuda.memory_allocated()`` before the iteration (the caching allocator's view:
+  what tensors hold, not what the allocator has reserved).
+- CPU: torch has no CPU allocator statistics, and process-wide RSS high-water marks
+  (``getrusage``) are monotone and would need a fresh process per variant. Instead the iteration
+  runs once under ``torch.profiler.profile(profile_memory=True)``, which records every allocation
+  and free of torch's CPU allocator -- including ones made inside C++ kernels and by intra-op
+  worker threads -- and the peak of their running sum is reported. (Kineto's start/stop chatter
+  on file descriptor 2 is silenced for that one call.) Memory that bypasses torch's allocator
+  (e.g. MKL/oneDNN scratch buffers) is not seen.
+
+``mem_ratio`` = peak / the baseline variant's peak.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import gc
 import json
+import os
 import platform
 import statistics
+import sys
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Callable, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import torch
 
-__all__ = ["Variant", "Result", "run_variants", "format_table", "write_json", "write_csv", "plot", "device_name"]
+__all__ = [
+    "ALL_MODES",
+    "DEFAULT_MODES",
+    "Case",
+    "Result",
+    "Shape",
+    "Variant",
+    "VariantSkipped",
+    "Workload",
+    "cpu_threads_available",
+    "device_name",
+    "format_table",
+    "iteration",
+    "plot",
+    "run_case",
+    "write_csv",
+    "write_json",
+]
 
-MODES = ("forward", "fwd+bwd")
+Shape = tuple[int, ...]
+
+#: The modes of the default run (``--mode both``).
+DEFAULT_MODES: tuple[str, ...] = ("forward", "fwd+bwd")
+#: Every mode the harness knows (``--mode all``).
+ALL_MODES: tuple[str, ...] = ("forward", "fwd+bwd", "inference")
+
+
+class VariantSkipped(Exception):
+    """Raised by :attr:`Variant.setup` when the variant cannot run here; the message is the reason."""
 
 
 @dataclass
-class Variant:
-    """``forward()`` runs one forward pass; ``grads`` are the tensors whose ``.grad`` a step fills;
-    ``grad_output`` is the upstream gradient for fwd+bwd. ``skip`` says why it cannot run here."""
+class Workload:
+    """What a variant's ``setup`` returns: everything one iteration needs, already allocated.
 
-    name: str
-    forward: Optional[Callable[[], torch.Tensor]] = None
-    grads: Sequence[torch.Tensor] = ()
+    ``forward`` runs one forward pass and returns the output; ``params`` are the tensors whose
+    ``.grad`` a training step fills (reset to ``None`` after every fwd+bwd iteration);
+    ``grad_output`` is the fixed upstream gradient for fwd+bwd (``None``: the variant has no
+    backward); ``backend`` is a free-form label for the tables ("torch", "inductor", "cpu", ...).
+    """
+
+    forward: Callable[[], torch.Tensor]
+    params: Sequence[torch.Tensor] = ()
     grad_output: Optional[torch.Tensor] = None
     backend: str = ""
-    skip: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One implementation under test: a name and a ``setup(shape, dtype, device) -> Workload``.
+
+    ``setup`` raises :class:`VariantSkipped` when the variant cannot run here (a missing package).
+    ``optional`` variants (``torch.compile``, third-party layers) that fail when run are reported
+    as skipped with the error; a failure of a non-optional variant is reported as ``failed``.
+    """
+
+    name: str
+    setup: Callable[[Shape, torch.dtype, torch.device], Workload]
+    optional: bool = False
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class Case:
+    """A benchmark case: how to build its variants and which shapes and baselines it uses.
+
+    ``make_variants(backend)`` returns the variants (``backend`` is the CLI's ``--backend`` for
+    our op, ``None`` for the default); building them allocates nothing. ``baselines`` maps each
+    mode to the variant every ratio is taken against. ``dim_names`` names the shape's entries
+    (e.g. ``("M", "K", "N")``): they become columns of the results. ``presets`` maps a preset
+    name to shapes per device type (key ``"cpu"``/``"cuda"``, or ``"any"``), ``default_presets``
+    the presets a bare run uses per device type, ``default_dtype`` the dtype per device type.
+    """
+
+    name: str
+    description: str
+    make_variants: Callable[[Optional[str]], list[Variant]]
+    baselines: Mapping[str, str]
+    dim_names: tuple[str, ...]
+    presets: Mapping[str, Mapping[str, Sequence[Shape]]]
+    default_presets: Mapping[str, Sequence[str]]
+    default_dtype: Mapping[str, torch.dtype]
+
+    def parse_shape(self, text: str, device_type: str) -> list[Shape]:
+        """A preset name (resolved for ``device_type``) or comma-separated positive integers.
+
+        Raises ``ValueError`` with a message listing what is accepted.
+        """
+        text = text.strip()
+        if text in self.presets:
+            by_device = self.presets[text]
+            shapes = by_device.get(device_type, by_device.get("any"))
+            if shapes is None:
+                raise ValueError(f"preset {text!r} has no shapes for {device_type}")
+            return [tuple(s) for s in shapes]
+        parts = [p.strip() for p in text.split(",")]
+        wanted = ",".join(self.dim_names)
+        if len(parts) != len(self.dim_names) or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise ValueError(
+                f"invalid shape {text!r}: use a preset ({', '.join(self.presets)}) "
+                f"or {wanted} as {len(self.dim_names)} positive integers"
+            )
+        return [tuple(int(p) for p in parts)]
+
+    def default_shapes(self, device_type: str) -> list[Shape]:
+        """The shapes of a run without ``--shape`` on ``device_type``."""
+        names = self.default_presets.get(device_type, self.default_presets.get("any", ()))
+        return [shape for name in names for shape in self.parse_shape(name, device_type)]
 
 
 @dataclass
 class Result:
+    """One row: one variant of one case, at one shape, dtype, device and mode."""
+
     case: str
     variant: str
     shape: str
+    dims: dict[str, int]
     dtype: str
     device: str
     backend: str
     mode: str
     median_ms: Optional[float] = None
+    q25_ms: Optional[float] = None
+    q75_ms: Optional[float] = None
     ratio: Optional[float] = None
     peak_mem_mb: Optional[float] = None
     mem_ratio: Optional[float] = None
     baseline: str = ""
+    status: str = "ok"  # "ok" | "skipped" | "failed"
     note: str = ""
-    extra: dict = field(default_factory=dict)
+
+    def to_row(self) -> dict[str, Any]:
+        """A flat dict: the shape's named dimensions (e.g. M, K, N) become columns."""
+        row: dict[str, Any] = {"case": self.case, "variant": self.variant, "shape": self.shape}
+        row.update(self.dims)
+        for key in ("dtype", "device", "backend", "mode", "median_ms", "q25_ms", "q75_ms", "ratio",
+                    "peak_mem_mb", "mem_ratio", "baseline", "status", "note"):
+            row[key] = getattr(self, key)
+        return row
+
+
+# ---------------------------------------------------------------------------------------------
+# Devices
+# ---------------------------------------------------------------------------------------------
+def cpu_threads_available() -> int:
+    """The CPU cores this process may run on (its affinity mask), the ``--threads`` default."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return " ".join(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "CPU"
 
 
 def device_name(device: torch.device) -> str:
+    """``torch.cuda.get_device_name()`` on CUDA; the CPU model and torch's thread count on CPU."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
-
-
-def _step(variant: Variant, mode: str) -> Callable[[], None]:
-    if mode == "forward":
-        return lambda: variant.forward()
-
-    def forward_backward() -> None:
-        variant.forward().backward(variant.grad_output)
-        for t in variant.grads:
-            t.grad = None
-
-    return forward_backward
+    return f"CPU {_cpu_model()} ({torch.get_num_threads()} threads)"
 
 
 def _sync(device: torch.device) -> None:
@@ -91,21 +257,141 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _cpu_peak_bytes(fn: Callable[[], None]) -> int:
+# ---------------------------------------------------------------------------------------------
+# One iteration
+# ---------------------------------------------------------------------------------------------
+def iteration(workload: Workload, mode: str) -> Callable[[], None]:
+    """The zero-argument closure that runs one iteration of ``mode`` (see the module docstring)."""
+    if mode == "forward":
+
+        def forward() -> None:
+            workload.forward()
+
+        return forward
+    if mode == "inference":
+
+        def inference() -> None:
+            with torch.no_grad():
+                workload.forward()
+
+        return inference
+    if mode == "fwd+bwd":
+        if workload.grad_output is None:
+            raise ValueError("this variant has no backward (its workload has no grad_output)")
+        params, grad_output = tuple(workload.params), workload.grad_output
+
+        def forward_backward() -> None:
+            workload.forward().backward(grad_output)
+            for p in params:
+                p.grad = None
+
+        return forward_backward
+    raise ValueError(f"unknown mode {mode!r}; expected one of {ALL_MODES}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------------------------
+def _summary(times_ms: Sequence[float]) -> tuple[float, float, float]:
+    """(median, 25th percentile, 75th percentile)."""
+    if len(times_ms) == 1:
+        return times_ms[0], times_ms[0], times_ms[0]
+    q25, q50, q75 = statistics.quantiles(times_ms, n=4, method="inclusive")
+    return statistics.median(times_ms), q25, q75
+
+
+def _time_cuda(fn: Callable[[], None], warmup: int, repeats: int, params: Sequence[torch.Tensor]
+               ) -> tuple[float, float, float]:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(3):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    estimate_ms = max(start.elapsed_time(end) / 3, 1e-3)
+    try:
+        from triton.testing import do_bench
+    except ImportError:
+        do_bench = None
+    if do_bench is not None:
+        q25, q50, q75 = do_bench(
+            fn,
+            warmup=max(warmup, 1) * estimate_ms,
+            rep=repeats * estimate_ms,
+            grad_to_none=list(params) or None,
+            quantiles=[0.25, 0.5, 0.75],
+        )
+        return float(q50), float(q25), float(q75)
+    for _ in range(warmup):
+        fn()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    for s, e in zip(starts, ends):
+        s.record()
+        fn()
+        e.record()
+    torch.cuda.synchronize()
+    return _summary([s.elapsed_time(e) for s, e in zip(starts, ends)])
+
+
+def _time_cpu_interleaved(steps: Mapping[str, Callable[[], None]], repeats: int
+                          ) -> dict[str, tuple[float, float, float]]:
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    gc_was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(repeats):
+            for name, fn in steps.items():
+                start = time.perf_counter()
+                fn()
+                times[name].append((time.perf_counter() - start) * 1e3)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return {name: _summary(t) for name, t in times.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Peak memory
+# ---------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _silence_fd2() -> Iterator[None]:
+    """Point file descriptor 2 at /dev/null (kineto prints start/stop lines there from C++)."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def _cpu_peak_bytes(fn: Callable[[], None]) -> Optional[int]:
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _silence_fd2(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    events.sort(key=lambda e: e.start_ns())
+    try:  # the complete, signed allocation stream (private but long-standing API)
+        stream = [(e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                  if e.name() == "[memory]"]
+    except AttributeError:
+        return None
     current = peak = 0
-    for e in events:
-        current += e.nbytes()
+    for _, nbytes in sorted(stream):
+        current += nbytes
         peak = max(peak, current)
     return peak
 
 
-def _peak_bytes(fn: Callable[[], None], device: torch.device) -> int:
+def _peak_bytes(fn: Callable[[], None], device: torch.device) -> Optional[int]:
     if device.type == "cuda":
         _sync(device)
         before = torch.cuda.memory_allocated(device)
@@ -116,95 +402,119 @@ def _peak_bytes(fn: Callable[[], None], device: torch.device) -> int:
     return _cpu_peak_bytes(fn)
 
 
-def _time_cuda(fn: Callable[[], None], warmup: int, repeats: int) -> float:
-    try:
-        from triton.testing import do_bench
-
-        return float(do_bench(fn, warmup=max(warmup, 1), rep=max(repeats, 1), return_mode="median"))
-    except ImportError:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(repeats):
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        return statistics.median(times)
+# ---------------------------------------------------------------------------------------------
+# Running a case
+# ---------------------------------------------------------------------------------------------
+def _error_text(exc: BaseException) -> str:
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first[:160]}"
 
 
-def run_variants(
-    case: str,
-    shape: str,
-    variants: Sequence[Variant],
+def run_case(
+    case: Case,
+    shape: Shape,
     *,
-    device: torch.device,
     dtype: torch.dtype,
-    modes: Sequence[str] = MODES,
-    baselines: dict[str, str],
+    device: torch.device,
+    backend: Optional[str] = None,
+    modes: Sequence[str] = DEFAULT_MODES,
     warmup: int = 3,
     repeats: int = 10,
     measure_memory: bool = True,
+    variants: Optional[Sequence[Variant]] = None,
 ) -> list[Result]:
-    """Time (and measure memory of) every runnable variant in every mode; ratios to ``baselines[mode]``."""
+    """Time (and measure the peak memory of) every variant of ``case`` at ``shape``, per mode.
+
+    Returns one :class:`Result` per variant and mode, skipped and failed variants included (with
+    ``status`` and ``note`` saying why). Ratios are to ``case.baselines[mode]``.
+    """
+    if repeats < 1 or warmup < 0:
+        raise ValueError("repeats must be >= 1 and warmup >= 0")
+    variants = list(variants if variants is not None else case.make_variants(backend))
+    shape_text = "x".join(map(str, shape))
+    dims = dict(zip(case.dim_names, shape))
+    dev_name = device_name(device)
+    dtype_name = str(dtype).replace("torch.", "")
+
+    workloads: dict[str, Workload] = {}
+    setup_notes: dict[str, tuple[str, str]] = {}  # name -> (status, note)
+    for v in variants:
+        try:
+            workloads[v.name] = v.setup(shape, dtype, device)
+        except VariantSkipped as exc:
+            setup_notes[v.name] = ("skipped", f"skipped: {exc}")
+        except Exception as exc:  # reported in the table, never hidden
+            setup_notes[v.name] = ("skipped" if v.optional else "failed", f"setup failed: {_error_text(exc)}")
+
     results: list[Result] = []
     for mode in modes:
-        runnable = [v for v in variants if v.skip is None]
-        steps = {v.name: _step(v, mode) for v in runnable}
-        times: dict[str, list[float]] = {name: [] for name in steps}
-        failures: dict[str, str] = {}
-        for name, fn in steps.items():  # warm up (and compile) every variant first
-            try:
-                for _ in range(max(warmup, 1)):
-                    fn()
-                _sync(device)
-            except Exception as exc:  # a variant that cannot run here is reported, not hidden
-                failures[name] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
-        live = {n: f for n, f in steps.items() if n not in failures}
-        if device.type == "cuda":
-            medians = {n: _time_cuda(f, warmup, repeats) for n, f in live.items()}
-        else:
-            for _ in range(repeats):
-                for name, fn in live.items():
-                    start = time.perf_counter()
-                    fn()
-                    times[name].append((time.perf_counter() - start) * 1e3)
-            medians = {n: statistics.median(t) for n, t in times.items() if t}
-        memory = {n: _peak_bytes(f, device) / 2**20 for n, f in live.items()} if measure_memory else {}
-        base = baselines.get(mode, "")
+        notes = dict(setup_notes)
+        steps: dict[str, Callable[[], None]] = {}
         for v in variants:
-            note = v.skip or failures.get(v.name, "")
-            r = Result(case, v.name, shape, str(dtype).replace("torch.", ""), device_name(device), v.backend, mode,
-                       baseline=base, note=note)
-            if v.name in medians:
-                r.median_ms = medians[v.name]
+            if v.name not in workloads:
+                continue
+            try:
+                step = iteration(workloads[v.name], mode)
+                for _ in range(max(warmup, 1)):  # the first call compiles / autotunes
+                    step()
+                _sync(device)
+                steps[v.name] = step
+            except Exception as exc:
+                status = "skipped" if v.optional else "failed"
+                notes[v.name] = (status, f"{status}: {_error_text(exc)}")
+
+        timing: dict[str, tuple[float, float, float]] = {}
+        if device.type == "cuda":
+            for name, step in steps.items():
+                timing[name] = _time_cuda(step, warmup, repeats, workloads[name].params)
+        else:
+            timing = _time_cpu_interleaved(steps, repeats)
+
+        memory: dict[str, Optional[float]] = {}
+        if measure_memory:
+            for name, step in steps.items():
+                peak = _peak_bytes(step, device)
+                memory[name] = None if peak is None else peak / 2**20
+
+        base = case.baselines.get(mode, "")
+        for v in variants:
+            status, note = notes.get(v.name, ("ok", ""))
+            workload = workloads.get(v.name)
+            r = Result(case.name, v.name, shape_text, dims, dtype_name, dev_name,
+                       workload.backend if workload else "", mode, baseline=base, status=status, note=note)
+            if v.name in timing:
+                r.median_ms, r.q25_ms, r.q75_ms = timing[v.name]
+                if base in timing and timing[base][0] > 0:
+                    r.ratio = r.median_ms / timing[base][0]
                 r.peak_mem_mb = memory.get(v.name)
-                if base in medians:
-                    r.ratio = medians[v.name] / medians[base]
-                if base in memory and memory[base] > 0 and r.peak_mem_mb is not None:
-                    r.mem_ratio = r.peak_mem_mb / memory[base]
+                base_mem = memory.get(base)
+                if r.peak_mem_mb is not None and base_mem:
+                    r.mem_ratio = r.peak_mem_mb / base_mem
             results.append(r)
     return results
 
 
+# ---------------------------------------------------------------------------------------------
+# Output
+# ---------------------------------------------------------------------------------------------
 def _fmt(value: Optional[float], spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
 def format_table(results: Sequence[Result]) -> str:
-    """An aligned text table, one block per (case, shape, dtype, mode)."""
-    header = ["variant", "backend", "median ms", "x baseline", "peak MB", "mem x", "note"]
-    lines: list[str] = []
-    groups: dict[tuple, list[Result]] = {}
+    """An aligned text table, one block per (case, shape, dtype, mode, device)."""
+    header = ["variant", "backend", "median ms", "IQR ms", "x baseline", "peak MB", "mem x", "note"]
+    groups: dict[tuple[str, ...], list[Result]] = {}
     for r in results:
         groups.setdefault((r.case, r.shape, r.dtype, r.mode, r.device), []).append(r)
+    lines: list[str] = []
     for (case, shape, dtype, mode, device), rows in groups.items():
-        lines.append(f"\n{case}  shape {shape}  {dtype}  {mode}  on {device}  (baseline: {rows[0].baseline})")
+        dims = " ".join(f"{k}={v}" for k, v in rows[0].dims.items()) or shape
+        lines.append(f"\n{case}  {dims}  {dtype}  {mode}  on {device}  (baseline: {rows[0].baseline or '-'})")
         table = [header] + [
-            [r.variant, r.backend, _fmt(r.median_ms, ".3f"), _fmt(r.ratio, ".3f"), _fmt(r.peak_mem_mb, ".1f"),
-             _fmt(r.mem_ratio, ".2f"), r.note]
+            [r.variant, r.backend or "-", _fmt(r.median_ms, ".3f"),
+             "-" if r.q25_ms is None or r.q75_ms is None else f"{r.q25_ms:.3f}-{r.q75_ms:.3f}",
+             _fmt(r.ratio, ".2f"), _fmt(r.peak_mem_mb, ".1f"), _fmt(r.mem_ratio, ".2f"), r.note]
             for r in rows
         ]
         widths = [max(len(row[i]) for row in table) for i in range(len(header))]
@@ -213,54 +523,106 @@ def format_table(results: Sequence[Result]) -> str:
     return "\n".join(lines)
 
 
-def write_json(results: Sequence[Result], path: str) -> None:
-    meta = {"torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform()}
+def run_metadata(**extra: Any) -> dict[str, Any]:
+    """Versions and machine facts stored next to the results (``extra`` is added as is)."""
+    meta: dict[str, Any] = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": _cpu_model(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
+    try:
+        import triton
+
+        meta["triton"] = triton.__version__
+    except ImportError:
+        meta["triton"] = None
+    meta.update(extra)
+    return meta
+
+
+def write_json(results: Sequence[Result], path: str, meta: Optional[Mapping[str, Any]] = None) -> None:
+    """``{"meta": {...}, "results": [row, ...]}`` with rows as in :meth:`Result.to_row`."""
+    payload = {"meta": dict(meta) if meta is not None else run_metadata(),
+               "results": [r.to_row() for r in results]}
     with open(path, "w") as f:
-        json.dump({"meta": meta, "results": [asdict(r) for r in results]}, f, indent=2)
+        json.dump(payload, f, indent=2)
+        f.write("\n")
 
 
 def write_csv(results: Sequence[Result], path: str) -> None:
-    rows = [asdict(r) for r in results]
+    """One CSV row per result; columns are the union of the rows' keys, in first-seen order."""
+    rows = [r.to_row() for r in results]
+    columns: list[str] = []
     for row in rows:
-        row.pop("extra", None)
+        columns += [k for k in row if k not in columns]
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else [])
+        writer = csv.DictWriter(f, fieldnames=columns, restval="")
         writer.writeheader()
         writer.writerows(rows)
 
 
 def plot(results: Sequence[Result], path: str) -> None:
-    """Grouped bars: time ratio and peak memory per variant, one row of panels per mode."""
+    """Grouped bar charts: one row of panels per mode, time ratio (left) and peak memory (right).
+
+    Bars are variants, groups are (case, shape, dtype); the device is in the title. Needs
+    matplotlib (imported here, with the Agg backend); raises ``RuntimeError`` if it is missing.
+    """
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as exc:
-        raise SystemExit(f"--plot needs matplotlib (pip install matplotlib): {exc}") from exc
+        raise RuntimeError(f"--plot needs matplotlib: pip install 'subspace_ops[plot]' ({exc})") from exc
+
     measured = [r for r in results if r.median_ms is not None]
-    modes = [m for m in MODES if any(r.mode == m for r in measured)]
-    shapes = list(dict.fromkeys(r.shape for r in measured))
+    if not measured:
+        raise RuntimeError("nothing to plot: no variant produced a timing")
+    modes = list(dict.fromkeys(r.mode for r in measured))
+    groups = list(dict.fromkeys((r.case, r.shape, r.dtype) for r in measured))
     variants = list(dict.fromkeys(r.variant for r in measured))
-    fig, axes = plt.subplots(len(modes), 2, figsize=(13, 3.6 * len(modes)), squeeze=False)
-    width = 0.8 / max(len(variants), 1)
+    lookup = {(r.mode, r.case, r.shape, r.dtype, r.variant): r for r in measured}
+    multi_case = len({g[0] for g in groups}) > 1
+    labels = [(f"{c}\n" if multi_case else "") + f"{s}\n{d}" for c, s, d in groups]
+
+    fig, axes = plt.subplots(len(modes), 2, figsize=(max(8.0, 2.6 * len(groups) + 5), 3.8 * len(modes)),
+                             squeeze=False)
+    width = 0.8 / len(variants)
+    colors = plt.rcParams["axes.prop_cycle"].by_key().get("color", [None])
+    panels = (("ratio", "time / baseline (lower is better)"), ("peak_mem_mb", "peak memory, MB (lower is better)"))
     for row, mode in enumerate(modes):
-        for col, (key, label) in enumerate((("ratio", "time / baseline"), ("peak_mem_mb", "peak memory (MB)"))):
+        baseline = next((r.baseline for r in measured if r.mode == mode), "")
+        for col, (key, label) in enumerate(panels):
             ax = axes[row][col]
+            values_all: list[float] = []
             for i, variant in enumerate(variants):
-                values = []
-                for shape in shapes:
-                    match = [r for r in measured if r.mode == mode and r.shape == shape and r.variant == variant]
-                    values.append(getattr(match[0], key) or 0.0 if match else 0.0)
-                ax.bar([s + i * width for s in range(len(shapes))], values, width, label=variant)
-            ax.set_xticks([s + width * (len(variants) - 1) / 2 for s in range(len(shapes))], shapes, fontsize=8)
-            ax.set_title(f"{mode}: {label}", fontsize=10)
+                xs, values = [], []
+                for g, group in enumerate(groups):
+                    r = lookup.get((mode, *group, variant))
+                    value = getattr(r, key) if r is not None else None
+                    if value is not None:
+                        xs.append(g + (i - (len(variants) - 1) / 2) * width)
+                        values.append(value)
+                values_all += values
+                ax.bar(xs, values, width, label=variant, color=colors[i % len(colors)])
+            ax.set_xticks(range(len(groups)), labels, fontsize=8)
+            ax.set_title(f"{mode}: {label}" + (f"\nbaseline: {baseline}" if key == "ratio" else ""), fontsize=9)
+            positive = [v for v in values_all if v > 0]
+            if positive and max(positive) / min(positive) > 50:
+                ax.set_yscale("log")
             if key == "ratio":
                 ax.axhline(1.0, color="black", linewidth=0.8)
+            ax.grid(axis="y", alpha=0.3)
     axes[0][0].legend(fontsize=7)
-    title = measured[0] if measured else None
-    if title is not None:
-        fig.suptitle(f"{title.case}, {title.dtype}, {title.device}", fontsize=11)
+    cases = ", ".join(dict.fromkeys(r.case for r in measured))
+    devices = ", ".join(dict.fromkeys(r.device for r in measured))
+    fig.suptitle(f"{cases} on {devices}", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+__all__ += ["run_metadata"]
