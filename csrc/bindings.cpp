@@ -4,6 +4,7 @@
 #include <sstream>
 
 #include "rescaled_linear.h"
+#include "svd_delta_linear.h"
 
 namespace {
 
@@ -36,5 +37,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rescaled_linear_backward", &subspace_ops::rescaled_linear_backward, py::arg("grad_y"), py::arg("x2d"),
         py::arg("weight"), py::arg("s_l"), py::arg("s_r"), py::arg("residual"), py::arg("need_x"),
         py::arg("need_weight"), py::arg("need_scales"));
+  m.def("svd_basis_weight", &subspace_ops::svd_basis_weight, py::arg("weight"), py::arg("u"), py::arg("v"),
+        py::arg("d"));
+  m.def("svd_delta_linear_forward", &subspace_ops::svd_delta_linear_forward, py::arg("x2d"), py::arg("weight"),
+        py::arg("u"), py::arg("v"), py::arg("d"), py::arg("bias"));
+  m.def("svd_delta_linear_backward", &subspace_ops::svd_delta_linear_backward, py::arg("grad_y"), py::arg("x2d"),
+        py::arg("weight"), py::arg("u"), py::arg("v"), py::arg("d"), py::arg("need_x"), py::arg("need_d"));
   m.def("build_info", &build_info);
 }

@@ -1,59 +1,139 @@
-"""The benchmark CLI end to end on a tiny shape (correct plumbing, not speed)."""
+"""The benchmark harness and the ``subspace-ops`` CLI, in-process on tiny shapes (plumbing, not speed)."""
+
+from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 
 import pytest
+import torch
 
-from subspace_ops.bench.cases import parse_shape
+import subspace_ops
+from subspace_ops.bench.cases import CASES
+from subspace_ops.bench.harness import Case, Variant, VariantSkipped, Workload, run_case
 from subspace_ops.cli import main
 
 TINY = ["--shape", "8,16,24", "--repeats", "2", "--warmup", "1", "--device", "cpu"]
 VARIANTS = {"subspace_ops", "naive", "naive+compile", "frozen F.linear", "full FT", "peft LoRA r=8"}
+MODES = ("forward", "fwd+bwd")
 
 
 def test_bench_writes_json_csv_and_plot(tmp_path, capsys):
     out_json, out_csv, out_png = tmp_path / "r.json", tmp_path / "r.csv", tmp_path / "r.png"
-    assert main(["bench", "rescaled-linear", *TINY, "--json", str(out_json), "--csv", str(out_csv),
-                 "--plot", str(out_png)]) == 0
+    status = main(["bench", "rescaled-linear", *TINY, "--json", str(out_json), "--csv", str(out_csv),
+                   "--plot", str(out_png)])
     printed = capsys.readouterr().out
+    assert status == 0, printed
     assert "baseline: frozen F.linear" in printed and "baseline: full FT" in printed
-    rows = json.loads(out_json.read_text())["results"]
-    assert {(r["variant"], r["mode"]) for r in rows} == {(v, m) for v in VARIANTS for m in ("forward", "fwd+bwd")}
+
+    payload = json.loads(out_json.read_text())
+    rows = payload["results"]
+    assert payload["meta"]["repeats"] == 2 and payload["meta"]["torch"] == torch.__version__
+    assert {(r["variant"], r["mode"]) for r in rows} == {(v, m) for v in VARIANTS for m in MODES}
     for r in rows:
-        if r["note"].startswith("skipped"):
+        assert (r["case"], r["shape"], r["M"], r["K"], r["N"]) == ("rescaled-linear", "8x16x24", 8, 16, 24)
+        assert r["dtype"] == "float32" and r["device"].startswith("CPU")
+        assert r["status"] in ("ok", "skipped"), r  # skipped only for optional variants, with a reason
+        if r["status"] == "skipped":
+            assert r["variant"] in ("naive+compile", "peft LoRA r=8") and r["note"].startswith("skipped"), r
             continue
-        assert r["median_ms"] > 0 and r["peak_mem_mb"] >= 0 and r["ratio"] > 0, r
-        assert r["shape"] == "8x16x24" and r["dtype"] == "float32"
+        assert r["median_ms"] > 0 and r["q25_ms"] <= r["median_ms"] <= r["q75_ms"], r
+        assert r["ratio"] > 0 and r["peak_mem_mb"] > 0 and r["mem_ratio"] > 0, r
     baseline = {r["mode"]: r for r in rows if r["variant"] == r["baseline"]}
-    assert baseline["forward"]["ratio"] == 1.0 and baseline["fwd+bwd"]["variant"] == "full FT"
+    assert baseline["forward"]["variant"] == "frozen F.linear" and baseline["fwd+bwd"]["variant"] == "full FT"
+    assert all(b["ratio"] == 1.0 and b["mem_ratio"] == 1.0 for b in baseline.values())
     ours = next(r for r in rows if r["variant"] == "subspace_ops")
-    assert ours["backend"] == "cpu"
-    with open(out_csv) as f:
+    assert ours["backend"] == subspace_ops.resolve_backend(None, "cpu")
+
+    with open(out_csv, newline="") as f:
         csv_rows = list(csv.DictReader(f))
-    assert len(csv_rows) == len(rows) and {"median_ms", "ratio", "peak_mem_mb", "mem_ratio"} <= set(csv_rows[0])
+    assert len(csv_rows) == len(rows)
+    expected_columns = {"case", "variant", "shape", "M", "K", "N", "dtype", "device", "backend", "mode",
+                        "median_ms", "ratio", "peak_mem_mb", "mem_ratio", "status", "note"}
+    assert expected_columns <= set(csv_rows[0])
+    assert {(r["variant"], r["mode"]) for r in csv_rows} == {(r["variant"], r["mode"]) for r in rows}
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_bench_memory_counts_the_naive_materialized_weight(tmp_path):
-    """The naive formula holds W' (N·K floats) on top of what frozen F.linear holds."""
+def test_memory_counts_the_naive_materialized_weight(tmp_path):
+    """Forward with training flags: the naive formula holds W' (N·K floats) more than frozen F.linear."""
     path = tmp_path / "m.json"
-    main(["bench", "--shape", "4,256,512", "--repeats", "1", "--warmup", "1", "--mode", "forward",
-          "--device", "cpu", "--json", str(path)])
+    assert main(["bench", "--shape", "4,256,512", "--repeats", "1", "--warmup", "1", "--mode", "forward",
+                 "--device", "cpu", "--json", str(path)]) == 0
     rows = {r["variant"]: r for r in json.loads(path.read_text())["results"]}
     weight_mb = 256 * 512 * 4 / 2**20
     assert rows["naive"]["peak_mem_mb"] - rows["frozen F.linear"]["peak_mem_mb"] >= weight_mb * 0.99
     assert rows["subspace_ops"]["peak_mem_mb"] < rows["naive"]["peak_mem_mb"]
 
 
+def _toy_case() -> Case:
+    def ok(scale: float):
+        def setup(shape, dtype, device) -> Workload:
+            w = torch.randn(shape, dtype=dtype, device=device, requires_grad=True)
+            return Workload(lambda: w * scale, [w], torch.ones(shape, dtype=dtype, device=device), "toy")
+
+        return setup
+
+    def missing(shape, dtype, device) -> Workload:
+        raise VariantSkipped("toy package not installed")
+
+    def broken(shape, dtype, device) -> Workload:
+        return Workload(lambda: 1 / 0)
+
+    variants = [Variant("base", ok(1.0)), Variant("other", ok(2.0)), Variant("missing", missing),
+                Variant("optional-broken", broken, optional=True), Variant("required-broken", broken)]
+    return Case("toy", "toy case", lambda backend: variants, {"forward": "base", "fwd+bwd": "base"}, ("A", "B"),
+                {"small": {"any": [(3, 5)]}}, {"any": ["small"]}, {"cpu": torch.float32})
+
+
+def test_run_case_reports_skipped_and_failed_variants():
+    case = _toy_case()
+    results = run_case(case, (3, 5), dtype=torch.float32, device=torch.device("cpu"), warmup=1, repeats=2)
+    by = {(r.variant, r.mode): r for r in results}
+    assert len(results) == 10
+    for mode in MODES:
+        assert by["base", mode].ratio == 1.0 and by["other", mode].median_ms > 0
+        assert by["base", mode].to_row()["A"] == 3 and by["base", mode].to_row()["B"] == 5
+        assert (by["missing", mode].status, by["missing", mode].note) == ("skipped", "skipped: toy package not installed")
+        assert by["optional-broken", mode].status == "skipped" and "ZeroDivisionError" in by["optional-broken", mode].note
+        assert by["required-broken", mode].status == "failed" and by["required-broken", mode].median_ms is None
+    assert case.parse_shape("small", "cuda") == [(3, 5)] and case.default_shapes("cpu") == [(3, 5)]
+
+
+def test_peft_missing_is_a_printed_skip(monkeypatch):
+    monkeypatch.setitem(sys.modules, "peft", None)  # makes `import peft` raise ImportError
+    case = CASES["rescaled-linear"]
+    lora = [v for v in case.make_variants(None) if v.name == "peft LoRA r=8"]
+    results = run_case(case, (2, 4, 6), dtype=torch.float32, device=torch.device("cpu"), modes=("forward",),
+                       warmup=1, repeats=1, variants=lora)
+    assert [(r.status, r.note) for r in results] == [("skipped", "skipped: peft not installed (pip install peft)")]
+
+
+def test_presets_depend_on_the_device():
+    case = CASES["rescaled-linear"]
+    assert case.parse_shape("vit-b", "cuda") == [(12608, 768, 768)]
+    assert case.parse_shape("vit-b", "cpu") == [(4096, 768, 768), (197, 768, 768)]
+    assert case.parse_shape("llama-7b", "cpu") == [(8192, 4096, 4096)]
+    assert case.parse_shape(" 3, 4,5 ", "cpu") == [(3, 4, 5)]
+    assert case.default_shapes("cpu") == [(4096, 768, 768), (197, 768, 768)]
+    assert case.default_dtype == {"cuda": torch.bfloat16, "cpu": torch.float32}
+
+
 @pytest.mark.parametrize(
     "argv,message",
     [
         (["bench", "no-such-case"], "argument CASE: unknown case"),
-        (["bench", "--shape", "1,2"], "argument --shape"),
+        (["bench", "--shape", "1,2"], "argument --shape: invalid shape '1,2'"),
         (["bench", "--shape", "0,2,3"], "argument --shape"),
-        (["bench", "--repeats", "0"], "argument --repeats"),
+        (["bench", "--shape", "a,b,c"], "argument --shape"),
+        (["bench", "--shape", "vit-c"], "argument --shape"),
+        (["bench", "--repeats", "0"], "argument --repeats: must be >= 1"),
+        (["bench", "--warmup", "x"], "argument --warmup"),
         (["bench", "--dtype", "int8"], "argument --dtype"),
+        (["bench", "--mode", "backward"], "argument --mode"),
+        (["bench", "--json", "/no/such/dir/r.json"], "argument --json"),
     ],
 )
 def test_bad_arguments_are_named(argv, message, capsys):
@@ -63,12 +143,46 @@ def test_bad_arguments_are_named(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error when CUDA is missing")
+def test_cuda_requested_without_cuda(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--device", "cuda", "--shape", "8,16,24"])
+    assert "argument --device" in capsys.readouterr().err
+
+
+def test_plot_without_matplotlib_is_a_usage_error(monkeypatch, capsys, tmp_path):
+    import subspace_ops.cli as cli
+
+    real = cli.importlib.util.find_spec
+    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    with pytest.raises(SystemExit):
+        main(["bench", *TINY, "--plot", str(tmp_path / "p.png")])
+    assert "argument --plot: needs matplotlib" in capsys.readouterr().err
+
+
 def test_backends_command(capsys):
     assert main(["backends"]) == 0
     out = capsys.readouterr().out
     assert "reference" in out and "cpu" in out and "triton" in out
 
 
-def test_parse_shape_presets():
-    assert parse_shape("vit-b") == [(12608, 768, 768)]
-    assert parse_shape("3,4,5") == [(3, 4, 5)]
+def test_backends_command_without_backend_report(monkeypatch, capsys):
+    monkeypatch.delattr(subspace_ops.backends, "backend_report")
+    assert main(["backends"]) == 0
+    assert "reference" in capsys.readouterr().out
+
+
+def test_list_and_help(capsys):
+    assert main(["bench", "--list"]) == 0
+    out = capsys.readouterr().out
+    assert "rescaled-linear" in out and "peft LoRA r=8" in out and "vit-b" in out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--help"])
+    assert exit_info.value.code == 0 and "--shape" in capsys.readouterr().out
+
+
+def test_python_dash_m_entry_point():
+    done = subprocess.run([sys.executable, "-m", "subspace_ops", "bench", "--list"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "rescaled-linear" in done.stdout

@@ -8,7 +8,7 @@ selection in ``subspace_ops.backends``.
 from . import nn, reference
 from .adapters import AdaptReport, apply_rlrr
 from .backends import BackendUnavailableError, available_backends, backend_report, resolve_backend
-from .ops import rescaled_linear
+from .ops import rescaled_linear, svd_delta_linear
 
 __version__ = "0.1.0"
 
@@ -22,4 +22,5 @@ __all__ = [
     "reference",
     "rescaled_linear",
     "resolve_backend",
+    "svd_delta_linear",
 ]

@@ -1,7 +1,8 @@
-"""``python -m subspace_ops bench ...`` — the same CLI as the ``subspace-ops`` console script."""
+"""``python -m subspace_ops bench ...``: the same CLI as the ``subspace-ops`` console script."""
 
 import sys
 
 from .cli import main
 
-sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main())

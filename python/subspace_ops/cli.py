@@ -1,93 +1,242 @@
-"""``subspace-ops`` command line: ``bench`` (microbenchmarks) and ``backends`` (what can run here)."""
+"""The ``subspace-ops`` command line (also ``python -m subspace_ops``).
+
+``subspace-ops bench [CASE ...] [options]``
+    Microbenchmarks: every variant of each case (our op, the naive formula, ``torch.compile`` of
+    it, standard layers, PEFT LoRA) side by side; median time, ratio to a baseline, peak memory.
+    A bare ``subspace-ops bench`` runs every case with the device's default shapes and dtype
+    (CUDA: ViT-B M=12608, bfloat16; CPU: M=4096 and M=197, K=N=768, float32), forward and
+    forward+backward. See :mod:`subspace_ops.bench.harness` for what is measured and how.
+``subspace-ops backends``
+    Which backends can run on this machine (CPU, and CUDA if present), and why not.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import os
 import sys
 from typing import Optional, Sequence
 
 import torch
 
+__all__ = ["main"]
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MODE_CHOICES = {
+    "forward": ("forward",),
+    "fwd+bwd": ("fwd+bwd",),
+    "inference": ("inference",),
+    "both": ("forward", "fwd+bwd"),
+    "all": ("forward", "fwd+bwd", "inference"),
+}
+_FALLBACK_BACKENDS = ("reference", "cpu", "triton")
 
 
-def _build_parser() -> argparse.ArgumentParser:
-    from .bench.cases import CASES, SHAPE_PRESETS
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
 
-    parser = argparse.ArgumentParser(prog="subspace-ops", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
 
-    bench = sub.add_parser("bench", help="time our ops against the naive formulas and standard layers")
-    bench.add_argument("cases", nargs="*", metavar="CASE", help=f"cases to run (default: all): {', '.join(CASES)}")
+
+def _backend_names() -> tuple[str, ...]:
+    try:
+        from .backends import BACKENDS
+    except ImportError:
+        return _FALLBACK_BACKENDS
+    return tuple(BACKENDS)
+
+
+def _build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    from .bench.cases import CASES
+    from .bench.harness import cpu_threads_available
+
+    parser = argparse.ArgumentParser(
+        prog="subspace-ops", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{bench,backends}")
+
+    presets = sorted({p for case in CASES.values() for p in case.presets})
+    bench = sub.add_parser(
+        "bench",
+        help="time our ops against the naive formulas and standard layers",
+        description="Time every variant of each CASE side by side, forward and/or forward+backward, "
+                    "and measure each iteration's peak memory.",
+        epilog="examples:\n"
+               "  subspace-ops bench                                   # default case, shapes, dtype\n"
+               "  subspace-ops bench --shape llama-7b --mode fwd+bwd --plot out.png\n"
+               "  subspace-ops bench rescaled-linear --shape 4096,768,768 --threads 2 --json r.json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    bench.add_argument("cases", nargs="*", metavar="CASE",
+                       help=f"case(s) to run (default: all): {', '.join(CASES)}")
     bench.add_argument("--shape", action="append", metavar="SHAPE",
-                       help=f"a preset ({', '.join(SHAPE_PRESETS)}) or M,K,N; repeatable "
-                            "(default: vit-b-cpu on CPU, vit-b and llama-7b on CUDA)")
-    bench.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
-    bench.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available")
-    bench.add_argument("--backend", choices=["reference", "cpu", "triton"], help="our op's backend (default: best)")
-    bench.add_argument("--mode", choices=["forward", "fwd+bwd", "both"], default="both")
-    bench.add_argument("--repeats", type=int, default=10, help="timed runs per variant (median reported)")
-    bench.add_argument("--warmup", type=int, default=3, help="untimed runs per variant first")
-    bench.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+                       help=f"a preset ({', '.join(presets)}) or comma-separated sizes, e.g. M,K,N; "
+                            "repeatable (default: the case's default preset for the device)")
+    bench.add_argument("--dtype", choices=list(DTYPES),
+                       help="default: the case's default for the device (bfloat16 on CUDA, float32 on CPU)")
+    bench.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
+    bench.add_argument("--backend", choices=_backend_names(),
+                       help="backend of our op (default: the best available for the device)")
+    bench.add_argument("--mode", choices=list(MODE_CHOICES), default="both",
+                       help="forward (training flags), fwd+bwd, inference (no_grad), "
+                            "both = forward + fwd+bwd (default), all")
+    bench.add_argument("--repeats", type=_int_at_least(1), metavar="N",
+                       help="timed iterations per variant, median reported (default: 10 on CPU, 100 on CUDA)")
+    bench.add_argument("--warmup", type=_int_at_least(0), metavar="N",
+                       help="untimed iterations per variant first; at least one always runs "
+                            "(default: 3 on CPU, 10 on CUDA)")
+    bench.add_argument("--threads", type=_int_at_least(1), metavar="N",
+                       help=f"torch CPU threads (default: all {cpu_threads_available()} cores this process may use)")
     bench.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
-    bench.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    bench.add_argument("--json", metavar="PATH", help="write the results (and run metadata) as JSON")
     bench.add_argument("--csv", metavar="PATH", help="write the results as CSV")
-    bench.add_argument("--plot", metavar="PNG", help="draw bar charts of time ratio and peak memory")
+    bench.add_argument("--plot", metavar="PNG", help="draw bar charts of time ratio and peak memory (needs matplotlib)")
+    bench.add_argument("--list", action="store_true", help="list the cases, their variants and presets, and exit")
 
-    sub.add_parser("backends", help="which backends can run on this machine, and why not")
-    return parser
+    sub.add_parser("backends", help="which backends can run here, and why not",
+                   description="Print every backend for CPU (and CUDA if present) with the reason it can or cannot run.")
+    return parser, bench
 
 
-def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from .bench.cases import CASES, DEFAULT_DTYPE, DEFAULT_PRESET, parse_shape
-    from .bench.harness import MODES, format_table, plot, run_variants, write_csv, write_json
+def _list_cases() -> str:
+    from .bench.cases import CASES
 
+    lines = []
+    for case in CASES.values():
+        lines.append(f"{case.name}: {case.description}")
+        lines.append(f"  shape: {','.join(case.dim_names)}; baselines: "
+                     + ", ".join(f"{mode} -> {name}" for mode, name in case.baselines.items()))
+        for variant in case.make_variants(None):
+            lines.append(f"  - {variant.name}: {variant.description}")
+        for name, by_device in case.presets.items():
+            shapes = "; ".join(f"{dev}: " + " ".join("x".join(map(str, s)) for s in shapes)
+                               for dev, shapes in by_device.items())
+            lines.append(f"  preset {name}: {shapes}")
+    return "\n".join(lines)
+
+
+def _check_writable(bench: argparse.ArgumentParser, option: str, path: Optional[str]) -> None:
+    if path is None:
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        bench.error(f"argument {option}: directory {parent!r} does not exist")
+
+
+def _bench(args: argparse.Namespace, bench: argparse.ArgumentParser) -> int:
+    from .bench.cases import CASES
+    from .bench.harness import cpu_threads_available, device_name, format_table, plot, run_case, run_metadata
+    from .bench.harness import write_csv, write_json
+
+    if args.list:
+        print(_list_cases())
+        return 0
     unknown = [c for c in args.cases if c not in CASES]
     if unknown:
-        parser.error(f"argument CASE: unknown case(s) {unknown}; choose from {sorted(CASES)}")
-    if args.repeats < 1 or args.warmup < 0:
-        parser.error("argument --repeats must be >= 1 and --warmup >= 0")
+        bench.error(f"argument CASE: unknown case(s) {', '.join(map(repr, unknown))} "
+                    f"(choose from {', '.join(CASES)})")
+    cases = [CASES[name] for name in dict.fromkeys(args.cases or CASES)]
+
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("argument --device: cuda requested but torch.cuda.is_available() is False")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    dtype = DTYPES[args.dtype] if args.dtype else DEFAULT_DTYPE[device.type]
-    try:
-        shapes = [s for text in (args.shape or DEFAULT_PRESET[device.type]) for s in parse_shape(text)]
-    except ValueError as exc:
-        parser.error(f"argument --shape: {exc}")
-    modes = MODES if args.mode == "both" else (args.mode,)
-    results = []
-    for name in args.cases or list(CASES):
-        case = CASES[name]
-        for shape in shapes:
-            variants = case.variants(shape, dtype, device, args.backend)
-            results += run_variants(
-                name, "x".join(map(str, shape)), variants, device=device, dtype=dtype, modes=modes,
-                baselines=case.baselines, warmup=args.warmup, repeats=args.repeats,
-                measure_memory=not args.no_memory,
+        bench.error("argument --device: cuda requested but torch.cuda.is_available() is False")
+    if args.backend is not None:
+        from .backends import backend_status
+
+        status = backend_status(args.backend, device)
+        if not status.available:
+            bench.error(f"argument --backend: {args.backend!r} cannot run on {device.type}: {status.reason}")
+    if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
+        bench.error("argument --plot: needs matplotlib (pip install 'subspace_ops[plot]')")
+    for option in ("json", "csv", "plot"):
+        _check_writable(bench, f"--{option}", getattr(args, option))
+
+    shapes = {}
+    for case in cases:
+        try:
+            shapes[case.name] = (
+                [s for text in args.shape for s in case.parse_shape(text, device.type)]
+                if args.shape else case.default_shapes(device.type)
             )
-            print(format_table([r for r in results if r.shape == "x".join(map(str, shape)) and r.case == name]),
-                  flush=True)
+        except ValueError as exc:
+            bench.error(f"argument --shape: {exc}")
+
+    on_cuda = device.type == "cuda"
+    repeats = args.repeats if args.repeats is not None else (100 if on_cuda else 10)
+    warmup = args.warmup if args.warmup is not None else (10 if on_cuda else 3)
+    modes = MODE_CHOICES[args.mode]
+    threads_before = torch.get_num_threads()
+    threads = args.threads or (cpu_threads_available() if device.type == "cpu" else threads_before)
+    torch.set_num_threads(threads)
+    try:
+        print(f"subspace-ops bench on {device_name(device)}: modes {', '.join(modes)}; "
+              f"{warmup} warm-up + {repeats} timed iterations per variant", flush=True)
+        results = []
+        for case in cases:
+            dtype = DTYPES[args.dtype] if args.dtype else case.default_dtype[device.type]
+            for shape in shapes[case.name]:
+                rows = run_case(case, shape, dtype=dtype, device=device, backend=args.backend, modes=modes,
+                                warmup=warmup, repeats=repeats, measure_memory=not args.no_memory)
+                print(format_table(rows), flush=True)
+                results += rows
+        meta = run_metadata(argv=sys.argv[1:] if args.argv is None else list(args.argv), device=device_name(device),
+                            modes=list(modes), warmup=warmup, repeats=repeats, threads=threads)
+    finally:
+        torch.set_num_threads(threads_before)
+
     if args.json:
-        write_json(results, args.json)
+        write_json(results, args.json, meta)
     if args.csv:
         write_csv(results, args.csv)
     if args.plot:
         plot(results, args.plot)
+    for path in (args.json, args.csv, args.plot):
+        if path:
+            print(f"wrote {path}")
+    failed = [f"{r.variant} ({r.mode}, {r.shape}): {r.note}" for r in results if r.status == "failed"]
+    if failed:
+        print("FAILED variants:\n  " + "\n  ".join(failed), file=sys.stderr)
+        return 1
+    return 0
+
+
+def _backends() -> int:
+    try:
+        from .backends import backend_report
+    except ImportError:
+        backend_report = None
+    if backend_report is not None:
+        print(backend_report())
+        return 0
+    import subspace_ops
+
+    for device_type in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+        print(f"{device_type}: available {subspace_ops.available_backends(device_type)}; "
+              f"default {subspace_ops.resolve_backend(None, device_type)!r}")
     return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = _build_parser()
-    args = parser.parse_args(argv)
-    if args.command == "backends":
-        from .backends import backend_report
+    """Run the CLI on ``argv`` (default: ``sys.argv[1:]``); returns the exit status.
 
-        print(backend_report())
-        return 0
-    return _bench(args, parser)
+    Usage errors raise ``SystemExit(2)`` with argparse's message naming the argument.
+    """
+    parser, bench = _build_parser()
+    args = parser.parse_args(argv)
+    args.argv = None if argv is None else list(argv)
+    if args.command == "backends":
+        return _backends()
+    return _bench(args, bench)
 
 
 if __name__ == "__main__":

@@ -96,6 +96,7 @@ __all__ = [
     "iteration",
     "plot",
     "run_case",
+    "run_metadata",
     "write_csv",
     "write_json",
 ]
@@ -624,5 +625,3 @@ def plot(results: Sequence[Result], path: str) -> None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
-
-__all__ += ["run_metadata"]

@@ -1,5 +1,6 @@
 """The public functional ops, each registered in the ``subspace_ops::`` torch.library namespace."""
 
 from .rescaled_linear import rescaled_linear
+from .svd_delta_linear import svd_delta_linear
 
-__all__ = ["rescaled_linear"]
+__all__ = ["rescaled_linear", "svd_delta_linear"]

@@ -18,27 +18,18 @@ from torch import Tensor
 
 from .. import reference
 from .._validate import check_like, check_size, check_tensor
-from ..backends import cpu_extension, resolve_backend
+from ..backends import resolve_backend
+from ._dispatch import kernel_module
 
 __all__ = ["rescaled_linear"]
-
-
-def _kernels(backend: str):
-    """The module holding ``rescaled_linear_forward`` / ``rescaled_linear_backward`` for a backend."""
-    if backend == "cpu":
-        return cpu_extension()
-    if backend == "triton":
-        from ..triton_kernels import rescaled_linear as triton_rescaled_linear
-
-        return triton_rescaled_linear
-    raise ValueError(f"backend {backend!r} has no fused kernels for rescaled_linear")
 
 
 @torch.library.custom_op("subspace_ops::rescaled_linear", mutates_args=())
 def _rescaled_linear_op(
     x: Tensor, weight: Tensor, s_l: Tensor, s_r: Tensor, bias: Optional[Tensor], residual: bool, backend: str
 ) -> Tensor:
-    y = _kernels(backend).rescaled_linear_forward(x.reshape(-1, x.shape[-1]), weight, s_l, s_r, bias, residual)
+    kernels = kernel_module(backend, "rescaled_linear")
+    y = kernels.rescaled_linear_forward(x.reshape(-1, x.shape[-1]), weight, s_l, s_r, bias, residual)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
@@ -61,7 +52,7 @@ def _rescaled_linear_backward_op(
     need_scales: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns (gx, gw, gs_l, gs_r); a gradient that was not asked for is an empty tensor."""
-    gx, gw, gs_l, gs_r = _kernels(backend).rescaled_linear_backward(
+    gx, gw, gs_l, gs_r = kernel_module(backend, "rescaled_linear").rescaled_linear_backward(
         grad_y.reshape(-1, grad_y.shape[-1]),
         x.reshape(-1, x.shape[-1]),
         weight,

@@ -1,0 +1,182 @@
+"""Bench case ``rescaled-linear``: RLRR's ``y = x (W ⊙ (1 + s_l s_rᵀ))ᵀ + b`` (METHODS.md §1).
+
+Variants, compared side by side in one run (``x`` [M, K], ``W`` [N, K], in every variant ``x``
+requires grad, as for a layer in the middle of a network):
+
+``subspace_ops``
+    ``subspace_ops.rescaled_linear`` with the backend from ``--backend`` (default: the best one
+    for the device). RLRR's trainable parameters require grad: ``s_l`` [N], ``s_r`` [K] and the
+    bias (RLRR's shift, here trained in place of ``b + shift``: the same math, one add fewer); W is
+    frozen.
+``naive``
+    The papers' formula with the same parameters: materialize ``W' = W * (1 + s_l[:, None] *
+    s_r[None, :])``, then ``F.linear``; eager autograd.
+``naive+compile``
+    ``torch.compile(naive, dynamic=False)`` (one static graph per shape). If compiling fails on
+    this platform the row says so ("skipped: ...").
+``frozen F.linear``
+    ``F.linear(x, W, b)`` with W and b frozen: the cost of the pretrained layer itself; the
+    baseline of the ``forward`` and ``inference`` ratios.
+``full FT``
+    ``F.linear`` with W and b trainable: full fine-tuning; the baseline of the ``fwd+bwd`` ratios.
+``peft LoRA r=8``
+    PEFT's LoRA (``LoraConfig(r=8, lora_alpha=16, target_modules=["proj"])``) on a module holding
+    one ``nn.Linear``; skipped with a message when peft is not installed.
+
+Every variant builds its own tensors from the same seed (identical values), so variants do not
+share autograd state; ``grad_output`` is one fixed tensor per variant.
+
+Shape presets (``M,K,N``; M = tokens in the batch):
+
+``vit-b``
+    ViT-B/16 attention/MLP-sized 768 -> 768 layer. CUDA: M = 12608 (batch 64 x 197 tokens).
+    CPU: M = 4096 and M = 197 (one image), to keep a CPU run around a minute.
+``vit-b-full``
+    M = 12608, K = N = 768 on any device.
+``llama-7b``
+    M = 8192 (e.g. 4 x 2048 tokens), K = N = 4096.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..harness import Case, Shape, Variant, VariantSkipped, Workload
+
+__all__ = ["CASE", "LORA_RANK", "variants"]
+
+LORA_RANK = 8
+
+
+class _Inputs:
+    """The tensors every variant starts from, identical across variants (seeded)."""
+
+    def __init__(self, shape: Shape, dtype: torch.dtype, device: torch.device) -> None:
+        m, k, n = shape
+        g = torch.Generator(device="cpu").manual_seed(0)
+
+        def make(*size: int, scale: float = 1.0) -> torch.Tensor:
+            return (torch.randn(*size, generator=g) * scale).to(device=device, dtype=dtype)
+
+        self.x = make(m, k).requires_grad_(True)
+        self.weight = make(n, k, scale=k**-0.5)
+        self.bias = make(n, scale=0.02)
+        self.s_l = make(n, scale=0.1)
+        self.s_r = make(k, scale=0.1)
+        self.grad_output = make(m, n)
+
+
+def _rlrr_params(inp: _Inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """RLRR's trainable tensors: s_l [N], s_r [K] and the (shifted) bias [N]."""
+    return (inp.s_l.requires_grad_(True), inp.s_r.requires_grad_(True), inp.bias.requires_grad_(True))
+
+
+def _naive(x: torch.Tensor, weight: torch.Tensor, s_l: torch.Tensor, s_r: torch.Tensor,
+           bias: torch.Tensor) -> torch.Tensor:
+    """The seeds' formula: W' = W ⊙ (1 + s_l s_rᵀ) materialized, then a plain linear."""
+    return F.linear(x, weight * (1 + s_l[:, None] * s_r[None, :]), bias)
+
+
+def _setup_ours(backend: Optional[str]):
+    def setup(shape: Shape, dtype: torch.dtype, device: torch.device) -> Workload:
+        import subspace_ops  # lazily: the harness must import without the op
+
+        chosen = subspace_ops.resolve_backend(backend, device)
+        inp = _Inputs(shape, dtype, device)
+        s_l, s_r, bias = _rlrr_params(inp)
+        x, weight = inp.x, inp.weight
+
+        def forward() -> torch.Tensor:
+            return subspace_ops.rescaled_linear(x, weight, s_l, s_r, bias, residual=True, backend=chosen)
+
+        return Workload(forward, [x, s_l, s_r, bias], inp.grad_output, backend=chosen)
+
+    return setup
+
+
+def _setup_naive(shape: Shape, dtype: torch.dtype, device: torch.device) -> Workload:
+    inp = _Inputs(shape, dtype, device)
+    s_l, s_r, bias = _rlrr_params(inp)
+    x, weight = inp.x, inp.weight
+    return Workload(lambda: _naive(x, weight, s_l, s_r, bias), [x, s_l, s_r, bias], inp.grad_output, "torch")
+
+
+def _setup_naive_compiled(shape: Shape, dtype: torch.dtype, device: torch.device) -> Workload:
+    compiled = torch.compile(_naive, dynamic=False)  # lazy: a compile error surfaces at warm-up
+    inp = _Inputs(shape, dtype, device)
+    s_l, s_r, bias = _rlrr_params(inp)
+    x, weight = inp.x, inp.weight
+    return Workload(lambda: compiled(x, weight, s_l, s_r, bias), [x, s_l, s_r, bias], inp.grad_output,
+                    "inductor")
+
+
+def _setup_frozen(shape: Shape, dtype: torch.dtype, device: torch.device) -> Workload:
+    inp = _Inputs(shape, dtype, device)
+    x, weight, bias = inp.x, inp.weight, inp.bias
+    return Workload(lambda: F.linear(x, weight, bias), [x], inp.grad_output, "torch")
+
+
+def _setup_full_ft(shape: Shape, dtype: torch.dtype, device: torch.device) -> Workload:
+    inp = _Inputs(shape, dtype, device)
+    x, weight, bias = inp.x, inp.weight.requires_grad_(True), inp.bias.requires_grad_(True)
+    return Workload(lambda: F.linear(x, weight, bias), [x, weight, bias], inp.grad_output, "torch")
+
+
+class _OneLinear(torch.nn.Module):
+    def __init__(self, k: int, n: int) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(k, n)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+def _setup_peft_lora(shape: Shape, dtype: torch.dtype, device: torch.device) -> Workload:
+    try:
+        import peft
+    except ImportError:
+        raise VariantSkipped("peft not installed (pip install peft)") from None
+    inp = _Inputs(shape, dtype, device)
+    _, k, n = shape
+    module = _OneLinear(k, n)
+    with torch.no_grad():
+        module.proj.weight.copy_(inp.weight)
+        module.proj.bias.copy_(inp.bias)
+    config = peft.LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, target_modules=["proj"])
+    model = peft.get_peft_model(module, config).to(device=device, dtype=dtype)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    x = inp.x
+    return Workload(lambda: model(x), [x, *trainable], inp.grad_output, f"peft {peft.__version__}")
+
+
+def variants(backend: Optional[str] = None) -> list[Variant]:
+    """The variants of this case; ``backend`` is our op's backend (``None``: the default)."""
+    return [
+        Variant("subspace_ops", _setup_ours(backend), description="subspace_ops.rescaled_linear"),
+        Variant("naive", _setup_naive, description="materialize W', then F.linear (eager)"),
+        Variant("naive+compile", _setup_naive_compiled, optional=True,
+                description="torch.compile of the naive formula"),
+        Variant("frozen F.linear", _setup_frozen, description="pretrained layer, nothing trained"),
+        Variant("full FT", _setup_full_ft, description="F.linear with W and b trained"),
+        Variant(f"peft LoRA r={LORA_RANK}", _setup_peft_lora, optional=True,
+                description="PEFT LoRA on one nn.Linear"),
+    ]
+
+
+CASE = Case(
+    name="rescaled-linear",
+    description="RLRR y = x (W ⊙ (1 + s_l s_rᵀ))ᵀ + b; s_l, s_r, b trained, W frozen (METHODS.md §1)",
+    make_variants=variants,
+    baselines={"forward": "frozen F.linear", "inference": "frozen F.linear", "fwd+bwd": "full FT"},
+    dim_names=("M", "K", "N"),
+    presets={
+        "vit-b": {"cuda": [(12608, 768, 768)], "cpu": [(4096, 768, 768), (197, 768, 768)]},
+        "vit-b-full": {"any": [(12608, 768, 768)]},
+        "llama-7b": {"any": [(8192, 4096, 4096)]},
+    },
+    default_presets={"any": ["vit-b"]},
+    default_dtype={"cuda": torch.bfloat16, "cpu": torch.float32},
+)

@@ -1,0 +1,144 @@
+"""``svd_delta_linear``: y = x (W + U diag(d) Vᵀ)ᵀ + b — SiVA, SAM-PARSER, SVDiff (METHODS.md §2).
+
+Two paths, chosen per call by the cost model of METHODS.md §2 (M tokens, W [N, K], rank k):
+
+- ``"merged"``: form W_eff = W + U diag(d) Vᵀ with the fused SVD-basis scaling kernel (2·N·K·k
+  FLOPs), then one GEMM; the backward recomputes W_eff for gx = gy W_eff and reduces
+  dd_j = u_jᵀ (gyᵀx) v_j from tiles of G without writing G. Registered as
+  ``subspace_ops::svd_delta_linear`` (+ ``_backward``), kernels in ``csrc/svd_delta_linear.cpp``
+  and ``triton_kernels/svd_delta_linear.py``.
+- ``"unmerged"``: y = x Wᵀ + ((x V) ⊙ d) Uᵀ + b, 2·M·(N+K)·k extra FLOPs, plain PyTorch GEMMs on
+  every backend (nothing to fuse: each product is already one GEMM). Best for decode-size M.
+
+``path=None`` takes "merged" when M·(N + K) ≥ N·K (forming W_eff is then no dearer than the
+low-rank products), else "unmerged"; :func:`choose_path` is the rule, and layers report it.
+Autograd saves x, W, U, V, d: no N×K tensor.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from .._validate import check_like, check_size, check_tensor
+from ..backends import resolve_backend
+from ._dispatch import kernel_module
+
+__all__ = ["svd_delta_linear", "choose_path"]
+
+PATHS = ("merged", "unmerged")
+
+
+def choose_path(tokens: int, out_features: int, in_features: int) -> str:
+    """METHODS.md §2 cost rule: merge when M·(N + K)·k ≥ N·K·k."""
+    return "merged" if tokens * (out_features + in_features) >= out_features * in_features else "unmerged"
+
+
+@torch.library.custom_op("subspace_ops::svd_delta_linear", mutates_args=())
+def _svd_delta_linear_op(
+    x: Tensor, weight: Tensor, u: Tensor, v: Tensor, d: Tensor, bias: Optional[Tensor], backend: str
+) -> Tensor:
+    kernels = kernel_module(backend, "svd_delta_linear")
+    y = kernels.svd_delta_linear_forward(x.reshape(-1, x.shape[-1]), weight, u, v, d, bias)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+@_svd_delta_linear_op.register_fake
+def _(x, weight, u, v, d, bias, backend):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+@torch.library.custom_op("subspace_ops::svd_delta_linear_backward", mutates_args=())
+def _svd_delta_linear_backward_op(
+    grad_y: Tensor, x: Tensor, weight: Tensor, u: Tensor, v: Tensor, d: Tensor, backend: str, need_x: bool,
+    need_d: bool,
+) -> tuple[Tensor, Tensor]:
+    """Returns (gx, gd); a gradient that was not asked for is an empty tensor."""
+    gx, gd = kernel_module(backend, "svd_delta_linear").svd_delta_linear_backward(
+        grad_y.reshape(-1, grad_y.shape[-1]), x.reshape(-1, x.shape[-1]), weight, u, v, d, need_x, need_d
+    )
+    return (gx.reshape(x.shape) if need_x else x.new_empty(0), gd if need_d else d.new_empty(0))
+
+
+@_svd_delta_linear_backward_op.register_fake
+def _(grad_y, x, weight, u, v, d, backend, need_x, need_d):
+    return (torch.empty_like(x) if need_x else x.new_empty(0), torch.empty_like(d) if need_d else d.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, u, v, d, bias, backend = inputs
+    ctx.save_for_backward(x, weight, u, v, d)
+    ctx.backend = backend
+
+
+def _backward(ctx, grad_y):
+    x, weight, u, v, d = ctx.saved_tensors
+    need_x, need_weight, need_u, need_v, need_d, need_bias = ctx.needs_input_grad[:6]
+    if need_weight or need_u or need_v:
+        raise RuntimeError("svd_delta_linear trains d only: weight, u and v must not require grad")
+    gx = gd = gb = None
+    if need_x or need_d:
+        gx, gd = torch.ops.subspace_ops.svd_delta_linear_backward(
+            grad_y, x, weight, u, v, d, ctx.backend, need_x, need_d
+        )
+    if need_bias:
+        gb = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
+    return gx if need_x else None, None, None, None, gd if need_d else None, gb, None
+
+
+_svd_delta_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check_inputs(x, weight, u, v, d, bias) -> None:
+    check_tensor("x", x, min_ndim=1)
+    check_tensor("weight", weight, ndims=(2,))
+    out_features, in_features = weight.shape
+    check_size("x", x, -1, in_features, "in_features = weight.shape[1]")
+    check_like("weight", weight, "x", x)
+    check_tensor("u", u, ndims=(2,))
+    check_size("u", u, 0, out_features, "out_features = weight.shape[0]")
+    check_tensor("v", v, ndims=(2,))
+    check_size("v", v, 0, in_features, "in_features = weight.shape[1]")
+    check_size("v", v, 1, u.shape[1], "the rank k = u.shape[1]")
+    check_tensor("d", d, ndims=(1,))
+    check_size("d", d, 0, u.shape[1], "the rank k = u.shape[1]")
+    for name, t in (("u", u), ("v", v), ("d", d)):
+        check_like(name, t, "x", x)
+    if bias is not None:
+        check_tensor("bias", bias, ndims=(1,))
+        check_size("bias", bias, 0, out_features, "out_features = weight.shape[0]")
+        check_like("bias", bias, "x", x)
+    for name, t in (("weight", weight), ("u", u), ("v", v)):
+        if t.requires_grad:
+            raise ValueError(f"{name} must be frozen (requires_grad=False): svd_delta_linear trains d only")
+
+
+def svd_delta_linear(
+    x: Tensor,
+    weight: Tensor,
+    u: Tensor,
+    v: Tensor,
+    d: Tensor,
+    bias: Optional[Tensor] = None,
+    *,
+    backend: Optional[str] = None,
+    path: Optional[str] = None,
+) -> Tensor:
+    """``y = x (W + U diag(d) Vᵀ)ᵀ + bias`` with frozen W [N, K], U [N, k], V [K, k] and trained d [k].
+
+    ``path``: "merged", "unmerged" or None for :func:`choose_path`. ``backend``: as every op
+    (the unmerged path is the same PyTorch GEMMs on every backend). Returns ``[..., N]``.
+    """
+    _check_inputs(x, weight, u, v, d, bias)
+    if path is not None and path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS} or None, got {path!r}")
+    name = resolve_backend(backend, x.device)
+    if name == "reference":
+        return reference.svd_delta_linear(x, weight, u, v, d, bias)
+    tokens = x.numel() // max(x.shape[-1], 1)
+    if (path or choose_path(tokens, *weight.shape)) == "unmerged":
+        return torch.nn.functional.linear(x, weight, bias) + ((x @ v) * d) @ u.T
+    return torch.ops.subspace_ops.svd_delta_linear(x, weight, u, v, d, bias, name)

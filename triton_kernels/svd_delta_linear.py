@@ -1,0 +1,146 @@
+"""Triton kernels of svd_delta_linear's merged path (METHODS.md §2): W_eff = W + U diag(d) Vᵀ.
+
+- ``_svd_basis_weight_kernel`` (the "SVD-basis scaling" kernel) reads W, U, V, d and writes
+  W_eff = W + (U ⊙ d) Vᵀ tile by tile: one scale-and-add GEMM of 2·N·K·k FLOPs, optionally cast.
+  The main products y = x W_effᵀ and gx = gy W_eff then run on cuBLAS (torch.matmul).
+- ``_grad_d_kernel`` reads gy, x, U, V; for one [BLOCK_N, BLOCK_K] tile it reduces G = gyᵀ x over
+  M in registers, then in the epilogue adds Σ_n U[n, j] (G_tile V_tile)[n, j] for every j into a
+  per-tile partial sum of dd (summed afterwards by torch: deterministic). G is never written.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["svd_basis_weight", "svd_delta_linear_forward", "svd_delta_linear_backward"]
+
+
+@triton.jit
+def _svd_basis_weight_kernel(
+    w_ptr, u_ptr, v_ptr, d_ptr, out_ptr,
+    N, K, RANK,
+    stride_wn, stride_wk, stride_un, stride_uj, stride_vk, stride_vj,
+    PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_n, mask_k = offs_n < N, offs_k < K
+    acc_dtype = tl.float64 if w_ptr.dtype.element_ty == tl.float64 else tl.float32
+    acc = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
+                  mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(acc_dtype)
+    for j0 in range(0, RANK, BLOCK_J):
+        offs_j = j0 + tl.arange(0, BLOCK_J)
+        mask_j = offs_j < RANK
+        u = tl.load(u_ptr + offs_n[:, None] * stride_un + offs_j[None, :] * stride_uj,
+                    mask=mask_n[:, None] & mask_j[None, :], other=0.0)
+        v = tl.load(v_ptr + offs_k[:, None] * stride_vk + offs_j[None, :] * stride_vj,
+                    mask=mask_k[:, None] & mask_j[None, :], other=0.0)
+        d = tl.load(d_ptr + offs_j, mask=mask_j, other=0.0)
+        scaled_u = (u.to(acc_dtype) * d.to(acc_dtype)[None, :]).to(u.dtype)
+        acc = tl.dot(scaled_u, tl.trans(v), acc, input_precision=PRECISION, out_dtype=acc_dtype)
+    tl.store(out_ptr + offs_n[:, None] * K + offs_k[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=mask_n[:, None] & mask_k[None, :])
+
+
+@triton.jit
+def _grad_d_kernel(
+    gy_ptr, x_ptr, u_ptr, v_ptr, partial_ptr,
+    M, N, K, RANK,
+    stride_gym, stride_gyn, stride_xm, stride_xk, stride_un, stride_uj, stride_vk, stride_vj,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_n, mask_k = offs_n < N, offs_k < K
+    acc_dtype = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
+    g = tl.zeros((BLOCK_N, BLOCK_K), dtype=acc_dtype)  # this tile of G = gyᵀ x, in registers
+    for m0 in range(0, M, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < M
+        gy = tl.load(gy_ptr + offs_m[:, None] * stride_gym + offs_n[None, :] * stride_gyn,
+                     mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        g = tl.dot(tl.trans(gy), x, g, input_precision=PRECISION, out_dtype=acc_dtype)
+    tile = pid_n * tl.num_programs(1) + pid_k
+    g_in = g.to(x_ptr.dtype.element_ty)  # the epilogue GEMM runs on tensor cores in the input dtype
+    for j0 in range(0, RANK, BLOCK_J):
+        offs_j = j0 + tl.arange(0, BLOCK_J)
+        mask_j = offs_j < RANK
+        v = tl.load(v_ptr + offs_k[:, None] * stride_vk + offs_j[None, :] * stride_vj,
+                    mask=mask_k[:, None] & mask_j[None, :], other=0.0)
+        u = tl.load(u_ptr + offs_n[:, None] * stride_un + offs_j[None, :] * stride_uj,
+                    mask=mask_n[:, None] & mask_j[None, :], other=0.0)
+        gv = tl.dot(g_in, v, input_precision=PRECISION, out_dtype=acc_dtype)  # (G_tile V_tile) [BN, BJ]
+        tl.store(partial_ptr + tile * RANK + offs_j, tl.sum(gv * u.to(acc_dtype), axis=0), mask=mask_j)
+
+
+def _interpreting(t: torch.Tensor) -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1" or t.device.type == "cpu"
+
+
+# Tile sizes: small fixed ones in the CPU interpreter (tl.dot needs >= 16), GPU ones otherwise.
+_INTERPRETER_BLOCKS = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, BLOCK_J=16)
+_WEIGHT_BLOCKS = dict(BLOCK_N=64, BLOCK_K=64, BLOCK_J=32)
+_GRAD_D_BLOCKS = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, BLOCK_J=32)
+
+
+def _blocks(t: torch.Tensor, gpu_blocks: dict) -> dict:
+    if _interpreting(t):
+        return {name: _INTERPRETER_BLOCKS[name] for name in gpu_blocks}
+    return gpu_blocks
+
+
+def _precision(t: torch.Tensor) -> str:
+    if t.dtype == torch.float32 and t.is_cuda and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def svd_basis_weight(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """W_eff = W + U diag(d) Vᵀ in W's dtype, never forming U diag(d) Vᵀ on its own."""
+    N, K = weight.shape
+    rank = u.shape[1]
+    out = torch.empty(N, K, dtype=weight.dtype, device=weight.device)
+    meta = _blocks(weight, _WEIGHT_BLOCKS)
+    grid = (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(K, meta["BLOCK_K"]))
+    _svd_basis_weight_kernel[grid](
+        weight, u, v, d, out, N, K, rank,
+        weight.stride(0), weight.stride(1), u.stride(0), u.stride(1), v.stride(0), v.stride(1),
+        PRECISION=_precision(weight), **meta,
+    )
+    return out
+
+
+def svd_delta_linear_forward(x2d, weight, u, v, d, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return torch.nn.functional.linear(x2d, svd_basis_weight(weight, u, v, d), bias)
+
+
+def svd_delta_linear_backward(grad_y, x2d, weight, u, v, d, need_x: bool, need_d: bool):
+    """(gx or None, gd or None); W_eff is recomputed rather than saved by the forward."""
+    gx = gd = None
+    if need_x:
+        gx = grad_y @ svd_basis_weight(weight, u, v, d)
+    if need_d:
+        M, K = x2d.shape
+        N, rank = u.shape
+        b = _blocks(x2d, _GRAD_D_BLOCKS)
+        tiles = (triton.cdiv(N, b["BLOCK_N"]), triton.cdiv(K, b["BLOCK_K"]))
+        acc_dtype = torch.float64 if x2d.dtype == torch.float64 else torch.float32
+        partial = torch.empty(tiles[0] * tiles[1], rank, dtype=acc_dtype, device=x2d.device)
+        _grad_d_kernel[tiles](
+            grad_y, x2d, u, v, partial, M, N, K, rank,
+            grad_y.stride(0), grad_y.stride(1), x2d.stride(0), x2d.stride(1),
+            u.stride(0), u.stride(1), v.stride(0), v.stride(1),
+            PRECISION=_precision(x2d), **b,
+        )
+        gd = partial.sum(0).to(d.dtype)
+    return gx, gd
