@@ -6,7 +6,7 @@ selection in ``subspace_ops.backends``.
 """
 
 from . import nn, reference
-from .adapters import AdaptReport, apply_rlrr
+from .adapters import AdaptReport, apply_rlrr, apply_svd
 from .backends import BackendUnavailableError, available_backends, backend_report, resolve_backend
 from .ops import rescaled_linear, svd_delta_linear
 
@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AdaptReport",
     "apply_rlrr",
+    "apply_svd",
     "nn",
     "BackendUnavailableError",
     "available_backends",

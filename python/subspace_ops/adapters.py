@@ -19,13 +19,14 @@ from typing import Iterable, Optional, Sequence
 import torch
 from torch import nn
 
-from .nn import SSF, RLRRLinear
+from .nn import SSF, SVD_METHODS, RLRRLinear, SVDLinear
 
 __all__ = [
     "AdaptReport",
     "RLRR_LINEAR_TARGETS",
     "RLRR_SSF_TARGETS",
     "apply_rlrr",
+    "apply_svd",
     "count_parameters",
     "find_modules",
     "merge_all",
@@ -48,6 +49,7 @@ class AdaptReport:
     adapter_params: int = 0
     other_trainable_params: int = 0
     backbone_params: int = 0
+    details: dict = field(default_factory=dict)  # per-layer facts, e.g. SiVA's k per part
 
     @property
     def trainable_params(self) -> int:
@@ -112,15 +114,14 @@ def apply_rlrr(
     """
     if fused_qkv not in ("split", "shared"):
         raise ValueError(f"fused_qkv must be 'split' or 'shared', got {fused_qkv!r}")
-    report = AdaptReport("rlrr")
-    backbone = {id(p) for p in model.parameters()}
-    report.backbone_params = sum(p.numel() for p in model.parameters())
-    for p in model.parameters():
-        p.requires_grad_(False)
-
     linears = [(n, m) for n, m in find_modules(model, targets, nn.Linear) if not isinstance(m, RLRRLinear)]
     if not linears:
         raise ValueError(f"targets {tuple(targets)} match no nn.Linear in {type(model).__name__}")
+    norms = [(n, _ssf_for(m)) for n, m in find_modules(model, ssf_targets)] if ssf else []
+    norms = [(n, layer) for n, layer in norms if layer is not None]
+    if ssf and not norms:
+        raise ValueError(f"ssf_targets {tuple(ssf_targets)} match no LayerNorm or patch embedding")
+    report, backbone = _start_report(model, "rlrr")  # nothing is changed before the checks pass
     for name, linear in linears:
         splits = None
         if fused_qkv == "split" and name.rsplit(".", 1)[-1] == "qkv":
@@ -130,19 +131,24 @@ def apply_rlrr(
         replace_module(model, name, RLRRLinear(linear, splits=splits, backend=backend))
         report.layers.append(name)
 
-    if ssf:
-        wrapped = 0
-        for name, module in find_modules(model, ssf_targets):
-            layer = _ssf_for(module)
-            if layer is None:
-                continue
-            replace_module(model, name, layer)
-            report.layers.append(name)
-            wrapped += 1
-        if not wrapped:
-            raise ValueError(f"ssf_targets {tuple(ssf_targets)} match no LayerNorm or patch embedding")
+    for name, layer in norms:
+        replace_module(model, name, layer)
+        report.layers.append(name)
 
-    for name, module in find_modules(model, trainable) if trainable else []:
+    return _finish_report(model, report, backbone, trainable)
+
+
+def _start_report(model: nn.Module, method: str) -> tuple[AdaptReport, set[int]]:
+    """Freeze every existing parameter and remember them as the backbone."""
+    report = AdaptReport(method, backbone_params=sum(p.numel() for p in model.parameters()))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return report, {id(p) for p in model.parameters()}
+
+
+def _finish_report(model: nn.Module, report: AdaptReport, backbone: set[int], trainable: Sequence[str]) -> AdaptReport:
+    """Unfreeze the ``trainable`` modules and count adapter vs other trainable parameters."""
+    for _, module in find_modules(model, trainable) if trainable else []:
         for p in module.parameters():
             p.requires_grad_(True)
     for p in model.parameters():
@@ -151,6 +157,50 @@ def apply_rlrr(
         elif p.requires_grad:
             report.other_trainable_params += p.numel()
     return report
+
+
+# SiVA adapts the query and value projections (002 §4); the other SVD methods every matrix.
+SVD_TARGETS = {
+    "siva": ("q", "v", "qkv", "query", "value"),
+    "sam-parser": RLRR_LINEAR_TARGETS,
+    "svdiff": RLRR_LINEAR_TARGETS,
+}
+
+
+def apply_svd(
+    model: nn.Module,
+    method: str = "siva",
+    *,
+    targets: Optional[Sequence[str]] = None,
+    trainable: Sequence[str] = ("head",),
+    backend: Optional[str] = None,
+    **layer_options,
+) -> AdaptReport:
+    """SiVA / SAM-PARSER / SVDiff on ``model``'s Linear layers, in place (see :class:`SVDLinear`).
+
+    A Linear named ``qkv`` is split into q, k, v parts; SiVA tunes q and v only (its paper's
+    choice), the others all three. ``layer_options`` go to SVDLinear (perc, criterion, rank, path).
+    The report's ``details`` give each layer's k per part and the SVD time.
+    """
+    if method not in SVD_METHODS:
+        raise ValueError(f"method must be one of {SVD_METHODS}, got {method!r}")
+    targets = SVD_TARGETS[method] if targets is None else targets
+    linears = [(n, m) for n, m in find_modules(model, targets, nn.Linear) if not isinstance(m, SVDLinear)]
+    if not linears:
+        raise ValueError(f"targets {tuple(targets)} match no nn.Linear in {type(model).__name__}")
+    report, backbone = _start_report(model, method)
+    for name, linear in linears:
+        options = dict(layer_options)
+        if name.rsplit(".", 1)[-1] == "qkv":
+            if linear.out_features % 3:
+                raise ValueError(f"{name}: a fused qkv needs out_features divisible by 3, got {linear.out_features}")
+            options.setdefault("parts", (linear.out_features // 3,) * 3)
+            options.setdefault("tuned_parts", (0, 2) if method == "siva" else (0, 1, 2))
+        layer = SVDLinear(linear, method, backend=backend, **options)
+        replace_module(model, name, layer)
+        report.layers.append(name)
+        report.details[name] = f"k={list(layer.ranks)} svd={layer.attach_seconds * 1e3:.1f}ms"
+    return _finish_report(model, report, backbone, trainable)
 
 
 def merge_all(model: nn.Module) -> int:

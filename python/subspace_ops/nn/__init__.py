@@ -1,5 +1,6 @@
 """``nn.Module`` layers that wrap pretrained modules with a PEFT method on subspace_ops kernels."""
 
 from .rescaled import RLRRLinear, ScaledLinear, SSF
+from .svd import SVD_METHODS, SVDLinear
 
-__all__ = ["RLRRLinear", "ScaledLinear", "SSF"]
+__all__ = ["RLRRLinear", "ScaledLinear", "SSF", "SVDLinear", "SVD_METHODS"]

@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..backends import resolve_backend
-from ..ops import rescaled_linear
 from .. import reference
+from ..ops import rescaled_linear
+from .base import MergeableLinear, compute_dtype
 
 __all__ = ["RLRRLinear", "ScaledLinear", "SSF"]
 
@@ -35,81 +35,7 @@ def _kaiming_uniform_vector(length: int) -> Tensor:
     return vector[0]
 
 
-def _compute_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
-    """The dtype F.linear would compute in: the autocast dtype when autocast is on, else W's."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return weight.dtype
-
-
-class _MergeableLinear(nn.Module):
-    """Shared plumbing: a frozen wrapped nn.Linear, exact merge/unmerge, backend reporting."""
-
-    method: str = ""
-
-    def __init__(self, base: nn.Linear, backend: Optional[str]) -> None:
-        super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
-        self.in_features = base.in_features
-        self.out_features = base.out_features
-        self.weight = base.weight
-        self.bias = base.bias
-        self.weight.requires_grad_(False)
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
-        self.backend = backend
-        self._originals: Optional[tuple[Tensor, Optional[Tensor]]] = None
-
-    @property
-    def merged(self) -> bool:
-        return self._originals is not None
-
-    # Subclasses provide the merged weight and bias, computed by the reference formula.
-    def merged_weight_and_bias(self) -> tuple[Tensor, Optional[Tensor]]:
-        raise NotImplementedError
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Fold the adaptation into ``weight``/``bias`` (inference runs a plain F.linear)."""
-        if self.merged:
-            raise RuntimeError(f"{type(self).__name__} is already merged; call unmerge() first")
-        weight, bias = self.merged_weight_and_bias()
-        self._originals = (self.weight.data, None if self.bias is None else self.bias.data)
-        self.weight.data = weight.to(self.weight.dtype)
-        if bias is not None:
-            if self.bias is None:
-                self.bias = nn.Parameter(bias.to(self.weight.dtype), requires_grad=False)
-            else:
-                self.bias.data = bias.to(self.bias.dtype)
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Restore the exact original ``weight``/``bias`` tensors saved by :meth:`merge`."""
-        if not self.merged:
-            raise RuntimeError(f"{type(self).__name__} is not merged")
-        weight, bias = self._originals
-        self.weight.data = weight
-        if bias is None:
-            self.bias = None
-        else:
-            self.bias.data = bias
-        self._originals = None
-
-    def resolved_backend(self) -> str:
-        return resolve_backend(self.backend, self.weight.device)
-
-    def _describe(self) -> str:
-        chosen = self.resolved_backend()
-        backend = chosen if self.backend is not None else f"auto->{chosen}"
-        state = ", merged" if self.merged else ""
-        return (
-            f"method={self.method}, in_features={self.in_features}, out_features={self.out_features}, "
-            f"backend={backend}{state}"
-        )
-
-
-class RLRRLinear(_MergeableLinear):
+class RLRRLinear(MergeableLinear):
     """RLRR (paper 000, eq. 16): ``W' = W + s_l ⊙ W ⊙ s_rᵀ``, plus a trainable shift added to b.
 
     Args:
@@ -161,7 +87,7 @@ class RLRRLinear(_MergeableLinear):
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
             return F.linear(x, self.weight, self.bias)
-        dtype = _compute_dtype(x, self.weight)
+        dtype = compute_dtype(x, self.weight)
         s_l, s_r = self.scale_matrices(dtype)
         bias = self.shift if self.bias is None else self.bias + self.shift
         return rescaled_linear(
@@ -173,7 +99,7 @@ class RLRRLinear(_MergeableLinear):
         return self._describe() + parts
 
 
-class ScaledLinear(_MergeableLinear):
+class ScaledLinear(MergeableLinear):
     """``W' = s_l ⊙ W ⊙ s_rᵀ`` (no residual): SSB, SSL and (IA)³ from paper 001 §3.2.
 
     Args:
@@ -226,7 +152,7 @@ class ScaledLinear(_MergeableLinear):
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
             return F.linear(x, self.weight, self.bias)
-        dtype = _compute_dtype(x, self.weight)
+        dtype = compute_dtype(x, self.weight)
         cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
         return rescaled_linear(
             x.to(dtype), cast(self.weight), cast(self.s_l), cast(self.s_r), cast(self.bias),

@@ -1,0 +1,143 @@
+"""SVDLinear (SiVA, SAM-PARSER, SVDiff) and apply_svd."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from subspace_ops import reference
+from subspace_ops.adapters import apply_svd, merge_all, unmerge_all
+from subspace_ops.nn import SVD_METHODS, SVDLinear
+
+from conftest import backend_device
+
+
+def _perturb(layer):
+    with torch.no_grad():
+        layer.s.add_(0.3 * torch.randn_like(layer.s))
+
+
+@pytest.mark.parametrize("method", SVD_METHODS)
+def test_starts_at_the_pretrained_layer_and_merges_exactly(backend, method):
+    device = backend_device(backend)
+    base = nn.Linear(24, 20).to(device)
+    x = torch.randn(5, 24, device=device)
+    expected = base(x)
+    w0, b0 = base.weight.detach().clone(), base.bias.detach().clone()
+    layer = SVDLinear(base, method, perc=0.9, backend=backend)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    _perturb(layer)
+    y = layer(x)
+    assert not torch.allclose(y, expected, atol=1e-3)
+    layer.merge()
+    torch.testing.assert_close(layer(x), y, rtol=1e-5, atol=1e-5)
+    layer.unmerge()
+    assert torch.equal(layer.weight, w0) and torch.equal(layer.bias, b0)
+    y.sum().backward()
+    assert layer.s.grad is not None and layer.weight.grad is None
+
+
+def test_siva_tunes_the_smallest_singular_values_chosen_by_perc():
+    base = nn.Linear(6, 6, bias=False, dtype=torch.float64)
+    with torch.no_grad():
+        q1, _ = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64))
+        q2, _ = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64))
+        base.weight.copy_(q1 @ torch.diag(torch.tensor([6.0, 5, 4, 3, 2, 1], dtype=torch.float64)) @ q2.T)
+    # σ² = 36, 25, 16, 9, 4, 1 (total 91): the top 4 hold 86/91 = 94.5% < 95%, the top 5 hold 98.9%.
+    layer = SVDLinear(base, "siva", perc=0.95)
+    assert layer.ranks == (1,) and torch.allclose(layer.sigma, torch.tensor([1.0]))
+    assert SVDLinear(copy.deepcopy(base), "siva", perc=0.9).ranks == (2,)
+    assert SVDLinear(copy.deepcopy(base), "siva", rank=3).ranks == (3,)
+    # The tuned direction is the smallest singular pair: u σ vᵀ of the original W.
+    torch.testing.assert_close(layer.u[:, 0].abs(), q1[:, 5].abs())
+    full = SVDLinear(copy.deepcopy(base), "sam-parser")
+    assert full.ranks == (6,) and torch.allclose(full.s, full.sigma.double())
+
+
+def test_fused_qkv_parts_equal_separate_layers():
+    d = 8
+    fused = nn.Linear(d, 3 * d, dtype=torch.float64)
+    layer = SVDLinear(fused, "siva", rank=3, parts=(d, d, d), tuned_parts=(0, 2))
+    _perturb(layer)
+    x = torch.randn(4, d, dtype=torch.float64)
+    pieces = []
+    offset = 0
+    for part in range(3):
+        rows = slice(part * d, (part + 1) * d)
+        w = fused.weight[rows]
+        if part in (0, 2):
+            u, sigma, vh = torch.linalg.svd(w.float(), full_matrices=False)
+            s = layer.s[offset:offset + 3]
+            offset += 3
+            w = w + (u[:, -3:].double() * s) @ vh[-3:].double()
+        pieces.append(x @ w.T + fused.bias[rows])
+    torch.testing.assert_close(layer(x), torch.cat(pieces, dim=-1), rtol=1e-5, atol=1e-5)
+    assert layer.s.numel() == 6
+
+
+def test_adapter_state_round_trip_and_mismatch_is_refused():
+    base = nn.Linear(12, 10)
+    layer = SVDLinear(copy.deepcopy(base), "svdiff")
+    _perturb(layer)
+    state = layer.adapter_state()
+    fresh = SVDLinear(copy.deepcopy(base), "svdiff")
+    fresh.load_adapter_state(state)
+    x = torch.randn(3, 12)
+    torch.testing.assert_close(fresh(x), layer(x))
+    other = SVDLinear(nn.Linear(12, 10), "svdiff")
+    before = other.s.detach().clone()
+    with pytest.raises(ValueError, match="different base weights"):
+        other.load_adapter_state(state)
+    assert torch.equal(other.s, before)
+    with pytest.raises(ValueError, match="method"):
+        SVDLinear(copy.deepcopy(base), "sam-parser").load_adapter_state(state)
+
+
+def test_paths_agree_and_are_reported():
+    layer = SVDLinear(nn.Linear(16, 16), "sam-parser")
+    _perturb(layer)
+    x_small, x_big = torch.randn(2, 16), torch.randn(64, 16)
+    assert layer.chosen_path(2) == "unmerged" and layer.chosen_path(64) == "merged"
+    for x in (x_small, x_big):
+        expected = reference.svd_delta_linear(x, layer.weight, layer.u, layer.v, layer.delta(), layer.bias)
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    assert "method=sam-parser" in repr(layer) and "path=auto" in repr(layer)
+
+
+def test_bad_options():
+    with pytest.raises(ValueError, match="method must be"):
+        SVDLinear(nn.Linear(4, 4), "lora")
+    with pytest.raises(ValueError, match="parts must"):
+        SVDLinear(nn.Linear(4, 6), parts=(2, 2))
+    with pytest.raises(ValueError, match="tuned_parts"):
+        SVDLinear(nn.Linear(4, 6), parts=(2, 2, 2), tuned_parts=(3,))
+    with pytest.raises(ValueError, match="rank"):
+        SVDLinear(nn.Linear(4, 4), "svdiff", rank=2)
+
+
+timm = pytest.importorskip("timm")
+
+
+@pytest.mark.integration
+def test_apply_siva_to_a_tiny_vit():
+    model = timm.models.vision_transformer.VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=10
+    ).eval()
+    x = torch.randn(2, 3, 32, 32)
+    expected = model(x)
+    report = apply_svd(model, "siva", perc=0.95)
+    assert report.layers == ["blocks.0.attn.qkv", "blocks.1.attn.qkv"]
+    qkv = model.blocks[0].attn.qkv
+    assert qkv.tuned_parts == (0, 2) and len(qkv.ranks) == 2
+    assert report.adapter_params == sum(m.s.numel() for m in model.modules() if isinstance(m, SVDLinear))
+    assert "k=" in report.details["blocks.0.attn.qkv"]
+    torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="match no nn.Linear"):
+        apply_svd(nn.Sequential(nn.ReLU()), "svdiff")
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    merge_all(model)
+    unmerge_all(model)
+    assert all(torch.equal(model.get_parameter(n), w) for n, w in frozen.items())
