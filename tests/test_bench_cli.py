@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
 import sys
 
 import pytest
@@ -80,7 +79,7 @@ def _toy_case() -> Case:
         raise VariantSkipped("toy package not installed")
 
     def broken(shape, dtype, device) -> Workload:
-        return Workload(lambda: 1 / 0)
+        return Workload(lambda: 1 / 0, [], torch.ones(1))
 
     variants = [Variant("base", ok(1.0)), Variant("other", ok(2.0)), Variant("missing", missing),
                 Variant("optional-broken", broken, optional=True), Variant("required-broken", broken)]
@@ -96,10 +95,24 @@ def test_run_case_reports_skipped_and_failed_variants():
     for mode in MODES:
         assert by["base", mode].ratio == 1.0 and by["other", mode].median_ms > 0
         assert by["base", mode].to_row()["A"] == 3 and by["base", mode].to_row()["B"] == 5
-        assert (by["missing", mode].status, by["missing", mode].note) == ("skipped", "skipped: toy package not installed")
-        assert by["optional-broken", mode].status == "skipped" and "ZeroDivisionError" in by["optional-broken", mode].note
-        assert by["required-broken", mode].status == "failed" and by["required-broken", mode].median_ms is None
+        missing, optional, required = (by[name, mode] for name in ("missing", "optional-broken", "required-broken"))
+        assert (missing.status, missing.note) == ("skipped", "skipped: toy package not installed")
+        assert optional.status == "skipped" and "ZeroDivisionError" in optional.note
+        assert required.status == "failed" and required.median_ms is None and "ZeroDivisionError" in required.note
     assert case.parse_shape("small", "cuda") == [(3, 5)] and case.default_shapes("cpu") == [(3, 5)]
+
+
+def test_cli_exit_status_is_1_when_a_required_variant_fails(monkeypatch, capsys, tmp_path):
+    monkeypatch.setitem(CASES, "toy", _toy_case())
+    path = tmp_path / "toy.csv"
+    assert main(["bench", "toy", "--shape", "3,5", "--repeats", "1", "--warmup", "0", "--device", "cpu",
+                 "--csv", str(path)]) == 1
+    captured = capsys.readouterr()
+    assert "FAILED variants" in captured.err and "required-broken" in captured.err
+    assert "toy  A=3 B=5  float32  forward" in captured.out
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["status"] for r in rows} == {"ok", "skipped", "failed"} and rows[0]["A"] == "3"
 
 
 def test_peft_missing_is_a_printed_skip(monkeypatch):
@@ -154,7 +167,8 @@ def test_plot_without_matplotlib_is_a_usage_error(monkeypatch, capsys, tmp_path)
     import subspace_ops.cli as cli
 
     real = cli.importlib.util.find_spec
-    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    monkeypatch.setattr(cli.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "matplotlib" else real(name, *a))
     with pytest.raises(SystemExit):
         main(["bench", *TINY, "--plot", str(tmp_path / "p.png")])
     assert "argument --plot: needs matplotlib" in capsys.readouterr().err
@@ -181,8 +195,12 @@ def test_list_and_help(capsys):
     assert exit_info.value.code == 0 and "--shape" in capsys.readouterr().out
 
 
-def test_python_dash_m_entry_point():
-    done = subprocess.run([sys.executable, "-m", "subspace_ops", "bench", "--list"], capture_output=True, text=True,
-                          timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert "rescaled-linear" in done.stdout
+def test_python_dash_m_entry_point(monkeypatch, capsys):
+    """``python -m subspace_ops`` runs the same CLI (in-process via runpy: a subprocess costs seconds)."""
+    import runpy
+
+    monkeypatch.setattr(sys, "argv", ["subspace_ops", "bench", "--list"])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_module("subspace_ops", run_name="__main__")
+    assert exit_info.value.code == 0
+    assert "rescaled-linear" in capsys.readouterr().out

@@ -91,7 +91,7 @@ def _build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                        help="forward (training flags), fwd+bwd, inference (no_grad), "
                             "both = forward + fwd+bwd (default), all")
     bench.add_argument("--repeats", type=_int_at_least(1), metavar="N",
-                       help="timed iterations per variant, median reported (default: 10 on CPU, 100 on CUDA)")
+                       help="timed iterations per variant, median reported (default: 20 on CPU, 100 on CUDA)")
     bench.add_argument("--warmup", type=_int_at_least(0), metavar="N",
                        help="untimed iterations per variant first; at least one always runs "
                             "(default: 3 on CPU, 10 on CUDA)")
@@ -104,7 +104,8 @@ def _build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     bench.add_argument("--list", action="store_true", help="list the cases, their variants and presets, and exit")
 
     sub.add_parser("backends", help="which backends can run here, and why not",
-                   description="Print every backend for CPU (and CUDA if present) with the reason it can or cannot run.")
+                   description="Print every backend for CPU (and CUDA if present) "
+                               "with the reason it can or cannot run.")
     return parser, bench
 
 
@@ -172,7 +173,7 @@ def _bench(args: argparse.Namespace, bench: argparse.ArgumentParser) -> int:
             bench.error(f"argument --shape: {exc}")
 
     on_cuda = device.type == "cuda"
-    repeats = args.repeats if args.repeats is not None else (100 if on_cuda else 10)
+    repeats = args.repeats if args.repeats is not None else (100 if on_cuda else 20)
     warmup = args.warmup if args.warmup is not None else (10 if on_cuda else 3)
     modes = MODE_CHOICES[args.mode]
     threads_before = torch.get_num_threads()

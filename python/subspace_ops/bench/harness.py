@@ -76,7 +76,7 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import torch
@@ -297,7 +297,7 @@ def _summary(times_ms: Sequence[float]) -> tuple[float, float, float]:
     """(median, 25th percentile, 75th percentile)."""
     if len(times_ms) == 1:
         return times_ms[0], times_ms[0], times_ms[0]
-    q25, q50, q75 = statistics.quantiles(times_ms, n=4, method="inclusive")
+    q25, _, q75 = statistics.quantiles(times_ms, n=4, method="inclusive")
     return statistics.median(times_ms), q25, q75
 
 
@@ -375,18 +375,16 @@ def _silence_fd2() -> Iterator[None]:
         os.close(devnull)
 
 
-def _cpu_peak_bytes(fn: Callable[[], None]) -> Optional[int]:
+def _cpu_peak_bytes(fn: Callable[[], None]) -> int:
     from torch.profiler import ProfilerActivity, profile
 
     with _silence_fd2(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    try:  # the complete, signed allocation stream (private but long-standing API)
-        stream = [(e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                  if e.name() == "[memory]"]
-    except AttributeError:
-        return None
+    # The complete, signed allocation stream (a private but long-standing API; if it goes away the
+    # AttributeError is reported as "memory not measured" in the row's note).
+    stream = [(e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     current = peak = 0
-    for _, nbytes in sorted(stream):
+    for _, nbytes in sorted(stream, key=lambda event: event[0]):
         current += nbytes
         peak = max(peak, current)
     return peak
@@ -474,7 +472,11 @@ def run_case(
         memory: dict[str, Optional[float]] = {}
         if measure_memory:
             for name, step in steps.items():
-                peak = _peak_bytes(step, device)
+                try:
+                    peak = _peak_bytes(step, device)
+                except Exception as exc:  # a broken profiler must not lose the timings
+                    peak = None
+                    notes[name] = ("ok", f"memory not measured: {_error_text(exc)}")
                 memory[name] = None if peak is None else peak / 2**20
 
         base = case.baselines.get(mode, "")
@@ -502,6 +504,12 @@ def _fmt(value: Optional[float], spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _fmt_mb(value: Optional[float]) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.1f}" if abs(value) >= 1 else f"{value:.3g}"
+
+
 def format_table(results: Sequence[Result]) -> str:
     """An aligned text table, one block per (case, shape, dtype, mode, device)."""
     header = ["variant", "backend", "median ms", "IQR ms", "x baseline", "peak MB", "mem x", "note"]
@@ -515,7 +523,7 @@ def format_table(results: Sequence[Result]) -> str:
         table = [header] + [
             [r.variant, r.backend or "-", _fmt(r.median_ms, ".3f"),
              "-" if r.q25_ms is None or r.q75_ms is None else f"{r.q25_ms:.3f}-{r.q75_ms:.3f}",
-             _fmt(r.ratio, ".2f"), _fmt(r.peak_mem_mb, ".1f"), _fmt(r.mem_ratio, ".2f"), r.note]
+             _fmt(r.ratio, ".2f"), _fmt_mb(r.peak_mem_mb), _fmt(r.mem_ratio, ".2f"), r.note]
             for r in rows
         ]
         widths = [max(len(row[i]) for row in table) for i in range(len(header))]
@@ -589,16 +597,17 @@ def plot(results: Sequence[Result], path: str) -> None:
     multi_case = len({g[0] for g in groups}) > 1
     labels = [(f"{c}\n" if multi_case else "") + f"{s}\n{d}" for c, s, d in groups]
 
-    fig, axes = plt.subplots(len(modes), 2, figsize=(max(8.0, 2.6 * len(groups) + 5), 3.8 * len(modes)),
+    fig, axes = plt.subplots(len(modes), 2, figsize=(max(8.0, 2.6 * len(groups) + 5), 3.6 * len(modes) + 0.8),
                              squeeze=False)
     width = 0.8 / len(variants)
     colors = plt.rcParams["axes.prop_cycle"].by_key().get("color", [None])
     panels = (("ratio", "time / baseline (lower is better)"), ("peak_mem_mb", "peak memory, MB (lower is better)"))
-    for row, mode in enumerate(modes):
-        baseline = next((r.baseline for r in measured if r.mode == mode), "")
-        for col, (key, label) in enumerate(panels):
+    for col, (key, label) in enumerate(panels):
+        # One y scale per column, across modes: log when the values span more than 50x.
+        positive = [v for r in measured if (v := getattr(r, key)) is not None and v > 0]
+        log_scale = bool(positive) and max(positive) / min(positive) > 50
+        for row, mode in enumerate(modes):
             ax = axes[row][col]
-            values_all: list[float] = []
             for i, variant in enumerate(variants):
                 xs, values = [], []
                 for g, group in enumerate(groups):
@@ -607,21 +616,21 @@ def plot(results: Sequence[Result], path: str) -> None:
                     if value is not None:
                         xs.append(g + (i - (len(variants) - 1) / 2) * width)
                         values.append(value)
-                values_all += values
                 ax.bar(xs, values, width, label=variant, color=colors[i % len(colors)])
             ax.set_xticks(range(len(groups)), labels, fontsize=8)
+            baseline = next((r.baseline for r in measured if r.mode == mode), "")
             ax.set_title(f"{mode}: {label}" + (f"\nbaseline: {baseline}" if key == "ratio" else ""), fontsize=9)
-            positive = [v for v in values_all if v > 0]
-            if positive and max(positive) / min(positive) > 50:
+            if log_scale:
                 ax.set_yscale("log")
             if key == "ratio":
                 ax.axhline(1.0, color="black", linewidth=0.8)
             ax.grid(axis="y", alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+    handles, names = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=min(len(variants), 6), fontsize=8, frameon=False)
     cases = ", ".join(dict.fromkeys(r.case for r in measured))
     devices = ", ".join(dict.fromkeys(r.device for r in measured))
     fig.suptitle(f"{cases} on {devices}", fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

@@ -1,4 +1,13 @@
-"""Bench case ``rescaled-linear``: RLRR's ``y = x (W ⊙ (1 + s_l s_rᵀ))ᵀ + b`` (METHODS.md §1).
+"""Benchmark cases: ``CASES[name] -> Case`` (the registry) and the cases themselves.
+
+A case names the variants compared side by side, the baseline of each mode and its shape
+presets (see :class:`~subspace_ops.bench.harness.Case`). To add one, define its variants' setups
+and a ``Case`` below (or in a module of its own next to this one) and add it to ``CASES``; the CLI
+(``subspace-ops bench <name>``), the pytest-benchmark suite and the plots pick it up.
+
+Case ``rescaled-linear``
+========================
+RLRR's ``y = x (W ⊙ (1 + s_l s_rᵀ))ᵀ + b`` (METHODS.md §1).
 
 Variants, compared side by side in one run (``x`` [M, K], ``W`` [N, K], in every variant ``x``
 requires grad, as for a layer in the middle of a network):
@@ -39,27 +48,28 @@ Shape presets (``M,K,N``; M = tokens in the batch):
 
 from __future__ import annotations
 
-from typing import Optional
+import types
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
-from ..harness import Case, Shape, Variant, VariantSkipped, Workload
+from .harness import Case, Shape, Variant, VariantSkipped, Workload
 
-__all__ = ["CASE", "LORA_RANK", "variants"]
+__all__ = ["CASES", "RESCALED_LINEAR", "SVD_DELTA_LINEAR", "rescaled_linear_variants", "svd_delta_linear_variants"]
 
 LORA_RANK = 8
 
 
 class _Inputs:
-    """The tensors every variant starts from, identical across variants (seeded)."""
+    """The tensors every variant starts from, identical across variants (seeded on the device)."""
 
     def __init__(self, shape: Shape, dtype: torch.dtype, device: torch.device) -> None:
         m, k, n = shape
-        g = torch.Generator(device="cpu").manual_seed(0)
+        g = torch.Generator(device=device).manual_seed(0)
 
         def make(*size: int, scale: float = 1.0) -> torch.Tensor:
-            return (torch.randn(*size, generator=g) * scale).to(device=device, dtype=dtype)
+            return torch.randn(*size, generator=g, device=device, dtype=torch.float32).mul_(scale).to(dtype)
 
         self.x = make(m, k).requires_grad_(True)
         self.weight = make(n, k, scale=k**-0.5)
@@ -104,8 +114,17 @@ def _setup_naive(shape: Shape, dtype: torch.dtype, device: torch.device) -> Work
     return Workload(lambda: _naive(x, weight, s_l, s_r, bias), [x, s_l, s_r, bias], inp.grad_output, "torch")
 
 
+def _fresh_copy(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """``fn`` with its own code object. Dynamo keeps its compile cache per code object, so every
+    setup compiles afresh instead of piling up recompiles until ``recompile_limit`` silently
+    falls back to eager."""
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+
+
 def _setup_naive_compiled(shape: Shape, dtype: torch.dtype, device: torch.device) -> Workload:
-    compiled = torch.compile(_naive, dynamic=False)  # lazy: a compile error surfaces at warm-up
+    # One static graph per shape; compiling is lazy, so a compile error surfaces at warm-up and
+    # is reported in the table ("skipped: ..."), as the variant is optional.
+    compiled = torch.compile(_fresh_copy(_naive), dynamic=False)
     inp = _Inputs(shape, dtype, device)
     s_l, s_r, bias = _rlrr_params(inp)
     x, weight = inp.x, inp.weight
@@ -134,7 +153,7 @@ class _OneLinear(torch.nn.Module):
         return self.proj(x)
 
 
-def _setup_peft_lora(shape: Shape, dtype: torch.dtype, device: torch.device) -> Workload:
+def _setup_peft_lora(shape: Shape, dtype: torch.dtype, device: torch.device, rank: int = LORA_RANK) -> Workload:
     try:
         import peft
     except ImportError:
@@ -145,14 +164,14 @@ def _setup_peft_lora(shape: Shape, dtype: torch.dtype, device: torch.device) -> 
     with torch.no_grad():
         module.proj.weight.copy_(inp.weight)
         module.proj.bias.copy_(inp.bias)
-    config = peft.LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, target_modules=["proj"])
+    config = peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["proj"])
     model = peft.get_peft_model(module, config).to(device=device, dtype=dtype)
     trainable = [p for p in model.parameters() if p.requires_grad]
     x = inp.x
     return Workload(lambda: model(x), [x, *trainable], inp.grad_output, f"peft {peft.__version__}")
 
 
-def variants(backend: Optional[str] = None) -> list[Variant]:
+def rescaled_linear_variants(backend: Optional[str] = None) -> list[Variant]:
     """The variants of this case; ``backend`` is our op's backend (``None``: the default)."""
     return [
         Variant("subspace_ops", _setup_ours(backend), description="subspace_ops.rescaled_linear"),
@@ -166,10 +185,10 @@ def variants(backend: Optional[str] = None) -> list[Variant]:
     ]
 
 
-CASE = Case(
+RESCALED_LINEAR = Case(
     name="rescaled-linear",
     description="RLRR y = x (W ⊙ (1 + s_l s_rᵀ))ᵀ + b; s_l, s_r, b trained, W frozen (METHODS.md §1)",
-    make_variants=variants,
+    make_variants=rescaled_linear_variants,
     baselines={"forward": "frozen F.linear", "inference": "frozen F.linear", "fwd+bwd": "full FT"},
     dim_names=("M", "K", "N"),
     presets={
@@ -180,3 +199,88 @@ CASE = Case(
     default_presets={"any": ["vit-b"]},
     default_dtype={"cuda": torch.bfloat16, "cpu": torch.float32},
 )
+
+
+# ---------------------------------------------------------------------------------------------
+# Case ``svd-delta-linear``: SiVA's y = x (W + U diag(d) Vᵀ)ᵀ + b (METHODS.md §2), d trained.
+# Variants: ours (merged/unmerged path by the cost rule, shown in the backend column); the naive
+# unmerged formula x Wᵀ + ((x V) ⊙ d) Uᵀ + b and its torch.compile; frozen F.linear; full FT;
+# PEFT LoRA r=16. The rank is k = min(400, N, K): the issue's ViT-B q figure (perc 0.95); with no
+# pretrained LLaMA weights here the perc-0.997 k cannot be measured, so the same k is used there.
+# ---------------------------------------------------------------------------------------------
+SVD_RANK = 400
+
+
+def _svd_inputs(shape: Shape, dtype: torch.dtype, device: torch.device):
+    inp = _Inputs(shape, dtype, device)
+    _, k_in, n = shape
+    rank = min(SVD_RANK, n, k_in)
+    g = torch.Generator(device="cpu").manual_seed(1)
+    u = torch.linalg.qr(torch.randn(n, rank, generator=g))[0].to(device=device, dtype=dtype)
+    v = torch.linalg.qr(torch.randn(k_in, rank, generator=g))[0].to(device=device, dtype=dtype)
+    d = (0.01 * torch.randn(rank, generator=g)).to(device=device, dtype=dtype).requires_grad_(True)
+    return inp, u, v, d
+
+
+def _svd_naive(x, weight, u, v, d, bias):
+    """The unmerged formula of the SiVA/SVDiff reference code."""
+    return F.linear(x, weight, bias) + ((x @ v) * d) @ u.T
+
+
+def _setup_svd_ours(backend: Optional[str]):
+    def setup(shape: Shape, dtype: torch.dtype, device: torch.device) -> Workload:
+        import subspace_ops
+        from subspace_ops.ops.svd_delta_linear import choose_path
+
+        chosen = subspace_ops.resolve_backend(backend, device)
+        inp, u, v, d = _svd_inputs(shape, dtype, device)
+        x, weight, bias = inp.x, inp.weight, inp.bias
+        label = f"{chosen} {choose_path(shape[0], shape[2], shape[1])} k={d.numel()}"
+        return Workload(lambda: subspace_ops.svd_delta_linear(x, weight, u, v, d, bias, backend=chosen),
+                        [x, d], inp.grad_output, backend=label)
+
+    return setup
+
+
+def _setup_svd_naive(shape: Shape, dtype: torch.dtype, device: torch.device) -> Workload:
+    inp, u, v, d = _svd_inputs(shape, dtype, device)
+    x, weight, bias = inp.x, inp.weight, inp.bias
+    return Workload(lambda: _svd_naive(x, weight, u, v, d, bias), [x, d], inp.grad_output, "torch")
+
+
+def _setup_svd_naive_compiled(shape: Shape, dtype: torch.dtype, device: torch.device) -> Workload:
+    compiled = torch.compile(_fresh_copy(_svd_naive), dynamic=False)
+    inp, u, v, d = _svd_inputs(shape, dtype, device)
+    x, weight, bias = inp.x, inp.weight, inp.bias
+    return Workload(lambda: compiled(x, weight, u, v, d, bias), [x, d], inp.grad_output, "inductor")
+
+
+def _setup_peft_lora16(shape: Shape, dtype: torch.dtype, device: torch.device) -> Workload:
+    return _setup_peft_lora(shape, dtype, device, rank=16)
+
+
+def svd_delta_linear_variants(backend: Optional[str] = None) -> list[Variant]:
+    return [
+        Variant("subspace_ops", _setup_svd_ours(backend), description="subspace_ops.svd_delta_linear"),
+        Variant("naive", _setup_svd_naive, description="x Wᵀ + ((x V) ⊙ d) Uᵀ (eager)"),
+        Variant("naive+compile", _setup_svd_naive_compiled, optional=True,
+                description="torch.compile of the naive formula"),
+        Variant("frozen F.linear", _setup_frozen, description="pretrained layer, nothing trained"),
+        Variant("full FT", _setup_full_ft, description="F.linear with W and b trained"),
+        Variant("peft LoRA r=16", _setup_peft_lora16, optional=True, description="PEFT LoRA on one nn.Linear"),
+    ]
+
+
+SVD_DELTA_LINEAR = Case(
+    name="svd-delta-linear",
+    description="SiVA y = x (W + U diag(d) Vᵀ)ᵀ + b; d trained, W, U, V frozen (METHODS.md §2)",
+    make_variants=svd_delta_linear_variants,
+    baselines={"forward": "frozen F.linear", "inference": "frozen F.linear", "fwd+bwd": "full FT"},
+    dim_names=("M", "K", "N"),
+    presets=RESCALED_LINEAR.presets,
+    default_presets={"any": ["vit-b"]},
+    default_dtype={"cuda": torch.bfloat16, "cpu": torch.float32},
+)
+
+
+CASES: dict[str, Case] = {case.name: case for case in (RESCALED_LINEAR, SVD_DELTA_LINEAR)}
