@@ -23,7 +23,7 @@ std::string build_info() {
 #else
       << ", no OpenMP (at::parallel_for runs serially)"
 #endif
-      << ", torch " << TORCH_VERSION << "; block budget " << (subspace_ops::kMaxBlockBytes >> 20) << " MiB" << "\n"
+      << ", torch " << TORCH_VERSION << "; block budget " << (subspace_ops::kMaxBlockBytes >> 10) << " KiB" << "\n"
       << at::get_parallel_info();
   return out.str();
 }

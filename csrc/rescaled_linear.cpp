@@ -1,96 +1,172 @@
 // Rescaled linear on the CPU (METHODS.md §1): RLRR, SSB, SSL, (IA)³.
 //
-//   y  = x W'ᵀ + b,               W' = W ⊙ (c + S_l S_rᵀ)
+//   y  = x W'ᵀ + b,             W' = W ⊙ (c + S_l S_rᵀ),  c = 1 if residual else 0
 //   gx = gy W'
-//   G  = gyᵀ x                    (what full fine-tuning writes as dW; never written here)
+//   G  = gyᵀ x                  (what full fine-tuning writes as dW)
 //   ds_l[n,j] = Σ_k G[n,k] W[n,k] S_r[k,j]      ds_r[k,j] = Σ_n G[n,k] W[n,k] S_l[n,j]
-//   dW = G ⊙ (c + S_l S_rᵀ)       (only if W is trained)
+//   dW = G ⊙ (c + S_l S_rᵀ)     (only if W is trained)
 //
-// W' is formed block by block in a small buffer and consumed at once by one GEMM that writes its
-// own slice of the output exactly once (BLAS handles the leading dimension, so no copies):
-//   forward: blocks of rows of W    -> columns of y
-//   gx:      blocks of columns of W -> columns of gx (gx is never re-read to accumulate)
-//   G:       blocks of rows         -> a [rows, K] buffer, reduced at once into ds_l, ds_r
-// So a training step runs the three GEMMs of full fine-tuning, and every temporary is bounded by
-// kMaxBlockBytes (rescaled_linear.h), whatever N and K are. Smaller blocks would cost speed: each
-// block is one more GEMM call that streams all of x (or gy) again.
+// Why blocks: W' and G are N×K, as big as the weight; materializing them would add a weight-sized
+// temporary to every adapted layer, which is what this method is meant to avoid. So W' is formed a
+// block of rows (or columns) at a time in a small buffer and consumed at once by one ATen GEMM, and G
+// is formed a block of rows at a time and reduced into ds_l, ds_r (and dW) before the next block.
+// A training step runs the three GEMMs of full fine-tuning plus O(N·K) elementwise work, and the only
+// sizeable temporary of a call is one buffer of about kMaxBlockBytes (rescaled_linear.h), whatever N
+// and K are (besides scale-gradient accumulators of [threads, r, N or K]).
+//
+// How the GEMMs are blocked: in float32/float64 a GEMM is blocked along its reduction dimension and
+// accumulates into its output with beta = 1 (y over blocks of K, gx over blocks of N). Small-M GEMMs
+// keep their full output width that way and run nearly as fast as unblocked (blocking the output
+// columns instead measured 5-10% slower at M = 197, K = N = 768, 2 threads). In half/bfloat16 a running
+// sum in the output would be rounded once per block, so there (and when blocks would be too thin to
+// accumulate efficiently) every output column block is written exactly once: y over blocks of N, gx
+// over blocks of K. The backward's blocks of N are shared: one pass over W[blk] and G[blk] reduces
+// G[blk] into the scale gradients and overwrites it with W'[blk] for gx, so W is read once per backward.
+//
+// Layout: W is used in place whichever of its dimensions has unit stride (a transposed view, such as
+// GPT-2's Conv1D weight, is not copied). With unit stride along N we work on Wᵀ, for which the same
+// formulas hold with S_l and S_r swapped: Wᵀ ⊙ (c + S_r S_lᵀ) = W'ᵀ.
 #include "rescaled_linear.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <type_traits>
+#include <utility>
 #include <vector>
+
+// The row loops below are written to auto-vectorize; on x86-64 GCC also emits AVX-512 and AVX2
+// copies and picks one when the library is loaded (the default build flags only allow SSE2).
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define SUBSPACE_OPS_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define SUBSPACE_OPS_VECTOR_CLONES
+#endif
 
 namespace subspace_ops {
 namespace {
 
-void check_inputs(const at::Tensor& x2d, const at::Tensor& weight, const at::Tensor& s_l, const at::Tensor& s_r) {
-  TORCH_CHECK(x2d.dim() == 2, "x2d must be 2-D [M, K], got ", x2d.sizes());
-  TORCH_CHECK(weight.dim() == 2, "weight must be 2-D [N, K], got ", weight.sizes());
-  TORCH_CHECK(x2d.size(1) == weight.size(1), "x2d has K=", x2d.size(1), " but weight has K=", weight.size(1));
-  TORCH_CHECK(s_l.dim() == 2 && s_l.size(0) == weight.size(0), "s_l must be [N, r] with N=", weight.size(0),
-              ", got ", s_l.sizes());
-  TORCH_CHECK(s_r.dim() == 2 && s_r.size(0) == weight.size(1), "s_r must be [K, r] with K=", weight.size(1),
-              ", got ", s_r.sizes());
-  TORCH_CHECK(s_l.size(1) == s_r.size(1), "s_l and s_r must have the same rank, got ", s_l.size(1), " and ",
-              s_r.size(1));
-  for (const auto* t : {&weight, &s_l, &s_r}) {
-    TORCH_CHECK(t->scalar_type() == x2d.scalar_type(), "all inputs must have x's dtype ", x2d.scalar_type(),
-                ", got ", t->scalar_type());
-    TORCH_CHECK(t->device().is_cpu(), "the cpu backend needs CPU tensors, got ", t->device());
+// A GEMM accumulated over blocks of its reduction dimension needs blocks at least this deep to stay efficient.
+constexpr int64_t kMinAccumulateDepth = 128;
+
+// ---- Row kernels. A row has q_len elements; b_t is [r, q_len] (row j = column j of the scale). ----
+
+// dst[q] = src[q] · (c + Σ_j a[j] b_t[j, q]): one row of W' (src = W) or of dW (src = G).
+template <typename scalar_t, typename acc_t>
+SUBSPACE_OPS_VECTOR_CLONES void modulate_row(const scalar_t* __restrict src, scalar_t* __restrict dst, int64_t q_len,
+                                             const acc_t* __restrict a, const acc_t* __restrict b_t, int64_t r,
+                                             acc_t c, acc_t* __restrict scratch) {
+  if (r == 1) {  // the common case, in one pass
+    const acc_t a0 = a[0];
+#pragma omp simd
+    for (int64_t q = 0; q < q_len; ++q) dst[q] = static_cast<scalar_t>(static_cast<acc_t>(src[q]) * (c + a0 * b_t[q]));
+    return;
   }
-  TORCH_CHECK(x2d.device().is_cpu(), "the cpu backend needs CPU tensors, got ", x2d.device());
-  TORCH_CHECK(x2d.is_floating_point(), "x2d must be floating point, got ", x2d.scalar_type());
+#pragma omp simd
+  for (int64_t q = 0; q < q_len; ++q) scratch[q] = c;
+  for (int64_t j = 0; j < r; ++j) {
+    const acc_t a_j = a[j];
+    const acc_t* b_j = b_t + j * q_len;
+#pragma omp simd
+    for (int64_t q = 0; q < q_len; ++q) scratch[q] += a_j * b_j[q];
+  }
+#pragma omp simd
+  for (int64_t q = 0; q < q_len; ++q) dst[q] = static_cast<scalar_t>(static_cast<acc_t>(src[q]) * scratch[q]);
 }
 
-// Accumulation type for reductions: float for half/bfloat16/float, double for double.
-at::ScalarType accumulate_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+// With t = g ⊙ w (one row of G ⊙ W): row_sums[j] += Σ_q t[q] b_t[j, q] and col_sums_t[j, q] += t[q] a[j]
+// (row j of col_sums_t starts at col_sums_t + j * col_ld).
+template <typename scalar_t, typename acc_t>
+SUBSPACE_OPS_VECTOR_CLONES void reduce_row(const scalar_t* __restrict g, const scalar_t* __restrict w, int64_t q_len,
+                                           const acc_t* __restrict a, const acc_t* __restrict b_t, int64_t r,
+                                           acc_t* __restrict row_sums, acc_t* __restrict col_sums_t, int64_t col_ld,
+                                           acc_t* __restrict scratch) {
+  if (r == 1) {  // the common case, in one pass
+    const acc_t a0 = a[0];
+    acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t q = 0; q < q_len; ++q) {
+      const acc_t t = static_cast<acc_t>(g[q]) * static_cast<acc_t>(w[q]);
+      sum += t * b_t[q];
+      col_sums_t[q] += t * a0;
+    }
+    row_sums[0] += sum;
+    return;
+  }
+#pragma omp simd
+  for (int64_t q = 0; q < q_len; ++q) scratch[q] = static_cast<acc_t>(g[q]) * static_cast<acc_t>(w[q]);
+  for (int64_t j = 0; j < r; ++j) {
+    const acc_t a_j = a[j];
+    const acc_t* b_j = b_t + j * q_len;
+    acc_t* col_j = col_sums_t + j * col_ld;
+    acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t q = 0; q < q_len; ++q) {
+      sum += scratch[q] * b_j[q];
+      col_j[q] += scratch[q] * a_j;
+    }
+    row_sums[j] += sum;
+  }
+}
 
-// out[i, k] = rows[i, k] * (c + Σ_j s_l[i, j] s_r[k, j]), in one pass over a (row- or column-)
-// block of W or G; `rows` needs unit stride along k, s_l / s_r are the matching [*, r] slices.
-// With `rows` = W this is a block of W'; with `rows` = G it is a block of dW.
-void modulate_rows(const at::Tensor& rows, const at::Tensor& s_l_block, const at::Tensor& s_r, double c,
-                   at::Tensor& out) {
-  const int64_t n = rows.size(0), k = rows.size(1), r = s_r.size(1);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rows.scalar_type(), "modulate_rows", [&] {
+// ---- One pass over a block w [P, Q] of W (unit stride along Q); a [P, r], b [Q, r] are its scales. ----
+
+at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// What block_pass computes; an undefined tensor is skipped.
+struct PassOutputs {
+  at::Tensor w_mod;     // [P, Q]  = w ⊙ (c + a bᵀ): a block of W', to feed a GEMM (may alias g)
+  at::Tensor g_mod;     // [P, Q]  = g ⊙ (c + a bᵀ): a block of dW
+  at::Tensor a_grad;    // [P, r] += (g ⊙ w) b                              (accumulators in acc_type)
+  at::Tensor b_grad_t;  // [threads, r, Q]: b_grad_t[task] += aᵀ (g ⊙ w) over the task's rows
+};
+
+// Works row by row, so a row of w and g is fetched from memory once and then reused from L1 by every
+// output; w_mod is written last, so it may share its memory with g (each row of g is consumed before the
+// same row of w_mod is written). Rows are split into one contiguous range per thread (task), and each task adds its column
+// sums into its own slice of b_grad_t: no races, and the caller sums the slices in a fixed order, so
+// the result does not depend on timing.
+void block_pass(const at::Tensor& w, const at::Tensor& g, const at::Tensor& a, const at::Tensor& b, double c,
+                const PassOutputs& out) {
+  const int64_t p_len = w.size(0), q_len = w.size(1), r = a.size(1);
+  const auto acc = acc_type(w.scalar_type());
+  const at::Tensor a_acc = a.to(acc).contiguous(), b_t = b.t().to(acc).contiguous();
+  const bool reduce = out.a_grad.defined();
+  const int64_t min_rows = std::max<int64_t>(1, 16384 / std::max<int64_t>(q_len, 1));  // enough work for a thread
+  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), p_len / min_rows));
+  TORCH_INTERNAL_ASSERT(!reduce || out.b_grad_t.size(0) >= tasks);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "rescaled_linear_block_pass", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* src = rows.const_data_ptr<scalar_t>();
-    const scalar_t* left = s_l_block.const_data_ptr<scalar_t>();
-    const scalar_t* right = s_r.const_data_ptr<scalar_t>();
-    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
-    const int64_t src_ld = rows.stride(0), dst_ld = out.stride(0);
-    at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const scalar_t* src_row = src + i * src_ld;
-        scalar_t* dst_row = dst + i * dst_ld;
-        int64_t kk = 0;
-        if constexpr (std::is_same_v<scalar_t, acc_t>) {
-          if (r == 1) {  // the common case (RLRR, SSB), in SIMD registers
-            using Vec = at::vec::Vectorized<acc_t>;
-            const Vec a(left[i]), cv(static_cast<acc_t>(c));
-            for (; kk + Vec::size() <= k; kk += Vec::size()) {
-              (Vec::loadu(src_row + kk) * at::vec::fmadd(a, Vec::loadu(right + kk), cv)).store(dst_row + kk);
-            }
+    const scalar_t* w_ptr = w.const_data_ptr<scalar_t>();
+    const scalar_t* g_ptr = g.defined() ? g.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* w_mod_ptr = out.w_mod.defined() ? out.w_mod.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* g_mod_ptr = out.g_mod.defined() ? out.g_mod.mutable_data_ptr<scalar_t>() : nullptr;
+    acc_t* a_grad_ptr = reduce ? out.a_grad.mutable_data_ptr<acc_t>() : nullptr;
+    acc_t* b_grad_ptr = reduce ? out.b_grad_t.mutable_data_ptr<acc_t>() : nullptr;
+    const acc_t* a_ptr = a_acc.const_data_ptr<acc_t>();
+    const acc_t* b_ptr = b_t.const_data_ptr<acc_t>();
+    const auto ld = [](const at::Tensor& t, int64_t dim) { return t.defined() ? t.stride(dim) : 0; };
+    const int64_t w_ld = w.stride(0), g_ld = ld(g, 0), w_mod_ld = ld(out.w_mod, 0), g_mod_ld = ld(out.g_mod, 0);
+    const int64_t a_grad_ld = ld(out.a_grad, 0), b_grad_task_ld = ld(out.b_grad_t, 0), b_grad_ld = ld(out.b_grad_t, 1);
+    const auto cc = static_cast<acc_t>(c);
+    at::parallel_for(0, tasks, 1, [&](int64_t task_begin, int64_t task_end) {
+      std::vector<acc_t> scratch(r == 1 ? 0 : q_len);
+      for (int64_t task = task_begin; task < task_end; ++task) {
+        for (int64_t p = task * p_len / tasks; p < (task + 1) * p_len / tasks; ++p) {
+          const acc_t* a_p = a_ptr + p * r;
+          if (reduce) {
+            reduce_row<scalar_t, acc_t>(g_ptr + p * g_ld, w_ptr + p * w_ld, q_len, a_p, b_ptr, r,
+                                        a_grad_ptr + p * a_grad_ld, b_grad_ptr + task * b_grad_task_ld, b_grad_ld,
+                                        scratch.data());
           }
-        }
-        if (r == 1) {  // half/bfloat16, and the vector loop's tail
-          const acc_t a = static_cast<acc_t>(left[i]);
-          for (; kk < k; ++kk) {
-            dst_row[kk] = static_cast<scalar_t>(static_cast<acc_t>(src_row[kk]) *
-                                                (static_cast<acc_t>(c) + a * static_cast<acc_t>(right[kk])));
+          if (g_mod_ptr != nullptr) {
+            modulate_row<scalar_t, acc_t>(g_ptr + p * g_ld, g_mod_ptr + p * g_mod_ld, q_len, a_p, b_ptr, r, cc,
+                                          scratch.data());
           }
-        } else {
-          for (; kk < k; ++kk) {
-            acc_t m = static_cast<acc_t>(c);
-            for (int64_t j = 0; j < r; ++j) {
-              m += static_cast<acc_t>(left[i * r + j]) * static_cast<acc_t>(right[kk * r + j]);
-            }
-            dst_row[kk] = static_cast<scalar_t>(static_cast<acc_t>(src_row[kk]) * m);
+          if (w_mod_ptr != nullptr) {  // last: w_mod may overwrite g, row by row
+            modulate_row<scalar_t, acc_t>(w_ptr + p * w_ld, w_mod_ptr + p * w_mod_ld, q_len, a_p, b_ptr, r, cc,
+                                          scratch.data());
           }
         }
       }
@@ -98,135 +174,209 @@ void modulate_rows(const at::Tensor& rows, const at::Tensor& s_l_block, const at
   });
 }
 
-// For one block of rows: gs_l[i, j] = Σ_k T[i,k] s_r[k,j] and gs_r_acc[k, j] += Σ_i T[i,k] s_l[i,j]
-// with T = G ⊙ W, in a single pass over G and W (T is never stored). Each thread sums its rows'
-// contribution to gs_r into its own slice of `partial`; the slices are added at the end.
-void reduce_scale_grads(const at::Tensor& g, const at::Tensor& w_rows, const at::Tensor& s_l_block,
-                        const at::Tensor& s_r, at::Tensor& gs_l_block, at::Tensor& gs_r_acc) {
-  const int64_t n = g.size(0), k = g.size(1), r = s_r.size(1);
-  const int64_t threads = at::get_num_threads();
-  at::Tensor partial = at::zeros({threads, k, r}, gs_r_acc.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "reduce_scale_grads", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* g_ptr = g.const_data_ptr<scalar_t>();
-    const scalar_t* w_ptr = w_rows.const_data_ptr<scalar_t>();
-    const scalar_t* left = s_l_block.const_data_ptr<scalar_t>();
-    const scalar_t* right = s_r.const_data_ptr<scalar_t>();
-    scalar_t* out_left = gs_l_block.mutable_data_ptr<scalar_t>();
-    acc_t* partial_ptr = partial.mutable_data_ptr<acc_t>();
-    const int64_t g_ld = g.stride(0), w_ld = w_rows.stride(0);
-    at::parallel_for(0, n, 8, [&](int64_t begin, int64_t end) {
-      acc_t* mine = partial_ptr + at::get_thread_num() * k * r;
-      std::vector<acc_t> row_sum(r);
-      for (int64_t i = begin; i < end; ++i) {
-        const scalar_t* g_row = g_ptr + i * g_ld;
-        const scalar_t* w_row = w_ptr + i * w_ld;
-        int64_t kk = 0;
-        if constexpr (std::is_same_v<scalar_t, acc_t>) {
-          if (r == 1) {  // the common case, in SIMD registers (a scalar loop is latency-bound)
-            using Vec = at::vec::Vectorized<acc_t>;
-            const Vec left_i(left[i]);
-            Vec sum(0);
-            for (; kk + Vec::size() <= k; kk += Vec::size()) {
-              const Vec t = Vec::loadu(g_row + kk) * Vec::loadu(w_row + kk);
-              sum = at::vec::fmadd(t, Vec::loadu(right + kk), sum);
-              at::vec::fmadd(t, left_i, Vec::loadu(mine + kk)).store(mine + kk);
-            }
-            row_sum[0] = at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, sum);
-          }
-        }
-        if (kk == 0) std::fill(row_sum.begin(), row_sum.end(), acc_t(0));
-        for (; kk < k; ++kk) {  // general rank, half/bfloat16, and the vector loop's tail
-          const acc_t t = static_cast<acc_t>(g_row[kk]) * static_cast<acc_t>(w_row[kk]);
-          for (int64_t j = 0; j < r; ++j) {
-            row_sum[j] += t * static_cast<acc_t>(right[kk * r + j]);
-            mine[kk * r + j] += t * static_cast<acc_t>(left[i * r + j]);
-          }
-        }
-        for (int64_t j = 0; j < r; ++j) out_left[i * r + j] = static_cast<scalar_t>(row_sum[j]);
-      }
-    });
-  });
-  gs_r_acc.add_(partial.sum(0));
+// ---- W in whichever orientation has unit stride along its second dimension. ----
+
+struct Oriented {
+  bool transposed;  // false: w = W [N, K], a = S_l, b = S_r.   true: w = Wᵀ [K, N], a = S_r, b = S_l.
+  at::Tensor w, a, b;
+};
+
+Oriented orient(const at::Tensor& weight, const at::Tensor& s_l, const at::Tensor& s_r) {
+  if (weight.stride(1) == 1) return {false, weight, s_l, s_r};
+  if (weight.stride(0) == 1) return {true, weight.t(), s_r, s_l};
+  return {false, weight.contiguous(), s_l, s_r};  // no unit stride at all: the only case that copies W
+}
+
+// The slice [start, start + len) along W's dimension weight_dim (0: N, 1: K), in o's orientation:
+// w is sliced along its dimension d, and the scale along that dimension with it.
+struct Block {
+  int64_t d;
+  at::Tensor w, a, b;
+};
+
+Block block(const Oriented& o, int64_t weight_dim, int64_t start, int64_t len) {
+  const int64_t d = o.transposed ? 1 - weight_dim : weight_dim;
+  return {d, o.w.narrow(d, start, len), d == 0 ? o.a.narrow(0, start, len) : o.a,
+          d == 1 ? o.b.narrow(0, start, len) : o.b};
+}
+
+// A contiguous view of the start of a flat buffer, shaped like t.
+at::Tensor buffer_like(const at::Tensor& buffer, const at::Tensor& t) {
+  return buffer.narrow(0, 0, t.numel()).view(t.sizes());
+}
+
+// The slice of W' along W's dimension weight_dim, formed in `buffer`: a [len, K] or [N, len] view.
+at::Tensor modulated_block(const Oriented& o, int64_t weight_dim, int64_t start, int64_t len, double c,
+                           const at::Tensor& buffer) {
+  const Block blk = block(o, weight_dim, start, len);
+  const at::Tensor w_mod = buffer_like(buffer, blk.w);
+  block_pass(blk.w, at::Tensor(), blk.a, blk.b, c, {w_mod, {}, {}, {}});
+  return o.transposed ? w_mod.t() : w_mod;
+}
+
+// Whether a GEMM may be accumulated in its output over blocks of `step` along a reduction dimension of
+// length `dim` (see the top of this file).
+bool accumulate_over(int64_t step, int64_t dim, at::ScalarType dtype) {
+  return (dtype == at::kFloat || dtype == at::kDouble) && step >= std::min(dim, kMinAccumulateDepth);
+}
+
+void check_inputs(const at::Tensor& x2d, const at::Tensor& weight, const at::Tensor& s_l, const at::Tensor& s_r) {
+  TORCH_CHECK(x2d.dim() == 2, "rescaled_linear: x2d must be 2-D [M, K], got shape ", x2d.sizes());
+  TORCH_CHECK(weight.dim() == 2, "rescaled_linear: weight must be 2-D [N, K], got shape ", weight.sizes());
+  TORCH_CHECK(x2d.size(1) == weight.size(1), "rescaled_linear: x2d has K = ", x2d.size(1),
+              " features but weight [N, K] has K = ", weight.size(1));
+  TORCH_CHECK(s_l.dim() == 2 && s_l.size(0) == weight.size(0), "rescaled_linear: s_l must be [N, r] with N = ",
+              weight.size(0), ", got shape ", s_l.sizes());
+  TORCH_CHECK(s_r.dim() == 2 && s_r.size(0) == weight.size(1), "rescaled_linear: s_r must be [K, r] with K = ",
+              weight.size(1), ", got shape ", s_r.sizes());
+  TORCH_CHECK(s_l.size(1) == s_r.size(1), "rescaled_linear: s_l and s_r must have the same rank r, got ",
+              s_l.size(1), " and ", s_r.size(1));
+  const auto dtype = x2d.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
+              "rescaled_linear: x2d must be float32, float64, float16 or bfloat16, got ", dtype);
+  const std::pair<const char*, const at::Tensor*> inputs[] = {
+      {"x2d", &x2d}, {"weight", &weight}, {"s_l", &s_l}, {"s_r", &s_r}};
+  for (const auto& [name, t] : inputs) {
+    TORCH_CHECK(t->scalar_type() == dtype, "rescaled_linear: ", name, " must have x2d's dtype ", dtype, ", got ",
+                t->scalar_type());
+    TORCH_CHECK(t->device().is_cpu(), "rescaled_linear: ", name, " must be a CPU tensor, got device ", t->device());
+  }
 }
 
 }  // namespace
 
-at::Tensor rescaled_linear_forward(const at::Tensor& x2d_in, const at::Tensor& weight_in, const at::Tensor& s_l_in,
-                                   const at::Tensor& s_r_in, const std::optional<at::Tensor>& bias, bool residual) {
-  check_inputs(x2d_in, weight_in, s_l_in, s_r_in);
-  const at::Tensor x2d = x2d_in.contiguous(), weight = weight_in.contiguous();
-  const at::Tensor s_l = s_l_in.contiguous(), s_r = s_r_in.contiguous();
+at::Tensor rescaled_linear_forward(const at::Tensor& x2d, const at::Tensor& weight, const at::Tensor& s_l,
+                                   const at::Tensor& s_r, const std::optional<at::Tensor>& bias, bool residual) {
+  check_inputs(x2d, weight, s_l, s_r);
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (has_bias) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), "rescaled_linear: bias must be [N] with N = ",
+                weight.size(0), ", got shape ", bias->sizes());
+    TORCH_CHECK(bias->scalar_type() == x2d.scalar_type(), "rescaled_linear: bias must have x2d's dtype ",
+                x2d.scalar_type(), ", got ", bias->scalar_type());
+    TORCH_CHECK(bias->device().is_cpu(), "rescaled_linear: bias must be a CPU tensor, got device ", bias->device());
+  }
+  const Oriented o = orient(weight, s_l, s_r);
   const int64_t m = x2d.size(0), n = weight.size(0), k = weight.size(1);
   const double c = residual ? 1.0 : 0.0;
   at::Tensor y = at::empty({m, n}, x2d.options());
-  const int64_t rows = block_rows(n, k, weight.element_size());
-  at::Tensor w_block = at::empty({rows, k}, weight.options());
-  for (int64_t n0 = 0; n0 < n; n0 += rows) {
-    const int64_t nb = std::min(rows, n - n0);
-    at::Tensor w_mod = w_block.narrow(0, 0, nb);
-    modulate_rows(weight.narrow(0, n0, nb), s_l.narrow(0, n0, nb), s_r, c, w_mod);
-    at::Tensor y_cols = y.narrow(1, n0, nb);  // strided view: BLAS writes it in place (ldc = N)
-    if (bias.has_value() && bias->defined()) {
-      at::addmm_out(y_cols, bias->narrow(0, n0, nb), x2d, w_mod.t());
-    } else {
-      at::mm_out(y_cols, x2d, w_mod.t());
+  if (k == 0 || n == 0) return has_bias ? y.copy_(bias->expand({m, n})) : y.zero_();
+
+  const int64_t k_step = block_rows(k, n, weight.element_size());
+  if (accumulate_over(k_step, k, x2d.scalar_type())) {
+    // y = Σ over blocks of K of x[:, blk] W'[:, blk]ᵀ, accumulated in y; the first block adds the bias.
+    const at::Tensor buffer = at::empty({n * k_step}, weight.options());
+    for (int64_t k0 = 0; k0 < k; k0 += k_step) {
+      const int64_t kb = std::min(k_step, k - k0);
+      const at::Tensor w_mod_t = modulated_block(o, 1, k0, kb, c, buffer).t();  // W'[:, blk]ᵀ, [kb, N]
+      const at::Tensor x_cols = x2d.narrow(1, k0, kb);
+      if (k0 > 0) {
+        y.addmm_(x_cols, w_mod_t);
+      } else if (has_bias) {
+        at::addmm_out(y, *bias, x_cols, w_mod_t);
+      } else {
+        at::mm_out(y, x_cols, w_mod_t);
+      }
+    }
+  } else {
+    // y[:, blk] = x W'[blk]ᵀ (+ b[blk]) over blocks of N; BLAS writes the column slice in place (ldc = N).
+    const int64_t n_step = block_rows(n, k, weight.element_size());
+    const at::Tensor buffer = at::empty({n_step * k}, weight.options());
+    for (int64_t n0 = 0; n0 < n; n0 += n_step) {
+      const int64_t nb = std::min(n_step, n - n0);
+      const at::Tensor w_mod_t = modulated_block(o, 0, n0, nb, c, buffer).t();  // W'[blk]ᵀ, [K, nb]
+      at::Tensor y_cols = y.narrow(1, n0, nb);
+      if (has_bias) {
+        at::addmm_out(y_cols, bias->narrow(0, n0, nb), x2d, w_mod_t);
+      } else {
+        at::mm_out(y_cols, x2d, w_mod_t);
+      }
     }
   }
   return y;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rescaled_linear_backward(
-    const at::Tensor& grad_y_in, const at::Tensor& x2d_in, const at::Tensor& weight_in, const at::Tensor& s_l_in,
-    const at::Tensor& s_r_in, bool residual, bool need_x, bool need_weight, bool need_scales) {
-  check_inputs(x2d_in, weight_in, s_l_in, s_r_in);
-  TORCH_CHECK(grad_y_in.dim() == 2 && grad_y_in.size(0) == x2d_in.size(0) && grad_y_in.size(1) == weight_in.size(0),
-              "grad_y must be [M, N] = [", x2d_in.size(0), ", ", weight_in.size(0), "], got ", grad_y_in.sizes());
-  TORCH_CHECK(grad_y_in.scalar_type() == x2d_in.scalar_type(), "grad_y must have x's dtype");
-  const at::Tensor grad_y = grad_y_in.contiguous(), x2d = x2d_in.contiguous(), weight = weight_in.contiguous();
-  const at::Tensor s_l = s_l_in.contiguous(), s_r = s_r_in.contiguous();
-  const int64_t n = weight.size(0), k = weight.size(1);
+    const at::Tensor& grad_y, const at::Tensor& x2d, const at::Tensor& weight, const at::Tensor& s_l,
+    const at::Tensor& s_r, bool residual, bool need_x, bool need_weight, bool need_scales) {
+  check_inputs(x2d, weight, s_l, s_r);
+  TORCH_CHECK(grad_y.dim() == 2 && grad_y.size(0) == x2d.size(0) && grad_y.size(1) == weight.size(0),
+              "rescaled_linear: grad_y must be [M, N] = [", x2d.size(0), ", ", weight.size(0), "], got shape ",
+              grad_y.sizes());
+  TORCH_CHECK(grad_y.scalar_type() == x2d.scalar_type(), "rescaled_linear: grad_y must have x2d's dtype ",
+              x2d.scalar_type(), ", got ", grad_y.scalar_type());
+  TORCH_CHECK(grad_y.device().is_cpu(), "rescaled_linear: grad_y must be a CPU tensor, got device ", grad_y.device());
+  const Oriented o = orient(weight, s_l, s_r);
+  const int64_t n = weight.size(0), k = weight.size(1), r = s_l.size(1);
   const double c = residual ? 1.0 : 0.0;
-  const auto acc = accumulate_type(x2d.scalar_type());
+  const int64_t n_step = block_rows(n, k, weight.element_size());
+  const bool need_g = need_weight || need_scales;
+  const bool gx_by_rows = need_x && accumulate_over(n_step, n, x2d.scalar_type());
 
   at::Tensor gx, gw, gs_l, gs_r;
-  if (need_x) gx = at::empty_like(x2d);
-  if (need_weight) gw = at::empty_like(weight);
-  at::Tensor gs_r_acc;
+  if (need_x) gx = at::empty_like(x2d, at::MemoryFormat::Contiguous);
+  // In o's orientation (o.w is [P, Q]): gw_o [P, Q]; accumulators a_grad [P, r] and b_grad_t [threads, r, Q].
+  at::Tensor gw_o, a_grad, b_grad_t;
+  if (need_weight) gw_o = at::empty(o.w.sizes(), weight.options());
   if (need_scales) {
-    gs_l = at::empty_like(s_l);
-    gs_r_acc = at::zeros(s_r.sizes(), s_r.options().dtype(acc));
+    const auto acc_options = x2d.options().dtype(acc_type(x2d.scalar_type()));
+    a_grad = at::zeros({o.w.size(0), r}, acc_options);
+    b_grad_t = at::zeros({at::get_num_threads(), r, o.w.size(1)}, acc_options);
   }
-  if (need_x) {  // gx[:, block] = gy W'[:, block], one GEMM per block of columns of W
-    const int64_t cols = block_rows(k, n, weight.element_size());
-    at::Tensor w_block = at::empty({n, cols}, weight.options());
-    for (int64_t k0 = 0; k0 < k; k0 += cols) {
-      const int64_t kb = std::min(cols, k - k0);
-      at::Tensor w_mod = w_block.narrow(1, 0, kb);
-      modulate_rows(weight.narrow(1, k0, kb), s_l, s_r.narrow(0, k0, kb), c, w_mod);
-      at::Tensor gx_cols = gx.narrow(1, k0, kb);
-      at::mm_out(gx_cols, grad_y, w_mod);
-    }
-  }
-  if (need_weight || need_scales) {  // G[block] = gy[:, block]ᵀ x, reduced before the next block
-    const int64_t rows = block_rows(n, k, weight.element_size());
-    at::Tensor g_block = at::empty({rows, k}, weight.options());
-    for (int64_t n0 = 0; n0 < n; n0 += rows) {
-      const int64_t nb = std::min(rows, n - n0);
-      const at::Tensor s_l_rows = s_l.narrow(0, n0, nb);
-      at::Tensor g = g_block.narrow(0, 0, nb);
-      at::mm_out(g, grad_y.narrow(1, n0, nb).t(), x2d);
-      if (need_weight) {
-        at::Tensor gw_rows = gw.narrow(0, n0, nb);
-        modulate_rows(g, s_l_rows, s_r, c, gw_rows);
+
+  // Over blocks of N: G[blk] = gy[:, blk]ᵀ x, then one pass over W[blk] and G[blk] reduces G[blk] into the
+  // scale gradients (and dW[blk]) and forms W'[blk], in place of G[blk], for gx += gy[:, blk] W'[blk].
+  if (need_g || gx_by_rows) {
+    const at::Tensor buffer = at::empty({n_step * k}, weight.options());
+    for (int64_t n0 = 0; n0 < n; n0 += n_step) {
+      const int64_t nb = std::min(n_step, n - n0);
+      const Block blk = block(o, 0, n0, nb);
+      const at::Tensor gy_cols = grad_y.narrow(1, n0, nb);
+      at::Tensor g;
+      PassOutputs out;
+      if (need_g) {  // G[blk] in o's orientation: [nb, K], or its transpose [K, nb]
+        g = buffer_like(buffer, blk.w);
+        if (blk.d == 0) {
+          at::mm_out(g, gy_cols.t(), x2d);
+        } else {
+          at::mm_out(g, x2d.t(), gy_cols);
+        }
       }
+      if (gx_by_rows) out.w_mod = buffer_like(buffer, blk.w);
+      if (need_weight) out.g_mod = gw_o.narrow(blk.d, n0, nb);
       if (need_scales) {
-        at::Tensor gs_l_rows = gs_l.narrow(0, n0, nb);
-        reduce_scale_grads(g, weight.narrow(0, n0, nb), s_l_rows, s_r, gs_l_rows, gs_r_acc);
+        out.a_grad = blk.d == 0 ? a_grad.narrow(0, n0, nb) : a_grad;
+        out.b_grad_t = blk.d == 1 ? b_grad_t.narrow(2, n0, nb) : b_grad_t;
+      }
+      block_pass(blk.w, g, blk.a, blk.b, c, out);
+      if (gx_by_rows) {
+        const at::Tensor w_mod = o.transposed ? out.w_mod.t() : out.w_mod;  // W'[blk], [nb, K]
+        if (n0 == 0) {
+          at::mm_out(gx, gy_cols, w_mod);
+        } else {
+          gx.addmm_(gy_cols, w_mod);
+        }
       }
     }
+    if (gx_by_rows && n == 0) gx.zero_();
   }
-  if (need_scales) gs_r = gs_r_acc.to(s_r.scalar_type());
+  if (need_x && !gx_by_rows) {
+    // gx[:, blk] = gy W'[:, blk] over blocks of K, each column slice written (and rounded) once.
+    const int64_t k_step = block_rows(k, n, weight.element_size());
+    const at::Tensor buffer = at::empty({n * k_step}, weight.options());
+    for (int64_t k0 = 0; k0 < k; k0 += k_step) {
+      const int64_t kb = std::min(k_step, k - k0);
+      at::Tensor gx_cols = gx.narrow(1, k0, kb);
+      at::mm_out(gx_cols, grad_y, modulated_block(o, 1, k0, kb, c, buffer));
+    }
+  }
+  if (need_weight) gw = o.transposed ? gw_o.t() : gw_o;
+  if (need_scales) {
+    const at::Tensor grad_a = a_grad.to(s_l.scalar_type());
+    const at::Tensor grad_b = b_grad_t.sum(0).t().contiguous().to(s_l.scalar_type());
+    gs_l = o.transposed ? grad_b : grad_a;
+    gs_r = o.transposed ? grad_a : grad_b;
+  }
   return {gx, gw, gs_l, gs_r};
 }
 

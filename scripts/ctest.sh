@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Build the C++ kernels against the active Python's libtorch with CMake + Ninja and run ctest.
-# Usage: bash scripts/ctest.sh [BUILD_DIR]   (default: build/cmake)
+# Build the C++ kernels and their tests against the active Python's torch with CMake + Ninja, then run
+# them with ctest. Usage: bash scripts/ctest.sh [BUILD_DIR]   (default: build/cmake in the repo root)
+# Honours MAX_JOBS (parallel compile jobs) and PYTHON (default: python).
 set -euo pipefail
-root="$(cd "$(dirname "$0")/.." && pwd)"
-build="${1:-$root/build/cmake}"
-torch_root="$(python -c 'import os, torch; print(os.path.dirname(torch.__file__))')"
-abi="$(python -c 'import torch; print(int(torch._C._GLIBCXX_USE_CXX11_ABI))')"
-cmake -S "$root" -B "$build" -G Ninja -DTORCH_ROOT="$torch_root" -DTORCH_CXX11_ABI="$abi" >/dev/null
-cmake --build "$build" --parallel "${MAX_JOBS:-2}"
-ctest --test-dir "$build" --output-on-failure
+cd "$(dirname "$0")/.."
+build_dir="${1:-build/cmake}"
+prefix="$("${PYTHON:-python}" -c 'import torch; print(torch.utils.cmake_prefix_path)')"
+
+cmake -S . -B "$build_dir" -G Ninja -DCMAKE_PREFIX_PATH="$prefix"
+cmake --build "$build_dir" ${MAX_JOBS:+--parallel "$MAX_JOBS"}
+ctest --test-dir "$build_dir" --output-on-failure

@@ -59,7 +59,7 @@ def test_bench_writes_json_csv_and_plot(tmp_path, capsys):
 def test_memory_counts_the_naive_materialized_weight(tmp_path):
     """Forward with training flags: the naive formula holds W' (N·K floats) more than frozen F.linear."""
     path = tmp_path / "m.json"
-    assert main(["bench", "--shape", "4,256,512", "--repeats", "1", "--warmup", "1", "--mode", "forward",
+    assert main(["bench", "rescaled-linear", "--shape", "4,256,512", "--repeats", "1", "--warmup", "1", "--mode", "forward",
                  "--device", "cpu", "--json", str(path)]) == 0
     rows = {r["variant"]: r for r in json.loads(path.read_text())["results"]}
     weight_mb = 256 * 512 * 4 / 2**20

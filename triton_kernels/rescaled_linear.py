@@ -1,22 +1,32 @@
 """Triton kernels of rescaled_linear (METHODS.md §1): y = x W'ᵀ + b with W' = W ⊙ (c + S_l S_rᵀ).
 
-Three kernels, none of which writes an N×K temporary:
+x [M, K], W [N, K], S_l [N, R], S_r [K, R], b [N], c = 1 (residual, RLRR) or 0 (SSB/SSL/(IA)³).
+With gy = ∂L/∂y [M, N] and G = gyᵀ x [N, K] (what full fine-tuning writes as dW):
 
-- ``_forward_kernel``  reads x, W, S_l, S_r, b; writes y. Each W tile is multiplied in registers
-  by its modulation tile (c + S_l S_rᵀ) before the MMA.
-- ``_grad_x_kernel``   reads gy, W, S_l, S_r; writes gx = gy W' with the same on-the-fly modulation.
-- ``_grad_scales_kernel`` reads gy, x, W, S_l, S_r; for one [BLOCK_N, BLOCK_K] tile it reduces
-  G = gyᵀx over M in registers, then in the epilogue forms T = G ⊙ W and writes per-tile partial
-  sums of ds_l = T S_r and ds_r = Tᵀ S_l (summed afterwards by torch: deterministic, no atomics),
-  and, only if W is trained, the dW tile G ⊙ (c + S_l S_rᵀ). G itself is never stored.
+    gx      = gy W'
+    ds_l    = (G ⊙ W) S_r          ds_l[n, j] = Σ_k G[n, k] W[n, k] S_r[k, j]
+    ds_r    = (G ⊙ W)ᵀ S_l         ds_r[k, j] = Σ_n G[n, k] W[n, k] S_l[n, j]
+    dW      = G ⊙ (c + S_l S_rᵀ)   (only when W is trained; the bias gradient is the caller's)
 
-Accumulation is fp32 (fp64 for fp64 inputs); the modulated W tile is cast back to the input dtype
-so fp16/bf16 run on tensor cores. fp32 inputs use TF32 only if torch allows it for matmuls.
-Under ``TRITON_INTERPRET=1`` (CPU tensors, tests) one small fixed tile size is used.
+Three kernels; none writes W', G or any other N×K temporary (dW is an output, not a temporary):
+
+- ``_forward_kernel`` reads x, W, S_l, S_r, b; writes y. Each W tile is multiplied in registers (fp32)
+  by its tile of c + S_l S_rᵀ, cast back to the input dtype and fed to the MMA; b in the epilogue.
+- ``_grad_x_kernel`` reads gy, W, S_l, S_r; writes gx = gy W' with the same on-the-fly modulation.
+- ``_grad_scales_kernel`` reads gy, x, W, S_l, S_r; per [BLOCK_N, BLOCK_K] tile and chunk of M rows
+  it reduces G in registers, then in the epilogue forms T = G ⊙ W and writes the tile's partial sums
+  of T S_r and Tᵀ S_l into small buffers [slots, N, R] / [slots, K, R] (fp32; fp64 for fp64 inputs)
+  that torch sums over slots (deterministic, no atomics); if asked, it writes dW = G ⊙ (c + S_l S_rᵀ).
+
+Accumulation is fp32 (fp64 for fp64 inputs); fp32 inputs use TF32 only where torch allows it for
+matmuls. Every tensor is addressed through its strides. On CUDA the tiles are autotuned per
+(M, N, K, R, dtype) on first use; under ``TRITON_INTERPRET=1`` (CPU tensors, tests) one small fixed
+tile is used.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional
 
@@ -28,30 +38,22 @@ __all__ = ["rescaled_linear_forward", "rescaled_linear_backward"]
 
 
 @triton.jit
-def _modulation(s_l_ptr, s_r_ptr, offs_n, offs_k, mask_n, mask_k, c, R: tl.constexpr, ACC: tl.constexpr):
-    """The tile c + Σ_j S_l[n, j] S_r[k, j] (in dtype ACC) for rows offs_n and columns offs_k."""
-    a = tl.load(s_l_ptr + offs_n * R, mask=mask_n, other=0.0).to(ACC)
-    b = tl.load(s_r_ptr + offs_k * R, mask=mask_k, other=0.0).to(ACC)
-    mod = a[:, None] * b[None, :] + c
-    for j in tl.static_range(1, R):
-        a = tl.load(s_l_ptr + offs_n * R + j, mask=mask_n, other=0.0).to(ACC)
-        b = tl.load(s_r_ptr + offs_k * R + j, mask=mask_k, other=0.0).to(ACC)
+def _modulate(w, sl_ptrs, sr_ptrs, mask_n, mask_k, stride_slr, stride_srr, c,
+              R: tl.constexpr, ACC: tl.constexpr):
+    """w ⊙ (c + S_l S_rᵀ) for a [BLOCK_N, BLOCK_K] tile w, in dtype ACC. sl_ptrs / sr_ptrs point at
+    column 0 of the tile's rows of S_l / S_r; R is small, so the rank loop is unrolled."""
+    mod = tl.zeros(w.shape, dtype=ACC) + c
+    for j in tl.static_range(R):
+        a = tl.load(sl_ptrs + j * stride_slr, mask=mask_n, other=0.0).to(ACC)
+        b = tl.load(sr_ptrs + j * stride_srr, mask=mask_k, other=0.0).to(ACC)
         mod += a[:, None] * b[None, :]
-    return mod
-
-
-@triton.jit
-def _modulated_w_tile(w_ptr, s_l_ptr, s_r_ptr, offs_n, offs_k, mask_n, mask_k, stride_wn, stride_wk, c,
-                      R: tl.constexpr, ACC: tl.constexpr):
-    """The W' tile W[n, k] · (c + Σ_j S_l[n, j] S_r[k, j]), in W's dtype, ready for the MMA."""
-    w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
-                mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-    return (w.to(ACC) * _modulation(s_l_ptr, s_r_ptr, offs_n, offs_k, mask_n, mask_k, c, R, ACC)).to(w.dtype)
+    return w.to(ACC) * mod
 
 
 @triton.jit
 def _grouped_tile(pid, rows, cols, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, GROUP: tl.constexpr):
-    """Program id -> (row tile, column tile), GROUP row tiles at a time so W tiles stay in L2."""
+    """Program id -> (row tile, column tile). Consecutive programs walk GROUP row tiles down one
+    column tile before moving right, so the column operand's tiles are re-read from L2, not HBM."""
     tiles_r = tl.cdiv(rows, BLOCK_ROWS)
     tiles_c = tl.cdiv(cols, BLOCK_COLS)
     per_group = GROUP * tiles_c
@@ -62,121 +64,215 @@ def _grouped_tile(pid, rows, cols, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.cons
 
 @triton.jit
 def _forward_kernel(
-    x_ptr, w_ptr, s_l_ptr, s_r_ptr, b_ptr, y_ptr,
+    x_ptr, w_ptr, sl_ptr, sr_ptr, b_ptr, y_ptr,
     M, N, K,
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
+    stride_xm, stride_xk, stride_wn, stride_wk,
+    stride_sln, stride_slr, stride_srk, stride_srr, stride_b, stride_ym, stride_yn,
     c,
-    R: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    R: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):
+    # One modulated W tile serves BLOCK_M rows of x: a large BLOCK_M amortizes the elementwise work
+    # (which Triton does not overlap with the MMA inside one program) against the MMA.
     pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
     mask_m, mask_n = offs_m < M, offs_n < N
-    acc_dtype = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_dtype)
+    rows_m, rows_n = offs_m.to(tl.int64), offs_n.to(tl.int64)  # M·K, N·K may exceed 2³¹
+    x_ptrs = x_ptr + rows_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    w_ptrs = w_ptr + rows_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
+    sl_ptrs = sl_ptr + offs_n * stride_sln
+    sr_ptrs = sr_ptr + offs_k * stride_srk
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        w_mod = _modulated_w_tile(w_ptr, s_l_ptr, s_r_ptr, offs_n, offs_k, mask_n, mask_k, stride_wn, stride_wk, c,
-                                  R, acc_dtype)
-        acc = tl.dot(x, tl.trans(w_mod), acc, input_precision=PRECISION, out_dtype=acc_dtype)
+        if EVEN_K:  # no K-edge predicates in the hot loop when BLOCK_K divides K
+            mask_k = tl.full((BLOCK_K,), True, tl.int1)
+        else:
+            mask_k = offs_k < K - k0
+        x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        # Rounded once, from fp32, to the MMA's input dtype; W' never exists in memory.
+        w_mod = _modulate(w, sl_ptrs, sr_ptrs, mask_n, mask_k, stride_slr, stride_srr, c, R, ACC).to(w.dtype)
+        acc = tl.dot(x, tl.trans(w_mod), acc, input_precision=PRECISION, out_dtype=ACC)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+        sr_ptrs += BLOCK_K * stride_srk
     if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(acc_dtype)[None, :]
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
+        acc += tl.load(b_ptr + offs_n * stride_b, mask=mask_n, other=0.0).to(ACC)[None, :]
+    tl.store(y_ptr + rows_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
              acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
 @triton.jit
 def _grad_x_kernel(
-    gy_ptr, w_ptr, s_l_ptr, s_r_ptr, gx_ptr,
+    gy_ptr, w_ptr, sl_ptr, sr_ptr, gx_ptr,
     M, N, K,
-    stride_gym, stride_gyn, stride_wn, stride_wk, stride_gxm, stride_gxk,
+    stride_gym, stride_gyn, stride_wn, stride_wk,
+    stride_sln, stride_slr, stride_srk, stride_srr, stride_gxm, stride_gxk,
     c,
-    R: tl.constexpr, PRECISION: tl.constexpr,
+    R: tl.constexpr, EVEN_N: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):
+    # Output tile [BLOCK_M, BLOCK_K] of gx; the reduction runs over N in steps of BLOCK_N.
     pid_m, pid_k = _grouped_tile(tl.program_id(0), M, K, BLOCK_M, BLOCK_K, GROUP)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_n = tl.arange(0, BLOCK_N)
     mask_m, mask_k = offs_m < M, offs_k < K
-    acc_dtype = tl.float64 if gy_ptr.dtype.element_ty == tl.float64 else tl.float32
-    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=acc_dtype)
+    rows_m, cols_k = offs_m.to(tl.int64), offs_k.to(tl.int64)  # M·N, M·K, N·K may exceed 2³¹
+    gy_ptrs = gy_ptr + rows_m[:, None] * stride_gym + offs_n[None, :] * stride_gyn
+    w_ptrs = w_ptr + offs_n[:, None] * stride_wn + cols_k[None, :] * stride_wk
+    sl_ptrs = sl_ptr + offs_n * stride_sln
+    sr_ptrs = sr_ptr + offs_k * stride_srk
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC)
     for n0 in range(0, N, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
-        gy = tl.load(gy_ptr + offs_m[:, None] * stride_gym + offs_n[None, :] * stride_gyn,
-                     mask=mask_m[:, None] & mask_n[None, :], other=0.0)
-        w_mod = _modulated_w_tile(w_ptr, s_l_ptr, s_r_ptr, offs_n, offs_k, mask_n, mask_k, stride_wn, stride_wk, c,
-                                  R, acc_dtype)
-        acc = tl.dot(gy, w_mod, acc, input_precision=PRECISION, out_dtype=acc_dtype)
-    tl.store(gx_ptr + offs_m[:, None] * stride_gxm + offs_k[None, :] * stride_gxk,
+        if EVEN_N:
+            mask_n = tl.full((BLOCK_N,), True, tl.int1)
+        else:
+            mask_n = offs_n < N - n0
+        gy = tl.load(gy_ptrs, mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        w_mod = _modulate(w, sl_ptrs, sr_ptrs, mask_n, mask_k, stride_slr, stride_srr, c, R, ACC).to(w.dtype)
+        acc = tl.dot(gy, w_mod, acc, input_precision=PRECISION, out_dtype=ACC)
+        gy_ptrs += BLOCK_N * stride_gyn
+        w_ptrs += BLOCK_N * stride_wn
+        sl_ptrs += BLOCK_N * stride_sln
+    tl.store(gx_ptr + rows_m[:, None] * stride_gxm + cols_k[None, :] * stride_gxk,
              acc.to(gx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
 
 
 @triton.jit
 def _grad_scales_kernel(
-    gy_ptr, x_ptr, w_ptr, s_l_ptr, s_r_ptr, partial_l_ptr, partial_r_ptr, gw_ptr,
-    M, N, K,
+    gy_ptr, x_ptr, w_ptr, sl_ptr, sr_ptr, part_l_ptr, part_r_ptr, gw_ptr,
+    M, N, K, M_CHUNK,
     stride_gym, stride_gyn, stride_xm, stride_xk, stride_wn, stride_wk,
+    stride_sln, stride_slr, stride_srk, stride_srr, stride_gwn, stride_gwk,
     c,
-    R: tl.constexpr, NEED_SCALES: tl.constexpr, NEED_WEIGHT: tl.constexpr, PRECISION: tl.constexpr,
+    R: tl.constexpr, NEED_SCALES: tl.constexpr, NEED_WEIGHT: tl.constexpr, EVEN_M: tl.constexpr,
+    ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):
+    # Axis 0: the (N, K) tile; axis 1: which chunk of M_CHUNK rows (a multiple of BLOCK_M) of M this
+    # program reduces. Splitting M keeps the GPU busy when N·K has few tiles (768×768: 36 tiles); the
+    # epilogue is linear in G, so per-chunk partials simply add up. dW is not, so it takes one chunk.
     pid_n, pid_k = _grouped_tile(tl.program_id(0), N, K, BLOCK_N, BLOCK_K, GROUP)
+    chunk = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_m = tl.arange(0, BLOCK_M)
     mask_n, mask_k = offs_n < N, offs_k < K
-    acc_dtype = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
-    g = tl.zeros((BLOCK_N, BLOCK_K), dtype=acc_dtype)  # this tile of G = gyᵀ x, kept in registers
-    for m0 in range(0, M, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < M
-        gy = tl.load(gy_ptr + offs_m[:, None] * stride_gym + offs_n[None, :] * stride_gyn,
-                     mask=mask_m[:, None] & mask_n[None, :], other=0.0)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        g = tl.dot(tl.trans(gy), x, g, input_precision=PRECISION, out_dtype=acc_dtype)
+    m_start = chunk * M_CHUNK
+    m_end = tl.minimum(M, m_start + M_CHUNK)
+    rows_m = (m_start + offs_m).to(tl.int64)  # M·N, M·K, N·K may exceed 2³¹
+    rows_n = offs_n.to(tl.int64)
+    gy_ptrs = gy_ptr + rows_m[:, None] * stride_gym + offs_n[None, :] * stride_gyn
+    x_ptrs = x_ptr + rows_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    g = tl.zeros((BLOCK_N, BLOCK_K), dtype=ACC)  # this tile of G = gyᵀ x; lives only in registers
+    for m0 in range(m_start, m_end, BLOCK_M):
+        if EVEN_M:
+            mask_m = tl.full((BLOCK_M,), True, tl.int1)
+        else:
+            mask_m = offs_m < m_end - m0
+        gy = tl.load(gy_ptrs, mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+        x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        g = tl.dot(tl.trans(gy), x, g, input_precision=PRECISION, out_dtype=ACC)
+        gy_ptrs += BLOCK_M * stride_gym
+        x_ptrs += BLOCK_M * stride_xm
+    sl_ptrs = sl_ptr + offs_n * stride_sln
+    sr_ptrs = sr_ptr + offs_k * stride_srk
     if NEED_WEIGHT:
-        mod = _modulation(s_l_ptr, s_r_ptr, offs_n, offs_k, mask_n, mask_k, c, R, acc_dtype)
-        tl.store(gw_ptr + offs_n[:, None] * K + offs_k[None, :],
-                 (g * mod).to(gw_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_k[None, :])
+        gw = _modulate(g, sl_ptrs, sr_ptrs, mask_n, mask_k, stride_slr, stride_srr, c, R, ACC)
+        tl.store(gw_ptr + rows_n[:, None] * stride_gwn + offs_k[None, :] * stride_gwk,
+                 gw.to(gw_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_k[None, :])
     if NEED_SCALES:
-        w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
+        w = tl.load(w_ptr + rows_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
                     mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-        t = g * w.to(acc_dtype)
+        t = g * w.to(ACC)
+        # Slot (chunk, column tile) of the ds_l partials, slot (chunk, row tile) of the ds_r ones,
+        # both laid out [slot, row, R]: every row in [0, N) / [0, K) of a slot is written exactly
+        # once, so the buffers need no zeroing and torch's sum over slots gives [N, R] / [K, R].
+        part_l_ptrs = part_l_ptr + ((chunk * tl.cdiv(K, BLOCK_K) + pid_k) * N + offs_n) * R
+        part_r_ptrs = part_r_ptr + ((chunk * tl.cdiv(N, BLOCK_N) + pid_n) * K + offs_k) * R
         for j in tl.static_range(R):
-            a = tl.load(s_l_ptr + offs_n * R + j, mask=mask_n, other=0.0).to(acc_dtype)
-            b = tl.load(s_r_ptr + offs_k * R + j, mask=mask_k, other=0.0).to(acc_dtype)
-            # partial_l[pid_k, n, j] = Σ_k∈tile T[n, k] S_r[k, j];  partial_r[pid_n, k, j] likewise.
-            tl.store(partial_l_ptr + (pid_k * N + offs_n) * R + j, tl.sum(t * b[None, :], axis=1), mask=mask_n)
-            tl.store(partial_r_ptr + (pid_n * K + offs_k) * R + j, tl.sum(t * a[:, None], axis=0), mask=mask_k)
+            a = tl.load(sl_ptrs + j * stride_slr, mask=mask_n, other=0.0).to(ACC)
+            b = tl.load(sr_ptrs + j * stride_srr, mask=mask_k, other=0.0).to(ACC)
+            tl.store(part_l_ptrs + j, tl.sum(t * b[None, :], axis=1), mask=mask_n)
+            tl.store(part_r_ptrs + j, tl.sum(t * a[:, None], axis=0), mask=mask_k)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch configuration
+
+# Interpreter (CPU tests): small tiles keep it fast; tl.dot needs every dimension >= 16.
+_INTERPRETER_BLOCKS = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP=4)
+_INTERPRETER_SMS = 32  # a pretend SM count with which small test shapes exercise the M split
+
+
+def _gemm_configs(out_cols: str, red: str) -> list:
+    """H100 tiles for 2-byte inputs, as (output rows, output columns, reduction step, warps, stages).
+    Per ptxas for sm_90a (bf16), the 4-warp ones fit two programs per SM, so one program's MMA can
+    overlap the other's W-tile modulation; BLOCK_M=256 instead amortizes that modulation over more rows."""
+    shapes = [
+        (128, 128, 64, 8, 3), (128, 128, 64, 4, 3), (256, 128, 64, 8, 3),
+        (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 32, 4, 4),
+    ]
+    return [triton.Config({"BLOCK_M": bm, out_cols: bc, red: br, "GROUP": 8}, num_warps=w, num_stages=s)
+            for bm, bc, br, w, s in shapes]
+
+
+def _for_dtype(red: str, fp64_tile: dict):
+    """An early_config_prune hook: the configs are sized for 2-byte inputs. fp32 tiles would not fit
+    in shared memory, so they get half the reduction step; fp64 (no tensor cores) one small tile."""
+
+    def prune(configs, named_args, **kwargs):
+        size = next(v for v in named_args.values() if isinstance(v, torch.Tensor)).element_size()
+        if size <= 2:
+            return configs
+        if size == 8:
+            return [triton.Config({**configs[0].kwargs, **fp64_tile}, num_warps=4, num_stages=2)]
+        halved = {}
+        for cfg in configs:
+            kw = {**cfg.kwargs, red: cfg.kwargs[red] // 2}
+            halved.setdefault(tuple(sorted(kw.items())) + (cfg.num_warps, cfg.num_stages),
+                              triton.Config(kw, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+        return list(halved.values())
+
+    return {"early_config_prune": prune}
+
+
+# The scales kernel's [BLOCK_N, BLOCK_K] tile fixes the partial buffers' shapes, so it is chosen by
+# dtype, not tuned; only the M step, warps and stages are (4 warps spill with a 128×128 fp32 G tile).
+# M chunks are multiples of _M_CHUNK_ALIGN, hence of every BLOCK_M.
+_SCALES_TILE = dict(BLOCK_N=128, BLOCK_K=128, GROUP=8)
+_SCALES_TILE_FP64 = dict(BLOCK_N=64, BLOCK_K=64, GROUP=8)
+_M_CHUNK_ALIGN = 128
+_SCALES_CONFIGS = [
+    triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s) for bm, w, s in [(64, 8, 3), (64, 8, 4), (32, 8, 4)]
+]
+
+_KEY = ["M", "N", "K", "R"]  # the autotuner adds the tensors' dtypes
+_forward_tuned = triton.autotune(
+    _gemm_configs("BLOCK_N", "BLOCK_K"), key=_KEY,
+    prune_configs_by=_for_dtype("BLOCK_K", dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16)),
+)(triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})(_forward_kernel))
+_grad_x_tuned = triton.autotune(
+    _gemm_configs("BLOCK_K", "BLOCK_N"), key=_KEY,
+    prune_configs_by=_for_dtype("BLOCK_N", dict(BLOCK_M=64, BLOCK_K=64, BLOCK_N=16)),
+)(triton.heuristics({"EVEN_N": lambda a: a["N"] % a["BLOCK_N"] == 0})(_grad_x_kernel))
+_grad_scales_tuned = triton.autotune(
+    _SCALES_CONFIGS, key=_KEY + ["M_CHUNK", "NEED_WEIGHT", "NEED_SCALES"],
+    prune_configs_by=_for_dtype("BLOCK_M", dict(BLOCK_M=16)),
+)(triton.heuristics({"EVEN_M": lambda a: a["M"] % a["BLOCK_M"] == 0})(_grad_scales_kernel))
 
 
 def _interpreting(t: torch.Tensor) -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1" or t.device.type == "cpu"
 
 
-# Small tiles for the CPU interpreter (tests); tl.dot needs every dimension >= 16.
-_INTERPRETER_BLOCKS = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP=4)
-# GPU tiles (Hopper/Ampere class). The scales kernel's tile shape fixes the partial-buffer sizes,
-# so only its warps/stages are tuned.
-_GEMM_CONFIGS = [
-    triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP=8), num_warps=w, num_stages=s)
-    for bm, bn, bk, w, s in [
-        (128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 32, 4, 4), (64, 64, 64, 4, 3),
-    ]
-]
-_SCALES_BLOCKS = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP=8)
-_SCALES_CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w, s in [(8, 3), (4, 3), (8, 4)]]
-
-_forward_tuned = triton.autotune(_GEMM_CONFIGS, key=["M", "N", "K", "R"])(_forward_kernel)
-_grad_x_tuned = triton.autotune(_GEMM_CONFIGS, key=["M", "N", "K", "R"])(_grad_x_kernel)
-_grad_scales_tuned = triton.autotune(_SCALES_CONFIGS, key=["M", "N", "K", "R"], reset_to_zero=None)(
-    _grad_scales_kernel
-)
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _precision(t: torch.Tensor) -> str:
@@ -185,13 +281,28 @@ def _precision(t: torch.Tensor) -> str:
     return "ieee"
 
 
-def _launch(tuned, plain, grid_dims, *args, **meta):
-    """Run the autotuned kernel on a GPU, or the plain one with small fixed tiles in the interpreter."""
-    if _interpreting(args[0]):
-        blocks = _INTERPRETER_BLOCKS
-        plain[(grid_dims(blocks),)](*args, **meta, **blocks)
-    else:
-        tuned[lambda cfg: (grid_dims(cfg),)](*args, **meta)
+def _acc(t: torch.Tensor):
+    return (tl.float64, torch.float64) if t.dtype == torch.float64 else (tl.float32, torch.float32)
+
+
+def _m_chunk(M: int, tiles: int, sms: int, align: int) -> int:
+    """Rows of M per program of the scales kernel: minimizes waves × (rows + epilogue), the epilogue
+    (W tile load, 2R reductions, partial stores) costed like 2·align rows of main loop."""
+    best_rows, best_cost = M, None
+    for split in range(1, min(32, triton.cdiv(M, 2 * align)) + 1):
+        rows = triton.cdiv(triton.cdiv(M, split), align) * align
+        cost = triton.cdiv(tiles * triton.cdiv(M, rows), sms) * (rows + 2 * align)
+        if best_cost is None or cost < best_cost:
+            best_rows, best_cost = rows, cost
+    return best_rows
+
+
+def _scale_strides(s_l: torch.Tensor, s_r: torch.Tensor) -> tuple:
+    return s_l.stride(0), s_l.stride(1), s_r.stride(0), s_r.stride(1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch wrappers
 
 
 def rescaled_linear_forward(
@@ -202,24 +313,28 @@ def rescaled_linear_forward(
     bias: Optional[torch.Tensor],
     residual: bool,
 ) -> torch.Tensor:
-    """y [M, N] = x2d (W ⊙ (c + s_l s_rᵀ))ᵀ + bias; s_l [N, R], s_r [K, R]."""
+    """y [M, N] = x2d (W ⊙ (c + s_l s_rᵀ))ᵀ + bias, for x2d [M, K], weight [N, K], s_l [N, R], s_r [K, R]."""
     M, K = x2d.shape
     N, R = weight.shape[0], s_l.shape[1]
-    s_l, s_r = s_l.contiguous(), s_r.contiguous()
     y = torch.empty(M, N, dtype=x2d.dtype, device=x2d.device)
     if M == 0 or N == 0:
         return y
     if K == 0:
         return y.copy_(bias.expand(M, N) if bias is not None else torch.zeros_like(y))
-    _launch(
-        _forward_tuned, _forward_kernel,
-        lambda b: triton.cdiv(M, b["BLOCK_M"]) * triton.cdiv(N, b["BLOCK_N"]),
+    args = (
         x2d, weight, s_l, s_r, bias if bias is not None else y, y,
         M, N, K,
-        x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1), y.stride(0), y.stride(1),
+        x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1), *_scale_strides(s_l, s_r),
+        bias.stride(0) if bias is not None else 0, y.stride(0), y.stride(1),
         1.0 if residual else 0.0,
-        R=R, HAS_BIAS=bias is not None, PRECISION=_precision(x2d),
     )
+    meta = dict(R=R, HAS_BIAS=bias is not None, ACC=_acc(x2d)[0], PRECISION=_precision(x2d))
+    if _interpreting(x2d):
+        b = _INTERPRETER_BLOCKS
+        grid = (triton.cdiv(M, b["BLOCK_M"]) * triton.cdiv(N, b["BLOCK_N"]),)
+        _forward_kernel[grid](*args, **meta, **b, EVEN_K=K % b["BLOCK_K"] == 0)
+    else:
+        _forward_tuned[lambda cfg: (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)](*args, **meta)
     return y
 
 
@@ -234,47 +349,81 @@ def rescaled_linear_backward(
     need_weight: bool,
     need_scales: bool,
 ):
-    """(gx, gw, gs_l, gs_r), each None unless requested; need_scales computes both scale grads."""
+    """(gx [M, K], gw [N, K], gs_l [N, R], gs_r [K, R]), each None unless requested (need_scales
+    gives both scale gradients). The bias gradient is left to the caller."""
     M, K = x2d.shape
     N, R = weight.shape[0], s_l.shape[1]
-    s_l, s_r = s_l.contiguous(), s_r.contiguous()
     c = 1.0 if residual else 0.0
+    acc_tl, acc_torch = _acc(x2d)
     precision = _precision(x2d)
+    interpreting = _interpreting(x2d)
     gx = gw = gs_l = gs_r = None
+
     if need_x:
         gx = torch.empty(M, K, dtype=x2d.dtype, device=x2d.device)
-        if min(M, N, K) == 0:
+        if N == 0:
             gx.zero_()
-        else:
-            _launch(
-                _grad_x_tuned, _grad_x_kernel,
-                lambda b: triton.cdiv(M, b["BLOCK_M"]) * triton.cdiv(K, b["BLOCK_K"]),
+        elif M > 0 and K > 0:
+            args = (
                 grad_y, weight, s_l, s_r, gx,
                 M, N, K,
-                grad_y.stride(0), grad_y.stride(1), weight.stride(0), weight.stride(1), gx.stride(0), gx.stride(1),
-                c, R=R, PRECISION=precision,
+                grad_y.stride(0), grad_y.stride(1), weight.stride(0), weight.stride(1),
+                *_scale_strides(s_l, s_r), gx.stride(0), gx.stride(1),
+                c,
             )
-    if need_weight or need_scales:
-        blocks = _INTERPRETER_BLOCKS if _interpreting(x2d) else _SCALES_BLOCKS
-        tiles_n, tiles_k = triton.cdiv(N, blocks["BLOCK_N"]), triton.cdiv(K, blocks["BLOCK_K"])
-        acc_dtype = torch.float64 if x2d.dtype == torch.float64 else torch.float32
-        partial_l = torch.empty(tiles_k, N, R, dtype=acc_dtype, device=x2d.device)
-        partial_r = torch.empty(tiles_n, K, R, dtype=acc_dtype, device=x2d.device)
-        if need_weight:
-            gw = torch.empty(N, K, dtype=weight.dtype, device=weight.device)
-        args = (
-            grad_y, x2d, weight, s_l, s_r, partial_l, partial_r, gw if gw is not None else partial_l,
-            M, N, K,
-            grad_y.stride(0), grad_y.stride(1), x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1),
-            c,
-        )
-        meta = dict(R=R, NEED_SCALES=need_scales, NEED_WEIGHT=need_weight, PRECISION=precision)
-        grid = (tiles_n * tiles_k,)
-        if _interpreting(x2d):
-            _grad_scales_kernel[grid](*args, **meta, **blocks)
-        else:
-            _grad_scales_tuned[grid](*args, **meta, **blocks)
+            meta = dict(R=R, ACC=acc_tl, PRECISION=precision)
+            if interpreting:
+                b = _INTERPRETER_BLOCKS
+                grid = (triton.cdiv(M, b["BLOCK_M"]) * triton.cdiv(K, b["BLOCK_K"]),)
+                _grad_x_kernel[grid](*args, **meta, **b, EVEN_N=N % b["BLOCK_N"] == 0)
+            else:
+                grid = lambda cfg: (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_K"]),)
+                _grad_x_tuned[grid](*args, **meta)
+
+    if not (need_weight or need_scales):
+        return gx, gw, gs_l, gs_r
+    if need_weight:
+        gw = torch.empty(N, K, dtype=weight.dtype, device=weight.device)
+    if min(M, N, K) == 0:
+        if gw is not None:
+            gw.zero_()
         if need_scales:
-            gs_l = partial_l.sum(0).to(s_l.dtype)
-            gs_r = partial_r.sum(0).to(s_r.dtype)
+            gs_l, gs_r = torch.zeros_like(s_l), torch.zeros_like(s_r)
+        return gx, gw, gs_l, gs_r
+
+    if interpreting:
+        tile = _INTERPRETER_BLOCKS
+    else:
+        tile = _SCALES_TILE_FP64 if x2d.dtype == torch.float64 else _SCALES_TILE
+    tiles_n, tiles_k = triton.cdiv(N, tile["BLOCK_N"]), triton.cdiv(K, tile["BLOCK_K"])
+    if need_weight:
+        m_chunk = M  # dW needs the whole of G in one program
+    elif interpreting:
+        m_chunk = _m_chunk(M, tiles_n * tiles_k, _INTERPRETER_SMS, tile["BLOCK_M"])
+    else:
+        m_chunk = _m_chunk(M, tiles_n * tiles_k, _num_sms(x2d.device), _M_CHUNK_ALIGN)
+    chunks = triton.cdiv(M, m_chunk)
+    if need_scales:
+        part_l = torch.empty(chunks * tiles_k, N, R, dtype=acc_torch, device=x2d.device)
+        part_r = torch.empty(chunks * tiles_n, K, R, dtype=acc_torch, device=x2d.device)
+    else:
+        part_l = part_r = x2d  # never touched
+    gw_arg = gw if gw is not None else x2d
+    args = (
+        grad_y, x2d, weight, s_l, s_r, part_l, part_r, gw_arg,
+        M, N, K, m_chunk,
+        grad_y.stride(0), grad_y.stride(1), x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1),
+        *_scale_strides(s_l, s_r), gw_arg.stride(0), gw_arg.stride(1),
+        c,
+    )
+    meta = dict(R=R, NEED_SCALES=need_scales, NEED_WEIGHT=need_weight, ACC=acc_tl, PRECISION=precision)
+    grid = (tiles_n * tiles_k, chunks)
+    if interpreting:
+        # m_chunk is a multiple of BLOCK_M, so chunks stay unmasked exactly when M is.
+        _grad_scales_kernel[grid](*args, **meta, **tile, EVEN_M=M % tile["BLOCK_M"] == 0)
+    else:
+        _grad_scales_tuned[grid](*args, **meta, **tile)
+    if need_scales:
+        gs_l = part_l.sum(0).to(s_l.dtype)
+        gs_r = part_r.sum(0).to(s_r.dtype)
     return gx, gw, gs_l, gs_r
