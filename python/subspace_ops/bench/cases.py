@@ -48,6 +48,7 @@ Shape presets (``M,K,N``; M = tokens in the batch):
 
 from __future__ import annotations
 
+import functools
 import types
 from typing import Callable, Optional
 
@@ -171,6 +172,16 @@ def _setup_peft_lora(shape: Shape, dtype: torch.dtype, device: torch.device, ran
     return Workload(lambda: model(x), [x, *trainable], inp.grad_output, f"peft {peft.__version__}")
 
 
+def _standard_layers(lora_rank: int) -> list[Variant]:
+    """The nearest standard layers every linear-family case is compared with."""
+    return [
+        Variant("frozen F.linear", _setup_frozen, description="pretrained layer, nothing trained"),
+        Variant("full FT", _setup_full_ft, description="F.linear with W and b trained"),
+        Variant(f"peft LoRA r={lora_rank}", functools.partial(_setup_peft_lora, rank=lora_rank), optional=True,
+                description="PEFT LoRA on one nn.Linear"),
+    ]
+
+
 def rescaled_linear_variants(backend: Optional[str] = None) -> list[Variant]:
     """The variants of this case; ``backend`` is our op's backend (``None``: the default)."""
     return [
@@ -178,10 +189,7 @@ def rescaled_linear_variants(backend: Optional[str] = None) -> list[Variant]:
         Variant("naive", _setup_naive, description="materialize W', then F.linear (eager)"),
         Variant("naive+compile", _setup_naive_compiled, optional=True,
                 description="torch.compile of the naive formula"),
-        Variant("frozen F.linear", _setup_frozen, description="pretrained layer, nothing trained"),
-        Variant("full FT", _setup_full_ft, description="F.linear with W and b trained"),
-        Variant(f"peft LoRA r={LORA_RANK}", _setup_peft_lora, optional=True,
-                description="PEFT LoRA on one nn.Linear"),
+        *_standard_layers(LORA_RANK),
     ]
 
 
@@ -255,19 +263,13 @@ def _setup_svd_naive_compiled(shape: Shape, dtype: torch.dtype, device: torch.de
     return Workload(lambda: compiled(x, weight, u, v, d, bias), [x, d], inp.grad_output, "inductor")
 
 
-def _setup_peft_lora16(shape: Shape, dtype: torch.dtype, device: torch.device) -> Workload:
-    return _setup_peft_lora(shape, dtype, device, rank=16)
-
-
 def svd_delta_linear_variants(backend: Optional[str] = None) -> list[Variant]:
     return [
         Variant("subspace_ops", _setup_svd_ours(backend), description="subspace_ops.svd_delta_linear"),
         Variant("naive", _setup_svd_naive, description="x Wᵀ + ((x V) ⊙ d) Uᵀ (eager)"),
         Variant("naive+compile", _setup_svd_naive_compiled, optional=True,
                 description="torch.compile of the naive formula"),
-        Variant("frozen F.linear", _setup_frozen, description="pretrained layer, nothing trained"),
-        Variant("full FT", _setup_full_ft, description="F.linear with W and b trained"),
-        Variant("peft LoRA r=16", _setup_peft_lora16, optional=True, description="PEFT LoRA on one nn.Linear"),
+        *_standard_layers(16),
     ]
 
 
