@@ -24,8 +24,7 @@ from ._dispatch import kernel_module
 __all__ = ["rescaled_linear"]
 
 
-@torch.library.custom_op("subspace_ops::rescaled_linear", mutates_args=())
-def _rescaled_linear_op(
+def _forward_impl(
     x: Tensor, weight: Tensor, s_l: Tensor, s_r: Tensor, bias: Optional[Tensor], residual: bool, backend: str
 ) -> Tensor:
     kernels = kernel_module(backend, "rescaled_linear")
@@ -33,13 +32,15 @@ def _rescaled_linear_op(
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
+_rescaled_linear_op = torch.library.custom_op("subspace_ops::rescaled_linear", mutates_args=())(_forward_impl)
+
+
 @_rescaled_linear_op.register_fake
 def _(x, weight, s_l, s_r, bias, residual, backend):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
-@torch.library.custom_op("subspace_ops::rescaled_linear_backward", mutates_args=())
-def _rescaled_linear_backward_op(
+def _backward_impl(
     grad_y: Tensor,
     x: Tensor,
     weight: Tensor,
@@ -71,6 +72,11 @@ def _rescaled_linear_backward_op(
     )
 
 
+_rescaled_linear_backward_op = torch.library.custom_op(
+    "subspace_ops::rescaled_linear_backward", mutates_args=()
+)(_backward_impl)
+
+
 @_rescaled_linear_backward_op.register_fake
 def _(grad_y, x, weight, s_l, s_r, residual, backend, need_x, need_weight, need_scales):
     return (
@@ -88,13 +94,13 @@ def _setup_context(ctx, inputs, output):
     ctx.backend = backend
 
 
-def _backward(ctx, grad_y):
+def _gradients(ctx, grad_y, backward_kernels):
     x, weight, s_l, s_r = ctx.saved_tensors
     need_x, need_weight, need_s_l, need_s_r, need_bias = ctx.needs_input_grad[:5]
     need_scales = need_s_l or need_s_r
     gx = gw = gs_l = gs_r = gb = None
     if need_x or need_weight or need_scales:
-        gx, gw, gs_l, gs_r = torch.ops.subspace_ops.rescaled_linear_backward(
+        gx, gw, gs_l, gs_r = backward_kernels(
             grad_y, x, weight, s_l, s_r, ctx.residual, ctx.backend, need_x, need_weight, need_scales
         )
     if need_bias:
@@ -110,7 +116,25 @@ def _backward(ctx, grad_y):
     )
 
 
-_rescaled_linear_op.register_autograd(_backward, setup_context=_setup_context)
+_rescaled_linear_op.register_autograd(
+    lambda ctx, grad_y: _gradients(ctx, grad_y, torch.ops.subspace_ops.rescaled_linear_backward),
+    setup_context=_setup_context,
+)
+
+
+class _EagerRescaledLinear(torch.autograd.Function):
+    """The eager-mode path: the same kernels and gradient formulas as the registered op, minus the
+    custom-op dispatcher's per-call cost (about 8% of a step at M=197 on CPU). Under
+    torch.compile the registered op is used, so graphs see ``subspace_ops::rescaled_linear``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, s_l, s_r, bias, residual, backend):
+        _setup_context(ctx, (x, weight, s_l, s_r, bias, residual, backend), None)
+        return _forward_impl(x, weight, s_l, s_r, bias, residual, backend)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        return _gradients(ctx, grad_y, _backward_impl)
 
 
 def _check_inputs(x, weight, s_l, s_r, bias) -> None:
@@ -178,12 +202,8 @@ def rescaled_linear(
         return reference.rescaled_linear(x, weight, s_l, s_r, bias, residual=residual)
     out_features, in_features = weight.shape
     rank = next((s.shape[1] for s in (s_l, s_r) if s is not None and s.dim() == 2), 1)
-    return torch.ops.subspace_ops.rescaled_linear(
-        x,
-        weight,
-        _scale_matrix(s_l, out_features, rank, x),
-        _scale_matrix(s_r, in_features, rank, x),
-        bias,
-        residual,
-        name,
-    )
+    args = (x, weight, _scale_matrix(s_l, out_features, rank, x), _scale_matrix(s_r, in_features, rank, x), bias,
+            residual, name)
+    if torch.compiler.is_compiling():
+        return torch.ops.subspace_ops.rescaled_linear(*args)
+    return _EagerRescaledLinear.apply(*args)

@@ -37,8 +37,7 @@ def choose_path(tokens: int, out_features: int, in_features: int) -> str:
     return "merged" if tokens * (out_features + in_features) >= out_features * in_features else "unmerged"
 
 
-@torch.library.custom_op("subspace_ops::svd_delta_linear", mutates_args=())
-def _svd_delta_linear_op(
+def _forward_impl(
     x: Tensor, weight: Tensor, u: Tensor, v: Tensor, d: Tensor, bias: Optional[Tensor], backend: str
 ) -> Tensor:
     kernels = kernel_module(backend, "svd_delta_linear")
@@ -46,13 +45,15 @@ def _svd_delta_linear_op(
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
+_svd_delta_linear_op = torch.library.custom_op("subspace_ops::svd_delta_linear", mutates_args=())(_forward_impl)
+
+
 @_svd_delta_linear_op.register_fake
 def _(x, weight, u, v, d, bias, backend):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
-@torch.library.custom_op("subspace_ops::svd_delta_linear_backward", mutates_args=())
-def _svd_delta_linear_backward_op(
+def _backward_impl(
     grad_y: Tensor, x: Tensor, weight: Tensor, u: Tensor, v: Tensor, d: Tensor, backend: str, need_x: bool,
     need_d: bool,
 ) -> tuple[Tensor, Tensor]:
@@ -61,6 +62,11 @@ def _svd_delta_linear_backward_op(
         grad_y.reshape(-1, grad_y.shape[-1]), x.reshape(-1, x.shape[-1]), weight, u, v, d, need_x, need_d
     )
     return (gx.reshape(x.shape) if need_x else x.new_empty(0), gd if need_d else d.new_empty(0))
+
+
+_svd_delta_linear_backward_op = torch.library.custom_op(
+    "subspace_ops::svd_delta_linear_backward", mutates_args=()
+)(_backward_impl)
 
 
 @_svd_delta_linear_backward_op.register_fake
@@ -74,22 +80,37 @@ def _setup_context(ctx, inputs, output):
     ctx.backend = backend
 
 
-def _backward(ctx, grad_y):
+def _gradients(ctx, grad_y, backward_kernels):
     x, weight, u, v, d = ctx.saved_tensors
     need_x, need_weight, need_u, need_v, need_d, need_bias = ctx.needs_input_grad[:6]
     if need_weight or need_u or need_v:
         raise RuntimeError("svd_delta_linear trains d only: weight, u and v must not require grad")
     gx = gd = gb = None
     if need_x or need_d:
-        gx, gd = torch.ops.subspace_ops.svd_delta_linear_backward(
-            grad_y, x, weight, u, v, d, ctx.backend, need_x, need_d
-        )
+        gx, gd = backward_kernels(grad_y, x, weight, u, v, d, ctx.backend, need_x, need_d)
     if need_bias:
         gb = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
     return gx if need_x else None, None, None, None, gd if need_d else None, gb, None
 
 
-_svd_delta_linear_op.register_autograd(_backward, setup_context=_setup_context)
+_svd_delta_linear_op.register_autograd(
+    lambda ctx, grad_y: _gradients(ctx, grad_y, torch.ops.subspace_ops.svd_delta_linear_backward),
+    setup_context=_setup_context,
+)
+
+
+class _EagerSvdDeltaLinear(torch.autograd.Function):
+    """Eager-mode path: the registered op's kernels and formulas without the custom-op dispatcher's
+    per-call cost; torch.compile traces ``subspace_ops::svd_delta_linear`` itself."""
+
+    @staticmethod
+    def forward(ctx, x, weight, u, v, d, bias, backend):
+        _setup_context(ctx, (x, weight, u, v, d, bias, backend), None)
+        return _forward_impl(x, weight, u, v, d, bias, backend)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        return _gradients(ctx, grad_y, _backward_impl)
 
 
 def _check_inputs(x, weight, u, v, d, bias) -> None:
@@ -141,4 +162,6 @@ def svd_delta_linear(
     tokens = x.numel() // max(x.shape[-1], 1)
     if (path or choose_path(tokens, *weight.shape)) == "unmerged":
         return torch.nn.functional.linear(x, weight, bias) + ((x @ v) * d) @ u.T
-    return torch.ops.subspace_ops.svd_delta_linear(x, weight, u, v, d, bias, name)
+    if torch.compiler.is_compiling():
+        return torch.ops.subspace_ops.svd_delta_linear(x, weight, u, v, d, bias, name)
+    return _EagerSvdDeltaLinear.apply(x, weight, u, v, d, bias, name)
