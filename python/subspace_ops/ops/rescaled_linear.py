@@ -1,7 +1,9 @@
 """``rescaled_linear``: y = x (W ⊙ (c + S_l S_rᵀ))ᵀ + b — RLRR, SSB, SSL, (IA)³ (METHODS.md §1).
 
 This file is the op's public function, its ``torch.library`` registration (``subspace_ops::``
-namespace, fake kernels for ``torch.compile``) and its autograd formula. The math lives in the
+namespace, fake kernels for ``torch.compile``) and its autograd formula, shared by the registered
+op (used under ``torch.compile``) and an ``autograd.Function`` over the same kernels (used in eager
+mode, where the custom-op dispatcher's per-call cost is measurable on small layers). The math lives in the
 kernels: ``csrc/rescaled_linear.cpp`` (backend "cpu") and ``triton_kernels/rescaled_linear.py``
 (backend "triton"); ``subspace_ops.reference.rescaled_linear`` is the ground truth.
 
