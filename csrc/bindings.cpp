@@ -3,6 +3,7 @@
 
 #include <sstream>
 
+#include "head_mixing_attention.h"
 #include "rescaled_linear.h"
 #include "svd_delta_linear.h"
 
@@ -43,5 +44,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("u"), py::arg("v"), py::arg("d"), py::arg("bias"));
   m.def("svd_delta_linear_backward", &subspace_ops::svd_delta_linear_backward, py::arg("grad_y"), py::arg("x2d"),
         py::arg("weight"), py::arg("u"), py::arg("v"), py::arg("d"), py::arg("need_x"), py::arg("need_d"));
+  m.def("head_mixing_attention_forward", &subspace_ops::head_mixing_attention_forward, py::arg("q"), py::arg("k"),
+        py::arg("v"), py::arg("mix"), py::arg("mask"), py::arg("is_causal"), py::arg("scale"));
+  m.def("head_mixing_attention_backward", &subspace_ops::head_mixing_attention_backward, py::arg("grad_out"),
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("mix"), py::arg("mask"), py::arg("lse"),
+        py::arg("is_causal"), py::arg("scale"));
   m.def("build_info", &build_info);
 }

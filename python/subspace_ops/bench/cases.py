@@ -48,39 +48,17 @@ Shape presets (``M,K,N``; M = tokens in the batch):
 
 from __future__ import annotations
 
-import functools
-import types
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from .harness import Case, Shape, Variant, VariantSkipped, Workload
+from .common import LINEAR_PRESETS, LinearInputs, fresh_copy, standard_linear_layers
+from .harness import Case, Shape, Variant, Workload
 
 __all__ = ["CASES", "RESCALED_LINEAR", "SVD_DELTA_LINEAR", "rescaled_linear_variants", "svd_delta_linear_variants"]
 
-LORA_RANK = 8
-
-
-class _Inputs:
-    """The tensors every variant starts from, identical across variants (seeded on the device)."""
-
-    def __init__(self, shape: Shape, dtype: torch.dtype, device: torch.device) -> None:
-        m, k, n = shape
-        g = torch.Generator(device=device).manual_seed(0)
-
-        def make(*size: int, scale: float = 1.0) -> torch.Tensor:
-            return torch.randn(*size, generator=g, device=device, dtype=torch.float32).mul_(scale).to(dtype)
-
-        self.x = make(m, k).requires_grad_(True)
-        self.weight = make(n, k, scale=k**-0.5)
-        self.bias = make(n, scale=0.02)
-        self.s_l = make(n, scale=0.1)
-        self.s_r = make(k, scale=0.1)
-        self.grad_output = make(m, n)
-
-
-def _rlrr_params(inp: _Inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _rlrr_params(inp: LinearInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """RLRR's trainable tensors: s_l [N], s_r [K] and the (shifted) bias [N]."""
     return (inp.s_l.requires_grad_(True), inp.s_r.requires_grad_(True), inp.bias.requires_grad_(True))
 
@@ -96,7 +74,7 @@ def _setup_ours(backend: Optional[str]):
         import subspace_ops  # lazily: the harness must import without the op
 
         chosen = subspace_ops.resolve_backend(backend, device)
-        inp = _Inputs(shape, dtype, device)
+        inp = LinearInputs(shape, dtype, device)
         s_l, s_r, bias = _rlrr_params(inp)
         x, weight = inp.x, inp.weight
 
@@ -109,77 +87,21 @@ def _setup_ours(backend: Optional[str]):
 
 
 def _setup_naive(shape: Shape, dtype: torch.dtype, device: torch.device) -> Workload:
-    inp = _Inputs(shape, dtype, device)
+    inp = LinearInputs(shape, dtype, device)
     s_l, s_r, bias = _rlrr_params(inp)
     x, weight = inp.x, inp.weight
     return Workload(lambda: _naive(x, weight, s_l, s_r, bias), [x, s_l, s_r, bias], inp.grad_output, "torch")
 
 
-def _fresh_copy(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-    """``fn`` with its own code object. Dynamo keeps its compile cache per code object, so every
-    setup compiles afresh instead of piling up recompiles until ``recompile_limit`` silently
-    falls back to eager."""
-    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
-
-
 def _setup_naive_compiled(shape: Shape, dtype: torch.dtype, device: torch.device) -> Workload:
     # One static graph per shape; compiling is lazy, so a compile error surfaces at warm-up and
     # is reported in the table ("skipped: ..."), as the variant is optional.
-    compiled = torch.compile(_fresh_copy(_naive), dynamic=False)
-    inp = _Inputs(shape, dtype, device)
+    compiled = torch.compile(fresh_copy(_naive), dynamic=False)
+    inp = LinearInputs(shape, dtype, device)
     s_l, s_r, bias = _rlrr_params(inp)
     x, weight = inp.x, inp.weight
     return Workload(lambda: compiled(x, weight, s_l, s_r, bias), [x, s_l, s_r, bias], inp.grad_output,
                     "inductor")
-
-
-def _setup_frozen(shape: Shape, dtype: torch.dtype, device: torch.device) -> Workload:
-    inp = _Inputs(shape, dtype, device)
-    x, weight, bias = inp.x, inp.weight, inp.bias
-    return Workload(lambda: F.linear(x, weight, bias), [x], inp.grad_output, "torch")
-
-
-def _setup_full_ft(shape: Shape, dtype: torch.dtype, device: torch.device) -> Workload:
-    inp = _Inputs(shape, dtype, device)
-    x, weight, bias = inp.x, inp.weight.requires_grad_(True), inp.bias.requires_grad_(True)
-    return Workload(lambda: F.linear(x, weight, bias), [x, weight, bias], inp.grad_output, "torch")
-
-
-class _OneLinear(torch.nn.Module):
-    def __init__(self, k: int, n: int) -> None:
-        super().__init__()
-        self.proj = torch.nn.Linear(k, n)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x)
-
-
-def _setup_peft_lora(shape: Shape, dtype: torch.dtype, device: torch.device, rank: int = LORA_RANK) -> Workload:
-    try:
-        import peft
-    except ImportError:
-        raise VariantSkipped("peft not installed (pip install peft)") from None
-    inp = _Inputs(shape, dtype, device)
-    _, k, n = shape
-    module = _OneLinear(k, n)
-    with torch.no_grad():
-        module.proj.weight.copy_(inp.weight)
-        module.proj.bias.copy_(inp.bias)
-    config = peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["proj"])
-    model = peft.get_peft_model(module, config).to(device=device, dtype=dtype)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    x = inp.x
-    return Workload(lambda: model(x), [x, *trainable], inp.grad_output, f"peft {peft.__version__}")
-
-
-def _standard_layers(lora_rank: int) -> list[Variant]:
-    """The nearest standard layers every linear-family case is compared with."""
-    return [
-        Variant("frozen F.linear", _setup_frozen, description="pretrained layer, nothing trained"),
-        Variant("full FT", _setup_full_ft, description="F.linear with W and b trained"),
-        Variant(f"peft LoRA r={lora_rank}", functools.partial(_setup_peft_lora, rank=lora_rank), optional=True,
-                description="PEFT LoRA on one nn.Linear"),
-    ]
 
 
 def rescaled_linear_variants(backend: Optional[str] = None) -> list[Variant]:
@@ -189,7 +111,7 @@ def rescaled_linear_variants(backend: Optional[str] = None) -> list[Variant]:
         Variant("naive", _setup_naive, description="materialize W', then F.linear (eager)"),
         Variant("naive+compile", _setup_naive_compiled, optional=True,
                 description="torch.compile of the naive formula"),
-        *_standard_layers(LORA_RANK),
+        *standard_linear_layers(8),
     ]
 
 
@@ -199,11 +121,7 @@ RESCALED_LINEAR = Case(
     make_variants=rescaled_linear_variants,
     baselines={"forward": "frozen F.linear", "inference": "frozen F.linear", "fwd+bwd": "full FT"},
     dim_names=("M", "K", "N"),
-    presets={
-        "vit-b": {"cuda": [(12608, 768, 768)], "cpu": [(4096, 768, 768), (197, 768, 768)]},
-        "vit-b-full": {"any": [(12608, 768, 768)]},
-        "llama-7b": {"any": [(8192, 4096, 4096)]},
-    },
+    presets=LINEAR_PRESETS,
     default_presets={"any": ["vit-b"]},
     default_dtype={"cuda": torch.bfloat16, "cpu": torch.float32},
 )
@@ -220,7 +138,7 @@ SVD_RANK = 400
 
 
 def _svd_inputs(shape: Shape, dtype: torch.dtype, device: torch.device):
-    inp = _Inputs(shape, dtype, device)
+    inp = LinearInputs(shape, dtype, device)
     _, k_in, n = shape
     rank = min(SVD_RANK, n, k_in)
     g = torch.Generator(device="cpu").manual_seed(1)
@@ -257,7 +175,7 @@ def _setup_svd_naive(shape: Shape, dtype: torch.dtype, device: torch.device) -> 
 
 
 def _setup_svd_naive_compiled(shape: Shape, dtype: torch.dtype, device: torch.device) -> Workload:
-    compiled = torch.compile(_fresh_copy(_svd_naive), dynamic=False)
+    compiled = torch.compile(fresh_copy(_svd_naive), dynamic=False)
     inp, u, v, d = _svd_inputs(shape, dtype, device)
     x, weight, bias = inp.x, inp.weight, inp.bias
     return Workload(lambda: compiled(x, weight, u, v, d, bias), [x, d], inp.grad_output, "inductor")
@@ -269,7 +187,7 @@ def svd_delta_linear_variants(backend: Optional[str] = None) -> list[Variant]:
         Variant("naive", _setup_svd_naive, description="x Wᵀ + ((x V) ⊙ d) Uᵀ (eager)"),
         Variant("naive+compile", _setup_svd_naive_compiled, optional=True,
                 description="torch.compile of the naive formula"),
-        *_standard_layers(16),
+        *standard_linear_layers(16),
     ]
 
 
@@ -279,10 +197,11 @@ SVD_DELTA_LINEAR = Case(
     make_variants=svd_delta_linear_variants,
     baselines={"forward": "frozen F.linear", "inference": "frozen F.linear", "fwd+bwd": "full FT"},
     dim_names=("M", "K", "N"),
-    presets=RESCALED_LINEAR.presets,
+    presets=LINEAR_PRESETS,
     default_presets={"any": ["vit-b"]},
     default_dtype={"cuda": torch.bfloat16, "cpu": torch.float32},
 )
+
 
 
 CASES: dict[str, Case] = {case.name: case for case in (RESCALED_LINEAR, SVD_DELTA_LINEAR)}

@@ -1,0 +1,28 @@
+// Head-mixing attention (Coeff-Tuning, METHODS.md §3) on the CPU:
+//   O_h = Σ_g mix[h, g] · softmax(scale · Q_g K_gᵀ + mask)_g · V_h,
+// computed block by block with O(N) memory per head (never a [B, H, Nq, Nk] tensor).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+
+namespace subspace_ops {
+
+// q [B, H, Nq, D], k and v [B, H, Nk, D], mix [H, H]; mask an additive floating tensor viewed as
+// [B, H, Nq, Nk] (zero strides allowed; -inf = masked). is_causal: query i sees keys j <= i.
+// -> (out [B, H, Nq, D] in q's dtype, lse [B, H, Nq]: the row log-sum-exp of the masked, scaled
+// scores, +inf for a fully masked row so that its probabilities are exp(s - lse) = 0).
+// lse is float64 for float64 inputs, float32 otherwise.
+std::tuple<at::Tensor, at::Tensor> head_mixing_attention_forward(const at::Tensor& q, const at::Tensor& k,
+                                                                 const at::Tensor& v, const at::Tensor& mix,
+                                                                 const std::optional<at::Tensor>& mask,
+                                                                 bool is_causal, double scale);
+
+// -> (dq, dk, dv in the inputs' dtype, dmix [H, H] in lse's dtype).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> head_mixing_attention_backward(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mix,
+    const std::optional<at::Tensor>& mask, const at::Tensor& lse, bool is_causal, double scale);
+
+}  // namespace subspace_ops

@@ -1,0 +1,187 @@
+"""head_mixing_attention (METHODS.md §3) on every backend against the float64 reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import subspace_ops
+from subspace_ops import reference
+from subspace_ops.ops.head_mixing_attention import additive_mask
+from subspace_ops.testing import check_close
+
+from conftest import ON_INTERPRETER, backend_device
+
+# name -> (B, H, Nq, Nk, d, is_causal, mask kind). Odd sizes, H = 1 and 12, d not a power of two,
+# cross attention (Nq != Nk) both ways, causal with Nq != Nk (top-left triangle).
+CASES = {
+    "vit-like": (2, 3, 13, 13, 16, False, None),
+    "cross": (1, 4, 5, 19, 8, False, None),
+    "causal": (2, 2, 17, 17, 16, True, None),
+    "causal-cross": (1, 3, 19, 7, 8, True, None),
+    "one-head-d40": (1, 1, 9, 9, 40, False, None),
+    "twelve-heads": (1, 12, 7, 7, 8, False, None),
+    "key-padding": (2, 3, 6, 9, 8, False, "key-padding"),
+    "additive": (2, 3, 6, 9, 8, False, "additive"),
+    "causal+padding": (2, 2, 8, 8, 8, True, "key-padding"),
+}
+
+
+def make_mask(kind, batch, heads, n_q, n_k, device):
+    g = torch.Generator().manual_seed(3)
+    if kind == "key-padding":  # [B, 1, 1, Nk]; batch 0 sees no key at all (fully masked rows)
+        keep = torch.rand(batch, 1, 1, n_k, generator=g) > 0.3
+        keep[0] = False
+        return keep.to(device)
+    if kind == "additive":  # a general float bias with some -inf
+        bias = torch.randn(batch, heads, n_q, n_k, generator=g, dtype=torch.float64)
+        bias[torch.rand(bias.shape, generator=g) < 0.2] = float("-inf")
+        return bias.to(device)
+    return None
+
+
+def make_inputs(case, dtype, device):
+    batch, heads, n_q, n_k, dim, _, _ = CASES[case]
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(batch, heads, n_q, dim, generator=g, dtype=torch.float64)
+    k = torch.randn(batch, heads, n_k, dim, generator=g, dtype=torch.float64)
+    v = torch.randn(batch, heads, n_k, dim, generator=g, dtype=torch.float64)
+    mix = torch.eye(heads, dtype=torch.float64) + 0.3 * torch.randn(heads, heads, generator=g, dtype=torch.float64)
+    tensors = [t.to(device=device, dtype=dtype).requires_grad_(True) for t in (q, k, v)]
+    return (*tensors, mix.to(device=device, dtype=torch.float32 if dtype != torch.float64 else dtype).requires_grad_())
+
+
+def run(case, inputs, backend, grad_out):
+    batch, heads, n_q, n_k, _, causal, kind = CASES[case]
+    q, k, v, mix = inputs
+    mask = make_mask(kind, batch, heads, n_q, n_k, q.device)
+    if mask is not None and mask.is_floating_point():
+        mask = mask.to(q.dtype)
+    out = subspace_ops.head_mixing_attention(q, k, v, mix, attn_mask=mask, is_causal=causal, backend=backend)
+    return out, torch.autograd.grad(out, inputs, grad_out.to(out.dtype))
+
+
+def _dtypes(backend):
+    if backend == "triton" and ON_INTERPRETER:  # the interpreter's tl.dot is wrong for bf16/fp16
+        return [torch.float32]
+    return [torch.float32, torch.bfloat16]
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_matches_float64_reference(backend, case):
+    device = backend_device(backend)
+    truth_inputs = make_inputs(case, torch.float64, device)
+    grad_out = torch.randn(truth_inputs[0].shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    grad_out = grad_out.to(device)
+    out64, grads64 = run(case, truth_inputs, "reference", grad_out)
+    for dtype in _dtypes(backend):
+        out_ref, grads_ref = run(case, make_inputs(case, dtype, device), "reference", grad_out)
+        out, grads = run(case, make_inputs(case, dtype, device), backend, grad_out)
+        check_close(f"{case}/{dtype}/out", out, out64, out_ref)
+        for name, a, t, r in zip(("dq", "dk", "dv", "dmix"), grads, grads64, grads_ref):
+            check_close(f"{case}/{dtype}/{name}", a, t, r)
+
+
+@pytest.mark.parametrize("causal, kind", [(True, None), (False, "key-padding"), (True, "additive")])
+def test_gradcheck_float64(backend, causal, kind):
+    device = backend_device(backend)
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(2, 2, n, 4, generator=g, dtype=torch.float64) for n in (4, 5, 5))
+    mix = torch.eye(2, dtype=torch.float64) + 0.5 * torch.randn(2, 2, generator=g, dtype=torch.float64)
+    inputs = [t.to(device).requires_grad_(True) for t in (q, k, v, mix)]
+    mask = make_mask(kind, 2, 2, 4, 5, device)
+
+    def fn(q, k, v, mix):
+        return subspace_ops.head_mixing_attention(q, k, v, mix, attn_mask=mask, is_causal=causal, backend=backend)
+
+    assert torch.autograd.gradcheck(fn, inputs, atol=1e-7, fast_mode=True)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_identity_mix_is_sdpa(backend, causal):
+    """mix = I is plain attention: the op must reproduce torch's SDPA."""
+    device = backend_device(backend)
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 4, 11, 16, generator=g).to(device) for _ in range(3))
+    keep = (torch.rand(2, 1, 1, 11, generator=g) > 0.2).to(device)
+    keep[..., 0] = True  # SDPA gives NaN for fully masked rows; keep one key per row
+    mask = None if causal else keep
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+    mix = torch.eye(4, device=device)
+    actual = subspace_ops.head_mixing_attention(q, k, v, mix, attn_mask=mask, is_causal=causal, backend=backend)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_fully_masked_rows_are_zero(backend):
+    device = backend_device(backend)
+    q, k, v, mix = make_inputs("key-padding", torch.float32, device)
+    keep = torch.zeros(2, 1, 1, 9, dtype=torch.bool, device=device)
+    keep[1, ..., :4] = True  # batch 0 sees nothing, batch 1 sees 4 keys
+    out = subspace_ops.head_mixing_attention(q, k, v, mix, attn_mask=keep, backend=backend)
+    assert torch.isfinite(out).all()
+    assert out[0].abs().max() == 0 and out[1].abs().max() > 0
+    grads = torch.autograd.grad(out.square().sum(), [q, k, v, mix])
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert grads[0][0].abs().max() == 0 and grads[1][1, :, 4:].abs().max() == 0  # no key seen, no gradient
+
+
+def test_opcheck_and_compile(fused_backend):
+    device = backend_device(fused_backend)
+    q, k, v, mix = make_inputs("key-padding", torch.float32, device)
+    keep = make_mask("key-padding", 2, 3, 6, 9, device)
+    mask = additive_mask(keep, torch.float32, torch.Size((2, 3, 6, 9)))
+    torch.library.opcheck(torch.ops.subspace_ops.head_mixing_attention.default,
+                          (q, k, v, mix, mask, True, 0.25, fused_backend))
+    if fused_backend == "triton" and ON_INTERPRETER:
+        return  # compiling around the interpreter adds nothing but minutes
+
+    def loss(q, k, v, mix):
+        out = subspace_ops.head_mixing_attention(q, k, v, mix, attn_mask=keep, backend=fused_backend)
+        return out.square().sum()
+
+    compiled = torch.compile(loss, fullgraph=True)
+    expected = torch.autograd.grad(loss(q, k, v, mix), [q, k, v, mix])
+    actual = torch.autograd.grad(compiled(q, k, v, mix), [q, k, v, mix])
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e)
+
+
+def test_cpu_memory_is_linear_in_sequence_length():
+    """The C++ kernel must not hold [B, H, Nq, Nk]: peak memory of forward + backward stays far below
+    one such tensor (the naive form needs several)."""
+    from subspace_ops.bench.harness import _cpu_peak_bytes
+
+    heads, n, dim = 4, 2048, 16
+    q, k, v = (torch.randn(1, heads, n, dim, requires_grad=True) for _ in range(3))
+    mix = torch.eye(heads, requires_grad=True)
+    full_map = heads * n * n * 4
+
+    def step():
+        out = subspace_ops.head_mixing_attention(q, k, v, mix, is_causal=True, backend="cpu")
+        out.backward(torch.ones_like(out))
+
+    step()
+    peak = _cpu_peak_bytes(step)
+    assert peak < full_map / 2, f"peak {peak / 2**20:.1f} MiB vs one H·N² map {full_map / 2**20:.0f} MiB"
+
+
+@pytest.mark.parametrize(
+    "change, error, message",
+    [
+        (dict(q=torch.randn(2, 3, 6)), ValueError, "q must be 4-D"),
+        (dict(k=torch.randn(2, 3, 9, 4)), ValueError, "k must be"),
+        (dict(v=torch.randn(2, 3, 8, 8)), ValueError, "v must have k's shape"),
+        (dict(mix=torch.randn(4, 4)), ValueError, "mix must be"),
+        (dict(k=torch.randn(2, 3, 9, 8, dtype=torch.float64)), (TypeError, ValueError), "dtype"),
+        (dict(q=torch.randint(0, 3, (2, 3, 6, 8))), TypeError, "q"),
+        (dict(attn_mask=torch.ones(2, 3, 7, 9, dtype=torch.bool)), ValueError, "attn_mask must broadcast"),
+        (dict(attn_mask=torch.ones(2, 1, 1, 9, dtype=torch.int64)), TypeError, "attn_mask must be boolean"),
+    ],
+)
+def test_bad_input(change, error, message):
+    args = dict(q=torch.randn(2, 3, 6, 8), k=torch.randn(2, 3, 9, 8), v=torch.randn(2, 3, 9, 8), mix=torch.eye(3))
+    args.update(change)
+    mask = args.pop("attn_mask", None)
+    with pytest.raises(error, match=message):
+        subspace_ops.head_mixing_attention(**args, attn_mask=mask, backend="cpu")
