@@ -6,7 +6,7 @@ selection in ``subspace_ops.backends``.
 """
 
 from . import nn, reference
-from .adapters import AdaptReport, apply_rlrr, apply_svd
+from .adapters import AdaptReport, apply_coeff, apply_rlrr, apply_svd
 from .backends import BackendUnavailableError, available_backends, backend_report, resolve_backend
 from .ops import head_mixing_attention, rescaled_linear, svd_delta_linear
 
@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdaptReport",
+    "apply_coeff",
     "apply_rlrr",
     "apply_svd",
     "nn",

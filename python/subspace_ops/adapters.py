@@ -20,11 +20,13 @@ import torch
 from torch import nn
 
 from .nn import SSF, SVD_METHODS, RLRRLinear, SVDLinear
+from .nn.attention import TimmCoeffAttention
 
 __all__ = [
     "AdaptReport",
     "RLRR_LINEAR_TARGETS",
     "RLRR_SSF_TARGETS",
+    "apply_coeff",
     "apply_rlrr",
     "apply_svd",
     "count_parameters",
@@ -138,11 +140,24 @@ def apply_rlrr(
     return _finish_report(model, report, backbone, trainable)
 
 
+def adapter_parameter_ids(model: nn.Module) -> set[int]:
+    """Parameters added by an earlier ``apply_*`` call: the direct parameters of subspace_ops layers,
+    except the wrapped layer's own ``weight``/``bias``."""
+    ids = set()
+    for module in model.modules():
+        if type(module).__module__.startswith("subspace_ops.nn"):
+            ids |= {id(p) for n, p in module.named_parameters(recurse=False) if n not in ("weight", "bias")}
+    return ids
+
+
 def _start_report(model: nn.Module, method: str) -> tuple[AdaptReport, set[int]]:
-    """Freeze every existing parameter and remember them as the backbone."""
-    report = AdaptReport(method, backbone_params=sum(p.numel() for p in model.parameters()))
+    """Freeze every existing parameter (but those of methods applied earlier: methods combine) and
+    remember them as the backbone."""
+    earlier = adapter_parameter_ids(model)
+    report = AdaptReport(method, backbone_params=sum(p.numel() for p in model.parameters() if id(p) not in earlier))
     for p in model.parameters():
-        p.requires_grad_(False)
+        if id(p) not in earlier:
+            p.requires_grad_(False)
     return report, {id(p) for p in model.parameters()}
 
 
@@ -200,6 +215,47 @@ def apply_svd(
         replace_module(model, name, layer)
         report.layers.append(name)
         report.details[name] = f"k={list(layer.ranks)} svd={layer.attach_seconds * 1e3:.1f}ms"
+    return _finish_report(model, report, backbone, trainable)
+
+
+def _timm_attention_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """timm ``Attention`` blocks (fused qkv) not already adapted."""
+    return [(n, m) for n, m in model.named_modules()
+            if type(m).__name__ == "Attention" and hasattr(m, "qkv") and hasattr(m, "num_heads")]
+
+
+def apply_coeff(
+    model: nn.Module,
+    *,
+    dropout: float = 0.0,
+    trainable: Sequence[str] = ("head",),
+    backend: Optional[str] = None,
+) -> AdaptReport:
+    """Coeff-Tuning (paper 003) on ``model`` in place: a trainable α [H, H] per attention layer.
+
+    timm VisionTransformer: every ``Attention`` block becomes a :class:`TimmCoeffAttention`.
+    transformers models: every attention module gets a HeadMix and the model runs the
+    ``"subspace_coeff"`` attention implementation (:mod:`subspace_ops.transformers`). ``dropout`` is
+    the paper's dropout on α (0.1 when combined with SSF). Combines with methods applied earlier
+    (their parameters stay trainable). Raises ValueError when the model has no attention blocks.
+    """
+    blocks = _timm_attention_blocks(model)
+    hf_modules = []
+    if not blocks and hasattr(model, "set_attn_implementation"):
+        from .transformers import check_attachable
+
+        hf_modules = check_attachable(model)
+    if not blocks and not hf_modules:
+        raise ValueError(f"no timm Attention blocks or transformers attention modules found in {type(model).__name__}")
+    layers = [TimmCoeffAttention(block, dropout=dropout, backend=backend) for _, block in blocks]  # checks first
+    report, backbone = _start_report(model, "coeff")
+    for (name, _), layer in zip(blocks, layers):
+        replace_module(model, name, layer)
+        report.layers.append(name)
+    if hf_modules:
+        from .transformers import attach_head_mix
+
+        report.layers.extend(attach_head_mix(model, dropout=dropout, backend=backend, modules=hf_modules))
     return _finish_report(model, report, backbone, trainable)
 
 

@@ -1,0 +1,95 @@
+"""Coeff-Tuning's head mixing (003; METHODS.md §3) as layers.
+
+:class:`HeadMix` holds the trainable α [H, H] (zero init) and computes attention with the mixed
+heads, ``O_h = Σ_g α'[h, g] P_g V_h`` with ``α' = I + Dropout(α)``, through
+:func:`subspace_ops.head_mixing_attention`. At α = 0 the layer is exactly standard attention.
+
+:class:`TimmCoeffAttention` replaces a timm ``Attention`` block (fused qkv). It takes over the
+block's own submodules under their own names (``qkv``, ``proj``, ``q_norm``...), so state-dict
+keys stay those of timm plus ``head_mix.alpha``, and the rescaled-linear layers of RLRR or SSF can
+wrap ``qkv``/``proj`` before or after. For transformers models see
+:func:`subspace_ops.adapters.apply_coeff`, which attaches a :class:`HeadMix` to each attention
+module and routes the model through the attention-function registry.
+
+The paper's dropout on α (p = 0.1 when α is tuned with SSF) is ``HeadMix(dropout=p)``. Dropout on
+the attention probabilities themselves is not supported by the fused op; layers refuse to attach
+to blocks that use it in training (set ``attn_drop``/``attention_probs_dropout_prob`` to 0).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from .. import reference
+from ..ops.head_mixing_attention import head_mixing_attention
+
+__all__ = ["HeadMix", "TimmCoeffAttention"]
+
+
+class HeadMix(nn.Module):
+    """α [H, H], zero init; ``forward(q, k, v, ...)`` = head-mixing attention with α' = I + Dropout(α)."""
+
+    def __init__(self, num_heads: int, *, dropout: float = 0.0, backend: Optional[str] = None,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        if not isinstance(num_heads, int) or num_heads < 1:
+            raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        self.num_heads = num_heads
+        self.dropout = dropout
+        self.backend = backend
+        self.alpha = nn.Parameter(torch.zeros(num_heads, num_heads, device=device, dtype=dtype or torch.float32))
+
+    def mix(self) -> Tensor:
+        """α' = I + Dropout(α) (dropout only in training)."""
+        return reference.coeff_mix(self.alpha, self.dropout, self.training)
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Optional[Tensor] = None,
+                is_causal: bool = False, scale: Optional[float] = None) -> Tensor:
+        return head_mixing_attention(q, k, v, self.mix(), attn_mask=attn_mask, is_causal=is_causal, scale=scale,
+                                     backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}, dropout={self.dropout}, backend={self.backend or 'auto'}"
+
+
+class TimmCoeffAttention(nn.Module):
+    """A timm ``Attention`` block with Coeff-Tuning's head mixing (see the module docstring)."""
+
+    _SUBMODULES = ("qkv", "q_norm", "k_norm", "attn_drop", "norm", "proj", "proj_drop")
+
+    def __init__(self, attention: nn.Module, *, dropout: float = 0.0, backend: Optional[str] = None) -> None:
+        super().__init__()
+        missing = [name for name in ("qkv", "proj", "num_heads", "head_dim") if not hasattr(attention, name)]
+        if missing:
+            raise TypeError(f"attention must be a timm Attention block (fused qkv); {type(attention).__name__} "
+                            f"lacks {missing}")
+        if getattr(attention, "attn_drop", None) is not None and attention.attn_drop.p > 0:
+            raise ValueError(f"attention probabilities dropout (attn_drop.p={attention.attn_drop.p}) is not supported "
+                             "by the fused head-mixing op; build the model with attn_drop_rate=0")
+        self.num_heads = attention.num_heads
+        self.head_dim = attention.head_dim
+        self.attn_dim = getattr(attention, "attn_dim", self.num_heads * self.head_dim)
+        self.scale = attention.scale
+        for name in self._SUBMODULES:
+            setattr(self, name, getattr(attention, name, None) or nn.Identity())
+        self.gate = getattr(attention, "gate", None)
+        weight = attention.qkv.weight
+        self.head_mix = HeadMix(self.num_heads, dropout=dropout, backend=backend, device=weight.device)
+
+    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
+        batch, tokens, _ = x.shape
+        gate = self.gate(x).sigmoid() if self.gate is not None else None
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        x = self.head_mix(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale)
+        x = x.transpose(1, 2).reshape(batch, tokens, self.attn_dim)
+        x = self.norm(x)
+        if gate is not None:
+            x = x * gate
+        return self.proj_drop(self.proj(x))

@@ -1,0 +1,148 @@
+"""Hugging Face transformers integration: Coeff-Tuning head mixing through the attention registry.
+
+transformers (≥ 4.48; tested with 5.x) looks up every attention module's kernel by name in
+``AttentionInterface``. :func:`register` adds ``"subspace_coeff"`` there (and SDPA's mask format
+under the same name in ``AttentionMaskInterface``); :func:`attach_head_mix` gives each attention
+module a :class:`~subspace_ops.nn.HeadMix` and switches the model to that implementation. This
+covers BERT/RoBERTa-style encoders (padding masks), LLaMA-style decoders (causal, grouped-query
+attention: k and v heads are repeated to the query heads, as the naive form does) and cross
+attention. A module without a head mix (e.g. one left out by the caller) runs torch SDPA through
+transformers' own ``sdpa`` function, so the model stays usable.
+
+The model's weights are untouched; :func:`detach_head_mix` removes the head mixes and restores the
+previous attention implementation.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import Tensor, nn
+
+from .nn.attention import HeadMix
+
+__all__ = ["ATTN_IMPLEMENTATION", "attach_head_mix", "attention_modules", "coeff_attention_forward",
+           "check_attachable", "detach_head_mix", "register"]
+
+ATTN_IMPLEMENTATION = "subspace_coeff"
+
+
+def _repeat_heads(states: Tensor, heads: int) -> Tensor:
+    """[B, H_kv, N, d] → [B, H, N, d] for grouped-query attention (each kv head serves H/H_kv heads)."""
+    kv_heads = states.shape[1]
+    if kv_heads == heads:
+        return states
+    if heads % kv_heads:
+        raise ValueError(f"{heads} query heads cannot share {kv_heads} key/value heads")
+    return states.repeat_interleave(heads // kv_heads, dim=1)
+
+
+def coeff_attention_forward(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Optional[Tensor],
+    dropout: float = 0.0,
+    scaling: Optional[float] = None,
+    is_causal: Optional[bool] = None,
+    **kwargs,
+) -> tuple[Tensor, None]:
+    """The ``AttentionInterface`` function: [B, H, N, d] inputs → ([B, Nq, H, d], None)."""
+    head_mix: Optional[HeadMix] = getattr(module, "head_mix", None)
+    if head_mix is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    if dropout > 0.0:
+        raise ValueError(f"attention-probability dropout {dropout} is not supported by head-mixing attention; "
+                         "set the model config's attention dropout to 0")
+    if kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None:
+        raise ValueError("head-mixing attention does not support softcap or position_bias")
+    heads = query.shape[1]
+    key, value = _repeat_heads(key, heads), _repeat_heads(value, heads)
+    is_causal = getattr(module, "is_causal", False) if is_causal is None else is_causal
+    # As transformers' SDPA path: the causal flag only when no explicit mask carries the pattern
+    # and there is more than one query (a single decode query sees every cached key).
+    is_causal = bool(is_causal and attention_mask is None and query.shape[2] > 1)
+    if attention_mask is not None and attention_mask.dim() == 4:
+        attention_mask = attention_mask[:, :, :, : key.shape[2]]
+    out = head_mix(query, key, value, attn_mask=attention_mask, is_causal=is_causal, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register() -> None:
+    """Register ``"subspace_coeff"`` in transformers' attention and mask registries (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, coeff_attention_forward)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+
+
+def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The modules of a transformers model that call the attention interface (self and cross)."""
+    return [
+        (name, m) for name, m in model.named_modules()
+        if all(hasattr(m, a) for a in ("config", "scaling", "is_causal")) and hasattr(m, "layer_idx")
+    ]
+
+
+def _attention_dropout(module: nn.Module) -> float:
+    dropout = getattr(module, "dropout", None)
+    if isinstance(dropout, nn.Dropout):
+        return dropout.p
+    return float(getattr(module, "attention_dropout", 0.0) or 0.0)
+
+
+def check_attachable(model: nn.Module, modules: Optional[list[tuple[str, nn.Module]]] = None
+                     ) -> list[tuple[str, nn.Module]]:
+    """The attention modules :func:`attach_head_mix` would adapt; raises if any cannot be."""
+    if not hasattr(model, "set_attn_implementation") or not hasattr(model, "config"):
+        raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
+    modules = attention_modules(model) if modules is None else modules
+    if not modules:
+        raise ValueError(f"no attention modules found in {type(model).__name__}")
+    for name, module in modules:
+        if _attention_dropout(module) > 0:
+            raise ValueError(f"{name}: attention dropout {_attention_dropout(module)} is not supported by the fused "
+                             "head-mixing op; build the model with attention dropout 0 (e.g. "
+                             "attention_probs_dropout_prob=0.0 or attention_dropout=0.0)")
+        if getattr(module, "head_mix", None) is not None:
+            raise ValueError(f"{name} already has a head mix")
+    return modules
+
+
+def attach_head_mix(
+    model: nn.Module, *, dropout: float = 0.0, backend: Optional[str] = None,
+    modules: Optional[list[tuple[str, nn.Module]]] = None,
+) -> list[str]:
+    """Give every attention module of ``model`` (or the given ``modules``) a zero-init HeadMix and
+    switch the model to ``"subspace_coeff"``. Returns the module names. Checks everything before
+    changing anything."""
+    modules = check_attachable(model, modules)
+    register()
+    previous = model.config._attn_implementation
+    for _, module in modules:
+        heads = module.config.num_attention_heads
+        device = next(module.parameters()).device
+        module.head_mix = HeadMix(heads, dropout=dropout, backend=backend, device=device)
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    model._subspace_previous_attn = previous
+    return [name for name, _ in modules]
+
+
+def detach_head_mix(model: nn.Module) -> int:
+    """Remove every HeadMix and restore the attention implementation used before. Returns how many."""
+    count = 0
+    for _, module in model.named_modules():
+        if isinstance(getattr(module, "head_mix", None), HeadMix):
+            del module.head_mix
+            count += 1
+    previous = getattr(model, "_subspace_previous_attn", None)
+    if previous is not None:
+        model.set_attn_implementation(previous)
+        del model._subspace_previous_attn
+    return count
+

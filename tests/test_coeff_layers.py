@@ -1,0 +1,198 @@
+"""Coeff-Tuning layers: HeadMix, TimmCoeffAttention, apply_coeff on timm and transformers models."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import subspace_ops
+import subspace_ops.transformers
+from subspace_ops import apply_coeff, apply_rlrr, reference
+from subspace_ops.nn import HeadMix, TimmCoeffAttention
+
+timm = pytest.importorskip("timm")
+
+
+def tiny_vit(**kw) -> nn.Module:
+    cfg = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=10)
+    cfg.update(kw)
+    return timm.models.vision_transformer.VisionTransformer(**cfg)
+
+
+def test_head_mix_starts_as_standard_attention_and_mixes_heads():
+    mix = HeadMix(4, backend="cpu")
+    q, k, v = (torch.randn(2, 4, 9, 8) for _ in range(3))
+    torch.testing.assert_close(mix(q, k, v), torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    with torch.no_grad():
+        mix.alpha.normal_()
+    expected = reference.head_mixing_attention(q, k, v, torch.eye(4) + mix.alpha.detach())
+    torch.testing.assert_close(mix(q, k, v), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_head_mix_dropout_on_alpha_only_in_training():
+    mix = HeadMix(3, dropout=0.5)
+    with torch.no_grad():
+        mix.alpha.fill_(1.0)
+    torch.manual_seed(0)
+    train_mix = mix.mix()
+    dropped = train_mix - torch.eye(3)
+    assert set(dropped.unique().tolist()) <= {0.0, 2.0} and (dropped == 0).any()  # inverted dropout on α
+    mix.eval()
+    torch.testing.assert_close(mix.mix(), torch.eye(3) + 1.0)
+
+
+@pytest.mark.parametrize("bad", [dict(num_heads=0), dict(num_heads=2, dropout=1.0)])
+def test_head_mix_bad_arguments(bad):
+    with pytest.raises(ValueError):
+        HeadMix(**bad)
+
+
+def test_timm_attention_replacement_matches_reference(fused_backend):
+    if fused_backend == "triton" and not torch.cuda.is_available():
+        pytest.skip("whole-model Triton runs are covered on GPU; the interpreter covers the op tests")
+    model = tiny_vit().eval()
+    block = model.blocks[0].attn
+    layer = TimmCoeffAttention(block, backend=fused_backend)
+    x = torch.randn(2, 17, 48)
+    torch.testing.assert_close(layer(x), block(x), rtol=1e-5, atol=1e-5)  # α = 0: unchanged
+    with torch.no_grad():
+        layer.head_mix.alpha.normal_(0, 0.5)
+    q, k, v = block.qkv(x).reshape(2, 17, 3, 3, 16).permute(2, 0, 3, 1, 4)
+    mixed = reference.head_mixing_attention(q, k, v, torch.eye(3) + layer.head_mix.alpha)
+    expected = block.proj(mixed.transpose(1, 2).reshape(2, 17, 48))
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    assert set(layer.state_dict()) == set(block.state_dict()) | {"head_mix.alpha"}
+
+
+def test_timm_attention_with_attention_dropout_is_refused():
+    with pytest.raises(ValueError, match="attn_drop"):
+        TimmCoeffAttention(tiny_vit(attn_drop_rate=0.1).blocks[0].attn)
+
+
+@pytest.mark.integration
+def test_apply_coeff_vit_b16_parameter_count():
+    """Coeff-Tuning on ViT-B/16: 12 layers × 12 × 12 = 1 728 parameters (003, METHODS.md §3)."""
+    with torch.device("meta"):
+        model = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=100)
+    report = apply_coeff(model)
+    assert report.adapter_params == 1728
+    assert len(report.layers) == 12
+
+
+@pytest.mark.integration
+def test_apply_coeff_tiny_vit_trains_only_alpha_and_head():
+    model = tiny_vit().eval()
+    x = torch.randn(2, 3, 32, 32)
+    before = model(x)
+    report = apply_coeff(model, backend="cpu")
+    assert report.adapter_params == 2 * 3 * 3
+    torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)
+    model(x).square().sum().backward()
+    trained = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert trained == {"blocks.0.attn.head_mix.alpha", "blocks.1.attn.head_mix.alpha", "head.weight", "head.bias"}
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("order", ["rlrr-first", "coeff-first"])
+def test_coeff_combines_with_rlrr_and_ssf(order):
+    """RLRR (rescaled q, k, v, proj, fc1, fc2 + SSF) and Coeff in one model, either order; compiles."""
+    model = tiny_vit().eval()
+    x = torch.randn(2, 3, 32, 32)
+    before = model(x)
+    reference_model = copy.deepcopy(model)
+    first, second = (apply_rlrr, apply_coeff) if order == "rlrr-first" else (apply_coeff, apply_rlrr)
+    r1 = first(model, backend="cpu")
+    r2 = second(model, backend="cpu")
+    coeff = r1 if order == "coeff-first" else r2
+    rlrr = r2 if order == "coeff-first" else r1
+    assert coeff.adapter_params == 18
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {"blocks.0.attn.head_mix.alpha", "blocks.0.attn.qkv.s_l", "blocks.0.norm1.gamma"} <= trainable
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == (
+        rlrr.adapter_params + coeff.adapter_params + 48 * 10 + 10)
+    # RLRR's init is not the identity (s_r ~ kaiming), SSF's neither: compare with the reference backend
+    out = model(x)
+    for m in model.modules():
+        if hasattr(m, "backend"):
+            m.backend = "reference"
+    torch.testing.assert_close(model(x), out, rtol=1e-4, atol=1e-4)
+    assert not torch.equal(out, before) and torch.isfinite(out).all()
+    del reference_model
+    compiled = torch.compile(model)
+    torch.testing.assert_close(compiled(x), out, rtol=1e-4, atol=1e-4)
+
+
+transformers = pytest.importorskip("transformers")
+
+
+def tiny_roberta():
+    config = transformers.RobertaConfig(
+        vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=40, attention_probs_dropout_prob=0.0, hidden_dropout_prob=0.0,
+        attn_implementation="sdpa",
+    )
+    return transformers.RobertaModel(config).eval()
+
+
+def tiny_llama():
+    config = transformers.LlamaConfig(
+        vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=64, max_position_embeddings=64, attn_implementation="sdpa",
+    )
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def _set_backend(model, backend):
+    for m in model.modules():
+        if isinstance(m, HeadMix):
+            m.backend = backend
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("build", [tiny_roberta, tiny_llama], ids=["roberta", "llama"])
+def test_transformers_head_mixing(build):
+    torch.manual_seed(0)
+    model = build()
+    ids = torch.randint(3, 50, (2, 11))
+    mask = torch.ones(2, 11, dtype=torch.long)
+    mask[1, 8:] = 0  # padding in the second sequence
+    kwargs = dict(input_ids=ids, attention_mask=mask)
+    first = lambda out: out[0]  # noqa: E731  last_hidden_state / logits
+    before = first(model(**kwargs))
+    report = apply_coeff(model, backend="cpu")
+    heads = model.config.num_attention_heads
+    assert report.adapter_params == model.config.num_hidden_layers * heads * heads
+    assert model.config._attn_implementation == "subspace_coeff"
+    after = first(model(**kwargs))
+    torch.testing.assert_close(after[0], before[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(after[1, :8], before[1, :8], rtol=1e-5, atol=1e-5)  # padded keys ignored
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, HeadMix):
+                m.alpha.normal_(0, 0.3)
+    fused = first(model(**kwargs))
+    _set_backend(model, "reference")
+    expected = first(model(**kwargs))
+    torch.testing.assert_close(fused[:, :8], expected[:, :8], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(fused[0], before[0], atol=1e-3)
+    _set_backend(model, "cpu")
+    fused.sum().backward() if fused.requires_grad else first(model(**kwargs)).sum().backward()
+    alphas = [m.alpha for m in model.modules() if isinstance(m, HeadMix)]
+    assert all(a.grad is not None and a.grad.abs().sum() > 0 for a in alphas)
+    assert subspace_ops.transformers.detach_head_mix(model) == model.config.num_hidden_layers
+    assert model.config._attn_implementation == "sdpa"
+    torch.testing.assert_close(first(model(**kwargs)), before)
+
+
+@pytest.mark.integration
+def test_transformers_attention_dropout_is_refused():
+    config = transformers.RobertaConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                        intermediate_size=64, attention_probs_dropout_prob=0.1)
+    model = transformers.RobertaModel(config)
+    with pytest.raises(ValueError, match="attention dropout"):
+        apply_coeff(model)
+    assert not any(isinstance(m, HeadMix) for m in model.modules())  # nothing changed
+    assert all(p.requires_grad for p in model.parameters())
