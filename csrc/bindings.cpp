@@ -4,6 +4,7 @@
 #include <sstream>
 
 #include "head_mixing_attention.h"
+#include "lowrank_linear.h"
 #include "rescaled_linear.h"
 #include "svd_delta_linear.h"
 
@@ -49,5 +50,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("head_mixing_attention_backward", &subspace_ops::head_mixing_attention_backward, py::arg("grad_out"),
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("mix"), py::arg("mask"), py::arg("lse"),
         py::arg("is_causal"), py::arg("scale"));
+  m.def("lowrank_linear_forward", &subspace_ops::lowrank_linear_forward, py::arg("x2d"), py::arg("x_dropped2d"),
+        py::arg("weight"), py::arg("a"), py::arg("g"), py::arg("b"), py::arg("bias"), py::arg("scaling"));
+  m.def("lowrank_linear_backward", &subspace_ops::lowrank_linear_backward, py::arg("grad_y"), py::arg("x2d"),
+        py::arg("x_dropped2d"), py::arg("weight"), py::arg("a"), py::arg("g"), py::arg("b"), py::arg("h0"),
+        py::arg("scaling"), py::arg("need_x"), py::arg("need_x_dropped"), py::arg("need_weight"), py::arg("need_a"),
+        py::arg("need_b"), py::arg("need_g"));
   m.def("build_info", &build_info);
 }

@@ -8,7 +8,7 @@ selection in ``subspace_ops.backends``.
 from . import nn, reference
 from .adapters import AdaptReport, apply_coeff, apply_rlrr, apply_svd
 from .backends import BackendUnavailableError, available_backends, backend_report, resolve_backend
-from .ops import head_mixing_attention, rescaled_linear, svd_delta_linear
+from .ops import head_mixing_attention, lowrank_linear, rescaled_linear, svd_delta_linear
 
 __version__ = "0.1.0"
 
@@ -22,6 +22,7 @@ __all__ = [
     "available_backends",
     "backend_report",
     "head_mixing_attention",
+    "lowrank_linear",
     "reference",
     "rescaled_linear",
     "resolve_backend",

@@ -8,6 +8,10 @@
     forward+backward. See :mod:`subspace_ops.bench.harness` for what is measured and how.
 ``subspace-ops backends``
     Which backends can run on this machine (CPU, and CUDA if present), and why not.
+``subspace-ops verify [options]``
+    Every op on this device and every available fused backend against the float64 reference,
+    forward and gradients, as a pass/fail table (exit status 1 on any failure). See
+    :mod:`subspace_ops.verify`.
 """
 
 from __future__ import annotations
@@ -63,7 +67,7 @@ def _build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         prog="subspace-ops", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{bench,backends}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{bench,verify,backends}")
 
     presets = sorted({p for case in CASES.values() for p in case.presets})
     bench = sub.add_parser(
@@ -106,7 +110,35 @@ def _build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     sub.add_parser("backends", help="which backends can run here, and why not",
                    description="Print every backend for CPU (and CUDA if present) "
                                "with the reason it can or cannot run.")
+    verify = sub.add_parser(
+        "verify", help="check every op against the float64 reference on this device",
+        description="Run every op on this device with every available fused backend (or --backend) and "
+                    "compare forward and gradients with the float64 reference; exit 1 on any failure.")
+    verify.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    verify.add_argument("--backend", action="append", choices=[b for b in _backend_names() if b != "reference"],
+                        help="check only this backend (repeatable; default: every available fused one)")
+    verify.add_argument("--dtype", action="append", choices=sorted(DTYPES),
+                        help="dtype to check (repeatable; default: float32 and bfloat16)")
+    verify.add_argument("--op", action="append", help="check only this op (repeatable)")
     return parser, bench
+
+
+def _verify(args) -> int:
+    from .verify import CHECKS, format_outcomes, run_checks
+
+    known = sorted({c.op for c in CHECKS})
+    unknown = [op for op in args.op or [] if op not in known]
+    if unknown:
+        print(f"subspace-ops verify: unknown --op {unknown}; known ops: {known}", file=sys.stderr)
+        return 2
+    dtypes = [DTYPES[d] for d in args.dtype] if args.dtype else [torch.float32, torch.bfloat16]
+    outcomes = run_checks(args.device, args.backend, dtypes, args.op)
+    if not outcomes:
+        print("subspace-ops verify: no fused backend can run on this device (see `subspace-ops backends`)",
+              file=sys.stderr)
+        return 1
+    print(format_outcomes(outcomes))
+    return 0 if all(o.passed for o in outcomes) else 1
 
 
 def _list_cases() -> str:
@@ -237,6 +269,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args.argv = None if argv is None else list(argv)
     if args.command == "backends":
         return _backends()
+    if args.command == "verify":
+        return _verify(args)
     return _bench(args, bench)
 
 

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["ABS_FLOOR", "check_close", "max_error"]
+__all__ = ["ABS_FLOOR", "check_close", "error_and_bound", "max_error"]
 
 # Absolute error floor per dtype, relative to the magnitude of the ground truth.
 ABS_FLOOR = {
@@ -47,11 +47,24 @@ def check_close(
         raise AssertionError(f"{name}: shape {tuple(actual.shape)} != expected {tuple(truth.shape)}")
     if not torch.isfinite(actual).all():
         raise AssertionError(f"{name}: non-finite values in the result")
+    error, bound = error_and_bound(actual, truth, low_precision_reference)
+    if error > bound:
+        raise AssertionError(f"{name}: max abs error {error:.3e} exceeds the bound {bound:.3e} ({actual.dtype})")
+    return error
+
+
+def error_and_bound(
+    actual: Optional[Tensor], truth: Optional[Tensor], low_precision_reference: Optional[Tensor] = None
+) -> tuple[float, float]:
+    """(max abs error of ``actual`` vs ``truth``, the bound the rule above allows). A missing or
+    extra gradient, a shape mismatch or a non-finite value is an infinite error."""
+    if truth is None or actual is None:
+        return (0.0, 0.0) if truth is None and actual is None else (float("inf"), 0.0)
+    if actual.shape != truth.shape or not torch.isfinite(actual).all():
+        return float("inf"), 0.0
     error = max_error(actual, truth)
     scale = max(1.0, truth.double().abs().max().item()) if truth.numel() else 1.0
     bound = ABS_FLOOR[actual.dtype] * scale
     if low_precision_reference is not None:
         bound += 2.0 * max_error(low_precision_reference, truth)
-    if error > bound:
-        raise AssertionError(f"{name}: max abs error {error:.3e} exceeds the bound {bound:.3e} ({actual.dtype})")
-    return error
+    return error, bound

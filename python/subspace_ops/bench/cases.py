@@ -203,5 +203,8 @@ SVD_DELTA_LINEAR = Case(
 )
 
 
+from .attention_case import HEAD_MIXING_ATTENTION, HEAD_MIXING_ATTENTION_CAUSAL  # noqa: E402
+from .lowrank_case import LOWRANK_LINEAR  # noqa: E402
 
-CASES: dict[str, Case] = {case.name: case for case in (RESCALED_LINEAR, SVD_DELTA_LINEAR)}
+CASES: dict[str, Case] = {case.name: case for case in (
+    RESCALED_LINEAR, SVD_DELTA_LINEAR, LOWRANK_LINEAR, HEAD_MIXING_ATTENTION, HEAD_MIXING_ATTENTION_CAUSAL)}

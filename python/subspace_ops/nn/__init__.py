@@ -1,7 +1,8 @@
 """``nn.Module`` layers that wrap pretrained modules with a PEFT method on subspace_ops kernels."""
 
 from .attention import HeadMix, TimmCoeffAttention
+from .lowrank import DoRALinear, LowRankLinear
 from .rescaled import RLRRLinear, ScaledLinear, SSF
 from .svd import SVD_METHODS, SVDLinear
 
-__all__ = ["HeadMix", "TimmCoeffAttention", "RLRRLinear", "ScaledLinear", "SSF", "SVDLinear", "SVD_METHODS"]
+__all__ = ["DoRALinear", "HeadMix", "LowRankLinear", "TimmCoeffAttention", "RLRRLinear", "ScaledLinear", "SSF", "SVDLinear", "SVD_METHODS"]

@@ -1,0 +1,233 @@
+"""Low-rank layers (METHODS.md §4, paper 001 §4): LoRA, AdaLoRA/TriLoRA, FLoRA and DoRA on the fused op.
+
+- :class:`LowRankLinear`: ``W' = W + s·A G B`` with ``A [N, r]``, ``B [r, K]`` and G the identity
+  (``g="none"``: LoRA), a trainable diagonal (``g="diag"``: AdaLoRA / TriLoRA) or a trainable free
+  r×r matrix (``g="full"``: FLoRA); forward through :func:`subspace_ops.ops.lowrank_linear.lowrank_linear`.
+- :class:`DoRALinear`: ``W' = m ⊙ (W + s·A B) / ‖W + s·A B‖`` (the norm of each output row), forward
+  ``y = (m / ‖·‖) ⊙ lowrank_linear(x, W, A, None, B) + b``; the norm is computed without forming
+  W + s·AB (see :func:`dora_row_norm`).
+
+Naming: METHODS.md writes ``ΔW = A G B`` with A the up-projection ``[N, r]`` and B the down-projection
+``[r, K]``, so ``lora_a`` here is PEFT's ``lora_B.weight`` and ``lora_b`` is PEFT's ``lora_A.weight``.
+Initialization follows PEFT's LoRA (with the letters swapped): the up-projection ``lora_a`` is zero and
+the down-projection ``lora_b`` is kaiming-uniform (a = √5, as nn.Linear), so every layer starts exactly
+equal to the wrapped one; G starts at the identity (``ones [r]`` / ``eye(r)``).
+
+Scaling: ``s = alpha / rank`` as PEFT's ``lora_alpha / r``; ``alpha=None`` means ``alpha = rank``,
+i.e. ``s = 1`` (PEFT's default is lora_alpha = 8, whatever r is: pass ``alpha=8`` to match it).
+
+Dropout (``dropout``, PEFT's ``lora_dropout``) applies to the adapter's input only, in training mode.
+
+Merging: ``merge()`` folds the adaptation into ``weight`` (computed in float32 or better, stored in the
+weight's dtype) and keeps the original tensor, so ``unmerge()`` restores it bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import reference
+from ..ops.lowrank_linear import lowrank_linear
+from .base import MergeableLinear, compute_dtype
+
+__all__ = ["DoRALinear", "LowRankLinear", "G_KINDS", "dora_row_norm"]
+
+#: ``g`` options of :class:`LowRankLinear` and the method each one is.
+G_KINDS = {"none": "lora", "diag": "adalora", "full": "flora"}
+
+
+def _check_rank(rank: object) -> int:
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank must be a positive int, got {rank!r}")
+    return rank
+
+
+def _check_dropout(dropout: object) -> float:
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
+    return float(dropout)
+
+
+def _scaling(alpha: Optional[float], rank: int) -> tuple[float, float]:
+    alpha = float(rank if alpha is None else alpha)
+    if not math.isfinite(alpha):
+        raise ValueError(f"alpha must be finite, got {alpha}")
+    return alpha, alpha / rank
+
+
+def _lora_factors(out_features: int, in_features: int, rank: int, like: Tensor) -> tuple[nn.Parameter, nn.Parameter]:
+    """(A [N, r] zeros, B [r, K] kaiming-uniform as PEFT's lora_A), in like's dtype and device."""
+    down = torch.empty(rank, in_features)  # initialized in float32 for the same values in every dtype
+    nn.init.kaiming_uniform_(down, a=math.sqrt(5))
+    factory = dict(dtype=like.dtype, device=like.device)
+    return nn.Parameter(torch.zeros(out_features, rank, **factory)), nn.Parameter(down.to(**factory))
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+class LowRankLinear(MergeableLinear):
+    """``y = x Wᵀ + s·((dropout(x) Bᵀ) Gᵀ) Aᵀ + b`` on a frozen nn.Linear (see the module docstring).
+
+    Args:
+        base: the pretrained nn.Linear; its weight and bias are frozen and shared, not copied.
+        rank: r.
+        g: "none" (LoRA), "diag" (AdaLoRA / TriLoRA: trainable ``lora_g [r]``) or "full"
+            (FLoRA: trainable ``lora_g [r, r]``).
+        alpha: s = alpha / rank; None means alpha = rank (s = 1).
+        dropout: dropout probability on the adapter's input (training mode only).
+        backend: op backend ("reference", "cpu", "triton" or None for the best available).
+
+    Parameters: ``lora_a [N, r]`` (zeros), ``lora_b [r, K]`` (kaiming-uniform), ``lora_g`` (None,
+    ``ones [r]`` or ``eye(r)``).
+    """
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        rank: int,
+        *,
+        g: str = "none",
+        alpha: Optional[float] = None,
+        dropout: float = 0.0,
+        backend: Optional[str] = None,
+    ) -> None:
+        super().__init__(base, backend)
+        if g not in G_KINDS:
+            raise ValueError(f"g must be one of {tuple(G_KINDS)}, got {g!r}")
+        self.rank = _check_rank(rank)
+        self.g_kind = g
+        self.method = G_KINDS[g]
+        self.alpha, self.scaling = _scaling(alpha, rank)
+        self.dropout = _check_dropout(dropout)
+        self.lora_a, self.lora_b = _lora_factors(self.out_features, self.in_features, rank, self.weight)
+        factory = dict(dtype=self.weight.dtype, device=self.weight.device)
+        if g == "none":
+            self.register_parameter("lora_g", None)
+        elif g == "diag":
+            self.lora_g = nn.Parameter(torch.ones(rank, **factory))
+        else:
+            self.lora_g = nn.Parameter(torch.eye(rank, **factory))
+
+    def low_rank_factors(self) -> tuple[Tensor, Tensor]:
+        """(A [N, r], B [r, K]) — the factors the MPC regularizers constrain (G is not included)."""
+        return self.lora_a, self.lora_b
+
+    def delta_weight(self) -> Tensor:
+        """ΔW = s·A G B [N, K] in float32 or better (for merging and inspection; the forward never forms it)."""
+        acc = _acc_dtype(self.weight.dtype)
+        g = None if self.lora_g is None else self.lora_g.to(acc)
+        return reference.lowrank_delta_weight(self.lora_a.to(acc), g, self.lora_b.to(acc), self.scaling)
+
+    def merged_weight_and_bias(self) -> tuple[Tensor, Optional[Tensor]]:
+        delta = self.delta_weight()
+        return self.weight.to(delta.dtype) + delta, self.bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.merged:
+            return F.linear(x, self.weight, self.bias)
+        dtype = compute_dtype(x, self.weight)
+        cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+        return lowrank_linear(
+            x.to(dtype), cast(self.weight), cast(self.lora_a), cast(self.lora_g), cast(self.lora_b), cast(self.bias),
+            scaling=self.scaling, dropout_p=self.dropout, training=self.training, backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return self._describe() + f", rank={self.rank}, g={self.g_kind}, alpha={self.alpha:g}, dropout={self.dropout:g}"
+
+
+def dora_row_norm(weight: Tensor, a: Tensor, b: Tensor, scaling: float, weight_sq: Optional[Tensor] = None) -> Tensor:
+    """‖W_n + s·(A B)_n‖ for every output row n, without forming W + s·AB [N, K]:
+
+        ‖W_n + s(AB)_n‖² = ‖W_n‖² + 2s·A_n·(W Bᵀ)_n + s²·A_n (B Bᵀ) A_nᵀ
+
+    i.e. one thin GEMM ``W Bᵀ [N, r]`` (the only pass over W besides ‖W_n‖², which ``weight_sq`` may
+    supply), the r×r Gram ``B Bᵀ`` and row sums of [N, r] products. Computed in the inputs' dtype
+    (callers pass float32 or better: the expansion subtracts nothing, but ‖W_n‖² dominates), clamped at
+    0 before the square root. Differentiable in all of weight, a, b.
+    """
+    if weight_sq is None:
+        weight_sq = weight.square().sum(1)
+    cross = (a * (weight @ b.T)).sum(1)
+    quad = ((a @ (b @ b.T)) * a).sum(1)
+    return (weight_sq + (2.0 * scaling) * cross + (scaling * scaling) * quad).clamp_min(0).sqrt()
+
+
+class DoRALinear(MergeableLinear):
+    """DoRA: ``W' = m ⊙ (W + s·A B) / ‖W + s·A B‖`` with the norm over each output row (PEFT's convention).
+
+    Forward: ``y = c ⊙ lowrank_linear(x, W, A, None, B) + b`` with ``c = m / ‖W + s·AB‖ [N]``, the norm from
+    :func:`dora_row_norm` (no [N, K] tensor) and the per-output scale and bias applied in one
+    ``torch.addcmul``. Equals ``x W'ᵀ + b`` exactly in real arithmetic; with dropout the adapter's
+    input is dropped (as PEFT's DoRA does: c ⊙ (x Wᵀ + s·(dropout(x) Bᵀ) Aᵀ)).
+
+    Args:
+        base, rank, alpha, dropout, backend: as :class:`LowRankLinear`.
+        detach_norm: treat the norm as a constant in the backward (DoRA §4.3 and PEFT do this to save
+            memory). Default False: exact gradients of the formula above, as ``reference.dora_linear``.
+
+    Parameters: ``lora_a [N, r]`` (zeros), ``lora_b [r, K]`` (kaiming-uniform) and ``magnitude [N]``,
+    initialized to the row norms of W, so the layer starts exactly at the wrapped one (up to rounding
+    of m / ‖W‖).
+    """
+
+    method = "dora"
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        rank: int,
+        *,
+        alpha: Optional[float] = None,
+        dropout: float = 0.0,
+        detach_norm: bool = False,
+        backend: Optional[str] = None,
+    ) -> None:
+        super().__init__(base, backend)
+        self.rank = _check_rank(rank)
+        self.alpha, self.scaling = _scaling(alpha, rank)
+        self.dropout = _check_dropout(dropout)
+        self.detach_norm = bool(detach_norm)
+        self.lora_a, self.lora_b = _lora_factors(self.out_features, self.in_features, rank, self.weight)
+        with torch.no_grad():
+            norms = self.weight.to(_acc_dtype(self.weight.dtype)).norm(dim=1)
+        self.magnitude = nn.Parameter(norms.to(self.weight.dtype))
+
+    def low_rank_factors(self) -> tuple[Tensor, Tensor]:
+        """(A [N, r], B [r, K])."""
+        return self.lora_a, self.lora_b
+
+    def row_norm(self, dtype: Optional[torch.dtype] = None) -> Tensor:
+        """‖W + s·AB‖ per output row [N], in float32 or better (``dtype``'s promotion with float32)."""
+        acc = _acc_dtype(dtype or self.weight.dtype)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.detach_norm):
+            return dora_row_norm(self.weight.to(acc), self.lora_a.to(acc), self.lora_b.to(acc), self.scaling)
+
+    def merged_weight_and_bias(self) -> tuple[Tensor, Optional[Tensor]]:
+        acc = _acc_dtype(self.weight.dtype)
+        merged = self.weight.to(acc) + self.scaling * (self.lora_a.to(acc) @ self.lora_b.to(acc))
+        return self.magnitude.to(acc)[:, None] * merged / merged.norm(dim=1, keepdim=True), self.bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.merged:
+            return F.linear(x, self.weight, self.bias)
+        dtype = compute_dtype(x, self.weight)
+        scale = (self.magnitude.to(_acc_dtype(dtype)) / self.row_norm(dtype)).to(dtype)
+        z = lowrank_linear(
+            x.to(dtype), self.weight.to(dtype), self.lora_a.to(dtype), None, self.lora_b.to(dtype), None,
+            scaling=self.scaling, dropout_p=self.dropout, training=self.training, backend=self.backend,
+        )
+        if self.bias is None:
+            return z * scale
+        return torch.addcmul(self.bias.to(dtype), z, scale)
+
+    def extra_repr(self) -> str:
+        return (self._describe() + f", rank={self.rank}, alpha={self.alpha:g}, dropout={self.dropout:g}, "
+                f"detach_norm={self.detach_norm}")

@@ -1,0 +1,202 @@
+"""LowRankLinear (LoRA, AdaLoRA/TriLoRA, FLoRA) and DoRALinear (METHODS.md §4) against the reference formulas."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from subspace_ops import reference
+from subspace_ops.nn.lowrank import G_KINDS, DoRALinear, LowRankLinear, dora_row_norm
+
+from conftest import backend_device
+
+
+def _perturb(layer) -> None:
+    """Move every trainable tensor off its init so the adapter's output is not zero."""
+    with torch.no_grad():
+        for p in layer.parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn_like(p))
+
+
+def _g_matrix(layer):
+    return None if layer.lora_g is None else layer.lora_g
+
+
+@pytest.mark.parametrize("g", list(G_KINDS))
+def test_forward_equals_reference_and_merges_exactly(backend, g):
+    device = backend_device(backend)
+    base = nn.Linear(20, 18).to(device)
+    x = torch.randn(2, 5, 20, device=device)
+    expected0 = base(x)
+    w0, b0 = base.weight.detach().clone(), base.bias.detach().clone()
+    w0_storage = base.weight.data
+    layer = LowRankLinear(base, 4, g=g, alpha=8, backend=backend)
+    assert layer.scaling == 2.0 and layer.method == G_KINDS[g]
+    torch.testing.assert_close(layer(x), expected0, rtol=1e-6, atol=1e-6)  # A = 0 at init
+
+    _perturb(layer)
+    y = layer(x)
+    expected = reference.lowrank_linear(x, layer.weight, layer.lora_a, _g_matrix(layer), layer.lora_b, layer.bias,
+                                        scaling=2.0)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(y, expected0, atol=1e-3)
+
+    layer.merge()
+    assert layer.merged
+    torch.testing.assert_close(layer(x), y, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="already merged"):
+        layer.merge()
+    layer.unmerge()
+    assert torch.equal(layer.weight, w0) and torch.equal(layer.bias, b0)
+    assert layer.weight.data.data_ptr() == w0_storage.data_ptr()  # the original tensor itself, not a copy
+    torch.testing.assert_close(layer(x), y)
+
+
+@pytest.mark.parametrize("g", list(G_KINDS))
+def test_gradients_reach_the_adapter_only(g):
+    base = nn.Linear(12, 10)
+    layer = LowRankLinear(base, 3, g=g, backend="cpu")
+    _perturb(layer)
+    x = torch.randn(4, 12, requires_grad=True)
+    layer(x).square().sum().backward()
+    trainable = {"lora_a", "lora_b"} | ({"lora_g"} if g != "none" else set())
+    assert {n for n, p in layer.named_parameters() if p.requires_grad} == trainable
+    for name, p in layer.named_parameters():
+        assert (p.grad is not None) == (name in trainable), name
+    assert x.grad is not None
+    assert layer.weight.grad is None and layer.bias.grad is None
+
+
+def test_init_and_factors():
+    base = nn.Linear(64, 10)
+    layer = LowRankLinear(base, 5, g="full", dropout=0.1)
+    assert layer.scaling == 1.0  # alpha=None means alpha = rank
+    assert torch.count_nonzero(layer.lora_a) == 0
+    assert layer.lora_b.abs().max() <= 1 / math.sqrt(64) and torch.count_nonzero(layer.lora_b) > 0
+    assert torch.equal(layer.lora_g, torch.eye(5))
+    assert torch.equal(LowRankLinear(nn.Linear(4, 3), 2, g="diag").lora_g, torch.ones(2))
+    a, b = layer.low_rank_factors()
+    assert a is layer.lora_a and b is layer.lora_b and a.shape == (10, 5) and b.shape == (5, 64)
+    assert {"lora_a", "lora_b", "lora_g", "weight", "bias"} <= set(layer.state_dict())
+    assert "rank=5" in repr(layer) and "g=full" in repr(layer)
+
+
+def test_dropout_only_in_training():
+    layer = LowRankLinear(nn.Linear(16, 8, dtype=torch.float64), 2, dropout=0.5, backend="cpu")
+    _perturb(layer)
+    x = torch.randn(6, 16, dtype=torch.float64)
+    layer.eval()
+    y_eval = layer(x)
+    torch.testing.assert_close(y_eval, reference.lowrank_linear(x, layer.weight, layer.lora_a, None, layer.lora_b,
+                                                                layer.bias))
+    layer.train()
+    torch.manual_seed(5)
+    y_train = layer(x)
+    torch.manual_seed(5)
+    expected = reference.lowrank_linear(x, layer.weight, layer.lora_a, None, layer.lora_b, layer.bias,
+                                        dropout_p=0.5, training=True)
+    torch.testing.assert_close(y_train, expected)
+    assert not torch.allclose(y_train, y_eval)
+
+
+def test_bfloat16_layer_merges_and_unmerges_bit_exactly():
+    base = nn.Linear(24, 16).to(torch.bfloat16)
+    w0 = base.weight.detach().clone()
+    layer = LowRankLinear(base, 4, g="diag", backend="cpu")
+    _perturb(layer)
+    x = torch.randn(3, 24, dtype=torch.bfloat16)
+    y = layer(x)
+    layer.merge()
+    torch.testing.assert_close(layer(x), y, rtol=3e-2, atol=3e-2)
+    layer.unmerge()
+    assert torch.equal(layer.weight, w0)
+
+
+@pytest.mark.parametrize("kwargs,error,message", [
+    (dict(rank=0), ValueError, "rank must be a positive int"),
+    (dict(rank=2, g="lowrank"), ValueError, "g must be one of"),
+    (dict(rank=2, dropout=1.0), ValueError, "dropout must be"),
+    (dict(rank=2, alpha=float("nan")), ValueError, "alpha must be finite"),
+])
+def test_bad_arguments(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        LowRankLinear(nn.Linear(4, 3), **kwargs)
+    with pytest.raises(TypeError, match="base must be an nn.Linear"):
+        LowRankLinear(nn.Conv1d(4, 3, 1), 2)
+
+
+# ---- DoRA
+
+
+def test_dora_row_norm_equals_the_materialized_norm():
+    w, a, b = (torch.randn(*s, dtype=torch.float64) for s in ((9, 13), (9, 4), (4, 13)))
+    expected = (w + 0.7 * a @ b).norm(dim=1)
+    torch.testing.assert_close(dora_row_norm(w, a, b, 0.7), expected)
+    args = tuple(t.clone().requires_grad_(True) for t in (w, a, b))
+    assert torch.autograd.gradcheck(lambda w, a, b: dora_row_norm(w, a, b, 0.7), args)
+
+
+def test_dora_matches_reference(backend):
+    device = backend_device(backend)
+    base = nn.Linear(17, 11, dtype=torch.float64).to(device)
+    x = torch.randn(2, 6, 17, dtype=torch.float64, device=device, requires_grad=True)
+    expected0 = base(x)
+    layer = DoRALinear(base, 3, alpha=6, backend=backend)
+    torch.testing.assert_close(layer(x), expected0)  # m = ‖W‖ and A = 0 at init
+    _perturb(layer)
+    y = layer(x)
+    params = [x, layer.lora_a, layer.lora_b, layer.magnitude]
+    expected = reference.dora_linear(x, layer.weight, layer.lora_a, layer.lora_b, layer.magnitude, layer.bias,
+                                     scaling=2.0)
+    torch.testing.assert_close(y, expected)
+    grad_y = torch.randn_like(y)
+    for got, want in zip(torch.autograd.grad(y, params, grad_y), torch.autograd.grad(expected, params, grad_y)):
+        torch.testing.assert_close(got, want)
+
+    layer.merge()
+    torch.testing.assert_close(layer(x), y)
+    layer.unmerge()
+    assert torch.equal(layer.weight, base.weight)
+
+
+def test_dora_gradients_and_detached_norm():
+    base = nn.Linear(10, 7, dtype=torch.float64)
+    layer = DoRALinear(base, 2, backend="cpu")
+    _perturb(layer)
+    x = torch.randn(5, 10, dtype=torch.float64)
+    layer(x).square().sum().backward()
+    assert {n for n, p in layer.named_parameters() if p.grad is not None} == {"lora_a", "lora_b", "magnitude"}
+    assert layer.weight.grad is None and layer.bias.grad is None
+    a, b = layer.low_rank_factors()
+    assert a is layer.lora_a and b is layer.lora_b
+
+    # detach_norm (DoRA §4.3, PEFT): same forward, gradients with ‖W + sAB‖ held constant.
+    detached = DoRALinear(nn.Linear(10, 7, dtype=torch.float64), 2, detach_norm=True, backend="cpu")
+    detached.load_state_dict(layer.state_dict())
+    torch.testing.assert_close(detached(x), layer(x))
+    merged = detached.weight + detached.lora_a @ detached.lora_b
+    norm = merged.norm(dim=1, keepdim=True).detach()
+    expected = nn.functional.linear(x, detached.magnitude[:, None] * merged / norm, detached.bias)
+    params = [detached.lora_a, detached.lora_b, detached.magnitude]
+    for got, want in zip(torch.autograd.grad(detached(x).sum(), params), torch.autograd.grad(expected.sum(), params)):
+        torch.testing.assert_close(got, want)
+
+
+def test_dora_without_bias_and_with_dropout():
+    layer = DoRALinear(nn.Linear(12, 8, bias=False, dtype=torch.float64), 2, dropout=0.5, backend="cpu")
+    _perturb(layer)
+    x = torch.randn(4, 12, dtype=torch.float64)
+    layer.eval()
+    expected = reference.dora_linear(x, layer.weight, layer.lora_a, layer.lora_b, layer.magnitude)
+    torch.testing.assert_close(layer(x), expected)
+    layer.train()
+    torch.manual_seed(1)
+    y = layer(x)
+    torch.manual_seed(1)
+    dropped = nn.functional.dropout(x, 0.5, True)
+    scale = layer.magnitude / (layer.weight + layer.lora_a @ layer.lora_b).norm(dim=1)
+    torch.testing.assert_close(y, scale * (x @ layer.weight.T + dropped @ layer.lora_b.T @ layer.lora_a.T))
