@@ -1,0 +1,396 @@
+"""HF PEFT integration: run PEFT's own (IA)³ and LoRA ``Linear`` layers on subspace_ops' fused ops.
+
+    model = peft.get_peft_model(base, peft.LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
+    report = subspace_ops.peft.accelerate(model)   # in place; prints as a table of what was done
+    ...train, model.save_pretrained(...) as usual...
+    subspace_ops.peft.restore(model)               # back to PEFT's own forward
+
+What each layer computes (same math as PEFT, one fused op instead of PEFT's separate modules):
+
+- (IA)³ ``Linear`` (``peft.tuners.ia3.layer.Linear``): PEFT computes ``base(x) · l`` (not
+  feedforward: l scales the output features, the bias included) or ``base(x · l)`` (feedforward: l
+  scales the input features). That is ``rescaled_linear(x, W, s_l=l, s_r=None, bias=b·l,
+  residual=False)`` resp. ``rescaled_linear(x, W, None, s_r=l, bias=b, residual=False)``.
+- LoRA ``Linear`` (``peft.tuners.lora.layer.Linear``): PEFT computes
+  ``base(x) + lora_B(lora_A(dropout(x))) · scaling``; that is ``lowrank_linear(x, W, a=lora_B.weight,
+  g=None, b=lora_A.weight, bias, scaling=scaling, dropout_p=p, training=dropout.training)``. The
+  dropout mask is drawn by the same ``F.dropout`` call on the same RNG stream, so in training mode
+  too the result equals PEFT's for a given seed.
+
+Everything is cast to the dtype PEFT's base layer computes in (the autocast dtype under autocast,
+else the base weight's dtype) before the op, as our layers do. When the adapter weights have
+another dtype than the base layer (PEFT keeps adapters in float32 on a bf16/fp16 base by default)
+PEFT runs the adapter path in the adapter dtype and rounds the sum to the base dtype; the fused op
+runs it in the base dtype: the outputs agree to the base dtype's precision, not bit for bit, and
+the float32 adapter parameters get gradients computed in the base dtype (as under autocast).
+
+**Only what the fused op expresses is accelerated; everything else runs PEFT's code.** A layer is
+accelerated when its type is exactly PEFT's IA3/LoRA ``Linear`` (not a quantized or otherwise
+specialized subclass), its base layer is a plain ``nn.Linear`` with no hooks and no
+instance-level ``forward`` (e.g. no accelerate offload hook; no global module hooks either),
+``fan_in_fan_out`` is off, exactly one adapter of the layer is active, nothing is merged, adapters are enabled, and (LoRA) the active
+adapter is vanilla LoRA: no variant (DoRA, aLoRA, Arrow, …), ``lora_bias=False``, dropout
+``nn.Identity`` or a non-inplace ``nn.Dropout``, ``lora_A``/``lora_B`` plain bias-free ``nn.Linear``.
+:func:`accelerate` leaves every other tuner layer as it is and lists it in the report with the
+reason. The same conditions are checked again on every call of an accelerated layer (state can
+change later: ``set_adapter``, ``merge_adapter``, ``disable_adapter()``, a DoRA adapter added,
+``adapter_names=`` mixed batches, extra forward arguments, an input dtype PEFT would reject) and the
+call runs PEFT's own forward when they fail: never a silently different result, and a
+``RuntimeWarning`` (once per reason; not for merged or disabled adapters, where PEFT's forward is
+just the base layer) says that the adapter ran unfused.
+:func:`unsupported_reason` tells why a layer (would) run PEFT's forward.
+
+**Mechanism: a class swap.** An accelerated layer's ``__class__`` becomes :class:`FusedLoraLinear`
+or :class:`FusedIA3Linear`, subclasses of PEFT's classes that only override ``forward`` (and
+``__repr__`` shows it: ``lora.FusedLoraLinear``). Trade-offs, against the alternatives:
+
+- The module object, its parameters, buffers and ``state_dict`` keys are untouched, so
+  ``save_pretrained`` / ``load_adapter`` / ``merge_and_unload`` / ``set_adapter`` work as before,
+  ``isinstance`` checks against PEFT's classes still hold, and :func:`restore` is exact (swap back).
+- Unlike replacing ``forward`` on the instance (what accelerate's hooks do), ``copy.deepcopy`` and
+  pickling keep working (the classes are importable module attributes), and ``torch.compile`` sees
+  an ordinary module.
+- ``LoraConfig._register_custom_module`` (PEFT's experimental hook) is an injection-time mapping
+  from a base layer type to a LoRA layer class: it only affects models created by ``get_peft_model``
+  with that config, cannot convert an existing or ``from_pretrained``-loaded PeftModel, must
+  re-implement PEFT's ``Linear`` constructor, and has no (IA)³ counterpart. Not used here.
+- The cost: the subclass relies on PEFT's attribute names (``base_layer``, ``lora_A``, ``ia3_l``,
+  ``merged_adapters``, ``lora_variant``, …), hence the pinned version range
+  :data:`SUPPORTED_PEFT_VERSIONS`; :func:`accelerate` raises :class:`UnsupportedPeftVersionError`
+  outside it (the tests pin the same range). Each call re-checks the conditions above: a few
+  dictionary lookups, negligible against a linear layer.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from .backends import resolve_backend
+from .nn.base import compute_dtype
+
+__all__ = [
+    "AccelerateReport",
+    "SUPPORTED_PEFT_VERSIONS",
+    "UnsupportedPeftVersionError",
+    "accelerate",
+    "check_peft_version",
+    "restore",
+    "unsupported_reason",
+]
+
+#: The PEFT releases whose layer internals this module was written and tested against (PEP 440).
+SUPPORTED_PEFT_VERSIONS = ">=0.21.0,<0.22"
+
+_BACKEND_ATTR = "_subspace_ops_backend"
+
+
+class UnsupportedPeftVersionError(RuntimeError):
+    """The installed PEFT is outside :data:`SUPPORTED_PEFT_VERSIONS`."""
+
+
+def check_peft_version() -> str:
+    """The installed PEFT version; raises UnsupportedPeftVersionError outside the supported range."""
+    try:
+        import peft
+    except ImportError as exc:
+        raise ImportError(
+            f"subspace_ops.peft needs peft{SUPPORTED_PEFT_VERSIONS}: pip install 'peft{SUPPORTED_PEFT_VERSIONS}'"
+        ) from exc
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        ok = Version(peft.__version__) in SpecifierSet(SUPPORTED_PEFT_VERSIONS, prereleases=True)
+    except InvalidVersion:
+        ok = False
+    if not ok:
+        raise UnsupportedPeftVersionError(
+            f"subspace_ops.peft supports peft{SUPPORTED_PEFT_VERSIONS}, but peft {peft.__version__} is installed: "
+            f"the accelerated layers depend on PEFT's layer internals, which change between releases. "
+            f"Install a supported release (pip install 'peft{SUPPORTED_PEFT_VERSIONS}') or run without acceleration."
+        )
+    return peft.__version__
+
+
+# ---------------------------------------------------------------------------------------------
+# when the fused path applies
+def _layer_reason(layer: nn.Module) -> Optional[str]:
+    """Conditions shared by IA3 and LoRA layers: the base layer, the layout, the merge/disable state."""
+    base = getattr(layer, "base_layer", None)
+    if type(base) is not nn.Linear:
+        return f"the base layer is {type(base).__name__}, not a plain nn.Linear"
+    if (base._forward_hooks or base._forward_pre_hooks or base._backward_hooks or base._backward_pre_hooks
+            or "forward" in base.__dict__):
+        return "the base layer has hooks or a replaced forward (e.g. an offload hook); PEFT must call it"
+    if _global_module_hooks():
+        return "global nn.Module hooks are registered; they must see the base layer's call"
+    if not base.weight.is_floating_point():
+        return f"the base weight has dtype {base.weight.dtype}"
+    if getattr(layer, "fan_in_fan_out", False):
+        return "fan_in_fan_out=True (transposed Conv1D-style weight)"
+    if layer.disable_adapters:
+        return "adapters are disabled"
+    if layer.merged:
+        return f"adapter(s) {layer.merged_adapters} are merged into the base weight"
+    return None
+
+
+def _global_module_hooks() -> bool:
+    from torch.nn.modules import module as module_impl
+
+    return any(getattr(module_impl, name, None) for name in (
+        "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks"
+    ))
+
+
+def _single_active(layer: nn.Module, adapters: Any) -> tuple[Optional[str], Optional[str]]:
+    """(the one active adapter of this layer, None) or (None, reason), after :func:`_layer_reason`."""
+    reason = _layer_reason(layer)
+    if reason:
+        return None, reason
+    active = [name for name in layer.active_adapters if name in adapters]
+    if len(active) != 1:
+        return None, f"{len(active)} active adapters on this layer ({active}); the fused path takes exactly one"
+    return active[0], None
+
+
+def _ia3_reason(layer: nn.Module) -> tuple[Optional[str], Optional[str]]:
+    name, reason = _single_active(layer, layer.ia3_l)
+    if reason:
+        return None, reason
+    scale = layer.ia3_l[name]
+    expected = (1, layer.in_features) if layer.is_feedforward else (layer.out_features, 1)
+    if tuple(scale.shape) != expected:
+        return None, f"ia3_l[{name!r}] has shape {tuple(scale.shape)}, expected {expected}"
+    if scale.device != layer.base_layer.weight.device:
+        return None, "the adapter and the base layer are on different devices"
+    return name, None
+
+
+def _lora_reason(layer: nn.Module) -> tuple[Optional[str], Optional[str]]:
+    name, reason = _single_active(layer, layer.lora_A)
+    if reason:
+        return None, reason
+    variant = layer.lora_variant.get(name)
+    if variant is not None or layer.use_dora.get(name, False):
+        return None, f"adapter {name!r} is a LoRA variant ({type(variant).__name__ if variant else 'DoRA'})"
+    if layer.lora_bias.get(name, False):
+        return None, f"adapter {name!r} has lora_bias=True"
+    lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
+    if type(lora_a) is not nn.Linear or type(lora_b) is not nn.Linear or lora_a.bias is not None or lora_b.bias is not None:
+        return None, f"adapter {name!r}: lora_A / lora_B are not bias-free nn.Linear layers"
+    dropout = layer.lora_dropout[name]
+    if not (type(dropout) is nn.Identity or (type(dropout) is nn.Dropout and not dropout.inplace)):
+        return None, f"adapter {name!r}: dropout {type(dropout).__name__} is not nn.Dropout / nn.Identity"
+    scaling = layer.scaling.get(name)
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
+        return None, f"adapter {name!r}: scaling {scaling!r} is not a number"
+    weight = layer.base_layer.weight
+    if lora_a.weight.device != weight.device or lora_b.weight.device != weight.device:
+        return None, "the adapter and the base layer are on different devices"
+    return name, None
+
+
+def _call_reason(layer: nn.Module, x: Any, args: tuple, kwargs: dict) -> Optional[str]:
+    """Per-call conditions: plain ``layer(x)`` on a tensor PEFT would accept."""
+    if args or any(v is not None for v in kwargs.values()):
+        return "extra forward arguments (e.g. adapter_names=… for a mixed batch)"
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        return "the input is not a floating-point tensor"
+    weight = layer.base_layer.weight
+    if x.device != weight.device:
+        return "the input is on another device than the weights"
+    if not torch.is_autocast_enabled(x.device.type) and x.dtype != weight.dtype:
+        return f"input dtype {x.dtype} differs from the weight's {weight.dtype} outside autocast"
+    return None
+
+
+def unsupported_reason(layer: nn.Module) -> Optional[str]:
+    """Why ``layer`` (a PEFT tuner layer) does not or would not run on the fused ops now; None if it does."""
+    ia3_linear, lora_linear = _peft_classes()
+    classes = _fused_classes()
+    if type(layer) in (ia3_linear, classes["FusedIA3Linear"]):
+        return _ia3_reason(layer)[1]
+    if type(layer) in (lora_linear, classes["FusedLoraLinear"]):
+        return _lora_reason(layer)[1]
+    return f"{type(layer).__module__}.{type(layer).__qualname__} is not PEFT's IA3 or LoRA Linear layer"
+
+
+_WARNED: set[str] = set()
+
+
+def _note_fallback(layer: nn.Module, reason: str) -> None:
+    """Warn once per reason when an accelerated layer computes its adapter with PEFT's code (a merged
+    or disabled adapter runs only the base layer, which is what PEFT's code does best: no warning)."""
+    if layer.disable_adapters or layer.merged or reason in _WARNED or torch.compiler.is_compiling():
+        return
+    _WARNED.add(reason)
+    warnings.warn(
+        f"subspace_ops.peft: an accelerated {type(layer).__name__} runs PEFT's own forward ({reason}); "
+        "the result is PEFT's, without the fused kernels (warned once per reason)",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# the accelerated classes
+def _peft_classes():
+    from peft.tuners.ia3.layer import Linear as IA3Linear
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    return IA3Linear, LoraLinear
+
+
+class _FusedForward:
+    """The forward shared by the accelerated classes: check, then the fused op or PEFT's own forward.
+
+    A subclass sets ``_active_adapter`` (layer -> (adapter, None) or (None, reason)) and implements
+    ``_fused(x, weight, bias, adapter, backend)`` on tensors already cast to the compute dtype."""
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        name, reason = type(self)._active_adapter(self)
+        reason = reason or _call_reason(self, x, args, kwargs)
+        if reason:
+            _note_fallback(self, reason)
+            return super().forward(x, *args, **kwargs)
+        base = self.base_layer
+        dtype = compute_dtype(x, base.weight)
+        bias = None if base.bias is None else base.bias.to(dtype)
+        return self._fused(x.to(dtype), base.weight.to(dtype), bias, name, getattr(self, _BACKEND_ATTR, None))
+
+
+def _build_classes() -> dict[str, type]:
+    IA3Linear, LoraLinear = _peft_classes()
+
+    class FusedIA3Linear(_FusedForward, IA3Linear):
+        """PEFT's (IA)³ Linear computed by ``rescaled_linear`` (see :mod:`subspace_ops.peft`)."""
+
+        _active_adapter = staticmethod(_ia3_reason)
+
+        def _fused(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], name: str, backend: Optional[str]):
+            from .ops.rescaled_linear import rescaled_linear
+
+            scale = self.ia3_l[name].reshape(-1).to(x.dtype)
+            if self.is_feedforward:  # base(x · l): l scales the input features
+                return rescaled_linear(x, weight, None, scale, bias, residual=False, backend=backend)
+            # base(x) · l: l scales the output features, bias included
+            bias = None if bias is None else bias * scale
+            return rescaled_linear(x, weight, scale, None, bias, residual=False, backend=backend)
+
+    class FusedLoraLinear(_FusedForward, LoraLinear):
+        """PEFT's LoRA Linear computed by ``lowrank_linear`` (see :mod:`subspace_ops.peft`)."""
+
+        _active_adapter = staticmethod(_lora_reason)
+
+        def _fused(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], name: str, backend: Optional[str]):
+            from .ops.lowrank_linear import lowrank_linear
+
+            dropout = self.lora_dropout[name]
+            p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+            return lowrank_linear(
+                x, weight, self.lora_B[name].weight.to(x.dtype), None, self.lora_A[name].weight.to(x.dtype), bias,
+                scaling=float(self.scaling[name]), dropout_p=p, training=dropout.training, backend=backend,
+            )
+
+    for cls in (FusedIA3Linear, FusedLoraLinear):
+        cls.__module__ = __name__
+        cls.__qualname__ = cls.__name__
+    return {"FusedIA3Linear": FusedIA3Linear, "FusedLoraLinear": FusedLoraLinear}
+
+
+_CLASSES: dict[str, type] = {}
+
+
+def _fused_classes() -> dict[str, type]:
+    if not _CLASSES:
+        _CLASSES.update(_build_classes())
+        globals().update(_CLASSES)
+    return _CLASSES
+
+
+def __getattr__(name: str) -> Any:
+    # FusedIA3Linear / FusedLoraLinear subclass PEFT's classes, so they are built on first use
+    # (importing this module does not import peft); pickle finds them here too.
+    if name in ("FusedIA3Linear", "FusedLoraLinear"):
+        check_peft_version()
+        return _fused_classes()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# public entry points
+@dataclass
+class AccelerateReport:
+    """What :func:`accelerate` did: accelerated layers (name → "ia3"/"lora") and skipped ones (name → reason)."""
+
+    backend: str
+    accelerated: dict[str, str] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        lines = [f"subspace_ops.peft.accelerate: {len(self.accelerated)} layers on the fused ops "
+                 f"(backend {self.backend}), {len(self.skipped)} left to PEFT"]
+        lines += [f"  fused  {kind:4s} {name}" for name, kind in self.accelerated.items()]
+        lines += [f"  PEFT        {name}: {reason}" for name, reason in self.skipped.items()]
+        return "\n".join(lines)
+
+
+def accelerate(model: nn.Module, *, backend: Optional[str] = None) -> AccelerateReport:
+    """Make the PEFT IA3 / LoRA ``Linear`` layers of ``model`` compute through subspace_ops' fused ops.
+
+    In place and undoable (:func:`restore`); parameters and ``state_dict`` keys do not change. Layers
+    whose configuration the fused ops cannot express are left as they are and listed in the report's
+    ``skipped`` with the reason. Calling it again re-checks every layer (and sets the backend).
+    ``backend``: "reference", "cpu", "triton" or None (the best for the weights' device); a requested
+    backend that cannot run raises :class:`~subspace_ops.BackendUnavailableError` before anything changes.
+    """
+    check_peft_version()
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    classes = _fused_classes()
+    fused_ia3, fused_lora = classes["FusedIA3Linear"], classes["FusedLoraLinear"]
+    ia3_linear, lora_linear = _peft_classes()
+    tuner_layers = [(name, m) for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+    if not tuner_layers:
+        raise ValueError(f"{type(model).__name__} has no PEFT tuner layers: nothing to accelerate")
+    report, plan, devices = AccelerateReport(backend=""), [], set()
+    for name, module in tuner_layers:
+        if type(module) in (ia3_linear, fused_ia3):
+            kind, reason = "ia3", _ia3_reason(module)[1]
+        elif type(module) in (lora_linear, fused_lora):
+            kind, reason = "lora", _lora_reason(module)[1]
+        else:
+            kind, reason = None, unsupported_reason(module)
+        if reason is None:
+            plan.append((name, module, kind))
+            devices.add(module.base_layer.weight.device)
+        else:
+            report.skipped[name] = reason
+    # Resolve the backend for every device first: an unavailable backend raises before any change.
+    chosen = {resolve_backend(backend, device) for device in devices}
+    report.backend = "/".join(sorted(chosen)) if chosen else (backend or "auto")
+    for name, module, kind in plan:
+        module.__class__ = fused_ia3 if kind == "ia3" else fused_lora
+        setattr(module, _BACKEND_ATTR, backend)
+        report.accelerated[name] = kind
+    return report
+
+
+def restore(model: nn.Module) -> int:
+    """Undo :func:`accelerate`: every accelerated layer gets PEFT's class back. Returns how many."""
+    if not _CLASSES:
+        return 0
+    ia3_linear, lora_linear = _peft_classes()
+    restored = 0
+    for module in model.modules():
+        if type(module) in (_CLASSES["FusedIA3Linear"], _CLASSES["FusedLoraLinear"]):
+            module.__class__ = ia3_linear if isinstance(module, ia3_linear) else lora_linear
+            module.__dict__.pop(_BACKEND_ATTR, None)
+            restored += 1
+    return restored

@@ -1,0 +1,395 @@
+"""subspace_ops.peft.accelerate: PEFT's own IA3 / LoRA Linear layers on the fused ops, same results as PEFT."""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import pickle
+import re
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from subspace_ops.testing import check_close
+
+from conftest import backend_device
+
+peft = pytest.importorskip("peft")
+sop_peft = pytest.importorskip("subspace_ops.peft")
+
+pytestmark = pytest.mark.integration
+
+
+class Tiny(nn.Module):
+    """Three Linear layers (with and without bias) and an embedding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(11, 6)
+        self.fc1 = nn.Linear(6, 12)
+        self.fc2 = nn.Linear(12, 10, bias=False)
+        self.fc3 = nn.Linear(10, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc3(torch.tanh(self.fc2(torch.relu(self.fc1(x)))))
+
+
+def _perturb(model: nn.Module) -> None:
+    """Move trainable parameters off their init (LoRA's B starts at zero, IA3's scales at one)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn_like(p))
+
+
+def _peft_model(config, seed: int = 0, dtype: torch.dtype = torch.float32, **kw) -> nn.Module:
+    torch.manual_seed(seed)
+    model = peft.get_peft_model(Tiny().to(dtype), config, **kw)
+    _perturb(model)
+    return model
+
+
+def _ia3(**kw):
+    kw.setdefault("target_modules", ["fc1", "fc2", "fc3"])
+    kw.setdefault("feedforward_modules", ["fc2"])
+    return peft.IA3Config(**kw)
+
+
+def _lora(**kw):
+    kw.setdefault("target_modules", ["fc1", "fc2", "fc3"])
+    return peft.LoraConfig(r=3, lora_alpha=5, **kw)
+
+
+def _run(model: nn.Module, x: torch.Tensor, seed: int = 7):
+    """Output, input gradient and trainable-parameter gradients for a fixed upstream gradient."""
+    x = x.detach().clone().requires_grad_(True)
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)  # the same dropout masks for both models
+    y = model(x)
+    y.backward(torch.linspace(-1, 1, y.numel(), dtype=y.dtype, device=y.device).reshape(y.shape))
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    return y.detach(), x.grad, grads
+
+
+def _assert_same(ours, theirs, rtol=1e-5, atol=1e-5):
+    (y, gx, grads), (y_ref, gx_ref, grads_ref) = ours, theirs
+    torch.testing.assert_close(y, y_ref, rtol=rtol, atol=atol)
+    torch.testing.assert_close(gx, gx_ref, rtol=rtol, atol=atol)
+    assert grads.keys() == grads_ref.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=rtol, atol=atol, msg=name)
+
+
+def _count_fused_calls(monkeypatch) -> dict[str, int]:
+    """Count calls of the fused ops made by the accelerated layers."""
+    rescaled_module = importlib.import_module("subspace_ops.ops.rescaled_linear")  # the module, not the function
+    lowrank_module = importlib.import_module("subspace_ops.ops.lowrank_linear")
+
+    counts = {"ia3": 0, "lora": 0}
+
+    def counting(kind, fn):
+        def wrapper(*args, **kwargs):
+            counts[kind] += 1
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(rescaled_module, "rescaled_linear", counting("ia3", rescaled_module.rescaled_linear))
+    monkeypatch.setattr(lowrank_module, "lowrank_linear", counting("lora", lowrank_module.lowrank_linear))
+    return counts
+
+
+X = lambda: torch.randn(4, 3, 6)  # noqa: E731
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_ia3_matches_peft(backend, train, monkeypatch):
+    reference = _peft_model(_ia3()).train(train).to(backend_device(backend))
+    model = copy.deepcopy(reference)
+    report = sop_peft.accelerate(model, backend=backend)
+    assert report.accelerated == {
+        "base_model.model.fc1": "ia3", "base_model.model.fc2": "ia3", "base_model.model.fc3": "ia3"
+    } and not report.skipped
+    assert model.base_model.model.fc2.is_feedforward and not model.base_model.model.fc1.is_feedforward
+    counts = _count_fused_calls(monkeypatch)
+    x = X().to(backend_device(backend))
+    _assert_same(_run(model, x), _run(reference, x))
+    assert counts["ia3"] == 3
+
+
+@pytest.mark.parametrize("options", [{}, {"lora_dropout": 0.25}, {"use_rslora": True, "lora_dropout": 0.1}],
+                         ids=["plain", "dropout", "rslora-dropout"])
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_lora_matches_peft(backend, options, train, monkeypatch):
+    pytest.importorskip("subspace_ops.ops.lowrank_linear")
+    reference = _peft_model(_lora(**options)).train(train).to(backend_device(backend))
+    model = copy.deepcopy(reference)
+    report = sop_peft.accelerate(model, backend=backend)
+    assert set(report.accelerated.values()) == {"lora"} and len(report.accelerated) == 3 and not report.skipped
+    counts = _count_fused_calls(monkeypatch)
+    x = X().to(backend_device(backend))
+    _assert_same(_run(model, x), _run(reference, x))
+    assert counts["lora"] == 3
+
+
+@pytest.mark.parametrize("config", ["ia3", "lora"])
+@pytest.mark.parametrize("autocast", [False, True], ids=["bf16-weights", "autocast-bf16"])
+def test_bf16_within_dtype_tolerance(config, autocast, monkeypatch):
+    """bf16 base (PEFT keeps the adapters in fp32) or fp32 under bf16 autocast: ours vs the fp64 truth is at
+    most ~2x PEFT-in-bf16's own error (the suite's tolerance rule)."""
+    if config == "lora":
+        pytest.importorskip("subspace_ops.ops.lowrank_linear")
+    make = _ia3 if config == "ia3" else _lora
+    dtype = torch.float32 if autocast else torch.bfloat16
+    reference = _peft_model(make(), dtype=dtype).eval()
+    if not autocast:
+        assert reference.base_model.model.fc1.base_layer.weight.dtype == torch.bfloat16
+    truth_model = copy.deepcopy(reference).double()
+    model = copy.deepcopy(reference)
+    sop_peft.accelerate(model)
+    x = X()
+    truth = _run(truth_model, x.double())
+    counts = _count_fused_calls(monkeypatch)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        ours = _run(model, x.to(dtype))
+        theirs = _run(reference, x.to(dtype))
+    assert counts[config] == 3
+    check_close("y", ours[0], truth[0], theirs[0])
+    check_close("grad x", ours[1], truth[1], theirs[1])
+    for name in truth[2]:
+        # fp32 adapter parameters get gradients computed in bf16 (as under autocast): bf16 precision.
+        check_close(name, ours[2][name].to(torch.bfloat16), truth[2][name], theirs[2][name].to(torch.bfloat16))
+
+
+def _forward_hook_model():
+    model = _peft_model(_lora())
+    model.base_model.model.fc2.base_layer.register_forward_hook(lambda *a: None)
+    return model
+
+
+def _two_active_adapters():
+    model = _peft_model(_lora())
+    model.add_adapter("other", _lora())
+    model.base_model.set_adapter(["default", "other"])
+    return model
+
+
+def _merged():
+    model = _peft_model(_ia3(target_modules=["fc1", "fc3"], feedforward_modules=[]))
+    model.merge_adapter()
+    return model
+
+
+def _conv1d():
+    transformers = pytest.importorskip("transformers")
+
+    class WithConv1D(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1 = nn.Linear(6, 12)
+            self.c_fc = transformers.pytorch_utils.Conv1D(10, 12)
+            self.fc3 = nn.Linear(10, 5)
+
+        def forward(self, x):
+            return self.fc3(self.c_fc(self.fc1(x)))
+
+    torch.manual_seed(0)
+    model = peft.get_peft_model(WithConv1D(), peft.LoraConfig(r=2, target_modules=["c_fc"], fan_in_fan_out=True))
+    _perturb(model)
+    return model
+
+
+# name -> (PEFT model builder, expected skipped layer -> reason pattern)
+UNSUPPORTED = {
+    "dora": (lambda: _peft_model(_lora(use_dora=True)), {"fc1": "variant \\(DoraLinearVariant\\)"}),
+    "lora-bias": (lambda: _peft_model(_lora(lora_bias=True, target_modules=["fc1", "fc3"])), {"fc1": "lora_bias=True"}),
+    "embedding": (lambda: _peft_model(_lora(target_modules=["emb", "fc1"])), {"emb": "not PEFT's IA3 or LoRA Linear"}),
+    "hooked-base": (_forward_hook_model, {"fc2": "has hooks"}),
+    "two-active": (_two_active_adapters, {"fc1": "2 active adapters"}),
+    "merged": (_merged, {"fc1": "merged into the base weight"}),
+    "conv1d": (_conv1d, {"c_fc": "base layer is Conv1D"}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNSUPPORTED))
+def test_unsupported_layers_are_left_to_peft_and_reported(case):
+    make, expected = UNSUPPORTED[case]
+    reference = make().eval()
+    model = copy.deepcopy(reference)
+    report = sop_peft.accelerate(model)
+    for short, pattern in expected.items():
+        name = f"base_model.model.{short}"
+        assert name in report.skipped, str(report)
+        assert name not in report.accelerated
+        assert re.search(pattern, report.skipped[name]), report.skipped[name]
+        assert type(model.get_submodule(name)) is type(reference.get_submodule(name))  # left as it is
+        assert name in str(report)
+    x = torch.randint(0, 11, (2, 3)) if case == "embedding" else X()
+    if case == "embedding":
+        run = lambda m: m.base_model.model.fc1(m.base_model.model.emb(x))  # noqa: E731
+        torch.testing.assert_close(run(model), run(reference))
+    else:
+        _assert_same(_run(model, x), _run(reference, x))
+
+
+def test_state_changes_after_accelerate_fall_back_to_peft(monkeypatch):
+    """Merging, disabling, a DoRA adapter set active later, or adapter_names= all run PEFT's forward."""
+    pytest.importorskip("subspace_ops.ops.lowrank_linear")
+    reference = _peft_model(_lora()).eval()
+    model = copy.deepcopy(reference)
+    sop_peft.accelerate(model)
+    counts = _count_fused_calls(monkeypatch)
+    monkeypatch.setattr(sop_peft, "_WARNED", set())  # each fallback reason warns once per process
+    x = X()
+
+    with model.disable_adapter(), reference.disable_adapter(), warnings.catch_warnings():
+        warnings.simplefilter("error")  # disabled (or merged) adapters: PEFT runs the base layer, no warning
+        _assert_same(_run(model, x), _run(reference, x))
+    assert counts["lora"] == 0
+
+    for m in (model, reference):
+        m.merge_adapter()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x))
+    assert counts["lora"] == 0
+    for m in (model, reference):
+        m.unmerge_adapter()
+
+    for m in (model, reference):
+        torch.manual_seed(3)
+        m.add_adapter("dora", _lora(use_dora=True))
+        _perturb(m)
+        m.set_adapter("dora")
+    assert sop_peft.unsupported_reason(model.base_model.model.fc1).startswith("adapter 'dora' is a LoRA variant")
+    with pytest.warns(RuntimeWarning, match="runs PEFT's own forward \\(adapter 'dora' is a LoRA variant"):
+        _assert_same(_run(model, x), _run(reference, x))
+    assert counts["lora"] == 0
+
+    for m in (model, reference):
+        m.set_adapter("default")
+    names = ["default", "__base__", "__base__", "default"]  # a mixed batch (PEFT refuses DoRA there)
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="extra forward arguments"):
+        torch.testing.assert_close(model(x, adapter_names=names), reference(x, adapter_names=names))
+    assert counts["lora"] == 0
+    _assert_same(_run(model, x), _run(reference, x))
+    assert counts["lora"] == 3  # back on the fused path
+
+
+def test_restore_state_dict_copy_and_pickle():
+    reference = _peft_model(_ia3())
+    model = copy.deepcopy(reference)
+    keys = list(model.state_dict())
+    sop_peft.accelerate(model)
+    layer = model.base_model.model.fc1
+    assert type(layer).__name__ == "FusedIA3Linear" and isinstance(layer, peft.tuners.ia3.Linear)
+    assert "FusedIA3Linear" in repr(model)
+    assert list(model.state_dict()) == keys
+    clone = pickle.loads(pickle.dumps(model))
+    assert type(clone.base_model.model.fc1) is sop_peft.FusedIA3Linear
+    assert type(copy.deepcopy(model).base_model.model.fc2) is sop_peft.FusedIA3Linear
+    again = sop_peft.accelerate(model)  # idempotent
+    assert len(again.accelerated) == 3
+    assert sop_peft.restore(model) == 3
+    assert type(layer) is peft.tuners.ia3.Linear and not hasattr(layer, "_subspace_ops_backend")
+    assert list(model.state_dict()) == keys
+    x = X()
+    _assert_same(_run(model, x), _run(reference, x), rtol=0, atol=0)  # PEFT's own forward again, bit for bit
+    assert sop_peft.restore(model) == 0
+
+
+@pytest.mark.parametrize("config", ["ia3", "lora"])
+def test_save_pretrained_and_from_pretrained(tmp_path, config):
+    if config == "lora":
+        pytest.importorskip("subspace_ops.ops.lowrank_linear")
+    model = _peft_model(_ia3() if config == "ia3" else _lora())
+    sop_peft.accelerate(model)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    for _ in range(2):
+        opt.zero_grad()
+        model(X()).square().mean().backward()
+        opt.step()
+    model.save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    loaded = peft.PeftModel.from_pretrained(Tiny(), tmp_path)
+    report = sop_peft.accelerate(loaded)
+    assert len(report.accelerated) == 3
+    x = X()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("config", ["ia3", "lora"])
+def test_accelerated_model_compiles_to_the_fused_ops(config):
+    """torch.compile(fullgraph=True) traces the accelerated layers (their checks included) to our registered ops."""
+    if config == "lora":
+        pytest.importorskip("subspace_ops.ops.lowrank_linear")
+    reference = _peft_model(_ia3() if config == "ia3" else _lora()).eval()
+    model = copy.deepcopy(reference)
+    sop_peft.accelerate(model)
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    compiled = torch.compile(model, backend=capture, fullgraph=True)
+    x = X()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), reference(x))
+    op = "subspace_ops.rescaled_linear" if config == "ia3" else "subspace_ops.lowrank_linear"
+    assert len(graphs) == 1 and graphs[0].count(op) == 3
+
+
+@pytest.mark.parametrize("version", ["0.20.1", "0.22.0", "1.0.0", "not-a-version"])
+def test_other_peft_versions_are_refused(monkeypatch, version):
+    monkeypatch.setattr(peft, "__version__", version)
+    model = _peft_model(_ia3())
+    with pytest.raises(sop_peft.UnsupportedPeftVersionError, match=r"peft>=0.21.0,<0.22"):
+        sop_peft.accelerate(model)
+    assert type(model.base_model.model.fc1) is peft.tuners.ia3.Linear
+
+
+def test_supported_range_includes_the_installed_peft():
+    assert sop_peft.check_peft_version() == peft.__version__
+
+
+def test_nothing_to_accelerate_or_a_bad_backend_changes_nothing():
+    with pytest.raises(ValueError, match="no PEFT tuner layers"):
+        sop_peft.accelerate(Tiny())
+    model = _peft_model(_lora())
+    with pytest.raises(ValueError, match="backend"):
+        sop_peft.accelerate(model, backend="no-such-backend")
+    assert type(model.base_model.model.fc1) is peft.tuners.lora.Linear
+
+
+def test_roberta_lora_and_ia3_gradients_match(monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("subspace_ops.ops.lowrank_linear")
+    config = transformers.RobertaConfig(
+        vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=40, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    ids = torch.randint(0, 50, (2, 9))
+    for peft_config in (
+        peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["query", "value", "dense"]),
+        peft.IA3Config(target_modules=["key", "value", "output.dense"], feedforward_modules=["output.dense"]),
+    ):
+        torch.manual_seed(0)
+        reference = peft.get_peft_model(transformers.RobertaModel(config), peft_config).train()
+        _perturb(reference)
+        model = copy.deepcopy(reference)
+        report = sop_peft.accelerate(model)
+        # LoRA: query, value and the three "dense" per layer + the pooler; IA3: key, value, both "output.dense".
+        assert len(report.accelerated) == (2 * 5 + 1 if isinstance(peft_config, peft.LoraConfig) else 2 * 4)
+        counts = _count_fused_calls(monkeypatch)
+        results = []
+        for m in (model, reference):
+            m.zero_grad()
+            torch.manual_seed(1)
+            m(ids).last_hidden_state.square().mean().backward()
+            results.append({n: p.grad for n, p in m.named_parameters() if p.requires_grad})
+        assert sum(counts.values()) == len(report.accelerated)
+        for name in results[1]:
+            torch.testing.assert_close(results[0][name], results[1][name], rtol=1e-4, atol=1e-6, msg=name)
