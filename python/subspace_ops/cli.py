@@ -178,7 +178,8 @@ def _bench(args: argparse.Namespace, bench: argparse.ArgumentParser) -> int:
     if unknown:
         bench.error(f"argument CASE: unknown case(s) {', '.join(map(repr, unknown))} "
                     f"(choose from {', '.join(CASES)})")
-    cases = [CASES[name] for name in dict.fromkeys(args.cases or CASES)]
+    names = args.cases or [name for name, case in CASES.items() if case.in_default_run]
+    cases = [CASES[name] for name in dict.fromkeys(names)]
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -218,7 +219,8 @@ def _bench(args: argparse.Namespace, bench: argparse.ArgumentParser) -> int:
         for case in cases:
             dtype = DTYPES[args.dtype] if args.dtype else case.default_dtype[device.type]
             for shape in shapes[case.name]:
-                rows = run_case(case, shape, dtype=dtype, device=device, backend=args.backend, modes=modes,
+                rows = run_case(case, shape, dtype=dtype, device=device, backend=args.backend,
+                                modes=case.modes or modes,
                                 warmup=warmup, repeats=repeats, measure_memory=not args.no_memory)
                 print(format_table(rows), flush=True)
                 results += rows

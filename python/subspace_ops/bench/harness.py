@@ -25,6 +25,11 @@ Modes
 ``inference``
     The forward under ``torch.no_grad()``: what serving the un-merged adapter costs. Not part of
     the default run (``--mode all`` adds it); it is *not* the number to compare training kernels on.
+``train``
+    One whole training step as the workload's ``train_step`` defines it (end-to-end cases:
+    forward, loss, backward, optimizer step, zero_grad). Cases that set ``Case.modes`` to it run it
+    whatever ``--mode`` says. A workload's ``items`` (e.g. images or tokens per step) turns the
+    median into a throughput, shown in the note column and stored as ``throughput``.
 
 Time
 ----
@@ -106,7 +111,7 @@ Shape = tuple[int, ...]
 #: The modes of the default run (``--mode both``).
 DEFAULT_MODES: tuple[str, ...] = ("forward", "fwd+bwd")
 #: Every mode the harness knows (``--mode all``).
-ALL_MODES: tuple[str, ...] = ("forward", "fwd+bwd", "inference")
+ALL_MODES: tuple[str, ...] = ("forward", "fwd+bwd", "inference", "train")
 
 
 class VariantSkipped(Exception):
@@ -127,6 +132,8 @@ class Workload:
     params: Sequence[torch.Tensor] = ()
     grad_output: Optional[torch.Tensor] = None
     backend: str = ""
+    train_step: Optional[Callable[[], None]] = None  # mode "train": one full optimizer step
+    items: Optional[tuple[int, str]] = None  # (count, unit) processed per step, e.g. (64, "img")
 
 
 @dataclass(frozen=True)
@@ -164,6 +171,8 @@ class Case:
     presets: Mapping[str, Mapping[str, Sequence[Shape]]]
     default_presets: Mapping[str, Sequence[str]]
     default_dtype: Mapping[str, torch.dtype]
+    modes: Optional[tuple[str, ...]] = None  # always run these modes (end-to-end cases: "train")
+    in_default_run: bool = True  # part of a bare `subspace-ops bench` (end-to-end cases: no)
 
     def parse_shape(self, text: str, device_type: str) -> list[Shape]:
         """A preset name (resolved for ``device_type``) or comma-separated positive integers.
@@ -213,13 +222,15 @@ class Result:
     baseline: str = ""
     status: str = "ok"  # "ok" | "skipped" | "failed"
     note: str = ""
+    throughput: Optional[float] = None  # items per second (mode "train" of end-to-end cases)
+    throughput_unit: str = ""
 
     def to_row(self) -> dict[str, Any]:
         """A flat dict: the shape's named dimensions (e.g. M, K, N) become columns."""
         row: dict[str, Any] = {"case": self.case, "variant": self.variant, "shape": self.shape}
         row.update(self.dims)
         for key in ("dtype", "device", "backend", "mode", "median_ms", "q25_ms", "q75_ms", "ratio",
-                    "peak_mem_mb", "mem_ratio", "baseline", "status", "note"):
+                    "peak_mem_mb", "mem_ratio", "baseline", "status", "note", "throughput", "throughput_unit"):
             row[key] = getattr(self, key)
         return row
 
@@ -287,6 +298,10 @@ def iteration(workload: Workload, mode: str) -> Callable[[], None]:
                 p.grad = None
 
         return forward_backward
+    if mode == "train":
+        if workload.train_step is None:
+            raise ValueError("this variant has no training step")
+        return workload.train_step
     raise ValueError(f"unknown mode {mode!r}; expected one of {ALL_MODES}")
 
 
@@ -490,6 +505,10 @@ def run_case(
                 if base in timing and timing[base][0] > 0:
                     r.ratio = r.median_ms / timing[base][0]
                 r.peak_mem_mb = memory.get(v.name)
+                if workload.items and r.median_ms:
+                    r.throughput = workload.items[0] / (r.median_ms / 1e3)
+                    r.throughput_unit = f"{workload.items[1]}/s"
+                    r.note = (r.note + " " if r.note else "") + f"{r.throughput:,.1f} {r.throughput_unit}"
                 base_mem = memory.get(base)
                 if r.peak_mem_mb is not None and base_mem:
                     r.mem_ratio = r.peak_mem_mb / base_mem

@@ -1,0 +1,175 @@
+"""End-to-end case ``e2e``: one training step of a timm ViT per method (issue #8).
+
+A step is forward, cross-entropy loss, backward, AdamW step and ``zero_grad(set_to_none=True)``
+on a random-init ``VisionTransformer`` (no weights are downloaded) with random images and labels.
+Variants, side by side in one run:
+
+``<method>``
+    The method applied with subspace_ops' fused ops (backend from ``--backend``).
+``<method> naive``
+    The same layers on the ``reference`` backend: the papers' formulas transcribed in plain
+    PyTorch (RLRR materializes W' per layer, SiVA runs the unmerged low-rank products, Coeff
+    materializes every head's N×N map and mixes it by einsum, LoRA is PEFT's formula).
+``<method> naive+compile``
+    ``torch.compile`` of the naive model (optional: a failing compile is reported as skipped).
+``peft LoRA r=8``
+    HF PEFT's LoRA on ``qkv`` (the baseline of the ratios), ``full FT`` (every weight trained) and
+    ``frozen forward`` (the model's no-grad forward: the floor a step cannot beat).
+
+Methods: ``rlrr`` (RLRR + SSF, 000), ``coeff`` (head mixing, 003), ``siva`` (002, perc 0.95),
+``lora`` (r=8 on ``qkv``, as the PEFT row). The classifier head is trained in every method.
+
+Shapes ``batch,img,depth,dim`` (patch 16, heads = dim / 64, MLP 4·dim, 1000 classes). Presets:
+``vit-b`` = (64, 224, 12, 768), ViT-B/16 at batch 64 (CUDA default); ``cpu`` = (4, 224, 4, 384),
+a 4-block ViT-S-width model that keeps a CPU run to a few minutes (CPU default).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from .harness import Case, Shape, Variant, VariantSkipped, Workload
+
+__all__ = ["E2E_METHODS", "E2E_VIT", "e2e_variants"]
+
+LORA_RANK = 8
+
+
+def _vit(shape: Shape, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    try:
+        from timm.models.vision_transformer import VisionTransformer
+    except ImportError:
+        raise VariantSkipped("timm not installed (pip install timm)") from None
+    _, img, depth, dim = shape
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=img, patch_size=16, embed_dim=dim, depth=depth, num_heads=max(dim // 64, 1),
+                              num_classes=1000)
+    return model.to(device=device, dtype=dtype)
+
+
+def _lora(model: nn.Module, backend: Optional[str]) -> None:
+    from ..adapters import _finish_report, _start_report, find_modules, replace_module
+    from ..nn import LowRankLinear
+
+    report, backbone = _start_report(model, "lora")
+    for name, linear in find_modules(model, ("qkv",), nn.Linear):
+        replace_module(model, name, LowRankLinear(linear, LORA_RANK, alpha=2 * LORA_RANK, backend=backend))
+    _finish_report(model, report, backbone, ("head",))
+
+
+def _apply(method: str, model: nn.Module, backend: Optional[str]) -> None:
+    from .. import adapters
+
+    if method == "rlrr":
+        adapters.apply_rlrr(model, backend=backend)
+    elif method == "coeff":
+        adapters.apply_coeff(model, backend=backend)
+    elif method == "siva":
+        adapters.apply_svd(model, "siva", perc=0.95, backend=backend)
+    elif method == "lora":
+        _lora(model, backend)
+    else:
+        raise ValueError(f"unknown e2e method {method!r}")
+
+
+E2E_METHODS = ("rlrr", "coeff", "siva", "lora")
+
+
+def _batch(shape: Shape, device: torch.device, dtype: torch.dtype):
+    batch, img, _, _ = shape
+    g = torch.Generator(device=device).manual_seed(1)
+    images = torch.randn(batch, 3, img, img, generator=g, device=device).to(dtype)
+    labels = torch.randint(0, 1000, (batch,), generator=g, device=device)
+    return images, labels
+
+
+def _training_workload(model: Callable, params: list[torch.Tensor], shape: Shape, device: torch.device,
+                       dtype: torch.dtype, label: str) -> Workload:
+    images, labels = _batch(shape, device, dtype)
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def step() -> None:
+        loss = loss_fn(model(images).float(), labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return Workload(lambda: model(images), params, None, label, train_step=step, items=(shape[0], "img"))
+
+
+def _setup_method(method: str, backend: Optional[str], naive: bool, compiled: bool):
+    def setup(shape: Shape, dtype: torch.dtype, device: torch.device) -> Workload:
+        from ..backends import resolve_backend
+
+        chosen = "reference" if naive else resolve_backend(backend, device)
+        model = _vit(shape, device, dtype)
+        _apply(method, model, chosen)
+        params = [p for p in model.parameters() if p.requires_grad]
+        run = torch.compile(model) if compiled else model
+        label = ("inductor of " if compiled else "") + chosen
+        return _training_workload(run, params, shape, device, dtype, label)
+
+    return setup
+
+
+def _setup_peft_lora(shape: Shape, dtype: torch.dtype, device: torch.device) -> Workload:
+    try:
+        import peft
+    except ImportError:
+        raise VariantSkipped("peft not installed (pip install peft)") from None
+    model = _vit(shape, device, dtype)
+    config = peft.LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, target_modules=["qkv"], modules_to_save=["head"])
+    model = peft.get_peft_model(model, config)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return _training_workload(model, params, shape, device, dtype, f"peft {peft.__version__}")
+
+
+def _setup_full_ft(shape: Shape, dtype: torch.dtype, device: torch.device) -> Workload:
+    model = _vit(shape, device, dtype)
+    return _training_workload(model, list(model.parameters()), shape, device, dtype, "torch")
+
+
+def _setup_frozen(shape: Shape, dtype: torch.dtype, device: torch.device) -> Workload:
+    model = _vit(shape, device, dtype).eval()
+    images, _ = _batch(shape, device, dtype)
+
+    def step() -> None:
+        with torch.no_grad():
+            model(images)
+
+    return Workload(lambda: model(images), [], None, "torch (no grad)", train_step=step, items=(shape[0], "img"))
+
+
+def e2e_variants(backend: Optional[str] = None) -> list[Variant]:
+    variants = []
+    for method in E2E_METHODS:
+        variants += [
+            Variant(method, _setup_method(method, backend, False, False), description=f"{method} on fused ops"),
+            Variant(f"{method} naive", _setup_method(method, backend, True, False),
+                    description=f"{method}, the papers' formulas (reference backend)"),
+            Variant(f"{method} naive+compile", _setup_method(method, backend, True, True), optional=True,
+                    description=f"torch.compile of {method} naive"),
+        ]
+    return variants + [
+        Variant(f"peft LoRA r={LORA_RANK}", _setup_peft_lora, optional=True, description="HF PEFT LoRA on qkv + head"),
+        Variant("full FT", _setup_full_ft, description="every parameter trained"),
+        Variant("frozen forward", _setup_frozen, description="no-grad forward of the frozen model"),
+    ]
+
+
+E2E_VIT = Case(
+    name="e2e",
+    description="one training step (fwd + bwd + AdamW) of a timm ViT per method vs PEFT LoRA, full FT, frozen",
+    make_variants=e2e_variants,
+    baselines={"train": f"peft LoRA r={LORA_RANK}"},
+    dim_names=("batch", "img", "depth", "dim"),
+    presets={"vit-b": {"any": [(64, 224, 12, 768)]}, "cpu": {"any": [(4, 224, 4, 384)]}},
+    default_presets={"cuda": ["vit-b"], "cpu": ["cpu"]},
+    default_dtype={"cuda": torch.bfloat16, "cpu": torch.float32},
+    modes=("train",),
+    in_default_run=False,
+)
