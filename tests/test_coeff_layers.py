@@ -51,8 +51,6 @@ def test_head_mix_bad_arguments(bad):
 
 
 def test_timm_attention_replacement_matches_reference(fused_backend):
-    if fused_backend == "triton" and not torch.cuda.is_available():
-        pytest.skip("whole-model Triton runs are covered on GPU; the interpreter covers the op tests")
     model = tiny_vit().eval()
     block = model.blocks[0].attn
     layer = TimmCoeffAttention(block, backend=fused_backend)
