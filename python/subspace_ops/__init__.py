@@ -5,7 +5,7 @@ Functional ops live at the top level (``subspace_ops.rescaled_linear``), layers 
 selection in ``subspace_ops.backends``.
 """
 
-from . import nn, reference
+from . import methods, nn, reference
 from .adapters import AdaptReport, apply_coeff, apply_rlrr, apply_svd
 from .backends import BackendUnavailableError, available_backends, backend_report, resolve_backend
 from .ops import head_mixing_attention, lowrank_linear, rescaled_linear, svd_delta_linear
@@ -17,6 +17,7 @@ __all__ = [
     "apply_coeff",
     "apply_rlrr",
     "apply_svd",
+    "methods",
     "nn",
     "BackendUnavailableError",
     "available_backends",
