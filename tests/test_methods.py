@@ -600,3 +600,19 @@ def test_methods_combine():
     assert second.adapter_params == 18
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == \
         first.adapter_params + second.adapter_params + 490
+
+
+def test_merge_all_refuses_before_merging_anything():
+    """A model mixing mergeable (LoRA) and non-mergeable (PA with ReLU) layers is left untouched."""
+    from subspace_ops import adapters
+    from subspace_ops.nn import NotMergeableError
+
+    model = timm.models.vision_transformer.VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=48, depth=1, num_heads=3, num_classes=10)
+    methods.apply(model, "lora", targets=("qkv",))
+    methods.apply(model, "pa", targets=("fc1",))
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    with pytest.raises(NotMergeableError, match="nothing was merged"):
+        adapters.merge_all(model)
+    assert not any(getattr(m, "merged", False) for m in model.modules())
+    assert all(torch.equal(before[n], t) for n, t in model.state_dict().items())

@@ -260,8 +260,17 @@ def apply_coeff(
 
 
 def merge_all(model: nn.Module) -> int:
-    """``merge()`` every adapted layer of ``model``; returns how many were merged."""
+    """``merge()`` every adapted layer of ``model``; returns how many were merged.
+
+    Raises :class:`~subspace_ops.nn.NotMergeableError` before merging anything when a layer cannot
+    be merged (an adapter with a nonlinearity), so the model is never left half merged.
+    """
+    from .nn import NotMergeableError
+
     layers = [m for m in model.modules() if hasattr(m, "merge") and hasattr(m, "merged") and not m.merged]
+    blocked = [type(m).__name__ for m in layers if not getattr(m, "mergeable", True)]
+    if blocked:
+        raise NotMergeableError(f"cannot merge: {sorted(set(blocked))} layers have no weight form (nothing was merged)")
     for m in layers:
         m.merge()
     return len(layers)
