@@ -268,9 +268,12 @@ def merge_all(model: nn.Module) -> int:
     from .nn import NotMergeableError
 
     layers = [m for m in model.modules() if hasattr(m, "merge") and hasattr(m, "merged") and not m.merged]
-    blocked = [type(m).__name__ for m in layers if not getattr(m, "mergeable", True)]
+    blocked = [m for m in layers if not getattr(m, "mergeable", True)]
     if blocked:
-        raise NotMergeableError(f"cannot merge: {sorted(set(blocked))} layers have no weight form (nothing was merged)")
+        reasons = dict.fromkeys(m._not_mergeable() if hasattr(m, "_not_mergeable") else
+                                f"{type(m).__name__} cannot be merged" for m in blocked)
+        raise NotMergeableError(f"{len(blocked)} layer(s) cannot be merged, so nothing was merged: "
+                                + "; ".join(reasons))
     for m in layers:
         m.merge()
     return len(layers)
