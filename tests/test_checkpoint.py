@@ -174,7 +174,6 @@ def _rewrite(path, out, *, tensors=None, metadata=None):
 
 def _bad_files(path, tmp_path):
     raw = path.read_bytes()
-    header_len = int.from_bytes(raw[:8], "little")
 
     def flip(offset):
         data = bytearray(raw)

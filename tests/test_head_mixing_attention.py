@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 
 import subspace_ops
-from subspace_ops import reference
 from subspace_ops.ops.head_mixing_attention import additive_mask
 from subspace_ops.testing import check_close
 

@@ -8,7 +8,6 @@ import pytest
 import torch
 from torch import nn
 
-import subspace_ops
 from subspace_ops.adapters import apply_rlrr, merge_all, unmerge_all
 from subspace_ops.nn import SSF, RLRRLinear, ScaledLinear
 

@@ -28,25 +28,15 @@ matmuls. Every tensor is addressed through its strides. On CUDA the tiles are au
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from ._common import grouped_tile as _grouped_tile, interpreting as _interpreting, matmul_precision as _precision
+
 __all__ = ["lowrank_linear_forward", "lowrank_linear_backward", "gemm_lowrank"]
-
-
-@triton.jit
-def _grouped_tile(pid, rows, cols, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, GROUP: tl.constexpr):
-    """Program id -> (row tile, column tile), GROUP row tiles down one column tile at a time (L2 reuse)."""
-    tiles_r = tl.cdiv(rows, BLOCK_ROWS)
-    tiles_c = tl.cdiv(cols, BLOCK_COLS)
-    per_group = GROUP * tiles_c
-    first_r = (pid // per_group) * GROUP
-    group_size = tl.minimum(tiles_r - first_r, GROUP)
-    return first_r + (pid % per_group) % group_size, (pid % per_group) // group_size
 
 
 @triton.jit
@@ -132,16 +122,6 @@ _gemm_lowrank_tuned = triton.autotune(
     _configs(), key=["M", "C", "D", "R", "HAS_LOWRANK", "HAS_BIAS"],
     prune_configs_by={"early_config_prune": _prune_for_dtype},
 )(triton.heuristics({"EVEN_D": lambda a: a["D"] % a["BLOCK_D"] == 0})(_gemm_lowrank_kernel))
-
-
-def _interpreting(t: torch.Tensor) -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1" or t.device.type == "cpu"
-
-
-def _precision(t: torch.Tensor) -> str:
-    if t.dtype == torch.float32 and t.is_cuda and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
 
 
 def _acc(t: torch.Tensor):

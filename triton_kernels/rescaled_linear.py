@@ -27,12 +27,13 @@ tile is used.
 from __future__ import annotations
 
 import functools
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+
+from ._common import accumulation_types as _acc, grouped_tile as _grouped_tile, interpreting as _interpreting, matmul_precision as _precision
 
 __all__ = ["rescaled_linear_forward", "rescaled_linear_backward"]
 
@@ -48,18 +49,6 @@ def _modulate(w, sl_ptrs, sr_ptrs, mask_n, mask_k, stride_slr, stride_srr, c,
         b = tl.load(sr_ptrs + j * stride_srr, mask=mask_k, other=0.0).to(ACC)
         mod += a[:, None] * b[None, :]
     return w.to(ACC) * mod
-
-
-@triton.jit
-def _grouped_tile(pid, rows, cols, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, GROUP: tl.constexpr):
-    """Program id -> (row tile, column tile). Consecutive programs walk GROUP row tiles down one
-    column tile before moving right, so the column operand's tiles are re-read from L2, not HBM."""
-    tiles_r = tl.cdiv(rows, BLOCK_ROWS)
-    tiles_c = tl.cdiv(cols, BLOCK_COLS)
-    per_group = GROUP * tiles_c
-    first_r = (pid // per_group) * GROUP
-    group_size = tl.minimum(tiles_r - first_r, GROUP)
-    return first_r + (pid % per_group) % group_size, (pid % per_group) // group_size
 
 
 @triton.jit
@@ -266,23 +255,9 @@ _grad_scales_tuned = triton.autotune(
 )(triton.heuristics({"EVEN_M": lambda a: a["M"] % a["BLOCK_M"] == 0})(_grad_scales_kernel))
 
 
-def _interpreting(t: torch.Tensor) -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1" or t.device.type == "cpu"
-
-
 @functools.lru_cache(maxsize=None)
 def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def _precision(t: torch.Tensor) -> str:
-    if t.dtype == torch.float32 and t.is_cuda and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
-
-
-def _acc(t: torch.Tensor):
-    return (tl.float64, torch.float64) if t.dtype == torch.float64 else (tl.float32, torch.float32)
 
 
 def _m_chunk(M: int, tiles: int, sms: int, align: int) -> int:

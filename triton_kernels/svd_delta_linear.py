@@ -10,12 +10,13 @@
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+
+from ._common import interpreting as _interpreting, matmul_precision as _precision
 
 __all__ = ["svd_basis_weight", "svd_delta_linear_forward", "svd_delta_linear_backward"]
 
@@ -83,10 +84,6 @@ def _grad_d_kernel(
         tl.store(partial_ptr + tile * RANK + offs_j, tl.sum(gv * u.to(acc_dtype), axis=0), mask=mask_j)
 
 
-def _interpreting(t: torch.Tensor) -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1" or t.device.type == "cpu"
-
-
 # Tile sizes: small fixed ones in the CPU interpreter (tl.dot needs >= 16), GPU ones otherwise.
 _INTERPRETER_BLOCKS = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, BLOCK_J=16)
 _WEIGHT_BLOCKS = dict(BLOCK_N=64, BLOCK_K=64, BLOCK_J=32)
@@ -97,12 +94,6 @@ def _blocks(t: torch.Tensor, gpu_blocks: dict) -> dict:
     if _interpreting(t):
         return {name: _INTERPRETER_BLOCKS[name] for name in gpu_blocks}
     return gpu_blocks
-
-
-def _precision(t: torch.Tensor) -> str:
-    if t.dtype == torch.float32 and t.is_cuda and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
 
 
 def svd_basis_weight(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, d: torch.Tensor) -> torch.Tensor:

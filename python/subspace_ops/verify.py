@@ -16,7 +16,6 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from . import reference
 from .backends import available_backends
 from .testing import error_and_bound
 
