@@ -180,13 +180,16 @@ Blocking blocking(const Problem& p) {
   return {rows, key_block, p.heads * std::max(rows * key_block, kKeyBlock * phase2_rows)};
 }
 
-// Runs body(chunk, begin, end) over [0, items) in at most one chunk per thread, chunk index known
-// (for per-chunk partial sums reduced in a fixed order).
+// Runs body(chunk, first, stride) in at most one chunk per thread; chunk c owns the items
+// c, c + stride, c + 2·stride, ... of [0, items). Dealt round-robin, not in contiguous ranges:
+// with a causal mask the cost of an item grows with its query (or shrinks with its key) block,
+// and contiguous halves would leave one thread with three quarters of the work. The chunk index
+// lets per-chunk partial sums be reduced in a fixed order (deterministic for a thread count).
 template <typename Body>
 int64_t parallel_chunks(int64_t items, const Body& body) {
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(items, at::get_num_threads()));
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) body(c, items * c / chunks, items * (c + 1) / chunks);
+    for (int64_t c = c0; c < c1; ++c) body(c, c, chunks);
   });
   return chunks;
 }
@@ -203,11 +206,11 @@ std::tuple<at::Tensor, at::Tensor> head_mixing_attention_forward(const at::Tenso
   at::Tensor out = at::empty({p.batch, p.heads, p.n_q, p.dim}, p.q.options());
   at::Tensor lse = at::empty({p.batch, p.heads, p.n_q}, p.q.options());
 
-  parallel_chunks(p.batch * q_blocks, [&](int64_t, int64_t begin, int64_t end) {
+  parallel_chunks(p.batch * q_blocks, [&](int64_t, int64_t first, int64_t stride) {
     Tile probs = make_tile(p, blk.tile_elems);
     Tile mixed = make_tile(p, p.heads * kMixChunk * blk.query_rows);
     Tile acc = make_tile(p, p.heads * blk.query_rows * p.dim);
-    for (int64_t item = begin; item < end; ++item) {
+    for (int64_t item = first; item < p.batch * q_blocks; item += stride) {
       const int64_t b = item / q_blocks, i0 = (item % q_blocks) * blk.query_rows;
       const int64_t i1 = std::min(p.n_q, i0 + blk.query_rows), rows = i1 - i0, keys = p.key_end(i1);
       at::Tensor o = acc.view(p.heads, rows, p.dim).zero_();
@@ -271,11 +274,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> head_mixing_attention
 
   // Phase 1, per query block: D, dmix and dQ.
   std::vector<at::Tensor> dmix_parts(std::max<int64_t>(1, at::get_num_threads()));
-  const int64_t chunks = parallel_chunks(p.batch * q_blocks, [&](int64_t chunk, int64_t begin, int64_t end) {
+  const int64_t chunks = parallel_chunks(p.batch * q_blocks, [&](int64_t chunk, int64_t first, int64_t stride) {
     Tile probs = make_tile(p, blk.tile_elems), dots = make_tile(p, blk.tile_elems);
     Tile mixed = make_tile(p, blk.tile_elems), acc = make_tile(p, p.heads * blk.query_rows * p.dim);
     at::Tensor dmix = at::zeros({p.heads, p.heads}, p.q.options());
-    for (int64_t item = begin; item < end; ++item) {
+    for (int64_t item = first; item < p.batch * q_blocks; item += stride) {
       const int64_t b = item / q_blocks, i0 = (item % q_blocks) * blk.query_rows;
       const int64_t i1 = std::min(p.n_q, i0 + blk.query_rows), rows = i1 - i0, keys = p.key_end(i1);
       at::Tensor d = row_stat(row_d, b, i0, i1).zero_();
@@ -305,11 +308,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> head_mixing_attention
   // Phase 2, per key block: dK and dV, every key row owned by one item.
   const int64_t k_blocks = (p.n_k + kKeyBlock - 1) / kKeyBlock;
   const int64_t query_chunk = std::max<int64_t>(1, blk.tile_elems / (p.heads * kKeyBlock));
-  parallel_chunks(p.batch * k_blocks, [&](int64_t, int64_t begin, int64_t end) {
+  parallel_chunks(p.batch * k_blocks, [&](int64_t, int64_t first, int64_t stride) {
     Tile probs = make_tile(p, blk.tile_elems), dots = make_tile(p, blk.tile_elems);
     Tile mixed = make_tile(p, blk.tile_elems);
     Tile dk_acc = make_tile(p, p.heads * kKeyBlock * p.dim), dv_acc = make_tile(p, p.heads * kKeyBlock * p.dim);
-    for (int64_t item = begin; item < end; ++item) {
+    for (int64_t item = first; item < p.batch * k_blocks; item += stride) {
       const int64_t b = item / k_blocks, j0 = (item % k_blocks) * kKeyBlock;
       const int64_t j1 = std::min(p.n_k, j0 + kKeyBlock), cols = j1 - j0;
       at::Tensor dk_rows = dk_acc.view(p.heads, cols, p.dim).zero_();
