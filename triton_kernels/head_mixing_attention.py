@@ -48,14 +48,14 @@ tl.dot accepts, which keeps the interpreter fast.
 
 from __future__ import annotations
 
-import os
-from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["head_mixing_attention_forward", "head_mixing_attention_backward"]
+from ._common import accumulation_types as _acc, interpreting as _interpreting, matmul_precision as _precision
+
+__all__ = ["head_mixing_attention_backward", "head_mixing_attention_forward"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -261,8 +261,7 @@ def _backward_dq_kernel(
     hm_ok = (heads[:, None] < H) & (rows[None, :] < NQ)
     lse = tl.load(lse_ptr + b * stride_lb + heads[:, None] * stride_lh + rows[None, :] * stride_lm,
                   mask=hm_ok, other=float("inf"))
-    w = _load_mix(mix_ptr, H, stride_mixh, stride_mixg, HP, ACC)  # w[h, g] = mix[h, g]
-    wt = _load_mix(mix_ptr, H, stride_mixg, stride_mixh, HP, ACC)  # wt[g, h] = mix[h, g]
+    wt = _load_mix(mix_ptr, H, stride_mixg, stride_mixh, HP, ACC)  # wt[g, h] = mix[h, g]: E = wt @ T
     k_base = k_ptr + b * stride_kb + h3 * stride_kh + d3 * stride_kd
     v_base = v_ptr + b * stride_vb + h3 * stride_vh + d3 * stride_vd
     m_base = mask_ptr + b * stride_mb + h3 * stride_mh + r3 * stride_mm
@@ -381,7 +380,7 @@ def _backward_dkv_kernel(
 # Launch configuration
 
 # Interpreter (CPU tests): tl.dot needs every dimension >= 16 there; small tiles keep it fast.
-_INTERPRETER_BLOCKS = dict(BLOCK_M=16, BLOCK_N=16)
+_INTERPRETER_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16}
 
 # CUDA. The tiles below have not been tuned on hardware yet: they are a starting set sized so that
 # HP · BLOCK_M · BLOCK_D accumulators have a chance to stay in registers, and the prune below drops
@@ -394,14 +393,14 @@ _LSE_CONFIGS = [
 ]
 _HEADS_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-    for bm, bn, w, s in [(16, 16, 4, 2), (16, 32, 4, 2), (16, 32, 8, 2), (32, 16, 8, 2),
+    for bm, bn, w, s in [(16, 16, 4, 2), (16, 16, 8, 2), (16, 32, 4, 2), (16, 32, 8, 2), (32, 16, 8, 2),
                          (32, 32, 8, 2), (16, 64, 8, 2), (32, 64, 8, 2)]
 ]
 # The dQ kernel's BLOCK_M fixes the number of dmix partial slots, so it is chosen (by _dq_block_m),
 # not tuned; only BLOCK_N, warps and stages are.
 _DQ_CONFIGS = [
     triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
-    for bn, w, s in [(16, 4, 2), (32, 4, 2), (32, 8, 2), (64, 8, 2)]
+    for bn, w, s in [(16, 4, 2), (16, 8, 2), (32, 4, 2), (32, 8, 2), (64, 8, 2)]
 ]
 _REGS_PER_THREAD = 160  # fp32 values a thread may hold before spilling becomes likely (of 255)
 
@@ -442,17 +441,6 @@ def _dq_block_m(hp: int, block_d: int) -> int:
     return 16 if hp * block_d >= 1024 else 32
 
 
-def _interpreting(t: torch.Tensor) -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1" or t.device.type == "cpu"
-
-
-def _precision(t: torch.Tensor) -> str:
-    """Of the Q·Kᵀ, P·V and dS products: TF32 for float32 only where torch allows it for matmuls."""
-    if t.dtype == torch.float32 and t.is_cuda and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
-
-
 def _mix_precision(t: torch.Tensor) -> str:
     """Of the head-mixing products, whose operands are float32 probabilities. For 16-bit inputs TF32
     suffices: the mixed map is rounded to the 16-bit dtype before it multiplies V anyway."""
@@ -461,31 +449,27 @@ def _mix_precision(t: torch.Tensor) -> str:
     return _precision(t)
 
 
-def _acc(t: torch.Tensor):
-    return (tl.float64, torch.float64) if t.dtype == torch.float64 else (tl.float32, torch.float32)
-
-
-def _strides4(t: Optional[torch.Tensor]) -> tuple:
+def _strides4(t: torch.Tensor | None) -> tuple:
     return tuple(t.stride()) if t is not None else (0, 0, 0, 0)
 
 
-def _common_meta(q: torch.Tensor, mask: Optional[torch.Tensor], is_causal: bool) -> dict:
+def _common_meta(q: torch.Tensor, mask: torch.Tensor | None, is_causal: bool) -> dict:
     heads, dim = q.shape[1], q.shape[3]
     hp = triton.next_power_of_2(heads)
-    return dict(
-        HP=hp,
-        BLOCK_D=max(16, triton.next_power_of_2(dim)),
-        IS_CAUSAL=bool(is_causal),
-        HAS_MASK=mask is not None,
+    return {
+        "HP": hp,
+        "BLOCK_D": max(16, triton.next_power_of_2(dim)),
+        "IS_CAUSAL": bool(is_causal),
+        "HAS_MASK": mask is not None,
         # A tl.dot over the head axis needs >= 8 fp32 elements of reduction on CUDA.
-        MIX_DOT=hp >= 8,
-        ACC=_acc(q)[0],
-        PRECISION=_precision(q),
-        MIX_PRECISION=_mix_precision(q),
-    )
+        "MIX_DOT": hp >= 8,
+        "ACC": _acc(q)[0],
+        "PRECISION": _precision(q),
+        "MIX_PRECISION": _mix_precision(q),
+    }
 
 
-def _check_mask(mask: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor) -> None:
+def _check_mask(mask: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor) -> None:
     if mask is None:
         return
     expected = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
@@ -503,7 +487,7 @@ def head_mixing_attention_forward(
     k: torch.Tensor,
     v: torch.Tensor,
     mix: torch.Tensor,
-    mask: Optional[torch.Tensor],
+    mask: torch.Tensor | None,
     is_causal: bool,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -546,7 +530,7 @@ def head_mixing_attention_backward(
     k: torch.Tensor,
     v: torch.Tensor,
     mix: torch.Tensor,
-    mask: Optional[torch.Tensor],
+    mask: torch.Tensor | None,
     lse: torch.Tensor,
     is_causal: bool,
     scale: float,
