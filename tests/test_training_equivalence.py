@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from subspace_ops import adapters
+from subspace_ops import adapters, methods
 from subspace_ops.nn import DoRALinear, LowRankLinear, ScaledLinear
 
 timm = pytest.importorskip("timm")
@@ -29,27 +29,40 @@ def _randomize_lora(model: nn.Module) -> None:
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, (LowRankLinear, DoRALinear)):
-                m.lora_a.copy_(0.02 * torch.randn(m.lora_a.shape, generator=g))
+            for name, p in m.named_parameters(recurse=False):
+                if name in ("lora_a", "up", "spectral_a") and not p.any():  # a zero-init factor
+                    p.copy_(0.02 * torch.randn(p.shape, generator=g))
 
 
-METHODS: dict[str, Callable[[nn.Module, str], None]] = {
-    "rlrr": lambda m, b: adapters.apply_rlrr(m, backend=b),
-    "coeff": lambda m, b: adapters.apply_coeff(m, backend=b),
-    "siva": lambda m, b: adapters.apply_svd(m, "siva", perc=0.9, backend=b),
-    "svdiff": lambda m, b: adapters.apply_svd(m, "svdiff", backend=b),
-    "ssb": lambda m, b: _replace(m, ("qkv", "proj", "fc1", "fc2"), lambda lin: ScaledLinear.ssb(lin, backend=b)),
-    "flora": lambda m, b: (_replace(m, ("qkv", "proj"), lambda lin: LowRankLinear(lin, 4, g="full", backend=b)),
-                           _randomize_lora(m)),
-    "dora": lambda m, b: (_replace(m, ("qkv",), lambda lin: DoRALinear(lin, 4, backend=b)), _randomize_lora(m)),
+# Hand-built variants next to the registry: a randomized-A DoRA and FLoRA, SSB on every linear.
+CUSTOM: dict[str, Callable[[nn.Module, str], None]] = {
+    "ssb-all-linears": lambda m, b: _replace(m, ("qkv", "proj", "fc1", "fc2"),
+                                             lambda lin: ScaledLinear.ssb(lin, backend=b)),
+    "flora-random-a": lambda m, b: (_replace(m, ("qkv", "proj"), lambda lin: LowRankLinear(lin, 4, g="full", backend=b)),
+                                    _randomize_lora(m)),
+    "dora-random-a": lambda m, b: (_replace(m, ("qkv",), lambda lin: DoRALinear(lin, 4, backend=b)),
+                                   _randomize_lora(m)),
 }
+# Registry methods without a backend option (ssf, bitfit, the Houlsby adapter) run plain PyTorch
+# layers: their fused and reference runs are the same code, so they are not listed.
+REGISTRY = [name for name in methods.list_methods() if "backend" in methods.get_config(name).__dataclass_fields__]
+
+
+def _adapt(method: str, model: nn.Module, backend: str) -> None:
+    if method in CUSTOM:
+        CUSTOM[method](model, backend)
+    else:
+        overrides = dict(perc=0.9) if method == "siva" else {}
+        methods.apply(model, method, backend=backend, **overrides)
+        if method in ("lora", "adalora", "trilora", "flora", "pa", "spectral"):
+            _randomize_lora(model)
 
 
 def _loss_curve(method: str, backend: str) -> list[float]:
     torch.manual_seed(0)
     model = timm.models.vision_transformer.VisionTransformer(
         img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=10)
-    METHODS[method](model, backend)
+    _adapt(method, model, backend)
     g = torch.Generator().manual_seed(1)
     images = torch.randn(16, 3, 32, 32, generator=g)
     labels = torch.randint(0, 10, (16,), generator=g)
@@ -66,7 +79,7 @@ def _loss_curve(method: str, backend: str) -> list[float]:
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", REGISTRY + sorted(CUSTOM))
 def test_fused_training_matches_reference(method):
     fused = _loss_curve(method, "cpu")
     ref = _loss_curve(method, "reference")
