@@ -204,3 +204,20 @@ def test_python_dash_m_entry_point(monkeypatch, capsys):
         runpy.run_module("subspace_ops", run_name="__main__")
     assert exit_info.value.code == 0
     assert "rescaled-linear" in capsys.readouterr().out
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("case_name, shape", [("e2e", (2, 32, 1, 64)), ("e2e-llama", (1, 16, 1, 128))])
+def test_e2e_cases_run_a_training_step(case_name, shape):
+    """The end-to-end cases (not in a bare run): our method, PEFT LoRA and the frozen forward, one
+    training step each, with a throughput; compile variants are left out to keep this fast."""
+    from subspace_ops.bench.cases import CASES
+    from subspace_ops.bench.harness import run_case
+
+    case = CASES[case_name]
+    assert not case.in_default_run and case.modes == ("train",)
+    variants = [v for v in case.make_variants("cpu") if v.name in ("coeff", "lora", "peft LoRA r=8", "frozen forward")]
+    rows = run_case(case, shape, dtype=torch.float32, device=torch.device("cpu"), modes=case.modes, warmup=1,
+                    repeats=1, measure_memory=False, variants=variants)
+    assert {r.variant for r in rows} == {"coeff", "lora", "peft LoRA r=8", "frozen forward"}
+    assert all(r.status == "ok" and r.throughput and r.throughput > 0 for r in rows), [r.note for r in rows]

@@ -22,6 +22,15 @@ Methods: ``rlrr`` (RLRR + SSF, 000), ``coeff`` (head mixing, 003), ``siva`` (002
 Shapes ``batch,img,depth,dim`` (patch 16, heads = dim / 64, MLP 4·dim, 1000 classes). Presets:
 ``vit-b`` = (64, 224, 12, 768), ViT-B/16 at batch 64 (CUDA default); ``cpu`` = (4, 224, 4, 384),
 a 4-block ViT-S-width model that keeps a CPU run to a few minutes (CPU default).
+
+Case ``e2e-llama``: the same for a LLaMA-style decoder stack (transformers ``LlamaForCausalLM``
+from a config, random init, causal-LM loss on random tokens). Shapes ``batch,seq,layers,hidden``
+(heads = hidden / 128, MLP 11008/4096 · hidden, vocabulary 32 000 from hidden 2048 up, else
+4 096 so the CPU run is not all LM head). Presets: ``llama`` = (1, 1024, 2, 4096) and
+(1, 4096, 2, 4096), two LLaMA-7B-sized blocks (CUDA default); ``cpu`` = (1, 256, 2, 256). Methods:
+``lora`` (r=8 on q_proj, v_proj, as the PEFT row), ``coeff`` (through transformers' attention
+registry), ``siva`` (q_proj, v_proj) and ``rlrr`` (every linear; no SSF: LLaMA has RMSNorm, not the
+LayerNorms of RLRR's recipe).
 """
 
 from __future__ import annotations
@@ -33,7 +42,7 @@ from torch import nn
 
 from .harness import Case, Shape, Variant, VariantSkipped, Workload
 
-__all__ = ["E2E_METHODS", "E2E_VIT", "e2e_variants"]
+__all__ = ["E2E_LLAMA", "E2E_METHODS", "E2E_VIT", "e2e_variants", "llama_variants"]
 
 LORA_RANK = 8
 
@@ -169,6 +178,130 @@ E2E_VIT = Case(
     dim_names=("batch", "img", "depth", "dim"),
     presets={"vit-b": {"any": [(64, 224, 12, 768)]}, "cpu": {"any": [(4, 224, 4, 384)]}},
     default_presets={"cuda": ["vit-b"], "cpu": ["cpu"]},
+    default_dtype={"cuda": torch.bfloat16, "cpu": torch.float32},
+    modes=("train",),
+    in_default_run=False,
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# e2e-llama
+# ---------------------------------------------------------------------------------------------
+_LLAMA_ATTENTION = ("q_proj", "v_proj")
+
+
+def _llama(shape: Shape, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    try:
+        import transformers
+    except ImportError:
+        raise VariantSkipped("transformers not installed (pip install transformers)") from None
+    _, seq, layers, hidden = shape
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=32000 if hidden >= 2048 else 4096, hidden_size=hidden, intermediate_size=hidden * 11008 // 4096,
+        num_hidden_layers=layers, num_attention_heads=max(hidden // 128, 1), num_key_value_heads=max(hidden // 128, 1),
+        max_position_embeddings=max(seq, 2048), attention_dropout=0.0, attn_implementation="sdpa",
+    )
+    return transformers.LlamaForCausalLM(config).to(device=device, dtype=dtype)
+
+
+def _apply_llama(method: str, model: nn.Module, backend: Optional[str]) -> None:
+    from .. import methods
+
+    overrides = {
+        "lora": dict(targets=_LLAMA_ATTENTION, rank=LORA_RANK, alpha=2 * LORA_RANK),
+        "siva": dict(targets=_LLAMA_ATTENTION, perc=0.997),
+        "rlrr": dict(ssf=False),
+        "coeff": {},
+    }[method]
+    methods.apply(model, method, backend=backend, trainable=(), **overrides)
+
+
+def _llama_workload(model: Callable, params: list[torch.Tensor], shape: Shape, device: torch.device,
+                    label: str) -> Workload:
+    batch, seq, _, hidden = shape
+    vocab = 32000 if hidden >= 2048 else 4096
+    g = torch.Generator(device=device).manual_seed(1)
+    ids = torch.randint(0, vocab, (batch, seq), generator=g, device=device)
+    optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None  # none for the frozen model
+
+    def step() -> None:
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return Workload(lambda: model(input_ids=ids).logits, params, None, label, train_step=step,
+                    items=(batch * seq, "tok"))
+
+
+def _setup_llama_method(method: str, backend: Optional[str], naive: bool, compiled: bool):
+    def setup(shape: Shape, dtype: torch.dtype, device: torch.device) -> Workload:
+        from ..backends import resolve_backend
+
+        chosen = "reference" if naive else resolve_backend(backend, device)
+        model = _llama(shape, device, dtype)
+        _apply_llama(method, model, chosen)
+        params = [p for p in model.parameters() if p.requires_grad]
+        run = torch.compile(model) if compiled else model
+        return _llama_workload(run, params, shape, device, ("inductor of " if compiled else "") + chosen)
+
+    return setup
+
+
+def _setup_llama_peft(shape: Shape, dtype: torch.dtype, device: torch.device) -> Workload:
+    try:
+        import peft
+    except ImportError:
+        raise VariantSkipped("peft not installed (pip install peft)") from None
+    model = peft.get_peft_model(_llama(shape, device, dtype), peft.LoraConfig(
+        r=LORA_RANK, lora_alpha=2 * LORA_RANK, target_modules=list(_LLAMA_ATTENTION)))
+    params = [p for p in model.parameters() if p.requires_grad]
+    return _llama_workload(model, params, shape, device, f"peft {peft.__version__}")
+
+
+def _setup_llama_full(shape: Shape, dtype: torch.dtype, device: torch.device) -> Workload:
+    model = _llama(shape, device, dtype)
+    return _llama_workload(model, list(model.parameters()), shape, device, "torch")
+
+
+def _setup_llama_frozen(shape: Shape, dtype: torch.dtype, device: torch.device) -> Workload:
+    model = _llama(shape, device, dtype).eval()
+    workload = _llama_workload(model, [], shape, device, "torch (no grad)")
+
+    def step() -> None:
+        with torch.no_grad():
+            workload.forward()
+
+    workload.train_step = step
+    return workload
+
+
+def llama_variants(backend: Optional[str] = None) -> list[Variant]:
+    variants = []
+    for method in E2E_METHODS:
+        variants += [
+            Variant(method, _setup_llama_method(method, backend, False, False), description=f"{method} on fused ops"),
+            Variant(f"{method} naive", _setup_llama_method(method, backend, True, False),
+                    description=f"{method}, the papers' formulas (reference backend)"),
+            Variant(f"{method} naive+compile", _setup_llama_method(method, backend, True, True), optional=True,
+                    description=f"torch.compile of {method} naive"),
+        ]
+    return variants + [
+        Variant(f"peft LoRA r={LORA_RANK}", _setup_llama_peft, optional=True,
+                description="HF PEFT LoRA on q_proj, v_proj"),
+        Variant("full FT", _setup_llama_full, description="every parameter trained"),
+        Variant("frozen forward", _setup_llama_frozen, description="no-grad forward of the frozen model"),
+    ]
+
+
+E2E_LLAMA = Case(
+    name="e2e-llama",
+    description="one training step (fwd + bwd + AdamW) of a LLaMA-style decoder stack per method vs PEFT LoRA",
+    make_variants=llama_variants,
+    baselines={"train": f"peft LoRA r={LORA_RANK}"},
+    dim_names=("batch", "seq", "layers", "hidden"),
+    presets={"llama": {"any": [(1, 1024, 2, 4096), (1, 4096, 2, 4096)]}, "cpu": {"any": [(1, 256, 2, 256)]}},
+    default_presets={"cuda": ["llama"], "cpu": ["cpu"]},
     default_dtype={"cuda": torch.bfloat16, "cpu": torch.float32},
     modes=("train",),
     in_default_run=False,
