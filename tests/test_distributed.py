@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from subspace_ops import methods
 from subspace_ops.adapters import apply_rlrr, apply_svd, find_modules, replace_module
 from subspace_ops.checkpoint import load_adapter, save_adapter
 from subspace_ops.nn import ScaledLinear
@@ -44,7 +45,10 @@ def _apply_ssb(model: nn.Module) -> None:
 ADAPTERS = {
     "rlrr": lambda m: apply_rlrr(m),
     "siva": lambda m: apply_svd(m, "siva", perc=0.9),
-    "ssb": _apply_ssb,
+    "ssb-all-linears": _apply_ssb,
+    # every other method of the registry, with its defaults
+    **{name: (lambda m, name=name: methods.apply(m, name)) for name in methods.list_methods()
+       if name not in ("rlrr", "siva")},
 }
 STRATEGIES = ("ddp", "fsdp2")
 
@@ -167,4 +171,7 @@ def test_adapter_saved_from_fsdp2_shards_loads_into_one_process(distributed_resu
         load_adapter(fresh, os.path.join(out_dir, f"{method}-rank{rank}.safetensors"), method=method)
         for name, p in trained.named_parameters():
             if p.requires_grad:
-                assert torch.equal(fresh.get_parameter(name), p), f"rank {rank}: {name}"
+                # Not bit-equal for SAM-PARSER: its s starts at σ, and the SVD in the worker processes
+                # (another thread count) may differ from this process's in the last bits.
+                torch.testing.assert_close(fresh.get_parameter(name), p, rtol=1e-6, atol=1e-6,
+                                           msg=lambda m: f"rank {rank}: {name}: {m}")
