@@ -35,6 +35,7 @@ LayerNorms of RLRR's recipe).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Optional
 
 import torch
@@ -47,6 +48,87 @@ __all__ = ["E2E_LLAMA", "E2E_METHODS", "E2E_VIT", "e2e_variants", "llama_variant
 LORA_RANK = 8
 
 
+@dataclasses.dataclass(frozen=True)
+class _Task:
+    """What differs between the end-to-end cases: the model, how a method is applied, one step."""
+
+    build: Callable[[Shape, torch.device, torch.dtype], nn.Module]
+    apply: Callable[[str, nn.Module, str], None]
+    workload: Callable[..., Workload]  # (model, params, shape, device, dtype, label) -> Workload
+    peft_config: Callable[[], object]  # the PEFT LoRA baseline's config
+    peft_description: str
+
+
+def _setup_method(task: _Task, method: str, backend: Optional[str], naive: bool, compiled: bool):
+    def setup(shape: Shape, dtype: torch.dtype, device: torch.device) -> Workload:
+        from ..backends import resolve_backend
+
+        chosen = "reference" if naive else resolve_backend(backend, device)
+        model = task.build(shape, device, dtype)
+        task.apply(method, model, chosen)
+        params = [p for p in model.parameters() if p.requires_grad]
+        run = torch.compile(model) if compiled else model
+        return task.workload(run, params, shape, device, dtype, ("inductor of " if compiled else "") + chosen)
+
+    return setup
+
+
+def _setup_peft_lora(task: _Task):
+    def setup(shape: Shape, dtype: torch.dtype, device: torch.device) -> Workload:
+        try:
+            import peft
+        except ImportError:
+            raise VariantSkipped("peft not installed (pip install peft)") from None
+        model = peft.get_peft_model(task.build(shape, device, dtype), task.peft_config())
+        params = [p for p in model.parameters() if p.requires_grad]
+        return task.workload(model, params, shape, device, dtype, f"peft {peft.__version__}")
+
+    return setup
+
+
+def _setup_full_ft(task: _Task):
+    def setup(shape: Shape, dtype: torch.dtype, device: torch.device) -> Workload:
+        model = task.build(shape, device, dtype)
+        return task.workload(model, list(model.parameters()), shape, device, dtype, "torch")
+
+    return setup
+
+
+def _setup_frozen(task: _Task):
+    def setup(shape: Shape, dtype: torch.dtype, device: torch.device) -> Workload:
+        model = task.build(shape, device, dtype).eval()
+        workload = task.workload(model, [], shape, device, dtype, "torch (no grad)")
+
+        def step() -> None:
+            with torch.no_grad():
+                workload.forward()
+
+        workload.train_step = step
+        return workload
+
+    return setup
+
+
+def _variants(task: _Task, backend: Optional[str]) -> list[Variant]:
+    variants = []
+    for method in E2E_METHODS:
+        variants += [
+            Variant(method, _setup_method(task, method, backend, False, False), description=f"{method} on fused ops"),
+            Variant(f"{method} naive", _setup_method(task, method, backend, True, False),
+                    description=f"{method}, the papers' formulas (reference backend)"),
+            Variant(f"{method} naive+compile", _setup_method(task, method, backend, True, True), optional=True,
+                    description=f"torch.compile of {method} naive"),
+        ]
+    return variants + [
+        Variant(f"peft LoRA r={LORA_RANK}", _setup_peft_lora(task), optional=True, description=task.peft_description),
+        Variant("full FT", _setup_full_ft(task), description="every parameter trained"),
+        Variant("frozen forward", _setup_frozen(task), description="no-grad forward of the frozen model"),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# e2e: timm ViT
+# ---------------------------------------------------------------------------------------------
 def _vit(shape: Shape, device: torch.device, dtype: torch.dtype) -> nn.Module:
     try:
         from timm.models.vision_transformer import VisionTransformer
@@ -59,115 +141,42 @@ def _vit(shape: Shape, device: torch.device, dtype: torch.dtype) -> nn.Module:
     return model.to(device=device, dtype=dtype)
 
 
-def _lora(model: nn.Module, backend: Optional[str]) -> None:
-    from ..adapters import _finish_report, _start_report, find_modules, replace_module
-    from ..nn import LowRankLinear
+def _apply_vit(method: str, model: nn.Module, backend: str) -> None:
+    from .. import methods
 
-    report, backbone = _start_report(model, "lora")
-    for name, linear in find_modules(model, ("qkv",), nn.Linear):
-        replace_module(model, name, LowRankLinear(linear, LORA_RANK, alpha=2 * LORA_RANK, backend=backend))
-    _finish_report(model, report, backbone, ("head",))
+    overrides = {"lora": dict(targets=("qkv",), rank=LORA_RANK, alpha=2 * LORA_RANK), "siva": dict(perc=0.95)}
+    methods.apply(model, method, backend=backend, **overrides.get(method, {}))
 
 
-def _apply(method: str, model: nn.Module, backend: Optional[str]) -> None:
-    from .. import adapters
-
-    if method == "rlrr":
-        adapters.apply_rlrr(model, backend=backend)
-    elif method == "coeff":
-        adapters.apply_coeff(model, backend=backend)
-    elif method == "siva":
-        adapters.apply_svd(model, "siva", perc=0.95, backend=backend)
-    elif method == "lora":
-        _lora(model, backend)
-    else:
-        raise ValueError(f"unknown e2e method {method!r}")
-
-
-E2E_METHODS = ("rlrr", "coeff", "siva", "lora")
-
-
-def _batch(shape: Shape, device: torch.device, dtype: torch.dtype):
+def _vit_workload(model: Callable, params: list[torch.Tensor], shape: Shape, device: torch.device,
+                  dtype: torch.dtype, label: str) -> Workload:
     batch, img, _, _ = shape
     g = torch.Generator(device=device).manual_seed(1)
     images = torch.randn(batch, 3, img, img, generator=g, device=device).to(dtype)
     labels = torch.randint(0, 1000, (batch,), generator=g, device=device)
-    return images, labels
-
-
-def _training_workload(model: Callable, params: list[torch.Tensor], shape: Shape, device: torch.device,
-                       dtype: torch.dtype, label: str) -> Workload:
-    images, labels = _batch(shape, device, dtype)
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None  # none for the frozen model
     loss_fn = nn.CrossEntropyLoss()
 
     def step() -> None:
-        loss = loss_fn(model(images).float(), labels)
-        loss.backward()
+        loss_fn(model(images).float(), labels).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return Workload(lambda: model(images), params, None, label, train_step=step, items=(shape[0], "img"))
+    return Workload(lambda: model(images), params, None, label, train_step=step, items=(batch, "img"))
 
 
-def _setup_method(method: str, backend: Optional[str], naive: bool, compiled: bool):
-    def setup(shape: Shape, dtype: torch.dtype, device: torch.device) -> Workload:
-        from ..backends import resolve_backend
+def _vit_peft_config():
+    import peft
 
-        chosen = "reference" if naive else resolve_backend(backend, device)
-        model = _vit(shape, device, dtype)
-        _apply(method, model, chosen)
-        params = [p for p in model.parameters() if p.requires_grad]
-        run = torch.compile(model) if compiled else model
-        label = ("inductor of " if compiled else "") + chosen
-        return _training_workload(run, params, shape, device, dtype, label)
-
-    return setup
+    return peft.LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, target_modules=["qkv"], modules_to_save=["head"])
 
 
-def _setup_peft_lora(shape: Shape, dtype: torch.dtype, device: torch.device) -> Workload:
-    try:
-        import peft
-    except ImportError:
-        raise VariantSkipped("peft not installed (pip install peft)") from None
-    model = _vit(shape, device, dtype)
-    config = peft.LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, target_modules=["qkv"], modules_to_save=["head"])
-    model = peft.get_peft_model(model, config)
-    params = [p for p in model.parameters() if p.requires_grad]
-    return _training_workload(model, params, shape, device, dtype, f"peft {peft.__version__}")
-
-
-def _setup_full_ft(shape: Shape, dtype: torch.dtype, device: torch.device) -> Workload:
-    model = _vit(shape, device, dtype)
-    return _training_workload(model, list(model.parameters()), shape, device, dtype, "torch")
-
-
-def _setup_frozen(shape: Shape, dtype: torch.dtype, device: torch.device) -> Workload:
-    model = _vit(shape, device, dtype).eval()
-    images, _ = _batch(shape, device, dtype)
-
-    def step() -> None:
-        with torch.no_grad():
-            model(images)
-
-    return Workload(lambda: model(images), [], None, "torch (no grad)", train_step=step, items=(shape[0], "img"))
+E2E_METHODS = ("rlrr", "coeff", "siva", "lora")
+_VIT = _Task(_vit, _apply_vit, _vit_workload, _vit_peft_config, "HF PEFT LoRA on qkv + head")
 
 
 def e2e_variants(backend: Optional[str] = None) -> list[Variant]:
-    variants = []
-    for method in E2E_METHODS:
-        variants += [
-            Variant(method, _setup_method(method, backend, False, False), description=f"{method} on fused ops"),
-            Variant(f"{method} naive", _setup_method(method, backend, True, False),
-                    description=f"{method}, the papers' formulas (reference backend)"),
-            Variant(f"{method} naive+compile", _setup_method(method, backend, True, True), optional=True,
-                    description=f"torch.compile of {method} naive"),
-        ]
-    return variants + [
-        Variant(f"peft LoRA r={LORA_RANK}", _setup_peft_lora, optional=True, description="HF PEFT LoRA on qkv + head"),
-        Variant("full FT", _setup_full_ft, description="every parameter trained"),
-        Variant("frozen forward", _setup_frozen, description="no-grad forward of the frozen model"),
-    ]
+    return _variants(_VIT, backend)
 
 
 E2E_VIT = Case(
@@ -185,9 +194,13 @@ E2E_VIT = Case(
 
 
 # ---------------------------------------------------------------------------------------------
-# e2e-llama
+# e2e-llama: a LLaMA-style decoder stack
 # ---------------------------------------------------------------------------------------------
 _LLAMA_ATTENTION = ("q_proj", "v_proj")
+
+
+def _vocab(hidden: int) -> int:
+    return 32000 if hidden >= 2048 else 4096
 
 
 def _llama(shape: Shape, device: torch.device, dtype: torch.dtype) -> nn.Module:
@@ -198,31 +211,29 @@ def _llama(shape: Shape, device: torch.device, dtype: torch.dtype) -> nn.Module:
     _, seq, layers, hidden = shape
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
-        vocab_size=32000 if hidden >= 2048 else 4096, hidden_size=hidden, intermediate_size=hidden * 11008 // 4096,
+        vocab_size=_vocab(hidden), hidden_size=hidden, intermediate_size=hidden * 11008 // 4096,
         num_hidden_layers=layers, num_attention_heads=max(hidden // 128, 1), num_key_value_heads=max(hidden // 128, 1),
         max_position_embeddings=max(seq, 2048), attention_dropout=0.0, attn_implementation="sdpa",
     )
     return transformers.LlamaForCausalLM(config).to(device=device, dtype=dtype)
 
 
-def _apply_llama(method: str, model: nn.Module, backend: Optional[str]) -> None:
+def _apply_llama(method: str, model: nn.Module, backend: str) -> None:
     from .. import methods
 
     overrides = {
         "lora": dict(targets=_LLAMA_ATTENTION, rank=LORA_RANK, alpha=2 * LORA_RANK),
         "siva": dict(targets=_LLAMA_ATTENTION, perc=0.997),
         "rlrr": dict(ssf=False),
-        "coeff": {},
-    }[method]
-    methods.apply(model, method, backend=backend, trainable=(), **overrides)
+    }
+    methods.apply(model, method, backend=backend, trainable=(), **overrides.get(method, {}))
 
 
 def _llama_workload(model: Callable, params: list[torch.Tensor], shape: Shape, device: torch.device,
-                    label: str) -> Workload:
+                    dtype: torch.dtype, label: str) -> Workload:
     batch, seq, _, hidden = shape
-    vocab = 32000 if hidden >= 2048 else 4096
     g = torch.Generator(device=device).manual_seed(1)
-    ids = torch.randint(0, vocab, (batch, seq), generator=g, device=device)
+    ids = torch.randint(0, _vocab(hidden), (batch, seq), generator=g, device=device)
     optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None  # none for the frozen model
 
     def step() -> None:
@@ -234,64 +245,17 @@ def _llama_workload(model: Callable, params: list[torch.Tensor], shape: Shape, d
                     items=(batch * seq, "tok"))
 
 
-def _setup_llama_method(method: str, backend: Optional[str], naive: bool, compiled: bool):
-    def setup(shape: Shape, dtype: torch.dtype, device: torch.device) -> Workload:
-        from ..backends import resolve_backend
+def _llama_peft_config():
+    import peft
 
-        chosen = "reference" if naive else resolve_backend(backend, device)
-        model = _llama(shape, device, dtype)
-        _apply_llama(method, model, chosen)
-        params = [p for p in model.parameters() if p.requires_grad]
-        run = torch.compile(model) if compiled else model
-        return _llama_workload(run, params, shape, device, ("inductor of " if compiled else "") + chosen)
-
-    return setup
+    return peft.LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, target_modules=list(_LLAMA_ATTENTION))
 
 
-def _setup_llama_peft(shape: Shape, dtype: torch.dtype, device: torch.device) -> Workload:
-    try:
-        import peft
-    except ImportError:
-        raise VariantSkipped("peft not installed (pip install peft)") from None
-    model = peft.get_peft_model(_llama(shape, device, dtype), peft.LoraConfig(
-        r=LORA_RANK, lora_alpha=2 * LORA_RANK, target_modules=list(_LLAMA_ATTENTION)))
-    params = [p for p in model.parameters() if p.requires_grad]
-    return _llama_workload(model, params, shape, device, f"peft {peft.__version__}")
-
-
-def _setup_llama_full(shape: Shape, dtype: torch.dtype, device: torch.device) -> Workload:
-    model = _llama(shape, device, dtype)
-    return _llama_workload(model, list(model.parameters()), shape, device, "torch")
-
-
-def _setup_llama_frozen(shape: Shape, dtype: torch.dtype, device: torch.device) -> Workload:
-    model = _llama(shape, device, dtype).eval()
-    workload = _llama_workload(model, [], shape, device, "torch (no grad)")
-
-    def step() -> None:
-        with torch.no_grad():
-            workload.forward()
-
-    workload.train_step = step
-    return workload
+_LLAMA = _Task(_llama, _apply_llama, _llama_workload, _llama_peft_config, "HF PEFT LoRA on q_proj, v_proj")
 
 
 def llama_variants(backend: Optional[str] = None) -> list[Variant]:
-    variants = []
-    for method in E2E_METHODS:
-        variants += [
-            Variant(method, _setup_llama_method(method, backend, False, False), description=f"{method} on fused ops"),
-            Variant(f"{method} naive", _setup_llama_method(method, backend, True, False),
-                    description=f"{method}, the papers' formulas (reference backend)"),
-            Variant(f"{method} naive+compile", _setup_llama_method(method, backend, True, True), optional=True,
-                    description=f"torch.compile of {method} naive"),
-        ]
-    return variants + [
-        Variant(f"peft LoRA r={LORA_RANK}", _setup_llama_peft, optional=True,
-                description="HF PEFT LoRA on q_proj, v_proj"),
-        Variant("full FT", _setup_llama_full, description="every parameter trained"),
-        Variant("frozen forward", _setup_llama_frozen, description="no-grad forward of the frozen model"),
-    ]
+    return _variants(_LLAMA, backend)
 
 
 E2E_LLAMA = Case(
