@@ -20,7 +20,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from subspace_ops import methods
-from subspace_ops.adapters import apply_rlrr, apply_svd, find_modules, replace_module
+from subspace_ops.adapters import apply_coeff, apply_rlrr, apply_svd, find_modules, replace_module
 from subspace_ops.checkpoint import load_adapter, save_adapter
 from subspace_ops.nn import ScaledLinear
 
@@ -41,14 +41,25 @@ def _apply_ssb(model: nn.Module) -> None:
     model.head.requires_grad_(True)
 
 
+def _apply_lora(model: nn.Module) -> None:
+    """Registry LoRA at r=4; A (zero at init, so B would get no gradient) set to small random values."""
+    methods.apply(model, "lora", rank=4)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for _, layer in methods.low_rank_layers(model):
+            layer.lora_a.copy_(0.02 * torch.randn(layer.lora_a.shape, generator=g))
+
+
 # method name -> adapt(model) in place (freezes the backbone, leaves adapter + head trainable)
 ADAPTERS = {
     "rlrr": lambda m: apply_rlrr(m),
     "siva": lambda m: apply_svd(m, "siva", perc=0.9),
     "ssb-all-linears": _apply_ssb,
+    "coeff": lambda m: apply_coeff(m, backend="cpu"),
+    "lora": _apply_lora,
     # every other method of the registry, with its defaults
     **{name: (lambda m, name=name: methods.apply(m, name)) for name in methods.list_methods()
-       if name not in ("rlrr", "siva")},
+       if name not in ("rlrr", "siva", "coeff", "lora")},
 }
 STRATEGIES = ("ddp", "fsdp2")
 

@@ -616,3 +616,13 @@ def test_merge_all_refuses_before_merging_anything():
         adapters.merge_all(model)
     assert not any(getattr(m, "merged", False) for m in model.modules())
     assert all(torch.equal(before[n], t) for n, t in model.state_dict().items())
+
+
+def test_new_layers_follow_the_models_eval_mode():
+    """A model in eval mode stays deterministic after apply: new layers' dropout is off."""
+    model = timm.models.vision_transformer.VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=48, depth=1, num_heads=3, num_classes=10).eval()
+    methods.apply(model, "lora", dropout=0.5, backend="cpu")
+    assert not any(m.training for m in model.modules())
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(model(x), model(x), rtol=0, atol=0)

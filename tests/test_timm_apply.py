@@ -1,4 +1,4 @@
-"""subspace_ops.timm.apply on timm VisionTransformers."""
+"""subspace_ops.timm.apply on timm VisionTransformers: the registry methods with timm's names and defaults."""
 
 from __future__ import annotations
 
@@ -7,8 +7,13 @@ import torch
 from torch import nn
 
 import subspace_ops.timm as subspace_timm
+from subspace_ops import methods
 
 timm = pytest.importorskip("timm")
+
+X = torch.randn(2, 3, 32, 32)
+BLOCK_LINEARS = [f"blocks.{i}.{n}" for i in range(2) for n in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")]
+HEAD = 48 * 10 + 10
 
 
 def tiny_vit() -> nn.Module:
@@ -17,42 +22,95 @@ def tiny_vit() -> nn.Module:
         img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=10).eval()
 
 
-@pytest.mark.integration
-@pytest.mark.parametrize("method, adapter_params", [
-    ("coeff", 2 * 3 * 3),  # α [H, H] per block
-    ("lora", None),
-    ("rlrr", None),
-    ("siva", None),
-    ("ssf", None),
-    ("bitfit", None),
+def state(model: nn.Module):
+    return [(n, type(m)) for n, m in model.named_modules()], {n: p.requires_grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("method, layers, adapter_params", [
+    ("rlrr", BLOCK_LINEARS + ["patch_embed", "blocks.0.norm1", "blocks.0.norm2", "blocks.1.norm1", "blocks.1.norm2",
+                              "norm"], None),
+    ("coeff", ["blocks.0.attn", "blocks.1.attn"], 2 * 3 * 3),  # α [H, H] per block
+    ("siva", ["blocks.0.attn.qkv", "blocks.1.attn.qkv"], None),
+    ("lora", BLOCK_LINEARS, 2 * 8 * ((144 + 48) + (48 + 48) + (192 + 48) + (48 + 192))),  # r (N + K) per layer
+    ("ssf", ["patch_embed", "blocks.0.norm1", "blocks.0.norm2", "blocks.1.norm1", "blocks.1.norm2", "norm"],
+     6 * 2 * 48),
+    ("bitfit", None, None),
 ])
-def test_apply_methods(method, adapter_params):
+def test_apply_methods(method, layers, adapter_params):
     model = tiny_vit()
-    x = torch.randn(2, 3, 32, 32)
-    report = subspace_timm.apply(model, method, **({} if method in ("ssf", "bitfit") else {"backend": "cpu"}))
+    report = subspace_timm.apply(model, method, **({"backend": "cpu"} if method not in ("ssf", "bitfit") else {}))
     assert report.method == method and report.layers
+    if layers is not None:
+        assert sorted(report.layers) == sorted(layers)
     if adapter_params is not None:
         assert report.adapter_params == adapter_params
-    assert report.other_trainable_params >= 48 * 10 + 10  # the head stays trainable
-    out = model(x)
-    assert torch.isfinite(out).all()
+    assert report.other_trainable_params == HEAD  # only the head, trainable=("head",)
+    trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert "head" in trainable
+    out = model(X)
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
     out.sum().backward()
-    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+
+
+def test_siva_tunes_q_and_v_of_the_fused_qkv():
+    model = tiny_vit()
+    subspace_timm.apply(model, "siva", backend="cpu")
+    qkv = model.blocks[0].attn.qkv
+    assert list(qkv.parts) == [48, 48, 48] and list(qkv.tuned_parts) == [0, 2]
+
+
+def test_overrides_and_config_objects():
+    model = tiny_vit()
+    report = subspace_timm.apply(model, "lora", rank=4, trainable=(), backend="cpu")
+    assert report.adapter_params == 2 * 4 * ((144 + 48) + (48 + 48) + (192 + 48) + (48 + 192))
+    assert report.other_trainable_params == 0
+    model = tiny_vit()
+    report = subspace_timm.apply(model, methods.get_config("flora", rank=2, targets=("fc1",), backend="cpu"))
+    assert report.layers == ["blocks.0.mlp.fc1", "blocks.1.mlp.fc1"]
 
 
 @pytest.mark.integration
-def test_adapted_vit_compiles():
+@pytest.mark.slow
+def test_rlrr_and_coeff_vit_compiles_fullgraph_forward_and_backward():
+    """The one compile test (slow): RLRR (rescaled q,k,v / proj / fc1 / fc2 + SSF) and Coeff head mixing in
+    one ViT; torch.compile(fullgraph=True) gives the eager outputs and gradients. The backward runs
+    ``head_mixing_attention_backward`` on q, k, v that are strided views of the fused qkv output, so it checks
+    the op's fake kernel returns the strides the real kernel does."""
     model = tiny_vit()
-    subspace_timm.apply(model, "lora", backend="cpu")
-    x = torch.randn(2, 3, 32, 32)
-    torch.testing.assert_close(torch.compile(model)(x), model(x), rtol=1e-4, atol=1e-4)
+    subspace_timm.apply(model, "rlrr", backend="cpu")
+    subspace_timm.apply(model, "coeff", backend="cpu")
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    expected = model(X)
+    expected.square().mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    # no inductor caches: a cached graph would not see a change to an op's fake (meta) kernel
+    import torch._inductor.config as inductor_config
+
+    with inductor_config.patch(force_disable_caches=True):
+        out = torch.compile(model, fullgraph=True)(X)
+        out.square().mean().backward()
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, grads[name], rtol=1e-4, atol=1e-5,
+                                       msg=lambda m, name=name: f"{name}: {m}")
 
 
-def test_refuses_other_models_and_unknown_methods():
+def test_refuses_other_models_and_bad_configs_without_changing_the_model():
     with pytest.raises(TypeError, match="timm VisionTransformer"):
         subspace_timm.apply(nn.Linear(3, 3), "lora")
     model = tiny_vit()
-    before = {n: p.requires_grad for n, p in model.named_parameters()}
-    with pytest.raises(ValueError):
+    before = state(model)
+    with pytest.raises(ValueError, match="not a known method"):
         subspace_timm.apply(model, "no-such-method")
-    assert before == {n: p.requires_grad for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="unknown lora config field"):
+        subspace_timm.apply(model, "lora", rnak=4)
+    with pytest.raises(ValueError, match="match no nn.Linear"):
+        subspace_timm.apply(model, "lora", targets=("nothing",))
+    assert state(model) == before

@@ -9,11 +9,13 @@ from . import methods, nn, reference
 from .adapters import AdaptReport, apply_coeff, apply_rlrr, apply_svd
 from .backends import BackendUnavailableError, available_backends, backend_report, resolve_backend
 from .ops import head_mixing_attention, lowrank_linear, rescaled_linear, svd_delta_linear
+from .peft_model import SubspacePeftModel, get_peft_model
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdaptReport",
+    "SubspacePeftModel",
     "apply_coeff",
     "apply_rlrr",
     "apply_svd",
@@ -22,6 +24,7 @@ __all__ = [
     "BackendUnavailableError",
     "available_backends",
     "backend_report",
+    "get_peft_model",
     "head_mixing_attention",
     "lowrank_linear",
     "reference",

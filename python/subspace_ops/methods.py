@@ -822,8 +822,12 @@ def apply(model: nn.Module, config_or_name: Union[str, MethodConfig], **override
     config = _resolve(config_or_name, overrides)
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
+    existing = {id(m) for m in model.modules()}
     with _restore_on_error(model):
         report = _APPLIERS[config.name](model, config)
+    for module in model.modules():  # new layers follow the model's train/eval mode (dropout!)
+        if id(module) not in existing:
+            module.train(model.training)
     report.method = config.name
     report.details["config"] = config
     return model, report

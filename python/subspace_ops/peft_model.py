@@ -1,30 +1,80 @@
 """A PeftModel-like entry point for our methods: ``get_peft_model(model, config)``.
 
-Why not PEFT's own registry: PEFT 0.21's ``register_peft_method`` only accepts names already in its
-closed ``PeftType`` enum, so a tuner type from outside PEFT cannot be registered without patching
-that enum, which breaks with every PEFT release (and PEFT's save/load would then call code paths
-that assume its own tuner layers). Instead :class:`SubspacePeftModel` offers the part of the
-PeftModel interface user code touches, on top of :mod:`subspace_ops.methods` and
-:mod:`subspace_ops.checkpoint`:
+    from subspace_ops import methods
+    from subspace_ops.peft_model import SubspacePeftModel, get_peft_model
 
-- ``forward``/``__call__`` pass everything to the wrapped model (HF kwargs included); unknown
-  attributes are looked up on it (``model.config``, ``model.generate``...).
-- ``print_trainable_parameters()`` / ``get_nb_trainable_parameters()`` in PEFT's format.
-- ``save_pretrained(dir)`` writes only the adapter: ``adapter_model.safetensors`` (with the base
-  weights' fingerprint and checksums) and ``adapter_config.json``; adapters other than "default"
-  go to ``dir/<name>/``, as PEFT lays them out. ``SubspacePeftModel.from_pretrained(base, dir)``
-  adapts ``base`` with the saved config and loads the weights; if anything fails (corrupt file,
-  other base weights) the base model's modules and ``requires_grad`` flags are restored.
-- ``merge_and_unload()`` merges mergeable methods into the weights and returns the plain model
-  (adapted Linear layers become ``nn.Linear``, SSF folds into its norm); non-mergeable methods raise
-  before anything changes. ``unload()`` drops the adapters without merging.
-- Several adapters: ``add_adapter(name, config)`` requires the same method and config as the first
-  adapter (they are states of one structure): the layers are built once and ``set_adapter(name)``
-  copies the chosen adapter's tensors into them (the others are kept as detached copies). A new
-  adapter starts from the first adapter's initial values. ``delete_adapter``, ``active_adapter``.
-- ``disable_adapter()``: a context manager that runs the base model by swapping each adapted module
-  for a plain view of its base (sharing the weight tensors) and setting head-mixing α to 0, then
-  swapping back. BitFit has no separate base (it trains the model's own biases) and is refused.
+    model = get_peft_model(model, methods.get_config("flora", rank=8))   # or ("flora", {"rank": 8})
+    model.print_trainable_parameters()
+    ...train...
+    model.save_pretrained("out")                                       # adapter weights + config only
+    model = SubspacePeftModel.from_pretrained(base_model, "out", is_trainable=True)
+    plain = model.merge_and_unload()                                   # mergeable methods
+
+**Why not PEFT's own registry.** PEFT 0.21's ``register_peft_method`` only accepts names already in its
+closed ``PeftType`` enum, so a tuner type from outside PEFT is not a supported extension point. The ways
+around it (adding members to the enum at import, monkeypatching ``PEFT_TYPE_TO_*`` maps) break on PEFT
+releases, and PEFT's save/load/merge paths then call into its ``BaseTunerLayer`` machinery, which our
+layers would have to imitate in full. The trade-offs of the wrapper instead:
+
+- (+) independent of PEFT's internals and version (PEFT need not even be installed), every method of
+  :mod:`subspace_ops.methods` works, and the adapter file is our validated checkpoint format
+  (:mod:`subspace_ops.checkpoint`: checksums, base-weight fingerprint, atomic failure).
+- (-) it is not a ``peft.PeftModel``: ``isinstance`` checks and code that reaches into PEFT internals
+  (``model.base_model.model``, ``peft.tuners`` layer types, ``PeftModel.from_pretrained`` on our
+  directories, PEFT's hub helpers) do not work; ``model.get_base_model()`` is the adapted model. Training
+  loops that only call the methods below work; HF ``Trainer`` trains it (``forward`` takes its kwargs) but,
+  not recognizing a PeftModel, writes the full ``state_dict`` in its checkpoints: call
+  ``model.save_pretrained(dir)`` for adapter-only files. For PEFT's *own* LoRA / IA3 on our kernels use
+  :func:`subspace_ops.peft.accelerate` instead.
+
+**The interface** (PEFT's names and semantics unless stated):
+
+- ``forward``/``__call__`` pass every argument to the wrapped model (HF kwargs included); attributes the
+  wrapper lacks are looked up on the model (``model.config``, ``model.generate`` ...).
+- ``print_trainable_parameters()`` / ``get_nb_trainable_parameters()``: PEFT's output format.
+- ``save_pretrained(dir, selected_adapters=None)`` writes only the adapter: ``adapter_model.safetensors``
+  (written by :func:`~subspace_ops.checkpoint.save_adapter`: the adapter tensors and the trained task head,
+  with the base weights' fingerprint and checksums) and ``adapter_config.json`` (``method`` + every config
+  field); adapters other than ``"default"`` go to ``dir/<name>/``, as PEFT lays them out.
+- ``SubspacePeftModel.from_pretrained(base, dir, adapter_name="default", is_trainable=False)`` adapts
+  ``base`` with the saved config and loads the weights. If anything fails (unreadable or corrupt config or
+  weights, other base weights, another method) it raises (:class:`~subspace_ops.checkpoint.AdapterLoadError`
+  for the files) and ``base`` is as before: same modules, tensors, ``requires_grad`` flags and attention
+  implementation. As in PEFT, ``is_trainable=False`` freezes the adapter and puts the model in eval mode,
+  and ``config=`` replaces the saved config (e.g. another ``backend`` for another device).
+  ``load_adapter(dir, adapter_name)`` loads a further adapter (same method and config) the same way.
+- ``merge_and_unload()`` folds the active adapter into the weights and returns the plain model: adapted
+  Linear layers become ``nn.Linear`` again (the original module objects, holding the merged weights), SSF
+  folds into its norm / patch embedding, the trained head is kept (as PEFT keeps ``modules_to_save``).
+  Mergeability is decided per layer, before anything changes: head mixing (``coeff``), the Houlsby
+  ``adapter`` and parallel adapters with a nonlinearity (``pa``, ``lora`` with ``mpc="n"``) raise
+  :class:`AdapterNotMergeableError` (a ``ValueError`` and a ``NotMergeableError``) and leave the model as
+  it was; ``pa`` with ``activation="identity"`` merges. ``safe_merge=True`` checks the merged weights are
+  finite (and restores the model otherwise). ``unload()`` removes the adapter layers without merging
+  (every method, ``coeff`` on timm and transformers included; the trained head and BitFit's biases stay,
+  as PEFT keeps ``modules_to_save``). Both restore the parameters' original ``requires_grad`` flags; the
+  wrapper is unusable afterwards.
+
+**Several adapters: swapped by state.** ``add_adapter(name, config)`` needs the same method *and* config
+as the first adapter (the same layer structure; anything else raises ``ValueError``): the adapter layers
+are built once, every adapter is a set of values for their trainable tensors (and the trained head), and
+``set_adapter(name)`` copies the chosen adapter's values into the live tensors in place, keeping detached
+copies of the others. So parameter objects never change (optimizers and ``torch.compile`` graphs stay
+valid), one adapter is active at a time (as PEFT's ``set_adapter``), and memory grows by one adapter-sized
+copy per adapter. Create a fresh optimizer when you switch adapters during training (moments are per
+tensor, not per adapter). A new adapter starts from the values the first one had when it was created (for
+the LoRA family, ΔW = 0). ``active_adapter``, ``active_adapters``, ``delete_adapter(name)`` (not the
+active one), ``peft_config`` (name → config).
+
+**disable_adapter(): swapped modules.** Inside ``with model.disable_adapter():`` the model *is* the base
+model: every module the method replaced is swapped back for the original module object it wrapped
+(captured when the adapter was created; it shares the frozen weight tensors, so nothing is copied), a
+transformers model runs its original attention implementation instead of ``"subspace_coeff"``, and
+parameters of the base model that the method trains (the task head, BitFit's biases) are swapped for
+frozen copies of their base values (as PEFT runs a ``modules_to_save`` module's original). Nothing is
+zeroed or modified in place; on exit the adapted modules and parameters are put back. The outputs are
+those of the unadapted model, bit for bit. Merged layers are refused (unmerge first); ``set_adapter``,
+``save_pretrained`` and friends are refused inside the context.
 """
 
 from __future__ import annotations
@@ -32,24 +82,31 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from typing import Any, Iterator, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from . import checkpoint, methods
-from .adapters import merge_all, replace_module
-from .nn import SSF, HeadMix, SequentialAdapter, TimmCoeffAttention
+from .adapters import merge_all, replace_module, unmerge_all
+from .nn import SSF, HeadMix, NotMergeableError, TimmCoeffAttention
 from .nn.base import MergeableLinear
 
-__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "SubspacePeftModel", "get_peft_model"]
+__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "AdapterNotMergeableError", "SubspacePeftModel", "get_peft_model"]
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+CONFIG_FORMAT = 1  # the "subspace_ops_format" field of adapter_config.json
 
 ConfigLike = Union[methods.MethodConfig, str, tuple]
 
 
+class AdapterNotMergeableError(NotMergeableError, ValueError):
+    """``merge_and_unload()`` of a method without a weight form; the model was left unchanged."""
+
+
+# ---------------------------------------------------------------------------------------------
+# configs
 def _as_config(config: ConfigLike) -> methods.MethodConfig:
     """A registry config from a config object, a method name, or ``(name, {field: value})``."""
     if isinstance(config, tuple):
@@ -60,8 +117,12 @@ def _as_config(config: ConfigLike) -> methods.MethodConfig:
         return methods.get_config(config)
     if isinstance(config, methods.MethodConfig):
         return config
+    hint = ""
+    if type(config).__module__.startswith("peft"):
+        hint = (" (a PEFT config: use peft.get_peft_model for PEFT's own methods, and "
+                "subspace_ops.peft.accelerate(model) to run its LoRA/IA3 layers on our kernels)")
     raise ValueError(f"config must be a subspace_ops.methods config, a method name or (name, fields), "
-                     f"got {type(config).__name__}")
+                     f"got {type(config).__name__}{hint}")
 
 
 def _config_from_dict(data: dict) -> methods.MethodConfig:
@@ -70,31 +131,132 @@ def _config_from_dict(data: dict) -> methods.MethodConfig:
     return methods.get_config(name, **{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
 
 
+def _read_config(directory: str) -> methods.MethodConfig:
+    path = os.path.join(directory, ADAPTER_CONFIG)
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        version = data.pop("subspace_ops_format")
+        if version != CONFIG_FORMAT:
+            raise ValueError(f"subspace_ops_format {version!r} is not known (knows {CONFIG_FORMAT})")
+        data.pop("base_model_name_or_path", None)
+        return _config_from_dict(data)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise checkpoint.AdapterLoadError(path, f"unreadable adapter config ({type(exc).__name__}: {exc})") from exc
+
+
+def _check_adapter_name(name: object) -> str:
+    if not isinstance(name, str) or not name or name in (".", "..") or any(c in name for c in "/\\"):
+        raise ValueError(f"adapter_name must be a non-empty string usable as a directory name, got {name!r}")
+    return name
+
+
+# ---------------------------------------------------------------------------------------------
+# model helpers
+def _attn_implementation(model: nn.Module) -> Optional[str]:
+    return getattr(getattr(model, "config", None), "_attn_implementation", None)
+
+
 def _linear_view(layer: MergeableLinear) -> nn.Linear:
-    """An nn.Linear sharing ``layer``'s frozen weight and bias tensors (no copy)."""
+    """An nn.Linear holding ``layer``'s weight and bias Parameters (no copy)."""
     view = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
     view.weight = layer.weight
     view.bias = layer.bias
     return view
 
 
+def _outermost(names: list[str]) -> list[str]:
+    kept: list[str] = []
+    for name in names:  # named_modules order: a parent comes before its children
+        if not any(name.startswith(outer + ".") for outer in kept):
+            kept.append(name)
+    return kept
+
+
+def _parameter_owners(model: nn.Module, params: dict[int, Any]) -> list[tuple[nn.Module, str, nn.Parameter]]:
+    """Every (module, attribute) that holds one of ``params`` (by id; tied parameters give several)."""
+    owners = []
+    for module in model.modules():
+        for attr, p in module._parameters.items():
+            if p is not None and id(p) in params:
+                owners.append((module, attr, p))
+    return owners
+
+
+def _match_training_mode(model: nn.Module, existing: set[int]) -> None:
+    """Give modules created by the method their parent's train/eval mode (new modules start in training
+    mode, which would turn on adapter dropout in a model that is in eval mode)."""
+    mode = {}
+    for name, m in model.named_modules():  # parents before children
+        if id(m) not in existing and name:
+            m.training = mode[name.rpartition(".")[0]]
+        mode[name] = m.training
+
+
+@contextlib.contextmanager
+def _rollback_on_error(model: nn.Module) -> Iterator[None]:
+    """Undo module replacements, ``requires_grad`` changes and a transformers attention switch if the body
+    raises (parameter values are the business of checkpoint.load_adapter, which never half-loads)."""
+    children = [(m, dict(m._modules)) for m in model.modules()]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    attn = _attn_implementation(model)
+    had_previous = hasattr(model, "_subspace_previous_attn")
+    try:
+        yield
+    except BaseException:
+        for module, kids in children:
+            module._modules.clear()
+            module._modules.update(kids)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        if attn is not None and _attn_implementation(model) != attn:
+            model.set_attn_implementation(attn)
+        if not had_previous and "_subspace_previous_attn" in vars(model):
+            del model._subspace_previous_attn
+        raise
+
+
 def get_peft_model(model: nn.Module, config: ConfigLike, adapter_name: str = "default") -> "SubspacePeftModel":
-    """Adapt ``model`` in place with ``config`` and wrap it (see the module docstring)."""
+    """Adapt ``model`` in place with ``config`` (a :mod:`subspace_ops.methods` config, a method name or
+    ``(name, {field: value})``) and wrap it in a :class:`SubspacePeftModel` (see the module docstring)."""
     return SubspacePeftModel(model, config, adapter_name)
 
 
 class SubspacePeftModel(nn.Module):
-    """The PeftModel-like wrapper returned by :func:`get_peft_model`."""
+    """The PeftModel-like wrapper returned by :func:`get_peft_model` (see the module docstring)."""
 
     def __init__(self, model: nn.Module, config: ConfigLike, adapter_name: str = "default") -> None:
         super().__init__()
         config = _as_config(config)
-        _, self.report = methods.apply(model, config)
+        adapter_name = _check_adapter_name(adapter_name)
+        if isinstance(model, SubspacePeftModel):
+            raise ValueError("model is already a SubspacePeftModel; use add_adapter() for another adapter")
+        before = dict(model.named_modules())
+        flags = [(p, p.requires_grad) for p in model.parameters()]
+        attn_before = _attn_implementation(model)
+        _, self.report = methods.apply(model, config)  # checks everything first; unchanged if it raises
+        _match_training_mode(model, {id(m) for m in before.values()})
         self.base_model = model
         self.peft_config: dict[str, methods.MethodConfig] = {adapter_name: config}
         self.active_adapter = adapter_name
+        # What the model was: the replaced modules (outermost), flags, attention implementation.
+        changed = [name for name, m in model.named_modules() if name in before and before[name] is not m]
+        self._replaced: list[tuple[str, nn.Module]] = [(name, before[name]) for name in _outermost(changed)]
+        self._flags_before = flags
+        self._attn_before = attn_before if _attn_implementation(model) != attn_before else None
+        self._attn_adapted = _attn_implementation(model)
+        # One adapter = the values of the tensors the method made trainable (adapter + head), by name.
+        existing = {id(p) for p, _ in flags}
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self._adapter_names: tuple[str, ...] = tuple(n for n, _ in trainable)
+        # Base parameters the method trains (head, BitFit biases): their base values, for disable_adapter.
+        self._base_values: dict[str, torch.Tensor] = {n: p.detach().clone() for n, p in trainable if id(p) in existing}
         self._initial = self._adapter_state(clone=True)
-        self._stored: dict[str, dict[str, torch.Tensor]] = {}  # inactive adapters' tensors
+        self._stored: dict[str, dict[str, torch.Tensor]] = {}  # inactive adapters' values
+        self._disabled = False
+        self._unloaded = False
 
     # -- model protocol ---------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -108,12 +270,41 @@ class SubspacePeftModel(nn.Module):
                 raise
             return getattr(self.base_model, name)
 
+    def get_base_model(self) -> nn.Module:
+        """The wrapped (adapted) model."""
+        return self.base_model
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return [self.active_adapter]
+
+    def _check_usable(self, what: str) -> None:
+        if self._unloaded:
+            raise RuntimeError(f"{what}: the adapters were unloaded (merge_and_unload/unload); this wrapper is spent")
+        if self._disabled:
+            raise RuntimeError(f"{what} is not allowed inside disable_adapter()")
+
     # -- parameters -------------------------------------------------------------------------------
     def _adapter_state(self, clone: bool = False) -> dict[str, torch.Tensor]:
-        state = {n: p for n, p in self.base_model.named_parameters() if p.requires_grad}
-        return {n: p.detach().clone() for n, p in state.items()} if clone else state
+        params = dict(self.base_model.named_parameters())
+        return {n: params[n].detach().clone() if clone else params[n] for n in self._adapter_names}
+
+    @contextlib.contextmanager
+    def _adapter_flags(self) -> Iterator[None]:
+        """``requires_grad`` as right after adapting (adapter + head trainable, the rest frozen): what
+        checkpoint.save_adapter / load_adapter take as "the adapter" and "the base"."""
+        names = set(self._adapter_names)
+        flags = [(n, p, p.requires_grad) for n, p in self.base_model.named_parameters()]
+        try:
+            for n, p, _ in flags:
+                p.requires_grad_(n in names)
+            yield
+        finally:
+            for _, p, flag in flags:
+                p.requires_grad_(flag)
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable parameters, all parameters) of the model, as PEFT counts them."""
         params = list(self.base_model.parameters())
         return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
@@ -124,144 +315,224 @@ class SubspacePeftModel(nn.Module):
 
     # -- several adapters ---------------------------------------------------------------------------
     def add_adapter(self, adapter_name: str, config: ConfigLike) -> None:
+        """Add an adapter of the same method and config as the existing ones (see the module docstring);
+        it starts from the first adapter's initial values and is not activated."""
+        self._check_usable("add_adapter")
+        adapter_name = _check_adapter_name(adapter_name)
         config = _as_config(config)
         first = next(iter(self.peft_config.values()))
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} already exists")
         if config.to_dict() != first.to_dict():
-            raise ValueError(f"adapter {adapter_name!r} must have the same method and config as the others "
-                             f"({first.to_dict()}), got {config.to_dict()}: adapters here are states of one structure")
+            raise ValueError(
+                f"adapter {adapter_name!r} must have the same method and config as the existing adapters "
+                f"({first.to_dict()}), got {config.to_dict()}: adapters of a SubspacePeftModel share one layer "
+                "structure and are swapped by state; wrap another copy of the model for a different method")
         self.peft_config[adapter_name] = config
         self._stored[adapter_name] = {n: t.clone() for n, t in self._initial.items()}
 
     @torch.no_grad()
     def set_adapter(self, adapter_name: str) -> None:
+        """Make ``adapter_name`` the active adapter: its values are copied into the adapter tensors."""
+        self._check_usable("set_adapter")
         if adapter_name not in self.peft_config:
             raise ValueError(f"unknown adapter {adapter_name!r}; adapters: {list(self.peft_config)}")
         if adapter_name == self.active_adapter:
             return
         live = self._adapter_state()
+        incoming = self._stored[adapter_name]
         self._stored[self.active_adapter] = {n: p.detach().clone() for n, p in live.items()}
-        for name, value in self._stored.pop(adapter_name).items():
+        for name, value in incoming.items():
             live[name].copy_(value)
+        del self._stored[adapter_name]
         self.active_adapter = adapter_name
 
     def delete_adapter(self, adapter_name: str) -> None:
-        if adapter_name == self.active_adapter:
-            raise ValueError(f"cannot delete the active adapter {adapter_name!r}; set_adapter() another first")
+        self._check_usable("delete_adapter")
         if adapter_name not in self.peft_config:
-            raise ValueError(f"unknown adapter {adapter_name!r}")
+            raise ValueError(f"unknown adapter {adapter_name!r}; adapters: {list(self.peft_config)}")
+        if adapter_name == self.active_adapter:
+            raise ValueError(f"cannot delete the active adapter {adapter_name!r}; set_adapter() another one first")
         del self.peft_config[adapter_name], self._stored[adapter_name]
 
     # -- running the base model -----------------------------------------------------------------------
-    def _base_views(self) -> tuple[list[tuple[str, nn.Module, nn.Module]], list[HeadMix]]:
-        """(name, adapted module, base view) for every wrapper, and the head mixes."""
-        if self.peft_config[self.active_adapter].name == "bitfit":
-            raise ValueError("bitfit trains the model's own biases: there is no separate base model to run")
-        swaps, mixes = [], []
-        for name, module in self.base_model.named_modules():
-            if any(name.startswith(outer + ".") for outer, _, _ in swaps):
-                continue  # inside a wrapper already swapped out as a whole
-            if isinstance(module, MergeableLinear):
-                if module.merged:
-                    raise ValueError(f"{name} is merged; unmerge it first")
-                swaps.append((name, module, _linear_view(module)))
-            elif isinstance(module, SSF):
-                swaps.append((name, module, module.inner))
-            elif isinstance(module, SequentialAdapter):
-                swaps.append((name, module, module.module))
-            elif isinstance(module, HeadMix):
-                mixes.append(module)
-        return swaps, mixes
-
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
-        swaps, mixes = self._base_views()
-        alphas = [m.alpha.detach().clone() for m in mixes]
-        # outermost first, so a view never replaces a module inside one already swapped out
-        for name, _, view in swaps:
-            if name:
-                replace_module(self.base_model, name, view)
-        with torch.no_grad():
-            for m in mixes:
-                m.alpha.zero_()
+        """Run the base model inside the ``with`` block (swapped modules; see the module docstring)."""
+        if self._unloaded:
+            raise RuntimeError("disable_adapter: the adapters were unloaded; this wrapper is spent")
+        if self._disabled:  # nested: already the base model
+            yield
+            return
+        merged = [n for n, m in self.base_model.named_modules() if getattr(m, "merged", False) is True]
+        if merged:
+            raise ValueError(f"disable_adapter: layers {merged[:4]} are merged; unmerge them first "
+                             "(subspace_ops.adapters.unmerge_all)")
+        model = self.base_model
+        swapped_modules: list[tuple[str, nn.Module]] = []
+        swapped_params: list[tuple[nn.Module, str, nn.Parameter]] = []
         try:
+            for name, original in self._replaced:
+                adapted = model.get_submodule(name)
+                original.train(adapted.training)
+                replace_module(model, name, original)
+                swapped_modules.append((name, adapted))
+            if self._attn_before is not None:
+                model.set_attn_implementation(self._attn_before)
+            live = {id(p): self._base_values[n] for n, p in model.named_parameters() if n in self._base_values}
+            for module, attr, p in _parameter_owners(model, live):
+                base = live[id(p)].to(device=p.device, dtype=p.dtype)
+                module._parameters[attr] = nn.Parameter(base, requires_grad=False)
+                swapped_params.append((module, attr, p))
+            self._disabled = True
             yield
         finally:
-            with torch.no_grad():
-                for m, alpha in zip(mixes, alphas):
-                    m.alpha.copy_(alpha)
-            for name, module, _ in reversed(swaps):
-                if name:
-                    replace_module(self.base_model, name, module)
+            self._disabled = False
+            for module, attr, p in reversed(swapped_params):
+                module._parameters[attr] = p
+            if self._attn_before is not None:
+                model.set_attn_implementation(self._attn_adapted)
+            for name, adapted in reversed(swapped_modules):
+                replace_module(model, name, adapted)
 
     # -- merging and unloading ----------------------------------------------------------------------
-    def merge_and_unload(self) -> nn.Module:
-        config = self.peft_config[self.active_adapter]
-        if not methods.METHODS[config.name].mergeable:
-            raise ValueError(f"{config.name} is not mergeable (see subspace_ops.methods.METHODS); nothing changed")
-        merge_all(self.base_model)
-        return self._unwrap_layers(merged=True)
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
+                         adapter_names: Optional[Sequence[str]] = None) -> nn.Module:
+        """Fold the active adapter into the weights and return the plain model (see the module docstring).
+        ``progressbar`` is accepted for PEFT compatibility and ignored; ``adapter_names`` may only name the
+        active adapter (adapters here are states of one structure, so they cannot be summed)."""
+        self._check_usable("merge_and_unload")
+        if adapter_names is not None and list(adapter_names) != [self.active_adapter]:
+            raise ValueError(f"adapter_names: only the active adapter ({self.active_adapter!r}) can be merged; "
+                             "set_adapter() the one to merge first")
+        model = self.base_model
+        blockers = {}
+        for name, m in model.named_modules():
+            if isinstance(m, (HeadMix, TimmCoeffAttention)):
+                blockers[name] = "head mixing (coeff) acts on attention maps and has no weight form"
+            elif getattr(m, "mergeable", True) is False:
+                why = m._not_mergeable() if hasattr(m, "_not_mergeable") else f"{type(m).__name__} has no weight form"
+                blockers[name] = why
+        if blockers:
+            method = self.peft_config[self.active_adapter].name
+            reasons = "; ".join(dict.fromkeys(blockers.values()))
+            raise AdapterNotMergeableError(
+                f"{method} is not mergeable ({len(blockers)} layer(s), e.g. {next(iter(blockers))}: {reasons}); "
+                "nothing changed. Use unload() to drop the adapters, or keep the wrapper for inference")
+        merge_all(model)
+        if safe_merge:
+            bad = [n for n, p in model.named_parameters() if p.is_floating_point() and not torch.isfinite(p).all()]
+            if bad:
+                unmerge_all(model)
+                raise ValueError(f"safe_merge: non-finite values in {bad[:4]} after merging; nothing changed")
+        replaced = dict(self._replaced)
+        for name, m in reversed(list(model.named_modules())):  # deepest first
+            if isinstance(m, MergeableLinear):
+                original = replaced.get(name)
+                if isinstance(original, nn.Linear) and original.weight is m.weight:
+                    if original.bias is not m.bias:  # merging created a bias (e.g. RLRR's shift)
+                        original.bias = m.bias
+                    plain: nn.Module = original
+                else:
+                    plain = _linear_view(m)
+                plain.train(m.training)
+                replace_module(model, name, plain)
+            elif isinstance(m, SSF):  # merged into its inner module's weights
+                replace_module(model, name, m.inner)
+        return self._finish_unload()
 
     def unload(self) -> nn.Module:
-        """The base model without adapters (nothing merged)."""
-        return self._unwrap_layers(merged=False)
-
-    def _unwrap_layers(self, merged: bool) -> nn.Module:
-        if any(isinstance(m, TimmCoeffAttention) for m in self.base_model.modules()):
-            raise ValueError("unloading Coeff-Tuning from a timm ViT is not supported (the Attention blocks were "
-                             "replaced); use disable_adapter() to run without head mixing. Nothing changed.")
-        swaps, mixes = self._base_views() if not merged else self._merged_views()
-        for name, _, view in reversed(swaps):
-            replace_module(self.base_model, name, view)
-        if mixes:  # transformers models: drop the head mixes, restore the attention implementation
+        """The base model without the adapter layers, nothing merged (trained head / BitFit biases kept)."""
+        self._check_usable("unload")
+        model = self.base_model
+        unmerge_all(model)  # the original modules share the weight Parameters
+        for name, original in self._replaced:
+            original.train(model.get_submodule(name).training)
+            replace_module(model, name, original)
+        if any(isinstance(m, HeadMix) for m in model.modules()) or self._attn_before is not None:
             from .transformers import detach_head_mix
 
-            detach_head_mix(self.base_model)
-        for p in self.base_model.parameters():
-            p.requires_grad_(False)
+            detach_head_mix(model)
+        return self._finish_unload()
+
+    def _finish_unload(self) -> nn.Module:
+        for p, flag in self._flags_before:
+            p.requires_grad_(flag)
+        self._unloaded = True
+        self._stored.clear()
         return self.base_model
 
-    def _merged_views(self) -> tuple[list[tuple[str, nn.Module, nn.Module]], list[HeadMix]]:
-        swaps = []
-        for name, module in self.base_model.named_modules():
-            if isinstance(module, MergeableLinear):
-                view = _linear_view(module)  # shares the merged weight tensors
-                module._originals = None  # the merge is final: the originals are not kept
-                swaps.append((name, module, view))
-            elif isinstance(module, SSF):
-                module._originals = None
-                swaps.append((name, module, module.inner))
-        return swaps, []
-
     # -- saving and loading ---------------------------------------------------------------------------
-    def save_pretrained(self, save_directory: Union[str, os.PathLike]) -> None:
+    def save_pretrained(self, save_directory: Union[str, os.PathLike],
+                        selected_adapters: Optional[Sequence[str]] = None) -> None:
+        """Write each adapter (default: all) to ``save_directory`` ("default") or ``save_directory/<name>``:
+        ``adapter_model.safetensors`` + ``adapter_config.json``."""
+        self._check_usable("save_pretrained")
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(f"selected_adapters: unknown adapters {unknown}; adapters: {list(self.peft_config)}")
+        if os.path.isfile(save_directory):
+            raise ValueError(f"save_directory {os.fspath(save_directory)!r} is a file, not a directory")
+        base_name = getattr(getattr(self.base_model, "config", None), "name_or_path", None)
         active = self.active_adapter
         try:
-            for name, config in self.peft_config.items():
+            for name in names:
+                config = self.peft_config[name]
                 self.set_adapter(name)
                 target = os.path.join(os.fspath(save_directory), "" if name == "default" else name)
                 os.makedirs(target, exist_ok=True)
-                checkpoint.save_adapter(self.base_model, os.path.join(target, ADAPTER_WEIGHTS), method=config.name,
-                                        config=config.to_dict())
+                with self._adapter_flags():
+                    checkpoint.save_adapter(self.base_model, os.path.join(target, ADAPTER_WEIGHTS),
+                                            method=config.name, config=config.to_dict())
+                record = {"subspace_ops_format": CONFIG_FORMAT, **config.to_dict()}
+                if base_name:
+                    record["base_model_name_or_path"] = base_name
                 with open(os.path.join(target, ADAPTER_CONFIG), "w") as f:
-                    json.dump({"subspace_ops_format": 1, **config.to_dict()}, f, indent=2, default=list)
+                    json.dump(record, f, indent=2, default=list)
         finally:
             self.set_adapter(active)
 
     @classmethod
-    def from_pretrained(cls, model: nn.Module, model_id: Union[str, os.PathLike],
-                        adapter_name: str = "default") -> "SubspacePeftModel":
+    def from_pretrained(cls, model: nn.Module, model_id: Union[str, os.PathLike], adapter_name: str = "default",
+                        is_trainable: bool = False, config: Optional[ConfigLike] = None) -> "SubspacePeftModel":
+        """Adapt ``model`` with the config saved in the directory ``model_id`` and load the adapter weights.
+
+        On any failure ``model`` is left as it was and the error is raised (AdapterLoadError for the files).
+        ``is_trainable=False`` (PEFT's default) freezes the adapter and calls ``eval()``. ``config``, as in
+        PEFT, replaces the saved config, e.g. to pick another kernel backend on another device:
+        ``config=dataclasses.replace(saved_config, backend=None)``; the weights must still fit it."""
         directory = os.fspath(model_id)
-        config_path = os.path.join(directory, ADAPTER_CONFIG)
-        try:
-            with open(config_path) as f:
-                data = json.load(f)
-            data.pop("subspace_ops_format")
-            config = _config_from_dict(data)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise checkpoint.AdapterLoadError(config_path, f"unreadable adapter config ({exc})") from exc
-        with methods._restore_on_error(model):  # a failed load puts the base model back as it was
+        config = _read_config(directory) if config is None else _as_config(config)
+        with _rollback_on_error(model):
             wrapper = cls(model, config, adapter_name)
             checkpoint.load_adapter(model, os.path.join(directory, ADAPTER_WEIGHTS), method=config.name)
+        if not is_trainable:
+            for p in model.parameters():
+                p.requires_grad_(False)
+            wrapper.eval()
         return wrapper
+
+    def load_adapter(self, model_id: Union[str, os.PathLike], adapter_name: str,
+                     is_trainable: bool = False) -> dict:
+        """Load a saved adapter (same method and config) as ``adapter_name``; the active adapter stays active.
+        On failure nothing changes. Returns the checkpoint metadata. ``is_trainable=False`` calls ``eval()``
+        as PEFT does (the adapter tensors are shared, so their ``requires_grad`` is left alone)."""
+        self._check_usable("load_adapter")
+        directory = os.fspath(model_id)
+        config = _read_config(directory)
+        self.add_adapter(adapter_name, config)
+        active = self.active_adapter
+        try:
+            self.set_adapter(adapter_name)
+            with self._adapter_flags():
+                meta = checkpoint.load_adapter(self.base_model, os.path.join(directory, ADAPTER_WEIGHTS),
+                                               method=config.name)
+            self.set_adapter(active)
+        except BaseException:
+            self.set_adapter(active)
+            self.delete_adapter(adapter_name)
+            raise
+        if not is_trainable:
+            self.eval()
+        return meta

@@ -68,8 +68,10 @@ _backward_op = torch.library.custom_op("subspace_ops::head_mixing_attention_back
 
 @_backward_op.register_fake
 def _(grad_out, q, k, v, mix, mask, lse, is_causal, scale, backend):
-    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
-            mix.new_empty(mix.shape, dtype=lse.dtype))
+    # The kernels return contiguous gradients whatever the layout of q, k, v (timm's are slices of qkv).
+    dense = torch.contiguous_format
+    return (torch.empty_like(q, memory_format=dense), torch.empty_like(k, memory_format=dense),
+            torch.empty_like(v, memory_format=dense), mix.new_empty(mix.shape, dtype=lse.dtype))
 
 
 def _setup_context(ctx, inputs, output):
