@@ -795,11 +795,19 @@ def _resolve(config_or_name: Union[str, MethodConfig], overrides: dict) -> Metho
     raise ValueError(f"config_or_name must be a method name or a MethodConfig, got {type(config_or_name).__name__}")
 
 
+def _attn_implementation(model: nn.Module) -> Optional[str]:
+    """A transformers model's attention implementation (``None`` for other models)."""
+    return getattr(getattr(model, "config", None), "_attn_implementation", None)
+
+
 @contextmanager
 def _restore_on_error(model: nn.Module) -> Iterator[None]:
-    """Undo module replacements and requires_grad changes if the body raises."""
+    """Undo module replacements, requires_grad changes and a transformers attention-implementation
+    switch (Coeff-Tuning's) if the body raises."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
     children = [(m, dict(m._modules)) for m in model.modules()]
+    attn = _attn_implementation(model)
+    had_previous = hasattr(model, "_subspace_previous_attn")
     try:
         yield
     except BaseException:
@@ -808,7 +816,21 @@ def _restore_on_error(model: nn.Module) -> Iterator[None]:
             module._modules.update(kids)
         for p, flag in flags:
             p.requires_grad_(flag)
+        if attn is not None and _attn_implementation(model) != attn:
+            model.set_attn_implementation(attn)
+        if not had_previous and "_subspace_previous_attn" in vars(model):
+            del model._subspace_previous_attn
         raise
+
+
+def _match_training_mode(model: nn.Module, existing: set[int]) -> None:
+    """Give modules created by a method their parent's train/eval mode (new modules start in training
+    mode, which would turn on adapter dropout in a model that is in eval mode)."""
+    mode = {}
+    for name, m in model.named_modules():  # parents before children
+        if id(m) not in existing and name:
+            m.training = mode[name.rpartition(".")[0]]
+        mode[name] = m.training
 
 
 def apply(model: nn.Module, config_or_name: Union[str, MethodConfig], **overrides) -> tuple[nn.Module, AdaptReport]:
@@ -825,9 +847,7 @@ def apply(model: nn.Module, config_or_name: Union[str, MethodConfig], **override
     existing = {id(m) for m in model.modules()}
     with _restore_on_error(model):
         report = _APPLIERS[config.name](model, config)
-    for module in model.modules():  # new layers follow the model's train/eval mode (dropout!)
-        if id(module) not in existing:
-            module.train(model.training)
+    _match_training_mode(model, existing)
     report.method = config.name
     report.details["config"] = config
     return model, report

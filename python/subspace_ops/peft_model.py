@@ -155,10 +155,6 @@ def _check_adapter_name(name: object) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # model helpers
-def _attn_implementation(model: nn.Module) -> Optional[str]:
-    return getattr(getattr(model, "config", None), "_attn_implementation", None)
-
-
 def _linear_view(layer: MergeableLinear) -> nn.Linear:
     """An nn.Linear holding ``layer``'s weight and bias Parameters (no copy)."""
     view = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
@@ -185,39 +181,6 @@ def _parameter_owners(model: nn.Module, params: dict[int, Any]) -> list[tuple[nn
     return owners
 
 
-def _match_training_mode(model: nn.Module, existing: set[int]) -> None:
-    """Give modules created by the method their parent's train/eval mode (new modules start in training
-    mode, which would turn on adapter dropout in a model that is in eval mode)."""
-    mode = {}
-    for name, m in model.named_modules():  # parents before children
-        if id(m) not in existing and name:
-            m.training = mode[name.rpartition(".")[0]]
-        mode[name] = m.training
-
-
-@contextlib.contextmanager
-def _rollback_on_error(model: nn.Module) -> Iterator[None]:
-    """Undo module replacements, ``requires_grad`` changes and a transformers attention switch if the body
-    raises (parameter values are the business of checkpoint.load_adapter, which never half-loads)."""
-    children = [(m, dict(m._modules)) for m in model.modules()]
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    attn = _attn_implementation(model)
-    had_previous = hasattr(model, "_subspace_previous_attn")
-    try:
-        yield
-    except BaseException:
-        for module, kids in children:
-            module._modules.clear()
-            module._modules.update(kids)
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        if attn is not None and _attn_implementation(model) != attn:
-            model.set_attn_implementation(attn)
-        if not had_previous and "_subspace_previous_attn" in vars(model):
-            del model._subspace_previous_attn
-        raise
-
-
 def get_peft_model(model: nn.Module, config: ConfigLike, adapter_name: str = "default") -> "SubspacePeftModel":
     """Adapt ``model`` in place with ``config`` (a :mod:`subspace_ops.methods` config, a method name or
     ``(name, {field: value})``) and wrap it in a :class:`SubspacePeftModel` (see the module docstring)."""
@@ -235,9 +198,8 @@ class SubspacePeftModel(nn.Module):
             raise ValueError("model is already a SubspacePeftModel; use add_adapter() for another adapter")
         before = dict(model.named_modules())
         flags = [(p, p.requires_grad) for p in model.parameters()]
-        attn_before = _attn_implementation(model)
+        attn_before = methods._attn_implementation(model)
         _, self.report = methods.apply(model, config)  # checks everything first; unchanged if it raises
-        _match_training_mode(model, {id(m) for m in before.values()})
         self.base_model = model
         self.peft_config: dict[str, methods.MethodConfig] = {adapter_name: config}
         self.active_adapter = adapter_name
@@ -245,8 +207,8 @@ class SubspacePeftModel(nn.Module):
         changed = [name for name, m in model.named_modules() if name in before and before[name] is not m]
         self._replaced: list[tuple[str, nn.Module]] = [(name, before[name]) for name in _outermost(changed)]
         self._flags_before = flags
-        self._attn_before = attn_before if _attn_implementation(model) != attn_before else None
-        self._attn_adapted = _attn_implementation(model)
+        self._attn_before = attn_before if methods._attn_implementation(model) != attn_before else None
+        self._attn_adapted = methods._attn_implementation(model)
         # One adapter = the values of the tensors the method made trainable (adapter + head), by name.
         existing = {id(p) for p, _ in flags}
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -504,7 +466,7 @@ class SubspacePeftModel(nn.Module):
         ``config=dataclasses.replace(saved_config, backend=None)``; the weights must still fit it."""
         directory = os.fspath(model_id)
         config = _read_config(directory) if config is None else _as_config(config)
-        with _rollback_on_error(model):
+        with methods._restore_on_error(model):
             wrapper = cls(model, config, adapter_name)
             checkpoint.load_adapter(model, os.path.join(directory, ADAPTER_WEIGHTS), method=config.name)
         if not is_trainable:
