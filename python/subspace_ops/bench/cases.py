@@ -53,7 +53,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .common import LINEAR_PRESETS, LinearInputs, fresh_copy, standard_linear_layers
+from .common import LinearInputs, fresh_copy, linear_case, standard_linear_layers
 from .harness import Case, Shape, Variant, Workload
 
 __all__ = ["CASES", "RESCALED_LINEAR", "SVD_DELTA_LINEAR", "rescaled_linear_variants", "svd_delta_linear_variants"]
@@ -115,15 +115,10 @@ def rescaled_linear_variants(backend: Optional[str] = None) -> list[Variant]:
     ]
 
 
-RESCALED_LINEAR = Case(
-    name="rescaled-linear",
-    description="RLRR y = x (W ⊙ (1 + s_l s_rᵀ))ᵀ + b; s_l, s_r, b trained, W frozen (METHODS.md §1)",
-    make_variants=rescaled_linear_variants,
-    baselines={"forward": "frozen F.linear", "inference": "frozen F.linear", "fwd+bwd": "full FT"},
-    dim_names=("M", "K", "N"),
-    presets=LINEAR_PRESETS,
-    default_presets={"any": ["vit-b"]},
-    default_dtype={"cuda": torch.bfloat16, "cpu": torch.float32},
+RESCALED_LINEAR = linear_case(
+    "rescaled-linear",
+    "RLRR y = x (W ⊙ (1 + s_l s_rᵀ))ᵀ + b; s_l, s_r, b trained, W frozen (METHODS.md §1)",
+    rescaled_linear_variants,
 )
 
 
@@ -191,15 +186,10 @@ def svd_delta_linear_variants(backend: Optional[str] = None) -> list[Variant]:
     ]
 
 
-SVD_DELTA_LINEAR = Case(
-    name="svd-delta-linear",
-    description="SiVA y = x (W + U diag(d) Vᵀ)ᵀ + b; d trained, W, U, V frozen (METHODS.md §2)",
-    make_variants=svd_delta_linear_variants,
-    baselines={"forward": "frozen F.linear", "inference": "frozen F.linear", "fwd+bwd": "full FT"},
-    dim_names=("M", "K", "N"),
-    presets=LINEAR_PRESETS,
-    default_presets={"any": ["vit-b"]},
-    default_dtype={"cuda": torch.bfloat16, "cpu": torch.float32},
+SVD_DELTA_LINEAR = linear_case(
+    "svd-delta-linear",
+    "SiVA y = x (W + U diag(d) Vᵀ)ᵀ + b; d trained, W, U, V frozen (METHODS.md §2)",
+    svd_delta_linear_variants,
 )
 
 

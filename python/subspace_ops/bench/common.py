@@ -10,9 +10,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .harness import Shape, Variant, VariantSkipped, Workload
+from .harness import Case, Shape, Variant, VariantSkipped, Workload
 
-__all__ = ["LINEAR_PRESETS", "LinearInputs", "fresh_copy", "standard_linear_layers"]
+__all__ = ["LINEAR_PRESETS", "LinearInputs", "fresh_copy", "linear_case", "standard_linear_layers"]
 
 LORA_RANK = 8  # PEFT LoRA rank of the comparison row unless a case asks for another
 
@@ -96,3 +96,18 @@ LINEAR_PRESETS = {
     "vit-b-full": {"any": [(12608, 768, 768)]},
     "llama-7b": {"any": [(8192, 4096, 4096)]},
 }
+
+
+def linear_case(name: str, description: str, make_variants) -> Case:
+    """A linear-layer case: shapes M,K,N with :data:`LINEAR_PRESETS`, ratios to frozen ``F.linear``
+    (forward, inference) and to a full-fine-tuning linear (fwd+bwd), bf16 on CUDA, fp32 on CPU."""
+    return Case(
+        name=name,
+        description=description,
+        make_variants=make_variants,
+        baselines={"forward": "frozen F.linear", "inference": "frozen F.linear", "fwd+bwd": "full FT"},
+        dim_names=("M", "K", "N"),
+        presets=LINEAR_PRESETS,
+        default_presets={"any": ["vit-b"]},
+        default_dtype={"cuda": torch.bfloat16, "cpu": torch.float32},
+    )

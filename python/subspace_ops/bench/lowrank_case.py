@@ -31,8 +31,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .common import LINEAR_PRESETS, LinearInputs, fresh_copy, standard_linear_layers
-from .harness import Case, Shape, Variant, VariantSkipped, Workload
+from .common import LinearInputs, fresh_copy, linear_case, standard_linear_layers
+from .harness import Shape, Variant, VariantSkipped, Workload
 
 __all__ = ["LOWRANK_LINEAR", "LOWRANK_RANK", "lowrank_linear_variants"]
 
@@ -155,13 +155,8 @@ def lowrank_linear_variants(backend: Optional[str] = None) -> list[Variant]:
     ]
 
 
-LOWRANK_LINEAR = Case(
-    name="lowrank-linear",
-    description="LoRA y = x Wᵀ + s·(x Bᵀ) Aᵀ + b, r=16; A, B trained, W frozen (METHODS.md §4)",
-    make_variants=lowrank_linear_variants,
-    baselines={"forward": "frozen F.linear", "inference": "frozen F.linear", "fwd+bwd": "full FT"},
-    dim_names=("M", "K", "N"),
-    presets=LINEAR_PRESETS,
-    default_presets={"any": ["vit-b"]},
-    default_dtype={"cuda": torch.bfloat16, "cpu": torch.float32},
+LOWRANK_LINEAR = linear_case(
+    "lowrank-linear",
+    "LoRA y = x Wᵀ + s·(x Bᵀ) Aᵀ + b, r=16; A, B trained, W frozen (METHODS.md §4)",
+    lowrank_linear_variants,
 )
