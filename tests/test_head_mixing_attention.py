@@ -10,7 +10,7 @@ import subspace_ops
 from subspace_ops.ops.head_mixing_attention import additive_mask
 from subspace_ops.testing import check_close
 
-from conftest import ON_INTERPRETER, backend_device
+from conftest import ON_INTERPRETER, backend_device, require_backend
 
 # name -> (B, H, Nq, Nk, d, is_causal, mask kind). Odd sizes, H = 1 and 12, d not a power of two,
 # cross attention (Nq != Nk) both ways, causal with Nq != Nk (top-left triangle).
@@ -184,3 +184,61 @@ def test_bad_input(change, error, message):
     mask = args.pop("attn_mask", None)
     with pytest.raises(error, match=message):
         subspace_ops.head_mixing_attention(**args, attn_mask=mask, backend="cpu")
+
+
+# ---- The Triton backend's chunked strategy (heads · dim too large for the fused kernels) ----
+
+
+@pytest.fixture
+def chunked_triton(monkeypatch):
+    """The Triton backend as on a GPU for a head count that needs the chunked strategy, with chunks
+    of 4 query rows (several chunks and a short last one on every case)."""
+    from subspace_ops.triton_kernels import head_mixing_attention as fused, head_mixing_chunked as chunked
+
+    require_backend("triton")
+    monkeypatch.setattr(fused, "_interpreting", lambda t: False)
+    monkeypatch.setattr(fused, "strategy", lambda heads, dim, dtype: "chunked")
+    monkeypatch.setattr(chunked, "chunk_rows", lambda q, n_k: 4)
+    return "triton"
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_chunked_strategy_matches_float64_reference(chunked_triton, case):
+    truth_inputs = make_inputs(case, torch.float64, "cpu")
+    grad_out = torch.randn(truth_inputs[0].shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    out64, grads64 = run(case, truth_inputs, "reference", grad_out)
+    for dtype in (torch.float32, torch.bfloat16):
+        out_ref, grads_ref = run(case, make_inputs(case, dtype, "cpu"), "reference", grad_out)
+        out, grads = run(case, make_inputs(case, dtype, "cpu"), chunked_triton, grad_out)
+        check_close(f"chunked/{case}/{dtype}/out", out, out64, out_ref)
+        for name, a, t, r in zip(("dq", "dk", "dv", "dmix"), grads, grads64, grads_ref):
+            check_close(f"chunked/{case}/{dtype}/{name}", a, t, r)
+
+
+@pytest.mark.parametrize("causal, kind", [(True, None), (False, "key-padding"), (True, "additive")])
+def test_chunked_strategy_gradcheck_float64(chunked_triton, causal, kind):
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(2, 2, n, 4, generator=g, dtype=torch.float64) for n in (9, 5, 5))
+    mix = torch.eye(2, dtype=torch.float64) + 0.5 * torch.randn(2, 2, generator=g, dtype=torch.float64)
+    inputs = [t.requires_grad_(True) for t in (q, k, v, mix)]
+    mask = make_mask(kind, 2, 2, 9, 5, "cpu")
+
+    def fn(q, k, v, mix):
+        return subspace_ops.head_mixing_attention(q, k, v, mix, attn_mask=mask, is_causal=causal,
+                                                  backend=chunked_triton)
+
+    assert torch.autograd.gradcheck(fn, inputs, atol=1e-7, fast_mode=True)
+
+
+def test_strategy_rule():
+    """Fused up to HP · BLOCK_D = 1024 in 16-bit dtypes, 512 in float32 (what fits an sm_90 SM,
+    scripts/triton_aot_check.py)."""
+    from subspace_ops.triton_kernels.head_mixing_chunked import chunk_rows, strategy
+
+    fused = [(1, 8), (3, 16), (12, 64), (16, 64), (8, 128), (4, 256)]
+    chunked = [(16, 80), (12, 128), (32, 64), (32, 128), (8, 256)]
+    assert [strategy(h, d, torch.bfloat16) for h, d in fused] == ["fused"] * len(fused)
+    assert [strategy(h, d, torch.float16) for h, d in chunked] == ["chunked"] * len(chunked)
+    assert strategy(8, 64, torch.float32) == "fused" and strategy(12, 64, torch.float32) == "chunked"
+    assert chunk_rows(torch.empty(2, 32, 4096, 128), 4096) == 128  # one score chunk ≈ q's size
+    assert chunk_rows(torch.empty(1, 32, 8, 128), 4096) == 8  # never more rows than there are

@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["accumulation_types", "grouped_tile", "interpreting", "matmul_precision"]
+__all__ = ["accumulation_types", "grouped_tile", "interpreting", "matmul_precision", "targets_gpu"]
 
 
 @triton.jit
@@ -23,15 +23,21 @@ def grouped_tile(pid, rows, cols, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.const
     return first_r + (pid % per_group) % group_size, (pid % per_group) // group_size
 
 
+def targets_gpu(t: torch.Tensor) -> bool:
+    """Whether kernels launched on ``t`` are compiled for a GPU. The one place the wrappers ask;
+    scripts/triton_aot_check.py answers True for CPU tensors to compile the GPU path without a GPU."""
+    return t.is_cuda
+
+
 def interpreting(t: torch.Tensor) -> bool:
     """True when the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, CPU tensors):
     fixed small tiles there, autotuned ones on the GPU."""
-    return os.environ.get("TRITON_INTERPRET") == "1" or t.device.type == "cpu"
+    return os.environ.get("TRITON_INTERPRET") == "1" or not targets_gpu(t)
 
 
 def matmul_precision(t: torch.Tensor) -> str:
     """tl.dot's input precision: TF32 for float32 only where torch allows it for its own matmuls."""
-    if t.dtype == torch.float32 and t.is_cuda and torch.backends.cuda.matmul.allow_tf32:
+    if t.dtype == torch.float32 and targets_gpu(t) and torch.backends.cuda.matmul.allow_tf32:
         return "tf32"
     return "ieee"
 

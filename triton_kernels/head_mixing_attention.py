@@ -53,9 +53,11 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _common
 from ._common import accumulation_types as _acc, interpreting as _interpreting, matmul_precision as _precision
+from .head_mixing_chunked import chunked_backward, chunked_forward, strategy
 
-__all__ = ["head_mixing_attention_backward", "head_mixing_attention_forward"]
+__all__ = ["head_mixing_attention_backward", "head_mixing_attention_forward", "strategy"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -444,7 +446,7 @@ def _dq_block_m(hp: int, block_d: int) -> int:
 def _mix_precision(t: torch.Tensor) -> str:
     """Of the head-mixing products, whose operands are float32 probabilities. For 16-bit inputs TF32
     suffices: the mixed map is rounded to the 16-bit dtype before it multiplies V anyway."""
-    if t.dtype in (torch.float16, torch.bfloat16) and t.is_cuda:
+    if t.dtype in (torch.float16, torch.bfloat16) and _common.targets_gpu(t):
         return "tf32"
     return _precision(t)
 
@@ -504,6 +506,8 @@ def head_mixing_attention_forward(
         return out, lse
     if n_k == 0:  # every row fully masked
         return out.zero_(), lse.fill_(float("inf"))
+    if not _interpreting(q) and strategy(heads, dim, q.dtype) == "chunked":  # too many heads for one SM
+        return chunked_forward(q, k, v, mix, mask, is_causal, scale)
     meta = _common_meta(q, mask, is_causal)
     mask_arg = mask if mask is not None else lse  # never read when HAS_MASK is False
     sizes = (heads, n_q, n_k, dim, float(scale))
@@ -546,9 +550,11 @@ def head_mixing_attention_backward(
     dv = torch.empty(batch, heads, n_k, dim, dtype=v.dtype, device=v.device)
     if batch * heads * n_q * n_k == 0:  # no score exists: every gradient is 0
         return dq.zero_(), dk.zero_(), dv.zero_(), torch.zeros(heads, heads, dtype=acc_torch, device=q.device)
+    interpreting = _interpreting(q)
+    if not interpreting and strategy(heads, dim, q.dtype) == "chunked":
+        return chunked_backward(grad_out, q, k, v, mix, mask, lse, is_causal, scale)
     meta = _common_meta(q, mask, is_causal)
     mask_arg = mask if mask is not None else lse  # never read when HAS_MASK is False
-    interpreting = _interpreting(q)
     block_m_dq = _INTERPRETER_BLOCKS["BLOCK_M"] if interpreting else _dq_block_m(meta["HP"], meta["BLOCK_D"])
     programs_dq = batch * triton.cdiv(n_q, block_m_dq)
     delta = torch.empty(batch, heads, n_q, dtype=acc_torch, device=q.device)  # D; contiguous, see kernels

@@ -1,0 +1,117 @@
+"""Head-mixing attention in query chunks, for head counts the fused Triton kernels cannot hold.
+
+The fused kernels (head_mixing_attention.py) keep every head of a query block on one SM: tiles of
+HP · BLOCK_M · D. Compiled for sm_90 (scripts/triton_aot_check.py) they fit the 227 KiB of shared
+memory of an H100/H200 up to HP · D = 1024 in bf16/fp16 (ViT-B/L, BERT, RoBERTa: 12 or 16 heads of 64;
+8 heads of 128) and 512 in float32, and not beyond (16 heads of 80 or 128, 32 heads of 64 or 128:
+LLaMA-7B). There the Triton backend runs this strategy instead, chosen by :func:`strategy`, which
+callers can ask (the bench prints it).
+
+Same math and the same saved state as the fused kernels (only lse [B, H, Nq]), with cuBLAS products
+on a chunk of query rows at a time: for rows c,
+
+    S_g = scale · Q_g[c] K_gᵀ + mask     P_g = exp(S_g − L_g)     M_h = Σ_g mix[h, g] P_g
+    O_h[c] = M_h V_h
+
+and in the backward, recomputing P and M per chunk (T_h = dO_h[c] V_hᵀ, E_g = Σ_h mix[h, g] T_h):
+
+    dV_h += M_hᵀ dO_h[c]     dmix[h, g] += Σ T_h ⊙ P_g     D_g = rowsum(P_g ⊙ E_g)
+    dS_g = P_g ⊙ (E_g − D_g)     dQ_g[c] = scale · dS_g K_g     dK_g += scale · dS_gᵀ Q_g[c]
+
+Memory: a few score-shaped [B, H, rows, Nk] float32 temporaries of one chunk, whose rows are chosen
+so that each holds about as many elements as q (at least 16 rows): O(N) per head like the fused
+kernels, with a larger constant. Scores and products are formed in float32 (bf16/fp16 operands,
+float32 results on CUDA; float64 throughout for float64).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+__all__ = ["FUSED_MAX_ROW_BYTES", "chunk_rows", "chunked_backward", "chunked_forward", "strategy"]
+
+# Largest HP · BLOCK_D · element size (heads and head dim each padded to a power of two) whose fused
+# kernels fit an sm_90 SM's shared memory (scripts/triton_aot_check.py): 1024 heads·dims in 16-bit
+# dtypes, 512 in float32; twice that asks for about 290-330 KiB of the 227 KiB there is.
+FUSED_MAX_ROW_BYTES = 2048
+
+
+def strategy(heads: int, dim: int, dtype: torch.dtype) -> str:
+    """"fused" (the all-heads Triton kernels) or "chunked" (this module) for H heads of size dim."""
+    padded_heads = 1 << max(heads - 1, 0).bit_length()
+    padded_dim = max(16, 1 << max(dim - 1, 0).bit_length())
+    row_bytes = padded_heads * padded_dim * dtype.itemsize
+    return "fused" if row_bytes <= FUSED_MAX_ROW_BYTES else "chunked"
+
+
+def chunk_rows(q: torch.Tensor, n_k: int) -> int:
+    """Query rows per chunk: a [B, H, rows, Nk] tensor about as large as q, at least 16 rows."""
+    batch, heads, n_q, dim = q.shape
+    return max(1, min(n_q, max(16, (n_q * dim) // max(n_k, 1))))
+
+
+def _scores(q_rows: torch.Tensor, k: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """q_rows @ kᵀ in acc (float32 results from 16-bit operands on CUDA, without upcasting them)."""
+    if q_rows.is_cuda and q_rows.dtype in (torch.float16, torch.bfloat16):
+        b, h = q_rows.shape[:2]
+        out = torch.bmm(q_rows.flatten(0, 1), k.flatten(0, 1).transpose(1, 2), out_dtype=acc)
+        return out.view(b, h, *out.shape[1:])
+    return q_rows.to(acc) @ k.to(acc).transpose(-1, -2)
+
+
+def _probabilities(q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Tensor], lse_rows: Optional[torch.Tensor],
+                   r0: int, r1: int, is_causal: bool, scale: float, acc: torch.dtype):
+    """(P, lse) for query rows [r0, r1): P = exp(S − lse), lse = +inf on rows that see no key."""
+    s = _scores(q[:, :, r0:r1], k, acc) * scale
+    if mask is not None:
+        s = s + mask[:, :, r0:r1].to(acc)
+    if is_causal:
+        rows = torch.arange(r0, r1, device=q.device)[:, None]
+        cols = torch.arange(k.shape[2], device=q.device)[None, :]
+        s = s.masked_fill(cols > rows, float("-inf"))
+    if lse_rows is None:
+        lse_rows = torch.logsumexp(s, dim=-1)
+        lse_rows = lse_rows.masked_fill(lse_rows == float("-inf"), float("inf"))
+    return torch.exp(s - lse_rows[..., None]), lse_rows
+
+
+def chunked_forward(q, k, v, mix, mask, is_causal: bool, scale: float):
+    """(out [B, H, Nq, D] in q's dtype, lse [B, H, Nq]) as head_mixing_attention_forward."""
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    batch, heads, n_q, dim = q.shape
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty(batch, heads, n_q, dtype=acc, device=q.device)
+    mix_acc, v_acc = mix.to(acc), v.to(acc)
+    step = chunk_rows(q, k.shape[2])
+    for r0 in range(0, n_q, step):
+        r1 = min(n_q, r0 + step)
+        p, lse[:, :, r0:r1] = _probabilities(q, k, mask, None, r0, r1, is_causal, scale, acc)
+        mixed = torch.einsum("hg,bgik->bhik", mix_acc, p)
+        out[:, :, r0:r1] = (mixed @ v_acc).to(q.dtype)
+    return out, lse
+
+
+def chunked_backward(grad_out, q, k, v, mix, mask, lse, is_causal: bool, scale: float):
+    """(dq, dk, dv, dmix) as head_mixing_attention_backward."""
+    acc = lse.dtype
+    n_q = q.shape[2]
+    mix_acc, k_acc, v_acc = mix.to(acc), k.to(acc), v.to(acc)
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dk = torch.zeros(k.shape, dtype=acc, device=k.device)
+    dv = torch.zeros(v.shape, dtype=acc, device=v.device)
+    dmix = torch.zeros(mix.shape, dtype=acc, device=mix.device)
+    step = chunk_rows(q, k.shape[2])
+    for r0 in range(0, n_q, step):
+        r1 = min(n_q, r0 + step)
+        p, _ = _probabilities(q, k, mask, lse[:, :, r0:r1], r0, r1, is_causal, scale, acc)
+        do = grad_out[:, :, r0:r1].to(acc)
+        dv += torch.einsum("hg,bgik->bhik", mix_acc, p).transpose(-1, -2) @ do  # Mᵀ dO
+        t = do @ v_acc.transpose(-1, -2)  # T_h = dO_h V_hᵀ
+        dmix += torch.einsum("bhik,bgik->hg", t, p)
+        e = torch.einsum("hg,bhik->bgik", mix_acc, t)  # E_g = Σ_h mix[h, g] T_h
+        ds = p * (e - (p * e).sum(-1, keepdim=True))
+        dq[:, :, r0:r1] = (scale * (ds @ k_acc)).to(q.dtype)
+        dk += scale * (ds.transpose(-1, -2) @ q[:, :, r0:r1].to(acc))
+    return dq, dk.to(k.dtype), dv.to(v.dtype), dmix
