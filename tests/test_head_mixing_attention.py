@@ -197,7 +197,7 @@ def chunked_triton(monkeypatch):
 
     require_backend("triton")
     monkeypatch.setattr(fused, "_interpreting", lambda t: False)
-    monkeypatch.setattr(fused, "strategy", lambda heads, dim, dtype: "chunked")
+    monkeypatch.setattr(fused, "strategy", lambda heads, dim, dtype, has_mask: "chunked")
     monkeypatch.setattr(chunked, "chunk_rows", lambda q, n_k: 4)
     return "triton"
 
@@ -240,5 +240,7 @@ def test_strategy_rule():
     assert [strategy(h, d, torch.bfloat16) for h, d in fused] == ["fused"] * len(fused)
     assert [strategy(h, d, torch.float16) for h, d in chunked] == ["chunked"] * len(chunked)
     assert strategy(8, 64, torch.float32) == "fused" and strategy(12, 64, torch.float32) == "chunked"
+    assert strategy(4, 64, torch.bfloat16, has_mask=True) == "fused"
+    assert strategy(8, 64, torch.bfloat16, has_mask=True) == "chunked"  # BERT's 12 heads too
     assert chunk_rows(torch.empty(2, 32, 4096, 128), 4096) == 128  # one score chunk ≈ q's size
     assert chunk_rows(torch.empty(1, 32, 8, 128), 4096) == 8  # never more rows than there are

@@ -506,7 +506,7 @@ def head_mixing_attention_forward(
         return out, lse
     if n_k == 0:  # every row fully masked
         return out.zero_(), lse.fill_(float("inf"))
-    if not _interpreting(q) and strategy(heads, dim, q.dtype) == "chunked":  # too many heads for one SM
+    if not _interpreting(q) and strategy(heads, dim, q.dtype, mask is not None) == "chunked":  # too many heads for one SM
         return chunked_forward(q, k, v, mix, mask, is_causal, scale)
     meta = _common_meta(q, mask, is_causal)
     mask_arg = mask if mask is not None else lse  # never read when HAS_MASK is False
@@ -551,7 +551,7 @@ def head_mixing_attention_backward(
     if batch * heads * n_q * n_k == 0:  # no score exists: every gradient is 0
         return dq.zero_(), dk.zero_(), dv.zero_(), torch.zeros(heads, heads, dtype=acc_torch, device=q.device)
     interpreting = _interpreting(q)
-    if not interpreting and strategy(heads, dim, q.dtype) == "chunked":
+    if not interpreting and strategy(heads, dim, q.dtype, mask is not None) == "chunked":
         return chunked_backward(grad_out, q, k, v, mix, mask, lse, is_causal, scale)
     meta = _common_meta(q, mask, is_causal)
     mask_arg = mask if mask is not None else lse  # never read when HAS_MASK is False

@@ -4,7 +4,7 @@ The fused kernels (head_mixing_attention.py) keep every head of a query block on
 HP · BLOCK_M · D. Compiled for sm_90 (scripts/triton_aot_check.py) they fit the 227 KiB of shared
 memory of an H100/H200 up to HP · D = 1024 in bf16/fp16 (ViT-B/L, BERT, RoBERTa: 12 or 16 heads of 64;
 8 heads of 128) and 512 in float32, and not beyond (16 heads of 80 or 128, 32 heads of 64 or 128:
-LLaMA-7B). There the Triton backend runs this strategy instead, chosen by :func:`strategy`, which
+LLaMA-7B); with an attention-mask tensor (padding masks: BERT, RoBERTa) only up to a quarter of that. There the Triton backend runs this strategy instead, chosen by :func:`strategy`, which
 callers can ask (the bench prints it).
 
 Same math and the same saved state as the fused kernels (only lse [B, H, Nq]), with cuBLAS products
@@ -30,20 +30,25 @@ from typing import Optional
 
 import torch
 
-__all__ = ["FUSED_MAX_ROW_BYTES", "chunk_rows", "chunked_backward", "chunked_forward", "strategy"]
+__all__ = ["FUSED_MAX_ROW_BYTES", "FUSED_MAX_ROW_BYTES_MASKED", "chunk_rows", "chunked_backward", "chunked_forward", "strategy"]
 
 # Largest HP · BLOCK_D · element size (heads and head dim each padded to a power of two) whose fused
 # kernels fit an sm_90 SM's shared memory (scripts/triton_aot_check.py): 1024 heads·dims in 16-bit
-# dtypes, 512 in float32; twice that asks for about 290-330 KiB of the 227 KiB there is.
+# dtypes, 512 in float32; twice that asks for about 290-330 KiB of the 227 KiB there is. With a mask
+# tensor the dQ kernel stages mask tiles too: 8 heads of 64 in bf16 already ask for 240 KiB, 4 heads
+# of 64 (or 8 of 32) for 60-90 KiB.
 FUSED_MAX_ROW_BYTES = 2048
+FUSED_MAX_ROW_BYTES_MASKED = 512
 
 
-def strategy(heads: int, dim: int, dtype: torch.dtype) -> str:
-    """"fused" (the all-heads Triton kernels) or "chunked" (this module) for H heads of size dim."""
+def strategy(heads: int, dim: int, dtype: torch.dtype, has_mask: bool = False) -> str:
+    """"fused" (the all-heads Triton kernels) or "chunked" (this module) for H heads of size dim,
+    with or without an attention-mask tensor (is_causal alone needs none)."""
     padded_heads = 1 << max(heads - 1, 0).bit_length()
     padded_dim = max(16, 1 << max(dim - 1, 0).bit_length())
     row_bytes = padded_heads * padded_dim * dtype.itemsize
-    return "fused" if row_bytes <= FUSED_MAX_ROW_BYTES else "chunked"
+    limit = FUSED_MAX_ROW_BYTES_MASKED if has_mask else FUSED_MAX_ROW_BYTES
+    return "fused" if row_bytes <= limit else "chunked"
 
 
 def chunk_rows(q: torch.Tensor, n_k: int) -> int:
