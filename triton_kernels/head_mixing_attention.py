@@ -33,6 +33,9 @@ FlashAttention's D = rowsum(dO ⊙ O) does not hold once heads are mixed, so D t
   transposed) and accumulates dK and dV. Key-major for dK/dV and query-major for dQ, as in
   FlashAttention-2, so every output row has one owner and nothing needs atomics.
 
+Where all heads of a block do not fit one SM (padded H x D above what ``strategy`` allows, as for
+LLaMA-7B's 32 x 128), the wrappers run the chunked strategy of head_mixing_chunked.py instead.
+
 Memory: the forward saves only lse [B, H, Nq] (besides the inputs); no [B, H, Nq, Nk] tensor exists
 anywhere. The backward adds D [B, H, Nq] and the dmix partials [B · ceil(Nq / BLOCK_M), H, H].
 lse, D, dmix and all accumulators are float32 (float64 for float64 inputs, to keep gradcheck's
@@ -506,7 +509,8 @@ def head_mixing_attention_forward(
         return out, lse
     if n_k == 0:  # every row fully masked
         return out.zero_(), lse.fill_(float("inf"))
-    if not _interpreting(q) and strategy(heads, dim, q.dtype, mask is not None) == "chunked":  # too many heads for one SM
+    # Too many heads x dims for one SM's shared memory: the chunked strategy (head_mixing_chunked.py).
+    if not _interpreting(q) and strategy(heads, dim, q.dtype, mask is not None) == "chunked":
         return chunked_forward(q, k, v, mix, mask, is_causal, scale)
     meta = _common_meta(q, mask, is_causal)
     mask_arg = mask if mask is not None else lse  # never read when HAS_MASK is False

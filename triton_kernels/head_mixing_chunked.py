@@ -4,8 +4,9 @@ The fused kernels (head_mixing_attention.py) keep every head of a query block on
 HP · BLOCK_M · D. Compiled for sm_90 (scripts/triton_aot_check.py) they fit the 227 KiB of shared
 memory of an H100/H200 up to HP · D = 1024 in bf16/fp16 (ViT-B/L, BERT, RoBERTa: 12 or 16 heads of 64;
 8 heads of 128) and 512 in float32, and not beyond (16 heads of 80 or 128, 32 heads of 64 or 128:
-LLaMA-7B); with an attention-mask tensor (padding masks: BERT, RoBERTa) only up to a quarter of that. There the Triton backend runs this strategy instead, chosen by :func:`strategy`, which
-callers can ask (the bench prints it).
+LLaMA-7B); with an attention-mask tensor (padding masks: BERT, RoBERTa) only up to a quarter of
+that. There the Triton backend runs this strategy instead, chosen by :func:`strategy`, which callers
+can ask.
 
 Same math and the same saved state as the fused kernels (only lse [B, H, Nq]), with cuBLAS products
 on a chunk of query rows at a time: for rows c,
@@ -30,7 +31,8 @@ from typing import Optional
 
 import torch
 
-__all__ = ["FUSED_MAX_ROW_BYTES", "FUSED_MAX_ROW_BYTES_MASKED", "chunk_rows", "chunked_backward", "chunked_forward", "strategy"]
+__all__ = ["FUSED_MAX_ROW_BYTES", "FUSED_MAX_ROW_BYTES_MASKED", "chunk_rows", "chunked_backward", "chunked_forward",
+           "strategy"]
 
 # Largest HP · BLOCK_D · element size (heads and head dim each padded to a power of two) whose fused
 # kernels fit an sm_90 SM's shared memory (scripts/triton_aot_check.py): 1024 heads·dims in 16-bit
