@@ -58,7 +58,7 @@ import triton.language as tl
 
 from . import _common
 from ._common import accumulation_types as _acc, interpreting as _interpreting, matmul_precision as _precision
-from .head_mixing_chunked import chunked_backward, chunked_forward, strategy
+from .head_mixing_chunked import chunked_backward, chunked_forward, padded_sizes, strategy
 
 __all__ = ["head_mixing_attention_backward", "head_mixing_attention_forward", "strategy"]
 
@@ -459,11 +459,10 @@ def _strides4(t: torch.Tensor | None) -> tuple:
 
 
 def _common_meta(q: torch.Tensor, mask: torch.Tensor | None, is_causal: bool) -> dict:
-    heads, dim = q.shape[1], q.shape[3]
-    hp = triton.next_power_of_2(heads)
+    hp, block_d = padded_sizes(q.shape[1], q.shape[3])
     return {
         "HP": hp,
-        "BLOCK_D": max(16, triton.next_power_of_2(dim)),
+        "BLOCK_D": block_d,
         "IS_CAUSAL": bool(is_causal),
         "HAS_MASK": mask is not None,
         # A tl.dot over the head axis needs >= 8 fp32 elements of reduction on CUDA.

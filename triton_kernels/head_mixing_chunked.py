@@ -30,9 +30,10 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import triton
 
 __all__ = ["FUSED_MAX_ROW_BYTES", "FUSED_MAX_ROW_BYTES_MASKED", "chunk_rows", "chunked_backward", "chunked_forward",
-           "strategy"]
+           "padded_sizes", "strategy"]
 
 # Largest HP · BLOCK_D · element size (heads and head dim each padded to a power of two) whose fused
 # kernels fit an sm_90 SM's shared memory (scripts/triton_aot_check.py): 1024 heads·dims in 16-bit
@@ -43,11 +44,15 @@ FUSED_MAX_ROW_BYTES = 2048
 FUSED_MAX_ROW_BYTES_MASKED = 512
 
 
+def padded_sizes(heads: int, dim: int) -> tuple[int, int]:
+    """(HP, BLOCK_D): heads and head dim as the fused kernels' tiles hold them (powers of two, D >= 16)."""
+    return triton.next_power_of_2(heads), max(16, triton.next_power_of_2(dim))
+
+
 def strategy(heads: int, dim: int, dtype: torch.dtype, has_mask: bool = False) -> str:
     """"fused" (the all-heads Triton kernels) or "chunked" (this module) for H heads of size dim,
     with or without an attention-mask tensor (is_causal alone needs none)."""
-    padded_heads = 1 << max(heads - 1, 0).bit_length()
-    padded_dim = max(16, 1 << max(dim - 1, 0).bit_length())
+    padded_heads, padded_dim = padded_sizes(heads, dim)
     row_bytes = padded_heads * padded_dim * dtype.itemsize
     limit = FUSED_MAX_ROW_BYTES_MASKED if has_mask else FUSED_MAX_ROW_BYTES
     return "fused" if row_bytes <= limit else "chunked"
@@ -55,7 +60,7 @@ def strategy(heads: int, dim: int, dtype: torch.dtype, has_mask: bool = False) -
 
 def chunk_rows(q: torch.Tensor, n_k: int) -> int:
     """Query rows per chunk: a [B, H, rows, Nk] tensor about as large as q, at least 16 rows."""
-    batch, heads, n_q, dim = q.shape
+    n_q, dim = q.shape[2:]
     return max(1, min(n_q, max(16, (n_q * dim) // max(n_k, 1))))
 
 
@@ -84,6 +89,11 @@ def _probabilities(q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Tensor
     return torch.exp(s - lse_rows[..., None]), lse_rows
 
 
+def _mix_heads(mix: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """M_h = Σ_g mix[h, g] P_g for p [B, H, rows, Nk]."""
+    return torch.einsum("hg,bgik->bhik", mix, p)
+
+
 def chunked_forward(q, k, v, mix, mask, is_causal: bool, scale: float):
     """(out [B, H, Nq, D] in q's dtype, lse [B, H, Nq]) as head_mixing_attention_forward."""
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -95,8 +105,7 @@ def chunked_forward(q, k, v, mix, mask, is_causal: bool, scale: float):
     for r0 in range(0, n_q, step):
         r1 = min(n_q, r0 + step)
         p, lse[:, :, r0:r1] = _probabilities(q, k, mask, None, r0, r1, is_causal, scale, acc)
-        mixed = torch.einsum("hg,bgik->bhik", mix_acc, p)
-        out[:, :, r0:r1] = (mixed @ v_acc).to(q.dtype)
+        out[:, :, r0:r1] = (_mix_heads(mix_acc, p) @ v_acc).to(q.dtype)
     return out, lse
 
 
@@ -114,7 +123,7 @@ def chunked_backward(grad_out, q, k, v, mix, mask, lse, is_causal: bool, scale: 
         r1 = min(n_q, r0 + step)
         p, _ = _probabilities(q, k, mask, lse[:, :, r0:r1], r0, r1, is_causal, scale, acc)
         do = grad_out[:, :, r0:r1].to(acc)
-        dv += torch.einsum("hg,bgik->bhik", mix_acc, p).transpose(-1, -2) @ do  # Mᵀ dO
+        dv += _mix_heads(mix_acc, p).transpose(-1, -2) @ do  # Mᵀ dO
         t = do @ v_acc.transpose(-1, -2)  # T_h = dO_h V_hᵀ
         dmix += torch.einsum("bhik,bgik->hg", t, p)
         e = torch.einsum("hg,bhik->bgik", mix_acc, t)  # E_g = Σ_h mix[h, g] T_h
