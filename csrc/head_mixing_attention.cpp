@@ -1,54 +1,64 @@
 // Head-mixing attention on the CPU (Coeff-Tuning, METHODS.md §3), O(N) memory per head.
 //
 // Forward, per (batch, block of query rows), all heads together:
-//   S_g = scale · Q_g K_gᵀ + mask          [H, rows, keys]   one batched GEMM
+//   S_g = scale · Q_g K_gᵀ + mask          one batched GEMM (MKL)
 //   P_g = exp(S_g − L_g)                    L_g = row log-sum-exp, saved for the backward
-//   M   = mix @ P   (as [H, H] @ [H, rows·keys])               the head mix: one GEMM
-//   O_h = M_h V_h                                              one batched GEMM
+//   M_h = Σ_g mix[h,g] P_g                  the head mix (a vectorized loop, head_mixing_tiles.cpp)
+//   O_h = M_h V_h                           one batched GEMM
 // When the whole key row of a block fits the tile budget (ViT, and N ≤ ~4k at H = 8) this is one
 // pass; otherwise a first pass over key blocks computes L and a second recomputes P block by block.
 //
-// Backward (T_h = dO_h V_hᵀ, E_g = Σ_h mix[h,g] T_h, D_g[i] = Σ_j P_g[i,j] E_g[i,j]):
-//   phase 1, per (batch, query block): D, dmix[h,g] += Σ T_h ⊙ P_g, dQ_g = scale · dS_g K_g
-//   phase 2, per (batch, key block):   dS_g = P_g ⊙ (E_g − D_g), dK_g = scale · dS_gᵀ Q_g,
-//                                      dV_h = M_hᵀ dO_h
-// FlashAttention's D = rowsum(dO ⊙ O) does not hold once heads are mixed, hence phase 1. Splitting
-// the work by key blocks in phase 2 lets every thread own its dK/dV rows: no per-thread copies of
-// dK/dV and no atomics. dmix partials are summed in chunk order, so results are deterministic for a
-// given thread count.
+// Backward (T_h = dO_h V_hᵀ, E_g = Σ_h mix[h,g] T_h, D_g[i] = Σ_j P_g[i,j] E_g[i,j],
+// dS_g = P_g ⊙ (E_g − D_g)), per (batch, query block):
+//   D and dmix[h,g] += Σ T_h ⊙ P_g, then dQ_g = scale · dS_g K_g, dK_g += scale · dS_gᵀ Q_g and
+//   dV_h += M_hᵀ dO_h.
+// FlashAttention's D = rowsum(dO ⊙ O) does not hold once heads are mixed: D needs the block's whole
+// key row first (one pass when it fits the tile, else a first pass over key blocks for D alone).
+// dK/dV rows are shared by all query blocks of a batch, so each thread needs its own:
+//  - B a multiple of the threads, or B ≥ 4 × threads: threads own whole batches and accumulate
+//    straight into dK/dV;
+//  - else, when the copies cost no more than q's size: threads 1.. accumulate into private copies
+//    of dK/dV, summed in thread order at the end (2 threads at self-attention: one copy);
+//  - else (many threads, small batch): two phases: the query blocks compute D, dmix and dQ, then
+//    the key blocks, each owned by one thread, recompute P and E to get dK/dV (two more GEMMs).
+// dmix partials are summed in chunk order too, so results are deterministic for a thread count.
 #include "head_mixing_attention.h"
 
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <vector>
+
+#include "head_mixing_tiles.h"
 
 namespace subspace_ops {
 namespace {
 
 // Tiles are key-major, [H, keys, rows]: scores come from S_gᵀ = K_g Q_gᵀ, a GEMM whose long side is
 // the key dimension. MKL runs the thin-query-block GEMMs of this kernel 1.5–2× faster that way round
-// than as Q Kᵀ (measured at H = 8, N = 2048, d = 64, 16–32 query rows), and a block's softmax
-// statistics are reductions over dim 1.
+// than as Q Kᵀ (measured at H = 8, N = 2048, d = 64, 16–32 query rows), and the vectorized loops run
+// along the contiguous query rows.
 //
 // Memory: a thread holds one [H, keys, rows] tile per live quantity (forward: P, plus a small mixed
 // chunk; backward: P, T, E). One tile is capped at q's size divided among the threads, so the
-// forward's scratch is about one more output: measured 1.37x SDPA's peak at B1 H8 N4096 d64 (fp32,
-// 2 threads; 1.07x for forward+backward, whose baseline holds dq, dk, dv). Within that
-// cap a query block is as tall as possible (GEMM efficiency) and covers the whole key row (P is
-// computed once); rows below kMinQueryRows switch to key blocks and two passes.
+// forward's scratch is about one more output (measured 1.37x SDPA's peak at B1 H8 N4096 d64, fp32,
+// 2 threads). Within that cap a query block is as tall as possible (GEMM efficiency) and covers the
+// whole key row (P is computed once); rows below kMinQueryRows switch to key blocks and two passes.
 constexpr int64_t kMinTileBytes = int64_t{1} << 20;
 constexpr int64_t kMaxTileBytes = int64_t{8} << 20;
 constexpr int64_t kMinQueryRows = 8;
 constexpr int64_t kMaxQueryRows = 64;
-constexpr int64_t kKeyBlock = 128;   // phase 2's key block (the rows of dK/dV one item owns)
+constexpr int64_t kKeyBlock = 128;   // the two-phase backward's key block (the dK/dV rows one item owns)
 constexpr int64_t kMixChunk = 512;   // keys mixed at once in the forward: [H, kMixChunk, rows]
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
 
 struct Problem {
-  at::Tensor q, k, v, mix, mix_t, mask;  // accumulation dtype, contiguous; mask may be undefined
+  at::Tensor q, k, v, mix, mask;  // accumulation dtype, contiguous; mask may be undefined
   bool causal = false;
   double scale = 1.0;
   int64_t batch = 0, heads = 0, n_q = 0, n_k = 0, dim = 0;
@@ -78,7 +88,6 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   p.k = k.detach().to(acc).contiguous();
   p.v = v.detach().to(acc).contiguous();
   p.mix = mix.detach().to(acc).contiguous();
-  p.mix_t = p.mix.t().contiguous();
   if (mask.has_value() && mask->defined()) {
     TORCH_CHECK(mask->dim() == 4 && mask->size(0) == q.size(0) && mask->size(1) == q.size(1) &&
                     mask->size(2) == q.size(2) && mask->size(3) == k.size(2),
@@ -105,16 +114,10 @@ struct Tile {
 
 Tile make_tile(const Problem& p, int64_t elements) { return {at::empty({elements}, p.q.options())}; }
 
-// out ← a @ b for an out that is a view (ATen's *_out functions take an lvalue).
-void mm_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b) { at::mm_out(out, a, b); }
-
 // [H, keys, rows] → [H, keys·rows] (keys may be a slice of a longer tile: dims 1, 2 stay dense).
 at::Tensor flat2d(const at::Tensor& t) { return t.view({t.size(0), t.size(1) * t.size(2)}); }
 
-// A per-row statistic of a query block, [B, H, Nq] → [H, 1, rows], broadcasting over keys.
-at::Tensor row_stat(const at::Tensor& stat, int64_t b, int64_t i0, int64_t i1) {
-  return stat[b].slice(1, i0, i1).unsqueeze(1);
-}
+tiles::Shape shape_of(const at::Tensor& tile) { return {tile.size(0), tile.size(1), tile.size(2), tile.stride(0)}; }
 
 // s [H, j1−j0, i1−i0] ← (scale · Q Kᵀ + mask)ᵀ for query rows [i0, i1) and keys [j0, j1);
 // causal entries (j > i) are −inf.
@@ -139,27 +142,40 @@ void scores(const Problem& p, int64_t b, int64_t i0, int64_t i1, int64_t j0, int
   }
 }
 
-// s ← exp(s − rowmax) in place; returns the row log-sum-exp [H, 1, rows] (−inf for an empty row)
-// and, through `sums`, the row sums of the exponentials.
-at::Tensor exp_and_lse(const at::Tensor& s, at::Tensor& sums) {
-  at::Tensor row_max = s.amax(1, /*keepdim=*/true);
-  row_max.masked_fill_(row_max == -kInf, 0);  // a fully masked row: exp(−inf − 0) = 0, no NaN
-  s.sub_(row_max).exp_();
-  sums = s.sum(1, /*keepdim=*/true);
-  return row_max.add_(sums.log());
+// Per-thread [H, rows] row statistics and [H, H, rows] mixing coefficients of one query block.
+template <typename T>
+struct RowScratch {
+  std::vector<T> a, b, c, mix_coef, mix_t_coef;
+  RowScratch(int64_t heads, int64_t rows)
+      : a(heads * rows), b(heads * rows), c(heads * rows), mix_coef(heads * heads * rows),
+        mix_t_coef(heads * heads * rows) {}
+};
+
+// out[h, g, i] = matrix[h, g] · (row_factor ? row_factor[g, i] : 1): tiles::mix_heads' coefficients.
+template <typename T>
+const T* mixing_coefficients(const at::Tensor& matrix, int64_t rows, std::vector<T>& out,
+                             const T* row_factor = nullptr) {
+  const int64_t heads = matrix.size(0);
+  const T* m = matrix.data_ptr<T>();
+  for (int64_t h = 0; h < heads; ++h) {
+    for (int64_t g = 0; g < heads; ++g) {
+      T* coef = out.data() + (h * heads + g) * rows;
+      for (int64_t i = 0; i < rows; ++i) coef[i] = m[h * heads + g] * (row_factor ? row_factor[g * rows + i] : T(1));
+    }
+  }
+  return out.data();
 }
 
-// o [H, rows, D] += Σ over keys of (mix @ P)ᵀ V, mixing kMixChunk keys at a time; p_tile holds P
-// for keys [j0, j0 + p_tile.size(1)).
-void mix_and_accumulate(const Problem& p, int64_t b, int64_t j0, const at::Tensor& p_tile, Tile& mixed,
-                        at::Tensor& o) {
-  const int64_t keys = p_tile.size(1), rows = p_tile.size(2);
-  for (int64_t c0 = 0; c0 < keys; c0 += kMixChunk) {
-    const int64_t c1 = std::min(keys, c0 + kMixChunk);
-    at::Tensor m = mixed.view(p.heads, c1 - c0, rows);
-    mm_into(flat2d(m), p.mix, flat2d(p_tile.slice(1, c0, c1)));  // M_h = Σ_g mix[h, g] P_g
-    o.baddbmm_(m.transpose(1, 2), p.v[b].slice(1, j0 + c0, j0 + c1));  // O_h += M_h V_h
-  }
+// [H, rows] statistic ↔ stat[b, :, i0:i1] of a [B, H, Nq] tensor.
+template <typename T>
+void load_rows(const at::Tensor& stat, int64_t b, int64_t i0, int64_t rows, T* out) {
+  const T* src = stat.data_ptr<T>() + b * stat.stride(0) + i0;
+  for (int64_t h = 0; h < stat.size(1); ++h) std::copy(src + h * stat.stride(1), src + h * stat.stride(1) + rows, out + h * rows);
+}
+template <typename T>
+void store_rows(const T* in, at::Tensor& stat, int64_t b, int64_t i0, int64_t rows) {
+  T* dst = stat.data_ptr<T>() + b * stat.stride(0) + i0;
+  for (int64_t h = 0; h < stat.size(1); ++h) std::copy(in + h * rows, in + (h + 1) * rows, dst + h * stat.stride(1));
 }
 
 // Query rows per block and the key block, from the tile budget (see the comment at the top).
@@ -189,9 +205,275 @@ template <typename Body>
 int64_t parallel_chunks(int64_t items, const Body& body) {
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(items, at::get_num_threads()));
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    // Below autograd: the kernel's thousands of slices and out= GEMMs would otherwise each build
+    // autograd view metadata (a third of the forward's CPU time at H = 8, N = 2048). The guard is
+    // thread-local, hence here, on every worker.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
     for (int64_t c = c0; c < c1; ++c) body(c, c, chunks);
   });
   return chunks;
+}
+
+// o [H, rows, D] += Mᵀ V for keys [j0, j0 + p_tile.size(1)), with M_h = Σ_g coef[h, g] P_g
+// (tiles::mix_heads), mixed kMixChunk keys at a time into `mixed`.
+template <typename T>
+void mix_and_accumulate(const Problem& p, int64_t b, int64_t j0, const at::Tensor& p_tile, const T* coef,
+                        Tile& mixed, at::Tensor& o) {
+  const int64_t keys = p_tile.size(1), rows = p_tile.size(2);
+  for (int64_t c0 = 0; c0 < keys; c0 += kMixChunk) {
+    const int64_t c1 = std::min(keys, c0 + kMixChunk);
+    const at::Tensor chunk = p_tile.slice(1, c0, c1);
+    at::Tensor m = mixed.view(p.heads, c1 - c0, rows);
+    tiles::mix_heads(coef, chunk.data_ptr<T>(), shape_of(chunk), m.data_ptr<T>(), m.stride(0));
+    o.baddbmm_(m.transpose(1, 2), p.v[b].slice(1, j0 + c0, j0 + c1));  // O_h += M_h V_h
+  }
+}
+
+template <typename T>
+struct ForwardScratch {
+  Tile probs, mixed, acc;
+  RowScratch<T> stats;
+  std::vector<T> chunk_max, chunk_shifts;  // [H, rows]; [key chunks, H, rows]
+  ForwardScratch(const Problem& p, const Blocking& blk)
+      : probs(make_tile(p, blk.tile_elems)),
+        mixed(make_tile(p, p.heads * kMixChunk * blk.query_rows)),
+        acc(make_tile(p, p.heads * blk.query_rows * p.dim)),
+        stats(p.heads, blk.query_rows),
+        chunk_max(p.heads * blk.query_rows),
+        chunk_shifts(((blk.key_block + kMixChunk - 1) / kMixChunk) * p.heads * blk.query_rows) {}
+};
+
+// The whole key row fits the tile: one pass over key chunks of kMixChunk keys, each scored and
+// exponentiated while it is in cache, with an online row max (as FlashAttention's): chunk c keeps
+// exp(S − m_c), m_c the running max when it was done, and the mix folds exp(m_c − m) / Σ into its
+// coefficients. Then o = Σ_chunks (mix @ P) V. Row log-sum-exp → row_lse.
+template <typename T>
+void forward_one_pass(const Problem& p, int64_t b, int64_t i0, int64_t i1, ForwardScratch<T>& fs, at::Tensor& o,
+                      T* row_lse) {
+  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+  const int64_t rows = i1 - i0, keys = p.key_end(i1), n_stats = p.heads * rows;
+  T *running_max = fs.stats.a.data(), *sums = fs.stats.b.data(), *shift = fs.stats.c.data();
+  std::fill(running_max, running_max + n_stats, kNegInf);
+  std::fill(sums, sums + n_stats, T(0));
+  const auto chunk_tile = [&](int64_t c0, int64_t c1) {  // chunks packed one after another
+    return fs.probs.flat.narrow(0, p.heads * c0 * rows, p.heads * (c1 - c0) * rows).view({p.heads, c1 - c0, rows});
+  };
+  for (int64_t c0 = 0, chunk = 0; c0 < keys; c0 += kMixChunk, ++chunk) {
+    const int64_t c1 = std::min(keys, c0 + kMixChunk);
+    at::Tensor s = chunk_tile(c0, c1);
+    scores(p, b, i0, i1, c0, c1, s);
+    tiles::row_max(s.data_ptr<T>(), shape_of(s), fs.chunk_max.data());
+    T* chunk_shift = fs.chunk_shifts.data() + chunk * n_stats;
+    for (int64_t r = 0; r < n_stats; ++r) {
+      const T new_max = std::max(running_max[r], fs.chunk_max[r]);
+      if (new_max > running_max[r] && running_max[r] != kNegInf) sums[r] *= std::exp(running_max[r] - new_max);
+      running_max[r] = chunk_shift[r] = new_max;
+      shift[r] = new_max == kNegInf ? T(0) : new_max;  // masked so far: exp(−inf − 0) = 0, no NaN
+    }
+    tiles::exp_shifted(s.data_ptr<T>(), shape_of(s), shift, sums);
+  }
+  for (int64_t r = 0; r < n_stats; ++r) row_lse[r] = sums[r] > 0 ? running_max[r] + std::log(sums[r]) : T(kInf);
+  for (int64_t c0 = 0, chunk = 0; c0 < keys; c0 += kMixChunk, ++chunk) {
+    const int64_t c1 = std::min(keys, c0 + kMixChunk);
+    const T* chunk_shift = fs.chunk_shifts.data() + chunk * n_stats;
+    for (int64_t r = 0; r < n_stats; ++r) {  // P = exp(S − m_c) · exp(m_c − m) / Σ; 0 where masked
+      shift[r] = sums[r] > 0 && chunk_shift[r] != kNegInf ? std::exp(chunk_shift[r] - running_max[r]) / sums[r] : T(0);
+    }
+    const T* coef = mixing_coefficients(p.mix, rows, fs.stats.mix_coef, shift);
+    mix_and_accumulate<T>(p, b, c0, chunk_tile(c0, c1), coef, fs.mixed, o);
+  }
+}
+
+// The key row is longer than the tile: pass 1 over key blocks computes the row log-sum-exp, pass 2
+// recomputes P = exp(S − L) block by block and mixes it (+inf L: a fully masked row, P = 0).
+template <typename T>
+void forward_two_passes(const Problem& p, const Blocking& blk, int64_t b, int64_t i0, int64_t i1,
+                        ForwardScratch<T>& fs, at::Tensor& o, T* row_lse) {
+  const int64_t rows = i1 - i0, keys = p.key_end(i1), n_stats = p.heads * rows;
+  T *block_max = fs.stats.a.data(), *sums = fs.stats.b.data();
+  std::fill(row_lse, row_lse + n_stats, -std::numeric_limits<T>::infinity());
+  for (int64_t j0 = 0; j0 < keys; j0 += blk.key_block) {
+    const int64_t j1 = std::min(keys, j0 + blk.key_block);
+    at::Tensor s = fs.probs.view(p.heads, j1 - j0, rows);
+    scores(p, b, i0, i1, j0, j1, s);
+    tiles::row_max(s.data_ptr<T>(), shape_of(s), block_max);
+    for (int64_t r = 0; r < n_stats; ++r) block_max[r] = std::isinf(block_max[r]) ? T(0) : block_max[r];
+    std::fill(sums, sums + n_stats, T(0));
+    tiles::exp_shifted(s.data_ptr<T>(), shape_of(s), block_max, sums);
+    for (int64_t r = 0; r < n_stats; ++r) {  // row_lse ← logaddexp(row_lse, block's lse)
+      const T block_lse = block_max[r] + std::log(sums[r]);  // −inf for an empty row
+      const T high = std::max(row_lse[r], block_lse), low = std::min(row_lse[r], block_lse);
+      row_lse[r] = std::isinf(high) ? high : high + std::log1p(std::exp(low - high));
+    }
+  }
+  for (int64_t r = 0; r < n_stats; ++r) row_lse[r] = std::isinf(row_lse[r]) ? T(kInf) : row_lse[r];
+  const T* coef = mixing_coefficients(p.mix, rows, fs.stats.mix_coef);
+  for (int64_t j0 = 0; j0 < keys; j0 += blk.key_block) {
+    const int64_t j1 = std::min(keys, j0 + blk.key_block);
+    at::Tensor s = fs.probs.view(p.heads, j1 - j0, rows);
+    scores(p, b, i0, i1, j0, j1, s);
+    tiles::exp_shifted(s.data_ptr<T>(), shape_of(s), row_lse, static_cast<T*>(nullptr));
+    mix_and_accumulate<T>(p, b, j0, s, coef, fs.mixed, o);
+  }
+}
+
+template <typename T>
+void forward_items(const Problem& p, const Blocking& blk, at::Tensor& out, at::Tensor& lse) {
+  const int64_t q_blocks = (p.n_q + blk.query_rows - 1) / blk.query_rows;
+  parallel_chunks(p.batch * q_blocks, [&](int64_t, int64_t first, int64_t stride) {
+    ForwardScratch<T> fs(p, blk);
+    std::vector<T> row_lse(p.heads * blk.query_rows);
+    for (int64_t item = first; item < p.batch * q_blocks; item += stride) {
+      const int64_t b = item / q_blocks, i0 = (item % q_blocks) * blk.query_rows;
+      const int64_t i1 = std::min(p.n_q, i0 + blk.query_rows), rows = i1 - i0;
+      at::Tensor o = fs.acc.view(p.heads, rows, p.dim).zero_();
+      if (p.key_end(i1) <= blk.key_block) {
+        forward_one_pass(p, b, i0, i1, fs, o, row_lse.data());
+      } else {
+        forward_two_passes(p, blk, b, i0, i1, fs, o, row_lse.data());
+      }
+      out[b].slice(1, i0, i1).copy_(o);
+      store_rows(row_lse.data(), lse, b, i0, rows);
+    }
+  });
+}
+
+// How the backward shares dK/dV among threads (see the comment at the top).
+enum class KeyGradients { kOwnedBatches, kThreadCopies, kTwoPhases };
+
+KeyGradients key_gradient_plan(const Problem& p, int64_t q_items) {
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(q_items, at::get_num_threads()));
+  // Whole batches per thread while that balances (at most 25% idle).
+  if (p.batch % threads == 0 || p.batch >= 4 * threads) return KeyGradients::kOwnedBatches;
+  // threads − 1 copies of dK and dV, allowed up to the size of two q-sized tensors.
+  if ((threads - 1) * 2 * p.n_k <= 2 * p.n_q) return KeyGradients::kThreadCopies;
+  return KeyGradients::kTwoPhases;
+}
+
+struct BackwardTiles {
+  Tile probs, dots, mixed;
+  BackwardTiles(const Problem& p, int64_t elems)
+      : probs(make_tile(p, elems)), dots(make_tile(p, elems)), mixed(make_tile(p, elems)) {}
+};
+
+template <typename T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_items(const Problem& p, const Blocking& blk,
+                                                                          const at::Tensor& d_out,
+                                                                          const at::Tensor& lse) {
+  const int64_t q_blocks = (p.n_q + blk.query_rows - 1) / blk.query_rows;
+  const KeyGradients plan = key_gradient_plan(p, p.batch * q_blocks);
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  at::Tensor dq = at::empty_like(p.q), dk = at::zeros_like(p.k), dv = at::zeros_like(p.v);
+  at::Tensor row_d = at::empty({p.batch, p.heads, p.n_q}, p.q.options());  // D_g[i], kept for phase 2
+  std::vector<at::Tensor> dmix_parts(threads), dk_parts(threads), dv_parts(threads);
+  const at::Tensor mix_t = p.mix.t().contiguous();
+
+  // probs ← P, dots ← T = V dOᵀ, mixed ← E_g = Σ_h mix[h, g] T_h, as [H, keys, rows] tiles.
+  const auto tile_products = [&](int64_t b, int64_t i0, int64_t i1, int64_t j0, int64_t j1, const T* row_lse,
+                                 const T* coef_e, at::Tensor& s, at::Tensor& t, at::Tensor& e) {
+    scores(p, b, i0, i1, j0, j1, s);
+    tiles::exp_shifted(s.data_ptr<T>(), shape_of(s), row_lse, static_cast<T*>(nullptr));
+    at::bmm_out(t, p.v[b].slice(1, j0, j1), d_out[b].slice(1, i0, i1).transpose(1, 2));
+    tiles::mix_heads(coef_e, t.data_ptr<T>(), shape_of(t), e.data_ptr<T>(), e.stride(0));
+  };
+  // dK[keys] += scale · dSᵀ Q, and M = mix @ P into T's buffer (T is spent): dV[keys] += Mᵀ dO.
+  const auto key_grads = [&](int64_t b, int64_t i0, int64_t i1, const T* coef_m, const at::Tensor& s,
+                             at::Tensor& t, const at::Tensor& ds, at::Tensor dk_rows, at::Tensor dv_rows) {
+    dk_rows.baddbmm_(ds, p.q[b].slice(1, i0, i1), /*beta=*/1, /*alpha=*/p.scale);
+    tiles::mix_heads(coef_m, s.data_ptr<T>(), shape_of(s), t.data_ptr<T>(), t.stride(0));
+    dv_rows.baddbmm_(t, d_out[b].slice(1, i0, i1));
+  };
+
+  // Per query block: D, dmix, dQ, and (unless two phases) dK/dV.
+  const auto query_block = [&](int64_t chunk, int64_t b, int64_t i0, BackwardTiles& tl, RowScratch<T>& stats,
+                               at::Tensor& dmix, at::Tensor& dq_acc) {
+    const int64_t i1 = std::min(p.n_q, i0 + blk.query_rows), rows = i1 - i0, keys = p.key_end(i1);
+    T *row_lse = stats.a.data(), *d = stats.b.data();
+    load_rows(lse, b, i0, rows, row_lse);
+    std::fill(d, d + p.heads * rows, T(0));
+    const T* coef_e = mixing_coefficients(mix_t, rows, stats.mix_t_coef);
+    const T* coef_m = mixing_coefficients(p.mix, rows, stats.mix_coef);
+    at::Tensor dq_rows = dq_acc.narrow(0, 0, p.heads * rows * p.dim).view({p.heads, rows, p.dim}).zero_();
+    at::Tensor dk_b = plan == KeyGradients::kThreadCopies && chunk > 0 ? dk_parts[chunk][b] : dk[b];
+    at::Tensor dv_b = plan == KeyGradients::kThreadCopies && chunk > 0 ? dv_parts[chunk][b] : dv[b];
+    const bool one_pass = keys <= blk.key_block;
+    for (int pass = 0; pass < (one_pass ? 1 : 2); ++pass) {
+      for (int64_t j0 = 0; j0 < keys; j0 += blk.key_block) {
+        const int64_t j1 = std::min(keys, j0 + blk.key_block), cols = j1 - j0;
+        at::Tensor s = tl.probs.view(p.heads, cols, rows), t = tl.dots.view(p.heads, cols, rows);
+        at::Tensor e = tl.mixed.view(p.heads, cols, rows);
+        tile_products(b, i0, i1, j0, j1, row_lse, coef_e, s, t, e);
+        if (pass == 0) {  // dmix[h, g] += Σ T_h ⊙ P_g ; D_g += rowsum(P_g ⊙ E_g)
+          dmix.addmm_(flat2d(t), flat2d(s).t());
+          tiles::add_row_dots(e.data_ptr<T>(), s.data_ptr<T>(), shape_of(e), d);
+        }
+        if (one_pass || pass == 1) {  // dS = P ⊙ (E − D); dQ += scale · dS K
+          tiles::softmax_grad(e.data_ptr<T>(), s.data_ptr<T>(), shape_of(e), d);
+          dq_rows.baddbmm_(e.transpose(1, 2), p.k[b].slice(1, j0, j1), /*beta=*/1, /*alpha=*/p.scale);
+          if (plan != KeyGradients::kTwoPhases)
+            key_grads(b, i0, i1, coef_m, s, t, e, dk_b.slice(1, j0, j1), dv_b.slice(1, j0, j1));
+        }
+      }
+    }
+    dq[b].slice(1, i0, i1).copy_(dq_rows);
+    if (plan == KeyGradients::kTwoPhases) store_rows(d, row_d, b, i0, rows);
+  };
+
+  // Items: query blocks, dealt round-robin over the threads, or whole batches (kOwnedBatches).
+  const bool by_batch = plan == KeyGradients::kOwnedBatches;
+  const int64_t chunks = parallel_chunks(by_batch ? p.batch : p.batch * q_blocks,
+                                         [&](int64_t chunk, int64_t first, int64_t stride) {
+    BackwardTiles tl(p, blk.tile_elems);
+    RowScratch<T> stats(p.heads, blk.query_rows);
+    at::Tensor dmix = at::zeros({p.heads, p.heads}, p.q.options());
+    at::Tensor dq_acc = at::empty({p.heads * blk.query_rows * p.dim}, p.q.options());
+    if (plan == KeyGradients::kThreadCopies && chunk > 0) {
+      dk_parts[chunk] = at::zeros_like(p.k);
+      dv_parts[chunk] = at::zeros_like(p.v);
+    }
+    for (int64_t item = first; item < (by_batch ? p.batch : p.batch * q_blocks); item += stride) {
+      if (by_batch) {
+        for (int64_t qb = 0; qb < q_blocks; ++qb) query_block(chunk, item, qb * blk.query_rows, tl, stats, dmix, dq_acc);
+      } else {
+        query_block(chunk, item / q_blocks, (item % q_blocks) * blk.query_rows, tl, stats, dmix, dq_acc);
+      }
+    }
+    dmix_parts[chunk] = dmix;
+  });
+  for (int64_t c = 1; c < chunks && plan == KeyGradients::kThreadCopies; ++c) {
+    dk.add_(dk_parts[c]);
+    dv.add_(dv_parts[c]);
+  }
+
+  if (plan == KeyGradients::kTwoPhases) {  // per key block: dK and dV, every key row owned by one item
+    const int64_t k_blocks = (p.n_k + kKeyBlock - 1) / kKeyBlock;
+    const int64_t query_chunk = std::max<int64_t>(1, blk.tile_elems / (p.heads * kKeyBlock));
+    parallel_chunks(p.batch * k_blocks, [&](int64_t, int64_t first, int64_t stride) {
+      BackwardTiles tl(p, blk.tile_elems);
+      RowScratch<T> stats(p.heads, query_chunk);
+      for (int64_t item = first; item < p.batch * k_blocks; item += stride) {
+        const int64_t b = item / k_blocks, j0 = (item % k_blocks) * kKeyBlock;
+        const int64_t j1 = std::min(p.n_k, j0 + kKeyBlock), cols = j1 - j0;
+        for (int64_t i0 = p.query_begin(j0); i0 < p.n_q; i0 += query_chunk) {
+          const int64_t i1 = std::min(p.n_q, i0 + query_chunk), rows = i1 - i0;
+          T *row_lse = stats.a.data(), *d = stats.b.data();
+          load_rows(lse, b, i0, rows, row_lse);
+          load_rows(row_d, b, i0, rows, d);
+          const T* coef_e = mixing_coefficients(mix_t, rows, stats.mix_t_coef);
+          const T* coef_m = mixing_coefficients(p.mix, rows, stats.mix_coef);
+          at::Tensor s = tl.probs.view(p.heads, cols, rows), t = tl.dots.view(p.heads, cols, rows);
+          at::Tensor e = tl.mixed.view(p.heads, cols, rows);
+          tile_products(b, i0, i1, j0, j1, row_lse, coef_e, s, t, e);
+          tiles::softmax_grad(e.data_ptr<T>(), s.data_ptr<T>(), shape_of(e), d);
+          key_grads(b, i0, i1, coef_m, s, t, e, dk[b].slice(1, j0, j1), dv[b].slice(1, j0, j1));
+        }
+      }
+    });
+  }
+
+  at::Tensor dmix = dmix_parts[0];
+  for (int64_t c = 1; c < chunks; ++c) dmix.add_(dmix_parts[c]);
+  return {dq, dk, dv, dmix};
 }
 
 }  // namespace
@@ -201,50 +483,10 @@ std::tuple<at::Tensor, at::Tensor> head_mixing_attention_forward(const at::Tenso
                                                                  const std::optional<at::Tensor>& mask,
                                                                  bool is_causal, double scale) {
   const Problem p = make_problem(q, k, v, mix, mask, is_causal, scale);
-  const Blocking blk = blocking(p);
-  const int64_t q_blocks = (p.n_q + blk.query_rows - 1) / blk.query_rows;
   at::Tensor out = at::empty({p.batch, p.heads, p.n_q, p.dim}, p.q.options());
   at::Tensor lse = at::empty({p.batch, p.heads, p.n_q}, p.q.options());
-
-  parallel_chunks(p.batch * q_blocks, [&](int64_t, int64_t first, int64_t stride) {
-    Tile probs = make_tile(p, blk.tile_elems);
-    Tile mixed = make_tile(p, p.heads * kMixChunk * blk.query_rows);
-    Tile acc = make_tile(p, p.heads * blk.query_rows * p.dim);
-    for (int64_t item = first; item < p.batch * q_blocks; item += stride) {
-      const int64_t b = item / q_blocks, i0 = (item % q_blocks) * blk.query_rows;
-      const int64_t i1 = std::min(p.n_q, i0 + blk.query_rows), rows = i1 - i0, keys = p.key_end(i1);
-      at::Tensor o = acc.view(p.heads, rows, p.dim).zero_();
-      at::Tensor row_lse, sums;
-      if (keys <= blk.key_block) {  // one pass: the whole key row is in the tile
-        at::Tensor s = probs.view(p.heads, keys, rows);
-        scores(p, b, i0, i1, 0, keys, s);
-        row_lse = exp_and_lse(s, sums);
-        at::Tensor inv_sums = sums.reciprocal();
-        inv_sums.masked_fill_(sums == 0, 0);  // an empty row keeps probabilities 0
-        s.mul_(inv_sums);
-        mix_and_accumulate(p, b, 0, s, mixed, o);
-      } else {  // pass 1: L by log-add-exp over key blocks; pass 2: P = exp(S − L) again, mixed
-        row_lse = at::full({p.heads, 1, rows}, -kInf, p.q.options());
-        for (int64_t j0 = 0; j0 < keys; j0 += blk.key_block) {
-          const int64_t j1 = std::min(keys, j0 + blk.key_block);
-          at::Tensor s = probs.view(p.heads, j1 - j0, rows);
-          scores(p, b, i0, i1, j0, j1, s);
-          row_lse = at::logaddexp(row_lse, exp_and_lse(s, sums));
-        }
-        row_lse.masked_fill_(row_lse == -kInf, kInf);
-        for (int64_t j0 = 0; j0 < keys; j0 += blk.key_block) {
-          const int64_t j1 = std::min(keys, j0 + blk.key_block);
-          at::Tensor s = probs.view(p.heads, j1 - j0, rows);
-          scores(p, b, i0, i1, j0, j1, s);
-          s.sub_(row_lse).exp_();
-          mix_and_accumulate(p, b, j0, s, mixed, o);
-        }
-      }
-      row_lse.masked_fill_(row_lse == -kInf, kInf);  // fully masked row: exp(s − (+inf)) = 0 later
-      out[b].slice(1, i0, i1).copy_(o);
-      lse[b].slice(1, i0, i1).copy_(row_lse.squeeze(1));
-    }
-  });
+  AT_DISPATCH_FLOATING_TYPES(p.q.scalar_type(), "head_mixing_attention_forward",
+                             [&] { forward_items<scalar_t>(p, blocking(p), out, lse); });
   return {out.to(q.scalar_type()), lse};
 }
 
@@ -257,85 +499,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> head_mixing_attention
               "lse must be [B, H, Nq], got ", lse.sizes());
   const at::Tensor d_out = grad_out.detach().to(p.q.scalar_type()).contiguous();
   const at::Tensor row_lse = lse.detach().to(p.q.scalar_type()).contiguous();
-  const Blocking blk = blocking(p);
-  const int64_t q_blocks = (p.n_q + blk.query_rows - 1) / blk.query_rows;
-
-  at::Tensor dq = at::empty_like(p.q), dk = at::empty_like(p.k), dv = at::empty_like(p.v);
-  at::Tensor row_d = at::empty({p.batch, p.heads, p.n_q}, p.q.options());  // D_g[i]
-
-  // probs ← P, dots ← T = dO Vᵀ, mixed ← E = mixᵀ T, as [H, keys, rows] tiles.
-  const auto tile_products = [&](int64_t b, int64_t i0, int64_t i1, int64_t j0, int64_t j1, const at::Tensor& s,
-                                 at::Tensor t, const at::Tensor& e) {
-    scores(p, b, i0, i1, j0, j1, s);
-    s.sub_(row_stat(row_lse, b, i0, i1)).exp_();
-    at::bmm_out(t, p.v[b].slice(1, j0, j1), d_out[b].slice(1, i0, i1).transpose(1, 2));
-    mm_into(flat2d(e), p.mix_t, flat2d(t));
-  };
-
-  // Phase 1, per query block: D, dmix and dQ.
-  std::vector<at::Tensor> dmix_parts(std::max<int64_t>(1, at::get_num_threads()));
-  const int64_t chunks = parallel_chunks(p.batch * q_blocks, [&](int64_t chunk, int64_t first, int64_t stride) {
-    Tile probs = make_tile(p, blk.tile_elems), dots = make_tile(p, blk.tile_elems);
-    Tile mixed = make_tile(p, blk.tile_elems), acc = make_tile(p, p.heads * blk.query_rows * p.dim);
-    at::Tensor dmix = at::zeros({p.heads, p.heads}, p.q.options());
-    for (int64_t item = first; item < p.batch * q_blocks; item += stride) {
-      const int64_t b = item / q_blocks, i0 = (item % q_blocks) * blk.query_rows;
-      const int64_t i1 = std::min(p.n_q, i0 + blk.query_rows), rows = i1 - i0, keys = p.key_end(i1);
-      at::Tensor d = row_stat(row_d, b, i0, i1).zero_();
-      at::Tensor dq_rows = acc.view(p.heads, rows, p.dim).zero_();
-      const bool one_pass = keys <= blk.key_block;
-      for (int pass = 0; pass < (one_pass ? 1 : 2); ++pass) {
-        for (int64_t j0 = 0; j0 < keys; j0 += blk.key_block) {
-          const int64_t j1 = std::min(keys, j0 + blk.key_block), cols = j1 - j0;
-          at::Tensor s = probs.view(p.heads, cols, rows), t = dots.view(p.heads, cols, rows);
-          at::Tensor e = mixed.view(p.heads, cols, rows);
-          tile_products(b, i0, i1, j0, j1, s, t, e);
-          if (pass == 0) {  // dmix[h, g] += Σ T_h ⊙ P_g ; D_g += rowsum(P_g ⊙ E_g)
-            dmix.addmm_(flat2d(t), flat2d(s).t());
-            d.add_(at::mul_out(t, e, s).sum(1, /*keepdim=*/true));
-          }
-          if (one_pass || pass == 1) {  // dS = P ⊙ (E − D); dQ += scale · dS K
-            e.sub_(d).mul_(s);
-            dq_rows.baddbmm_(e.transpose(1, 2), p.k[b].slice(1, j0, j1), /*beta=*/1, /*alpha=*/p.scale);
-          }
-        }
-      }
-      dq[b].slice(1, i0, i1).copy_(dq_rows);
-    }
-    dmix_parts[chunk] = dmix;
-  });
-
-  // Phase 2, per key block: dK and dV, every key row owned by one item.
-  const int64_t k_blocks = (p.n_k + kKeyBlock - 1) / kKeyBlock;
-  const int64_t query_chunk = std::max<int64_t>(1, blk.tile_elems / (p.heads * kKeyBlock));
-  parallel_chunks(p.batch * k_blocks, [&](int64_t, int64_t first, int64_t stride) {
-    Tile probs = make_tile(p, blk.tile_elems), dots = make_tile(p, blk.tile_elems);
-    Tile mixed = make_tile(p, blk.tile_elems);
-    Tile dk_acc = make_tile(p, p.heads * kKeyBlock * p.dim), dv_acc = make_tile(p, p.heads * kKeyBlock * p.dim);
-    for (int64_t item = first; item < p.batch * k_blocks; item += stride) {
-      const int64_t b = item / k_blocks, j0 = (item % k_blocks) * kKeyBlock;
-      const int64_t j1 = std::min(p.n_k, j0 + kKeyBlock), cols = j1 - j0;
-      at::Tensor dk_rows = dk_acc.view(p.heads, cols, p.dim).zero_();
-      at::Tensor dv_rows = dv_acc.view(p.heads, cols, p.dim).zero_();
-      for (int64_t i0 = p.query_begin(j0); i0 < p.n_q; i0 += query_chunk) {
-        const int64_t i1 = std::min(p.n_q, i0 + query_chunk), rows = i1 - i0;
-        at::Tensor s = probs.view(p.heads, cols, rows), t = dots.view(p.heads, cols, rows);
-        at::Tensor e = mixed.view(p.heads, cols, rows);
-        tile_products(b, i0, i1, j0, j1, s, t, e);
-        e.sub_(row_stat(row_d, b, i0, i1)).mul_(s);  // dS
-        const at::Tensor d_out_rows = d_out[b].slice(1, i0, i1);
-        dk_rows.baddbmm_(e, p.q[b].slice(1, i0, i1), /*beta=*/1, /*alpha=*/p.scale);  // dK += scale dSᵀ Q
-        // M = mix @ P into T's buffer (T is no longer needed): dV_h += M_hᵀ dO_h
-        mm_into(flat2d(t), p.mix, flat2d(s));
-        dv_rows.baddbmm_(t, d_out_rows);
-      }
-      dk[b].slice(1, j0, j1).copy_(dk_rows);
-      dv[b].slice(1, j0, j1).copy_(dv_rows);
-    }
-  });
-
-  at::Tensor dmix = dmix_parts[0];
-  for (int64_t c = 1; c < chunks; ++c) dmix.add_(dmix_parts[c]);
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grads;
+  AT_DISPATCH_FLOATING_TYPES(p.q.scalar_type(), "head_mixing_attention_backward",
+                             [&] { grads = backward_items<scalar_t>(p, blocking(p), d_out, row_lse); });
+  auto& [dq, dk, dv, dmix] = grads;
   return {dq.to(q.scalar_type()), dk.to(k.scalar_type()), dv.to(v.scalar_type()), dmix};
 }
 

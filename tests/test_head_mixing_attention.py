@@ -146,6 +146,57 @@ def test_opcheck_and_compile(fused_backend):
         torch.testing.assert_close(a, e)
 
 
+# Shapes that take the C++ kernel's other paths (the small CASES all fit one query block and one
+# key chunk): several query blocks and the online row max over key chunks of 512 (first key chunk
+# fully masked for some rows: the running max starts at -inf), and a key row longer than the tile
+# (two-pass forward, D in a first pass in the backward). Run at 1, 2 and 3 threads, so that the
+# backward shares dK/dV each way: owned batches (1 thread; B=2 at 2 threads), thread copies (B=1 at
+# 2 threads, self-attention), two phases (3 threads; the long key row at 2).
+CPU_PATH_CASES = {
+    "key-chunks-causal": (1, 2, 1100, 1100, 8, True, None),
+    "key-chunks-late-keys": (2, 2, 700, 1100, 8, False, "late-keys"),
+    "long-key-row": (1, 2, 12, 40000, 8, False, "late-keys"),
+}
+
+
+def _cpu_path_inputs(case, dtype):
+    batch, heads, n_q, n_k, dim, causal, kind = CPU_PATH_CASES[case]
+    g = torch.Generator().manual_seed(13)
+    q, k, v = (torch.randn(batch, heads, n, dim, generator=g, dtype=torch.float64) for n in (n_q, n_k, n_k))
+    mix = torch.eye(heads, dtype=torch.float64) + 0.3 * torch.randn(heads, heads, generator=g, dtype=torch.float64)
+    keep = None
+    if kind == "late-keys":  # batch 0's even query rows see only keys >= 600; one row sees none
+        keep = torch.ones(batch, 1, n_q, n_k, dtype=torch.bool)
+        keep[0, :, ::2, :600] = False
+        keep[0, :, 1] = False
+    grad_out = torch.randn(q.shape, generator=g, dtype=torch.float64)
+    return [t.to(dtype).requires_grad_() for t in (q, k, v, mix)], keep, causal, grad_out.to(dtype)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("case", sorted(CPU_PATH_CASES))
+def test_cpu_kernel_paths_match_reference(case, threads):
+    require_backend("cpu")
+    results = {}
+    saved_threads = torch.get_num_threads()
+    try:
+        for dtype, backend in ((torch.float64, "reference"), (torch.float64, "cpu"), (torch.float32, "reference"),
+                               (torch.float32, "cpu")):
+            inputs, keep, causal, grad_out = _cpu_path_inputs(case, dtype)
+            torch.set_num_threads(threads)
+            out = subspace_ops.head_mixing_attention(*inputs, attn_mask=keep, is_causal=causal, backend=backend)
+            results[dtype, backend] = (out, *torch.autograd.grad(out, inputs, grad_out))
+    finally:
+        torch.set_num_threads(saved_threads)
+    names = ("out", "dq", "dk", "dv", "dmix")
+    truth, ours64 = results[torch.float64, "reference"], results[torch.float64, "cpu"]
+    ref32, ours32 = results[torch.float32, "reference"], results[torch.float32, "cpu"]
+    for name, actual, expected in zip(names, ours64, truth):  # float64: the algorithm itself, tightly
+        torch.testing.assert_close(actual, expected, rtol=1e-9, atol=1e-11, msg=lambda m: f"{case}/{name}: {m}")
+    for name, actual, expected, reference in zip(names, ours32, truth, ref32):
+        check_close(f"{case}/float32/{name}", actual, expected, reference)
+
+
 def test_cpu_memory_is_linear_in_sequence_length():
     """The C++ kernel must not hold [B, H, Nq, Nk]: peak memory of forward + backward stays far below
     one such tensor (the naive form needs several)."""

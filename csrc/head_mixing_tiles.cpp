@@ -1,0 +1,188 @@
+// Loops over head-mixing score tiles; see head_mixing_tiles.h for the layout and the contracts.
+//
+// The float entry points are compiled three times (AVX-512, AVX2, baseline x86-64) through GCC/Clang
+// function multiversioning, and the loader picks the widest one the CPU has: the extension is built
+// from source with the default -march, so without this every loop would be limited to SSE2.
+#include "head_mixing_tiles.h"
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
+#define SUBSPACE_OPS_ISA_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define SUBSPACE_OPS_ISA_CLONES
+#endif
+#define SUBSPACE_OPS_INLINE inline __attribute__((always_inline))
+
+namespace subspace_ops::tiles {
+namespace {
+
+// exp for float as a branch-free expression the compiler vectorizes: x = n·ln2 + r with
+// n = round(x / ln2) (ln2 split in two so that r is exact), exp(r) by a degree-7 polynomial
+// (the Cephes expf coefficients), 2ⁿ built in the exponent bits. Max relative error 8e-8 over
+// [−87, 88] (measured against double exp); below −87 it returns 0 (exp(−inf) = 0 exactly, as the
+// masks need), above 88.72 +inf, and NaN stays NaN.
+SUBSPACE_OPS_INLINE float exp_of(float x) {
+  const float clamped = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+  const float n = (clamped * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+  const float r = clamped - n * 0.693145751953125f - n * 1.42860682030941723212e-6f;
+  float poly = 1.9875691500e-4f;
+  poly = poly * r + 1.3981999507e-3f;
+  poly = poly * r + 8.3334519073e-3f;
+  poly = poly * r + 4.1665795894e-2f;
+  poly = poly * r + 1.6666665459e-1f;
+  poly = poly * r + 5.0000001201e-1f;
+  poly = poly * r * r + r + 1.0f;
+  const int32_t exponent_bits = (static_cast<int32_t>(n) + 127) << 23;
+  float two_to_n;
+  std::memcpy(&two_to_n, &exponent_bits, sizeof(float));
+  float y = poly * two_to_n;
+  y = x < -87.0f ? 0.0f : y;
+  y = x > 88.72f ? std::numeric_limits<float>::infinity() : y;
+  return x != x ? x : y;
+}
+
+SUBSPACE_OPS_INLINE double exp_of(double x) { return std::exp(x); }
+
+template <typename T>
+SUBSPACE_OPS_INLINE void row_max_impl(const T* s, Shape shape, T* out) {
+  for (int64_t h = 0; h < shape.heads; ++h) {
+    T* m = out + h * shape.rows;
+    for (int64_t i = 0; i < shape.rows; ++i) m[i] = -std::numeric_limits<T>::infinity();
+    for (int64_t c = 0; c < shape.keys; ++c) {
+      const T* x = s + h * shape.head_stride + c * shape.rows;
+      for (int64_t i = 0; i < shape.rows; ++i) m[i] = x[i] > m[i] ? x[i] : m[i];
+    }
+  }
+}
+
+template <typename T>
+SUBSPACE_OPS_INLINE void exp_shifted_impl(T* s, Shape shape, const T* shift, T* sums) {
+  for (int64_t h = 0; h < shape.heads; ++h) {
+    const T* m = shift + h * shape.rows;
+    for (int64_t c = 0; c < shape.keys; ++c) {
+      T* x = s + h * shape.head_stride + c * shape.rows;
+      for (int64_t i = 0; i < shape.rows; ++i) x[i] = exp_of(x[i] - m[i]);
+      if (sums != nullptr) {
+        T* acc = sums + h * shape.rows;
+        for (int64_t i = 0; i < shape.rows; ++i) acc[i] += x[i];
+      }
+    }
+  }
+}
+
+// One 64-byte vector of T; GCC/Clang lower it to whatever the clone's ISA has (1 zmm, 2 ymm, 4 xmm).
+template <typename T>
+struct Vector;
+template <>
+struct Vector<float> {
+  typedef float type __attribute__((vector_size(64)));
+};
+template <>
+struct Vector<double> {
+  typedef double type __attribute__((vector_size(64)));
+};
+
+template <typename T>
+SUBSPACE_OPS_INLINE typename Vector<T>::type load(const T* p) {
+  typename Vector<T>::type v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename T>
+SUBSPACE_OPS_INLINE void store(T* p, typename Vector<T>::type v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+constexpr int64_t kMaxVectorHeads = 16;  // mix_heads keeps one vector per input head on the stack
+
+// Key by key, all heads' vectors of a row block are loaded once and every output head is a chain of
+// FMAs over them (coefficients from L1): the tile is streamed once. Explicit vectors, because the
+// autovectorizer turns the same loop into one that keeps the accumulator in memory (2x slower).
+template <typename T>
+SUBSPACE_OPS_INLINE void mix_heads_impl(const T* coef, const T* src, Shape shape, T* dst, int64_t dst_head_stride) {
+  using Vec = typename Vector<T>::type;
+  constexpr int64_t kWidth = sizeof(Vec) / sizeof(T);
+  const int64_t heads = shape.heads, rows = shape.rows;
+  int64_t i0 = 0;
+  if (heads <= kMaxVectorHeads) {
+    Vec x[kMaxVectorHeads];
+    for (; i0 + kWidth <= rows; i0 += kWidth) {
+      for (int64_t c = 0; c < shape.keys; ++c) {
+        for (int64_t g = 0; g < heads; ++g) x[g] = load(src + g * shape.head_stride + c * rows + i0);
+        for (int64_t h = 0; h < heads; ++h) {
+          const T* coef_h = coef + h * heads * rows + i0;
+          Vec acc = load(coef_h) * x[0];
+          for (int64_t g = 1; g < heads; ++g) acc += load(coef_h + g * rows) * x[g];
+          store(dst + h * dst_head_stride + c * rows + i0, acc);
+        }
+      }
+    }
+  }
+  for (int64_t h = 0; h < heads; ++h) {  // the rows past the last full vector (all rows for H > 16)
+    for (int64_t c = 0; c < shape.keys; ++c) {
+      T* out = dst + h * dst_head_stride + c * rows;
+      for (int64_t i = i0; i < rows; ++i) out[i] = 0;
+      for (int64_t g = 0; g < heads; ++g) {
+        const T* coef_hg = coef + (h * heads + g) * rows;
+        const T* x = src + g * shape.head_stride + c * rows;
+        for (int64_t i = i0; i < rows; ++i) out[i] += coef_hg[i] * x[i];
+      }
+    }
+  }
+}
+
+template <typename T>
+SUBSPACE_OPS_INLINE void add_row_dots_impl(const T* a, const T* b, Shape shape, T* out) {
+  for (int64_t h = 0; h < shape.heads; ++h) {
+    T* acc = out + h * shape.rows;
+    for (int64_t c = 0; c < shape.keys; ++c) {
+      const int64_t at = h * shape.head_stride + c * shape.rows;
+      for (int64_t i = 0; i < shape.rows; ++i) acc[i] += a[at + i] * b[at + i];
+    }
+  }
+}
+
+template <typename T>
+SUBSPACE_OPS_INLINE void softmax_grad_impl(T* e, const T* p, Shape shape, const T* d) {
+  for (int64_t h = 0; h < shape.heads; ++h) {
+    const T* dh = d + h * shape.rows;
+    for (int64_t c = 0; c < shape.keys; ++c) {
+      const int64_t at = h * shape.head_stride + c * shape.rows;
+      for (int64_t i = 0; i < shape.rows; ++i) e[at + i] = p[at + i] * (e[at + i] - dh[i]);
+    }
+  }
+}
+
+}  // namespace
+
+SUBSPACE_OPS_ISA_CLONES void row_max(const float* s, Shape shape, float* out) { row_max_impl(s, shape, out); }
+void row_max(const double* s, Shape shape, double* out) { row_max_impl(s, shape, out); }
+
+SUBSPACE_OPS_ISA_CLONES void exp_shifted(float* s, Shape shape, const float* shift, float* sums) {
+  exp_shifted_impl(s, shape, shift, sums);
+}
+void exp_shifted(double* s, Shape shape, const double* shift, double* sums) { exp_shifted_impl(s, shape, shift, sums); }
+
+SUBSPACE_OPS_ISA_CLONES void mix_heads(const float* coef, const float* src, Shape shape, float* dst,
+                                       int64_t dst_head_stride) {
+  mix_heads_impl(coef, src, shape, dst, dst_head_stride);
+}
+void mix_heads(const double* coef, const double* src, Shape shape, double* dst, int64_t dst_head_stride) {
+  mix_heads_impl(coef, src, shape, dst, dst_head_stride);
+}
+
+SUBSPACE_OPS_ISA_CLONES void add_row_dots(const float* a, const float* b, Shape shape, float* out) {
+  add_row_dots_impl(a, b, shape, out);
+}
+void add_row_dots(const double* a, const double* b, Shape shape, double* out) { add_row_dots_impl(a, b, shape, out); }
+
+SUBSPACE_OPS_ISA_CLONES void softmax_grad(float* e, const float* p, Shape shape, const float* d) {
+  softmax_grad_impl(e, p, shape, d);
+}
+void softmax_grad(double* e, const double* p, Shape shape, const double* d) { softmax_grad_impl(e, p, shape, d); }
+
+}  // namespace subspace_ops::tiles
