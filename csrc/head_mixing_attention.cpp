@@ -196,22 +196,24 @@ Blocking blocking(const Problem& p) {
   return {rows, key_block, p.heads * std::max(rows * key_block, kKeyBlock * phase2_rows)};
 }
 
-// Runs body(chunk, first, stride) in at most one chunk per thread; chunk c owns the items
-// c, c + stride, c + 2·stride, ... of [0, items). Dealt round-robin, not in contiguous ranges:
+// Work is split into at most one chunk per thread. Scratch is allocated per chunk by the calling
+// thread before the parallel region (as ATen's CPU flash attention does): the profiler's memory
+// tracking, which the bench uses, only sees the thread that started it.
+int64_t chunk_count(int64_t items) { return std::max<int64_t>(1, std::min<int64_t>(items, at::get_num_threads())); }
+
+// Runs body(chunk, first, stride) for chunk = 0 .. chunks − 1 in parallel; chunk c owns the items
+// c, c + stride, c + 2·stride, ... (stride = chunks). Dealt round-robin, not in contiguous ranges:
 // with a causal mask the cost of an item grows with its query (or shrinks with its key) block,
 // and contiguous halves would leave one thread with three quarters of the work. The chunk index
 // lets per-chunk partial sums be reduced in a fixed order (deterministic for a thread count).
 template <typename Body>
-int64_t parallel_chunks(int64_t items, const Body& body) {
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(items, at::get_num_threads()));
+void parallel_chunks(int64_t chunks, const Body& body) {
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     // Below autograd: the kernel's thousands of slices and out= GEMMs would otherwise each build
-    // autograd view metadata (a third of the forward's CPU time at H = 8, N = 2048). The guard is
-    // thread-local, hence here, on every worker.
+    // autograd view metadata. The guard is thread-local, hence here, on every worker.
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     for (int64_t c = c0; c < c1; ++c) body(c, c, chunks);
   });
-  return chunks;
 }
 
 // o [H, rows, D] += Mᵀ V for keys [j0, j0 + p_tile.size(1)), with M_h = Σ_g coef[h, g] P_g
@@ -320,8 +322,11 @@ void forward_two_passes(const Problem& p, const Blocking& blk, int64_t b, int64_
 template <typename T>
 void forward_items(const Problem& p, const Blocking& blk, at::Tensor& out, at::Tensor& lse) {
   const int64_t q_blocks = (p.n_q + blk.query_rows - 1) / blk.query_rows;
-  parallel_chunks(p.batch * q_blocks, [&](int64_t, int64_t first, int64_t stride) {
-    ForwardScratch<T> fs(p, blk);
+  const int64_t chunks = chunk_count(p.batch * q_blocks);
+  std::vector<ForwardScratch<T>> scratch;
+  for (int64_t c = 0; c < chunks; ++c) scratch.emplace_back(p, blk);
+  parallel_chunks(chunks, [&](int64_t chunk, int64_t first, int64_t stride) {
+    ForwardScratch<T>& fs = scratch[chunk];
     std::vector<T> row_lse(p.heads * blk.query_rows);
     for (int64_t item = first; item < p.batch * q_blocks; item += stride) {
       const int64_t b = item / q_blocks, i0 = (item % q_blocks) * blk.query_rows;
@@ -362,11 +367,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_items(const 
                                                                           const at::Tensor& lse) {
   const int64_t q_blocks = (p.n_q + blk.query_rows - 1) / blk.query_rows;
   const KeyGradients plan = key_gradient_plan(p, p.batch * q_blocks);
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const bool by_batch = plan == KeyGradients::kOwnedBatches;  // items: whole batches, else query blocks
+  const int64_t items = by_batch ? p.batch : p.batch * q_blocks, chunks = chunk_count(items);
+  const int64_t k_blocks = (p.n_k + kKeyBlock - 1) / kKeyBlock;  // phase 2's items, for two phases
+  const int64_t key_chunks = plan == KeyGradients::kTwoPhases ? chunk_count(p.batch * k_blocks) : 0;
   at::Tensor dq = at::empty_like(p.q), dk = at::zeros_like(p.k), dv = at::zeros_like(p.v);
   at::Tensor row_d = at::empty({p.batch, p.heads, p.n_q}, p.q.options());  // D_g[i], kept for phase 2
-  std::vector<at::Tensor> dmix_parts(threads), dk_parts(threads), dv_parts(threads);
   const at::Tensor mix_t = p.mix.t().contiguous();
+  std::vector<BackwardTiles> tiles_of;
+  std::vector<at::Tensor> dmix_parts, dq_rows_of, dk_parts(chunks), dv_parts(chunks);
+  for (int64_t c = 0; c < std::max(chunks, key_chunks); ++c) tiles_of.emplace_back(p, blk.tile_elems);
+  for (int64_t c = 0; c < chunks; ++c) {
+    dmix_parts.push_back(at::zeros({p.heads, p.heads}, p.q.options()));
+    dq_rows_of.push_back(at::empty({p.heads * blk.query_rows * p.dim}, p.q.options()));
+    if (plan == KeyGradients::kThreadCopies && c > 0) {
+      dk_parts[c] = at::zeros_like(p.k);
+      dv_parts[c] = at::zeros_like(p.v);
+    }
+  }
 
   // probs ← P, dots ← T = V dOᵀ, mixed ← E_g = Σ_h mix[h, g] T_h, as [H, keys, rows] tiles.
   const auto tile_products = [&](int64_t b, int64_t i0, int64_t i1, int64_t j0, int64_t j1, const T* row_lse,
@@ -419,26 +437,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_items(const 
     if (plan == KeyGradients::kTwoPhases) store_rows(d, row_d, b, i0, rows);
   };
 
-  // Items: query blocks, dealt round-robin over the threads, or whole batches (kOwnedBatches).
-  const bool by_batch = plan == KeyGradients::kOwnedBatches;
-  const int64_t chunks = parallel_chunks(by_batch ? p.batch : p.batch * q_blocks,
-                                         [&](int64_t chunk, int64_t first, int64_t stride) {
-    BackwardTiles tl(p, blk.tile_elems);
+  parallel_chunks(chunks, [&](int64_t chunk, int64_t first, int64_t stride) {
     RowScratch<T> stats(p.heads, blk.query_rows);
-    at::Tensor dmix = at::zeros({p.heads, p.heads}, p.q.options());
-    at::Tensor dq_acc = at::empty({p.heads * blk.query_rows * p.dim}, p.q.options());
-    if (plan == KeyGradients::kThreadCopies && chunk > 0) {
-      dk_parts[chunk] = at::zeros_like(p.k);
-      dv_parts[chunk] = at::zeros_like(p.v);
-    }
-    for (int64_t item = first; item < (by_batch ? p.batch : p.batch * q_blocks); item += stride) {
+    for (int64_t item = first; item < items; item += stride) {
+      const auto run = [&](int64_t b, int64_t i0) {
+        query_block(chunk, b, i0, tiles_of[chunk], stats, dmix_parts[chunk], dq_rows_of[chunk]);
+      };
       if (by_batch) {
-        for (int64_t qb = 0; qb < q_blocks; ++qb) query_block(chunk, item, qb * blk.query_rows, tl, stats, dmix, dq_acc);
+        for (int64_t qb = 0; qb < q_blocks; ++qb) run(item, qb * blk.query_rows);
       } else {
-        query_block(chunk, item / q_blocks, (item % q_blocks) * blk.query_rows, tl, stats, dmix, dq_acc);
+        run(item / q_blocks, (item % q_blocks) * blk.query_rows);
       }
     }
-    dmix_parts[chunk] = dmix;
   });
   for (int64_t c = 1; c < chunks && plan == KeyGradients::kThreadCopies; ++c) {
     dk.add_(dk_parts[c]);
@@ -446,10 +456,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_items(const 
   }
 
   if (plan == KeyGradients::kTwoPhases) {  // per key block: dK and dV, every key row owned by one item
-    const int64_t k_blocks = (p.n_k + kKeyBlock - 1) / kKeyBlock;
     const int64_t query_chunk = std::max<int64_t>(1, blk.tile_elems / (p.heads * kKeyBlock));
-    parallel_chunks(p.batch * k_blocks, [&](int64_t, int64_t first, int64_t stride) {
-      BackwardTiles tl(p, blk.tile_elems);
+    parallel_chunks(key_chunks, [&](int64_t chunk, int64_t first, int64_t stride) {
+      BackwardTiles& tl = tiles_of[chunk];
       RowScratch<T> stats(p.heads, query_chunk);
       for (int64_t item = first; item < p.batch * k_blocks; item += stride) {
         const int64_t b = item / k_blocks, j0 = (item % k_blocks) * kKeyBlock;
