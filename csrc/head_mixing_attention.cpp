@@ -44,12 +44,15 @@ namespace {
 // along the contiguous query rows.
 //
 // Memory: a thread holds one [H, keys, rows] tile per live quantity (forward: P, plus a small mixed
-// chunk; backward: P, T, E). One tile is capped at q's size divided among the threads, so the
-// forward's scratch is about one more output (measured 1.37x SDPA's peak at B1 H8 N4096 d64, fp32,
-// 2 threads). Within that cap a query block is as tall as possible (GEMM efficiency) and covers the
-// whole key row (P is computed once); rows below kMinQueryRows switch to key blocks and two passes.
+// chunk; backward: P, T, E; plus, with thread copies, its own dK/dV). One tile gets q's size divided
+// among the threads, between 1 and 2 MB: the upper cap keeps the scratch within issue #5's memory
+// target at long rows (at B1 H8 N4096 d64, 2 threads: 1.37x SDPA's peak forward, 1.44x forward +
+// backward; with 4 MB tiles it was 1.86x / 1.72x, for ~25% more speed at that size). Within the
+// budget a query block is as tall as possible (GEMM efficiency: 32 rows at N = 2048, 16 at 4096)
+// and covers the whole key row (P is computed once); rows below kMinQueryRows switch to key blocks
+// and two passes.
 constexpr int64_t kMinTileBytes = int64_t{1} << 20;
-constexpr int64_t kMaxTileBytes = int64_t{8} << 20;
+constexpr int64_t kMaxTileBytes = int64_t{2} << 20;
 constexpr int64_t kMinQueryRows = 8;
 constexpr int64_t kMaxQueryRows = 64;
 constexpr int64_t kKeyBlock = 128;   // the two-phase backward's key block (the dK/dV rows one item owns)
