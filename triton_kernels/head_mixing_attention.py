@@ -179,6 +179,22 @@ def _lse_kernel(
 
 
 @triton.jit
+def _block_probs(q, lse, k_base, v_base, m_base, cols, r3, head_ok, row_ok, dim_ok, NK, stride_kn, stride_vn,
+                 stride_mn, scale, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, ACC: tl.constexpr,
+                 PRECISION: tl.constexpr):
+    """K, V and P = exp(S − L) of a query block (q [HP, M, D], row log-sum-exp lse [HP, M]) for the
+    keys `cols`; score tiles are [HP, M, N]. The forward and both passes of the dQ kernel use it."""
+    c_kv, c_s = cols[None, :, None], cols[None, None, :]  # key index in [HP, N, D] / [HP, M, N] tiles
+    kv_ok = head_ok & (c_kv < NK) & dim_ok
+    k = tl.load(k_base + c_kv * stride_kn, mask=kv_ok, other=0.0)
+    v = tl.load(v_base + c_kv * stride_vn, mask=kv_ok, other=0.0)
+    s = tl.dot(q, tl.permute(k, (0, 2, 1)), input_precision=PRECISION, out_dtype=ACC)
+    s = _masked_scores(s, r3, c_s, head_ok & row_ok & (c_s < NK), m_base + c_s * stride_mn,
+                       scale, IS_CAUSAL, HAS_MASK)
+    return k, v, tl.exp(s - lse[:, :, None])
+
+
+@triton.jit
 def _forward_kernel(
     q_ptr, k_ptr, v_ptr, mix_ptr, mask_ptr, lse_ptr, out_ptr,
     H, NQ, NK, D, scale,
@@ -216,19 +232,27 @@ def _forward_kernel(
     acc = tl.zeros((HP, BLOCK_M, BLOCK_D), ACC)
     end = tl.minimum(NK, (pid_m + 1) * BLOCK_M) if IS_CAUSAL else NK
     for n0 in range(0, end, BLOCK_N):
-        cols = n0 + cols0
-        c_kv, c_s = cols[None, :, None], cols[None, None, :]  # key index in [HP, N, D] / [HP, M, N] tiles
-        kv_ok = head_ok & (c_kv < NK) & dim_ok
-        k = tl.load(k_base + c_kv * stride_kn, mask=kv_ok, other=0.0)
-        v = tl.load(v_base + c_kv * stride_vn, mask=kv_ok, other=0.0)
-        s = tl.dot(q, tl.permute(k, (0, 2, 1)), input_precision=PRECISION, out_dtype=ACC)
-        s = _masked_scores(s, r3, c_s, head_ok & row_ok & (c_s < NK), m_base + c_s * stride_mn,
-                           scale, IS_CAUSAL, HAS_MASK)
-        p = tl.exp(s - lse[:, :, None])
+        k, v, p = _block_probs(q, lse, k_base, v_base, m_base, n0 + cols0, r3, head_ok, row_ok, dim_ok, NK,
+                               stride_kn, stride_vn, stride_mn, scale, IS_CAUSAL, HAS_MASK, ACC, PRECISION)
         mixed = _mix_heads(w, p, HP, BLOCK_M, BLOCK_N, MIX_DOT, MIX_PRECISION)
         acc = tl.dot(mixed.to(v.dtype), v, acc, input_precision=PRECISION, out_dtype=ACC)
     tl.store(out_ptr + b * stride_ob + h3 * stride_oh + r3 * stride_om + d3 * stride_od,
              acc.to(out_ptr.dtype.element_ty), mask=q_ok)
+
+
+@triton.jit
+def _dq_block_products(q, do, wt, lse, k_base, v_base, m_base, cols, r3, head_ok, row_ok, dim_ok,
+                       NK, stride_kn, stride_vn, stride_mn, scale,
+                       IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HP: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MIX_DOT: tl.constexpr, ACC: tl.constexpr,
+                       PRECISION: tl.constexpr, MIX_PRECISION: tl.constexpr):
+    """The dQ kernel's products for one key block (both of its passes recompute them): K,
+    P = exp(S − L), T = dO Vᵀ and E_g = Σ_h mix[h, g] T_h."""
+    k, v, p = _block_probs(q, lse, k_base, v_base, m_base, cols, r3, head_ok, row_ok, dim_ok, NK, stride_kn,
+                           stride_vn, stride_mn, scale, IS_CAUSAL, HAS_MASK, ACC, PRECISION)
+    t = tl.dot(do, tl.permute(v, (0, 2, 1)), input_precision=PRECISION, out_dtype=ACC)
+    e = _mix_heads(wt, t, HP, BLOCK_M, BLOCK_N, MIX_DOT, MIX_PRECISION)
+    return k, p, t, e
 
 
 @triton.jit
@@ -276,17 +300,9 @@ def _backward_dq_kernel(
     delta = tl.zeros((HP, BLOCK_M), ACC)
     dmix = tl.zeros((HP, HP), ACC)
     for n0 in range(0, end, BLOCK_N):
-        cols = n0 + cols0
-        c_kv, c_s = cols[None, :, None], cols[None, None, :]
-        kv_ok = head_ok & (c_kv < NK) & dim_ok
-        k = tl.load(k_base + c_kv * stride_kn, mask=kv_ok, other=0.0)
-        v = tl.load(v_base + c_kv * stride_vn, mask=kv_ok, other=0.0)
-        s = tl.dot(q, tl.permute(k, (0, 2, 1)), input_precision=PRECISION, out_dtype=ACC)
-        s = _masked_scores(s, r3, c_s, head_ok & row_ok & (c_s < NK), m_base + c_s * stride_mn,
-                           scale, IS_CAUSAL, HAS_MASK)
-        p = tl.exp(s - lse[:, :, None])
-        t = tl.dot(do, tl.permute(v, (0, 2, 1)), input_precision=PRECISION, out_dtype=ACC)
-        e = _mix_heads(wt, t, HP, BLOCK_M, BLOCK_N, MIX_DOT, MIX_PRECISION)
+        k, p, t, e = _dq_block_products(q, do, wt, lse, k_base, v_base, m_base, n0 + cols0, r3, head_ok, row_ok,
+                                        dim_ok, NK, stride_kn, stride_vn, stride_mn, scale, IS_CAUSAL, HAS_MASK, HP,
+                                        BLOCK_M, BLOCK_N, MIX_DOT, ACC, PRECISION, MIX_PRECISION)
         delta += tl.sum(p * e, axis=2)
         dmix += _pair_sums(t, p, HP, BLOCK_M, BLOCK_N, MIX_DOT, MIX_PRECISION)
     tl.store(delta_ptr + (b * H + heads[:, None]) * NQ + rows[None, :], delta, mask=hm_ok)
@@ -297,17 +313,9 @@ def _backward_dq_kernel(
     # Pass 2: dQ_g = scale · (P_g ⊙ (E_g − D_g)) K_g, with P, T, E recomputed.
     dq = tl.zeros((HP, BLOCK_M, BLOCK_D), ACC)
     for n0 in range(0, end, BLOCK_N):
-        cols = n0 + cols0
-        c_kv, c_s = cols[None, :, None], cols[None, None, :]
-        kv_ok = head_ok & (c_kv < NK) & dim_ok
-        k = tl.load(k_base + c_kv * stride_kn, mask=kv_ok, other=0.0)
-        v = tl.load(v_base + c_kv * stride_vn, mask=kv_ok, other=0.0)
-        s = tl.dot(q, tl.permute(k, (0, 2, 1)), input_precision=PRECISION, out_dtype=ACC)
-        s = _masked_scores(s, r3, c_s, head_ok & row_ok & (c_s < NK), m_base + c_s * stride_mn,
-                           scale, IS_CAUSAL, HAS_MASK)
-        p = tl.exp(s - lse[:, :, None])
-        t = tl.dot(do, tl.permute(v, (0, 2, 1)), input_precision=PRECISION, out_dtype=ACC)
-        e = _mix_heads(wt, t, HP, BLOCK_M, BLOCK_N, MIX_DOT, MIX_PRECISION)
+        k, p, t, e = _dq_block_products(q, do, wt, lse, k_base, v_base, m_base, n0 + cols0, r3, head_ok, row_ok,
+                                        dim_ok, NK, stride_kn, stride_vn, stride_mn, scale, IS_CAUSAL, HAS_MASK, HP,
+                                        BLOCK_M, BLOCK_N, MIX_DOT, ACC, PRECISION, MIX_PRECISION)
         ds = p * (e - delta[:, :, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION, out_dtype=ACC)
     tl.store(dq_ptr + b * stride_dqb + h3 * stride_dqh + r3 * stride_dqm + d3 * stride_dqd,
