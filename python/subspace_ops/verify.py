@@ -137,6 +137,12 @@ CHECKS: list[Check] = [
           _run_attention),
     Check("head_mixing_attention", "key padding B=2 H=2 N=9 d=8", _attention(2, 2, 9, 9, 8, False, True),
           _run_attention),
+    # Long enough for several query blocks and key chunks: the kernels' blocked paths (on the CPU
+    # backend, and how its backward shares dK/dV among this machine's threads).
+    Check("head_mixing_attention", "causal B=1 H=2 N=1100 d=8", _attention(1, 2, 1100, 1100, 8, True, False),
+          _run_attention),
+    Check("head_mixing_attention", "key padding B=2 H=2 Nq=600 Nk=1100 d=8",
+          _attention(2, 2, 600, 1100, 8, False, True), _run_attention),
     Check("lowrank_linear", "LoRA M=7 K=33 N=20 r=4", _lowrank(7, 33, 20, 4, "none"), _run_lowrank),
     Check("lowrank_linear", "FLoRA M=197 K=17 N=33 r=4", _lowrank(197, 17, 33, 4, "full"), _run_lowrank),
 ]
