@@ -17,8 +17,9 @@
 // dK/dV rows are shared by all query blocks of a batch, so each thread needs its own:
 //  - B a multiple of the threads, or B ≥ 4 × threads: threads own whole batches and accumulate
 //    straight into dK/dV;
-//  - else, when the copies cost no more than q's size: threads 1.. accumulate into private copies
-//    of dK/dV, summed in thread order at the end (2 threads at self-attention: one copy);
+//  - else, when the copies (threads − 1 of dK and of dV) take no more than two q-sized tensors:
+//    threads 1.. accumulate into private copies, summed in thread order at the end (2 threads at
+//    self-attention: one copy);
 //  - else (many threads, small batch): two phases: the query blocks compute D, dmix and dQ, then
 //    the key blocks, each owned by one thread, recompute P and E to get dK/dV (two more GEMMs).
 // dmix partials are summed in chunk order too, so results are deterministic for a thread count.
@@ -46,7 +47,7 @@ namespace {
 // Memory: a thread holds one [H, keys, rows] tile per live quantity (forward: P, plus a small mixed
 // chunk; backward: P, T, E; plus, with thread copies, its own dK/dV). One tile gets q's size divided
 // among the threads, between 1 and 2 MB: the upper cap keeps the scratch within issue #5's memory
-// target at long rows (at B1 H8 N4096 d64, 2 threads: 1.37x SDPA's peak forward, 1.44x forward +
+// target at long rows (at B1 H8 N4096 d64, 2 threads: 1.37x SDPA's peak forward, 1.43x forward +
 // backward; with 4 MB tiles it was 1.86x / 1.72x, for ~25% more speed at that size). Within the
 // budget a query block is as tall as possible (GEMM efficiency: 32 rows at N = 2048, 16 at 4096)
 // and covers the whole key row (P is computed once); rows below kMinQueryRows switch to key blocks
