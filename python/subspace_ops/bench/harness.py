@@ -391,6 +391,12 @@ def _silence_fd2() -> Iterator[None]:
 
 
 def _cpu_peak_bytes(fn: Callable[[], None]) -> int:
+    """Peak of the allocation stream the profiler records while ``fn`` runs.
+
+    The profiler records the allocations of the thread that enabled it (ATen's intra-op worker
+    threads do not inherit it), so a kernel must allocate its scratch on the calling thread to be
+    counted; ours do (csrc/head_mixing_attention.cpp says why), as does ATen's CPU flash attention.
+    """
     from torch.profiler import ProfilerActivity, profile
 
     with _silence_fd2(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
