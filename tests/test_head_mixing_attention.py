@@ -12,7 +12,7 @@ from subspace_ops.testing import check_close
 
 from conftest import ON_INTERPRETER, backend_device, require_backend
 
-# name -> (B, H, Nq, Nk, d, is_causal, mask kind). Odd sizes, H = 1 and 12, d not a power of two,
+# name -> (B, H, Nq, Nk, d, is_causal, mask kind). Odd sizes, H = 1, 12 and 20, d not a power of two,
 # cross attention (Nq != Nk) both ways, causal with Nq != Nk (top-left triangle).
 CASES = {
     "vit-like": (2, 3, 13, 13, 16, False, None),
@@ -21,6 +21,7 @@ CASES = {
     "causal-cross": (1, 3, 19, 7, 8, True, None),
     "one-head-d40": (1, 1, 9, 9, 40, False, None),
     "twelve-heads": (1, 12, 7, 7, 8, False, None),
+    "twenty-heads": (1, 20, 17, 6, 8, False, None),  # > 16 heads: the CPU mix loop's generic path
     "key-padding": (2, 3, 6, 9, 8, False, "key-padding"),
     "additive": (2, 3, 6, 9, 8, False, "additive"),
     "causal+padding": (2, 2, 8, 8, 8, True, "key-padding"),
