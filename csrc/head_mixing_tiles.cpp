@@ -103,7 +103,7 @@ SUBSPACE_OPS_INLINE void store(T* p, const typename Vector<T>::type& v) {
   std::memcpy(p, &v, sizeof(v));
 }
 
-constexpr int64_t kMaxVectorHeads = 16;  // mix_heads keeps one vector per input head on the stack
+constexpr int64_t kMaxVectorHeads = 64;  // mix_heads keeps one vector per input head on the stack (4 KB)
 
 // Key by key, all heads' vectors of a row block are loaded once and every output head is a chain of
 // FMAs over them (coefficients from L1): the tile is streamed once. Explicit vectors, because the
@@ -128,7 +128,7 @@ SUBSPACE_OPS_INLINE void mix_heads_impl(const T* coef, const T* src, Shape shape
       }
     }
   }
-  for (int64_t h = 0; h < heads; ++h) {  // the rows past the last full vector (all rows for H > 16)
+  for (int64_t h = 0; h < heads; ++h) {  // the rows past the last full vector (all rows for H > 64)
     for (int64_t c = 0; c < shape.keys; ++c) {
       T* out = dst + h * dst_head_stride + c * rows;
       for (int64_t i = i0; i < rows; ++i) out[i] = 0;

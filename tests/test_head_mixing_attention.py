@@ -21,7 +21,7 @@ CASES = {
     "causal-cross": (1, 3, 19, 7, 8, True, None),
     "one-head-d40": (1, 1, 9, 9, 40, False, None),
     "twelve-heads": (1, 12, 7, 7, 8, False, None),
-    "twenty-heads": (1, 20, 17, 6, 8, False, None),  # > 16 heads: the CPU mix loop's generic path
+    "twenty-heads": (1, 20, 17, 6, 8, False, None),  # H not a power of two, one full row vector + a tail
     "key-padding": (2, 3, 6, 9, 8, False, "key-padding"),
     "additive": (2, 3, 6, 9, 8, False, "additive"),
     "causal+padding": (2, 2, 8, 8, 8, True, "key-padding"),
