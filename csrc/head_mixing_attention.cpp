@@ -205,8 +205,8 @@ Blocking blocking(const Problem& p) {
 // tracking, which the bench uses, only sees the thread that started it.
 int64_t chunk_count(int64_t items) { return std::max<int64_t>(1, std::min<int64_t>(items, at::get_num_threads())); }
 
-// Runs body(chunk, first, stride) for chunk = 0 .. chunks − 1 in parallel; chunk c owns the items
-// c, c + stride, c + 2·stride, ... (stride = chunks). Dealt round-robin, not in contiguous ranges:
+// Runs body(chunk) for chunk = 0 .. chunks − 1 in parallel; chunk c owns the items c, c + chunks,
+// c + 2·chunks, ... Dealt round-robin, not in contiguous ranges:
 // with a causal mask the cost of an item grows with its query (or shrinks with its key) block,
 // and contiguous halves would leave one thread with three quarters of the work. The chunk index
 // lets per-chunk partial sums be reduced in a fixed order (deterministic for a thread count).
@@ -216,7 +216,7 @@ void parallel_chunks(int64_t chunks, const Body& body) {
     // Below autograd: the kernel's thousands of slices and out= GEMMs would otherwise each build
     // autograd view metadata. The guard is thread-local, hence here, on every worker.
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    for (int64_t c = c0; c < c1; ++c) body(c, c, chunks);
+    for (int64_t c = c0; c < c1; ++c) body(c);
   });
 }
 
@@ -239,15 +239,46 @@ template <typename T>
 struct ForwardScratch {
   Tile probs, mixed, acc;
   RowScratch<T> stats;
-  std::vector<T> chunk_max, chunk_shifts;  // [H, rows]; [key chunks, H, rows]
+  std::vector<T> block_max, chunk_shifts;  // [H, rows] of the last key block; m_c: [key chunks, H, rows]
   ForwardScratch(const Problem& p, const Blocking& blk)
       : probs(make_tile(p, blk.tile_elems)),
         mixed(make_tile(p, p.heads * kMixChunk * blk.query_rows)),
         acc(make_tile(p, p.heads * blk.query_rows * p.dim)),
         stats(p.heads, blk.query_rows),
-        chunk_max(p.heads * blk.query_rows),
+        block_max(p.heads * blk.query_rows),
         chunk_shifts(((blk.key_block + kMixChunk - 1) / kMixChunk) * p.heads * blk.query_rows) {}
 };
+
+// Folds a key block's row maxima into a running row max and Σ exp(S − running max) (the sums are
+// rescaled to a new max), and sets the shift the block is to be exponentiated with: the new max, or
+// 0 where the row is still fully masked (exp(−inf − 0) = 0, no NaN).
+template <typename T>
+void fold_block_max(const T* block_max, int64_t n_stats, T* running_max, T* sums, T* shift) {
+  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+  for (int64_t r = 0; r < n_stats; ++r) {
+    const T new_max = std::max(running_max[r], block_max[r]);
+    if (new_max > running_max[r] && running_max[r] != kNegInf) sums[r] *= std::exp(running_max[r] - new_max);
+    running_max[r] = new_max;
+    shift[r] = new_max == kNegInf ? T(0) : new_max;
+  }
+}
+
+// Scores key block [j0, j1) into s, exponentiates it against the running max (fold_block_max) and
+// adds its row sums.
+template <typename T>
+void score_and_fold(const Problem& p, int64_t b, int64_t i0, int64_t i1, int64_t j0, int64_t j1, at::Tensor& s,
+                    ForwardScratch<T>& fs, T* running_max, T* sums, T* shift) {
+  scores(p, b, i0, i1, j0, j1, s);
+  tiles::row_max(s.data_ptr<T>(), shape_of(s), fs.block_max.data());
+  fold_block_max(fs.block_max.data(), s.size(0) * s.size(2), running_max, sums, shift);
+  tiles::exp_shifted(s.data_ptr<T>(), shape_of(s), shift, sums);
+}
+
+// row_lse = max + log Σ, +inf for a fully masked row (so that exp(s − lse) = 0 later).
+template <typename T>
+void finish_lse(const T* running_max, const T* sums, int64_t n_stats, T* row_lse) {
+  for (int64_t r = 0; r < n_stats; ++r) row_lse[r] = sums[r] > 0 ? running_max[r] + std::log(sums[r]) : T(kInf);
+}
 
 // The whole key row fits the tile: one pass over key chunks of kMixChunk keys, each scored and
 // exponentiated while it is in cache, with an online row max (as FlashAttention's): chunk c keeps
@@ -265,20 +296,11 @@ void forward_one_pass(const Problem& p, int64_t b, int64_t i0, int64_t i1, Forwa
     return fs.probs.flat.narrow(0, p.heads * c0 * rows, p.heads * (c1 - c0) * rows).view({p.heads, c1 - c0, rows});
   };
   for (int64_t c0 = 0, chunk = 0; c0 < keys; c0 += kMixChunk, ++chunk) {
-    const int64_t c1 = std::min(keys, c0 + kMixChunk);
-    at::Tensor s = chunk_tile(c0, c1);
-    scores(p, b, i0, i1, c0, c1, s);
-    tiles::row_max(s.data_ptr<T>(), shape_of(s), fs.chunk_max.data());
-    T* chunk_shift = fs.chunk_shifts.data() + chunk * n_stats;
-    for (int64_t r = 0; r < n_stats; ++r) {
-      const T new_max = std::max(running_max[r], fs.chunk_max[r]);
-      if (new_max > running_max[r] && running_max[r] != kNegInf) sums[r] *= std::exp(running_max[r] - new_max);
-      running_max[r] = chunk_shift[r] = new_max;
-      shift[r] = new_max == kNegInf ? T(0) : new_max;  // masked so far: exp(−inf − 0) = 0, no NaN
-    }
-    tiles::exp_shifted(s.data_ptr<T>(), shape_of(s), shift, sums);
+    at::Tensor s = chunk_tile(c0, std::min(keys, c0 + kMixChunk));
+    score_and_fold(p, b, i0, i1, c0, c0 + s.size(1), s, fs, running_max, sums, shift);
+    std::copy(running_max, running_max + n_stats, fs.chunk_shifts.data() + chunk * n_stats);  // m_c
   }
-  for (int64_t r = 0; r < n_stats; ++r) row_lse[r] = sums[r] > 0 ? running_max[r] + std::log(sums[r]) : T(kInf);
+  finish_lse(running_max, sums, n_stats, row_lse);
   for (int64_t c0 = 0, chunk = 0; c0 < keys; c0 += kMixChunk, ++chunk) {
     const int64_t c1 = std::min(keys, c0 + kMixChunk);
     const T* chunk_shift = fs.chunk_shifts.data() + chunk * n_stats;
@@ -290,29 +312,22 @@ void forward_one_pass(const Problem& p, int64_t b, int64_t i0, int64_t i1, Forwa
   }
 }
 
-// The key row is longer than the tile: pass 1 over key blocks computes the row log-sum-exp, pass 2
-// recomputes P = exp(S − L) block by block and mixes it (+inf L: a fully masked row, P = 0).
+// The key row is longer than the tile: pass 1 over key blocks computes the row log-sum-exp (the
+// same running max and sums), pass 2 recomputes P = exp(S − L) block by block and mixes it (+inf L:
+// a fully masked row, P = 0).
 template <typename T>
 void forward_two_passes(const Problem& p, const Blocking& blk, int64_t b, int64_t i0, int64_t i1,
                         ForwardScratch<T>& fs, at::Tensor& o, T* row_lse) {
   const int64_t rows = i1 - i0, keys = p.key_end(i1), n_stats = p.heads * rows;
-  T *block_max = fs.stats.a.data(), *sums = fs.stats.b.data();
-  std::fill(row_lse, row_lse + n_stats, -std::numeric_limits<T>::infinity());
+  T *running_max = fs.stats.a.data(), *sums = fs.stats.b.data(), *shift = fs.stats.c.data();
+  std::fill(running_max, running_max + n_stats, -std::numeric_limits<T>::infinity());
+  std::fill(sums, sums + n_stats, T(0));
   for (int64_t j0 = 0; j0 < keys; j0 += blk.key_block) {
     const int64_t j1 = std::min(keys, j0 + blk.key_block);
     at::Tensor s = fs.probs.view(p.heads, j1 - j0, rows);
-    scores(p, b, i0, i1, j0, j1, s);
-    tiles::row_max(s.data_ptr<T>(), shape_of(s), block_max);
-    for (int64_t r = 0; r < n_stats; ++r) block_max[r] = std::isinf(block_max[r]) ? T(0) : block_max[r];
-    std::fill(sums, sums + n_stats, T(0));
-    tiles::exp_shifted(s.data_ptr<T>(), shape_of(s), block_max, sums);
-    for (int64_t r = 0; r < n_stats; ++r) {  // row_lse ← logaddexp(row_lse, block's lse)
-      const T block_lse = block_max[r] + std::log(sums[r]);  // −inf for an empty row
-      const T high = std::max(row_lse[r], block_lse), low = std::min(row_lse[r], block_lse);
-      row_lse[r] = std::isinf(high) ? high : high + std::log1p(std::exp(low - high));
-    }
+    score_and_fold(p, b, i0, i1, j0, j1, s, fs, running_max, sums, shift);
   }
-  for (int64_t r = 0; r < n_stats; ++r) row_lse[r] = std::isinf(row_lse[r]) ? T(kInf) : row_lse[r];
+  finish_lse(running_max, sums, n_stats, row_lse);
   const T* coef = mixing_coefficients(p.mix, rows, fs.stats.mix_coef);
   for (int64_t j0 = 0; j0 < keys; j0 += blk.key_block) {
     const int64_t j1 = std::min(keys, j0 + blk.key_block);
@@ -329,10 +344,10 @@ void forward_items(const Problem& p, const Blocking& blk, at::Tensor& out, at::T
   const int64_t chunks = chunk_count(p.batch * q_blocks);
   std::vector<ForwardScratch<T>> scratch;
   for (int64_t c = 0; c < chunks; ++c) scratch.emplace_back(p, blk);
-  parallel_chunks(chunks, [&](int64_t chunk, int64_t first, int64_t stride) {
+  parallel_chunks(chunks, [&](int64_t chunk) {
     ForwardScratch<T>& fs = scratch[chunk];
     std::vector<T> row_lse(p.heads * blk.query_rows);
-    for (int64_t item = first; item < p.batch * q_blocks; item += stride) {
+    for (int64_t item = chunk; item < p.batch * q_blocks; item += chunks) {
       const int64_t b = item / q_blocks, i0 = (item % q_blocks) * blk.query_rows;
       const int64_t i1 = std::min(p.n_q, i0 + blk.query_rows), rows = i1 - i0;
       at::Tensor o = fs.acc.view(p.heads, rows, p.dim).zero_();
@@ -351,7 +366,7 @@ void forward_items(const Problem& p, const Blocking& blk, at::Tensor& out, at::T
 enum class KeyGradients { kOwnedBatches, kThreadCopies, kTwoPhases };
 
 KeyGradients key_gradient_plan(const Problem& p, int64_t q_items) {
-  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(q_items, at::get_num_threads()));
+  const int64_t threads = chunk_count(q_items);
   // Whole batches per thread while that balances (at most 25% idle).
   if (p.batch % threads == 0 || p.batch >= 4 * threads) return KeyGradients::kOwnedBatches;
   // threads − 1 copies of dK and dV, allowed up to the size of two q-sized tensors.
@@ -441,9 +456,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_items(const 
     if (plan == KeyGradients::kTwoPhases) store_rows(d, row_d, b, i0, rows);
   };
 
-  parallel_chunks(chunks, [&](int64_t chunk, int64_t first, int64_t stride) {
+  parallel_chunks(chunks, [&](int64_t chunk) {
     RowScratch<T> stats(p.heads, blk.query_rows);
-    for (int64_t item = first; item < items; item += stride) {
+    for (int64_t item = chunk; item < items; item += chunks) {
       const auto run = [&](int64_t b, int64_t i0) {
         query_block(chunk, b, i0, tiles_of[chunk], stats, dmix_parts[chunk], dq_rows_of[chunk]);
       };
@@ -461,10 +476,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_items(const 
 
   if (plan == KeyGradients::kTwoPhases) {  // per key block: dK and dV, every key row owned by one item
     const int64_t query_chunk = std::max<int64_t>(1, blk.tile_elems / (p.heads * kKeyBlock));
-    parallel_chunks(key_chunks, [&](int64_t chunk, int64_t first, int64_t stride) {
+    parallel_chunks(key_chunks, [&](int64_t chunk) {
       BackwardTiles& tl = tiles_of[chunk];
       RowScratch<T> stats(p.heads, query_chunk);
-      for (int64_t item = first; item < p.batch * k_blocks; item += stride) {
+      for (int64_t item = chunk; item < p.batch * k_blocks; item += key_chunks) {
         const int64_t b = item / k_blocks, j0 = (item % k_blocks) * kKeyBlock;
         const int64_t j1 = std::min(p.n_k, j0 + kKeyBlock), cols = j1 - j0;
         for (int64_t i0 = p.query_begin(j0); i0 < p.n_q; i0 += query_chunk) {
