@@ -38,11 +38,16 @@ def make_mask(kind, batch, heads, n_q, n_k, device):
         bias = torch.randn(batch, heads, n_q, n_k, generator=g, dtype=torch.float64)
         bias[torch.rand(bias.shape, generator=g) < 0.2] = float("-inf")
         return bias.to(device)
+    if kind == "late-keys":  # batch 0's even query rows see only keys >= 600; its row 1 sees none
+        keep = torch.ones(batch, 1, n_q, n_k, dtype=torch.bool)
+        keep[0, :, ::2, :600] = False
+        keep[0, :, 1] = False
+        return keep.to(device)
     return None
 
 
-def make_inputs(case, dtype, device):
-    batch, heads, n_q, n_k, dim, _, _ = CASES[case]
+def make_inputs(case, dtype, device, cases=CASES):
+    batch, heads, n_q, n_k, dim, _, _ = cases[case]
     g = torch.Generator().manual_seed(7)
     q = torch.randn(batch, heads, n_q, dim, generator=g, dtype=torch.float64)
     k = torch.randn(batch, heads, n_k, dim, generator=g, dtype=torch.float64)
@@ -52,8 +57,8 @@ def make_inputs(case, dtype, device):
     return (*tensors, mix.to(device=device, dtype=torch.float32 if dtype != torch.float64 else dtype).requires_grad_())
 
 
-def run(case, inputs, backend, grad_out):
-    batch, heads, n_q, n_k, _, causal, kind = CASES[case]
+def run(case, inputs, backend, grad_out, cases=CASES):
+    batch, heads, n_q, n_k, _, causal, kind = cases[case]
     q, k, v, mix = inputs
     mask = make_mask(kind, batch, heads, n_q, n_k, q.device)
     if mask is not None and mask.is_floating_point():
@@ -68,19 +73,30 @@ def _dtypes(backend):
     return [torch.float32, torch.bfloat16]
 
 
+def float64_truth(case, device, cases=CASES):
+    """(grad_out, (out, grads) of the float64 reference) for a case."""
+    inputs = make_inputs(case, torch.float64, device, cases)
+    grad_out = torch.randn(inputs[0].shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    grad_out = grad_out.to(device)
+    return grad_out, run(case, inputs, "reference", grad_out, cases)
+
+
+def check_dtype_against_truth(label, case, backend, dtype, device, grad_out, truth, cases=CASES):
+    """``backend`` in ``dtype`` against the float64 truth, with the reference in ``dtype`` setting the bound."""
+    out_ref, grads_ref = run(case, make_inputs(case, dtype, device, cases), "reference", grad_out, cases)
+    out, grads = run(case, make_inputs(case, dtype, device, cases), backend, grad_out, cases)
+    out64, grads64 = truth
+    check_close(f"{label}/{dtype}/out", out, out64, out_ref)
+    for name, a, t, r in zip(("dq", "dk", "dv", "dmix"), grads, grads64, grads_ref):
+        check_close(f"{label}/{dtype}/{name}", a, t, r)
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_matches_float64_reference(backend, case):
     device = backend_device(backend)
-    truth_inputs = make_inputs(case, torch.float64, device)
-    grad_out = torch.randn(truth_inputs[0].shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    grad_out = grad_out.to(device)
-    out64, grads64 = run(case, truth_inputs, "reference", grad_out)
+    grad_out, truth = float64_truth(case, device)
     for dtype in _dtypes(backend):
-        out_ref, grads_ref = run(case, make_inputs(case, dtype, device), "reference", grad_out)
-        out, grads = run(case, make_inputs(case, dtype, device), backend, grad_out)
-        check_close(f"{case}/{dtype}/out", out, out64, out_ref)
-        for name, a, t, r in zip(("dq", "dk", "dv", "dmix"), grads, grads64, grads_ref):
-            check_close(f"{case}/{dtype}/{name}", a, t, r)
+        check_dtype_against_truth(case, case, backend, dtype, device, grad_out, truth)
 
 
 @pytest.mark.parametrize("causal, kind", [(True, None), (False, "key-padding"), (True, "additive")])
@@ -160,42 +176,21 @@ CPU_PATH_CASES = {
 }
 
 
-def _cpu_path_inputs(case, dtype):
-    batch, heads, n_q, n_k, dim, causal, kind = CPU_PATH_CASES[case]
-    g = torch.Generator().manual_seed(13)
-    q, k, v = (torch.randn(batch, heads, n, dim, generator=g, dtype=torch.float64) for n in (n_q, n_k, n_k))
-    mix = torch.eye(heads, dtype=torch.float64) + 0.3 * torch.randn(heads, heads, generator=g, dtype=torch.float64)
-    keep = None
-    if kind == "late-keys":  # batch 0's even query rows see only keys >= 600; one row sees none
-        keep = torch.ones(batch, 1, n_q, n_k, dtype=torch.bool)
-        keep[0, :, ::2, :600] = False
-        keep[0, :, 1] = False
-    grad_out = torch.randn(q.shape, generator=g, dtype=torch.float64)
-    return [t.to(dtype).requires_grad_() for t in (q, k, v, mix)], keep, causal, grad_out.to(dtype)
-
-
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("case", sorted(CPU_PATH_CASES))
 def test_cpu_kernel_paths_match_reference(case, threads):
     require_backend("cpu")
-    results = {}
     saved_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
     try:
-        for dtype, backend in ((torch.float64, "reference"), (torch.float64, "cpu"), (torch.float32, "reference"),
-                               (torch.float32, "cpu")):
-            inputs, keep, causal, grad_out = _cpu_path_inputs(case, dtype)
-            torch.set_num_threads(threads)
-            out = subspace_ops.head_mixing_attention(*inputs, attn_mask=keep, is_causal=causal, backend=backend)
-            results[dtype, backend] = (out, *torch.autograd.grad(out, inputs, grad_out))
+        grad_out, truth = float64_truth(case, "cpu", CPU_PATH_CASES)
+        ours64 = run(case, make_inputs(case, torch.float64, "cpu", CPU_PATH_CASES), "cpu", grad_out, CPU_PATH_CASES)
+        for name, actual, expected in zip(("out", "dq", "dk", "dv", "dmix"), (ours64[0], *ours64[1]),
+                                          (truth[0], *truth[1])):  # float64: the algorithm itself, tightly
+            torch.testing.assert_close(actual, expected, rtol=1e-9, atol=1e-11, msg=lambda m: f"{case}/{name}: {m}")
+        check_dtype_against_truth(case, case, "cpu", torch.float32, "cpu", grad_out, truth, CPU_PATH_CASES)
     finally:
         torch.set_num_threads(saved_threads)
-    names = ("out", "dq", "dk", "dv", "dmix")
-    truth, ours64 = results[torch.float64, "reference"], results[torch.float64, "cpu"]
-    ref32, ours32 = results[torch.float32, "reference"], results[torch.float32, "cpu"]
-    for name, actual, expected in zip(names, ours64, truth):  # float64: the algorithm itself, tightly
-        torch.testing.assert_close(actual, expected, rtol=1e-9, atol=1e-11, msg=lambda m: f"{case}/{name}: {m}")
-    for name, actual, expected, reference in zip(names, ours32, truth, ref32):
-        check_close(f"{case}/float32/{name}", actual, expected, reference)
 
 
 def test_cpu_memory_is_linear_in_sequence_length():
@@ -256,15 +251,9 @@ def chunked_triton(monkeypatch):
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_chunked_strategy_matches_float64_reference(chunked_triton, case):
-    truth_inputs = make_inputs(case, torch.float64, "cpu")
-    grad_out = torch.randn(truth_inputs[0].shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    out64, grads64 = run(case, truth_inputs, "reference", grad_out)
+    grad_out, truth = float64_truth(case, "cpu")
     for dtype in (torch.float32, torch.bfloat16):
-        out_ref, grads_ref = run(case, make_inputs(case, dtype, "cpu"), "reference", grad_out)
-        out, grads = run(case, make_inputs(case, dtype, "cpu"), chunked_triton, grad_out)
-        check_close(f"chunked/{case}/{dtype}/out", out, out64, out_ref)
-        for name, a, t, r in zip(("dq", "dk", "dv", "dmix"), grads, grads64, grads_ref):
-            check_close(f"chunked/{case}/{dtype}/{name}", a, t, r)
+        check_dtype_against_truth(f"chunked/{case}", case, chunked_triton, dtype, "cpu", grad_out, truth)
 
 
 @pytest.mark.parametrize("causal, kind", [(True, None), (False, "key-padding"), (True, "additive")])
