@@ -234,7 +234,7 @@ def test_any_flipped_byte_is_refused(saved, tmp_path):
     header_end = 8 + int.from_bytes(raw[:8], "little")
     offsets = [0, 3, 7] + list(range(8, header_end, max(1, (header_end - 8) // 40))) + list(
         range(header_end, len(raw), max(1, (len(raw) - header_end) // 20))
-    ) + [len(raw) - 1]
+    ) + [len(raw) - 1, raw.index(b"subspace_ops.adapter", 8, header_end) + 7]  # and one in the format field
     model = _adapted("vit-rlrr")
     before = _snapshot(model)
     bad = tmp_path / "flipped.safetensors"
