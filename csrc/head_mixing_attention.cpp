@@ -1,10 +1,14 @@
 // Head-mixing attention on the CPU (Coeff-Tuning, METHODS.md §3), O(N) memory per head.
 //
 // Forward, per (batch, block of query rows), all heads together:
-//   S_g = scale · Q_g K_gᵀ + mask          one batched GEMM (MKL)
+//   S_g = scale · Q_g K_gᵀ + mask          a GEMM per head (see below)
 //   P_g = exp(S_g − L_g)                    L_g = row log-sum-exp, saved for the backward
 //   M_h = Σ_g mix[h,g] P_g                  the head mix (a vectorized loop, head_mixing_tiles.cpp)
-//   O_h = M_h V_h                           one batched GEMM
+//   O_h = M_h V_h                           a GEMM per head
+// In float32 with a head size that is a multiple of 16, on an AVX-512 CPU, the forward's GEMMs (and
+// the backward's scores) run on register-blocked loops made for these thin tiles
+// (head_mixing_gemm.cpp, which also takes the row max from its registers); otherwise on ATen's
+// batched GEMMs (MKL).
 // When the whole key row of a block fits the tile budget (ViT, and N ≤ ~4k at H = 8) this is one
 // pass; otherwise a first pass over key blocks computes L and a second recomputes P block by block.
 //
@@ -32,8 +36,10 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
+#include "head_mixing_gemm.h"
 #include "head_mixing_tiles.h"
 
 namespace subspace_ops {
@@ -57,7 +63,7 @@ constexpr int64_t kMaxTileBytes = int64_t{2} << 20;
 constexpr int64_t kMinQueryRows = 8;
 constexpr int64_t kMaxQueryRows = 64;
 constexpr int64_t kKeyBlock = 128;   // the two-phase backward's key block (the dK/dV rows one item owns)
-constexpr int64_t kMixChunk = 512;   // keys mixed at once in the forward: [H, kMixChunk, rows]
+constexpr int64_t kMixChunk = 256;   // keys mixed at once in the forward: [H, kMixChunk, rows]
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
 
@@ -111,8 +117,8 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 // A flat per-thread buffer handing out contiguous [H, keys, rows] views.
 struct Tile {
   at::Tensor flat;
-  at::Tensor view(int64_t heads, int64_t keys, int64_t rows) {
-    return flat.narrow(0, 0, heads * keys * rows).view({heads, keys, rows});
+  at::Tensor view(int64_t heads, int64_t keys, int64_t rows, int64_t offset = 0) {
+    return flat.narrow(0, offset, heads * keys * rows).view({heads, keys, rows});
   }
 };
 
@@ -123,26 +129,62 @@ at::Tensor flat2d(const at::Tensor& t) { return t.view({t.size(0), t.size(1) * t
 
 tiles::Shape shape_of(const at::Tensor& tile) { return {tile.size(0), tile.size(1), tile.size(2), tile.stride(0)}; }
 
-// s [H, j1−j0, i1−i0] ← (scale · Q Kᵀ + mask)ᵀ for query rows [i0, i1) and keys [j0, j1);
-// causal entries (j > i) are −inf.
-void scores(const Problem& p, int64_t b, int64_t i0, int64_t i1, int64_t j0, int64_t j1, at::Tensor s) {
-  const at::Tensor q_rows = p.q[b].slice(1, i0, i1);
-  const at::Tensor k_rows = p.k[b].slice(1, j0, j1);
-  at::baddbmm_out(s, s, k_rows, q_rows.transpose(1, 2), /*beta=*/0, /*alpha=*/p.scale);
+// Whether the GEMMs run on head_mixing_gemm's AVX-512 loops (float32 with a head size they take)
+// rather than on ATen's (MKL) batched GEMMs.
+bool uses_own_gemm(const Problem& p) { return p.q.scalar_type() == at::kFloat && gemm::available(p.dim); }
+
+// Row `row` of head h of batch b of a contiguous [B, H, N, D] tensor; the head's rows follow at stride D.
+template <typename T>
+const T* head_rows(const at::Tensor& t, int64_t b, int64_t h, int64_t row) {
+  return t.const_data_ptr<T>() + ((b * t.size(1) + h) * t.size(2) + row) * t.size(3);
+}
+
+// The current query block's rows of every head, packed for gemm::scores_abt (scale folded in);
+// unused (empty) when the GEMMs are ATen's.
+using QueryPack = std::vector<gemm::PackedRows>;
+
+void pack_queries(const Problem& p, int64_t b, int64_t i0, int64_t i1, QueryPack& pack) {
+  if (!uses_own_gemm(p)) return;
+  pack.resize(p.heads);
+  for (int64_t h = 0; h < p.heads; ++h) {
+    gemm::pack_rows(head_rows<float>(p.q, b, h, i0), p.dim, i1 - i0, p.dim, static_cast<float>(p.scale), pack[h]);
+  }
+}
+
+// s [H, j1−j0, i1−i0] ← (scale · Q Kᵀ + mask)ᵀ for query rows [i0, i1) (packed in `pack`) and keys
+// [j0, j1); causal entries (j > i) are −inf. If block_max is not null, it receives the [H, rows]
+// row maxima of s (from the GEMM's registers when nothing is added to the scores afterwards).
+template <typename T>
+void scores(const Problem& p, int64_t b, int64_t i0, int64_t i1, int64_t j0, int64_t j1, at::Tensor& s,
+            const QueryPack& pack, T* block_max) {
+  const int64_t keys = j1 - j0, rows = i1 - i0;
+  const bool causal_cut = p.causal && j1 - 1 > i0;  // some key of the block is after some query row
+  const bool max_from_gemm = block_max != nullptr && !p.mask.defined() && !causal_cut;
+  bool own_gemm = false;
+  if constexpr (std::is_same_v<T, float>) {
+    own_gemm = uses_own_gemm(p);
+    for (int64_t h = 0; own_gemm && h < p.heads; ++h) {
+      gemm::scores_abt(head_rows<float>(p.k, b, h, j0), p.dim, keys, pack[h], s.data_ptr<float>() + h * s.stride(0),
+                       s.stride(1), max_from_gemm ? block_max + h * rows : nullptr);
+    }
+  }
+  if (!own_gemm) {
+    const at::Tensor q_rows = p.q[b].slice(1, i0, i1);
+    const at::Tensor k_rows = p.k[b].slice(1, j0, j1);
+    at::baddbmm_out(s, s, k_rows, q_rows.transpose(1, 2), /*beta=*/0, /*alpha=*/p.scale);
+  }
   if (p.mask.defined()) s.add_(p.mask[b].slice(1, i0, i1).slice(2, j0, j1).transpose(1, 2));
-  if (p.causal && j1 - 1 > i0) {
-    const int64_t keys = j1 - j0, rows = i1 - i0;
-    AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "head_mixing_causal", [&] {
-      scalar_t* data = s.data_ptr<scalar_t>();
-      const auto neg_inf = -std::numeric_limits<scalar_t>::infinity();
-      for (int64_t h = 0; h < p.heads; ++h) {
-        for (int64_t c = 0; c < keys; ++c) {  // key j0 + c is hidden from queries i < j0 + c
-          const int64_t hidden_rows = std::clamp(j0 + c - i0, int64_t{0}, rows);
-          scalar_t* key_row = data + (h * keys + c) * rows;
-          std::fill(key_row, key_row + hidden_rows, neg_inf);
-        }
+  if (causal_cut) {
+    T* data = s.data_ptr<T>();
+    for (int64_t h = 0; h < p.heads; ++h) {
+      for (int64_t c = 0; c < keys; ++c) {  // key j0 + c is hidden from queries i < j0 + c
+        T* key_row = data + h * s.stride(0) + c * rows;
+        std::fill(key_row, key_row + std::clamp(j0 + c - i0, int64_t{0}, rows), -std::numeric_limits<T>::infinity());
       }
-    });
+    }
+  }
+  if (block_max != nullptr && !(max_from_gemm && own_gemm)) {
+    tiles::row_max(s.data_ptr<T>(), shape_of(s), block_max);
   }
 }
 
@@ -231,7 +273,15 @@ void mix_and_accumulate(const Problem& p, int64_t b, int64_t j0, const at::Tenso
     const at::Tensor chunk = p_tile.slice(1, c0, c1);
     at::Tensor m = mixed.view(p.heads, c1 - c0, rows);
     tiles::mix_heads(coef, chunk.data_ptr<T>(), shape_of(chunk), m.data_ptr<T>(), m.stride(0));
-    o.baddbmm_(m.transpose(1, 2), p.v[b].slice(1, j0 + c0, j0 + c1));  // O_h += M_h V_h
+    bool own_gemm = false;
+    if constexpr (std::is_same_v<T, float>) {  // O_h += M_hᵀ V_h (M_h is key-major)
+      own_gemm = uses_own_gemm(p);
+      for (int64_t h = 0; own_gemm && h < p.heads; ++h) {
+        gemm::accumulate_atb(m.data_ptr<float>() + h * m.stride(0), rows, head_rows<float>(p.v, b, h, j0 + c0),
+                             p.dim, c1 - c0, rows, p.dim, o.data_ptr<float>() + h * o.stride(0), o.stride(1));
+      }
+    }
+    if (!own_gemm) o.baddbmm_(m.transpose(1, 2), p.v[b].slice(1, j0 + c0, j0 + c1));
   }
 }
 
@@ -240,6 +290,7 @@ struct ForwardScratch {
   Tile probs, mixed, acc;
   RowScratch<T> stats;
   std::vector<T> block_max, chunk_shifts;  // [H, rows] of the last key block; m_c: [key chunks, H, rows]
+  QueryPack query_pack;
   ForwardScratch(const Problem& p, const Blocking& blk)
       : probs(make_tile(p, blk.tile_elems)),
         mixed(make_tile(p, p.heads * kMixChunk * blk.query_rows)),
@@ -268,8 +319,7 @@ void fold_block_max(const T* block_max, int64_t n_stats, T* running_max, T* sums
 template <typename T>
 void score_and_fold(const Problem& p, int64_t b, int64_t i0, int64_t i1, int64_t j0, int64_t j1, at::Tensor& s,
                     ForwardScratch<T>& fs, T* running_max, T* sums, T* shift) {
-  scores(p, b, i0, i1, j0, j1, s);
-  tiles::row_max(s.data_ptr<T>(), shape_of(s), fs.block_max.data());
+  scores(p, b, i0, i1, j0, j1, s, fs.query_pack, fs.block_max.data());
   fold_block_max(fs.block_max.data(), s.size(0) * s.size(2), running_max, sums, shift);
   tiles::exp_shifted(s.data_ptr<T>(), shape_of(s), shift, sums);
 }
@@ -293,7 +343,7 @@ void forward_one_pass(const Problem& p, int64_t b, int64_t i0, int64_t i1, Forwa
   std::fill(running_max, running_max + n_stats, kNegInf);
   std::fill(sums, sums + n_stats, T(0));
   const auto chunk_tile = [&](int64_t c0, int64_t c1) {  // chunks packed one after another
-    return fs.probs.flat.narrow(0, p.heads * c0 * rows, p.heads * (c1 - c0) * rows).view({p.heads, c1 - c0, rows});
+    return fs.probs.view(p.heads, c1 - c0, rows, p.heads * c0 * rows);
   };
   for (int64_t c0 = 0, chunk = 0; c0 < keys; c0 += kMixChunk, ++chunk) {
     at::Tensor s = chunk_tile(c0, std::min(keys, c0 + kMixChunk));
@@ -301,8 +351,9 @@ void forward_one_pass(const Problem& p, int64_t b, int64_t i0, int64_t i1, Forwa
     std::copy(running_max, running_max + n_stats, fs.chunk_shifts.data() + chunk * n_stats);  // m_c
   }
   finish_lse(running_max, sums, n_stats, row_lse);
-  for (int64_t c0 = 0, chunk = 0; c0 < keys; c0 += kMixChunk, ++chunk) {
-    const int64_t c1 = std::min(keys, c0 + kMixChunk);
+  const int64_t n_chunks = (keys + kMixChunk - 1) / kMixChunk;
+  for (int64_t chunk = n_chunks - 1; chunk >= 0; --chunk) {  // the last chunks done are still in cache
+    const int64_t c0 = chunk * kMixChunk, c1 = std::min(keys, c0 + kMixChunk);
     const T* chunk_shift = fs.chunk_shifts.data() + chunk * n_stats;
     for (int64_t r = 0; r < n_stats; ++r) {  // P = exp(S − m_c) · exp(m_c − m) / Σ; 0 where masked
       shift[r] = sums[r] > 0 && chunk_shift[r] != kNegInf ? std::exp(chunk_shift[r] - running_max[r]) / sums[r] : T(0);
@@ -332,7 +383,7 @@ void forward_two_passes(const Problem& p, const Blocking& blk, int64_t b, int64_
   for (int64_t j0 = 0; j0 < keys; j0 += blk.key_block) {
     const int64_t j1 = std::min(keys, j0 + blk.key_block);
     at::Tensor s = fs.probs.view(p.heads, j1 - j0, rows);
-    scores(p, b, i0, i1, j0, j1, s);
+    scores(p, b, i0, i1, j0, j1, s, fs.query_pack, static_cast<T*>(nullptr));
     tiles::exp_shifted(s.data_ptr<T>(), shape_of(s), row_lse, static_cast<T*>(nullptr));
     mix_and_accumulate<T>(p, b, j0, s, coef, fs.mixed, o);
   }
@@ -351,6 +402,7 @@ void forward_items(const Problem& p, const Blocking& blk, at::Tensor& out, at::T
       const int64_t b = item / q_blocks, i0 = (item % q_blocks) * blk.query_rows;
       const int64_t i1 = std::min(p.n_q, i0 + blk.query_rows), rows = i1 - i0;
       at::Tensor o = fs.acc.view(p.heads, rows, p.dim).zero_();
+      pack_queries(p, b, i0, i1, fs.query_pack);
       if (p.key_end(i1) <= blk.key_block) {
         forward_one_pass(p, b, i0, i1, fs, o, row_lse.data());
       } else {
@@ -376,6 +428,7 @@ KeyGradients key_gradient_plan(const Problem& p, int64_t q_items) {
 
 struct BackwardTiles {
   Tile probs, dots, mixed;
+  QueryPack query_pack;
   BackwardTiles(const Problem& p, int64_t elems)
       : probs(make_tile(p, elems)), dots(make_tile(p, elems)), mixed(make_tile(p, elems)) {}
 };
@@ -407,8 +460,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_items(const 
 
   // probs ← P, dots ← T = V dOᵀ, mixed ← E_g = Σ_h mix[h, g] T_h, as [H, keys, rows] tiles.
   const auto tile_products = [&](int64_t b, int64_t i0, int64_t i1, int64_t j0, int64_t j1, const T* row_lse,
-                                 const T* coef_e, at::Tensor& s, at::Tensor& t, at::Tensor& e) {
-    scores(p, b, i0, i1, j0, j1, s);
+                                 const T* coef_e, const QueryPack& pack, at::Tensor& s, at::Tensor& t, at::Tensor& e) {
+    scores(p, b, i0, i1, j0, j1, s, pack, static_cast<T*>(nullptr));
     tiles::exp_shifted(s.data_ptr<T>(), shape_of(s), row_lse, static_cast<T*>(nullptr));
     at::bmm_out(t, p.v[b].slice(1, j0, j1), d_out[b].slice(1, i0, i1).transpose(1, 2));
     tiles::mix_heads(coef_e, t.data_ptr<T>(), shape_of(t), e.data_ptr<T>(), e.stride(0));
@@ -427,6 +480,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_items(const 
     const int64_t i1 = std::min(p.n_q, i0 + blk.query_rows), rows = i1 - i0, keys = p.key_end(i1);
     T *row_lse = stats.a.data(), *d = stats.b.data();
     load_rows(lse, b, i0, rows, row_lse);
+    pack_queries(p, b, i0, i1, tl.query_pack);
     std::fill(d, d + p.heads * rows, T(0));
     const T* coef_e = mixing_coefficients(mix_t, rows, stats.mix_t_coef);
     const T* coef_m = mixing_coefficients(p.mix, rows, stats.mix_coef);
@@ -439,7 +493,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_items(const 
         const int64_t j1 = std::min(keys, j0 + blk.key_block), cols = j1 - j0;
         at::Tensor s = tl.probs.view(p.heads, cols, rows), t = tl.dots.view(p.heads, cols, rows);
         at::Tensor e = tl.mixed.view(p.heads, cols, rows);
-        tile_products(b, i0, i1, j0, j1, row_lse, coef_e, s, t, e);
+        tile_products(b, i0, i1, j0, j1, row_lse, coef_e, tl.query_pack, s, t, e);
         if (pass == 0) {  // dmix[h, g] += Σ T_h ⊙ P_g ; D_g += rowsum(P_g ⊙ E_g)
           dmix.addmm_(flat2d(t), flat2d(s).t());
           tiles::add_row_dots(e.data_ptr<T>(), s.data_ptr<T>(), shape_of(e), d);
@@ -487,11 +541,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_items(const 
           T *row_lse = stats.a.data(), *d = stats.b.data();
           load_rows(lse, b, i0, rows, row_lse);
           load_rows(row_d, b, i0, rows, d);
+          pack_queries(p, b, i0, i1, tl.query_pack);
           const T* coef_e = mixing_coefficients(mix_t, rows, stats.mix_t_coef);
           const T* coef_m = mixing_coefficients(p.mix, rows, stats.mix_coef);
           at::Tensor s = tl.probs.view(p.heads, cols, rows), t = tl.dots.view(p.heads, cols, rows);
           at::Tensor e = tl.mixed.view(p.heads, cols, rows);
-          tile_products(b, i0, i1, j0, j1, row_lse, coef_e, s, t, e);
+          tile_products(b, i0, i1, j0, j1, row_lse, coef_e, tl.query_pack, s, t, e);
           tiles::softmax_grad(e.data_ptr<T>(), s.data_ptr<T>(), shape_of(e), d);
           key_grads(b, i0, i1, coef_m, s, t, e, dk[b].slice(1, j0, j1), dv[b].slice(1, j0, j1));
         }

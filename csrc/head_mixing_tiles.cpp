@@ -2,16 +2,22 @@
 //
 // The float entry points are compiled three times (AVX-512, AVX2, baseline x86-64) through GCC/Clang
 // function multiversioning, and the loader picks the widest one the CPU has: the extension is built
-// from source with the default -march, so without this every loop would be limited to SSE2.
+// from source with the default -march, so without this every loop would be limited to SSE2. The
+// float exp_shifted, the heaviest loop, also has a hand-written AVX-512 form (exp16 below), used
+// when the CPU has AVX-512.
 #include "head_mixing_tiles.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
 
 #if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
 #define SUBSPACE_OPS_ISA_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#define SUBSPACE_OPS_HAVE_AVX512_EXP 1
+#include <immintrin.h>
 #else
+#define SUBSPACE_OPS_HAVE_AVX512_EXP 0
 #define SUBSPACE_OPS_ISA_CLONES
 #endif
 #define SUBSPACE_OPS_INLINE inline __attribute__((always_inline))
@@ -79,6 +85,57 @@ SUBSPACE_OPS_INLINE void exp_shifted_impl(T* s, Shape shape, const T* shift, T* 
   }
 }
 
+#if SUBSPACE_OPS_HAVE_AVX512_EXP
+// exp_of for 16 floats with AVX-512's own rounding and 2ⁿ-scaling instructions (vrndscaleps,
+// vscalefps): the same polynomial in about 17 instructions, where the portable form compiles to ~28
+// (perf, H = 8, N = 2048: the exp pass's share of the forward fell from 10% to 7%). Max relative
+// error 8e-8 on [−87, 0], as
+// exp_of; 0 below −87 (and for −inf), NaN kept (the clamps return x when it is NaN).
+__attribute__((target("avx512f"), always_inline)) inline __m512 exp16(__m512 x) {
+  const __m512 clamped = _mm512_min_ps(_mm512_set1_ps(88.0f), _mm512_max_ps(_mm512_set1_ps(-87.0f), x));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(clamped, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), clamped);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860682030941723212e-6f), r);
+  __m512 poly = _mm512_set1_ps(1.9875691500e-4f);
+  poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(1.3981999507e-3f));
+  poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(8.3334519073e-3f));
+  poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(4.1665795894e-2f));
+  poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(1.6666665459e-1f));
+  poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(5.0000001201e-1f));
+  const __m512 y = _mm512_add_ps(_mm512_fmadd_ps(poly, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
+  const __mmask16 underflow = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_LT_OQ);
+  return _mm512_mask_blend_ps(underflow, _mm512_scalef_ps(y, n), _mm512_setzero_ps());
+}
+
+// exp_shifted for float with exp16, head by head and vector of rows by vector of rows, so that the
+// row sums stay in a register (a head's slice of a key chunk is L1-sized).
+__attribute__((target("avx512f"))) void exp_shifted_avx512(float* s, Shape shape, const float* shift, float* sums) {
+  for (int64_t h = 0; h < shape.heads; ++h) {
+    for (int64_t i0 = 0; i0 < shape.rows; i0 += 16) {
+      const __mmask16 lanes = static_cast<__mmask16>((1u << std::min<int64_t>(16, shape.rows - i0)) - 1u);
+      const __m512 row_shift = _mm512_maskz_loadu_ps(lanes, shift + h * shape.rows + i0);
+      __m512 row_sum = _mm512_setzero_ps();
+      float* x = s + h * shape.head_stride + i0;
+      for (int64_t c = 0; c < shape.keys; ++c, x += shape.rows) {
+        const __m512 p = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, x), row_shift));
+        _mm512_mask_storeu_ps(x, lanes, p);
+        row_sum = _mm512_add_ps(row_sum, p);
+      }
+      if (sums != nullptr) {
+        float* acc = sums + h * shape.rows + i0;
+        _mm512_mask_storeu_ps(acc, lanes, _mm512_add_ps(_mm512_maskz_loadu_ps(lanes, acc), row_sum));
+      }
+    }
+  }
+}
+
+bool cpu_has_avx512() {
+  static const bool has = __builtin_cpu_supports("avx512f");
+  return has;
+}
+#endif
+
 // One 64-byte vector of T; GCC/Clang lower it to whatever the clone's ISA has (1 zmm, 2 ymm, 4 xmm).
 template <typename T>
 struct Vector;
@@ -104,10 +161,10 @@ SUBSPACE_OPS_INLINE void store(T* p, const typename Vector<T>::type& v) {
 }
 
 constexpr int64_t kMaxVectorHeads = 64;  // mix_heads keeps one vector per input head on the stack (4 KB)
-
-// Key by key, all heads' vectors of a row block are loaded once and every output head is a chain of
-// FMAs over them (coefficients from L1): the tile is streamed once. Explicit vectors, because the
-// autovectorizer turns the same loop into one that keeps the accumulator in memory (2x slower).
+// Key row by key row (the tile is streamed once, in memory order), the row vectors of all input heads
+// are loaded once and every output head is a chain of FMAs over them (coefficients from L1).
+// Explicit vectors, because the autovectorizer turns the same loop into one that keeps the
+// accumulator in memory (2x slower).
 template <typename T>
 SUBSPACE_OPS_INLINE void mix_heads_impl(const T* coef, const T* src, Shape shape, T* dst, int64_t dst_head_stride) {
   using Vec = typename Vector<T>::type;
@@ -116,8 +173,9 @@ SUBSPACE_OPS_INLINE void mix_heads_impl(const T* coef, const T* src, Shape shape
   int64_t i0 = 0;
   if (heads <= kMaxVectorHeads) {
     Vec x[kMaxVectorHeads];
-    for (; i0 + kWidth <= rows; i0 += kWidth) {
-      for (int64_t c = 0; c < shape.keys; ++c) {
+    const int64_t full_rows = rows - rows % kWidth;
+    for (int64_t c = 0; c < shape.keys; ++c) {
+      for (i0 = 0; i0 < full_rows; i0 += kWidth) {
         for (int64_t g = 0; g < heads; ++g) x[g] = load(src + g * shape.head_stride + c * rows + i0);
         for (int64_t h = 0; h < heads; ++h) {
           const T* coef_h = coef + h * heads * rows + i0;
@@ -127,6 +185,7 @@ SUBSPACE_OPS_INLINE void mix_heads_impl(const T* coef, const T* src, Shape shape
         }
       }
     }
+    i0 = full_rows;
   }
   for (int64_t h = 0; h < heads; ++h) {  // the rows past the last full vector (all rows for H > 64)
     for (int64_t c = 0; c < shape.keys; ++c) {
@@ -169,6 +228,9 @@ SUBSPACE_OPS_ISA_CLONES void row_max(const float* s, Shape shape, float* out) { 
 void row_max(const double* s, Shape shape, double* out) { row_max_impl(s, shape, out); }
 
 SUBSPACE_OPS_ISA_CLONES void exp_shifted(float* s, Shape shape, const float* shift, float* sums) {
+#if SUBSPACE_OPS_HAVE_AVX512_EXP
+  if (cpu_has_avx512()) return exp_shifted_avx512(s, shape, shift, sums);
+#endif
   exp_shifted_impl(s, shape, shift, sums);
 }
 void exp_shifted(double* s, Shape shape, const double* shift, double* sums) { exp_shifted_impl(s, shape, shift, sums); }

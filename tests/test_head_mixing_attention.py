@@ -164,15 +164,22 @@ def test_opcheck_and_compile(fused_backend):
 
 
 # Shapes that take the C++ kernel's other paths (the small CASES all fit one query block and one
-# key chunk): several query blocks and the online row max over key chunks of 512 (first key chunk
+# key chunk): several query blocks and the online row max over key chunks of 256 (first key chunk
 # fully masked for some rows: the running max starts at -inf), and a key row longer than the tile
 # (two-pass forward, D in a first pass in the backward). Run at 1, 2 and 3 threads, so that the
 # backward shares dK/dV each way: owned batches (1 thread; B=2 at 2 threads), thread copies (B=1 at
 # 2 threads, self-attention), two phases (3 threads; the long key row at 2).
+# The "gemm-" cases have a head size that is a multiple of 16, so in float32 (on an AVX-512 CPU) they
+# run on csrc/head_mixing_gemm.cpp's loops: 45 query rows (a pair of row vectors, the second partial)
+# and 83 keys (blocks of 8 and leftovers) with a mask; causal with a second query block of 6 rows;
+# and the row max taken inside the score GEMM over three key chunks (no mask).
 CPU_PATH_CASES = {
     "key-chunks-causal": (1, 2, 1100, 1100, 8, True, None),
     "key-chunks-late-keys": (2, 2, 700, 1100, 8, False, "late-keys"),
     "long-key-row": (1, 2, 12, 40000, 8, False, "late-keys"),
+    "gemm-tails-additive": (2, 3, 45, 83, 48, False, "additive"),
+    "gemm-causal-d64": (1, 2, 70, 70, 64, True, None),
+    "gemm-chunks-d16": (1, 2, 40, 600, 16, False, None),
 }
 
 

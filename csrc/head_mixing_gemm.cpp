@@ -1,0 +1,171 @@
+// Register-blocked float32 GEMMs for the head-mixing kernel's tile shapes; see head_mixing_gemm.h.
+//
+// Both loops keep a block of C in 16 AVX-512 registers and stream the reduction dimension through
+// it: per step, two vector loads of one operand and eight broadcasts of the other feed 16 FMAs,
+// which keeps both FMA ports busy (16 independent accumulators cover the 4-cycle FMA latency) with
+// loads to spare. Blocks at the edges of a tile use the same loop with fewer registers.
+#include "head_mixing_gemm.h"
+
+#include <algorithm>
+#include <limits>
+#include <stdexcept>
+#include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define SUBSPACE_OPS_HAVE_AVX512_GEMM 1
+#include <immintrin.h>
+#define SUBSPACE_OPS_AVX512 __attribute__((target("avx512f")))
+#else
+#define SUBSPACE_OPS_HAVE_AVX512_GEMM 0
+#endif
+
+namespace subspace_ops::gemm {
+
+#if SUBSPACE_OPS_HAVE_AVX512_GEMM
+namespace {
+
+constexpr int64_t kLanes = 16;  // floats per AVX-512 vector
+
+// c[KB keys, 16·RV rows] = Σ_t a[key, t] · bt[t, row]: KB keys broadcast from a (row stride lda),
+// RV vectors of rows loaded from the packed bᵀ (row stride ldbt). The last vector stores only the
+// lanes in last_lanes (a tile's rows need not be a multiple of 16). With kMax, row_max[r] also
+// takes the maximum over the block's keys.
+template <int KB, int RV, bool kMax>
+SUBSPACE_OPS_AVX512 inline void scores_block(const float* a, int64_t lda, const float* bt, int64_t ldbt, int64_t dim,
+                                             float* c, int64_t ldc, __mmask16 last_lanes, __m512* row_max) {
+  __m512 acc[KB][RV];
+  for (int kk = 0; kk < KB; ++kk)
+    for (int r = 0; r < RV; ++r) acc[kk][r] = _mm512_setzero_ps();
+  for (int64_t t = 0; t < dim; ++t) {
+    __m512 row_vectors[RV];
+    for (int r = 0; r < RV; ++r) row_vectors[r] = _mm512_loadu_ps(bt + t * ldbt + r * kLanes);
+    for (int kk = 0; kk < KB; ++kk) {
+      const __m512 key_value = _mm512_set1_ps(a[kk * lda + t]);
+      for (int r = 0; r < RV; ++r) acc[kk][r] = _mm512_fmadd_ps(key_value, row_vectors[r], acc[kk][r]);
+    }
+  }
+  for (int kk = 0; kk < KB; ++kk) {
+    for (int r = 0; r < RV - 1; ++r) _mm512_storeu_ps(c + kk * ldc + r * kLanes, acc[kk][r]);
+    _mm512_mask_storeu_ps(c + kk * ldc + (RV - 1) * kLanes, last_lanes, acc[kk][RV - 1]);
+    if constexpr (kMax) {
+      for (int r = 0; r < RV; ++r) row_max[r] = _mm512_max_ps(row_max[r], acc[kk][r]);
+    }
+  }
+}
+
+// All keys for RV vectors of rows: KB keys at a time, then the leftover keys one by one.
+template <int KB, int RV, bool kMax>
+SUBSPACE_OPS_AVX512 void scores_rows(const float* a, int64_t lda, const float* bt, int64_t ldbt, int64_t keys,
+                                     int64_t dim, float* c, int64_t ldc, __mmask16 last_lanes, float* row_max) {
+  __m512 max_vectors[RV];
+  for (int r = 0; r < RV; ++r) max_vectors[r] = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  int64_t j = 0;
+  for (; j + KB <= keys; j += KB) {
+    scores_block<KB, RV, kMax>(a + j * lda, lda, bt, ldbt, dim, c + j * ldc, ldc, last_lanes, max_vectors);
+  }
+  for (; j < keys; ++j) scores_block<1, RV, kMax>(a + j * lda, lda, bt, ldbt, dim, c + j * ldc, ldc, last_lanes, max_vectors);
+  if constexpr (kMax) {
+    for (int r = 0; r < RV - 1; ++r) _mm512_storeu_ps(row_max + r * kLanes, max_vectors[r]);
+    _mm512_mask_storeu_ps(row_max + (RV - 1) * kLanes, last_lanes, max_vectors[RV - 1]);
+  }
+}
+
+// c[RB rows, 16·DV columns] += Σ_j a[j, row] · b[j, column]: RB rows broadcast from a (key-major,
+// row stride lda), DV vectors of columns loaded from b (row stride ldb).
+template <int RB, int DV>
+SUBSPACE_OPS_AVX512 inline void accumulate_block(const float* a, int64_t lda, const float* b, int64_t ldb,
+                                                 int64_t keys, float* c, int64_t ldc) {
+  __m512 acc[RB][DV];
+  for (int ii = 0; ii < RB; ++ii)
+    for (int v = 0; v < DV; ++v) acc[ii][v] = _mm512_loadu_ps(c + ii * ldc + v * kLanes);
+  for (int64_t j = 0; j < keys; ++j) {
+    __m512 columns[DV];
+    for (int v = 0; v < DV; ++v) columns[v] = _mm512_loadu_ps(b + j * ldb + v * kLanes);
+    for (int ii = 0; ii < RB; ++ii) {
+      const __m512 weight = _mm512_set1_ps(a[j * lda + ii]);
+      for (int v = 0; v < DV; ++v) acc[ii][v] = _mm512_fmadd_ps(weight, columns[v], acc[ii][v]);
+    }
+  }
+  for (int ii = 0; ii < RB; ++ii)
+    for (int v = 0; v < DV; ++v) _mm512_storeu_ps(c + ii * ldc + v * kLanes, acc[ii][v]);
+}
+
+// All rows for DV vectors of columns: 8 rows at a time, then 4, then one by one.
+template <int DV>
+SUBSPACE_OPS_AVX512 void accumulate_columns(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t keys,
+                                            int64_t rows, float* c, int64_t ldc) {
+  int64_t i = 0;
+  for (; i + 8 <= rows; i += 8) accumulate_block<8, DV>(a + i, lda, b, ldb, keys, c + i * ldc, ldc);
+  for (; i + 4 <= rows; i += 4) accumulate_block<4, DV>(a + i, lda, b, ldb, keys, c + i * ldc, ldc);
+  for (; i < rows; ++i) accumulate_block<1, DV>(a + i, lda, b, ldb, keys, c + i * ldc, ldc);
+}
+
+}  // namespace
+
+bool available(int64_t dim) {
+  static const bool cpu_has_avx512 = __builtin_cpu_supports("avx512f");
+  return cpu_has_avx512 && dim > 0 && dim % kLanes == 0;
+}
+
+void pack_rows(const float* b, int64_t ldb, int64_t rows, int64_t dim, float alpha, PackedRows& out) {
+  out.rows = rows;
+  out.dim = dim;
+  out.ld = (rows + kLanes - 1) / kLanes * kLanes;
+  out.data.resize(dim * out.ld);
+  for (int64_t t = 0; t < dim; ++t) {  // contiguous writes; the reads stride over ≤ 64 L1-resident rows
+    float* column = out.data.data() + t * out.ld;
+    for (int64_t i = 0; i < rows; ++i) column[i] = alpha * b[i * ldb + t];
+    std::fill(column + rows, column + out.ld, 0.0f);
+  }
+}
+
+template <bool kMax>
+SUBSPACE_OPS_AVX512 void scores_all_rows(const float* a, int64_t lda, int64_t keys, const PackedRows& b, float* c,
+                                         int64_t ldc, float* row_max) {
+  const int64_t vectors = b.ld / kLanes;
+  for (int64_t v = 0; v < vectors; v += 2) {
+    const bool pair = v + 1 < vectors;  // two vectors of rows per pass while there are two left
+    const int64_t last_start = (v + (pair ? 1 : 0)) * kLanes;
+    const auto last_lanes = static_cast<__mmask16>((1u << (std::min(b.rows, last_start + kLanes) - last_start)) - 1u);
+    const float* bt = b.data.data() + v * kLanes;
+    float* max_v = kMax ? row_max + v * kLanes : nullptr;
+    if (pair) {
+      scores_rows<8, 2, kMax>(a, lda, bt, b.ld, keys, b.dim, c + v * kLanes, ldc, last_lanes, max_v);
+    } else {
+      scores_rows<16, 1, kMax>(a, lda, bt, b.ld, keys, b.dim, c + v * kLanes, ldc, last_lanes, max_v);
+    }
+  }
+}
+
+void scores_abt(const float* a, int64_t lda, int64_t keys, const PackedRows& b, float* c, int64_t ldc,
+                float* row_max) {
+  if (row_max != nullptr) {
+    scores_all_rows<true>(a, lda, keys, b, c, ldc, row_max);
+  } else {
+    scores_all_rows<false>(a, lda, keys, b, c, ldc, row_max);
+  }
+}
+
+SUBSPACE_OPS_AVX512 void accumulate_atb(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t keys,
+                                        int64_t rows, int64_t dim, float* c, int64_t ldc) {
+  int64_t t = 0;
+  for (; t + 2 * kLanes <= dim; t += 2 * kLanes) accumulate_columns<2>(a, lda, b + t, ldb, keys, rows, c + t, ldc);
+  if (t < dim) accumulate_columns<1>(a, lda, b + t, ldb, keys, rows, c + t, ldc);  // dim % 32 == 16
+}
+
+#else  // not x86-64 GCC/Clang: never available, so never called
+
+bool available(int64_t) { return false; }
+void pack_rows(const float*, int64_t, int64_t, int64_t, float, PackedRows&) {
+  throw std::logic_error("gemm::pack_rows called where gemm::available() is false");
+}
+void scores_abt(const float*, int64_t, int64_t, const PackedRows&, float*, int64_t, float*) {
+  throw std::logic_error("gemm::scores_abt called where gemm::available() is false");
+}
+void accumulate_atb(const float*, int64_t, const float*, int64_t, int64_t, int64_t, int64_t, float*, int64_t) {
+  throw std::logic_error("gemm::accumulate_atb called where gemm::available() is false");
+}
+
+#endif
+
+}  // namespace subspace_ops::gemm

@@ -1,0 +1,40 @@
+// The two GEMM shapes of the head-mixing kernel's forward, for float32 on AVX-512 CPUs.
+//
+// The kernel multiplies thin query blocks (16–64 rows) by key chunks (256 keys) with a head size of
+// 16–256. For one head's 512-key × 32-row × 64 tile, MKL's sgemm (through ATen) measured 110 GFLOP/s
+// on one core of the 2-core Xeon this was tuned on, these loops 153 (the core's FMA peak measured
+// 218); in the kernel they also save ATen's per-call dispatch (thousands of small GEMMs per call)
+// and give the scores' row max from registers. On a CPU without AVX-512, or for a head size that is
+// not a multiple of 16, `available` is false and the caller uses ATen's GEMMs.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace subspace_ops::gemm {
+
+// Whether the loops below may be called for head size `dim` on this CPU.
+bool available(int64_t dim);
+
+// Query rows (b of C = alpha · A Bᵀ below) transposed, scaled by alpha and zero padded to whole
+// vectors: data[t · ld + i] = alpha · b[i, t]. Packed once per query block, reused for every key chunk.
+struct PackedRows {
+  std::vector<float> data;
+  int64_t rows = 0, dim = 0, ld = 0;
+};
+void pack_rows(const float* b, int64_t ldb, int64_t rows, int64_t dim, float alpha, PackedRows& out);
+
+// Scores, key-major: c[j, i] = alpha · Σ_t a[j, t] · b[i, t] for j < keys, i < b.rows, from the
+// packed b. a: [keys, b.dim] with row stride lda (keys of one head), c: [keys, b.rows] with row
+// stride ldc, overwritten. If row_max is not null it receives max over j of c[j, i] (taken while the
+// values are in registers; −inf for keys = 0).
+void scores_abt(const float* a, int64_t lda, int64_t keys, const PackedRows& b, float* c, int64_t ldc,
+                float* row_max);
+
+// Accumulation over keys: c[i, t] += Σ_j a[j, i] · b[j, t] for i < rows, t < dim (C += Aᵀ B; the
+// forward's O_h += M_hᵀ V_h with M_h key-major). a: [keys, rows] with row stride lda, b: [keys, dim]
+// with row stride ldb, c: [rows, dim] with row stride ldc.
+void accumulate_atb(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t keys, int64_t rows,
+                    int64_t dim, float* c, int64_t ldc);
+
+}  // namespace subspace_ops::gemm
