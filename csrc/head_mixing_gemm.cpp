@@ -102,10 +102,12 @@ SUBSPACE_OPS_AVX512 void accumulate_columns(const float* a, int64_t lda, const f
 
 }  // namespace
 
-bool available(int64_t dim) {
-  static const bool cpu_has_avx512 = __builtin_cpu_supports("avx512f");
-  return cpu_has_avx512 && dim > 0 && dim % kLanes == 0;
+bool cpu_has_avx512() {
+  static const bool has = __builtin_cpu_supports("avx512f");
+  return has;
 }
+
+bool available(int64_t dim) { return cpu_has_avx512() && dim > 0 && dim % kLanes == 0; }
 
 void pack_rows(const float* b, int64_t ldb, int64_t rows, int64_t dim, float alpha, PackedRows& out) {
   out.rows = rows;
@@ -155,6 +157,7 @@ SUBSPACE_OPS_AVX512 void accumulate_atb(const float* a, int64_t lda, const float
 
 #else  // not x86-64 GCC/Clang: never available, so never called
 
+bool cpu_has_avx512() { return false; }
 bool available(int64_t) { return false; }
 void pack_rows(const float*, int64_t, int64_t, int64_t, float, PackedRows&) {
   throw std::logic_error("gemm::pack_rows called where gemm::available() is false");

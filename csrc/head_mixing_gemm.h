@@ -13,6 +13,9 @@
 
 namespace subspace_ops::gemm {
 
+// Whether this CPU (and OS) runs AVX-512F code; checked once. Also picks head_mixing_tiles' AVX-512 exp.
+bool cpu_has_avx512();
+
 // Whether the loops below may be called for head size `dim` on this CPU.
 bool available(int64_t dim);
 

@@ -7,6 +7,8 @@
 // when the CPU has AVX-512.
 #include "head_mixing_tiles.h"
 
+#include "head_mixing_gemm.h"  // gemm::cpu_has_avx512
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -130,10 +132,6 @@ __attribute__((target("avx512f"))) void exp_shifted_avx512(float* s, Shape shape
   }
 }
 
-bool cpu_has_avx512() {
-  static const bool has = __builtin_cpu_supports("avx512f");
-  return has;
-}
 #endif
 
 // One 64-byte vector of T; GCC/Clang lower it to whatever the clone's ISA has (1 zmm, 2 ymm, 4 xmm).
@@ -170,12 +168,12 @@ SUBSPACE_OPS_INLINE void mix_heads_impl(const T* coef, const T* src, Shape shape
   using Vec = typename Vector<T>::type;
   constexpr int64_t kWidth = sizeof(Vec) / sizeof(T);
   const int64_t heads = shape.heads, rows = shape.rows;
-  int64_t i0 = 0;
-  if (heads <= kMaxVectorHeads) {
+  // Rows covered by whole vectors (none for H > 64); the rest go through the scalar loop below.
+  const int64_t vector_rows = heads <= kMaxVectorHeads ? rows - rows % kWidth : 0;
+  if (vector_rows > 0) {
     Vec x[kMaxVectorHeads];
-    const int64_t full_rows = rows - rows % kWidth;
     for (int64_t c = 0; c < shape.keys; ++c) {
-      for (i0 = 0; i0 < full_rows; i0 += kWidth) {
+      for (int64_t i0 = 0; i0 < vector_rows; i0 += kWidth) {
         for (int64_t g = 0; g < heads; ++g) x[g] = load(src + g * shape.head_stride + c * rows + i0);
         for (int64_t h = 0; h < heads; ++h) {
           const T* coef_h = coef + h * heads * rows + i0;
@@ -185,16 +183,15 @@ SUBSPACE_OPS_INLINE void mix_heads_impl(const T* coef, const T* src, Shape shape
         }
       }
     }
-    i0 = full_rows;
   }
   for (int64_t h = 0; h < heads; ++h) {  // the rows past the last full vector (all rows for H > 64)
     for (int64_t c = 0; c < shape.keys; ++c) {
       T* out = dst + h * dst_head_stride + c * rows;
-      for (int64_t i = i0; i < rows; ++i) out[i] = 0;
+      for (int64_t i = vector_rows; i < rows; ++i) out[i] = 0;
       for (int64_t g = 0; g < heads; ++g) {
         const T* coef_hg = coef + (h * heads + g) * rows;
         const T* x = src + g * shape.head_stride + c * rows;
-        for (int64_t i = i0; i < rows; ++i) out[i] += coef_hg[i] * x[i];
+        for (int64_t i = vector_rows; i < rows; ++i) out[i] += coef_hg[i] * x[i];
       }
     }
   }
@@ -229,7 +226,7 @@ void row_max(const double* s, Shape shape, double* out) { row_max_impl(s, shape,
 
 SUBSPACE_OPS_ISA_CLONES void exp_shifted(float* s, Shape shape, const float* shift, float* sums) {
 #if SUBSPACE_OPS_HAVE_AVX512_EXP
-  if (cpu_has_avx512()) return exp_shifted_avx512(s, shape, shift, sums);
+  if (gemm::cpu_has_avx512()) return exp_shifted_avx512(s, shape, shift, sums);
 #endif
   exp_shifted_impl(s, shape, shift, sums);
 }
