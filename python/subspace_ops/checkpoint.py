@@ -366,12 +366,11 @@ def _read(path: str) -> tuple[dict[str, Tensor], dict[str, str]]:
 
 
 def _parse_metadata(path: str, metadata: dict[str, str]) -> dict[str, Any]:
-    # A header carrying our checksum claims to be ours, so a mismatch is checked first: the damaged
-    # field may be any, 'format' included (a flipped byte there is corruption, not a foreign file).
+    # A header carrying our checksum claims to be ours, so a wrong format is a foreign file only when
+    # that checksum is absent or intact; otherwise the damaged field may be any, 'format' included
+    # (a flipped byte there is corruption, not a foreign file).
     header_intact = metadata.get("header_sha256") == _header_digest(metadata)
-    if "header_sha256" in metadata and not header_intact:
-        raise AdapterLoadError(path, "corrupt or edited header: its checksum does not match")
-    if metadata.get("format") != FORMAT:
+    if metadata.get("format") != FORMAT and (header_intact or "header_sha256" not in metadata):
         raise AdapterLoadError(
             path, f"header format is {metadata.get('format')!r}, expected {FORMAT!r}: not written by save_adapter"
         )
