@@ -11,8 +11,8 @@ compiled kernels are looked at.
 
 For each kernel and case it reports the configs compiled, the largest shared memory asked for and
 the registers used, and it fails (exit status 1) when a kernel does not compile or when none of a
-launch's configs fits the chip's shared memory. Spilled registers (local memory) are reported as
-warnings: they cost speed, not correctness.
+launch's configs fits the chip's shared memory. Register spills (the per-thread stack frame, which
+holds them) are reported as warnings: they cost speed, not correctness.
 
     python scripts/triton_aot_check.py                 # sm_90 (H100/H200), every dtype and config
     python scripts/triton_aot_check.py --quick         # one config per launch, bfloat16 only
@@ -40,6 +40,8 @@ from typing import Callable, Optional
 
 # Largest dynamic shared memory one block may use, by compute capability (CUDA programming guide).
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
+# SMs of the target, for the wrappers that size their grids by it (A100, H100/H200 SXM, B200).
+SMS = {80: 108, 90: 132, 100: 148}
 
 
 @dataclasses.dataclass
@@ -52,7 +54,7 @@ class Compiled:
     seconds: float
     shared: int = 0
     registers: Optional[int] = None
-    local_bytes: Optional[int] = None
+    stack_bytes: Optional[int] = None  # per-thread stack frame: where spilled registers go
     error: Optional[str] = None
 
 
@@ -98,7 +100,7 @@ def _install_compile_only_triton(arch: int, quick: bool, record: Callable[[Compi
             entry.error = f"{type(error).__name__}: {str(error).strip().splitlines()[-1][:300]}"
         else:
             entry.shared = int(kernel.metadata.shared)
-            entry.registers, entry.local_bytes = _resource_usage(cuobjdump, kernel.asm["cubin"])
+            entry.registers, entry.stack_bytes = _resource_usage(cuobjdump, kernel.asm["cubin"])
         entry.seconds = time.perf_counter() - start
         record(entry)
         return None
@@ -115,18 +117,27 @@ def _install_compile_only_triton(arch: int, quick: bool, record: Callable[[Compi
 
 
 def _resource_usage(cuobjdump: str, cubin: bytes) -> tuple[Optional[int], Optional[int]]:
-    """(registers per thread, local-memory bytes per thread: spills) read from the cubin."""
+    """(registers per thread, stack-frame bytes per thread) read from the cubin. Triton kernels keep no
+    arrays on the stack, so a stack frame is where ptxas put spilled registers (cuobjdump's LOCAL
+    column stays 0 for spills)."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
         out = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
     regs = re.search(r"REG:(\d+)", out)
-    local = re.search(r"LOCAL:(\d+)", out)
-    return (int(regs.group(1)) if regs else None, int(local.group(1)) if local else None)
+    stack = re.search(r"STACK:(\d+)", out)
+    return (int(regs.group(1)) if regs else None, int(stack.group(1)) if stack else None)
 
 
-def _cases(dtypes: list, quick: bool) -> list[tuple[str, Callable[[], None]]]:
-    """(name, call) pairs: each call runs launch wrappers as the ops do on CUDA."""
+# Input types to compile for: a torch dtype, and for float32 whether torch allows TF32 matmuls, which
+# decides tl.dot's precision (matmul_precision): "float32" is IEEE fp32 (FMA, torch's default),
+# "float32+tf32" the tensor-core path.
+PRECISIONS = {"bfloat16": ("bfloat16", False), "float16": ("float16", False), "float32": ("float32", False),
+              "float32+tf32": ("float32", True)}
+
+
+def _cases(precisions: list, quick: bool) -> list[tuple[str, Callable[[], None], bool]]:
+    """(name, call, launches) triples: each call runs launch wrappers as the ops do on CUDA."""
     import torch
 
     from subspace_ops.triton_kernels import head_mixing_attention as hm
@@ -135,24 +146,29 @@ def _cases(dtypes: list, quick: bool) -> list[tuple[str, Callable[[], None]]]:
     from subspace_ops.triton_kernels import svd_delta_linear as sv
 
     cases = []  # (name, call, whether the call launches Triton kernels)
-    for dtype in dtypes:
-        name = str(dtype).replace("torch.", "")
+    for name in precisions:
+        dtype, tf32 = getattr(torch, PRECISIONS[name][0]), PRECISIONS[name][1]
 
-        def randn(*shape, dtype=dtype):
+        # Every case binds this dtype's randn as a default argument: a free variable would be looked
+        # up when the case runs, after the loop has moved on, and every case would use the last dtype.
+        def randn(*shape, dtype=dtype, tf32=tf32):
+            torch.backends.cuda.matmul.allow_tf32 = tf32  # read by the wrappers at launch
             return torch.randn(*shape, dtype=dtype)
 
-        # Rescaled linear: ViT-B width and an odd K (masked K tail), rank 1 and 4, every gradient.
-        for m, k, n, r in [(256, 768, 768, 1), (64, 760, 520, 4)]:
-            def rescaled(m=m, k=k, n=n, r=r):
+        # Rescaled linear: ViT-B width at rank 1 and 4, and an odd K (masked K tail); frozen W (the
+        # scales kernel splits M) and trained W (dW needs one program per tile).
+        for m, k, n, r in [(256, 768, 768, 1), (256, 768, 768, 4), (64, 760, 520, 4)]:
+            def rescaled(m=m, k=k, n=n, r=r, randn=randn):
                 x, w, s_l, s_r, b = randn(m, k), randn(n, k), randn(n, r), randn(k, r), randn(n)
                 rl.rescaled_linear_forward(x, w, s_l, s_r, b, True)
                 rl.rescaled_linear_forward(x, w, s_l, s_r, None, False)
-                rl.rescaled_linear_backward(randn(m, n), x, w, s_l, s_r, True, True, True, True)
+                rl.rescaled_linear_backward(randn(m, n), x, w, s_l, s_r, True, True, False, True)
+                rl.rescaled_linear_backward(randn(m, n), x, w, s_l, s_r, True, False, True, True)
             cases.append((f"rescaled_linear {name} M{m} K{k} N{n} r{r}", rescaled, True))
 
         # SVD delta: ViT-B q/v with k = 400 and a rank-1 basis.
         for m, k, n, rank in [(256, 768, 768, 400), (64, 760, 520, 1)]:
-            def svd(m=m, k=k, n=n, rank=rank):
+            def svd(m=m, k=k, n=n, rank=rank, randn=randn):
                 x, w, u, v, d = randn(m, k), randn(n, k), randn(n, rank), randn(k, rank), randn(rank)
                 sv.svd_delta_linear_forward(x, w, u, v, d, randn(n))
                 sv.svd_delta_linear_backward(randn(m, n), x, w, u, v, d, True, True)
@@ -160,7 +176,7 @@ def _cases(dtypes: list, quick: bool) -> list[tuple[str, Callable[[], None]]]:
 
         # Low-rank linear: LoRA (no G), AdaLoRA (diagonal G), FLoRA (full G), with and without dropout.
         for g_kind, dropout in [("none", False), ("diag", True), ("full", False)]:
-            def lowrank(g_kind=g_kind, dropout=dropout, m=256, k=768, n=768, r=16):
+            def lowrank(g_kind=g_kind, dropout=dropout, m=256, k=768, n=768, r=16, randn=randn):
                 x, w, a, b = randn(m, k), randn(n, k), randn(n, r), randn(r, k)
                 g = {"none": None, "diag": randn(r), "full": randn(r, r)}[g_kind]
                 x_dropped = randn(m, k) if dropout else None
@@ -176,7 +192,8 @@ def _cases(dtypes: list, quick: bool) -> list[tuple[str, Callable[[], None]]]:
                   (2, 12, 64, 64, 64, False, True),
                   (1, 4, 128, 128, 256, False, False), (1, 16, 128, 128, 80, False, False)]
         for batch, heads, n_q, n_k, dim, causal, masked in shapes[:3] if quick else shapes:
-            def attention(batch=batch, heads=heads, n_q=n_q, n_k=n_k, dim=dim, causal=causal, masked=masked):
+            def attention(batch=batch, heads=heads, n_q=n_q, n_k=n_k, dim=dim, causal=causal, masked=masked,
+                          randn=randn):
                 q, k, v = randn(batch, heads, n_q, dim), randn(batch, heads, n_k, dim), randn(batch, heads, n_k, dim)
                 mix = randn(heads, heads)
                 mask = randn(batch, 1, 1, n_k).expand(batch, heads, n_q, n_k) if masked else None
@@ -193,20 +210,19 @@ def _cases(dtypes: list, quick: bool) -> list[tuple[str, Callable[[], None]]]:
 def main(argv: Optional[list] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (default 90: H100/H200)")
-    parser.add_argument("--dtype", action="append", choices=["bfloat16", "float16", "float32"],
-                        help="repeatable (default: all three; bfloat16 with --quick)")
+    parser.add_argument("--dtype", action="append", choices=list(PRECISIONS),
+                        help="repeatable (default: all; bfloat16 with --quick); float32 is IEEE, float32+tf32 "
+                             "with torch.backends.cuda.matmul.allow_tf32")
+    parser.add_argument("--only", metavar="TEXT", help="only the cases whose name contains TEXT")
     parser.add_argument("--quick", action="store_true", help="one config per launch and fewer attention shapes")
     parser.add_argument("--json", metavar="PATH", help="write every compiled kernel's record here")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("unset TRITON_INTERPRET: it replaces the kernels by interpreted ones, which do not compile")
 
-    import torch
-
     from subspace_ops.triton_kernels import _common
 
-    dtypes = [getattr(torch, d) for d in (args.dtype or (["bfloat16"] if args.quick else
-                                                          ["bfloat16", "float16", "float32"]))]
+    precisions = args.dtype or (["bfloat16"] if args.quick else list(PRECISIONS))
     records: list[Compiled] = []
     state = {"case": ""}
     try:
@@ -216,12 +232,15 @@ def main(argv: Optional[list] = None) -> int:
         return 2
     # The wrappers pick CUDA tiles and CUDA matmul precision for CUDA tensors; these are CPU tensors.
     _common.targets_gpu = lambda t: True
+    _common._device_sms = lambda device: SMS.get(args.arch, 132)
 
     failed = False
     limit = SHARED_LIMIT.get(args.arch)
     print(f"Triton AOT compile for sm_{args.arch} (shared memory limit "
-          f"{limit if limit else 'unknown'} bytes): {', '.join(str(d).replace('torch.', '') for d in dtypes)}")
-    for case, call, launches in _cases(dtypes, args.quick):
+          f"{limit if limit else 'unknown'} bytes): {', '.join(precisions)}")
+    for case, call, launches in _cases(precisions, args.quick):
+        if args.only and args.only not in case:
+            continue
         state["case"] = case
         first = len(records)
         call()
@@ -237,7 +256,7 @@ def main(argv: Optional[list] = None) -> int:
             errors = [r for r in runs if r.error]
             ok = [r for r in runs if not r.error]
             fits = [r for r in ok if limit is None or r.shared <= limit]
-            spills = [r for r in ok if r.local_bytes]
+            spills = [r for r in ok if r.stack_bytes]
             status = "ok  " if not errors and fits else "FAIL"
             failed |= status == "FAIL"
             detail = (f"{len(ok)}/{len(runs)} configs, shared <= {max((r.shared for r in ok), default=0)} B, "
@@ -249,7 +268,7 @@ def main(argv: Optional[list] = None) -> int:
             if ok and not fits:
                 print(f"       no config fits {limit} B of shared memory")
             for r in spills:
-                print(f"       warning: {r.local_bytes} B/thread local memory (spills) [{r.config}]")
+                print(f"       warning: {r.stack_bytes} B/thread stack frame (register spills) [{r.config}]")
     if args.json:
         with open(args.json, "w") as f:
             json.dump([dataclasses.asdict(r) for r in records], f, indent=1)

@@ -11,6 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from conftest import require_backend
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,3 +28,31 @@ def test_triton_kernels_compile_for_sm90():
         pytest.skip(result.stdout.strip().splitlines()[-1])
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
     assert "all ok" in result.stdout
+
+
+@pytest.mark.triton
+def test_gemm_configs_follow_dtype_and_precision():
+    """The GEMM kernels' autotune configs are sized for 2-byte inputs; the prune hook picks what each
+    other input type compiles to without spilling (checked by the AOT script above)."""
+    require_backend("triton")
+    import triton
+
+    from subspace_ops.triton_kernels._common import FMA_TILES, TENSOR_CORE_TILES, gemm_configs, prune_gemm_configs
+
+    configs = gemm_configs("BLOCK_M", "BLOCK_N", "BLOCK_K")
+    prune = prune_gemm_configs("BLOCK_K", {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16}, fma_names=("BLOCK_M", "BLOCK_N"))
+
+    def tiles(pruned):
+        return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
+                for c in pruned]
+
+    def pruned(dtype, precision):
+        return tiles(prune(configs, {"x_ptr": torch.empty(1, dtype=dtype), "M": 8}, PRECISION=precision))
+
+    assert pruned(torch.bfloat16, "ieee") == list(TENSOR_CORE_TILES)
+    assert pruned(torch.float32, "ieee") == list(FMA_TILES)
+    halved = pruned(torch.float32, "tf32")
+    assert {(m, n, k * 2, w, s) for m, n, k, w, s in halved} == set(TENSOR_CORE_TILES)
+    assert len(halved) == len(set(halved))
+    assert pruned(torch.float64, "ieee") == [(64, 64, 16, 4, 2)]
+    assert all(isinstance(c, triton.Config) for c in configs)

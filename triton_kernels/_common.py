@@ -1,14 +1,18 @@
-"""Helpers shared by the Triton kernels: tile order, interpreter detection, matmul precision."""
+"""Helpers shared by the Triton kernels: tile order, GEMM tiles per dtype, interpreter detection,
+matmul precision."""
 
 from __future__ import annotations
 
+import functools
 import os
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["accumulation_types", "grouped_tile", "interpreting", "matmul_precision", "targets_gpu"]
+__all__ = ["accumulation_types", "gemm_configs", "grouped_tile", "interpreting", "m_chunk", "matmul_precision",
+           "num_sms", "prune_gemm_configs", "targets_gpu"]
 
 
 @triton.jit
@@ -45,3 +49,70 @@ def matmul_precision(t: torch.Tensor) -> str:
 def accumulation_types(t: torch.Tensor):
     """(Triton, torch) accumulation dtype: float64 for float64 inputs, float32 otherwise."""
     return (tl.float64, torch.float64) if t.dtype == torch.float64 else (tl.float32, torch.float32)
+
+
+# GEMM tiles as (output rows, output columns, reduction step, warps, stages).
+# Tensor-core tiles for 2-byte inputs on an H100. Per ptxas for sm_90a (bf16), the 4-warp ones fit
+# two programs per SM, so one program's MMA can overlap the other's elementwise prologue work.
+TENSOR_CORE_TILES = (
+    (128, 128, 64, 8, 3), (128, 128, 64, 4, 3), (256, 128, 64, 8, 3),
+    (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 32, 4, 4),
+)
+# float32 with IEEE precision (torch's default: TF32 off) runs tl.dot on the FMA units, whose operands
+# live in registers: the tensor-core tiles there compile to 32 registers and 6-15 KB of spills per
+# thread (ptxas, sm_90, scripts/triton_aot_check.py). These compile without spilling, for the plain
+# GEMMs and for the ones that modulate an operand tile first.
+FMA_TILES = ((128, 128, 8, 8, 3), (64, 128, 16, 8, 3), (128, 64, 16, 8, 3), (64, 64, 16, 4, 3), (64, 64, 8, 4, 3))
+
+
+def gemm_configs(rows: str, cols: str, red: str, tiles=TENSOR_CORE_TILES) -> list:
+    """Autotuner configs from ``tiles``, naming the kernel's row, column and reduction block sizes."""
+    return [triton.Config({rows: r, cols: c, red: k, "GROUP": 8}, num_warps=w, num_stages=s)
+            for r, c, k, w, s in tiles]
+
+
+def prune_gemm_configs(red: str, fp64_tile: dict, fma_names: Optional[tuple] = None):
+    """An ``early_config_prune`` hook for configs sized for 2-byte inputs (the first tensor argument
+    decides): float64 (no tensor cores) gets ``fp64_tile`` alone; float32 gets half the reduction step
+    (shared memory), or with ``fma_names = (rows, cols)`` and IEEE precision, :data:`FMA_TILES`."""
+
+    def prune(configs, named_args, **kwargs):
+        size = next(v for v in named_args.values() if isinstance(v, torch.Tensor)).element_size()
+        if size <= 2:
+            return configs
+        if size == 8:
+            return [triton.Config({**configs[0].kwargs, **fp64_tile}, num_warps=4, num_stages=2)]
+        if fma_names is not None and kwargs.get("PRECISION") == "ieee":
+            return gemm_configs(*fma_names, red, tiles=FMA_TILES)
+        halved = {}
+        for cfg in configs:
+            kw = {**cfg.kwargs, red: cfg.kwargs[red] // 2}
+            halved.setdefault(tuple(sorted(kw.items())) + (cfg.num_warps, cfg.num_stages),
+                              triton.Config(kw, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+        return list(halved.values())
+
+    return prune
+
+
+@functools.lru_cache(maxsize=None)
+def _device_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def num_sms(t: torch.Tensor) -> int:
+    """Streaming multiprocessors of ``t``'s GPU (scripts/triton_aot_check.py answers for its target)."""
+    return _device_sms(t.device)
+
+
+def m_chunk(M: int, tiles: int, sms: int, align: int) -> int:
+    """Rows of M per program for kernels that reduce G = gyᵀ x over M for each of ``tiles`` output
+    tiles: with few tiles (768×768 in 128×128 tiles: 36) one program per tile would leave most SMs
+    idle, so M is split into chunks whose partial results are summed afterwards. Minimizes
+    waves × (rows + epilogue), the epilogue costed like 2·align rows of main loop; a multiple of align."""
+    best_rows, best_cost = M, None
+    for split in range(1, min(32, triton.cdiv(M, 2 * align)) + 1):
+        rows = triton.cdiv(triton.cdiv(M, split), align) * align
+        cost = triton.cdiv(tiles * triton.cdiv(M, rows), sms) * (rows + 2 * align)
+        if best_cost is None or cost < best_cost:
+            best_rows, best_cost = rows, cost
+    return best_rows

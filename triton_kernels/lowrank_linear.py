@@ -34,7 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import grouped_tile as _grouped_tile, interpreting as _interpreting, matmul_precision as _precision
+from ._common import gemm_configs as _gemm_configs, grouped_tile as _grouped_tile, interpreting as _interpreting
+from ._common import matmul_precision as _precision, prune_gemm_configs as _prune_gemm_configs
 
 __all__ = ["lowrank_linear_forward", "lowrank_linear_backward", "gemm_lowrank"]
 
@@ -91,36 +92,10 @@ def _gemm_lowrank_kernel(
 _INTERPRETER_BLOCKS = dict(BLOCK_M=16, BLOCK_C=16, BLOCK_D=16, GROUP=4)
 
 
-def _configs() -> list:
-    """H100 tiles for 2-byte inputs: (output rows, output columns, reduction step, warps, stages)."""
-    shapes = [
-        (128, 128, 64, 8, 3), (128, 128, 64, 4, 3), (256, 128, 64, 8, 3),
-        (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 32, 4, 4),
-    ]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_C": bc, "BLOCK_D": bd, "GROUP": 8}, num_warps=w, num_stages=s)
-            for bm, bc, bd, w, s in shapes]
-
-
-def _prune_for_dtype(configs, named_args, **kwargs):
-    """The configs are sized for 2-byte inputs; fp32 gets half the reduction step (shared memory),
-    fp64 (no tensor cores) one small tile."""
-    size = named_args["p_ptr"].element_size()
-    if size <= 2:
-        return configs
-    if size == 8:
-        return [triton.Config({**configs[0].kwargs, "BLOCK_M": 64, "BLOCK_C": 64, "BLOCK_D": 16},
-                              num_warps=4, num_stages=2)]
-    halved = {}
-    for cfg in configs:
-        kw = {**cfg.kwargs, "BLOCK_D": cfg.kwargs["BLOCK_D"] // 2}
-        halved.setdefault(tuple(sorted(kw.items())) + (cfg.num_warps, cfg.num_stages),
-                          triton.Config(kw, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
-    return list(halved.values())
-
-
 _gemm_lowrank_tuned = triton.autotune(
-    _configs(), key=["M", "C", "D", "R", "HAS_LOWRANK", "HAS_BIAS"],
-    prune_configs_by={"early_config_prune": _prune_for_dtype},
+    _gemm_configs("BLOCK_M", "BLOCK_C", "BLOCK_D"), key=["M", "C", "D", "R", "HAS_LOWRANK", "HAS_BIAS"],
+    prune_configs_by={"early_config_prune": _prune_gemm_configs(
+        "BLOCK_D", dict(BLOCK_M=64, BLOCK_C=64, BLOCK_D=16), fma_names=("BLOCK_M", "BLOCK_C"))},
 )(triton.heuristics({"EVEN_D": lambda a: a["D"] % a["BLOCK_D"] == 0})(_gemm_lowrank_kernel))
 
 

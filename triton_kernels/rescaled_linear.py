@@ -26,14 +26,15 @@ tile is used.
 
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import accumulation_types as _acc, grouped_tile as _grouped_tile, interpreting as _interpreting, matmul_precision as _precision
+from ._common import accumulation_types as _acc, gemm_configs as _gemm_configs, grouped_tile as _grouped_tile
+from ._common import interpreting as _interpreting, matmul_precision as _precision
+from ._common import m_chunk as _m_chunk, num_sms as _num_sms, prune_gemm_configs as _prune_gemm_configs
 
 __all__ = ["rescaled_linear_forward", "rescaled_linear_backward"]
 
@@ -198,38 +199,6 @@ _INTERPRETER_BLOCKS = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP=4)
 _INTERPRETER_SMS = 32  # a pretend SM count with which small test shapes exercise the M split
 
 
-def _gemm_configs(out_cols: str, red: str) -> list:
-    """H100 tiles for 2-byte inputs, as (output rows, output columns, reduction step, warps, stages).
-    Per ptxas for sm_90a (bf16), the 4-warp ones fit two programs per SM, so one program's MMA can
-    overlap the other's W-tile modulation; BLOCK_M=256 instead amortizes that modulation over more rows."""
-    shapes = [
-        (128, 128, 64, 8, 3), (128, 128, 64, 4, 3), (256, 128, 64, 8, 3),
-        (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 32, 4, 4),
-    ]
-    return [triton.Config({"BLOCK_M": bm, out_cols: bc, red: br, "GROUP": 8}, num_warps=w, num_stages=s)
-            for bm, bc, br, w, s in shapes]
-
-
-def _for_dtype(red: str, fp64_tile: dict):
-    """An early_config_prune hook: the configs are sized for 2-byte inputs. fp32 tiles would not fit
-    in shared memory, so they get half the reduction step; fp64 (no tensor cores) one small tile."""
-
-    def prune(configs, named_args, **kwargs):
-        size = next(v for v in named_args.values() if isinstance(v, torch.Tensor)).element_size()
-        if size <= 2:
-            return configs
-        if size == 8:
-            return [triton.Config({**configs[0].kwargs, **fp64_tile}, num_warps=4, num_stages=2)]
-        halved = {}
-        for cfg in configs:
-            kw = {**cfg.kwargs, red: cfg.kwargs[red] // 2}
-            halved.setdefault(tuple(sorted(kw.items())) + (cfg.num_warps, cfg.num_stages),
-                              triton.Config(kw, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
-        return list(halved.values())
-
-    return {"early_config_prune": prune}
-
-
 # The scales kernel's [BLOCK_N, BLOCK_K] tile fixes the partial buffers' shapes, so it is chosen by
 # dtype, not tuned; only the M step, warps and stages are (4 warps spill with a 128×128 fp32 G tile).
 # M chunks are multiples of _M_CHUNK_ALIGN, hence of every BLOCK_M.
@@ -242,34 +211,19 @@ _SCALES_CONFIGS = [
 
 _KEY = ["M", "N", "K", "R"]  # the autotuner adds the tensors' dtypes
 _forward_tuned = triton.autotune(
-    _gemm_configs("BLOCK_N", "BLOCK_K"), key=_KEY,
-    prune_configs_by=_for_dtype("BLOCK_K", dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16)),
+    _gemm_configs("BLOCK_M", "BLOCK_N", "BLOCK_K"), key=_KEY,
+    prune_configs_by={"early_config_prune": _prune_gemm_configs(
+        "BLOCK_K", dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16), fma_names=("BLOCK_M", "BLOCK_N"))},
 )(triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})(_forward_kernel))
 _grad_x_tuned = triton.autotune(
-    _gemm_configs("BLOCK_K", "BLOCK_N"), key=_KEY,
-    prune_configs_by=_for_dtype("BLOCK_N", dict(BLOCK_M=64, BLOCK_K=64, BLOCK_N=16)),
+    _gemm_configs("BLOCK_M", "BLOCK_K", "BLOCK_N"), key=_KEY,
+    prune_configs_by={"early_config_prune": _prune_gemm_configs(
+        "BLOCK_N", dict(BLOCK_M=64, BLOCK_K=64, BLOCK_N=16), fma_names=("BLOCK_M", "BLOCK_K"))},
 )(triton.heuristics({"EVEN_N": lambda a: a["N"] % a["BLOCK_N"] == 0})(_grad_x_kernel))
 _grad_scales_tuned = triton.autotune(
     _SCALES_CONFIGS, key=_KEY + ["M_CHUNK", "NEED_WEIGHT", "NEED_SCALES"],
-    prune_configs_by=_for_dtype("BLOCK_M", dict(BLOCK_M=16)),
+    prune_configs_by={"early_config_prune": _prune_gemm_configs("BLOCK_M", dict(BLOCK_M=16))},
 )(triton.heuristics({"EVEN_M": lambda a: a["M"] % a["BLOCK_M"] == 0})(_grad_scales_kernel))
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def _m_chunk(M: int, tiles: int, sms: int, align: int) -> int:
-    """Rows of M per program of the scales kernel: minimizes waves × (rows + epilogue), the epilogue
-    (W tile load, 2R reductions, partial stores) costed like 2·align rows of main loop."""
-    best_rows, best_cost = M, None
-    for split in range(1, min(32, triton.cdiv(M, 2 * align)) + 1):
-        rows = triton.cdiv(triton.cdiv(M, split), align) * align
-        cost = triton.cdiv(tiles * triton.cdiv(M, rows), sms) * (rows + 2 * align)
-        if best_cost is None or cost < best_cost:
-            best_rows, best_cost = rows, cost
-    return best_rows
 
 
 def _scale_strides(s_l: torch.Tensor, s_r: torch.Tensor) -> tuple:
@@ -376,7 +330,7 @@ def rescaled_linear_backward(
     elif interpreting:
         m_chunk = _m_chunk(M, tiles_n * tiles_k, _INTERPRETER_SMS, tile["BLOCK_M"])
     else:
-        m_chunk = _m_chunk(M, tiles_n * tiles_k, _num_sms(x2d.device), _M_CHUNK_ALIGN)
+        m_chunk = _m_chunk(M, tiles_n * tiles_k, _num_sms(x2d), _M_CHUNK_ALIGN)
     chunks = triton.cdiv(M, m_chunk)
     if need_scales:
         part_l = torch.empty(chunks * tiles_k, N, R, dtype=acc_torch, device=x2d.device)
