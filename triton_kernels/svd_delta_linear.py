@@ -35,20 +35,21 @@ def _svd_basis_weight_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     mask_n, mask_k = offs_n < N, offs_k < K
+    rows_n = offs_n.to(tl.int64)  # N·K may exceed 2³¹
     acc_dtype = tl.float64 if w_ptr.dtype.element_ty == tl.float64 else tl.float32
-    acc = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
+    acc = tl.load(w_ptr + rows_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
                   mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(acc_dtype)
     for j0 in range(0, RANK, BLOCK_J):
         offs_j = j0 + tl.arange(0, BLOCK_J)
         mask_j = offs_j < RANK
-        u = tl.load(u_ptr + offs_n[:, None] * stride_un + offs_j[None, :] * stride_uj,
+        u = tl.load(u_ptr + rows_n[:, None] * stride_un + offs_j[None, :] * stride_uj,
                     mask=mask_n[:, None] & mask_j[None, :], other=0.0)
         v = tl.load(v_ptr + offs_k[:, None] * stride_vk + offs_j[None, :] * stride_vj,
                     mask=mask_k[:, None] & mask_j[None, :], other=0.0)
         d = tl.load(d_ptr + offs_j, mask=mask_j, other=0.0)
         scaled_u = (u.to(acc_dtype) * d.to(acc_dtype)[None, :]).to(u.dtype)
         acc = tl.dot(scaled_u, tl.trans(v), acc, input_precision=PRECISION, out_dtype=acc_dtype)
-    tl.store(out_ptr + offs_n[:, None] * K + offs_k[None, :], acc.to(out_ptr.dtype.element_ty),
+    tl.store(out_ptr + rows_n[:, None] * K + offs_k[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=mask_n[:, None] & mask_k[None, :])
 
 
@@ -70,9 +71,10 @@ def _grad_d_kernel(
     for m0 in range(chunk * M_CHUNK, m_end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < m_end
-        gy = tl.load(gy_ptr + offs_m[:, None] * stride_gym + offs_n[None, :] * stride_gyn,
+        rows_m = offs_m.to(tl.int64)  # M·N, M·K may exceed 2³¹
+        gy = tl.load(gy_ptr + rows_m[:, None] * stride_gym + offs_n[None, :] * stride_gyn,
                      mask=mask_m[:, None] & mask_n[None, :], other=0.0)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+        x = tl.load(x_ptr + rows_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         g = tl.dot(tl.trans(gy), x, g, input_precision=PRECISION, out_dtype=acc_dtype)
     slot = (chunk * tl.num_programs(0) + pid_n) * tl.num_programs(1) + pid_k
