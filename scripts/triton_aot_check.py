@@ -15,7 +15,7 @@ launch's configs fits the chip's shared memory. Register spills (the per-thread 
 holds them) are reported as warnings: they cost speed, not correctness.
 
     python scripts/triton_aot_check.py                 # sm_90 (H100/H200), every dtype and config
-    python scripts/triton_aot_check.py --quick         # one config per launch, bfloat16 only
+    python scripts/triton_aot_check.py --quick         # one config per launch, bfloat16 and float64
     python scripts/triton_aot_check.py --arch 80 --json out.json
 
 How it works: Triton's active driver is replaced by one that only names the target (no device is
@@ -133,7 +133,7 @@ def _resource_usage(cuobjdump: str, cubin: bytes) -> tuple[Optional[int], Option
 # decides tl.dot's precision (matmul_precision): "float32" is IEEE fp32 (FMA, torch's default),
 # "float32+tf32" the tensor-core path.
 PRECISIONS = {"bfloat16": ("bfloat16", False), "float16": ("float16", False), "float32": ("float32", False),
-              "float32+tf32": ("float32", True)}
+              "float32+tf32": ("float32", True), "float64": ("float64", False)}
 
 
 def _cases(precisions: list, quick: bool) -> list[tuple[str, Callable[[], None], bool]]:
@@ -211,8 +211,8 @@ def main(argv: Optional[list] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (default 90: H100/H200)")
     parser.add_argument("--dtype", action="append", choices=list(PRECISIONS),
-                        help="repeatable (default: all; bfloat16 with --quick); float32 is IEEE, float32+tf32 "
-                             "with torch.backends.cuda.matmul.allow_tf32")
+                        help="repeatable (default: all; bfloat16 and float64 with --quick); float32 is IEEE, "
+                             "float32+tf32 with torch.backends.cuda.matmul.allow_tf32")
     parser.add_argument("--only", metavar="TEXT", help="only the cases whose name contains TEXT")
     parser.add_argument("--quick", action="store_true", help="one config per launch and fewer attention shapes")
     parser.add_argument("--json", metavar="PATH", help="write every compiled kernel's record here")
@@ -222,7 +222,7 @@ def main(argv: Optional[list] = None) -> int:
 
     from subspace_ops.triton_kernels import _common
 
-    precisions = args.dtype or (["bfloat16"] if args.quick else list(PRECISIONS))
+    precisions = args.dtype or (["bfloat16", "float64"] if args.quick else list(PRECISIONS))
     records: list[Compiled] = []
     state = {"case": ""}
     try:

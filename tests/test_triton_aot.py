@@ -2,7 +2,8 @@
 
 The interpreter tests check the kernels' arithmetic; this checks that the GPU path compiles (tl.dot
 shapes, layouts) and fits the chip's shared memory, by running scripts/triton_aot_check.py in its
-quick mode (one config per launch, bfloat16) in a process without TRITON_INTERPRET.
+quick mode (one config per launch; bfloat16, and float64 for the GPU fp64 gradchecks) in a process
+without TRITON_INTERPRET.
 """
 
 import os
@@ -40,7 +41,8 @@ def test_gemm_configs_follow_dtype_and_precision():
     from subspace_ops.triton_kernels._common import FMA_TILES, TENSOR_CORE_TILES, gemm_configs, prune_gemm_configs
 
     configs = gemm_configs("BLOCK_M", "BLOCK_N", "BLOCK_K")
-    prune = prune_gemm_configs("BLOCK_K", {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16}, fma_names=("BLOCK_M", "BLOCK_N"))
+    fp64_tile = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16}
+    prune = prune_gemm_configs("BLOCK_K", fp64_tile, fma_names=("BLOCK_M", "BLOCK_N"))
 
     def tiles(pruned):
         return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)

@@ -92,21 +92,28 @@ def _grad_d_kernel(
 
 # Tile sizes: small fixed ones in the CPU interpreter (tl.dot needs >= 16), GPU ones otherwise, and
 # smaller GPU ones for float32 without TF32, where tl.dot runs on the FMA units with its operands in
-# registers (the tensor-core tiles spill there; see _common.FMA_TILES).
+# registers (the tensor-core tiles spill there; see _common.FMA_TILES), and for float64, whose
+# 128×128 dd tiles would ask for 384 KiB of shared memory (an H100 has 227).
 _INTERPRETER_BLOCKS = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, BLOCK_J=16)
 _INTERPRETER_SMS = 32  # a pretend SM count with which small test shapes exercise the M split
 _WEIGHT_BLOCKS = dict(BLOCK_N=64, BLOCK_K=64, BLOCK_J=32)
-_WEIGHT_BLOCKS_FMA = dict(BLOCK_N=64, BLOCK_K=64, BLOCK_J=16)
+_WEIGHT_BLOCKS_SMALL = dict(BLOCK_N=64, BLOCK_K=64, BLOCK_J=16)
 # 8 warps: with 4, the 128×128 fp32 tile of G spills (ptxas, sm_90: bf16 with odd K, and TF32).
 _GRAD_D_BLOCKS = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, BLOCK_J=32, num_warps=8)
-_GRAD_D_BLOCKS_FMA = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, BLOCK_J=16)
+_GRAD_D_BLOCKS_SMALL = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, BLOCK_J=16)
 _M_CHUNK_ALIGN = 128  # M chunks of the dd kernel: a multiple of every GPU BLOCK_M
 
 
-def _blocks(t: torch.Tensor, gpu_blocks: dict, fma_blocks: dict) -> dict:
+def _blocks(t: torch.Tensor, gpu_blocks: dict, small_blocks: dict) -> dict:
     if _interpreting(t):
         return {name: _INTERPRETER_BLOCKS[name] for name in gpu_blocks if name.startswith("BLOCK")}
-    return fma_blocks if t.dtype == torch.float32 and _precision(t) == "ieee" else gpu_blocks
+    if t.dtype == torch.float64 or (t.dtype == torch.float32 and _precision(t) == "ieee"):
+        return small_blocks
+    if t.dtype == torch.float32 and "BLOCK_M" in gpu_blocks:
+        # TF32: half the M step keeps a pipeline stage as many bytes as with 16-bit inputs (the dd
+        # kernel's 3 stages would otherwise ask for 192 KiB, more than an A100's 163).
+        return {**gpu_blocks, "BLOCK_M": gpu_blocks["BLOCK_M"] // 2}
+    return gpu_blocks
 
 
 def svd_basis_weight(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
@@ -114,7 +121,7 @@ def svd_basis_weight(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, d: 
     N, K = weight.shape
     rank = u.shape[1]
     out = torch.empty(N, K, dtype=weight.dtype, device=weight.device)
-    meta = _blocks(weight, _WEIGHT_BLOCKS, _WEIGHT_BLOCKS_FMA)
+    meta = _blocks(weight, _WEIGHT_BLOCKS, _WEIGHT_BLOCKS_SMALL)
     grid = (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(K, meta["BLOCK_K"]))
     _svd_basis_weight_kernel[grid](
         weight, u, v, d, out, N, K, rank,
@@ -136,7 +143,7 @@ def svd_delta_linear_backward(grad_y, x2d, weight, u, v, d, need_x: bool, need_d
     if need_d:
         M, K = x2d.shape
         N, rank = u.shape
-        b = _blocks(x2d, _GRAD_D_BLOCKS, _GRAD_D_BLOCKS_FMA)
+        b = _blocks(x2d, _GRAD_D_BLOCKS, _GRAD_D_BLOCKS_SMALL)
         tiles = (triton.cdiv(N, b["BLOCK_N"]), triton.cdiv(K, b["BLOCK_K"]))
         if _interpreting(x2d):
             rows = _m_chunk(M, tiles[0] * tiles[1], _INTERPRETER_SMS, b["BLOCK_M"])
