@@ -105,3 +105,32 @@ def test_svd_delta_linear_at_gpu_blocks(monkeypatch, small):
         return lambda: subspace_ops.svd_delta_linear(x, weight, u, v, d, bias, backend=backend, path="merged")
 
     _compare(run("triton"), run("reference"), [x, weight, u, v, d, bias], grad_y)
+
+
+def _head_tiles() -> list:
+    from subspace_ops.triton_kernels import head_mixing_attention as kernels
+
+    return sorted({(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in kernels._HEADS_CONFIGS})
+
+
+@pytest.mark.parametrize("tile", _head_tiles(), ids=lambda t: "x".join(map(str, t)))
+@pytest.mark.parametrize("kind", ["causal", "mask"])
+def test_head_mixing_attention_at_gpu_tiles(monkeypatch, tile, kind):
+    """All-heads kernels (LSE, forward, dQ, dK/dV) with each GPU (BLOCK_M, BLOCK_N); cross attention
+    (Nq ≠ Nk, neither a multiple of the tiles), causal or with an additive mask."""
+    require_backend("triton")
+    from subspace_ops.triton_kernels import head_mixing_attention as kernels
+
+    monkeypatch.setattr(kernels, "_INTERPRETER_BLOCKS", {"BLOCK_M": tile[0], "BLOCK_N": tile[1]})
+    batch, heads, n_q, n_k, dim = 2, 3, 45, 70, 16
+    q, k, v = (_randn(batch, heads, n, dim, grad=True) for n in (n_q, n_k, n_k))
+    mix = (torch.eye(heads, dtype=torch.float64) + 0.3 * torch.randn(heads, heads, dtype=torch.float64))
+    mix.requires_grad_(True)
+    mask = None if kind == "causal" else torch.randn(batch, 1, n_q, n_k, dtype=torch.float64)
+    grad_y = torch.randn(batch, heads, n_q, dim, dtype=torch.float64)
+
+    def run(backend):
+        return lambda: subspace_ops.head_mixing_attention(q, k, v, mix, attn_mask=mask, is_causal=kind == "causal",
+                                                          backend=backend)
+
+    _compare(run("triton"), run("reference"), [q, k, v, mix], grad_y)
