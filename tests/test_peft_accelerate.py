@@ -338,8 +338,11 @@ def test_accelerated_model_compiles_to_the_fused_ops(config):
     x = X()
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), reference(x))
-    op = "subspace_ops.rescaled_linear" if config == "ia3" else "subspace_ops.lowrank_linear"
-    assert len(graphs) == 1 and graphs[0].count(op) == 3
+    assert len(graphs) == 1
+    if config == "ia3":  # float32 (IA)³ takes rescaled_linear's separable path: torch ops, no fused op
+        assert graphs[0].count("subspace_ops.rescaled_linear") == 0 and graphs[0].count("matmul") == 3
+    else:
+        assert graphs[0].count("subspace_ops.lowrank_linear") == 3
 
 
 @pytest.mark.parametrize("version", ["0.20.1", "0.22.0", "1.0.0", "not-a-version"])

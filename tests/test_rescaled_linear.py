@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import pytest
@@ -11,9 +12,10 @@ import torch.nn.functional as F
 import subspace_ops
 from subspace_ops import reference
 from subspace_ops.backends import BackendUnavailableError, resolve_backend
+from subspace_ops.ops.rescaled_linear import choose_path
 from subspace_ops.testing import check_close
 
-from conftest import ON_INTERPRETER, backend_device
+from conftest import ON_INTERPRETER, backend_device, require_backend
 
 # Each case: M tokens, K in, N out, rank r, and which features are on. K, N are not multiples of
 # any tile size; M covers decode (1), tiny (7) and a ViT sequence (197).
@@ -24,6 +26,9 @@ CASES = {
     "noncontiguous": dict(M=7, K=33, N=24, r=1, residual=True, bias=True, noncontiguous=True),
     "s_l-none-rank4": dict(M=7, K=24, N=33, r=4, residual=True, bias=True, drop="s_l"),
     "ia3-s_r-none": dict(M=7, K=24, N=33, r=1, residual=False, bias=True, drop="s_r"),
+    "ssb-3d": dict(M=7, K=33, N=24, r=1, residual=False, bias=True, batch=True),
+    "ssl-right-noncontiguous": dict(M=7, K=24, N=33, r=1, residual=False, bias=False, drop="s_l",
+                                    noncontiguous=True),
     "both-none": dict(M=5, K=16, N=16, r=1, residual=True, bias=False, drop="both"),
     "weight-grad-rank2": dict(M=7, K=33, N=24, r=2, residual=True, bias=True, weight_grad=True),
 }
@@ -60,10 +65,10 @@ def make_inputs(case: dict, dtype: torch.dtype, device: str) -> dict:
     return out
 
 
-def run(inputs: dict, case: dict, backend: str, grad_y: torch.Tensor):
+def run(inputs: dict, case: dict, backend: str, grad_y: torch.Tensor, path=None):
     y = subspace_ops.rescaled_linear(
         inputs["x"], inputs["weight"], inputs["s_l"], inputs["s_r"], inputs["bias"],
-        residual=case["residual"], backend=backend,
+        residual=case["residual"], backend=backend, path=path,
     )
     names = [n for n, t in inputs.items() if t is not None and t.requires_grad]
     grads = torch.autograd.grad(y, [inputs[n] for n in names], grad_y)
@@ -76,11 +81,16 @@ def dtypes_for(backend: str) -> list:
     return [torch.float32, torch.bfloat16, torch.float16]
 
 
+def paths_for(case: dict) -> list:
+    """Every path the case can take: both where the separable one applies."""
+    return [None, "separable", "modulated"] if not case["residual"] and case["r"] == 1 else [None]
+
+
 @pytest.mark.parametrize("case_name", sorted(CASES))
 def test_matches_float64_reference(backend, case_name):
     case = CASES[case_name]
     device = backend_device(backend)
-    for dtype in dtypes_for(backend):
+    for dtype, path in itertools.product(dtypes_for(backend), paths_for(case)):
         truth_inputs = make_inputs(case, torch.float64, device)
         low_inputs = make_inputs(case, dtype, device)
         grad_y64 = torch.randn(
@@ -88,17 +98,17 @@ def test_matches_float64_reference(backend, case_name):
         ).to(device)
         y64, g64 = run(truth_inputs, case, "reference", grad_y64)
         y_ref, g_ref = run(make_inputs(case, dtype, device), case, "reference", grad_y64.to(dtype))
-        y, g = run(low_inputs, case, backend, grad_y64.to(dtype))
+        y, g = run(low_inputs, case, backend, grad_y64.to(dtype), path)
         assert y.dtype == dtype and y.shape == y64.shape
-        check_close(f"{case_name}/{dtype}/y", y, y64, y_ref)
+        check_close(f"{case_name}/{dtype}/{path}/y", y, y64, y_ref)
         assert sorted(g) == sorted(g64)
         for name in g64:
-            check_close(f"{case_name}/{dtype}/d{name}", g[name], g64[name], g_ref[name])
+            check_close(f"{case_name}/{dtype}/{path}/d{name}", g[name], g64[name], g_ref[name])
 
 
-@pytest.mark.parametrize("residual", [True, False])
-@pytest.mark.parametrize("rank", [1, 4])
-def test_gradcheck_float64(backend, residual, rank):
+@pytest.mark.parametrize("residual, rank, path", [(True, 1, None), (True, 4, None), (False, 4, None),
+                                                  (False, 1, "separable"), (False, 1, "modulated")])
+def test_gradcheck_float64(backend, residual, rank, path):
     device = backend_device(backend)
     M, K, N = (3, 5, 4) if backend == "triton" else (7, 9, 6)
     opts = dict(dtype=torch.float64, device=device, requires_grad=True)
@@ -109,7 +119,8 @@ def test_gradcheck_float64(backend, residual, rank):
     bias = torch.randn(N, **opts)
 
     def f(x, weight, s_l, s_r, bias):
-        return subspace_ops.rescaled_linear(x, weight, s_l, s_r, bias, residual=residual, backend=backend)
+        return subspace_ops.rescaled_linear(x, weight, s_l, s_r, bias, residual=residual, backend=backend,
+                                            path=path)
 
     # The interpreter is slow: one random direction (fast mode) still checks every gradient.
     assert torch.autograd.gradcheck(f, (x, weight, s_l, s_r, bias), fast_mode=backend == "triton")
@@ -157,15 +168,25 @@ def test_opcheck_backward(fused_backend):
         )
 
 
-def test_compile_fullgraph_matches_eager(fused_backend):
+# RLRR runs the modulated kernels, SSB the separable path.
+@pytest.mark.parametrize("method", ["rlrr", "ssb"])
+def test_compile_fullgraph_matches_eager(fused_backend, method):
     device = backend_device(fused_backend)
-    layer = subspace_ops.nn.RLRRLinear(torch.nn.Linear(12, 9), backend=fused_backend).to(device)
+    base = torch.nn.Linear(12, 9)
+    if method == "rlrr":
+        layer = subspace_ops.nn.RLRRLinear(base, backend=fused_backend).to(device)
+        trained = [layer.s_l, layer.s_r, layer.shift]
+    else:
+        layer = subspace_ops.nn.ScaledLinear.ssb(base, backend=fused_backend).to(device)
+        with torch.no_grad():
+            layer.s_l.normal_(), layer.s_r.normal_()
+        trained = [layer.s_l, layer.s_r]
     x = torch.randn(4, 12, device=device, requires_grad=True)
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager" if fused_backend == "triton" else "inductor")
     y_eager, y_compiled = layer(x), compiled(x)
     torch.testing.assert_close(y_compiled, y_eager)
-    g_eager = torch.autograd.grad(y_eager.sum(), [x, layer.s_l, layer.s_r, layer.shift])
-    g_compiled = torch.autograd.grad(y_compiled.sum(), [x, layer.s_l, layer.s_r, layer.shift])
+    g_eager = torch.autograd.grad(y_eager.sum(), [x, *trained])
+    g_compiled = torch.autograd.grad(y_compiled.sum(), [x, *trained])
     for a, b in zip(g_compiled, g_eager):
         torch.testing.assert_close(a, b)
 
@@ -257,3 +278,37 @@ def test_layer_under_autocast_runs_in_the_autocast_dtype():
     y.float().sum().backward()
     assert layer.s_l.grad is not None and layer.s_l.grad.dtype == torch.float32
     torch.testing.assert_close(y.float(), layer(x), rtol=3e-2, atol=3e-2)
+
+
+def test_path_rule_and_errors():
+    assert choose_path(residual=False, rank=1) == "separable"
+    assert choose_path(residual=False, rank=1, dtype=torch.float64) == "separable"
+    assert choose_path(residual=False, rank=1, dtype=torch.bfloat16) == "modulated"
+    assert choose_path(residual=True, rank=1) == "modulated" and choose_path(residual=False, rank=2) == "modulated"
+    x, weight = torch.randn(3, 8), torch.randn(5, 8)
+    s_l, s_r = torch.randn(5, 2), torch.randn(8, 2)
+    with pytest.raises(ValueError, match="path must be one of"):
+        subspace_ops.rescaled_linear(x, weight, s_l, s_r, path="fast")
+    with pytest.raises(ValueError, match="path='separable' needs residual=False and rank-1 scales"):
+        subspace_ops.rescaled_linear(x, weight, s_l, s_r, residual=False, path="separable")
+    with pytest.raises(ValueError, match="path='separable' needs"):
+        subspace_ops.rescaled_linear(x, weight, s_l[:, 0], s_r[:, 0], residual=True, path="separable")
+
+
+def test_separable_path_runs_one_gemm_per_pass():
+    """SSB's step on the separable path: one GEMM forward, one backward (no G = gyᵀ x, no W pass),
+    counted with the profiler, against three for the modulated kernels' G-based scale gradients."""
+    from torch.profiler import ProfilerActivity, profile
+
+    require_backend("cpu")
+    x = torch.randn(64, 48, requires_grad=True)
+    weight = torch.randn(40, 48)
+    s_l, s_r = torch.randn(40, requires_grad=True), torch.randn(48, requires_grad=True)
+
+    def gemms(path):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            subspace_ops.rescaled_linear(x, weight, s_l, s_r, residual=False, backend="cpu", path=path).sum().backward()
+        return sum(e.count for e in prof.key_averages() if e.key in ("aten::mm", "aten::addmm", "aten::addmm_"))
+
+    assert gemms("separable") == 2
+    assert gemms("modulated") >= 3

@@ -56,10 +56,12 @@ import torch.nn.functional as F
 from .common import LinearInputs, fresh_copy, linear_case, standard_linear_layers
 from .harness import Case, Shape, Variant, Workload
 
-__all__ = ["CASES", "RESCALED_LINEAR", "SVD_DELTA_LINEAR", "rescaled_linear_variants", "svd_delta_linear_variants"]
+__all__ = ["CASES", "RESCALED_LINEAR", "SCALED_LINEAR", "SVD_DELTA_LINEAR", "rescaled_linear_variants",
+           "scaled_linear_variants", "svd_delta_linear_variants"]
 
 def _rlrr_params(inp: LinearInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """RLRR's trainable tensors: s_l [N], s_r [K] and the (shifted) bias [N]."""
+    """RLRR's trainable tensors: s_l [N], s_r [K] and the (shifted) bias [N]; SSB trains the same
+    two scales (its bias is frozen, but training it too costs one column sum)."""
     return (inp.s_l.requires_grad_(True), inp.s_r.requires_grad_(True), inp.bias.requires_grad_(True))
 
 
@@ -69,7 +71,14 @@ def _naive(x: torch.Tensor, weight: torch.Tensor, s_l: torch.Tensor, s_r: torch.
     return F.linear(x, weight * (1 + s_l[:, None] * s_r[None, :]), bias)
 
 
-def _setup_ours(backend: Optional[str]):
+def _naive_scaled(x: torch.Tensor, weight: torch.Tensor, s_l: torch.Tensor, s_r: torch.Tensor,
+                  bias: torch.Tensor) -> torch.Tensor:
+    """SSB / (IA)³ as PEFT's (IA)³ computes it: scale the input features, the frozen layer, scale
+    its output features."""
+    return F.linear(x * s_r, weight) * s_l + bias
+
+
+def _setup_ours(backend: Optional[str], residual: bool = True, path: Optional[str] = None):
     def setup(shape: Shape, dtype: torch.dtype, device: torch.device) -> Workload:
         import subspace_ops  # lazily: the harness must import without the op
 
@@ -79,37 +88,54 @@ def _setup_ours(backend: Optional[str]):
         x, weight = inp.x, inp.weight
 
         def forward() -> torch.Tensor:
-            return subspace_ops.rescaled_linear(x, weight, s_l, s_r, bias, residual=True, backend=chosen)
+            return subspace_ops.rescaled_linear(x, weight, s_l, s_r, bias, residual=residual, backend=chosen,
+                                                path=path)
 
-        return Workload(forward, [x, s_l, s_r, bias], inp.grad_output, backend=chosen)
+        label = chosen
+        if not residual:  # SSB: say which path ran
+            from ..ops.rescaled_linear import choose_path
+
+            label = f"{chosen} {path or choose_path(False, 1, dtype)}"
+        return Workload(forward, [x, s_l, s_r, bias], inp.grad_output, backend=label)
 
     return setup
 
 
-def _setup_naive(shape: Shape, dtype: torch.dtype, device: torch.device) -> Workload:
-    inp = LinearInputs(shape, dtype, device)
-    s_l, s_r, bias = _rlrr_params(inp)
-    x, weight = inp.x, inp.weight
-    return Workload(lambda: _naive(x, weight, s_l, s_r, bias), [x, s_l, s_r, bias], inp.grad_output, "torch")
+def _setup_formula(formula, compiled: bool):
+    def setup(shape: Shape, dtype: torch.dtype, device: torch.device) -> Workload:
+        # One static graph per shape; compiling is lazy, so a compile error surfaces at warm-up and
+        # is reported in the table ("skipped: ..."), as the variant is optional.
+        fn = torch.compile(fresh_copy(formula), dynamic=False) if compiled else formula
+        inp = LinearInputs(shape, dtype, device)
+        s_l, s_r, bias = _rlrr_params(inp)
+        x, weight = inp.x, inp.weight
+        return Workload(lambda: fn(x, weight, s_l, s_r, bias), [x, s_l, s_r, bias], inp.grad_output,
+                        "inductor" if compiled else "torch")
 
-
-def _setup_naive_compiled(shape: Shape, dtype: torch.dtype, device: torch.device) -> Workload:
-    # One static graph per shape; compiling is lazy, so a compile error surfaces at warm-up and
-    # is reported in the table ("skipped: ..."), as the variant is optional.
-    compiled = torch.compile(fresh_copy(_naive), dynamic=False)
-    inp = LinearInputs(shape, dtype, device)
-    s_l, s_r, bias = _rlrr_params(inp)
-    x, weight = inp.x, inp.weight
-    return Workload(lambda: compiled(x, weight, s_l, s_r, bias), [x, s_l, s_r, bias], inp.grad_output,
-                    "inductor")
+    return setup
 
 
 def rescaled_linear_variants(backend: Optional[str] = None) -> list[Variant]:
     """The variants of this case; ``backend`` is our op's backend (``None``: the default)."""
     return [
         Variant("subspace_ops", _setup_ours(backend), description="subspace_ops.rescaled_linear"),
-        Variant("naive", _setup_naive, description="materialize W', then F.linear (eager)"),
-        Variant("naive+compile", _setup_naive_compiled, optional=True,
+        Variant("naive", _setup_formula(_naive, False), description="materialize W', then F.linear (eager)"),
+        Variant("naive+compile", _setup_formula(_naive, True), optional=True,
+                description="torch.compile of the naive formula"),
+        *standard_linear_layers(8),
+    ]
+
+
+def scaled_linear_variants(backend: Optional[str] = None) -> list[Variant]:
+    """SSB: no residual, rank-1 scales on both sides; our op on its default and its modulated path."""
+    return [
+        Variant("subspace_ops", _setup_ours(backend, residual=False),
+                description="subspace_ops.rescaled_linear(residual=False), default path"),
+        Variant("subspace_ops modulated", _setup_ours(backend, residual=False, path="modulated"),
+                description="the same on the fused modulated-weight kernels"),
+        Variant("naive", _setup_formula(_naive_scaled, False),
+                description="F.linear(x * s_r, W) * s_l + b, as PEFT's (IA)³ (eager)"),
+        Variant("naive+compile", _setup_formula(_naive_scaled, True), optional=True,
                 description="torch.compile of the naive formula"),
         *standard_linear_layers(8),
     ]
@@ -119,6 +145,11 @@ RESCALED_LINEAR = linear_case(
     "rescaled-linear",
     "RLRR y = x (W ⊙ (1 + s_l s_rᵀ))ᵀ + b; s_l, s_r, b trained, W frozen (METHODS.md §1)",
     rescaled_linear_variants,
+)
+SCALED_LINEAR = linear_case(
+    "scaled-linear",
+    "SSB y = ((x ⊙ s_r) Wᵀ) ⊙ s_l + b (SSL, (IA)³: one side); s_l, s_r, b trained, W frozen (METHODS.md §1)",
+    scaled_linear_variants,
 )
 
 
@@ -198,5 +229,5 @@ from .e2e import E2E_LLAMA, E2E_VIT  # noqa: E402
 from .lowrank_case import LOWRANK_LINEAR  # noqa: E402
 
 CASES: dict[str, Case] = {case.name: case for case in (
-    RESCALED_LINEAR, SVD_DELTA_LINEAR, LOWRANK_LINEAR, HEAD_MIXING_ATTENTION, HEAD_MIXING_ATTENTION_CAUSAL,
+    RESCALED_LINEAR, SCALED_LINEAR, SVD_DELTA_LINEAR, LOWRANK_LINEAR, HEAD_MIXING_ATTENTION, HEAD_MIXING_ATTENTION_CAUSAL,
     E2E_VIT, E2E_LLAMA)}

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from .. import reference
 from ..ops import rescaled_linear
+from ..ops.rescaled_linear import choose_path
 from .base import MergeableLinear, compute_dtype
 
 __all__ = ["RLRRLinear", "ScaledLinear", "SSF"]
@@ -161,7 +162,8 @@ class ScaledLinear(MergeableLinear):
 
     def extra_repr(self) -> str:
         sides = "+".join(side for side, s in (("left", self.s_l), ("right", self.s_r)) if s is not None)
-        return self._describe() + f", scales={sides}"
+        path = choose_path(residual=False, rank=1, dtype=self.weight.dtype)
+        return self._describe() + f", scales={sides}, path={path} ({self.weight.dtype} weights)"
 
 
 class SSF(nn.Module):

@@ -9,6 +9,18 @@ kernels: ``csrc/rescaled_linear.cpp`` (backend "cpu") and ``triton_kernels/resca
 
 Autograd saves x, W, S_l, S_r (what full fine-tuning of a linear layer saves, plus two vectors):
 no N×K tensor is saved, and the kernels never write W' or G = gyᵀx.
+
+Two paths (``path=``; :func:`choose_path` picks one when None, and ``ScaledLinear`` reports it):
+
+- ``"modulated"``: the fused kernels above, for any c and rank r. A training step costs the three
+  GEMMs of full fine-tuning (the scale gradients need G) plus passes over W.
+- ``"separable"`` (the default without the residual, at rank 1, in float32/float64: SSB, SSL, (IA)³
+  in full precision; see :func:`choose_path` for 16-bit dtypes): W' = diag(s_l) W diag(s_r),
+  so y = ((x ⊙ s_r) Wᵀ) ⊙ s_l + b: one plain GEMM on the frozen W between two feature scalings, on
+  every backend (nothing to fuse; the GEMM is torch's). The backward is one more GEMM,
+  u = (gy ⊙ s_l) W, with gx = u ⊙ s_r, ds_r = Σ_m x ⊙ u and ds_l = Σ_m gy ⊙ z, z = (x ⊙ s_r) Wᵀ:
+  two GEMMs per step instead of three, and no G. Autograd saves z [.., N] when s_l is trained (as
+  PEFT's (IA)³ saves its base layer's output) instead of nothing N-sized.
 """
 
 from __future__ import annotations
@@ -23,7 +35,71 @@ from .._validate import check_like, check_size, check_tensor
 from ..backends import resolve_backend
 from ._dispatch import kernel_module
 
-__all__ = ["rescaled_linear"]
+__all__ = ["rescaled_linear", "choose_path"]
+
+PATHS = ("modulated", "separable")
+
+
+def choose_path(residual: bool, rank: int, dtype: torch.dtype = torch.float32) -> str:
+    """"separable" where W' = diag(s_l) W diag(s_r) (no residual, rank 1) in float32/float64, else
+    "modulated". In 16-bit dtypes the separable path would round x ⊙ s_r and the GEMM's output before
+    the s_l scale to 16 bits, where the modulated kernels round W' (formed in fp32) once, as a merged
+    layer does; so there the default stays with the kernels (``path="separable"`` still forces it)."""
+    separable = not residual and rank == 1 and dtype in (torch.float32, torch.float64)
+    return "separable" if separable else "modulated"
+
+
+class _Separable(torch.autograd.Function):
+    """y = ((x ⊙ s_r) Wᵀ) ⊙ s_l + b for rank-1 scales (None = ones), in as few passes over
+    activations as torch ops allow: a scale that feeds a GEMM rides on whichever operand is smaller
+    (the activation, or W: a transient copy, never saved), and z = (x ⊙ s_r) Wᵀ is kept only when
+    s_l is trained (its gradient is Σ_m gy ⊙ z)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, s_l, s_r, bias):
+        x2 = x.reshape(-1, x.shape[-1])
+        s_l1 = None if s_l is None else s_l.reshape(-1)
+        s_r1 = None if s_r is None else s_r.reshape(-1)
+        if s_r1 is not None and x2.shape[0] >= weight.shape[0]:
+            z = x2 @ (weight * s_r1).T  # scaling W's columns is the smaller pass
+        else:
+            z = (x2 if s_r1 is None else x2 * s_r1) @ weight.T
+        if s_l1 is None:
+            y = z if bias is None else z.add_(bias)  # z is not needed for any gradient then
+        else:
+            y = z * s_l1 if bias is None else torch.addcmul(bias, z, s_l1)
+        need_x, need_weight, need_s_l, need_s_r, _ = ctx.needs_input_grad
+        ctx.save_for_backward(x2 if (need_s_r or need_weight) else None, weight, s_l1, s_r1,
+                              z if need_s_l else None)
+        ctx.shapes = (x.shape, None if s_l is None else s_l.shape, None if s_r is None else s_r.shape)
+        return y.reshape(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x2, weight, s_l1, s_r1, z = ctx.saved_tensors
+        x_shape, s_l_shape, s_r_shape = ctx.shapes
+        need_x, need_weight, need_s_l, need_s_r, need_bias = ctx.needs_input_grad
+        gy = grad_y.reshape(-1, grad_y.shape[-1])
+        gx = gw = gs_l = gs_r = gb = None
+        if need_s_l:
+            gs_l = torch.linalg.vecdot(gy, z, dim=0).reshape(s_l_shape)  # Σ_m gy ⊙ z
+        if need_bias:
+            gb = gy.sum(0)
+        if need_x or need_s_r:
+            if s_l1 is None:
+                u = gy @ weight
+            elif gy.shape[0] >= weight.shape[0]:
+                u = gy @ (weight * s_l1[:, None])  # (gy ⊙ s_l) W, scaling the smaller operand
+            else:
+                u = (gy * s_l1) @ weight
+            if need_s_r:
+                gs_r = torch.linalg.vecdot(u, x2, dim=0).reshape(s_r_shape)  # Σ_m u ⊙ x
+            if need_x:
+                gx = (u if s_r1 is None else u.mul_(s_r1)).reshape(x_shape)
+        if need_weight:
+            gy_l = gy if s_l1 is None else gy * s_l1
+            gw = gy_l.T @ (x2 if s_r1 is None else x2 * s_r1)
+        return gx, gw, gs_l, gs_r, gb
 
 
 def _forward_impl(
@@ -183,6 +259,7 @@ def rescaled_linear(
     *,
     residual: bool = True,
     backend: Optional[str] = None,
+    path: Optional[str] = None,
 ) -> Tensor:
     """``y = x (W ⊙ (c + s_l s_rᵀ))ᵀ + bias`` with ``c = 1 if residual else 0``, never forming W ⊙ (…).
 
@@ -195,15 +272,24 @@ def rescaled_linear(
         bias: ``[N]`` or None.
         residual: RLRR's ``W + s_l ⊙ W ⊙ s_r`` (True) or the plain ``s_l ⊙ W ⊙ s_r`` of SSB/SSL/(IA)³.
         backend: "reference", "cpu", "triton" or None (best available; see :mod:`subspace_ops.backends`).
+        path: "modulated", "separable" (only without the residual and at rank 1) or None for
+            :func:`choose_path`; see the module docstring.
 
     All tensors must share x's dtype and device. Returns ``[..., N]``.
     """
     _check_inputs(x, weight, s_l, s_r, bias)
+    rank = next((s.shape[1] for s in (s_l, s_r) if s is not None and s.dim() == 2), 1)
+    if path is not None and path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS} or None, got {path!r}")
+    if path == "separable" and (residual or rank != 1):
+        raise ValueError(f"path='separable' needs residual=False and rank-1 scales, got residual={residual}, "
+                         f"rank {rank}")
     name = resolve_backend(backend, x.device)
     if name == "reference":
         return reference.rescaled_linear(x, weight, s_l, s_r, bias, residual=residual)
+    if (path or choose_path(residual, rank, x.dtype)) == "separable":
+        return _Separable.apply(x, weight, s_l, s_r, bias)
     out_features, in_features = weight.shape
-    rank = next((s.shape[1] for s in (s_l, s_r) if s is not None and s.dim() == 2), 1)
     args = (x, weight, _scale_matrix(s_l, out_features, rank, x), _scale_matrix(s_r, in_features, rank, x), bias,
             residual, name)
     if torch.compiler.is_compiling():
