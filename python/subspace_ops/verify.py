@@ -53,19 +53,21 @@ def _randn(g: torch.Generator, *size: int, scale: float = 1.0) -> torch.Tensor:
     return torch.randn(*size, generator=g, dtype=torch.float64) * scale
 
 
-def _rescaled(m: int, k: int, n: int, rank: int) -> Callable:
+def _rescaled(m: int, k: int, n: int, rank: int, residual: bool = True, path: Optional[str] = None) -> Callable:
     def make(dtype, device, g):
         tensors = dict(x=_randn(g, m, k), weight=_randn(g, n, k, scale=k ** -0.5),
                        s_l=_randn(g, n, rank, scale=0.3).squeeze(1), s_r=_randn(g, k, rank, scale=0.3).squeeze(1),
                        bias=_randn(g, n))
-        return tensors, {}
+        return tensors, dict(residual=residual, path=path)
     return make
 
 
 def _run_rescaled(backend, t, kw):
     import subspace_ops
 
-    return subspace_ops.rescaled_linear(t["x"], t["weight"], t["s_l"], t["s_r"], t["bias"], backend=backend)
+    path = None if backend == "reference" else kw["path"]
+    return subspace_ops.rescaled_linear(t["x"], t["weight"], t["s_l"], t["s_r"], t["bias"],
+                                        residual=kw["residual"], backend=backend, path=path)
 
 
 def _svd(m: int, k: int, n: int, rank: int, path: str) -> Callable:
@@ -128,6 +130,10 @@ def _run_lowrank(backend, t, kw):
 CHECKS: list[Check] = [
     Check("rescaled_linear", "M=7 K=33 N=20 r=1", _rescaled(7, 33, 20, 1), _run_rescaled),
     Check("rescaled_linear", "M=197 K=64 N=48 r=3", _rescaled(197, 64, 48, 3), _run_rescaled),
+    Check("rescaled_linear", "SSB separable M=64 K=33 N=20", _rescaled(64, 33, 20, 1, False, "separable"),
+          _run_rescaled),
+    Check("rescaled_linear", "SSB modulated M=64 K=33 N=20", _rescaled(64, 33, 20, 1, False, "modulated"),
+          _run_rescaled),
     Check("svd_delta_linear", "merged M=64 K=33 N=20 k=5", _svd(64, 33, 20, 5, "merged"), _run_svd,
           frozen=("weight", "u", "v")),
     Check("svd_delta_linear", "unmerged M=1 K=40 N=24 k=5", _svd(1, 40, 24, 5, "unmerged"), _run_svd,
