@@ -53,11 +53,11 @@ def _compare(fused, reference, inputs, grad_y):
 @pytest.mark.parametrize("tile", TILES, ids=lambda t: "x".join(map(str, t)))
 def test_rescaled_linear_at_gpu_tiles(monkeypatch, tile):
     require_backend("triton")
-    from subspace_ops.triton_kernels import rescaled_linear as kernels
+    from subspace_ops.triton_kernels import _common, rescaled_linear as kernels
 
     rows, cols, red = tile
     monkeypatch.setattr(kernels, "_INTERPRETER_BLOCKS", dict(BLOCK_M=rows, BLOCK_N=cols, BLOCK_K=red, GROUP=8))
-    monkeypatch.setattr(kernels, "_m_chunk", lambda m, tiles, sms, align: align)  # scales kernel: M split
+    monkeypatch.setattr(_common, "m_chunk", lambda m, tiles, sms, align: align)  # scales kernel: M split
     x, weight, s_l, s_r, bias = _randn(M, K, grad=True), _randn(N, K), _randn(N, 2, grad=True), \
         _randn(K, 2, grad=True), _randn(N, grad=True)
     grad_y = torch.randn(M, N, dtype=torch.float64)
@@ -91,12 +91,12 @@ def test_lowrank_linear_at_gpu_tiles(monkeypatch, tile):
 def test_svd_delta_linear_at_gpu_blocks(monkeypatch, small):
     """The dd kernel's GPU blocks, and its M split at the GPU's 128-row alignment."""
     require_backend("triton")
-    from subspace_ops.triton_kernels import svd_delta_linear as kernels
+    from subspace_ops.triton_kernels import _common, svd_delta_linear as kernels
 
     grad_d = kernels._GRAD_D_BLOCKS_SMALL if small else kernels._GRAD_D_BLOCKS
     blocks = {name: value for name, value in grad_d.items() if name.startswith("BLOCK")}
     monkeypatch.setattr(kernels, "_INTERPRETER_BLOCKS", blocks)
-    monkeypatch.setattr(kernels, "_m_chunk", lambda m, tiles, sms, align: 128)  # 3 chunks of M = 300
+    monkeypatch.setattr(_common, "m_chunk", lambda m, tiles, sms, align: 128)  # 3 chunks of M = 300
     x, weight, bias = _randn(2 * M, K, grad=True), _randn(N, K), _randn(N, grad=True)
     u, v, d = torch.linalg.qr(_randn(N, 40))[0], torch.linalg.qr(_randn(K, 40))[0], _randn(40, grad=True)
     grad_y = torch.randn(2 * M, N, dtype=torch.float64)

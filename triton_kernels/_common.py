@@ -11,8 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["accumulation_types", "gemm_configs", "grouped_tile", "interpreting", "m_chunk", "matmul_precision",
-           "num_sms", "prune_gemm_configs", "targets_gpu"]
+__all__ = ["INTERPRETER_SMS", "accumulation_types", "gemm_configs", "grouped_tile", "interpreting", "m_chunk",
+           "m_chunk_for", "matmul_precision", "num_sms", "prune_gemm_configs", "targets_gpu"]
 
 
 @triton.jit
@@ -102,6 +102,18 @@ def _device_sms(device: torch.device) -> int:
 def num_sms(t: torch.Tensor) -> int:
     """Streaming multiprocessors of ``t``'s GPU (scripts/triton_aot_check.py answers for its target)."""
     return _device_sms(t.device)
+
+
+# A pretend SM count for the interpreter, with which small test shapes exercise the M split.
+INTERPRETER_SMS = 32
+
+
+def m_chunk_for(t: torch.Tensor, M: int, tiles: int, gpu_align: int, interpreter_align: int) -> int:
+    """:func:`m_chunk` for kernels launched on ``t``: its GPU's SM count and ``gpu_align``, or in the
+    interpreter :data:`INTERPRETER_SMS` and ``interpreter_align`` (the interpreter's small BLOCK_M)."""
+    if interpreting(t):
+        return m_chunk(M, tiles, INTERPRETER_SMS, interpreter_align)
+    return m_chunk(M, tiles, num_sms(t), gpu_align)
 
 
 def m_chunk(M: int, tiles: int, sms: int, align: int) -> int:

@@ -34,7 +34,7 @@ import triton.language as tl
 
 from ._common import accumulation_types as _acc, gemm_configs as _gemm_configs, grouped_tile as _grouped_tile
 from ._common import interpreting as _interpreting, matmul_precision as _precision
-from ._common import m_chunk as _m_chunk, num_sms as _num_sms, prune_gemm_configs as _prune_gemm_configs
+from ._common import m_chunk_for as _m_chunk_for, prune_gemm_configs as _prune_gemm_configs
 
 __all__ = ["rescaled_linear_forward", "rescaled_linear_backward"]
 
@@ -196,7 +196,6 @@ def _grad_scales_kernel(
 
 # Interpreter (CPU tests): small tiles keep it fast; tl.dot needs every dimension >= 16.
 _INTERPRETER_BLOCKS = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP=4)
-_INTERPRETER_SMS = 32  # a pretend SM count with which small test shapes exercise the M split
 
 
 # The scales kernel's [BLOCK_N, BLOCK_K] tile fixes the partial buffers' shapes, so it is chosen by
@@ -327,10 +326,8 @@ def rescaled_linear_backward(
     tiles_n, tiles_k = triton.cdiv(N, tile["BLOCK_N"]), triton.cdiv(K, tile["BLOCK_K"])
     if need_weight:
         m_chunk = M  # dW needs the whole of G in one program
-    elif interpreting:
-        m_chunk = _m_chunk(M, tiles_n * tiles_k, _INTERPRETER_SMS, tile["BLOCK_M"])
     else:
-        m_chunk = _m_chunk(M, tiles_n * tiles_k, _num_sms(x2d), _M_CHUNK_ALIGN)
+        m_chunk = _m_chunk_for(x2d, M, tiles_n * tiles_k, _M_CHUNK_ALIGN, _INTERPRETER_BLOCKS["BLOCK_M"])
     chunks = triton.cdiv(M, m_chunk)
     if need_scales:
         part_l = torch.empty(chunks * tiles_k, N, R, dtype=acc_torch, device=x2d.device)

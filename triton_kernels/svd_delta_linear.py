@@ -18,8 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import interpreting as _interpreting, m_chunk as _m_chunk, matmul_precision as _precision
-from ._common import num_sms as _num_sms
+from ._common import interpreting as _interpreting, m_chunk_for as _m_chunk_for, matmul_precision as _precision
 
 __all__ = ["svd_basis_weight", "svd_delta_linear_forward", "svd_delta_linear_backward"]
 
@@ -95,7 +94,6 @@ def _grad_d_kernel(
 # registers (the tensor-core tiles spill there; see _common.FMA_TILES), and for float64, whose
 # 128×128 dd tiles would ask for 384 KiB of shared memory (an H100 has 227).
 _INTERPRETER_BLOCKS = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, BLOCK_J=16)
-_INTERPRETER_SMS = 32  # a pretend SM count with which small test shapes exercise the M split
 _WEIGHT_BLOCKS = dict(BLOCK_N=64, BLOCK_K=64, BLOCK_J=32)
 _WEIGHT_BLOCKS_SMALL = dict(BLOCK_N=64, BLOCK_K=64, BLOCK_J=16)
 # 8 warps: with 4, the 128×128 fp32 tile of G spills (ptxas, sm_90: bf16 with odd K, and TF32).
@@ -145,11 +143,8 @@ def svd_delta_linear_backward(grad_y, x2d, weight, u, v, d, need_x: bool, need_d
         N, rank = u.shape
         b = _blocks(x2d, _GRAD_D_BLOCKS, _GRAD_D_BLOCKS_SMALL)
         tiles = (triton.cdiv(N, b["BLOCK_N"]), triton.cdiv(K, b["BLOCK_K"]))
-        if _interpreting(x2d):
-            rows = _m_chunk(M, tiles[0] * tiles[1], _INTERPRETER_SMS, b["BLOCK_M"])
-        else:
-            rows = _m_chunk(M, tiles[0] * tiles[1], _num_sms(x2d), _M_CHUNK_ALIGN)
-        rows = max(rows, 1)  # M = 0: one chunk, whose epilogue writes zeros
+        # M = 0: one chunk, whose epilogue writes zeros.
+        rows = max(_m_chunk_for(x2d, M, tiles[0] * tiles[1], _M_CHUNK_ALIGN, b["BLOCK_M"]), 1)
         grid = (*tiles, triton.cdiv(max(M, 1), rows))
         acc_dtype = torch.float64 if x2d.dtype == torch.float64 else torch.float32
         partial = torch.empty(grid[0] * grid[1] * grid[2], rank, dtype=acc_dtype, device=x2d.device)
