@@ -49,21 +49,28 @@ def choose_path(residual: bool, rank: int, dtype: torch.dtype = torch.float32) -
     return "separable" if separable else "modulated"
 
 
+def _scaled_matmul(a: Tensor, b: Tensor, scale: Optional[Tensor]) -> Tensor:
+    """(a ⊙ scale) @ b, the scale running over a's columns (b's rows), applied to whichever of the
+    two is smaller: a [M, L] or b [L, C], i.e. M vs C rows of L (a transient copy, never saved)."""
+    if scale is None:
+        return a @ b
+    if a.shape[0] >= b.shape[1]:
+        return a @ (b * scale[:, None])
+    return (a * scale) @ b
+
+
 class _Separable(torch.autograd.Function):
     """y = ((x ⊙ s_r) Wᵀ) ⊙ s_l + b for rank-1 scales (None = ones), in as few passes over
     activations as torch ops allow: a scale that feeds a GEMM rides on whichever operand is smaller
-    (the activation, or W: a transient copy, never saved), and z = (x ⊙ s_r) Wᵀ is kept only when
-    s_l is trained (its gradient is Σ_m gy ⊙ z)."""
+    (:func:`_scaled_matmul`), and z = (x ⊙ s_r) Wᵀ is kept only when s_l is trained (its gradient
+    is Σ_m gy ⊙ z)."""
 
     @staticmethod
     def forward(ctx, x, weight, s_l, s_r, bias):
         x2 = x.reshape(-1, x.shape[-1])
         s_l1 = None if s_l is None else s_l.reshape(-1)
         s_r1 = None if s_r is None else s_r.reshape(-1)
-        if s_r1 is not None and x2.shape[0] >= weight.shape[0]:
-            z = x2 @ (weight * s_r1).T  # scaling W's columns is the smaller pass
-        else:
-            z = (x2 if s_r1 is None else x2 * s_r1) @ weight.T
+        z = _scaled_matmul(x2, weight.T, s_r1)  # (x ⊙ s_r) Wᵀ
         if s_l1 is None:
             y = z if bias is None else z.add_(bias)  # z is not needed for any gradient then
         else:
@@ -86,12 +93,7 @@ class _Separable(torch.autograd.Function):
         if need_bias:
             gb = gy.sum(0)
         if need_x or need_s_r:
-            if s_l1 is None:
-                u = gy @ weight
-            elif gy.shape[0] >= weight.shape[0]:
-                u = gy @ (weight * s_l1[:, None])  # (gy ⊙ s_l) W, scaling the smaller operand
-            else:
-                u = (gy * s_l1) @ weight
+            u = _scaled_matmul(gy, weight, s_l1)  # (gy ⊙ s_l) W
             if need_s_r:
                 gs_r = torch.linalg.vecdot(u, x2, dim=0).reshape(s_r_shape)  # Σ_m u ⊙ x
             if need_x:
