@@ -12,7 +12,7 @@ from subspace_ops.testing import check_close
 
 from conftest import ON_INTERPRETER, backend_device, require_backend
 
-# name -> (B, H, Nq, Nk, d, is_causal, mask kind). Odd sizes, H = 1, 12 and 20, d not a power of two,
+# name -> (B, H, Nq, Nk, d, is_causal, mask kind). Odd sizes, H = 1, 4, 6, 8, 12, 16 and 20, d not a power of two,
 # cross attention (Nq != Nk) both ways, causal with Nq != Nk (top-left triangle).
 CASES = {
     "vit-like": (2, 3, 13, 13, 16, False, None),
@@ -20,11 +20,18 @@ CASES = {
     "causal": (2, 2, 17, 17, 16, True, None),
     "causal-cross": (1, 3, 19, 7, 8, True, None),
     "one-head-d40": (1, 1, 9, 9, 40, False, None),
-    "twelve-heads": (1, 12, 7, 7, 8, False, None),
+    "twelve-heads": (1, 12, 18, 7, 8, False, None),
     "twenty-heads": (1, 20, 17, 6, 8, False, None),  # H not a power of two, one full row vector + a tail
     "key-padding": (2, 3, 6, 9, 8, False, "key-padding"),
     "additive": (2, 3, 6, 9, 8, False, "additive"),
     "causal+padding": (2, 2, 8, 8, 8, True, "key-padding"),
+    # The CPU head mix has compile-time loops for H = 4, 6, 8, 12, 16 over whole vectors of 16 query
+    # rows, a few key rows at a time: these have >= 16 query rows, a row tail and odd key counts. Its
+    # float32 O += M V loop takes 64 columns x 6 rows (then 2, then 1) and 16/32-column tails: d = 64, 80.
+    "eight-heads": (1, 8, 37, 29, 64, False, None),
+    "six-heads-padding": (2, 6, 33, 19, 16, False, "key-padding"),
+    "four-heads-d80": (1, 4, 20, 23, 80, False, None),
+    "sixteen-heads-causal": (1, 16, 20, 20, 16, True, None),
 }
 
 
