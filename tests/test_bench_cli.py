@@ -13,9 +13,10 @@ import subspace_ops
 from subspace_ops.bench.cases import CASES
 from subspace_ops.bench.harness import Case, Variant, VariantSkipped, Workload, run_case
 from subspace_ops.cli import main
+from subspace_ops.ops.rescaled_linear import choose_path
 
 TINY = ["--shape", "8,16,24", "--repeats", "2", "--warmup", "1", "--device", "cpu"]
-VARIANTS = {"subspace_ops", "naive", "naive+compile", "frozen F.linear", "full FT", "peft LoRA r=8"}
+VARIANTS = {"subspace_ops", "subspace_ops modulated", "naive", "naive+compile", "frozen F.linear", "full FT", "peft LoRA r=8"}
 MODES = ("forward", "fwd+bwd")
 
 
@@ -43,8 +44,10 @@ def test_bench_writes_json_csv_and_plot(tmp_path, capsys):
     baseline = {r["mode"]: r for r in rows if r["variant"] == r["baseline"]}
     assert baseline["forward"]["variant"] == "frozen F.linear" and baseline["fwd+bwd"]["variant"] == "full FT"
     assert all(b["ratio"] == 1.0 and b["mem_ratio"] == 1.0 for b in baseline.values())
-    ours = next(r for r in rows if r["variant"] == "subspace_ops")
-    assert ours["backend"] == subspace_ops.resolve_backend(None, "cpu")
+    backend = subspace_ops.resolve_backend(None, "cpu")
+    labels = {r["variant"]: r["backend"] for r in rows}  # the backend and the path that ran
+    assert labels["subspace_ops"] == f"{backend} {choose_path(True, 1, torch.float32, tokens=8, backend=backend)}"
+    assert labels["subspace_ops modulated"] == f"{backend} modulated"
 
     with open(out_csv, newline="") as f:
         csv_rows = list(csv.DictReader(f))

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import subspace_ops
 from subspace_ops import reference
 from subspace_ops.backends import BackendUnavailableError, resolve_backend
-from subspace_ops.ops.rescaled_linear import choose_path
+from subspace_ops.ops.rescaled_linear import CPU_STACKED_MAX_ROWS, choose_path
 from subspace_ops.testing import check_close
 
 from conftest import ON_INTERPRETER, backend_device, require_backend
@@ -81,16 +81,19 @@ def dtypes_for(backend: str) -> list:
     return [torch.float32, torch.bfloat16, torch.float16]
 
 
-def paths_for(case: dict) -> list:
-    """Every path the case can take: both where the separable one applies."""
-    return [None, "separable", "modulated"] if not case["residual"] and case["r"] == 1 else [None]
+def paths_for(case: dict, backend: str) -> list:
+    """The default path and every forced one the backend can take: the modulated kernels and the
+    stacked path (torch GEMMs, so checked once, on the cpu backend, whose default it is at small M)
+    for every case; the separable one where it applies (no residual, rank 1)."""
+    paths = [None, "modulated"] + (["stacked"] if backend == "cpu" else [])
+    return paths + (["separable"] if not case["residual"] and case["r"] == 1 else [])
 
 
 @pytest.mark.parametrize("case_name", sorted(CASES))
 def test_matches_float64_reference(backend, case_name):
     case = CASES[case_name]
     device = backend_device(backend)
-    for dtype, path in itertools.product(dtypes_for(backend), paths_for(case)):
+    for dtype, path in itertools.product(dtypes_for(backend), paths_for(case, backend)):
         truth_inputs = make_inputs(case, torch.float64, device)
         low_inputs = make_inputs(case, dtype, device)
         grad_y64 = torch.randn(
@@ -106,8 +109,10 @@ def test_matches_float64_reference(backend, case_name):
             check_close(f"{case_name}/{dtype}/{path}/d{name}", g[name], g64[name], g_ref[name])
 
 
-@pytest.mark.parametrize("residual, rank, path", [(True, 1, None), (True, 4, None), (False, 4, None),
-                                                  (False, 1, "separable"), (False, 1, "modulated")])
+@pytest.mark.parametrize("residual, rank, path", [(True, 1, "modulated"), (True, 4, "modulated"),
+                                                  (False, 4, "modulated"), (False, 1, "separable"),
+                                                  (False, 1, "modulated"), (True, 1, "stacked"),
+                                                  (True, 3, "stacked"), (False, 2, "stacked")])
 def test_gradcheck_float64(backend, residual, rank, path):
     device = backend_device(backend)
     M, K, N = (3, 5, 4) if backend == "triton" else (7, 9, 6)
@@ -285,6 +290,14 @@ def test_path_rule_and_errors():
     assert choose_path(residual=False, rank=1, dtype=torch.float64) == "separable"
     assert choose_path(residual=False, rank=1, dtype=torch.bfloat16) == "modulated"
     assert choose_path(residual=True, rank=1) == "modulated" and choose_path(residual=False, rank=2) == "modulated"
+    # The cpu backend stacks the c + r input blocks for up to CPU_STACKED_MAX_ROWS rows, full precision only.
+    rows = CPU_STACKED_MAX_ROWS
+    assert choose_path(True, 1, torch.float32, tokens=rows // 2, backend="cpu") == "stacked"
+    assert choose_path(True, 1, torch.float32, tokens=rows // 2 + 1, backend="cpu") == "modulated"
+    assert choose_path(True, 3, torch.float64, tokens=rows // 4, backend="cpu") == "stacked"
+    assert choose_path(False, 2, torch.float32, tokens=rows // 2 + 1, backend="cpu") == "modulated"
+    assert choose_path(True, 1, torch.float32, tokens=1, backend="triton") == "modulated"  # reads W once
+    assert choose_path(True, 1, torch.bfloat16, tokens=1, backend="cpu") == "modulated"
     x, weight = torch.randn(3, 8), torch.randn(5, 8)
     s_l, s_r = torch.randn(5, 2), torch.randn(8, 2)
     with pytest.raises(ValueError, match="path must be one of"):
@@ -312,3 +325,17 @@ def test_separable_path_runs_one_gemm_per_pass():
 
     assert gemms("separable") == 2
     assert gemms("modulated") >= 3
+
+
+def test_stacked_path_runs_one_gemm_per_pass():
+    """RLRR's step on the stacked path (a few tokens on the cpu backend, its default there): one
+    GEMM forward and one backward over the stacked blocks, W frozen."""
+    from torch.profiler import ProfilerActivity, profile
+
+    require_backend("cpu")
+    x = torch.randn(2, 3, 48, requires_grad=True)
+    weight = torch.randn(40, 48)
+    s_l, s_r = torch.randn(40, 3, requires_grad=True), torch.randn(48, 3, requires_grad=True)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        subspace_ops.rescaled_linear(x, weight, s_l, s_r, backend="cpu").sum().backward()
+    assert sum(e.count for e in prof.key_averages() if e.key in ("aten::mm", "aten::addmm", "aten::addmm_")) == 2

@@ -128,7 +128,10 @@ def _run_lowrank(backend, t, kw):
 
 
 CHECKS: list[Check] = [
-    Check("rescaled_linear", "M=7 K=33 N=20 r=1", _rescaled(7, 33, 20, 1), _run_rescaled),
+    Check("rescaled_linear", "RLRR modulated M=7 K=33 N=20 r=1", _rescaled(7, 33, 20, 1, True, "modulated"),
+          _run_rescaled),
+    Check("rescaled_linear", "RLRR stacked M=7 K=33 N=20 r=3", _rescaled(7, 33, 20, 3, True, "stacked"),
+          _run_rescaled),
     Check("rescaled_linear", "M=197 K=64 N=48 r=3", _rescaled(197, 64, 48, 3), _run_rescaled),
     Check("rescaled_linear", "SSB separable M=64 K=33 N=20", _rescaled(64, 33, 20, 1, False, "separable"),
           _run_rescaled),

@@ -16,7 +16,10 @@ requires grad, as for a layer in the middle of a network):
     ``subspace_ops.rescaled_linear`` with the backend from ``--backend`` (default: the best one
     for the device). RLRR's trainable parameters require grad: ``s_l`` [N], ``s_r`` [K] and the
     bias (RLRR's shift, here trained in place of ``b + shift``: the same math, one add fewer); W is
-    frozen.
+    frozen. The backend column names the path taken (``rescaled_linear``'s ``choose_path``).
+``subspace_ops modulated``
+    The same, forced onto the fused modulated-weight kernels: the default's row differs only where
+    the cpu backend takes the stacked path (a few tokens, e.g. ``--shape 4,768,768``).
 ``naive``
     The papers' formula with the same parameters: materialize ``W' = W * (1 + s_l[:, None] *
     s_r[None, :])``, then ``F.linear``; eager autograd.
@@ -91,11 +94,9 @@ def _setup_ours(backend: Optional[str], residual: bool = True, path: Optional[st
             return subspace_ops.rescaled_linear(x, weight, s_l, s_r, bias, residual=residual, backend=chosen,
                                                 path=path)
 
-        label = chosen
-        if not residual:  # SSB: say which path ran
-            from ..ops.rescaled_linear import choose_path
+        from ..ops.rescaled_linear import choose_path
 
-            label = f"{chosen} {path or choose_path(False, 1, dtype)}"
+        label = f"{chosen} {path or choose_path(residual, 1, dtype, shape[0], chosen)}"  # which path ran
         return Workload(forward, [x, s_l, s_r, bias], inp.grad_output, backend=label)
 
     return setup
@@ -118,7 +119,10 @@ def _setup_formula(formula, compiled: bool):
 def rescaled_linear_variants(backend: Optional[str] = None) -> list[Variant]:
     """The variants of this case; ``backend`` is our op's backend (``None``: the default)."""
     return [
-        Variant("subspace_ops", _setup_ours(backend), description="subspace_ops.rescaled_linear"),
+        Variant("subspace_ops", _setup_ours(backend), description="subspace_ops.rescaled_linear, default path"),
+        Variant("subspace_ops modulated", _setup_ours(backend, path="modulated"),
+                description="the same, forced onto the fused modulated-weight kernels (differs from the default "
+                            "only where the cpu backend stacks a few tokens)"),
         Variant("naive", _setup_formula(_naive, False), description="materialize W', then F.linear (eager)"),
         Variant("naive+compile", _setup_formula(_naive, True), optional=True,
                 description="torch.compile of the naive formula"),

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from .. import reference
 from ..ops import rescaled_linear
-from ..ops.rescaled_linear import choose_path
+from ..ops.rescaled_linear import CPU_STACKED_MAX_ROWS, choose_path
 from .base import MergeableLinear, compute_dtype
 
 __all__ = ["RLRRLinear", "ScaledLinear", "SSF"]
@@ -97,7 +97,8 @@ class RLRRLinear(MergeableLinear):
 
     def extra_repr(self) -> str:
         parts = f", splits={self.splits}" if len(self.splits) > 1 else ""
-        return self._describe() + parts
+        stacked_tokens = CPU_STACKED_MAX_ROWS // (len(self.splits) + 1)  # choose_path's rule at rank = parts
+        return self._describe() + parts + f", path=auto (cpu: stacked up to {stacked_tokens} tokens, else modulated)"
 
 
 class ScaledLinear(MergeableLinear):

@@ -10,7 +10,7 @@ kernels: ``csrc/rescaled_linear.cpp`` (backend "cpu") and ``triton_kernels/resca
 Autograd saves x, W, S_l, S_r (what full fine-tuning of a linear layer saves, plus two vectors):
 no N×K tensor is saved, and the kernels never write W' or G = gyᵀx.
 
-Two paths (``path=``; :func:`choose_path` picks one when None, and ``ScaledLinear`` reports it):
+Three paths (``path=``; :func:`choose_path` picks one when None, and the layers report the rule):
 
 - ``"modulated"``: the fused kernels above, for any c and rank r. A training step costs the three
   GEMMs of full fine-tuning (the scale gradients need G) plus passes over W.
@@ -21,10 +21,23 @@ Two paths (``path=``; :func:`choose_path` picks one when None, and ``ScaledLinea
   u = (gy ⊙ s_l) W, with gx = u ⊙ s_r, ds_r = Σ_m x ⊙ u and ds_l = Σ_m gy ⊙ z, z = (x ⊙ s_r) Wᵀ:
   two GEMMs per step instead of three, and no G. Autograd saves z [.., N] when s_l is trained (as
   PEFT's (IA)³ saves its base layer's output) instead of nothing N-sized.
+- ``"stacked"`` (the default of the ``cpu`` backend for a few tokens, M·(c + r) ≤ 48, in
+  float32/float64: decoding, tiny batches): W' = c·W + Σ_j diag(s_l[:, j]) W diag(s_r[:, j]),
+  so the c + r input blocks [c·x; x ⊙ s_r[:, 1]; …] go through one GEMM with the frozen W, whose
+  output blocks are scaled by s_l and summed; the backward is one more GEMM of the stacked
+  [c·gy; gy ⊙ s_l[:, 1]; …] with W. With so few rows a GEMM costs about one read of W however many
+  rows it has, and this reads W twice per step where the modulated kernels read it three times and
+  write W' twice. Measured fwd+bwd on 2 CPU threads at K = N = 768 (``subspace-ops bench
+  rescaled-linear --shape M,768,768`` has both rows): RLRR rank 1 1.35-1.45× faster than
+  the modulated kernels at M = 1-4, 1.1× at M = 16, even at M = 32, slower beyond; rank 3 (timm's
+  fused qkv) 1.3-1.45× faster at M = 1-4, even at M = 12. On a GPU the Triton kernels already read
+  W once, so the rule keeps them there. Autograd saves the stacked GEMM output [(c + r)·M, N] when
+  s_l is trained.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -37,16 +50,30 @@ from ._dispatch import kernel_module
 
 __all__ = ["rescaled_linear", "choose_path"]
 
-PATHS = ("modulated", "separable")
+PATHS = ("modulated", "separable", "stacked")
+
+# The stacked path is the cpu backend's default while M·(c + r) ≤ this many stacked rows (see the
+# module docstring for the measurements behind it).
+CPU_STACKED_MAX_ROWS = 48
 
 
-def choose_path(residual: bool, rank: int, dtype: torch.dtype = torch.float32) -> str:
-    """"separable" where W' = diag(s_l) W diag(s_r) (no residual, rank 1) in float32/float64, else
-    "modulated". In 16-bit dtypes the separable path would round x ⊙ s_r and the GEMM's output before
-    the s_l scale to 16 bits, where the modulated kernels round W' (formed in fp32) once, as a merged
-    layer does; so there the default stays with the kernels (``path="separable"`` still forces it)."""
-    separable = not residual and rank == 1 and dtype in (torch.float32, torch.float64)
-    return "separable" if separable else "modulated"
+def choose_path(residual: bool, rank: int, dtype: torch.dtype = torch.float32, tokens: Optional[int] = None,
+                backend: Optional[str] = None) -> str:
+    """The path ``rescaled_linear`` takes when ``path=None``.
+
+    "separable" where W' = diag(s_l) W diag(s_r) (no residual, rank 1) in float32/float64; else
+    "stacked" on the ``cpu`` backend when ``tokens`` (M) · (c + r) ≤ CPU_STACKED_MAX_ROWS in
+    float32/float64; else "modulated". In 16-bit dtypes the separable and stacked paths would round
+    their GEMM outputs to 16 bits before the s_l scale, where the modulated kernels round W' (formed
+    in fp32) once, as a merged layer does; so there the default stays with the kernels (``path=``
+    still forces either)."""
+    full_precision = dtype in (torch.float32, torch.float64)
+    if not residual and rank == 1 and full_precision:
+        return "separable"
+    stacked_rows = None if tokens is None else tokens * (rank + int(residual))
+    if backend == "cpu" and full_precision and stacked_rows is not None and stacked_rows <= CPU_STACKED_MAX_ROWS:
+        return "stacked"
+    return "modulated"
 
 
 def _scaled_matmul(a: Tensor, b: Tensor, scale: Optional[Tensor]) -> Tensor:
@@ -102,6 +129,83 @@ class _Separable(torch.autograd.Function):
             gy_l = gy if s_l1 is None else gy * s_l1
             gw = gy_l.T @ (x2 if s_r1 is None else x2 * s_r1)
         return gx, gw, gs_l, gs_r, gb
+
+
+def _scale_columns(scale: Optional[Tensor], length: int) -> Optional[Tensor]:
+    """A scale as [L, r] columns (a view); None stays None (ones, not trained)."""
+    return None if scale is None else scale.reshape(length, -1)
+
+
+def _stack_blocks(rows: Tensor, scale: Optional[Tensor], rank: int, residual: bool) -> Tensor:
+    """[c·rows; rows ⊙ scale[:, 0]; …; rows ⊙ scale[:, r-1]]: ((c + r)·M, L) for rows [M, L], scale
+    [L, r] (None: ones)."""
+    blocks = [rows] if residual else []
+    blocks += [rows] * rank if scale is None else [rows * scale[:, j] for j in range(rank)]
+    return torch.cat(blocks) if len(blocks) > 1 else blocks[0]
+
+
+def _combine_blocks(stacked: Tensor, scale: Optional[Tensor], rank: int, residual: bool) -> Tensor:
+    """c·B_0 + Σ_j B_{c+j} ⊙ scale[:, j] for the M-row blocks B of stacked ((c + r)·M, L)."""
+    blocks = stacked.chunk(rank + int(residual))
+    scaled = blocks[int(residual):]
+    if scale is None:
+        out = scaled[0] + blocks[0] if residual else scaled[0].clone()
+    else:
+        out = torch.addcmul(blocks[0], scaled[0], scale[:, 0]) if residual else scaled[0] * scale[:, 0]
+    for j in range(1, rank):  # r is small (1 for most layers, 3 for a fused qkv)
+        out = out.add_(scaled[j]) if scale is None else out.addcmul_(scaled[j], scale[:, j])
+    return out
+
+
+def _column_dots(stacked: Tensor, rows: Tensor, rank: int, residual: bool) -> Tensor:
+    """[L, r]: column j = Σ_m B_{c+j} ⊙ rows over the M-row blocks B of stacked ((c + r)·M, L)."""
+    scaled = stacked.chunk(rank + int(residual))[int(residual):]
+    return torch.stack([torch.linalg.vecdot(block, rows, dim=0) for block in scaled], dim=1)
+
+
+class _Stacked(torch.autograd.Function):
+    """y = c·x Wᵀ + Σ_j ((x ⊙ s_r[:, j]) Wᵀ) ⊙ s_l[:, j] + b as one GEMM of the stacked input blocks
+    with W (see the module docstring); the backward is one GEMM of the stacked gradient blocks with W
+    (and, only if W is trained, one for dW = Σ_blocks gy_blockᵀ x_block). Few ops on purpose: at the
+    sizes this path is for, each torch call's own cost is a visible part of the step."""
+
+    @staticmethod
+    def forward(ctx, x, weight, s_l, s_r, bias, residual, rank):
+        out_features, in_features = weight.shape
+        x2 = x.reshape(-1, in_features)
+        s_l_cols, s_r_cols = _scale_columns(s_l, out_features), _scale_columns(s_r, in_features)
+        z = _stack_blocks(x2, s_r_cols, rank, residual) @ weight.T  # [(c + r)·M, N]
+        y = _combine_blocks(z, s_l_cols, rank, residual)
+        if bias is not None:
+            y += bias
+        need_x, need_weight, need_s_l, need_s_r, _, _, _ = ctx.needs_input_grad
+        ctx.save_for_backward(x2 if (need_s_r or need_weight) else None, weight, s_l_cols, s_r_cols,
+                              z if need_s_l else None)
+        ctx.meta = (residual, rank, x.shape, None if s_l is None else s_l.shape, None if s_r is None else s_r.shape)
+        return y.reshape(*x.shape[:-1], out_features)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x2, weight, s_l_cols, s_r_cols, z = ctx.saved_tensors
+        residual, rank, x_shape, s_l_shape, s_r_shape = ctx.meta
+        need_x, need_weight, need_s_l, need_s_r, need_bias, _, _ = ctx.needs_input_grad
+        gy = grad_y.reshape(-1, grad_y.shape[-1])
+        gx = gw = gs_l = gs_r = gb = None
+        if need_s_l:
+            gs_l = _column_dots(z, gy, rank, residual).reshape(s_l_shape)  # Σ_m gy ⊙ (x ⊙ s_r[:, j]) Wᵀ
+        if need_bias:
+            gb = gy.sum(0)
+        if need_x or need_s_r or need_weight:
+            stacked_gy = _stack_blocks(gy, s_l_cols, rank, residual)
+            if need_x or need_s_r:
+                u = stacked_gy @ weight  # [(c + r)·M, K]
+                if need_s_r:
+                    gs_r = _column_dots(u, x2, rank, residual).reshape(s_r_shape)  # Σ_m x ⊙ (gy ⊙ s_l[:, j]) W
+                if need_x:
+                    gx = _combine_blocks(u, s_r_cols, rank, residual).reshape(x_shape)
+            if need_weight:
+                gw = stacked_gy.T @ _stack_blocks(x2, s_r_cols, rank, residual)
+        return gx, gw, gs_l, gs_r, gb, None, None
 
 
 def _forward_impl(
@@ -274,8 +378,8 @@ def rescaled_linear(
         bias: ``[N]`` or None.
         residual: RLRR's ``W + s_l ⊙ W ⊙ s_r`` (True) or the plain ``s_l ⊙ W ⊙ s_r`` of SSB/SSL/(IA)³.
         backend: "reference", "cpu", "triton" or None (best available; see :mod:`subspace_ops.backends`).
-        path: "modulated", "separable" (only without the residual and at rank 1) or None for
-            :func:`choose_path`; see the module docstring.
+        path: "modulated", "separable" (only without the residual and at rank 1), "stacked" or None
+            for :func:`choose_path`; see the module docstring.
 
     All tensors must share x's dtype and device. Returns ``[..., N]``.
     """
@@ -289,8 +393,12 @@ def rescaled_linear(
     name = resolve_backend(backend, x.device)
     if name == "reference":
         return reference.rescaled_linear(x, weight, s_l, s_r, bias, residual=residual)
-    if (path or choose_path(residual, rank, x.dtype)) == "separable":
+    tokens = math.prod(x.shape[:-1])
+    chosen = path or choose_path(residual, rank, x.dtype, tokens, name)
+    if chosen == "separable":
         return _Separable.apply(x, weight, s_l, s_r, bias)
+    if chosen == "stacked":
+        return _Stacked.apply(x, weight, s_l, s_r, bias, residual, rank)
     out_features, in_features = weight.shape
     args = (x, weight, _scale_matrix(s_l, out_features, rank, x), _scale_matrix(s_r, in_features, rank, x), bias,
             residual, name)
