@@ -165,15 +165,19 @@ SUBSPACE_OPS_AVX512 void accumulate_atb(const float* a, int64_t lda, const float
     // 64 columns (a whole row of b at D = 64) by 6 rows: 24 accumulators, and each b vector loaded
     // feeds 6 FMAs (measured ~4% faster end to end than 32 columns by 8 rows).
     for (; t + 4 * kLanes <= dim; t += 4 * kLanes) {
+      const float* b_cols = b_step + t;
+      float* c_cols = c + t;
       int64_t i = 0;
-      for (; i + 6 <= rows; i += 6) accumulate_block<6, 4>(a_step + i, lda, b_step + t, ldb, step_keys, c + i * ldc + t, ldc);
-      for (; i + 2 <= rows; i += 2) accumulate_block<2, 4>(a_step + i, lda, b_step + t, ldb, step_keys, c + i * ldc + t, ldc);
-      for (; i < rows; ++i) accumulate_block<1, 4>(a_step + i, lda, b_step + t, ldb, step_keys, c + i * ldc + t, ldc);
+      for (; i + 6 <= rows; i += 6) accumulate_block<6, 4>(a_step + i, lda, b_cols, ldb, step_keys, c_cols + i * ldc, ldc);
+      for (; i + 2 <= rows; i += 2) accumulate_block<2, 4>(a_step + i, lda, b_cols, ldb, step_keys, c_cols + i * ldc, ldc);
+      for (; i < rows; ++i) accumulate_block<1, 4>(a_step + i, lda, b_cols, ldb, step_keys, c_cols + i * ldc, ldc);
     }
     for (; t + 2 * kLanes <= dim; t += 2 * kLanes) {
       accumulate_columns<2>(a_step, lda, b_step + t, ldb, step_keys, rows, c + t, ldc);
     }
-    if (t < dim) accumulate_columns<1>(a_step, lda, b_step + t, ldb, step_keys, rows, c + t, ldc);  // dim % 32 == 16
+    if (t < dim) {  // dim % 32 == 16
+      accumulate_columns<1>(a_step, lda, b_step + t, ldb, step_keys, rows, c + t, ldc);
+    }
   }
 }
 
