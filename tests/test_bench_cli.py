@@ -11,7 +11,7 @@ import torch
 
 import subspace_ops
 from subspace_ops.bench.cases import CASES
-from subspace_ops.bench.harness import Case, Variant, VariantSkipped, Workload, run_case
+from subspace_ops.bench.harness import Case, Variant, VariantSkipped, Workload, read_json, run_case
 from subspace_ops.cli import main
 from subspace_ops.ops.rescaled_linear import choose_path
 
@@ -57,6 +57,12 @@ def test_bench_writes_json_csv_and_plot(tmp_path, capsys):
     assert expected_columns <= set(csv_rows[0])
     assert {(r["variant"], r["mode"]) for r in csv_rows} == {(r["variant"], r["mode"]) for r in rows}
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # The JSON reads back into the same rows, and `subspace-ops plot` redraws the charts from it.
+    assert [r.to_row() for r in read_json(str(out_json))] == rows
+    replot = tmp_path / "again.png"
+    assert main(["plot", str(out_json), "--out", str(replot)]) == 0
+    assert replot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_memory_counts_the_naive_materialized_weight(tmp_path):
@@ -224,3 +230,17 @@ def test_e2e_cases_run_a_training_step(case_name, shape):
                     repeats=1, measure_memory=False, variants=variants)
     assert {r.variant for r in rows} == {"coeff", "lora", "peft LoRA r=8", "frozen forward"}
     assert all(r.status == "ok" and r.throughput and r.throughput > 0 for r in rows), [r.note for r in rows]
+
+
+def test_plot_command_bad_input(tmp_path, capsys):
+    """`subspace-ops plot` names the argument that is wrong instead of raising."""
+    not_bench = tmp_path / "other.json"
+    not_bench.write_text("[1, 2]")
+    for argv, message in (
+        (["plot", str(tmp_path / "missing.json"), "--out", str(tmp_path / "p.png")], "no such file"),
+        (["plot", str(not_bench), "--out", str(tmp_path / "p.png")], "not a subspace-ops bench JSON file"),
+        (["plot", str(not_bench), "--out", str(tmp_path / "no" / "p.png")], "argument --out"),
+    ):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2 and message in capsys.readouterr().err

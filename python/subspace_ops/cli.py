@@ -6,6 +6,8 @@
     A bare ``subspace-ops bench`` runs every case with the device's default shapes and dtype
     (CUDA: ViT-B M=12608, bfloat16; CPU: M=4096 and M=197, K=N=768, float32), forward and
     forward+backward. See :mod:`subspace_ops.bench.harness` for what is measured and how.
+``subspace-ops plot RESULTS.json [...] --out PNG``
+    Draw the bar charts of ``bench --plot`` again from files written by ``bench --json``.
 ``subspace-ops backends``
     Which backends can run on this machine (CPU, and CUDA if present), and why not.
 ``subspace-ops verify [options]``
@@ -67,7 +69,7 @@ def _build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         prog="subspace-ops", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{bench,verify,backends}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{bench,verify,plot,backends}")
 
     presets = sorted({p for case in CASES.values() for p in case.presets})
     bench = sub.add_parser(
@@ -106,6 +108,12 @@ def _build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     bench.add_argument("--csv", metavar="PATH", help="write the results as CSV")
     bench.add_argument("--plot", metavar="PNG", help="draw bar charts of time ratio and peak memory (needs matplotlib)")
     bench.add_argument("--list", action="store_true", help="list the cases, their variants and presets, and exit")
+
+    plot = sub.add_parser("plot", help="draw bench bar charts from --json files (needs matplotlib)",
+                          description="Draw the bar charts of `bench --plot` (time ratio and peak memory per "
+                                      "mode) from one or more files written by `bench --json`.")
+    plot.add_argument("json", nargs="+", metavar="RESULTS.json", help="file(s) written by `bench --json`")
+    plot.add_argument("--out", "-o", required=True, metavar="PNG", help="the image to write")
 
     sub.add_parser("backends", help="which backends can run here, and why not",
                    description="Print every backend for CPU (and CUDA if present) "
@@ -245,6 +253,26 @@ def _bench(args: argparse.Namespace, bench: argparse.ArgumentParser) -> int:
     return 0
 
 
+def _plot(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .bench.harness import plot, read_json
+
+    if importlib.util.find_spec("matplotlib") is None:
+        parser.error("plot needs matplotlib (pip install 'subspace_ops[plot]')")
+    missing = [path for path in args.json if not os.path.isfile(path)]
+    if missing:
+        parser.error(f"argument RESULTS.json: no such file: {', '.join(missing)}")
+    parent = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(parent):
+        parser.error(f"argument --out: directory {parent!r} does not exist")
+    try:
+        results = [r for path in args.json for r in read_json(path)]
+    except (ValueError, TypeError) as exc:  # not JSON, or not a bench file
+        parser.error(f"argument RESULTS.json: {exc}")
+    plot(results, args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
 def _backends() -> int:
     try:
         from .backends import backend_report
@@ -273,6 +301,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _backends()
     if args.command == "verify":
         return _verify(args)
+    if args.command == "plot":
+        return _plot(args, parser)
     return _bench(args, bench)
 
 

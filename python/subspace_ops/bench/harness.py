@@ -75,6 +75,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import gc
+import dataclasses
 import json
 import os
 import platform
@@ -100,6 +101,7 @@ __all__ = [
     "format_table",
     "iteration",
     "plot",
+    "read_json",
     "run_case",
     "run_metadata",
     "write_csv",
@@ -586,6 +588,21 @@ def write_json(results: Sequence[Result], path: str, meta: Optional[Mapping[str,
         f.write("\n")
 
 
+def read_json(path: str) -> list[Result]:
+    """The results of a file written by :func:`write_json` (``--json``), e.g. to plot them again."""
+    with open(path) as f:
+        payload = json.load(f)
+    if not isinstance(payload, dict) or not isinstance(payload.get("results"), list):
+        raise ValueError(f"{path}: not a subspace-ops bench JSON file (expected {{'meta': ..., 'results': [...]}})")
+    fields = {f.name for f in dataclasses.fields(Result)} - {"dims"}
+    results = []
+    for row in payload["results"]:
+        # Every column that is not a Result field is one of the shape's named dimensions.
+        results.append(Result(**{k: v for k, v in row.items() if k in fields},
+                              dims={k: v for k, v in row.items() if k not in fields}))
+    return results
+
+
 def write_csv(results: Sequence[Result], path: str) -> None:
     """One CSV row per result; columns are the union of the rows' keys, in first-seen order."""
     rows = [r.to_row() for r in results]
@@ -622,10 +639,15 @@ def plot(results: Sequence[Result], path: str) -> None:
     multi_case = len({g[0] for g in groups}) > 1
     labels = [(f"{c}\n" if multi_case else "") + f"{s}\n{d}" for c, s, d in groups]
 
-    fig, axes = plt.subplots(len(modes), 2, figsize=(max(8.0, 2.6 * len(groups) + 5), 3.6 * len(modes) + 0.8),
+    # One group (e.g. an end-to-end case at one shape): the variants label the x axis themselves;
+    # several groups: bars grouped per (case, shape, dtype), variants in the legend.
+    single = len(groups) == 1
+    width_in = max(8.0, 0.55 * len(variants) + 4) if single else max(8.0, 2.6 * len(groups) + 5)
+    fig, axes = plt.subplots(len(modes), 2, figsize=(width_in, 3.6 * len(modes) + (2.0 if single else 0.8)),
                              squeeze=False)
-    width = 0.8 / len(variants)
-    colors = plt.rcParams["axes.prop_cycle"].by_key().get("color", [None])
+    width = 0.8 if single else 0.8 / len(variants)
+    # Distinct colors for up to 20 variants (the default cycle repeats after 10).
+    colors = [plt.get_cmap("tab20" if len(variants) > 10 else "tab10")(i) for i in range(20)]
     panels = (("ratio", "time / baseline (lower is better)"), ("peak_mem_mb", "peak memory, MB (lower is better)"))
     for col, (key, label) in enumerate(panels):
         # One y scale per column, across modes: log when the values span more than 50x.
@@ -639,10 +661,14 @@ def plot(results: Sequence[Result], path: str) -> None:
                     r = lookup.get((mode, *group, variant))
                     value = getattr(r, key) if r is not None else None
                     if value is not None:
-                        xs.append(g + (i - (len(variants) - 1) / 2) * width)
+                        xs.append(i if single else g + (i - (len(variants) - 1) / 2) * width)
                         values.append(value)
                 ax.bar(xs, values, width, label=variant, color=colors[i % len(colors)])
-            ax.set_xticks(range(len(groups)), labels, fontsize=8)
+            if single:
+                ax.set_xticks(range(len(variants)), variants, fontsize=8, rotation=45, ha="right")
+                ax.set_xlabel(labels[0].replace("\n", " "), fontsize=8)
+            else:
+                ax.set_xticks(range(len(groups)), labels, fontsize=8)
             baseline = next((r.baseline for r in measured if r.mode == mode), "")
             ax.set_title(f"{mode}: {label}" + (f"\nbaseline: {baseline}" if key == "ratio" else ""), fontsize=9)
             if log_scale:
@@ -650,12 +676,13 @@ def plot(results: Sequence[Result], path: str) -> None:
             if key == "ratio":
                 ax.axhline(1.0, color="black", linewidth=0.8)
             ax.grid(axis="y", alpha=0.3)
-    handles, names = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, names, loc="lower center", ncol=min(len(variants), 6), fontsize=8, frameon=False)
+    if not single:
+        handles, names = axes[0][0].get_legend_handles_labels()
+        fig.legend(handles, names, loc="lower center", ncol=min(len(variants), 6), fontsize=8, frameon=False)
     cases = ", ".join(dict.fromkeys(r.case for r in measured))
     devices = ", ".join(dict.fromkeys(r.device for r in measured))
     fig.suptitle(f"{cases} on {devices}", fontsize=11)
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.tight_layout(rect=(0, 0 if single else 0.05, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
