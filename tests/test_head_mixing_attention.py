@@ -207,6 +207,18 @@ def test_cpu_kernel_paths_match_reference(case, threads):
         torch.set_num_threads(saved_threads)
 
 
+@pytest.mark.parametrize("case", ["four-heads-d80", "six-heads-padding", "eight-heads", "twelve-heads",
+                                  "sixteen-heads-causal"])
+def test_cpu_fixed_head_mix_float64(case):
+    """The CPU head mix's compile-time-H loops also run in float64 (8-lane vectors): tightly
+    against the float64 reference (the float32 runs of these cases are in test_matches_float64_reference)."""
+    require_backend("cpu")
+    grad_out, truth = float64_truth(case, "cpu")
+    out, grads = run(case, make_inputs(case, torch.float64, "cpu"), "cpu", grad_out)
+    for name, actual, expected in zip(("out", "dq", "dk", "dv", "dmix"), (out, *grads), (truth[0], *truth[1])):
+        torch.testing.assert_close(actual, expected, rtol=1e-9, atol=1e-11, msg=lambda m: f"{case}/{name}: {m}")
+
+
 def test_cpu_memory_is_linear_in_sequence_length():
     """The C++ kernel must not hold [B, H, Nq, Nk]: peak memory of forward + backward stays far below
     one such tensor (the naive form needs several)."""
