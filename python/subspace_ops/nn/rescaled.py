@@ -98,7 +98,8 @@ class RLRRLinear(MergeableLinear):
     def extra_repr(self) -> str:
         parts = f", splits={self.splits}" if len(self.splits) > 1 else ""
         stacked_tokens = CPU_STACKED_MAX_ROWS // (len(self.splits) + 1)  # choose_path's rule at rank = parts
-        return self._describe() + parts + f", path=auto (cpu: stacked up to {stacked_tokens} tokens, else modulated)"
+        path = f"path=auto (cpu, fp32/fp64: stacked up to {stacked_tokens} tokens, else modulated)"
+        return self._describe() + parts + ", " + path
 
 
 class ScaledLinear(MergeableLinear):
