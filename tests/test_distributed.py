@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import os
 import socket
+import warnings
 from datetime import timedelta
 
 import pytest
@@ -160,7 +161,17 @@ def distributed_results(tmp_path_factory):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
     out_dir = str(tmp_path_factory.mktemp("ranks"))
-    mp.spawn(_worker, args=(_free_port(), out_dir), nprocs=WORLD, join=True)
+    try:
+        mp.spawn(_worker, args=(_free_port(), out_dir), nprocs=WORLD, join=True)
+    except mp.ProcessExitedException as exc:
+        # A rank killed by a signal, not one that raised (a failed check or a Python error in a worker
+        # is a ProcessRaisedException and fails here): run the two-rank job once more, on a fresh port
+        # and directory. Seen once in about ten full-suite runs on the 2-vCPU CI machine (2026-11-30):
+        # rank 0 aborted with "terminate called without an active exception" from the C++ runtime,
+        # while the same job passed 15 times out of 15 on its own; the second run must pass.
+        warnings.warn(f"two-rank job crashed ({exc}); running it once more", RuntimeWarning)
+        out_dir = str(tmp_path_factory.mktemp("ranks_retry"))
+        mp.spawn(_worker, args=(_free_port(), out_dir), nprocs=WORLD, join=True)
     return out_dir, [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(WORLD)]
 
 
