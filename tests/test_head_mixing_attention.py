@@ -12,8 +12,8 @@ from subspace_ops.testing import check_close
 
 from conftest import ON_INTERPRETER, backend_device, require_backend
 
-# name -> (B, H, Nq, Nk, d, is_causal, mask kind). Odd sizes, H = 1, 4, 6, 8, 12, 16 and 20, d not a power of two,
-# cross attention (Nq != Nk) both ways, causal with Nq != Nk (top-left triangle).
+# name -> (B, H, Nq, Nk, d, is_causal, mask kind). Odd sizes, H = 1, 4, 6, 8, 12, 16 and 20, d not a
+# power of two, cross attention (Nq != Nk) both ways, causal with Nq != Nk (top-left triangle).
 CASES = {
     "vit-like": (2, 3, 13, 13, 16, False, None),
     "cross": (1, 4, 5, 19, 8, False, None),
@@ -190,6 +190,12 @@ CPU_PATH_CASES = {
 }
 
 
+def assert_float64_tight(case, ours, truth):
+    """(out, grads) of a float64 run against the float64 truth, tightly: the algorithm itself."""
+    for name, actual, expected in zip(("out", "dq", "dk", "dv", "dmix"), (ours[0], *ours[1]), (truth[0], *truth[1])):
+        torch.testing.assert_close(actual, expected, rtol=1e-9, atol=1e-11, msg=lambda m: f"{case}/{name}: {m}")
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("case", sorted(CPU_PATH_CASES))
 def test_cpu_kernel_paths_match_reference(case, threads):
@@ -199,9 +205,7 @@ def test_cpu_kernel_paths_match_reference(case, threads):
     try:
         grad_out, truth = float64_truth(case, "cpu", CPU_PATH_CASES)
         ours64 = run(case, make_inputs(case, torch.float64, "cpu", CPU_PATH_CASES), "cpu", grad_out, CPU_PATH_CASES)
-        for name, actual, expected in zip(("out", "dq", "dk", "dv", "dmix"), (ours64[0], *ours64[1]),
-                                          (truth[0], *truth[1])):  # float64: the algorithm itself, tightly
-            torch.testing.assert_close(actual, expected, rtol=1e-9, atol=1e-11, msg=lambda m: f"{case}/{name}: {m}")
+        assert_float64_tight(case, ours64, truth)
         check_dtype_against_truth(case, case, "cpu", torch.float32, "cpu", grad_out, truth, CPU_PATH_CASES)
     finally:
         torch.set_num_threads(saved_threads)
@@ -214,9 +218,7 @@ def test_cpu_fixed_head_mix_float64(case):
     against the float64 reference (the float32 runs of these cases are in test_matches_float64_reference)."""
     require_backend("cpu")
     grad_out, truth = float64_truth(case, "cpu")
-    out, grads = run(case, make_inputs(case, torch.float64, "cpu"), "cpu", grad_out)
-    for name, actual, expected in zip(("out", "dq", "dk", "dv", "dmix"), (out, *grads), (truth[0], *truth[1])):
-        torch.testing.assert_close(actual, expected, rtol=1e-9, atol=1e-11, msg=lambda m: f"{case}/{name}: {m}")
+    assert_float64_tight(case, run(case, make_inputs(case, torch.float64, "cpu"), "cpu", grad_out), truth)
 
 
 def test_cpu_memory_is_linear_in_sequence_length():

@@ -74,8 +74,8 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import gc
 import dataclasses
+import gc
 import json
 import os
 import platform

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from .. import reference
 from ..ops import rescaled_linear
-from ..ops.rescaled_linear import CPU_STACKED_MAX_ROWS, choose_path
+from ..ops.rescaled_linear import choose_path, cpu_stacked_max_tokens
 from .base import MergeableLinear, compute_dtype
 
 __all__ = ["RLRRLinear", "ScaledLinear", "SSF"]
@@ -97,7 +97,7 @@ class RLRRLinear(MergeableLinear):
 
     def extra_repr(self) -> str:
         parts = f", splits={self.splits}" if len(self.splits) > 1 else ""
-        stacked_tokens = CPU_STACKED_MAX_ROWS // (len(self.splits) + 1)  # choose_path's rule at rank = parts
+        stacked_tokens = cpu_stacked_max_tokens(residual=True, rank=len(self.splits))
         path = f"path=auto (cpu, fp32/fp64: stacked up to {stacked_tokens} tokens, else modulated)"
         return self._describe() + parts + ", " + path
 

@@ -48,13 +48,18 @@ from .._validate import check_like, check_size, check_tensor
 from ..backends import resolve_backend
 from ._dispatch import kernel_module
 
-__all__ = ["rescaled_linear", "choose_path"]
+__all__ = ["rescaled_linear", "choose_path", "cpu_stacked_max_tokens"]
 
 PATHS = ("modulated", "separable", "stacked")
 
 # The stacked path is the cpu backend's default while M·(c + r) ≤ this many stacked rows (see the
 # module docstring for the measurements behind it).
 CPU_STACKED_MAX_ROWS = 48
+
+
+def cpu_stacked_max_tokens(residual: bool, rank: int) -> int:
+    """The most tokens M for which the cpu backend stacks by default: M·(c + r) ≤ CPU_STACKED_MAX_ROWS."""
+    return CPU_STACKED_MAX_ROWS // (rank + int(residual))
 
 
 def choose_path(residual: bool, rank: int, dtype: torch.dtype = torch.float32, tokens: Optional[int] = None,
@@ -70,8 +75,7 @@ def choose_path(residual: bool, rank: int, dtype: torch.dtype = torch.float32, t
     full_precision = dtype in (torch.float32, torch.float64)
     if not residual and rank == 1 and full_precision:
         return "separable"
-    stacked_rows = None if tokens is None else tokens * (rank + int(residual))
-    if backend == "cpu" and full_precision and stacked_rows is not None and stacked_rows <= CPU_STACKED_MAX_ROWS:
+    if backend == "cpu" and full_precision and tokens is not None and tokens <= cpu_stacked_max_tokens(residual, rank):
         return "stacked"
     return "modulated"
 
