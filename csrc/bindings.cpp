@@ -6,9 +6,17 @@
 #include "head_mixing_attention.h"
 #include "lowrank_linear.h"
 #include "rescaled_linear.h"
+#include "rescaled_linear_avx512.h"
 #include "svd_delta_linear.h"
 
 namespace {
+
+// Which GEMMs the float32 rescaled_linear kernels run on this CPU (reported by subspace_ops.backend_report()).
+std::string rescaled_linear_gemms() {
+  return subspace_ops::rescaled_avx512::available()
+             ? "AVX-512 kernels up to " + std::to_string(subspace_ops::rescaled_avx512::kMaxRows) + " rows, ATen beyond"
+             : std::string("ATen (no AVX-512 on this CPU)");
+}
 
 std::string build_info() {
   std::ostringstream out;
@@ -25,7 +33,8 @@ std::string build_info() {
 #else
       << ", no OpenMP (at::parallel_for runs serially)"
 #endif
-      << ", torch " << TORCH_VERSION << "; block budget " << (subspace_ops::kMaxBlockBytes >> 10) << " KiB" << "\n"
+      << ", torch " << TORCH_VERSION << "; block budget " << (subspace_ops::kMaxBlockBytes >> 10) << " KiB"
+      << "; rescaled_linear float32 GEMMs: " << rescaled_linear_gemms() << "\n"
       << at::get_parallel_info();
   return out.str();
 }
@@ -56,5 +65,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x_dropped2d"), py::arg("weight"), py::arg("a"), py::arg("g"), py::arg("b"), py::arg("h0"),
         py::arg("scaling"), py::arg("need_x"), py::arg("need_x_dropped"), py::arg("need_weight"), py::arg("need_a"),
         py::arg("need_b"), py::arg("need_g"));
+  m.def("rescaled_linear_gemms", &rescaled_linear_gemms);
   m.def("build_info", &build_info);
 }

@@ -23,6 +23,11 @@
 // over blocks of K. The backward's blocks of N are shared: one pass over W[blk] and G[blk] reduces
 // G[blk] into the scale gradients and overwrites it with W'[blk] for gx, so W is read once per backward.
 //
+// float32 with at most rescaled_avx512::kMaxRows rows on an AVX-512 CPU skips all of the above: the
+// GEMMs of rescaled_linear_avx512.cpp form W' while packing it and reduce G tile by tile in registers,
+// so no block of W' or G is ever written (kernel calls of a step at M = 197, K = N = 768, 2 threads:
+// 2.53-2.65 ms against 2.79-3.11 ms, interleaved runs; beyond ~512 rows ATen's GEMMs, which block M, win).
+//
 // Layout: W is used in place whichever of its dimensions has unit stride (a transposed view, such as
 // GPT-2's Conv1D weight, is not copied). With unit stride along N we work on Wᵀ, for which the same
 // formulas hold with S_l and S_r swapped: Wᵀ ⊙ (c + S_r S_lᵀ) = W'ᵀ.
@@ -35,6 +40,8 @@
 #include <algorithm>
 #include <utility>
 #include <vector>
+
+#include "rescaled_linear_avx512.h"
 
 // The row loops below are written to auto-vectorize; on x86-64 GCC also emits AVX-512 and AVX2
 // copies and picks one when the library is loaded (the default build flags only allow SSE2).
@@ -220,6 +227,31 @@ bool accumulate_over(int64_t step, int64_t dim, at::ScalarType dtype) {
   return (dtype == at::kFloat || dtype == at::kDouble) && step >= std::min(dim, kMinAccumulateDepth);
 }
 
+// float32 on an AVX-512 CPU with at most rescaled_avx512::kMaxRows rows: the GEMMs of
+// rescaled_linear_avx512.cpp, which form W' while packing it and reduce G while it is in registers,
+// replace the ATen GEMMs over blocks of W' below.
+bool use_avx512(const at::Tensor& x2d, int64_t n, int64_t k) {
+  const int64_t m = x2d.size(0);
+  return x2d.scalar_type() == at::kFloat && m > 0 && m <= rescaled_avx512::kMaxRows && n > 0 && k > 0 &&
+         rescaled_avx512::available();
+}
+
+// W' in o's orientation as the AVX-512 kernels take it; a and b_t own the contiguous scales it points to.
+struct Avx512Weight {
+  at::Tensor a, b_t;
+  rescaled_avx512::ModulatedWeight view;
+};
+
+Avx512Weight avx512_weight(const Oriented& o, double c) {
+  Avx512Weight out{o.a.contiguous(), o.b.t().contiguous(), {}};
+  out.view = {o.w.const_data_ptr<float>(), o.w.stride(0),         o.w.size(0), o.w.size(1),
+              out.a.const_data_ptr<float>(), out.b_t.const_data_ptr<float>(), o.a.size(1), static_cast<float>(c)};
+  return out;
+}
+
+// t itself if its rows have unit stride, else a contiguous copy.
+at::Tensor unit_column_stride(const at::Tensor& t) { return t.stride(1) == 1 ? t : t.contiguous(); }
+
 void check_inputs(const at::Tensor& x2d, const at::Tensor& weight, const at::Tensor& s_l, const at::Tensor& s_r) {
   TORCH_CHECK(x2d.dim() == 2, "rescaled_linear: x2d must be 2-D [M, K], got shape ", x2d.sizes());
   TORCH_CHECK(weight.dim() == 2, "rescaled_linear: weight must be 2-D [N, K], got shape ", weight.sizes());
@@ -243,6 +275,92 @@ void check_inputs(const at::Tensor& x2d, const at::Tensor& weight, const at::Ten
   }
 }
 
+// The backward's outputs in o's orientation (o.w is [P, Q]); an undefined tensor is not asked for.
+struct Gradients {
+  at::Tensor gx;        // [M, K]
+  at::Tensor gw_o;      // [P, Q]
+  at::Tensor a_grad;    // [P, r] accumulator, zeroed
+  at::Tensor b_grad_t;  // [threads, r, Q] accumulators, zeroed
+};
+
+void backward_avx512(const at::Tensor& grad_y, const at::Tensor& x2d, const Oriented& o, double c,
+                     const Gradients& out) {
+  const Avx512Weight w = avx512_weight(o, c);
+  const at::Tensor x_rows = unit_column_stride(x2d), gy_rows = unit_column_stride(grad_y);
+  const int64_t m = x2d.size(0);
+  if (out.gx.defined()) {  // gx = gy W': its columns run along K, which is o's P exactly when o is transposed
+    rescaled_avx512::modulated_matmul(gy_rows.const_data_ptr<float>(), gy_rows.stride(0), m, w.view, o.transposed,
+                                      nullptr, out.gx.mutable_data_ptr<float>(), out.gx.stride(0));
+  }
+  const bool need_scales = out.a_grad.defined(), need_weight = out.gw_o.defined();
+  if (need_scales || need_weight) {  // G in o's orientation: gyᵀ x [N, K], or xᵀ gy when o is Wᵀ
+    const at::Tensor& ap = o.transposed ? x_rows : gy_rows;
+    const at::Tensor& bq = o.transposed ? gy_rows : x_rows;
+    rescaled_avx512::reduce_weight_gradients(
+        ap.const_data_ptr<float>(), ap.stride(0), bq.const_data_ptr<float>(), bq.stride(0), m, w.view,
+        need_scales ? out.a_grad.mutable_data_ptr<float>() : nullptr,
+        need_scales ? out.b_grad_t.mutable_data_ptr<float>() : nullptr, need_scales ? out.b_grad_t.size(0) : 1,
+        need_weight ? out.gw_o.mutable_data_ptr<float>() : nullptr, need_weight ? out.gw_o.stride(0) : 0);
+  }
+}
+
+void backward_aten(const at::Tensor& grad_y, const at::Tensor& x2d, const Oriented& o, double c,
+                   const Gradients& out) {
+  const at::Tensor& weight = o.w;
+  const int64_t n = grad_y.size(1), k = x2d.size(1);
+  const int64_t n_step = block_rows(n, k, weight.element_size());
+  const bool need_x = out.gx.defined(), need_weight = out.gw_o.defined(), need_scales = out.a_grad.defined();
+  const bool need_g = need_weight || need_scales;
+  const bool gx_by_rows = need_x && accumulate_over(n_step, n, x2d.scalar_type());
+  at::Tensor gx = out.gx;
+  // Over blocks of N: G[blk] = gy[:, blk]ᵀ x, then one pass over W[blk] and G[blk] reduces G[blk] into the
+  // scale gradients (and dW[blk]) and forms W'[blk], in place of G[blk], for gx += gy[:, blk] W'[blk].
+  if (need_g || gx_by_rows) {
+    const at::Tensor buffer = at::empty({n_step * k}, weight.options());
+    for (int64_t n0 = 0; n0 < n; n0 += n_step) {
+      const int64_t nb = std::min(n_step, n - n0);
+      const Block blk = block(o, 0, n0, nb);
+      const at::Tensor gy_cols = grad_y.narrow(1, n0, nb);
+      at::Tensor g;
+      PassOutputs pass;
+      if (need_g) {  // G[blk] in o's orientation: [nb, K], or its transpose [K, nb]
+        g = buffer_like(buffer, blk.w);
+        if (blk.d == 0) {
+          at::mm_out(g, gy_cols.t(), x2d);
+        } else {
+          at::mm_out(g, x2d.t(), gy_cols);
+        }
+      }
+      if (gx_by_rows) pass.w_mod = buffer_like(buffer, blk.w);
+      if (need_weight) pass.g_mod = out.gw_o.narrow(blk.d, n0, nb);
+      if (need_scales) {
+        pass.a_grad = blk.d == 0 ? out.a_grad.narrow(0, n0, nb) : out.a_grad;
+        pass.b_grad_t = blk.d == 1 ? out.b_grad_t.narrow(2, n0, nb) : out.b_grad_t;
+      }
+      block_pass(blk.w, g, blk.a, blk.b, c, pass);
+      if (gx_by_rows) {
+        const at::Tensor w_mod = o.transposed ? pass.w_mod.t() : pass.w_mod;  // W'[blk], [nb, K]
+        if (n0 == 0) {
+          at::mm_out(gx, gy_cols, w_mod);
+        } else {
+          gx.addmm_(gy_cols, w_mod);
+        }
+      }
+    }
+    if (gx_by_rows && n == 0) gx.zero_();
+  }
+  if (need_x && !gx_by_rows) {
+    // gx[:, blk] = gy W'[:, blk] over blocks of K, each column slice written (and rounded) once.
+    const int64_t k_step = block_rows(k, n, weight.element_size());
+    const at::Tensor buffer = at::empty({n * k_step}, weight.options());
+    for (int64_t k0 = 0; k0 < k; k0 += k_step) {
+      const int64_t kb = std::min(k_step, k - k0);
+      at::Tensor gx_cols = gx.narrow(1, k0, kb);
+      at::mm_out(gx_cols, grad_y, modulated_block(o, 1, k0, kb, c, buffer));
+    }
+  }
+}
+
 }  // namespace
 
 at::Tensor rescaled_linear_forward(const at::Tensor& x2d, const at::Tensor& weight, const at::Tensor& s_l,
@@ -261,6 +379,15 @@ at::Tensor rescaled_linear_forward(const at::Tensor& x2d, const at::Tensor& weig
   const double c = residual ? 1.0 : 0.0;
   at::Tensor y = at::empty({m, n}, x2d.options());
   if (k == 0 || n == 0) return has_bias ? y.copy_(bias->expand({m, n})) : y.zero_();
+
+  if (use_avx512(x2d, n, k)) {
+    const Avx512Weight w = avx512_weight(o, c);
+    const at::Tensor x_rows = unit_column_stride(x2d), bias_c = has_bias ? bias->contiguous() : at::Tensor();
+    rescaled_avx512::modulated_matmul(x_rows.const_data_ptr<float>(), x_rows.stride(0), m, w.view, !o.transposed,
+                                      has_bias ? bias_c.const_data_ptr<float>() : nullptr, y.mutable_data_ptr<float>(),
+                                      n);
+    return y;
+  }
 
   const int64_t k_step = block_rows(k, n, weight.element_size());
   if (accumulate_over(k_step, k, x2d.scalar_type())) {
@@ -309,9 +436,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rescaled_linear_backw
   const Oriented o = orient(weight, s_l, s_r);
   const int64_t n = weight.size(0), k = weight.size(1), r = s_l.size(1);
   const double c = residual ? 1.0 : 0.0;
-  const int64_t n_step = block_rows(n, k, weight.element_size());
-  const bool need_g = need_weight || need_scales;
-  const bool gx_by_rows = need_x && accumulate_over(n_step, n, x2d.scalar_type());
 
   at::Tensor gx, gw, gs_l, gs_r;
   if (need_x) gx = at::empty_like(x2d, at::MemoryFormat::Contiguous);
@@ -324,51 +448,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rescaled_linear_backw
     b_grad_t = at::zeros({at::get_num_threads(), r, o.w.size(1)}, acc_options);
   }
 
-  // Over blocks of N: G[blk] = gy[:, blk]ᵀ x, then one pass over W[blk] and G[blk] reduces G[blk] into the
-  // scale gradients (and dW[blk]) and forms W'[blk], in place of G[blk], for gx += gy[:, blk] W'[blk].
-  if (need_g || gx_by_rows) {
-    const at::Tensor buffer = at::empty({n_step * k}, weight.options());
-    for (int64_t n0 = 0; n0 < n; n0 += n_step) {
-      const int64_t nb = std::min(n_step, n - n0);
-      const Block blk = block(o, 0, n0, nb);
-      const at::Tensor gy_cols = grad_y.narrow(1, n0, nb);
-      at::Tensor g;
-      PassOutputs out;
-      if (need_g) {  // G[blk] in o's orientation: [nb, K], or its transpose [K, nb]
-        g = buffer_like(buffer, blk.w);
-        if (blk.d == 0) {
-          at::mm_out(g, gy_cols.t(), x2d);
-        } else {
-          at::mm_out(g, x2d.t(), gy_cols);
-        }
-      }
-      if (gx_by_rows) out.w_mod = buffer_like(buffer, blk.w);
-      if (need_weight) out.g_mod = gw_o.narrow(blk.d, n0, nb);
-      if (need_scales) {
-        out.a_grad = blk.d == 0 ? a_grad.narrow(0, n0, nb) : a_grad;
-        out.b_grad_t = blk.d == 1 ? b_grad_t.narrow(2, n0, nb) : b_grad_t;
-      }
-      block_pass(blk.w, g, blk.a, blk.b, c, out);
-      if (gx_by_rows) {
-        const at::Tensor w_mod = o.transposed ? out.w_mod.t() : out.w_mod;  // W'[blk], [nb, K]
-        if (n0 == 0) {
-          at::mm_out(gx, gy_cols, w_mod);
-        } else {
-          gx.addmm_(gy_cols, w_mod);
-        }
-      }
-    }
-    if (gx_by_rows && n == 0) gx.zero_();
-  }
-  if (need_x && !gx_by_rows) {
-    // gx[:, blk] = gy W'[:, blk] over blocks of K, each column slice written (and rounded) once.
-    const int64_t k_step = block_rows(k, n, weight.element_size());
-    const at::Tensor buffer = at::empty({n * k_step}, weight.options());
-    for (int64_t k0 = 0; k0 < k; k0 += k_step) {
-      const int64_t kb = std::min(k_step, k - k0);
-      at::Tensor gx_cols = gx.narrow(1, k0, kb);
-      at::mm_out(gx_cols, grad_y, modulated_block(o, 1, k0, kb, c, buffer));
-    }
+  const Gradients out{gx, gw_o, a_grad, b_grad_t};
+  if (use_avx512(x2d, n, k)) {
+    backward_avx512(grad_y, x2d, o, c, out);
+  } else {
+    backward_aten(grad_y, x2d, o, c, out);
   }
   if (need_weight) gw = o.transposed ? gw_o.t() : gw_o;
   if (need_scales) {

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import subspace_ops
 from subspace_ops import reference
 from subspace_ops.backends import BackendUnavailableError, resolve_backend
-from subspace_ops.ops.rescaled_linear import CPU_STACKED_MAX_ROWS, choose_path
+from subspace_ops.ops.rescaled_linear import CPU_STACKED_MAX_ROWS, choose_path, cpu_stacked_max_tokens
 from subspace_ops.testing import check_close
 
 from conftest import ON_INTERPRETER, backend_device, require_backend
@@ -291,12 +291,17 @@ def test_path_rule_and_errors():
     assert choose_path(residual=False, rank=1, dtype=torch.float64) == "separable"
     assert choose_path(residual=False, rank=1, dtype=torch.bfloat16) == "modulated"
     assert choose_path(residual=True, rank=1) == "modulated" and choose_path(residual=False, rank=2) == "modulated"
-    # The cpu backend stacks the c + r input blocks for up to CPU_STACKED_MAX_ROWS rows, full precision only.
+    # The cpu backend stacks the c + r input blocks for a few rows, full precision only; in float64
+    # (ATen GEMMs on every CPU) up to CPU_STACKED_MAX_ROWS of them.
     rows = CPU_STACKED_MAX_ROWS
-    assert choose_path(True, 1, torch.float32, tokens=rows // 2, backend="cpu") == "stacked"
-    assert choose_path(True, 1, torch.float32, tokens=rows // 2 + 1, backend="cpu") == "modulated"
+    assert cpu_stacked_max_tokens(True, 3, torch.float64) == rows // 4
     assert choose_path(True, 3, torch.float64, tokens=rows // 4, backend="cpu") == "stacked"
-    assert choose_path(False, 2, torch.float32, tokens=rows // 2 + 1, backend="cpu") == "modulated"
+    assert choose_path(True, 3, torch.float64, tokens=rows // 4 + 1, backend="cpu") == "modulated"
+    tokens = cpu_stacked_max_tokens(True, 1, torch.float32)
+    assert tokens >= 1
+    assert choose_path(True, 1, torch.float32, tokens=tokens, backend="cpu") == "stacked"
+    assert choose_path(True, 1, torch.float32, tokens=tokens + 1, backend="cpu") == "modulated"
+    assert choose_path(False, 2, torch.float32, tokens=cpu_stacked_max_tokens(False, 2) + 1, backend="cpu") == "modulated"
     assert choose_path(True, 1, torch.float32, tokens=1, backend="triton") == "modulated"  # reads W once
     assert choose_path(True, 1, torch.bfloat16, tokens=1, backend="cpu") == "modulated"
     x, weight = torch.randn(3, 8), torch.randn(5, 8)
@@ -309,23 +314,56 @@ def test_path_rule_and_errors():
         subspace_ops.rescaled_linear(x, weight, s_l[:, 0], s_r[:, 0], residual=True, path="separable")
 
 
+@pytest.mark.parametrize("m", [203, 512, 513])
+@pytest.mark.parametrize("weight_layout", ["rows", "transposed"])
+def test_cpu_float32_gemm_tiling(m, weight_layout):
+    """The cpu backend's float32 GEMMs (csrc/rescaled_linear_avx512.cpp on AVX-512 CPUs, up to 512
+    rows; ATen's beyond) on shapes that cross every tile edge: 203 rows = 33 six-row tiles + 5 and
+    two 128-step chunks of G's reduction; K = 150 (two 128-step chunks), N = 130 (64-column panels
+    + 2); W stored as [N, K] or as a transposed [K, N] (GPT-2's Conv1D). Rank 3, residual, bias, and
+    every gradient, W's included, against the float64 reference."""
+    require_backend("cpu")
+    k, n, rank = 150, 130, 3
+    g = torch.Generator().manual_seed(5)
+    x64 = torch.randn(m, k, generator=g, dtype=torch.float64)
+    w64 = torch.randn(n, k, generator=g, dtype=torch.float64) / k**0.5
+    s_l64, s_r64 = torch.randn(n, rank, generator=g, dtype=torch.float64), torch.randn(k, rank, generator=g, dtype=torch.float64)
+    b64, gy64 = torch.randn(n, generator=g, dtype=torch.float64), torch.randn(m, n, generator=g, dtype=torch.float64)
+
+    def grads(dtype, backend):
+        weight = w64.to(dtype)
+        if weight_layout == "transposed":
+            weight = weight.T.contiguous().T
+        leaves = [t.to(dtype).requires_grad_() for t in (x64, s_l64, s_r64, b64)] + [weight.requires_grad_()]
+        x, s_l, s_r, bias, weight = leaves
+        y = subspace_ops.rescaled_linear(x, weight, s_l, s_r, bias, backend=backend, path="modulated")
+        return [y, *torch.autograd.grad(y, leaves, gy64.to(dtype))]
+
+    names = ["y", "dx", "ds_l", "ds_r", "dbias", "dweight"]
+    for name, got, truth, ref32 in zip(names, grads(torch.float32, "cpu"), grads(torch.float64, "reference"),
+                                       grads(torch.float32, "reference")):
+        check_close(f"m{m}/{weight_layout}/{name}", got, truth, ref32)
+
+
 def test_separable_path_runs_one_gemm_per_pass():
     """SSB's step on the separable path: one GEMM forward, one backward (no G = gyᵀ x, no W pass),
-    counted with the profiler, against three for the modulated kernels' G-based scale gradients."""
+    counted with the profiler, against three ATen GEMMs for the modulated kernels' G-based scale
+    gradients (in float64: in float32 on an AVX-512 CPU those run GEMMs of their own, not ATen's)."""
     from torch.profiler import ProfilerActivity, profile
 
     require_backend("cpu")
-    x = torch.randn(64, 48, requires_grad=True)
-    weight = torch.randn(40, 48)
-    s_l, s_r = torch.randn(40, requires_grad=True), torch.randn(48, requires_grad=True)
 
-    def gemms(path):
+    def gemms(path, dtype):
+        x = torch.randn(64, 48, dtype=dtype, requires_grad=True)
+        weight = torch.randn(40, 48, dtype=dtype)
+        s_l = torch.randn(40, dtype=dtype, requires_grad=True)
+        s_r = torch.randn(48, dtype=dtype, requires_grad=True)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             subspace_ops.rescaled_linear(x, weight, s_l, s_r, residual=False, backend="cpu", path=path).sum().backward()
         return sum(e.count for e in prof.key_averages() if e.key in ("aten::mm", "aten::addmm", "aten::addmm_"))
 
-    assert gemms("separable") == 2
-    assert gemms("modulated") >= 3
+    assert gemms("separable", torch.float32) == 2
+    assert gemms("modulated", torch.float64) >= 3
 
 
 def test_stacked_path_runs_one_gemm_per_pass():
@@ -334,7 +372,7 @@ def test_stacked_path_runs_one_gemm_per_pass():
     from torch.profiler import ProfilerActivity, profile
 
     require_backend("cpu")
-    x = torch.randn(2, 3, 48, requires_grad=True)
+    x = torch.randn(1, 2, 48, requires_grad=True)  # 2 tokens · (1 + 3) = 8 stacked rows
     weight = torch.randn(40, 48)
     s_l, s_r = torch.randn(40, 3, requires_grad=True), torch.randn(48, 3, requires_grad=True)
     with profile(activities=[ProfilerActivity.CPU]) as prof:

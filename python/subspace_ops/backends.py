@@ -62,7 +62,8 @@ def _cpu_extension() -> tuple[Optional[object], str]:
             f"the C++ extension subspace_ops._C is not built ({exc}); reinstall with "
             "`pip install --no-build-isolation .` and a C++ compiler"
         )
-    return module, "C++ extension subspace_ops._C"
+    # Which GEMMs float32 rescaled_linear runs depends on the CPU (csrc/rescaled_linear_avx512.h): say so.
+    return module, f"C++ extension subspace_ops._C (rescaled_linear float32 GEMMs: {module.rescaled_linear_gemms()})"
 
 
 @functools.lru_cache(maxsize=None)

@@ -97,8 +97,9 @@ class RLRRLinear(MergeableLinear):
 
     def extra_repr(self) -> str:
         parts = f", splits={self.splits}" if len(self.splits) > 1 else ""
-        stacked_tokens = cpu_stacked_max_tokens(residual=True, rank=len(self.splits))
-        path = f"path=auto (cpu, fp32/fp64: stacked up to {stacked_tokens} tokens, else modulated)"
+        rank = len(self.splits)
+        fp32, fp64 = (cpu_stacked_max_tokens(True, rank, dtype) for dtype in (torch.float32, torch.float64))
+        path = f"path=auto (cpu: stacked up to {fp32} tokens in fp32, {fp64} in fp64, else modulated)"
         return self._describe() + parts + ", " + path
 
 

@@ -13,7 +13,11 @@ no N×K tensor is saved, and the kernels never write W' or G = gyᵀx.
 Three paths (``path=``; :func:`choose_path` picks one when None, and the layers report the rule):
 
 - ``"modulated"``: the fused kernels above, for any c and rank r. A training step costs the three
-  GEMMs of full fine-tuning (the scale gradients need G) plus passes over W.
+  GEMMs of full fine-tuning (the scale gradients need G) plus passes over W. On the ``cpu`` backend,
+  float32 with up to 512 tokens on an AVX-512 CPU runs GEMMs of its own
+  (``csrc/rescaled_linear_avx512.cpp``) that form W' while packing it and reduce G while it is in
+  registers, so those passes vanish; otherwise (float64, 16-bit, more tokens, other CPUs) ATen's GEMMs
+  over blocks of W'. ``subspace_ops.backend_report()`` says which this CPU runs.
 - ``"separable"`` (the default without the residual, at rank 1, in float32/float64: SSB, SSL, (IA)³
   in full precision; see :func:`choose_path` for 16-bit dtypes): W' = diag(s_l) W diag(s_r),
   so y = ((x ⊙ s_r) Wᵀ) ⊙ s_l + b: one plain GEMM on the frozen W between two feature scalings, on
@@ -21,16 +25,17 @@ Three paths (``path=``; :func:`choose_path` picks one when None, and the layers 
   u = (gy ⊙ s_l) W, with gx = u ⊙ s_r, ds_r = Σ_m x ⊙ u and ds_l = Σ_m gy ⊙ z, z = (x ⊙ s_r) Wᵀ:
   two GEMMs per step instead of three, and no G. Autograd saves z [.., N] when s_l is trained (as
   PEFT's (IA)³ saves its base layer's output) instead of nothing N-sized.
-- ``"stacked"`` (the default of the ``cpu`` backend for a few tokens, M·(c + r) ≤ 48, in
-  float32/float64: decoding, tiny batches): W' = c·W + Σ_j diag(s_l[:, j]) W diag(s_r[:, j]),
+- ``"stacked"`` (the default of the ``cpu`` backend for a few tokens, M·(c + r) ≤ 8 in float32
+  where the AVX-512 GEMMs run, ≤ 48 otherwise, in float32/float64: decoding, tiny batches): W' = c·W + Σ_j diag(s_l[:, j]) W diag(s_r[:, j]),
   so the c + r input blocks [c·x; x ⊙ s_r[:, 1]; …] go through one GEMM with the frozen W, whose
   output blocks are scaled by s_l and summed; the backward is one more GEMM of the stacked
   [c·gy; gy ⊙ s_l[:, 1]; …] with W. With so few rows a GEMM costs about one read of W however many
   rows it has, and this reads W twice per step where the modulated kernels read it three times and
   write W' twice. Measured fwd+bwd on 2 CPU threads at K = N = 768 (``subspace-ops bench
-  rescaled-linear --shape M,768,768`` has both rows): RLRR rank 1 1.35-1.45× faster than
-  the modulated kernels at M = 1-4, 1.1× at M = 16, even at M = 32, slower beyond; rank 3 (timm's
-  fused qkv) 1.3-1.45× faster at M = 1-4, even at M = 12. On a GPU the Triton kernels already read
+  rescaled-linear --shape M,768,768`` has both rows): against the ATen-based modulated kernels,
+  RLRR rank 1 1.35-1.45× faster at M = 1-4, 1.1× at M = 16, even at M = 32, slower beyond; rank 3
+  (timm's fused qkv) 1.3-1.45× faster at M = 1-4, even at M = 12. Against the AVX-512 float32
+  GEMMs, rank 1: 1.1-1.25× faster at M = 1-4, 1.2-1.4× slower at M = 8-24. On a GPU the Triton kernels already read
   W once, so the rule keeps them there. Autograd saves the stacked GEMM output [(c + r)·M, N] when
   s_l is trained.
 """
@@ -53,13 +58,29 @@ __all__ = ["rescaled_linear", "choose_path", "cpu_stacked_max_tokens"]
 PATHS = ("modulated", "separable", "stacked")
 
 # The stacked path is the cpu backend's default while M·(c + r) ≤ this many stacked rows (see the
-# module docstring for the measurements behind it).
+# module docstring for the measurements behind it): against the modulated kernels on ATen GEMMs
+# (float64, or CPUs without AVX-512), and against the AVX-512 float32 GEMMs, which pack W' as they go.
 CPU_STACKED_MAX_ROWS = 48
+CPU_STACKED_MAX_ROWS_AVX512 = 8
 
 
-def cpu_stacked_max_tokens(residual: bool, rank: int) -> int:
-    """The most tokens M for which the cpu backend stacks by default: M·(c + r) ≤ CPU_STACKED_MAX_ROWS."""
-    return CPU_STACKED_MAX_ROWS // (rank + int(residual))
+# A property of the machine: Dynamo runs it eagerly and keeps the answer as a constant.
+@torch.compiler.assume_constant_result
+def _cpu_float32_gemms_are_avx512() -> bool:
+    from ..backends import BackendUnavailableError, cpu_extension
+
+    try:
+        return cpu_extension().rescaled_linear_gemms().startswith("AVX-512")
+    except BackendUnavailableError:
+        return False
+
+
+def cpu_stacked_max_tokens(residual: bool, rank: int, dtype: torch.dtype = torch.float32) -> int:
+    """The most tokens M for which the cpu backend stacks by default: M·(c + r) ≤ the stacked-row
+    bound for ``dtype`` on this CPU (CPU_STACKED_MAX_ROWS_AVX512 for float32 where the AVX-512 GEMMs
+    run, else CPU_STACKED_MAX_ROWS)."""
+    avx512 = dtype == torch.float32 and _cpu_float32_gemms_are_avx512()
+    return (CPU_STACKED_MAX_ROWS_AVX512 if avx512 else CPU_STACKED_MAX_ROWS) // (rank + int(residual))
 
 
 def choose_path(residual: bool, rank: int, dtype: torch.dtype = torch.float32, tokens: Optional[int] = None,
@@ -67,7 +88,8 @@ def choose_path(residual: bool, rank: int, dtype: torch.dtype = torch.float32, t
     """The path ``rescaled_linear`` takes when ``path=None``.
 
     "separable" where W' = diag(s_l) W diag(s_r) (no residual, rank 1) in float32/float64; else
-    "stacked" on the ``cpu`` backend when ``tokens`` (M) · (c + r) ≤ CPU_STACKED_MAX_ROWS in
+    "stacked" on the ``cpu`` backend when ``tokens`` (M) · (c + r) ≤ the bound of
+    :func:`cpu_stacked_max_tokens` in
     float32/float64; else "modulated". In 16-bit dtypes the separable and stacked paths would round
     their GEMM outputs to 16 bits before the s_l scale, where the modulated kernels round W' (formed
     in fp32) once, as a merged layer does; so there the default stays with the kernels (``path=``
@@ -75,7 +97,7 @@ def choose_path(residual: bool, rank: int, dtype: torch.dtype = torch.float32, t
     full_precision = dtype in (torch.float32, torch.float64)
     if not residual and rank == 1 and full_precision:
         return "separable"
-    if backend == "cpu" and full_precision and tokens is not None and tokens <= cpu_stacked_max_tokens(residual, rank):
+    if backend == "cpu" and full_precision and tokens is not None and tokens <= cpu_stacked_max_tokens(residual, rank, dtype):
         return "stacked"
     return "modulated"
 

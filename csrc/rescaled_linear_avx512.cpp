@@ -1,0 +1,329 @@
+// Rescaled linear's float32 GEMMs for AVX-512 CPUs; see rescaled_linear_avx512.h.
+//
+// Why write GEMMs at all: with ATen's GEMMs, W' must exist in memory before the GEMM reads it, so every
+// pass forms a block of W' (read W, write the block) and the GEMM then packs that block again; G = gyᵀ x
+// is written and read back for the scale gradients. At a few hundred tokens those passes cost as much
+// as 20-40% of a training step (M = 197, K = N = 768, 2 threads). A GEMM packs its weight operand
+// anyway, so here the packing step forms W' (W ⊙ factor, one multiply per element as it is copied), and
+// the scale gradients are reduced from each register tile of G as soon as the tile is complete, so a
+// step reads W three times and writes nothing weight-sized (unless W itself is trained).
+//
+// The GEMM is the usual register-tiled one: a tile of 6 rows × 64 columns of the output (24 AVX-512
+// accumulators) is updated per reduction step from 4 vectors of a packed panel of B (64 columns ×
+// kDepth steps, 32 KB, in L1) and 6 broadcasts of A, so each vector load feeds 6 FMAs and both FMA
+// ports stay busy. Threads split the output's 64-column panels; each packs its own panels, so the
+// threads never wait for one another.
+#include "rescaled_linear_avx512.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define SUBSPACE_OPS_HAVE_AVX512 1
+#include <immintrin.h>
+#define SUBSPACE_OPS_AVX512 __attribute__((target("avx512f")))
+#else
+#define SUBSPACE_OPS_HAVE_AVX512 0
+#endif
+
+namespace subspace_ops::rescaled_avx512 {
+
+#if SUBSPACE_OPS_HAVE_AVX512
+namespace {
+
+constexpr int64_t kLanes = 16;                 // floats per vector
+constexpr int kVectors = 4;                    // vectors per tile row
+constexpr int64_t kPanel = kLanes * kVectors;  // columns per packed panel and tile
+constexpr int kRows = 6;                       // rows per tile
+constexpr int64_t kDepth = 128;                // reduction steps per packed panel
+
+// The first `count` lanes of a vector (none when count <= 0, all when count >= 16).
+SUBSPACE_OPS_AVX512 inline __mmask16 lanes(int64_t count) {
+  return count >= kLanes ? static_cast<__mmask16>(0xFFFF)
+                         : static_cast<__mmask16>((1u << std::max<int64_t>(count, 0)) - 1u);
+}
+
+// c + Σ_j a[p, j] b_t[j, q .. q+15] for the lanes in mask.
+SUBSPACE_OPS_AVX512 inline __m512 factor(const ModulatedWeight& w, int64_t p, int64_t q, __mmask16 mask) {
+  __m512 f = _mm512_set1_ps(w.c);
+  for (int64_t j = 0; j < w.rank; ++j) {
+    const __m512 b = _mm512_maskz_loadu_ps(mask, w.b_t + j * w.q_len + q);
+    f = _mm512_fmadd_ps(_mm512_set1_ps(w.a[p * w.rank + j]), b, f);
+  }
+  return f;
+}
+
+// W'[p, q .. q+15] for the lanes in mask (zero elsewhere).
+SUBSPACE_OPS_AVX512 inline __m512 modulated(const ModulatedWeight& w, int64_t p, int64_t q, __mmask16 mask) {
+  return _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, w.w + p * w.ld_w + q), factor(w, p, q, mask));
+}
+
+// panel[t, j] = W'[p0 + t, q0 + j] for t < depth, j < width; zero for width <= j < 64.
+SUBSPACE_OPS_AVX512 void pack_along_q(const ModulatedWeight& w, int64_t p0, int64_t depth, int64_t q0, int64_t width,
+                                      float* panel) {
+  for (int64_t t = 0; t < depth; ++t) {
+    for (int v = 0; v < kVectors; ++v) {
+      _mm512_store_ps(panel + t * kPanel + v * kLanes, modulated(w, p0 + t, q0 + v * kLanes, lanes(width - v * kLanes)));
+    }
+  }
+}
+
+// Transposes 16 vectors in place: r[i][j] becomes r[j][i]. Four rounds of shuffles: 2×2 blocks of
+// floats, then of float pairs, then of 128-bit lanes (two rounds).
+SUBSPACE_OPS_AVX512 inline void transpose16(__m512 (&r)[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  // u[4g + c], lane L: column 4L + c of rows 4g .. 4g+3.
+  __m512 u[16];
+  for (int g = 0; g < 4; ++g) {
+    const __m512d lo_a = _mm512_castps_pd(t[4 * g]), hi_a = _mm512_castps_pd(t[4 * g + 1]);
+    const __m512d lo_b = _mm512_castps_pd(t[4 * g + 2]), hi_b = _mm512_castps_pd(t[4 * g + 3]);
+    u[4 * g + 0] = _mm512_castpd_ps(_mm512_unpacklo_pd(lo_a, lo_b));
+    u[4 * g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(lo_a, lo_b));
+    u[4 * g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(hi_a, hi_b));
+    u[4 * g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(hi_a, hi_b));
+  }
+  // Row 4L + c of the result gathers lane L of u[c], u[4 + c], u[8 + c], u[12 + c].
+  for (int c = 0; c < 4; ++c) {
+    const __m512 rows01_lo = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x44);  // u0.L0 u0.L1 u1.L0 u1.L1
+    const __m512 rows01_hi = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xEE);  // u0.L2 u0.L3 u1.L2 u1.L3
+    const __m512 rows23_lo = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x44);
+    const __m512 rows23_hi = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xEE);
+    r[c] = _mm512_shuffle_f32x4(rows01_lo, rows23_lo, 0x88);
+    r[4 + c] = _mm512_shuffle_f32x4(rows01_lo, rows23_lo, 0xDD);
+    r[8 + c] = _mm512_shuffle_f32x4(rows01_hi, rows23_hi, 0x88);
+    r[12 + c] = _mm512_shuffle_f32x4(rows01_hi, rows23_hi, 0xDD);
+  }
+}
+
+// panel[t, j] = W'[p0 + j, q0 + t] for t < depth, j < width; zero for width <= j < 64. W is read along
+// its rows, 16 × 16 blocks at a time, each transposed in registers.
+SUBSPACE_OPS_AVX512 void pack_along_p(const ModulatedWeight& w, int64_t p0, int64_t width, int64_t q0, int64_t depth,
+                                      float* panel) {
+  for (int64_t t0 = 0; t0 < depth; t0 += kLanes) {
+    const int64_t steps = std::min(kLanes, depth - t0);
+    const __mmask16 mask = lanes(steps);
+    for (int v = 0; v < kVectors; ++v) {
+      __m512 block[16];
+      for (int i = 0; i < 16; ++i) {
+        const int64_t j = v * kLanes + i;
+        block[i] = j < width ? modulated(w, p0 + j, q0 + t0, mask) : _mm512_setzero_ps();
+      }
+      transpose16(block);
+      for (int64_t i = 0; i < steps; ++i) _mm512_store_ps(panel + (t0 + i) * kPanel + v * kLanes, block[i]);
+    }
+  }
+}
+
+// panel[t, j] = src[t, j] (row stride ld) for t < depth, j < width; zero for width <= j < 64.
+SUBSPACE_OPS_AVX512 void pack_rows(const float* src, int64_t ld, int64_t depth, int64_t width, float* panel) {
+  for (int64_t t = 0; t < depth; ++t) {
+    for (int v = 0; v < kVectors; ++v) {
+      _mm512_store_ps(panel + t * kPanel + v * kLanes,
+                      _mm512_maskz_loadu_ps(lanes(width - v * kLanes), src + t * ld + v * kLanes));
+    }
+  }
+}
+
+// tiles[tile, t, i] = src[t, p0 + tile·kRows + i] (row stride ld) for the columns p0 .. p_end-1 of src,
+// zero past p_end: each tile's kRows columns become one contiguous run that multiply_tile reads in order.
+void pack_tile_rows(const float* src, int64_t ld, int64_t depth, int64_t p0, int64_t p_end, float* tiles) {
+  for (int64_t tile_p = p0; tile_p < p_end; tile_p += kRows) {
+    const int64_t rows = std::min<int64_t>(kRows, p_end - tile_p);
+    for (int64_t t = 0; t < depth; ++t) {
+      for (int64_t i = 0; i < kRows; ++i) tiles[t * kRows + i] = i < rows ? src[t * ld + tile_p + i] : 0.0f;
+    }
+    tiles += depth * kRows;
+  }
+}
+
+// acc[i] += Σ_t a[i·a_row + t·a_step] · panel[t, :] for R rows over `depth` steps.
+template <int R>
+SUBSPACE_OPS_AVX512 inline void multiply_tile(const float* a, int64_t a_row, int64_t a_step, const float* panel,
+                                              int64_t depth, __m512 (&acc)[R][kVectors]) {
+  const float* rows[R];
+  for (int i = 0; i < R; ++i) rows[i] = a + i * a_row;
+  for (int64_t t = 0, offset = 0; t < depth; ++t, offset += a_step) {
+    __m512 b[kVectors];
+    for (int v = 0; v < kVectors; ++v) b[v] = _mm512_load_ps(panel + t * kPanel + v * kLanes);
+    for (int i = 0; i < R; ++i) {
+      const __m512 a_value = _mm512_set1_ps(rows[i][offset]);
+      for (int v = 0; v < kVectors; ++v) acc[i][v] = _mm512_fmadd_ps(a_value, b[v], acc[i][v]);
+    }
+  }
+}
+
+// One tile of modulated_matmul: out[R rows, width ≤ 64 columns] = (first ? bias : out) + in · panel.
+template <int R>
+SUBSPACE_OPS_AVX512 void matmul_tile(const float* in, int64_t ld_in, const float* panel, int64_t depth, bool first,
+                                     const float* bias, float* out, int64_t ld_out, int64_t width) {
+  __m512 acc[R][kVectors];
+  for (int v = 0; v < kVectors; ++v) {
+    const __mmask16 mask = lanes(width - v * kLanes);
+    for (int i = 0; i < R; ++i) {
+      acc[i][v] = !first ? _mm512_maskz_loadu_ps(mask, out + i * ld_out + v * kLanes)
+                  : bias != nullptr ? _mm512_maskz_loadu_ps(mask, bias + v * kLanes)
+                                    : _mm512_setzero_ps();
+    }
+  }
+  multiply_tile<R>(in, ld_in, 1, panel, depth, acc);
+  for (int v = 0; v < kVectors; ++v) {
+    const __mmask16 mask = lanes(width - v * kLanes);
+    for (int i = 0; i < R; ++i) _mm512_mask_storeu_ps(out + i * ld_out + v * kLanes, mask, acc[i][v]);
+  }
+}
+
+// One tile of reduce_weight_gradients, G[p .. p+R, q .. q+width], over one chunk of its reduction
+// (steps rows of ap and bq): ap_tile [steps, kRows] is the chunk of G's rows p .. p+R-1 as pack_tile_rows
+// lays them out, panel the chunk of the packed bq panel. The running sum is kept in `partial`
+// ([R, 64]) between chunks; after the last chunk the tile's contributions to the scale gradients and
+// dW are added.
+template <int R>
+SUBSPACE_OPS_AVX512 void gradient_tile(const float* ap_tile, const float* panel, int64_t steps, bool first, bool last,
+                                       float* partial, const ModulatedWeight& w, int64_t p, int64_t q, int64_t width,
+                                       float* a_grad, float* b_grad_t, float* gw, int64_t ld_gw) {
+  __m512 g[R][kVectors];
+  for (int i = 0; i < R; ++i)
+    for (int v = 0; v < kVectors; ++v) g[i][v] = first ? _mm512_setzero_ps() : _mm512_load_ps(partial + i * kPanel + v * kLanes);
+  multiply_tile<R>(ap_tile, 1, kRows, panel, steps, g);
+  if (!last) {
+    for (int i = 0; i < R; ++i)
+      for (int v = 0; v < kVectors; ++v) _mm512_store_ps(partial + i * kPanel + v * kLanes, g[i][v]);
+    return;
+  }
+  __mmask16 masks[kVectors];
+  for (int v = 0; v < kVectors; ++v) masks[v] = lanes(width - v * kLanes);
+  if (a_grad != nullptr) {
+    __m512 gw_prod[R][kVectors];  // G ⊙ w
+    for (int i = 0; i < R; ++i)
+      for (int v = 0; v < kVectors; ++v)
+        gw_prod[i][v] = _mm512_mul_ps(g[i][v], _mm512_maskz_loadu_ps(masks[v], w.w + (p + i) * w.ld_w + q + v * kLanes));
+    for (int64_t j = 0; j < w.rank; ++j) {
+      __m512 b[kVectors];
+      for (int v = 0; v < kVectors; ++v) b[v] = _mm512_maskz_loadu_ps(masks[v], w.b_t + j * w.q_len + q + v * kLanes);
+      for (int i = 0; i < R; ++i) {
+        __m512 row = _mm512_mul_ps(gw_prod[i][0], b[0]);
+        for (int v = 1; v < kVectors; ++v) row = _mm512_fmadd_ps(gw_prod[i][v], b[v], row);
+        a_grad[(p + i) * w.rank + j] += _mm512_reduce_add_ps(row);
+      }
+      float* b_grad_j = b_grad_t + j * w.q_len + q;
+      for (int v = 0; v < kVectors; ++v) {
+        __m512 column = _mm512_maskz_loadu_ps(masks[v], b_grad_j + v * kLanes);
+        for (int i = 0; i < R; ++i) column = _mm512_fmadd_ps(_mm512_set1_ps(w.a[(p + i) * w.rank + j]), gw_prod[i][v], column);
+        _mm512_mask_storeu_ps(b_grad_j + v * kLanes, masks[v], column);
+      }
+    }
+  }
+  if (gw != nullptr) {
+    for (int i = 0; i < R; ++i)
+      for (int v = 0; v < kVectors; ++v)
+        _mm512_mask_storeu_ps(gw + (p + i) * ld_gw + q + v * kLanes, masks[v],
+                              _mm512_mul_ps(g[i][v], factor(w, p + i, q + v * kLanes, masks[v])));
+  }
+}
+
+// Calls body.template operator()<R>() with R = rows (1 .. kRows) as a compile-time constant.
+template <typename Body>
+void with_rows(int64_t rows, Body&& body) {
+  switch (rows) {
+    case 1: body.template operator()<1>(); break;
+    case 2: body.template operator()<2>(); break;
+    case 3: body.template operator()<3>(); break;
+    case 4: body.template operator()<4>(); break;
+    case 5: body.template operator()<5>(); break;
+    default: body.template operator()<kRows>(); break;
+  }
+}
+
+}  // namespace
+
+bool available() {
+  static const bool has = __builtin_cpu_supports("avx512f");
+  return has;
+}
+
+void modulated_matmul(const float* in, int64_t ld_in, int64_t m, const ModulatedWeight& w, bool cols_along_p,
+                      const float* bias, float* out, int64_t ld_out) {
+  const int64_t cols = cols_along_p ? w.p_len : w.q_len, depth = cols_along_p ? w.q_len : w.p_len;
+  const int64_t panels = (cols + kPanel - 1) / kPanel;
+  const at::Tensor buffers = at::empty({at::get_num_threads(), kDepth * kPanel}, at::kFloat);
+  at::parallel_for(0, panels, 1, [&](int64_t panel_begin, int64_t panel_end) {
+    float* panel = buffers.data_ptr<float>() + at::get_thread_num() * kDepth * kPanel;
+    for (int64_t col_panel = panel_begin; col_panel < panel_end; ++col_panel) {
+      const int64_t col0 = col_panel * kPanel, width = std::min(kPanel, cols - col0);
+      for (int64_t d0 = 0; d0 < depth; d0 += kDepth) {
+        const int64_t steps = std::min(kDepth, depth - d0);
+        if (cols_along_p) {
+          pack_along_p(w, col0, width, d0, steps, panel);
+        } else {
+          pack_along_q(w, d0, steps, col0, width, panel);
+        }
+        const float* bias_cols = bias != nullptr ? bias + col0 : nullptr;
+        for (int64_t i = 0; i < m; i += kRows) {
+          with_rows(std::min<int64_t>(kRows, m - i), [&]<int R>() {
+            matmul_tile<R>(in + i * ld_in + d0, ld_in, panel, steps, d0 == 0, bias_cols, out + i * ld_out + col0,
+                           ld_out, width);
+          });
+        }
+      }
+    }
+  });
+}
+
+void reduce_weight_gradients(const float* ap, int64_t ld_ap, const float* bq, int64_t ld_bq, int64_t m,
+                             const ModulatedWeight& w, float* a_grad, float* b_grad_t, int64_t tasks, float* gw,
+                             int64_t ld_gw) {
+  // Tasks split the rows of G (so each owns its rows of a_grad) into runs of whole tiles. Each task lays
+  // its columns of ap out tile by tile once, and packs each 64-column panel of bq in turn.
+  const int64_t tiles = (w.p_len + kRows - 1) / kRows;
+  tasks = std::max<int64_t>(1, std::min(tasks, tiles));
+  const int64_t max_task_rows = (tiles + tasks - 1) / tasks * kRows;
+  // Per task: the bq panel, the partial sums of its tiles, then ap's tiles; a whole number of cache
+  // lines, so the panel and the partial sums are 64-byte aligned.
+  const int64_t task_floats = ((m + max_task_rows) * kPanel + m * max_task_rows + kLanes - 1) / kLanes * kLanes;
+  const at::Tensor buffers = at::empty({tasks, task_floats}, at::kFloat);
+  at::parallel_for(0, tasks, 1, [&](int64_t task_begin, int64_t task_end) {
+    for (int64_t task = task_begin; task < task_end; ++task) {
+      float* panel = buffers.data_ptr<float>() + task * task_floats;
+      float* partials = panel + m * kPanel;
+      float* ap_tiles = partials + max_task_rows * kPanel;
+      float* b_grad_task = b_grad_t != nullptr ? b_grad_t + task * w.rank * w.q_len : nullptr;
+      const int64_t p_begin = task * tiles / tasks * kRows, p_end = std::min(w.p_len, (task + 1) * tiles / tasks * kRows);
+      pack_tile_rows(ap, ld_ap, m, p_begin, p_end, ap_tiles);
+      for (int64_t q = 0; q < w.q_len; q += kPanel) {
+        const int64_t width = std::min(kPanel, w.q_len - q);
+        pack_rows(bq + q, ld_bq, m, width, panel);
+        for (int64_t t0 = 0; t0 < m; t0 += kDepth) {  // chunks of the panel that stay in L1
+          const int64_t steps = std::min(kDepth, m - t0);
+          for (int64_t p = p_begin; p < p_end; p += kRows) {
+            const float* ap_tile = ap_tiles + (p - p_begin) * m + t0 * kRows;  // tile (p - p_begin) / kRows
+            with_rows(std::min<int64_t>(kRows, p_end - p), [&]<int R>() {
+              gradient_tile<R>(ap_tile, panel + t0 * kPanel, steps, t0 == 0, t0 + steps == m,
+                               partials + (p - p_begin) * kPanel, w, p, q, width, a_grad, b_grad_task, gw, ld_gw);
+            });
+          }
+        }
+      }
+    }
+  });
+}
+
+#else  // not x86-64 GCC/Clang: never available, so never called
+
+bool available() { return false; }
+void modulated_matmul(const float*, int64_t, int64_t, const ModulatedWeight&, bool, const float*, float*, int64_t) {
+  TORCH_CHECK(false, "rescaled_avx512::modulated_matmul called where available() is false");
+}
+void reduce_weight_gradients(const float*, int64_t, const float*, int64_t, int64_t, const ModulatedWeight&, float*,
+                             float*, int64_t, float*, int64_t) {
+  TORCH_CHECK(false, "rescaled_avx512::reduce_weight_gradients called where available() is false");
+}
+
+#endif
+
+}  // namespace subspace_ops::rescaled_avx512

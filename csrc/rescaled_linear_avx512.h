@@ -1,0 +1,45 @@
+// Rescaled linear's float32 GEMMs on AVX-512 CPUs, with W' = W ⊙ (c + S_l S_rᵀ) formed while a GEMM
+// packs its weight operand and the scale gradients reduced from G = gyᵀ x while G is still in registers.
+// Called by rescaled_linear.cpp for float32 inputs of up to kMaxRows rows, where it replaces the ATen
+// GEMMs over blocks of W' (see rescaled_linear_avx512.cpp for why and for the measurements).
+#pragma once
+
+#include <cstdint>
+
+namespace subspace_ops::rescaled_avx512 {
+
+// Above this many rows (tokens) the ATen GEMMs over blocks of W' are used instead: there the passes
+// over W are a small part of a step, and the hand-written GEMM does not block the M dimension.
+constexpr int64_t kMaxRows = 512;
+
+// W' in W's stored orientation: w [P, Q] (row stride ld_w, unit stride along Q), and
+// W'[p, q] = w[p, q] · (c + Σ_j a[p, j] b_t[j, q]) with a [P, rank] and b_t [rank, Q], both contiguous.
+struct ModulatedWeight {
+  const float* w;
+  int64_t ld_w, p_len, q_len;
+  const float* a;
+  const float* b_t;
+  int64_t rank;
+  float c;
+};
+
+// Compiled for x86-64 (GCC/Clang) and the CPU has AVX-512F.
+bool available();
+
+// out[M, cols] = in[M, depth] · B (+ bias[cols] when bias is not null), every element of out written once:
+// B = W'ᵀ (cols run along P, depth along Q) when cols_along_p, else B = W' (cols along Q, depth along P).
+// in and out have unit column stride and row strides ld_in, ld_out.
+void modulated_matmul(const float* in, int64_t ld_in, int64_t m, const ModulatedWeight& w, bool cols_along_p,
+                      const float* bias, float* out, int64_t ld_out);
+
+// With G[p, q] = Σ_m ap[m, p] · bq[m, q] ([P, Q], W's orientation; ap [M, P], bq [M, Q] with unit column
+// stride), formed a register tile at a time and never stored whole:
+//   a_grad[p, j]          += Σ_q (G ⊙ w)[p, q] · b_t[j, q]       ([P, rank])
+//   b_grad_t[task, j, q]  += Σ_p (G ⊙ w)[p, q] · a[p, j]         ([tasks, rank, Q]: one slice per task)
+//   gw[p, q]               = G[p, q] · (c + Σ_j a[p, j] b_t[j, q])  (row stride ld_gw)
+// a_grad and b_grad_t (both or neither) and gw may be null; at most `tasks` tasks run.
+void reduce_weight_gradients(const float* ap, int64_t ld_ap, const float* bq, int64_t ld_bq, int64_t m,
+                             const ModulatedWeight& w, float* a_grad, float* b_grad_t, int64_t tasks, float* gw,
+                             int64_t ld_gw);
+
+}  // namespace subspace_ops::rescaled_avx512
