@@ -11,13 +11,6 @@
 
 namespace {
 
-// Which GEMMs the float32 rescaled_linear kernels run on this CPU (reported by subspace_ops.backend_report()).
-std::string rescaled_linear_gemms() {
-  return subspace_ops::rescaled_avx512::available()
-             ? "AVX-512 kernels up to " + std::to_string(subspace_ops::rescaled_avx512::kMaxRows) + " rows, ATen beyond"
-             : std::string("ATen (no AVX-512 on this CPU)");
-}
-
 std::string build_info() {
   std::ostringstream out;
   out << "subspace_ops._C built with "
@@ -34,7 +27,8 @@ std::string build_info() {
       << ", no OpenMP (at::parallel_for runs serially)"
 #endif
       << ", torch " << TORCH_VERSION << "; block budget " << (subspace_ops::kMaxBlockBytes >> 10) << " KiB"
-      << "; rescaled_linear float32 GEMMs: " << rescaled_linear_gemms() << "\n"
+      << "; rescaled_linear float32 AVX-512 GEMM rows: " << subspace_ops::rescaled_avx512::max_rows()
+      << " (0: ATen's only)\n"
       << at::get_parallel_info();
   return out.str();
 }
@@ -65,6 +59,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x_dropped2d"), py::arg("weight"), py::arg("a"), py::arg("g"), py::arg("b"), py::arg("h0"),
         py::arg("scaling"), py::arg("need_x"), py::arg("need_x_dropped"), py::arg("need_weight"), py::arg("need_a"),
         py::arg("need_b"), py::arg("need_g"));
-  m.def("rescaled_linear_gemms", &rescaled_linear_gemms);
+  m.def("rescaled_linear_avx512_rows", &subspace_ops::rescaled_avx512::max_rows,
+        "The most rows (tokens) float32 rescaled_linear runs on its AVX-512 GEMMs here; 0 without AVX-512.");
   m.def("build_info", &build_info);
 }

@@ -232,8 +232,7 @@ bool accumulate_over(int64_t step, int64_t dim, at::ScalarType dtype) {
 // replace the ATen GEMMs over blocks of W' below.
 bool use_avx512(const at::Tensor& x2d, int64_t n, int64_t k) {
   const int64_t m = x2d.size(0);
-  return x2d.scalar_type() == at::kFloat && m > 0 && m <= rescaled_avx512::kMaxRows && n > 0 && k > 0 &&
-         rescaled_avx512::available();
+  return x2d.scalar_type() == at::kFloat && m > 0 && m <= rescaled_avx512::max_rows() && n > 0 && k > 0;
 }
 
 // W' in o's orientation as the AVX-512 kernels take it; a and b_t own the contiguous scales it points to.

@@ -15,6 +15,8 @@
 // threads never wait for one another.
 #include "rescaled_linear_avx512.h"
 
+#include "head_mixing_gemm.h"  // gemm::cpu_has_avx512
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -29,6 +31,8 @@
 #endif
 
 namespace subspace_ops::rescaled_avx512 {
+
+int64_t max_rows() { return gemm::cpu_has_avx512() ? kMaxRows : 0; }
 
 #if SUBSPACE_OPS_HAVE_AVX512
 namespace {
@@ -65,7 +69,8 @@ SUBSPACE_OPS_AVX512 void pack_along_q(const ModulatedWeight& w, int64_t p0, int6
                                       float* panel) {
   for (int64_t t = 0; t < depth; ++t) {
     for (int v = 0; v < kVectors; ++v) {
-      _mm512_store_ps(panel + t * kPanel + v * kLanes, modulated(w, p0 + t, q0 + v * kLanes, lanes(width - v * kLanes)));
+      const __m512 values = modulated(w, p0 + t, q0 + v * kLanes, lanes(width - v * kLanes));
+      _mm512_store_ps(panel + t * kPanel + v * kLanes, values);
     }
   }
 }
@@ -189,7 +194,8 @@ SUBSPACE_OPS_AVX512 void gradient_tile(const float* ap_tile, const float* panel,
                                        float* a_grad, float* b_grad_t, float* gw, int64_t ld_gw) {
   __m512 g[R][kVectors];
   for (int i = 0; i < R; ++i)
-    for (int v = 0; v < kVectors; ++v) g[i][v] = first ? _mm512_setzero_ps() : _mm512_load_ps(partial + i * kPanel + v * kLanes);
+    for (int v = 0; v < kVectors; ++v)
+      g[i][v] = first ? _mm512_setzero_ps() : _mm512_load_ps(partial + i * kPanel + v * kLanes);
   multiply_tile<R>(ap_tile, 1, kRows, panel, steps, g);
   if (!last) {
     for (int i = 0; i < R; ++i)
@@ -202,7 +208,8 @@ SUBSPACE_OPS_AVX512 void gradient_tile(const float* ap_tile, const float* panel,
     __m512 gw_prod[R][kVectors];  // G ⊙ w
     for (int i = 0; i < R; ++i)
       for (int v = 0; v < kVectors; ++v)
-        gw_prod[i][v] = _mm512_mul_ps(g[i][v], _mm512_maskz_loadu_ps(masks[v], w.w + (p + i) * w.ld_w + q + v * kLanes));
+        gw_prod[i][v] =
+            _mm512_mul_ps(g[i][v], _mm512_maskz_loadu_ps(masks[v], w.w + (p + i) * w.ld_w + q + v * kLanes));
     for (int64_t j = 0; j < w.rank; ++j) {
       __m512 b[kVectors];
       for (int v = 0; v < kVectors; ++v) b[v] = _mm512_maskz_loadu_ps(masks[v], w.b_t + j * w.q_len + q + v * kLanes);
@@ -214,7 +221,8 @@ SUBSPACE_OPS_AVX512 void gradient_tile(const float* ap_tile, const float* panel,
       float* b_grad_j = b_grad_t + j * w.q_len + q;
       for (int v = 0; v < kVectors; ++v) {
         __m512 column = _mm512_maskz_loadu_ps(masks[v], b_grad_j + v * kLanes);
-        for (int i = 0; i < R; ++i) column = _mm512_fmadd_ps(_mm512_set1_ps(w.a[(p + i) * w.rank + j]), gw_prod[i][v], column);
+        for (int i = 0; i < R; ++i)
+          column = _mm512_fmadd_ps(_mm512_set1_ps(w.a[(p + i) * w.rank + j]), gw_prod[i][v], column);
         _mm512_mask_storeu_ps(b_grad_j + v * kLanes, masks[v], column);
       }
     }
@@ -241,11 +249,6 @@ void with_rows(int64_t rows, Body&& body) {
 }
 
 }  // namespace
-
-bool available() {
-  static const bool has = __builtin_cpu_supports("avx512f");
-  return has;
-}
 
 void modulated_matmul(const float* in, int64_t ld_in, int64_t m, const ModulatedWeight& w, bool cols_along_p,
                       const float* bias, float* out, int64_t ld_out) {
@@ -293,7 +296,8 @@ void reduce_weight_gradients(const float* ap, int64_t ld_ap, const float* bq, in
       float* partials = panel + m * kPanel;
       float* ap_tiles = partials + max_task_rows * kPanel;
       float* b_grad_task = b_grad_t != nullptr ? b_grad_t + task * w.rank * w.q_len : nullptr;
-      const int64_t p_begin = task * tiles / tasks * kRows, p_end = std::min(w.p_len, (task + 1) * tiles / tasks * kRows);
+      const int64_t p_begin = task * tiles / tasks * kRows;
+      const int64_t p_end = std::min(w.p_len, (task + 1) * tiles / tasks * kRows);
       pack_tile_rows(ap, ld_ap, m, p_begin, p_end, ap_tiles);
       for (int64_t q = 0; q < w.q_len; q += kPanel) {
         const int64_t width = std::min(kPanel, w.q_len - q);
@@ -313,15 +317,14 @@ void reduce_weight_gradients(const float* ap, int64_t ld_ap, const float* bq, in
   });
 }
 
-#else  // not x86-64 GCC/Clang: never available, so never called
+#else  // not x86-64 GCC/Clang: max_rows() is 0, so never called
 
-bool available() { return false; }
 void modulated_matmul(const float*, int64_t, int64_t, const ModulatedWeight&, bool, const float*, float*, int64_t) {
-  TORCH_CHECK(false, "rescaled_avx512::modulated_matmul called where available() is false");
+  TORCH_CHECK(false, "rescaled_avx512::modulated_matmul called where max_rows() is 0");
 }
 void reduce_weight_gradients(const float*, int64_t, const float*, int64_t, int64_t, const ModulatedWeight&, float*,
                              float*, int64_t, float*, int64_t) {
-  TORCH_CHECK(false, "rescaled_avx512::reduce_weight_gradients called where available() is false");
+  TORCH_CHECK(false, "rescaled_avx512::reduce_weight_gradients called where max_rows() is 0");
 }
 
 #endif

@@ -12,6 +12,10 @@ namespace subspace_ops::rescaled_avx512 {
 // over W are a small part of a step, and the hand-written GEMM does not block the M dimension.
 constexpr int64_t kMaxRows = 512;
 
+// The most rows these kernels take on this CPU: kMaxRows where gemm::cpu_has_avx512() (the one
+// AVX-512 check of the extension, head_mixing_gemm.h), else 0 (then they must not be called).
+int64_t max_rows();
+
 // W' in W's stored orientation: w [P, Q] (row stride ld_w, unit stride along Q), and
 // W'[p, q] = w[p, q] · (c + Σ_j a[p, j] b_t[j, q]) with a [P, rank] and b_t [rank, Q], both contiguous.
 struct ModulatedWeight {
@@ -22,9 +26,6 @@ struct ModulatedWeight {
   int64_t rank;
   float c;
 };
-
-// Compiled for x86-64 (GCC/Clang) and the CPU has AVX-512F.
-bool available();
 
 // out[M, cols] = in[M, depth] · B (+ bias[cols] when bias is not null), every element of out written once:
 // B = W'ᵀ (cols run along P, depth along Q) when cols_along_p, else B = W' (cols along Q, depth along P).

@@ -301,7 +301,8 @@ def test_path_rule_and_errors():
     assert tokens >= 1
     assert choose_path(True, 1, torch.float32, tokens=tokens, backend="cpu") == "stacked"
     assert choose_path(True, 1, torch.float32, tokens=tokens + 1, backend="cpu") == "modulated"
-    assert choose_path(False, 2, torch.float32, tokens=cpu_stacked_max_tokens(False, 2) + 1, backend="cpu") == "modulated"
+    tokens = cpu_stacked_max_tokens(False, 2, torch.float32)
+    assert choose_path(False, 2, torch.float32, tokens=tokens + 1, backend="cpu") == "modulated"
     assert choose_path(True, 1, torch.float32, tokens=1, backend="triton") == "modulated"  # reads W once
     assert choose_path(True, 1, torch.bfloat16, tokens=1, backend="cpu") == "modulated"
     x, weight = torch.randn(3, 8), torch.randn(5, 8)
@@ -327,8 +328,10 @@ def test_cpu_float32_gemm_tiling(m, weight_layout):
     g = torch.Generator().manual_seed(5)
     x64 = torch.randn(m, k, generator=g, dtype=torch.float64)
     w64 = torch.randn(n, k, generator=g, dtype=torch.float64) / k**0.5
-    s_l64, s_r64 = torch.randn(n, rank, generator=g, dtype=torch.float64), torch.randn(k, rank, generator=g, dtype=torch.float64)
-    b64, gy64 = torch.randn(n, generator=g, dtype=torch.float64), torch.randn(m, n, generator=g, dtype=torch.float64)
+    s_l64 = torch.randn(n, rank, generator=g, dtype=torch.float64)
+    s_r64 = torch.randn(k, rank, generator=g, dtype=torch.float64)
+    b64 = torch.randn(n, generator=g, dtype=torch.float64)
+    gy64 = torch.randn(m, n, generator=g, dtype=torch.float64)
 
     def grads(dtype, backend):
         weight = w64.to(dtype)

@@ -63,7 +63,9 @@ def _cpu_extension() -> tuple[Optional[object], str]:
             "`pip install --no-build-isolation .` and a C++ compiler"
         )
     # Which GEMMs float32 rescaled_linear runs depends on the CPU (csrc/rescaled_linear_avx512.h): say so.
-    return module, f"C++ extension subspace_ops._C (rescaled_linear float32 GEMMs: {module.rescaled_linear_gemms()})"
+    rows = module.rescaled_linear_avx512_rows()
+    gemms = f"AVX-512 kernels up to {rows} rows, ATen beyond" if rows else "ATen (no AVX-512 on this CPU)"
+    return module, f"C++ extension subspace_ops._C (rescaled_linear float32 GEMMs: {gemms})"
 
 
 @functools.lru_cache(maxsize=None)

@@ -26,22 +26,24 @@ Three paths (``path=``; :func:`choose_path` picks one when None, and the layers 
   two GEMMs per step instead of three, and no G. Autograd saves z [.., N] when s_l is trained (as
   PEFT's (IA)³ saves its base layer's output) instead of nothing N-sized.
 - ``"stacked"`` (the default of the ``cpu`` backend for a few tokens, M·(c + r) ≤ 8 in float32
-  where the AVX-512 GEMMs run, ≤ 48 otherwise, in float32/float64: decoding, tiny batches): W' = c·W + Σ_j diag(s_l[:, j]) W diag(s_r[:, j]),
-  so the c + r input blocks [c·x; x ⊙ s_r[:, 1]; …] go through one GEMM with the frozen W, whose
-  output blocks are scaled by s_l and summed; the backward is one more GEMM of the stacked
-  [c·gy; gy ⊙ s_l[:, 1]; …] with W. With so few rows a GEMM costs about one read of W however many
-  rows it has, and this reads W twice per step where the modulated kernels read it three times and
-  write W' twice. Measured fwd+bwd on 2 CPU threads at K = N = 768 (``subspace-ops bench
-  rescaled-linear --shape M,768,768`` has both rows): against the ATen-based modulated kernels,
-  RLRR rank 1 1.35-1.45× faster at M = 1-4, 1.1× at M = 16, even at M = 32, slower beyond; rank 3
-  (timm's fused qkv) 1.3-1.45× faster at M = 1-4, even at M = 12. Against the AVX-512 float32
-  GEMMs, rank 1: 1.1-1.25× faster at M = 1-4, 1.2-1.4× slower at M = 8-24. On a GPU the Triton kernels already read
-  W once, so the rule keeps them there. Autograd saves the stacked GEMM output [(c + r)·M, N] when
-  s_l is trained.
+  where the AVX-512 GEMMs run, ≤ 48 otherwise, in float32/float64: decoding, tiny batches):
+  W' = c·W + Σ_j diag(s_l[:, j]) W diag(s_r[:, j]), so the c + r input blocks
+  [c·x; x ⊙ s_r[:, 1]; …] go through one GEMM with the frozen W, whose output blocks are scaled by
+  s_l and summed; the backward is one more GEMM of the stacked [c·gy; gy ⊙ s_l[:, 1]; …] with W.
+  With so few rows a GEMM costs about one read of W however many rows it has, and this reads W
+  twice per step where the modulated kernels read it three times (and, on ATen GEMMs, write W'
+  twice). Measured fwd+bwd on 2 CPU threads at K = N = 768 (``subspace-ops bench rescaled-linear
+  --shape M,768,768`` has both rows): against the ATen-based modulated kernels, RLRR rank 1
+  1.35-1.45× faster at M = 1-4, 1.1× at M = 16, even at M = 32, slower beyond; rank 3 (timm's
+  fused qkv) 1.3-1.45× faster at M = 1-4, even at M = 12. Against the AVX-512 float32 GEMMs,
+  rank 1: 1.1-1.25× faster at M = 1-4, 1.2-1.4× slower at M = 8-24. On a GPU the Triton kernels
+  already read W once, so the rule keeps them there. Autograd saves the stacked GEMM output
+  [(c + r)·M, N] when s_l is trained.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -64,15 +66,21 @@ CPU_STACKED_MAX_ROWS = 48
 CPU_STACKED_MAX_ROWS_AVX512 = 8
 
 
-# A property of the machine: Dynamo runs it eagerly and keeps the answer as a constant.
-@torch.compiler.assume_constant_result
-def _cpu_float32_gemms_are_avx512() -> bool:
+@functools.lru_cache(maxsize=None)
+def _cpu_avx512_rows() -> int:
+    """The extension's answer, asked once: choose_path runs on every call."""
     from ..backends import BackendUnavailableError, cpu_extension
 
     try:
-        return cpu_extension().rescaled_linear_gemms().startswith("AVX-512")
+        return cpu_extension().rescaled_linear_avx512_rows()
     except BackendUnavailableError:
-        return False
+        return 0
+
+
+# A property of the machine: Dynamo runs it eagerly and keeps the answer as a constant.
+@torch.compiler.assume_constant_result
+def _cpu_float32_gemms_are_avx512() -> bool:
+    return _cpu_avx512_rows() > 0
 
 
 def cpu_stacked_max_tokens(residual: bool, rank: int, dtype: torch.dtype = torch.float32) -> int:
@@ -97,7 +105,8 @@ def choose_path(residual: bool, rank: int, dtype: torch.dtype = torch.float32, t
     full_precision = dtype in (torch.float32, torch.float64)
     if not residual and rank == 1 and full_precision:
         return "separable"
-    if backend == "cpu" and full_precision and tokens is not None and tokens <= cpu_stacked_max_tokens(residual, rank, dtype):
+    stacks = backend == "cpu" and full_precision and tokens is not None
+    if stacks and tokens <= cpu_stacked_max_tokens(residual, rank, dtype):
         return "stacked"
     return "modulated"
 
