@@ -6,6 +6,7 @@
 #include "head_mixing_attention.h"
 #include "lowrank_linear.h"
 #include "rescaled_linear.h"
+#include "rescaled_linear_autograd.h"
 #include "rescaled_linear_avx512.h"
 #include "svd_delta_linear.h"
 
@@ -42,6 +43,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rescaled_linear_backward", &subspace_ops::rescaled_linear_backward, py::arg("grad_y"), py::arg("x2d"),
         py::arg("weight"), py::arg("s_l"), py::arg("s_r"), py::arg("residual"), py::arg("need_x"),
         py::arg("need_weight"), py::arg("need_scales"));
+  m.def("rescaled_linear_autograd", &subspace_ops::rescaled_linear_autograd, py::arg("x"), py::arg("weight"),
+        py::arg("s_l"), py::arg("s_r"), py::arg("bias"), py::arg("residual"),
+        "rescaled_linear's modulated path with its autograd node in C++ (the cpu backend's eager path).");
   m.def("svd_basis_weight", &subspace_ops::svd_basis_weight, py::arg("weight"), py::arg("u"), py::arg("v"),
         py::arg("d"));
   m.def("svd_delta_linear_forward", &subspace_ops::svd_delta_linear_forward, py::arg("x2d"), py::arg("weight"),

@@ -25,8 +25,9 @@
 //
 // float32 with at most rescaled_avx512::kMaxRows rows on an AVX-512 CPU skips all of the above: the
 // GEMMs of rescaled_linear_avx512.cpp form W' while packing it and reduce G tile by tile in registers,
-// so no block of W' or G is ever written (kernel calls of a step at M = 197, K = N = 768, 2 threads:
-// 2.53-2.65 ms against 2.79-3.11 ms, interleaved runs; beyond ~512 rows ATen's GEMMs, which block M, win).
+// so no block of W' or G is ever written (at M = 197, K = N = 768, 2 threads, each kernel runs within
+// 0.95-1.11× of MKL's GEMM for the same product; the ATen-blocked kernels' three calls took 2.79-3.11 ms
+// where three torch.mm took 2.29-2.57; beyond ~512 rows ATen's GEMMs, which block M, win).
 //
 // Layout: W is used in place whichever of its dimensions has unit stride (a transposed view, such as
 // GPT-2's Conv1D weight, is not copied). With unit stride along N we work on Wᵀ, for which the same
@@ -278,8 +279,9 @@ void check_inputs(const at::Tensor& x2d, const at::Tensor& weight, const at::Ten
 struct Gradients {
   at::Tensor gx;        // [M, K]
   at::Tensor gw_o;      // [P, Q]
-  at::Tensor a_grad;    // [P, r] accumulator, zeroed
-  at::Tensor b_grad_t;  // [threads, r, Q] accumulators, zeroed
+  at::Tensor a_grad;    // [P, r] accumulator, zeroed (the AVX-512 kernels write it instead)
+  at::Tensor b_grad_t;  // [threads, r, Q] accumulators, zeroed (backward_aten only)
+  at::Tensor b_grad;    // [Q, r] (backward_avx512 only: written whole)
 };
 
 void backward_avx512(const at::Tensor& grad_y, const at::Tensor& x2d, const Oriented& o, double c,
@@ -298,7 +300,7 @@ void backward_avx512(const at::Tensor& grad_y, const at::Tensor& x2d, const Orie
     rescaled_avx512::reduce_weight_gradients(
         ap.const_data_ptr<float>(), ap.stride(0), bq.const_data_ptr<float>(), bq.stride(0), m, w.view,
         need_scales ? out.a_grad.mutable_data_ptr<float>() : nullptr,
-        need_scales ? out.b_grad_t.mutable_data_ptr<float>() : nullptr, need_scales ? out.b_grad_t.size(0) : 1,
+        need_scales ? out.b_grad.mutable_data_ptr<float>() : nullptr,
         need_weight ? out.gw_o.mutable_data_ptr<float>() : nullptr, need_weight ? out.gw_o.stride(0) : 0);
   }
 }
@@ -438,25 +440,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rescaled_linear_backw
 
   at::Tensor gx, gw, gs_l, gs_r;
   if (need_x) gx = at::empty_like(x2d, at::MemoryFormat::Contiguous);
-  // In o's orientation (o.w is [P, Q]): gw_o [P, Q]; accumulators a_grad [P, r] and b_grad_t [threads, r, Q].
-  at::Tensor gw_o, a_grad, b_grad_t;
-  if (need_weight) gw_o = at::empty(o.w.sizes(), weight.options());
-  if (need_scales) {
+  // In o's orientation (o.w is [P, Q]): gw_o [P, Q]; the scale gradients of o's rows a_grad [P, r] and of its
+  // columns, b_grad [Q, r] (AVX-512 kernels) or accumulators b_grad_t [threads, r, Q] summed below (ATen).
+  Gradients out;
+  out.gx = gx;
+  if (need_weight) out.gw_o = at::empty(o.w.sizes(), weight.options());
+  const bool avx512 = use_avx512(x2d, n, k);
+  if (need_scales && avx512) {
+    out.a_grad = at::empty({o.w.size(0), r}, x2d.options());
+    out.b_grad = at::empty({o.w.size(1), r}, x2d.options());
+  } else if (need_scales) {
     const auto acc_options = x2d.options().dtype(acc_type(x2d.scalar_type()));
-    a_grad = at::zeros({o.w.size(0), r}, acc_options);
-    b_grad_t = at::zeros({at::get_num_threads(), r, o.w.size(1)}, acc_options);
+    out.a_grad = at::zeros({o.w.size(0), r}, acc_options);
+    out.b_grad_t = at::zeros({at::get_num_threads(), r, o.w.size(1)}, acc_options);
   }
-
-  const Gradients out{gx, gw_o, a_grad, b_grad_t};
-  if (use_avx512(x2d, n, k)) {
+  if (avx512) {
     backward_avx512(grad_y, x2d, o, c, out);
   } else {
     backward_aten(grad_y, x2d, o, c, out);
   }
-  if (need_weight) gw = o.transposed ? gw_o.t() : gw_o;
+  if (need_weight) gw = o.transposed ? out.gw_o.t() : out.gw_o;
   if (need_scales) {
-    const at::Tensor grad_a = a_grad.to(s_l.scalar_type());
-    const at::Tensor grad_b = b_grad_t.sum(0).t().contiguous().to(s_l.scalar_type());
+    const at::Tensor grad_a = avx512 ? out.a_grad : out.a_grad.to(s_l.scalar_type());
+    const at::Tensor grad_b = avx512 ? out.b_grad : out.b_grad_t.sum(0).t().contiguous().to(s_l.scalar_type());
     gs_l = o.transposed ? grad_b : grad_a;
     gs_r = o.transposed ? grad_a : grad_b;
   }

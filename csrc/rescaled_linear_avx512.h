@@ -34,13 +34,13 @@ void modulated_matmul(const float* in, int64_t ld_in, int64_t m, const Modulated
                       const float* bias, float* out, int64_t ld_out);
 
 // With G[p, q] = Σ_m ap[m, p] · bq[m, q] ([P, Q], W's orientation; ap [M, P], bq [M, Q] with unit column
-// stride), formed a register tile at a time and never stored whole:
-//   a_grad[p, j]          += Σ_q (G ⊙ w)[p, q] · b_t[j, q]       ([P, rank])
-//   b_grad_t[task, j, q]  += Σ_p (G ⊙ w)[p, q] · a[p, j]         ([tasks, rank, Q]: one slice per task)
-//   gw[p, q]               = G[p, q] · (c + Σ_j a[p, j] b_t[j, q])  (row stride ld_gw)
-// a_grad and b_grad_t (both or neither) and gw may be null; at most `tasks` tasks run.
+// stride), formed a register tile at a time and never stored whole, writes
+//   a_grad[p, j] = Σ_q (G ⊙ w)[p, q] · b_t[j, q]         ([P, rank], contiguous)
+//   b_grad[q, j] = Σ_p (G ⊙ w)[p, q] · a[p, j]           ([Q, rank], contiguous)
+//   gw[p, q]     = G[p, q] · (c + Σ_j a[p, j] b_t[j, q])   (row stride ld_gw)
+// a_grad and b_grad (both or neither) and gw may be null. The sums run in a fixed order (no atomics),
+// so the result is the same every run for a given thread count.
 void reduce_weight_gradients(const float* ap, int64_t ld_ap, const float* bq, int64_t ld_bq, int64_t m,
-                             const ModulatedWeight& w, float* a_grad, float* b_grad_t, int64_t tasks, float* gw,
-                             int64_t ld_gw);
+                             const ModulatedWeight& w, float* a_grad, float* b_grad, float* gw, int64_t ld_gw);
 
 }  // namespace subspace_ops::rescaled_avx512

@@ -348,6 +348,48 @@ def test_cpu_float32_gemm_tiling(m, weight_layout):
         check_close(f"m{m}/{weight_layout}/{name}", got, truth, ref32)
 
 
+@pytest.mark.parametrize("given", ["s_l+bias", "s_r-matrix", "bias-only", "both-vectors"])
+def test_cpu_eager_node_is_cpp_and_maps_each_gradient(given):
+    """In eager mode the cpu backend's modulated path records one C++ autograd node
+    (csrc/rescaled_linear_autograd.cpp), not a Python one. That node numbers its inputs' gradient
+    slots over the tensors actually given, so absent scales or bias shift them: every combination
+    must still send each gradient (W's and the bias's included) to its own argument."""
+    require_backend("cpu")
+    g = torch.Generator().manual_seed(11)
+
+    def make(*size):
+        return torch.randn(*size, generator=g, dtype=torch.float64, requires_grad=True)
+
+    x, weight = make(2, 3, 7), make(5, 7)
+    s_l, s_r, bias = {
+        "s_l+bias": (make(5), None, make(5)),
+        "s_r-matrix": (None, make(7, 2), None),
+        "bias-only": (None, None, make(5)),
+        "both-vectors": (make(5), make(7), None),
+    }[given]
+    y = subspace_ops.rescaled_linear(x, weight, s_l, s_r, bias, backend="cpu", path="modulated")
+    assert "RescaledLinearFunction" in y.grad_fn.name(), y.grad_fn.name()
+    leaves = [t for t in (x, weight, s_l, s_r, bias) if t is not None]
+
+    def f(*tensors):
+        it = iter(tensors)
+        args = [next(it) if t is not None else None for t in (x, weight, s_l, s_r, bias)]
+        return subspace_ops.rescaled_linear(*args, backend="cpu", path="modulated")
+
+    assert torch.autograd.gradcheck(f, tuple(leaves))
+
+
+def test_cpu_eager_node_refuses_double_backward():
+    """The kernels are not differentiable themselves: create_graph=True must fail loudly, not return
+    a second-order graph that silently misses their terms."""
+    require_backend("cpu")
+    x = torch.randn(3, 8, requires_grad=True)
+    s_l, s_r = torch.randn(5, requires_grad=True), torch.randn(8, requires_grad=True)
+    y = subspace_ops.rescaled_linear(x, torch.randn(5, 8), s_l, s_r, backend="cpu", path="modulated")
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(y.sum(), s_l, create_graph=True)
+
+
 def test_separable_path_runs_one_gemm_per_pass():
     """SSB's step on the separable path: one GEMM forward, one backward (no G = gyᵀ x, no W pass),
     counted with the profiler, against three ATen GEMMs for the modulated kernels' G-based scale

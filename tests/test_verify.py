@@ -18,15 +18,18 @@ def test_verify_reports_a_wrong_kernel(monkeypatch, capsys):
     from subspace_ops.backends import cpu_extension
 
     ext = cpu_extension()
-    real = ext.rescaled_linear_forward
 
-    class Broken:  # the extension with a forward that is off by a little
+    class Broken:  # the extension with forwards that are off by a little (eager: the C++ autograd node)
         def __getattr__(self, name):
             return getattr(ext, name)
 
         @staticmethod
         def rescaled_linear_forward(*args):
-            return real(*args) * (1 + 1e-3)
+            return ext.rescaled_linear_forward(*args) * (1 + 1e-3)
+
+        @staticmethod
+        def rescaled_linear_autograd(*args):
+            return ext.rescaled_linear_autograd(*args) * (1 + 1e-3)
 
     monkeypatch.setattr("subspace_ops.ops._dispatch.cpu_extension", lambda: Broken())
     assert cli.main(["verify", "--backend", "cpu", "--dtype", "float32", "--op", "rescaled_linear"]) == 1
