@@ -37,7 +37,9 @@ Three paths (``path=``; :func:`choose_path` picks one when None, and the layers 
   --shape M,768,768`` has both rows): against the ATen-based modulated kernels, RLRR rank 1
   1.35-1.45× faster at M = 1-4, 1.1× at M = 16, even at M = 32, slower beyond; rank 3 (timm's
   fused qkv) 1.3-1.45× faster at M = 1-4, even at M = 12. Against the AVX-512 float32 GEMMs,
-  rank 1: 1.1-1.25× faster at M = 1-4, 1.2-1.4× slower at M = 8-24. On a GPU the Triton kernels
+  rank 1: 1.1-1.25× faster at M = 1-4, 1.2-1.4× slower at M = 8-24; since those run under a C++
+  autograd node (2026-12-01) the two paths take the same time at M = 1-4 (0.95-1.05×, two runs),
+  so the bound of 8 rows is kept for its smaller reads of W. On a GPU the Triton kernels
   already read W once, so the rule keeps them there. Autograd saves the stacked GEMM output
   [(c + r)·M, N] when s_l is trained.
 """
