@@ -355,26 +355,27 @@ void reduce_weight_gradients(const float* ap, int64_t ld_ap, const float* bq, in
   const int64_t tiles = (w.p_len + kRows - 1) / kRows;
   const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tiles));
   const int64_t max_task_rows = (tiles + tasks - 1) / tasks * kRows;
-  // Per task, each part a whole number of cache lines: the bq panel, the partial sums of its tiles, its
-  // rows' a_grad sums (16 lanes each), its share of b_grad [rank, Q], then ap's tiles.
+  // Per task, each part a whole number of cache lines, at these offsets: the bq panel, the partial sums
+  // of its tiles, its rows' a_grad sums (16 lanes each), its share of b_grad [rank, Q], then ap's tiles.
   const auto lines = [](int64_t floats) { return (floats + kLanes - 1) / kLanes * kLanes; };
-  const int64_t panel_floats = m * kPanel, partial_floats = max_task_rows * kPanel;
-  const int64_t row_sum_floats = scales ? max_task_rows * w.rank * kLanes : 0;
-  const int64_t column_sum_floats = scales ? lines(w.rank * w.q_len) : 0;
-  const int64_t ap_tile_floats = lines(m * max_task_rows);
-  const int64_t task_floats = panel_floats + partial_floats + row_sum_floats + column_sum_floats + ap_tile_floats;
+  const int64_t partials_at = m * kPanel;
+  const int64_t row_sums_at = partials_at + max_task_rows * kPanel;
+  const int64_t column_sums_at = row_sums_at + (scales ? max_task_rows * w.rank * kLanes : 0);
+  const int64_t ap_tiles_at = column_sums_at + (scales ? lines(w.rank * w.q_len) : 0);
+  const int64_t task_floats = ap_tiles_at + lines(m * max_task_rows);
   const at::Tensor buffers = at::empty({tasks, task_floats}, at::kFloat);
-  float* const column_sums_0 = buffers.data_ptr<float>() + panel_floats + partial_floats + row_sum_floats;
+  float* const base = buffers.data_ptr<float>();
   at::parallel_for(0, tasks, 1, [&](int64_t task_begin, int64_t task_end) {
     for (int64_t task = task_begin; task < task_end; ++task) {
-      float* panel = buffers.data_ptr<float>() + task * task_floats;
-      float* partials = panel + panel_floats;
-      float* row_sums = scales ? partials + partial_floats : nullptr;
-      float* column_sums = scales ? row_sums + row_sum_floats : nullptr;
-      float* ap_tiles = partials + partial_floats + row_sum_floats + column_sum_floats;
+      float* task_buffer = base + task * task_floats;
+      float* panel = task_buffer;
+      float* partials = task_buffer + partials_at;
+      float* row_sums = scales ? task_buffer + row_sums_at : nullptr;
+      float* column_sums = scales ? task_buffer + column_sums_at : nullptr;
+      float* ap_tiles = task_buffer + ap_tiles_at;
       const int64_t p_begin = task * tiles / tasks * kRows;
       const int64_t p_end = std::min(w.p_len, (task + 1) * tiles / tasks * kRows);
-      if (scales) std::fill_n(row_sums, row_sum_floats + column_sum_floats, 0.0f);
+      if (scales) std::fill_n(row_sums, ap_tiles_at - row_sums_at, 0.0f);  // row and column sums
       pack_tile_rows(ap, ld_ap, m, p_begin, p_end, ap_tiles);
       for (int64_t q = 0; q < w.q_len; q += kPanel) {
         const int64_t width = std::min(kPanel, w.q_len - q);
@@ -405,7 +406,7 @@ void reduce_weight_gradients(const float* ap, int64_t ld_ap, const float* bq, in
     for (int64_t q = 0; q < w.q_len; ++q) {
       for (int64_t j = 0; j < w.rank; ++j) {
         float sum = 0.0f;
-        for (int64_t task = 0; task < tasks; ++task) sum += column_sums_0[task * task_floats + j * w.q_len + q];
+        for (int64_t task = 0; task < tasks; ++task) sum += base[task * task_floats + column_sums_at + j * w.q_len + q];
         b_grad[q * w.rank + j] = sum;
       }
     }
