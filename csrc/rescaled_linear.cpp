@@ -261,8 +261,8 @@ void check_inputs(const at::Tensor& x2d, const at::Tensor& weight, const at::Ten
               weight.size(0), ", got shape ", s_l.sizes());
   TORCH_CHECK(s_r.dim() == 2 && s_r.size(0) == weight.size(1), "rescaled_linear: s_r must be [K, r] with K = ",
               weight.size(1), ", got shape ", s_r.sizes());
-  TORCH_CHECK(s_l.size(1) == s_r.size(1), "rescaled_linear: s_l and s_r must have the same rank r, got ",
-              s_l.size(1), " and ", s_r.size(1));
+  TORCH_CHECK(s_l.size(1) == s_r.size(1) && s_l.size(1) >= 1,
+              "rescaled_linear: s_l and s_r must have the same rank r >= 1, got ", s_l.size(1), " and ", s_r.size(1));
   const auto dtype = x2d.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
               "rescaled_linear: x2d must be float32, float64, float16 or bfloat16, got ", dtype);

@@ -93,6 +93,11 @@ struct RescaledLinearFunction : public torch::autograd::Function<RescaledLinearF
 at::Tensor rescaled_linear_autograd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& s_l,
                                     const std::optional<at::Tensor>& s_r, const std::optional<at::Tensor>& bias,
                                     bool residual) {
+  // What the kernels cannot check on the flattened x: the Python wrapper calls this node without
+  // checking its arguments first and words the error (naming the argument) only when this raises.
+  TORCH_CHECK_VALUE(weight.dim() == 2, "rescaled_linear: weight must be 2-D [N, K], got shape ", weight.sizes());
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == weight.size(1), "rescaled_linear: x must be [..., K] with K = ",
+                    weight.size(1), ", got shape ", x.sizes());
   return RescaledLinearFunction::apply(x, weight, s_l, s_r, bias, residual);
 }
 

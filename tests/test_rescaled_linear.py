@@ -209,15 +209,23 @@ BAD_INPUTS = [
     (dict(x=torch.ones(4, 8, dtype=torch.int64)), TypeError, "x must have a floating-point dtype"),
     (dict(weight=[[1.0]]), TypeError, "weight must be a torch.Tensor"),
     (dict(s_l=torch.randn(6, device="meta")), ValueError, "s_l is on meta"),
+    # Shapes a kernel could run on after flattening x or reading r off the scales: refused too.
+    (dict(x=torch.randn(4, 16)), ValueError, "x must have size 8"),
+    (dict(x=torch.tensor(1.0), weight=torch.randn(6, 1), s_r=None), ValueError, "x must have at least 1"),
+    (dict(s_l=torch.randn(6, 0), s_r=torch.randn(8, 0)), ValueError, "s_l must have rank >= 1"),
+    (dict(bias=torch.randn(6, 1)), ValueError, "bias must be 1-D"),
 ]
 
 
 @pytest.mark.parametrize("override,error,message", BAD_INPUTS)
-def test_bad_input_names_the_argument(override, error, message):
+def test_bad_input_names_the_argument(override, error, message, backend):
+    """Every backend and path raises the same argument-naming error (the cpu backend's C++ node
+    checks its arguments itself; the Python checks then word the error)."""
     args = dict(x=torch.randn(4, 8), weight=torch.randn(6, 8), s_l=torch.randn(6), s_r=torch.randn(8), bias=None)
     args.update(override)
-    with pytest.raises(error, match=message):
-        subspace_ops.rescaled_linear(**args, backend="reference")
+    for path in (None, "modulated", "stacked"):
+        with pytest.raises(error, match=message):
+            subspace_ops.rescaled_linear(**args, backend=backend, path=path)
 
 
 def test_backend_selection(monkeypatch):

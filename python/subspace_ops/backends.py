@@ -172,11 +172,17 @@ def resolve_backend(requested: Optional[str], device: Union[str, torch.device]) 
     Raises ``ValueError`` for an unknown name and :class:`BackendUnavailableError` when the
     requested backend cannot run on ``device``.
     """
+    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
+    return resolve_backend_for(requested, device_type)
+
+
+def resolve_backend_for(requested: Optional[str], device_type: str) -> str:
+    """:func:`resolve_backend` for a device type ("cpu", "cuda"): the ops' per-call entry, which
+    reads the device type off a tensor without building a ``torch.device``."""
     if requested is None:
         requested = os.environ.get(ENV_VAR) or None
     if requested is not None and requested not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {requested!r}")
-    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
     return _resolve_as_constant(requested, device_type)
 
 

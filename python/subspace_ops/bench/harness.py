@@ -42,8 +42,12 @@ reported with the reason, never dropped silently.
   so the harness first times a few calls and converts ``warmup``/``repeats`` into the budgets
   that give about that many calls.
 - CPU: ``time.perf_counter`` around each call, ``repeats`` timed calls per variant, with the
-  variants interleaved round by round (variant A, B, C, A, B, C, ...) so that slow drifts of a
-  shared machine hit every variant alike; Python's garbage collector is paused while timing. The
+  variants interleaved round by round (each round runs every variant once) so that slow drifts of
+  a shared machine hit every variant alike. Each round runs them in a fresh order (a seeded
+  shuffle), because a call pays for what the call before it left in the caches: in a fixed order
+  the first variant always follows the last one, and at M = 197, K = N = 768 (rescaled-linear's
+  variants, fwd+bwd, 2 threads) the same variant measured 0.02-0.05 ms (1-2%) slower in first
+  place than in second. Python's garbage collector is paused while timing. The
   number of threads is whatever ``torch.get_num_threads()`` says (the CLI's ``--threads``).
 
 Reported: the median (``median_ms``) and the quartiles (``q25_ms``, ``q75_ms``) of the per-call
@@ -79,6 +83,7 @@ import gc
 import json
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -358,9 +363,12 @@ def _time_cpu_interleaved(steps: Mapping[str, Callable[[], None]], repeats: int
     gc_was_enabled = gc.isenabled()
     gc.collect()
     gc.disable()
+    order = list(steps.items())
+    shuffle = random.Random(0).shuffle  # the same orders every run
     try:
         for _ in range(repeats):
-            for name, fn in steps.items():
+            shuffle(order)
+            for name, fn in order:
                 start = time.perf_counter()
                 fn()
                 times[name].append((time.perf_counter() - start) * 1e3)
