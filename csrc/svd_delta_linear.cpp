@@ -5,7 +5,8 @@
 //   gx    = gy W_eff
 //   dd_j  = u_jᵀ G v_j = Σ_n U[n,j] (G V)[n,j],     G = gyᵀ x never written whole: it is formed in
 //                                                   blocks of rows and reduced at once.
-// W_eff is recomputed in the backward instead of being saved, so autograd holds no N×K tensor.
+// The backward forms W_eff again for gx when asked to (need_x): the Python op keeps the forward's W_eff
+// instead where it is small next to x (ops/svd_delta_linear.py, keeps_merged_weight) and then asks only for dd.
 #include "svd_delta_linear.h"
 
 #include "rescaled_linear.h"  // block_rows: the shared temporary budget

@@ -7,7 +7,7 @@ import torch
 
 import subspace_ops
 from subspace_ops import reference
-from subspace_ops.ops.svd_delta_linear import choose_path
+from subspace_ops.ops.svd_delta_linear import choose_path, keeps_merged_weight
 from subspace_ops.testing import check_close
 
 from conftest import ON_INTERPRETER, backend_device
@@ -58,10 +58,12 @@ def test_matches_float64_reference(backend, case, path):
             check_close(f"{case}/{path}/{dtype}/{name}", a, t, r)
 
 
+@pytest.mark.parametrize("tokens", [3, 16])  # the merged path forms W_eff again at 3 tokens, keeps it at 16
 @pytest.mark.parametrize("path", ["merged", "unmerged"])
-def test_gradcheck_float64(backend, path):
+def test_gradcheck_float64(backend, path, tokens):
+    assert keeps_merged_weight(tokens, 4) == (tokens == 16)
     device = backend_device(backend)
-    inputs = make_inputs(3, 5, 4, 2, torch.float64, device)
+    inputs = make_inputs(tokens, 5, 4, 2, torch.float64, device)
 
     def f(x, d, bias):
         return subspace_ops.svd_delta_linear(x, inputs["weight"], inputs["u"], inputs["v"], d, bias,
@@ -96,14 +98,18 @@ def test_path_rule():
     assert choose_path(384, 768, 768) == "merged" and choose_path(383, 768, 768) == "unmerged"
 
 
-def test_opcheck(fused_backend):
+@pytest.mark.parametrize("keep_weight", [False, True])
+def test_opcheck(fused_backend, keep_weight):
     inputs = make_inputs(5, 12, 10, 3, torch.float32, backend_device(fused_backend))
-    args = (inputs["x"], inputs["weight"], inputs["u"], inputs["v"], inputs["d"], inputs["bias"], fused_backend)
+    args = (inputs["x"], inputs["weight"], inputs["u"], inputs["v"], inputs["d"], inputs["bias"], fused_backend,
+            keep_weight)
     torch.library.opcheck(torch.ops.subspace_ops.svd_delta_linear.default, args)
+    y, w_eff = torch.ops.subspace_ops.svd_delta_linear(*args)
+    assert w_eff.shape == ((10, 12) if keep_weight else (0,))
     grad_y = torch.randn(5, 10, device=inputs["x"].device)
     plain = [t.detach() for t in args[:5]]
     torch.library.opcheck(torch.ops.subspace_ops.svd_delta_linear_backward.default,
-                          (grad_y, *plain, fused_backend, True, True))
+                          (grad_y, *plain, w_eff.detach(), fused_backend, True, True))
 
 
 def test_compile_fullgraph(fused_backend):
@@ -138,3 +144,20 @@ def test_bad_input(override, error, message):
     with pytest.raises(ValueError, match="path must be"):
         subspace_ops.svd_delta_linear(torch.randn(4, 8), torch.randn(6, 8), torch.randn(6, 3), torch.randn(8, 3),
                                       torch.randn(3), path="fast")
+
+
+@pytest.mark.parametrize("tokens", [15, 16])
+def test_merged_path_keeps_w_eff_only_where_it_is_small_next_to_x(tokens):
+    """From M = 4·N tokens autograd keeps W_eff (and the backward uses it for gx); below, the only
+    [N, K] tensor saved is the frozen weight itself."""
+    inputs = make_inputs(tokens, 6, 4, 3, torch.float64, "cpu")
+    y = subspace_ops.svd_delta_linear(**inputs, backend="cpu", path="merged")
+    saved = y.grad_fn.saved_tensors
+    weight_sized = [t for t in saved if t.shape == (4, 6) and t.data_ptr() != inputs["weight"].data_ptr()]
+    assert any(t.data_ptr() == inputs["weight"].data_ptr() for t in saved)
+    if tokens == 16:
+        expected = reference.svd_delta_weight(inputs["weight"], inputs["u"], inputs["v"], inputs["d"].detach())
+        assert len(weight_sized) == 1
+        torch.testing.assert_close(weight_sized[0], expected)
+    else:
+        assert weight_sized == []

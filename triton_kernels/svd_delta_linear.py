@@ -134,7 +134,8 @@ def svd_delta_linear_forward(x2d, weight, u, v, d, bias: Optional[torch.Tensor])
 
 
 def svd_delta_linear_backward(grad_y, x2d, weight, u, v, d, need_x: bool, need_d: bool):
-    """(gx or None, gd or None); W_eff is recomputed rather than saved by the forward."""
+    """(gx or None, gd or None); gx forms W_eff again (the op asks for it only when the forward did
+    not keep its W_eff: ops/svd_delta_linear.py)."""
     gx = gd = None
     if need_x:
         gx = grad_y @ svd_basis_weight(weight, u, v, d)

@@ -165,4 +165,6 @@ class SVDLinear(MergeableLinear):
     def extra_repr(self) -> str:
         parts = f", parts={self.parts}, tuned_parts={self.tuned_parts}" if len(self.parts) > 1 else ""
         path = self.path or "auto (merged if M·(N+K) >= N·K)"
+        if path != "unmerged":
+            path += ", merged W_eff kept for the backward if M >= 4·N"
         return self._describe() + f", k={list(self.ranks)}, path={path}{parts}"
