@@ -273,23 +273,28 @@ class BlockPrefetch {
  public:
   BlockPrefetch() = default;
   BlockPrefetch(const float* start, int64_t ld, int64_t rows, int64_t cols, int64_t calls)
-      : start_(start),
+      : row_start_(start),
         ld_(ld),
-        cols_(cols),
-        per_row_((cols + kLanes - 1) / kLanes + 1),  // + 1: the block need not start on a line
-        lines_(rows * per_row_),
-        per_call_((lines_ + calls - 1) / std::max<int64_t>(calls, 1)) {}
+        rows_(rows),
+        last_col_(cols - 1),
+        row_end_(((cols + kLanes - 1) / kLanes + 1) * kLanes),  // + 1 line: the block need not start on one
+        per_call_((rows * (row_end_ / kLanes) + calls - 1) / std::max<int64_t>(calls, 1)) {}
 
+  // Walks the block row by row with counters. With a division and a remainder per line, perf put 13% of
+  // modulated_matmul's samples (gx at 197 rows) in this loop; with counters 8%, most of it on the
+  // instruction after the prefetches (a burst of ~20 fills the queue of outstanding misses). Issuing one
+  // line per inner-loop iteration instead was no faster: the loop has no registers to spare for it.
   void next() {
-    for (const int64_t end = std::min(lines_, line_ + per_call_); line_ < end; ++line_) {
-      const int64_t row = line_ / per_row_, col = std::min((line_ % per_row_) * kLanes, cols_ - 1);
-      _mm_prefetch(reinterpret_cast<const char*>(start_ + row * ld_ + col), _MM_HINT_T1);
+    for (int64_t issued = 0; issued < per_call_ && row_ < rows_; ++issued) {
+      _mm_prefetch(reinterpret_cast<const char*>(row_start_ + std::min(col_, last_col_)), _MM_HINT_T1);
+      col_ += kLanes;
+      if (col_ == row_end_) col_ = 0, ++row_, row_start_ += ld_;
     }
   }
 
  private:
-  const float* start_ = nullptr;
-  int64_t ld_ = 0, cols_ = 0, per_row_ = 0, lines_ = 0, per_call_ = 0, line_ = 0;
+  const float* row_start_ = nullptr;
+  int64_t ld_ = 0, rows_ = 0, last_col_ = 0, row_end_ = 0, per_call_ = 0, row_ = 0, col_ = 0;
 };
 
 // Calls body.template operator()<R>() with R = rows (1 .. kRows) as a compile-time constant.
