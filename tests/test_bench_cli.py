@@ -244,3 +244,21 @@ def test_plot_command_bad_input(tmp_path, capsys):
         with pytest.raises(SystemExit) as exc:
             main(argv)
         assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_cpu_timing_runs_every_variant_each_round_in_shuffled_orders():
+    """Each round calls every variant once, in an order that changes from round to round (so no
+    variant always follows the same one), and the same orders every run."""
+    from subspace_ops.bench.harness import _time_cpu_interleaved
+
+    def orders() -> list[tuple[str, ...]]:
+        calls: list[str] = []
+        steps = {name: (lambda name=name: calls.append(name)) for name in "abcde"}
+        timing = _time_cpu_interleaved(steps, repeats=8)
+        assert set(timing) == set("abcde")
+        return [tuple(calls[i:i + 5]) for i in range(0, len(calls), 5)]
+
+    rounds = orders()
+    assert len(rounds) == 8 and all(sorted(r) == list("abcde") for r in rounds)
+    assert len(set(rounds)) > 1 and len({r[0] for r in rounds}) > 1
+    assert orders() == rounds

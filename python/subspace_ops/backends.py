@@ -37,6 +37,7 @@ __all__ = [
     "available_backends",
     "default_backend",
     "resolve_backend",
+    "resolve_backend_for",
     "backend_report",
 ]
 

@@ -47,7 +47,7 @@ reported with the reason, never dropped silently.
   shuffle), because a call pays for what the call before it left in the caches: in a fixed order
   the first variant always follows the last one, and at M = 197, K = N = 768 (rescaled-linear's
   variants, fwd+bwd, 2 threads) the same variant measured 0.02-0.05 ms (1-2%) slower in first
-  place than in second. Python's garbage collector is paused while timing. The
+  place than at its own place later in the round. Python's garbage collector is paused while timing. The
   number of threads is whatever ``torch.get_num_threads()`` says (the CLI's ``--threads``).
 
 Reported: the median (``median_ms``) and the quartiles (``q25_ms``, ``q75_ms``) of the per-call
