@@ -10,7 +10,8 @@ namespace subspace_ops {
 
 // y = x (W ⊙ (c + S_l S_rᵀ))ᵀ + bias, recorded for autograd as one node whose backward runs in C++.
 // x [..., K], weight [N, K], s_l [N] / [N, r] / none (ones, not trained), s_r [K] / [K, r] / none,
-// bias [N] / none; the caller has validated shapes, dtypes and devices (rescaled_linear's _check_inputs).
+// bias [N] / none. Checks its arguments itself (here and in the kernels' check_inputs), raising on any
+// the kernels cannot run: the Python entry calls it without checking first and words the error after.
 at::Tensor rescaled_linear_autograd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& s_l,
                                     const std::optional<at::Tensor>& s_r, const std::optional<at::Tensor>& bias,
                                     bool residual);

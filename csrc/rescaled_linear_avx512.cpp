@@ -226,7 +226,8 @@ SUBSPACE_OPS_AVX512 void gradient_tile(const float* ap_tile, const float* panel,
   }
   __mmask16 masks[kVectors];
   for (int v = 0; v < kVectors; ++v) masks[v] = lanes(width - v * kLanes);
-  // With (G ⊙ w)[p + i, :] = g[i] ⊙ w: a_grad[p + i, j] += Σ_q (G ⊙ w) b_t[j, q], b_grad[:, j] += a[p + i, j] (G ⊙ w).
+  // With (G ⊙ w)[p + i, :] = g[i] ⊙ w: a_grad[p + i, j] += Σ_q (G ⊙ w) b_t[j, q] and
+  // b_grad[:, j] += a[p + i, j] (G ⊙ w).
   if (row_sums != nullptr) {
     for (int64_t j = 0; j < w.rank; ++j) {
       __m512 b[kVectors], column[kVectors];
