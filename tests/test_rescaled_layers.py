@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from subspace_ops.adapters import apply_rlrr, merge_all, unmerge_all
-from subspace_ops.nn import SSF, RLRRLinear, ScaledLinear
+from subspace_ops.nn import SSF, NotMergeableError, RLRRLinear, ScaledLinear
 
 from conftest import backend_device
 
@@ -97,8 +97,60 @@ def test_ssf_layernorm_and_linear_merge():
         torch.testing.assert_close(ssf(x), y, rtol=1e-5, atol=1e-6)
         ssf.unmerge()
         assert torch.equal(inner.weight, w0) and torch.equal(inner.bias, b0)
-    with pytest.raises(RuntimeError, match="can only merge into a module with weight and bias"):
-        SSF(nn.LayerNorm(8, elementwise_affine=False), 8).merge()
+    for no_bias in (nn.LayerNorm(8, elementwise_affine=False), nn.LayerNorm(8, bias=False), nn.RMSNorm(8)):
+        ssf = SSF(no_bias, 8)
+        assert not ssf.mergeable
+        with pytest.raises(NotMergeableError, match="can only merge into a module with a weight and a bias"):
+            ssf.merge()
+        assert not ssf.merged
+
+
+class LibraryRMSNorm(nn.Module):
+    """A model library's own RMSNorm (as transformers' LlamaRMSNorm): recognized by its name."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
+class RMSBlock(nn.Module):
+    def __init__(self, dim: int = 8) -> None:
+        super().__init__()
+        self.input_layernorm = LibraryRMSNorm(dim)
+        self.q_proj = nn.Linear(dim, dim)
+        self.norm = nn.RMSNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.q_proj(self.input_layernorm(x)))
+
+
+def test_ssf_after_rms_norms_trains_and_refuses_merge_all():
+    """RMSNorms (torch's and a library's own) get SSF; merge_all then refuses before merging anything,
+    since β has no bias to go into, and leaves every weight as it was."""
+    torch.manual_seed(0)
+    model = RMSBlock()
+    report = apply_rlrr(model, targets=("q_proj",), ssf_targets=("input_layernorm", "norm"), backend="reference")
+    assert isinstance(model.input_layernorm, SSF) and isinstance(model.norm, SSF)
+    assert report.adapter_params == 2 * (8 + 8) + (8 + 8 + 8)  # two SSFs (γ, β) + RLRR's s_l, s_r, shift
+    x = torch.randn(3, 8)
+    ssf = model.input_layernorm
+    torch.testing.assert_close(ssf(x), ssf.inner(x) * ssf.gamma + ssf.beta)
+    model(x).square().sum().backward()
+    assert ssf.gamma.grad is not None and model.norm.beta.grad is not None
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    reason = r"nothing was merged.*LibraryRMSNorm has weight \(8,\) and bias None"
+    with pytest.raises(NotMergeableError, match=reason):
+        merge_all(model)
+    assert not any(getattr(m, "merged", False) for m in model.modules())
+    assert all(torch.equal(before[n], t) for n, t in model.state_dict().items())
+
+
+def test_ssf_targets_matching_no_norm_name_the_way_out():
+    with pytest.raises(ValueError, match="match no LayerNorm, RMSNorm or patch embedding in RMSBlock.*ssf=False"):
+        apply_rlrr(RMSBlock(), targets=("q_proj",), ssf_targets=("q_proj",))
 
 
 def test_ssb_merge_is_exact_diag_product():

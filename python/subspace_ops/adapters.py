@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .nn import SSF, SVD_METHODS, RLRRLinear, SVDLinear
 from .nn.attention import TimmCoeffAttention
@@ -85,12 +85,25 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
+def _is_rms_norm(module: nn.Module) -> bool:
+    """torch's RMSNorm or a model library's own (transformers' LlamaRMSNorm, Qwen2RMSNorm, …)."""
+    rms_norm = getattr(nn, "RMSNorm", None)
+    return (rms_norm is not None and isinstance(module, rms_norm)) or type(module).__name__.endswith("RMSNorm")
+
+
 def _ssf_for(module: nn.Module) -> Optional[SSF]:
-    """An SSF wrapper for a LayerNorm or a patch embedding with a ``proj``; None for others."""
+    """An SSF wrapper for a LayerNorm, an RMSNorm or a patch embedding with a ``proj``; None for others.
+
+    After an RMSNorm (LLaMA-style models) SSF trains and runs like after a LayerNorm, but cannot be
+    merged: the norm has no bias to take β (``merge()`` raises NotMergeableError, merge_all merges
+    nothing)."""
     if isinstance(module, nn.LayerNorm):
         if not module.elementwise_affine or len(module.normalized_shape) != 1:
             return None
         return SSF(module, module.normalized_shape[0])
+    if _is_rms_norm(module):
+        weight = getattr(module, "weight", None)
+        return SSF(module, weight.shape[0]) if isinstance(weight, Tensor) and weight.dim() == 1 else None
     proj = getattr(module, "proj", None)
     if isinstance(proj, (nn.Conv2d, nn.Linear)):
         channels = proj.out_channels if isinstance(proj, nn.Conv2d) else proj.out_features
@@ -122,7 +135,9 @@ def apply_rlrr(
     norms = [(n, _ssf_for(m)) for n, m in find_modules(model, ssf_targets)] if ssf else []
     norms = [(n, layer) for n, layer in norms if layer is not None]
     if ssf and not norms:
-        raise ValueError(f"ssf_targets {tuple(ssf_targets)} match no LayerNorm or patch embedding")
+        raise ValueError(f"ssf_targets {tuple(ssf_targets)} match no LayerNorm, RMSNorm or patch embedding in "
+                         f"{type(model).__name__}; name its norms, or pass ssf=False for the rescaled linear "
+                         "layers alone")
     report, backbone = _start_report(model, "rlrr")  # nothing is changed before the checks pass
     for name, linear in linears:
         splits = None

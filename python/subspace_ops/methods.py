@@ -141,8 +141,9 @@ LINEAR_TARGETS = RLRR_LINEAR_TARGETS + (
     "query", "key", "value", "*.intermediate.dense", "*.output.dense",
     "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
 )
-#: After every LayerNorm, the patch embedding and the final norm (RLRR / SSF), plus BERT's ``LayerNorm``s.
-SSF_TARGETS = RLRR_SSF_TARGETS + ("LayerNorm",)
+#: After every LayerNorm, the patch embedding and the final norm (RLRR / SSF), plus BERT's ``LayerNorm``s
+#: and LLaMA-style RMSNorms (``input_layernorm``, ``post_attention_layernorm``; ``norm`` is the final one).
+SSF_TARGETS = RLRR_SSF_TARGETS + ("LayerNorm", "input_layernorm", "post_attention_layernorm")
 #: The key and value projections ((IA)³'s l_k, l_v; timm's fused qkv as a whole).
 KV_TARGETS = ("k", "v", "qkv", "key", "value", "k_proj", "v_proj")
 #: The FFN's second linear, whose *input* is the FFN's intermediate activation ((IA)³'s l_ff).
@@ -564,7 +565,8 @@ def _apply_ssf(model: nn.Module, c: SSFConfig) -> AdaptReport:
     layers = [(n, _ssf_for(m)) for n, m in find_modules(model, c.targets)]
     layers = [(n, layer) for n, layer in layers if layer is not None]
     if not layers:
-        raise ValueError(f"targets {c.targets} match no LayerNorm or patch embedding in {type(model).__name__}")
+        raise ValueError(f"targets {c.targets} match no LayerNorm, RMSNorm or patch embedding in "
+                         f"{type(model).__name__}")
     return _replace_all(model, "ssf", layers, c.trainable)
 
 

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from .. import reference
 from ..ops.lowrank_linear import lowrank_linear
-from .base import MergeableLinear, compute_dtype
+from .base import MergeableLinear, NotMergeableError, compute_dtype
 
 __all__ = ["ACTIVATIONS", "NotMergeableError", "ParallelAdapterLinear", "SequentialAdapter", "SpectralLinear"]
 
@@ -40,10 +40,6 @@ ACTIVATIONS: dict[str, Optional[Callable[[Tensor], Tensor]]] = {
     "tanh": torch.tanh,
     "identity": None,
 }
-
-
-class NotMergeableError(RuntimeError):
-    """``merge()`` on a layer whose adaptation is not a function of the weights alone."""
 
 
 def _activation(activation: Union[str, Callable[[Tensor], Tensor]]) -> tuple[str, Optional[Callable]]:

@@ -9,7 +9,12 @@ from torch import Tensor, nn
 
 from ..backends import resolve_backend
 
-__all__ = ["MergeableLinear", "compute_dtype"]
+__all__ = ["MergeableLinear", "NotMergeableError", "compute_dtype"]
+
+
+class NotMergeableError(RuntimeError):
+    """``merge()`` on a layer whose adaptation has no weight form it can be folded into (a nonlinear
+    adapter, or an SSF shift after a module without a bias)."""
 
 
 def compute_dtype(x: Tensor, weight: Tensor) -> torch.dtype:

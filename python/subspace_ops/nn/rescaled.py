@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from .. import reference
 from ..ops import rescaled_linear
 from ..ops.rescaled_linear import choose_path, cpu_stacked_max_tokens
-from .base import MergeableLinear, compute_dtype
+from .base import MergeableLinear, NotMergeableError, compute_dtype
 
 __all__ = ["RLRRLinear", "ScaledLinear", "SSF"]
 
@@ -203,20 +203,32 @@ class SSF(nn.Module):
             return y
         return reference.ssf(y, self.gamma, self.beta)
 
+    def _fold_target(self) -> tuple[nn.Module, Optional[Tensor], Optional[Tensor]]:
+        target = self.inner.get_submodule(self.fold_into)
+        weight, bias = getattr(target, "weight", None), getattr(target, "bias", None)
+        return target, weight if isinstance(weight, Tensor) else None, bias if isinstance(bias, Tensor) else None
+
+    @property
+    def mergeable(self) -> bool:
+        """Whether γ, β fold into ``inner``: it needs a weight and a bias of this SSF's width. An RMSNorm
+        (no bias) or a LayerNorm without a bias has nowhere to put β."""
+        _, weight, bias = self._fold_target()
+        return (weight is not None and bias is not None and weight.shape[0] == self.dim
+                and tuple(bias.shape) == (self.dim,))
+
+    def _not_mergeable(self) -> str:
+        target, weight, bias = self._fold_target()
+        return (f"SSF can only merge into a module with a weight and a bias of {self.dim} channels; "
+                f"{type(target).__name__} has weight {None if weight is None else tuple(weight.shape)} and bias "
+                f"{None if bias is None else tuple(bias.shape)}")
+
     @torch.no_grad()
     def merge(self) -> None:
         if self.merged:
             raise RuntimeError("SSF is already merged; call unmerge() first")
-        target = self.inner.get_submodule(self.fold_into)
-        weight = getattr(target, "weight", None)
-        bias = getattr(target, "bias", None)
-        if not isinstance(weight, Tensor) or not isinstance(bias, Tensor):
-            raise RuntimeError(
-                f"SSF can only merge into a module with weight and bias, {type(target).__name__} has "
-                f"weight={type(weight).__name__}, bias={type(bias).__name__}"
-            )
-        if weight.shape[0] != self.dim or bias.shape[0] != self.dim:
-            raise RuntimeError(f"SSF of dim {self.dim} cannot fold into weight {tuple(weight.shape)}")
+        if not self.mergeable:
+            raise NotMergeableError(self._not_mergeable())
+        _, weight, bias = self._fold_target()
         gamma = self.gamma.to(weight.dtype).reshape(-1, *([1] * (weight.dim() - 1)))
         self._originals = (weight.data, bias.data)
         weight.data = weight.data * gamma
