@@ -262,3 +262,25 @@ def test_cpu_timing_runs_every_variant_each_round_in_shuffled_orders():
     assert len(rounds) == 8 and all(sorted(r) == list("abcde") for r in rounds)
     assert len(set(rounds)) > 1 and len({r[0] for r in rounds}) > 1
     assert orders() == rounds
+
+
+def test_flex_attention_on_cpu_times_its_forward_and_names_why_fwd_bwd_is_skipped():
+    """FlexAttention has no CPU backward: its forward runs on detached inputs (and matches SDPA), and
+    its fwd+bwd row is skipped with that reason rather than an error about requires_grad."""
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    from subspace_ops.bench.attention_case import attention_variants
+
+    shape, cpu = (1, 2, 32, 16), torch.device("cpu")
+    variants = {v.name: v for v in attention_variants()}
+    workload = variants["flex"].setup(shape, torch.float32, cpu)
+    assert workload.grad_output is None and workload.backend == "flex (inductor, no grad)"
+    out = workload.forward()
+    assert not out.requires_grad
+    sdpa = variants["sdpa"].setup(shape, torch.float32, cpu).forward()  # every variant: the same inputs
+    torch.testing.assert_close(out, sdpa.detach(), rtol=1e-5, atol=1e-5)
+    results = run_case(CASES["head-mixing-attention"], shape, dtype=torch.float32, device=cpu, modes=MODES,
+                       repeats=1, warmup=1, variants=[variants["flex"]], measure_memory=False)
+    by_mode = {r.mode: r for r in results}
+    assert by_mode["forward"].status == "ok" and by_mode["forward"].median_ms > 0, by_mode["forward"]
+    assert by_mode["fwd+bwd"].status == "skipped"
+    assert by_mode["fwd+bwd"].note == "skipped: ValueError: FlexAttention has no backward on CPU"

@@ -17,7 +17,9 @@ Variants, side by side in one run:
     of every ratio. ``sdpa`` lets torch choose; ``sdpa flash`` / ``sdpa efficient`` / ``sdpa math``
     pin one kernel (each skipped where the kernel cannot run).
 ``flex``
-    FlexAttention (``torch.nn.attention.flex_attention``, compiled) with no mixing; optional.
+    FlexAttention (``torch.nn.attention.flex_attention``, compiled) with no mixing; optional. It has
+    no backward on CPU, so there its forward runs on inputs that do not require grad and its
+    fwd+bwd row is skipped.
 
 Shapes ``B,H,N,d`` (self attention, Nq = Nk = N). Presets: ``vit-b`` (64, 12, 197, 64),
 ``llm`` (8, 32, 1024, 128) and (2, 32, 4096, 128), ``cpu`` (1, 8, 2048, 64) and ``cpu-4096``
@@ -122,6 +124,12 @@ def _setup_flex(causal: bool):
             n = shape[2]
             block_mask = create_block_mask(lambda b, h, i, j: i >= j, None, None, n, n, device=device)
         compiled = torch.compile(flex_attention, dynamic=False)
+        if device.type == "cpu":
+            # FlexAttention has no CPU backward and refuses inputs that require grad: time its forward on
+            # detached inputs (no autograd graph to record, which the others build) and skip fwd+bwd.
+            q, k, v = q.detach(), k.detach(), v.detach()
+            return Workload(lambda: compiled(q, k, v, block_mask=block_mask), backend="flex (inductor, no grad)",
+                            no_backward="FlexAttention has no backward on CPU")
         return Workload(lambda: compiled(q, k, v, block_mask=block_mask), params, grad_out, "flex (inductor)")
 
     return setup

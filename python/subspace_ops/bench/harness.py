@@ -141,6 +141,7 @@ class Workload:
     backend: str = ""
     train_step: Optional[Callable[[], None]] = None  # mode "train": one full optimizer step
     items: Optional[tuple[int, str]] = None  # (count, unit) processed per step, e.g. (64, "img")
+    no_backward: str = ""  # why grad_output is None, for the fwd+bwd table (default: a generic reason)
 
 
 @dataclass(frozen=True)
@@ -296,7 +297,7 @@ def iteration(workload: Workload, mode: str) -> Callable[[], None]:
         return inference
     if mode == "fwd+bwd":
         if workload.grad_output is None:
-            raise ValueError("this variant has no backward (its workload has no grad_output)")
+            raise ValueError(workload.no_backward or "this variant has no backward (its workload has no grad_output)")
         params, grad_output = tuple(workload.params), workload.grad_output
 
         def forward_backward() -> None:
