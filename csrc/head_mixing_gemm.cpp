@@ -1,31 +1,23 @@
 // Register-blocked float32 GEMMs for the head-mixing kernel's tile shapes; see head_mixing_gemm.h.
 //
-// Both loops keep a block of C in AVX-512 registers (16 of them, or 24 for the accumulation's 6 x 4
-// blocks) and stream the reduction dimension through it: per step, a few vector loads of one operand
-// and broadcasts of the other feed 16-24 FMAs, which keeps both FMA ports busy (that many independent
-// accumulators cover the 4-cycle FMA latency) with loads to spare. Blocks at the edges of a tile use
-// the same loop with fewer registers.
+// Both keep a block of C in AVX-512 registers (16 of them, or 24 for the accumulation's 6 x 4
+// blocks) and stream the reduction dimension through it with avx512::fma_tile (avx512_tile.h).
+// Blocks at the edges of a tile use the same loop with fewer registers.
 #include "head_mixing_gemm.h"
+
+#include "avx512_tile.h"
 
 #include <algorithm>
 #include <limits>
 #include <stdexcept>
 #include <vector>
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#define SUBSPACE_OPS_HAVE_AVX512_GEMM 1
-#include <immintrin.h>
-#define SUBSPACE_OPS_AVX512 __attribute__((target("avx512f")))
-#else
-#define SUBSPACE_OPS_HAVE_AVX512_GEMM 0
-#endif
-
 namespace subspace_ops::gemm {
 
-#if SUBSPACE_OPS_HAVE_AVX512_GEMM
+#if SUBSPACE_OPS_HAVE_AVX512
 namespace {
 
-constexpr int64_t kLanes = 16;  // floats per AVX-512 vector
+using avx512::kLanes;
 
 // c[KB keys, 16·RV rows] = Σ_t a[key, t] · bt[t, row]: KB keys broadcast from a (row stride lda),
 // RV vectors of rows loaded from the packed bᵀ (row stride ldbt). The last vector stores only the
@@ -37,14 +29,7 @@ SUBSPACE_OPS_AVX512 inline void scores_block(const float* a, int64_t lda, const 
   __m512 acc[KB][RV];
   for (int kk = 0; kk < KB; ++kk)
     for (int r = 0; r < RV; ++r) acc[kk][r] = _mm512_setzero_ps();
-  for (int64_t t = 0; t < dim; ++t) {
-    __m512 row_vectors[RV];
-    for (int r = 0; r < RV; ++r) row_vectors[r] = _mm512_loadu_ps(bt + t * ldbt + r * kLanes);
-    for (int kk = 0; kk < KB; ++kk) {
-      const __m512 key_value = _mm512_set1_ps(a[kk * lda + t]);
-      for (int r = 0; r < RV; ++r) acc[kk][r] = _mm512_fmadd_ps(key_value, row_vectors[r], acc[kk][r]);
-    }
-  }
+  avx512::fma_tile<KB, RV>(a, lda, 1, bt, ldbt, dim, acc);
   for (int kk = 0; kk < KB; ++kk) {
     for (int r = 0; r < RV - 1; ++r) _mm512_storeu_ps(c + kk * ldc + r * kLanes, acc[kk][r]);
     _mm512_mask_storeu_ps(c + kk * ldc + (RV - 1) * kLanes, last_lanes, acc[kk][RV - 1]);
@@ -79,14 +64,7 @@ SUBSPACE_OPS_AVX512 inline void accumulate_block(const float* a, int64_t lda, co
   __m512 acc[RB][DV];
   for (int ii = 0; ii < RB; ++ii)
     for (int v = 0; v < DV; ++v) acc[ii][v] = _mm512_loadu_ps(c + ii * ldc + v * kLanes);
-  for (int64_t j = 0; j < keys; ++j) {
-    __m512 columns[DV];
-    for (int v = 0; v < DV; ++v) columns[v] = _mm512_loadu_ps(b + j * ldb + v * kLanes);
-    for (int ii = 0; ii < RB; ++ii) {
-      const __m512 weight = _mm512_set1_ps(a[j * lda + ii]);
-      for (int v = 0; v < DV; ++v) acc[ii][v] = _mm512_fmadd_ps(weight, columns[v], acc[ii][v]);
-    }
-  }
+  avx512::fma_tile<RB, DV>(a, 1, lda, b, ldb, keys, acc);
   for (int ii = 0; ii < RB; ++ii)
     for (int v = 0; v < DV; ++v) _mm512_storeu_ps(c + ii * ldc + v * kLanes, acc[ii][v]);
 }
@@ -103,12 +81,7 @@ SUBSPACE_OPS_AVX512 void accumulate_columns(const float* a, int64_t lda, const f
 
 }  // namespace
 
-bool cpu_has_avx512() {
-  static const bool has = __builtin_cpu_supports("avx512f");
-  return has;
-}
-
-bool available(int64_t dim) { return cpu_has_avx512() && dim > 0 && dim % kLanes == 0; }
+bool available(int64_t dim) { return avx512::cpu_supported() && dim > 0 && dim % kLanes == 0; }
 
 void pack_rows(const float* b, int64_t ldb, int64_t rows, int64_t dim, float alpha, PackedRows& out) {
   out.rows = rows;
@@ -183,7 +156,6 @@ SUBSPACE_OPS_AVX512 void accumulate_atb(const float* a, int64_t lda, const float
 
 #else  // not x86-64 GCC/Clang: never available, so never called
 
-bool cpu_has_avx512() { return false; }
 bool available(int64_t) { return false; }
 void pack_rows(const float*, int64_t, int64_t, int64_t, float, PackedRows&) {
   throw std::logic_error("gemm::pack_rows called where gemm::available() is false");

@@ -13,10 +13,6 @@
 
 namespace subspace_ops::gemm {
 
-// Whether this CPU (and OS) runs AVX-512F code; checked once. Also picks head_mixing_tiles' AVX-512 exp
-// and enables rescaled_linear's AVX-512 GEMMs (rescaled_linear_avx512.h).
-bool cpu_has_avx512();
-
 // Whether the loops below may be called for head size `dim` on this CPU.
 bool available(int64_t dim);
 

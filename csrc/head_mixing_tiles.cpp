@@ -7,7 +7,7 @@
 // when the CPU has AVX-512.
 #include "head_mixing_tiles.h"
 
-#include "head_mixing_gemm.h"  // gemm::cpu_has_avx512
+#include "avx512_tile.h"  // avx512::cpu_supported
 
 #include <algorithm>
 #include <cmath>
@@ -279,7 +279,7 @@ void row_max(const double* s, Shape shape, double* out) { row_max_impl(s, shape,
 
 SUBSPACE_OPS_ISA_CLONES void exp_shifted(float* s, Shape shape, const float* shift, float* sums) {
 #if SUBSPACE_OPS_HAVE_AVX512_EXP
-  if (gemm::cpu_has_avx512()) return exp_shifted_avx512(s, shape, shift, sums);
+  if (avx512::cpu_supported()) return exp_shifted_avx512(s, shape, shift, sums);
 #endif
   exp_shifted_impl(s, shape, shift, sums);
 }

@@ -8,39 +8,31 @@
 // the scale gradients are reduced from each register tile of G as soon as the tile is complete, so a
 // step reads W three times and writes nothing weight-sized (unless W itself is trained).
 //
-// The GEMM is the usual register-tiled one: a tile of 6 rows × 64 columns of the output (24 AVX-512
-// accumulators) is updated per reduction step from 4 vectors of a packed panel of B (64 columns ×
-// kDepth steps, 32 KB, in L1) and 6 broadcasts of A, so each vector load feeds 6 FMAs and both FMA
-// ports stay busy. Threads split the output's 64-column panels; each packs its own panels, so the
+// The GEMM is the usual register-tiled one (avx512::fma_tile, shared with head mixing's GEMMs): a tile
+// of 6 rows × 64 columns of the output (24 AVX-512 accumulators) is updated per reduction step from
+// 4 vectors of a packed panel of B (64 columns × kDepth steps, 32 KB, in L1) and 6 broadcasts of A,
+// so each vector load feeds 6 FMAs and both FMA ports stay busy. Threads split the output's 64-column panels; each packs its own panels, so the
 // threads never wait for one another, and fetches the block of W it packs next while it multiplies
 // the current one (BlockPrefetch). Warm, against MKL's GEMMs for the same shapes (torch.mm, M = 197,
 // K = N = 768, 2 threads, interleaved): forward 0.95-0.98×, gx 1.05-1.07×, scale gradients 1.07-1.11×
 // of MKL's dW GEMM (which writes dW; these write nothing weight-sized).
 #include "rescaled_linear_avx512.h"
 
-#include "head_mixing_gemm.h"  // gemm::cpu_has_avx512
+#include "avx512_tile.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#define SUBSPACE_OPS_HAVE_AVX512 1
-#include <immintrin.h>
-#define SUBSPACE_OPS_AVX512 __attribute__((target("avx512f")))
-#else
-#define SUBSPACE_OPS_HAVE_AVX512 0
-#endif
-
 namespace subspace_ops::rescaled_avx512 {
 
-int64_t max_rows() { return gemm::cpu_has_avx512() ? kMaxRows : 0; }
+int64_t max_rows() { return avx512::cpu_supported() ? kMaxRows : 0; }
 
 #if SUBSPACE_OPS_HAVE_AVX512
 namespace {
 
-constexpr int64_t kLanes = 16;                 // floats per vector
+using avx512::kLanes;
 constexpr int kVectors = 4;                    // vectors per tile row
 constexpr int64_t kPanel = kLanes * kVectors;  // columns per packed panel and tile
 constexpr int kRows = 6;                       // rows per tile
@@ -139,7 +131,7 @@ SUBSPACE_OPS_AVX512 void pack_rows(const float* src, int64_t ld, int64_t depth, 
 }
 
 // tiles[tile, t, i] = src[t, p0 + tile·kRows + i] (row stride ld) for the columns p0 .. p_end-1 of src,
-// zero past p_end: each tile's kRows columns become one contiguous run that multiply_tile reads in order.
+// zero past p_end: each tile's kRows columns become one contiguous run that fma_tile reads in order.
 // 16 rows of src at a time, so that both the rows read and each tile's run written stay in L1.
 SUBSPACE_OPS_AVX512 void pack_tile_rows(const float* src, int64_t ld, int64_t depth, int64_t p0, int64_t p_end,
                                         float* tiles) {
@@ -156,34 +148,6 @@ SUBSPACE_OPS_AVX512 void pack_tile_rows(const float* src, int64_t ld, int64_t de
   }
 }
 
-// acc[i] += a_rows[i][offset] · panel_row[0 .. 63] for R rows: one reduction step of a tile.
-template <int R>
-SUBSPACE_OPS_AVX512 inline void tile_step(const float* const (&a_rows)[R], int64_t offset, const float* panel_row,
-                                          __m512 (&acc)[R][kVectors]) {
-  __m512 b[kVectors];
-  for (int v = 0; v < kVectors; ++v) b[v] = _mm512_load_ps(panel_row + v * kLanes);
-  for (int i = 0; i < R; ++i) {
-    const __m512 a_value = _mm512_set1_ps(a_rows[i][offset]);
-    for (int v = 0; v < kVectors; ++v) acc[i][v] = _mm512_fmadd_ps(a_value, b[v], acc[i][v]);
-  }
-}
-
-// acc[i] += Σ_t a[i·a_row + t·a_step] · panel[t, :] for R rows over `depth` steps, two steps per
-// iteration: the loop's own instructions compete with the FMAs for two of the CPU's ports, so halving
-// them per FMA pays (measured ~4% of a 768 × 768 GEMM at 197 rows).
-template <int R>
-SUBSPACE_OPS_AVX512 inline void multiply_tile(const float* a, int64_t a_row, int64_t a_step, const float* panel,
-                                              int64_t depth, __m512 (&acc)[R][kVectors]) {
-  const float* rows[R];
-  for (int i = 0; i < R; ++i) rows[i] = a + i * a_row;
-  int64_t t = 0, offset = 0;
-  for (; t + 1 < depth; t += 2, offset += 2 * a_step) {
-    tile_step<R>(rows, offset, panel + t * kPanel, acc);
-    tile_step<R>(rows, offset + a_step, panel + (t + 1) * kPanel, acc);
-  }
-  if (t < depth) tile_step<R>(rows, offset, panel + t * kPanel, acc);
-}
-
 // One tile of modulated_matmul: out[R rows, width ≤ 64 columns] = (first ? bias : out) + in · panel.
 template <int R>
 SUBSPACE_OPS_AVX512 void matmul_tile(const float* in, int64_t ld_in, const float* panel, int64_t depth, bool first,
@@ -197,7 +161,7 @@ SUBSPACE_OPS_AVX512 void matmul_tile(const float* in, int64_t ld_in, const float
                                     : _mm512_setzero_ps();
     }
   }
-  multiply_tile<R>(in, ld_in, 1, panel, depth, acc);
+  avx512::fma_tile<R, kVectors>(in, ld_in, 1, panel, kPanel, depth, acc);
   for (int v = 0; v < kVectors; ++v) {
     const __mmask16 mask = lanes(width - v * kLanes);
     for (int i = 0; i < R; ++i) _mm512_mask_storeu_ps(out + i * ld_out + v * kLanes, mask, acc[i][v]);
@@ -218,7 +182,7 @@ SUBSPACE_OPS_AVX512 void gradient_tile(const float* ap_tile, const float* panel,
   for (int i = 0; i < R; ++i)
     for (int v = 0; v < kVectors; ++v)
       g[i][v] = first ? _mm512_setzero_ps() : _mm512_load_ps(partial + i * kPanel + v * kLanes);
-  multiply_tile<R>(ap_tile, 1, kRows, panel, steps, g);
+  avx512::fma_tile<R, kVectors>(ap_tile, 1, kRows, panel, kPanel, steps, g);
   if (!last) {
     for (int i = 0; i < R; ++i)
       for (int v = 0; v < kVectors; ++v) _mm512_store_ps(partial + i * kPanel + v * kLanes, g[i][v]);

@@ -12,8 +12,8 @@ namespace subspace_ops::rescaled_avx512 {
 // over W are a small part of a step, and the hand-written GEMM does not block the M dimension.
 constexpr int64_t kMaxRows = 512;
 
-// The most rows these kernels take on this CPU: kMaxRows where gemm::cpu_has_avx512() (the one
-// AVX-512 check of the extension, head_mixing_gemm.h), else 0 (then they must not be called).
+// The most rows these kernels take on this CPU: kMaxRows where avx512::cpu_supported() (the one
+// AVX-512 check of the extension, avx512_tile.h), else 0 (then they must not be called).
 int64_t max_rows();
 
 // W' in W's stored orientation: w [P, Q] (row stride ld_w, unit stride along Q), and
