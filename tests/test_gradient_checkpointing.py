@@ -75,15 +75,16 @@ def _assert_same_training_step(plain: nn.Module, checkpointed: nn.Module, loss: 
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])
-@pytest.mark.parametrize("name", list(METHODS))
-def test_transformers_llama_gradient_checkpointing(name, reentrant):
+def _tiny_llama() -> nn.Module:
     config = transformers.LlamaConfig(
         vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         intermediate_size=64, max_position_embeddings=64, attn_implementation="sdpa", use_cache=False,
     )
     torch.manual_seed(0)
-    plain = _perturbed(transformers.LlamaForCausalLM(config), name)
+    return transformers.LlamaForCausalLM(config)
+
+
+def _assert_llama_step_unchanged_by_checkpointing(plain: nn.Module, reentrant: bool) -> None:
     checkpointed = copy.deepcopy(plain)
     kwargs = {"use_reentrant": reentrant}
     if hasattr(checkpointed, "activation_checkpointing_enable"):  # transformers 5.x; the old name warns
@@ -93,7 +94,36 @@ def test_transformers_llama_gradient_checkpointing(name, reentrant):
     ids = torch.randint(3, 50, (2, 11), generator=torch.Generator().manual_seed(3))
     # transformers checkpoints a decoder layer's forward (its own hooks run once): count its MLP's runs.
     _assert_same_training_step(plain, checkpointed, lambda m: m(input_ids=ids, labels=ids).loss,
-                               lambda m: m.model.layers[0].mlp)
+                               lambda m: m.get_base_model().model.layers[0].mlp if hasattr(m, "get_base_model")
+                               else m.model.layers[0].mlp)
+
+
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])
+@pytest.mark.parametrize("name", list(METHODS))
+def test_transformers_llama_gradient_checkpointing(name, reentrant):
+    _assert_llama_step_unchanged_by_checkpointing(_perturbed(_tiny_llama(), name), reentrant)
+
+
+@pytest.mark.parametrize("kind", ["lora", "ia3"])
+def test_peft_model_on_our_ops_gradient_checkpointing(kind):
+    """HF PEFT's own LoRA (with dropout) and IA3 layers run on our ops by subspace_ops.peft.accelerate,
+    under the transformers switch (reentrant, its default before v5)."""
+    peft = pytest.importorskip("peft")
+    from subspace_ops.peft import accelerate
+
+    if kind == "lora":
+        config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.2, target_modules=["q_proj", "v_proj", "down_proj"])
+    else:
+        config = peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
+    model = peft.get_peft_model(_tiny_llama(), config)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    report = accelerate(model)
+    assert len(report.accelerated) == 6 and not report.skipped, report
+    _assert_llama_step_unchanged_by_checkpointing(model.train(), reentrant=True)
 
 
 timm = pytest.importorskip("timm")
