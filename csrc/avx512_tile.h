@@ -20,8 +20,8 @@
 
 namespace subspace_ops::avx512 {
 
-// Whether this CPU (and OS) runs AVX-512F code; checked once. The AVX-512 kernels are compiled in
-// whatever the build flags (with a target attribute) and called only where this is true.
+// Whether this CPU (and OS) runs AVX-512F code; checked once. The AVX-512 kernels are compiled with
+// a target attribute, whatever the build flags, and must be called only where this is true.
 inline bool cpu_supported() {
 #if SUBSPACE_OPS_HAVE_AVX512
   static const bool has = __builtin_cpu_supports("avx512f");
@@ -35,10 +35,7 @@ constexpr int64_t kLanes = 16;  // floats per vector
 
 #if SUBSPACE_OPS_HAVE_AVX512
 
-// acc[i][v] += a[i·a_row + t·a_step] · b[t·ldb + 16v .. 16v + 15] for i < R, v < V, summed over the
-// steps t < depth. Two steps per loop iteration: the loop's own instructions compete with the FMAs
-// for two of the CPU's ports, so halving them per FMA pays (measured ~4% of rescaled linear's
-// 768 × 768 GEMM at 197 rows).
+// One reduction step: acc[i][v] += a_rows[i][offset] · b_row[16v .. 16v + 15].
 template <int R, int V>
 SUBSPACE_OPS_AVX512 inline void fma_step(const float* const (&a_rows)[R], int64_t offset, const float* b_row,
                                          __m512 (&acc)[R][V]) {
@@ -50,6 +47,10 @@ SUBSPACE_OPS_AVX512 inline void fma_step(const float* const (&a_rows)[R], int64_
   }
 }
 
+// acc[i][v] += a[i·a_row + t·a_step] · b[t·ldb + 16v .. 16v + 15] for i < R, v < V, summed over the
+// steps t < depth. Two steps per loop iteration: the loop's own instructions compete with the FMAs
+// for two of the CPU's ports, so halving them per FMA pays (measured ~4% of rescaled linear's
+// 768 × 768 GEMM at 197 rows).
 template <int R, int V>
 SUBSPACE_OPS_AVX512 inline void fma_tile(const float* a, int64_t a_row, int64_t a_step, const float* b, int64_t ldb,
                                          int64_t depth, __m512 (&acc)[R][V]) {

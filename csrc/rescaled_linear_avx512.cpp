@@ -11,11 +11,12 @@
 // The GEMM is the usual register-tiled one (avx512::fma_tile, shared with head mixing's GEMMs): a tile
 // of 6 rows × 64 columns of the output (24 AVX-512 accumulators) is updated per reduction step from
 // 4 vectors of a packed panel of B (64 columns × kDepth steps, 32 KB, in L1) and 6 broadcasts of A,
-// so each vector load feeds 6 FMAs and both FMA ports stay busy. Threads split the output's 64-column panels; each packs its own panels, so the
-// threads never wait for one another, and fetches the block of W it packs next while it multiplies
-// the current one (BlockPrefetch). Warm, against MKL's GEMMs for the same shapes (torch.mm, M = 197,
-// K = N = 768, 2 threads, interleaved): forward 0.95-0.98×, gx 1.05-1.07×, scale gradients 1.07-1.11×
-// of MKL's dW GEMM (which writes dW; these write nothing weight-sized).
+// so each vector load feeds 6 FMAs and both FMA ports stay busy. Threads split the output's 64-column
+// panels; each packs its own panels, so the threads never wait for one another, and fetches the block
+// of W it packs next while it multiplies the current one (BlockPrefetch). Warm, against MKL's GEMMs
+// for the same shapes (torch.mm, M = 197, K = N = 768, 2 threads, interleaved): forward 0.95-0.98×,
+// gx 1.05-1.07×, scale gradients 1.07-1.11× of MKL's dW GEMM (which writes dW; these write nothing
+// weight-sized).
 #include "rescaled_linear_avx512.h"
 
 #include "avx512_tile.h"

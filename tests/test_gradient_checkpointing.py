@@ -1,6 +1,6 @@
 """Activation (gradient) checkpointing: a model adapted by any op family trains the same with the
-library's own switch on (transformers' ``gradient_checkpointing_enable``, reentrant or not; timm's
-``set_grad_checkpointing``) as without it. Checkpointing runs every block's forward a second time in
+library's own switch on (transformers' ``activation_checkpointing_enable`` / older
+``gradient_checkpointing_enable``, reentrant or not; timm's ``set_grad_checkpointing``) as without it. Checkpointing runs every block's forward a second time in
 the backward, so this catches ops whose backward depends on state that a recomputed forward does not
 reproduce (a dropout mask drawn outside torch's RNG, a saved tensor that is not an input or output)."""
 
@@ -16,6 +16,8 @@ from torch import nn
 from subspace_ops import methods
 
 pytestmark = pytest.mark.integration
+transformers = pytest.importorskip("transformers")
+timm = pytest.importorskip("timm")
 
 # One method per op family (and per kind of randomness): rescaled linear + SSF, SVD basis, head
 # mixing with dropout on α, LoRA with input dropout, DoRA (row norms), (IA)³ (separable path).
@@ -29,17 +31,20 @@ METHODS = {
 }
 
 
-def _perturbed(model: nn.Module, name: str) -> nn.Module:
-    """``model`` adapted by ``name``, with every trainable parameter moved off its init (zero-init
-    adapters would otherwise leave most gradients trivially equal)."""
-    torch.manual_seed(1)
-    model, _ = methods.apply(model, name, **METHODS[name])
+def _move_off_init(model: nn.Module) -> nn.Module:
+    """Every trainable parameter moved off its init (zero-init adapters would otherwise leave most
+    gradients trivially equal); the model in training mode."""
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
     return model.train()
+
+
+def _adapted(model: nn.Module, name: str) -> nn.Module:
+    torch.manual_seed(1)
+    return _move_off_init(methods.apply(model, name, **METHODS[name])[0])
 
 
 def _forward_calls(block: nn.Module) -> list[int]:
@@ -72,9 +77,6 @@ def _assert_same_training_step(plain: nn.Module, checkpointed: nn.Module, loss: 
     assert adapter_grads and any(g.abs().sum() > 0 for g in adapter_grads)
 
 
-transformers = pytest.importorskip("transformers")
-
-
 def _tiny_llama() -> nn.Module:
     config = transformers.LlamaConfig(
         vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -93,15 +95,14 @@ def _assert_llama_step_unchanged_by_checkpointing(plain: nn.Module, reentrant: b
         checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     ids = torch.randint(3, 50, (2, 11), generator=torch.Generator().manual_seed(3))
     # transformers checkpoints a decoder layer's forward (its own hooks run once): count its MLP's runs.
-    _assert_same_training_step(plain, checkpointed, lambda m: m(input_ids=ids, labels=ids).loss,
-                               lambda m: m.get_base_model().model.layers[0].mlp if hasattr(m, "get_base_model")
-                               else m.model.layers[0].mlp)
+    first_mlp = lambda m: next(mod for name, mod in m.named_modules() if name.endswith("layers.0.mlp"))  # noqa: E731
+    _assert_same_training_step(plain, checkpointed, lambda m: m(input_ids=ids, labels=ids).loss, first_mlp)
 
 
 @pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])
 @pytest.mark.parametrize("name", list(METHODS))
 def test_transformers_llama_gradient_checkpointing(name, reentrant):
-    _assert_llama_step_unchanged_by_checkpointing(_perturbed(_tiny_llama(), name), reentrant)
+    _assert_llama_step_unchanged_by_checkpointing(_adapted(_tiny_llama(), name), reentrant)
 
 
 @pytest.mark.parametrize("kind", ["lora", "ia3"])
@@ -115,18 +116,10 @@ def test_peft_model_on_our_ops_gradient_checkpointing(kind):
         config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.2, target_modules=["q_proj", "v_proj", "down_proj"])
     else:
         config = peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
-    model = peft.get_peft_model(_tiny_llama(), config)
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    model = _move_off_init(peft.get_peft_model(_tiny_llama(), config))
     report = accelerate(model)
     assert len(report.accelerated) == 6 and not report.skipped, report
-    _assert_llama_step_unchanged_by_checkpointing(model.train(), reentrant=True)
-
-
-timm = pytest.importorskip("timm")
+    _assert_llama_step_unchanged_by_checkpointing(model, reentrant=True)
 
 
 @pytest.mark.parametrize("name", list(METHODS))
@@ -134,7 +127,7 @@ def test_timm_vit_gradient_checkpointing(name):
     torch.manual_seed(0)
     vit = timm.models.vision_transformer.VisionTransformer(
         img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=10)
-    plain = _perturbed(vit, name)
+    plain = _adapted(vit, name)
     checkpointed = copy.deepcopy(plain)
     checkpointed.set_grad_checkpointing(True)
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
