@@ -80,6 +80,19 @@ def find_modules(model: nn.Module, patterns: Sequence[str], kind: type = nn.Modu
     return [(name, m) for name, m in model.named_modules() if name and isinstance(m, kind) and _matches(name, patterns)]
 
 
+def no_linear_error(model: nn.Module, argument: str, patterns: Sequence[str]) -> ValueError:
+    """The error for ``patterns`` that match no nn.Linear, naming the types of what they do match (a
+    GPT-2-style ``Conv1D``, which stores its weight [in, out], is the usual one: not supported)."""
+    others: dict[str, int] = {}
+    for _, m in find_modules(model, patterns):
+        if not isinstance(m, nn.Linear):
+            others[type(m).__name__] = others.get(type(m).__name__, 0) + 1
+    found = "; they match " + ", ".join(f"{count} {kind}" for kind, count in others.items()) if others else ""
+    hint = (" (transformers' Conv1D, GPT-2's layer type, is not supported: the layers wrap nn.Linear)"
+            if "Conv1D" in others else "")
+    return ValueError(f"{argument} {tuple(patterns)} match no nn.Linear in {type(model).__name__}{found}{hint}")
+
+
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
@@ -131,7 +144,7 @@ def apply_rlrr(
         raise ValueError(f"fused_qkv must be 'split' or 'shared', got {fused_qkv!r}")
     linears = [(n, m) for n, m in find_modules(model, targets, nn.Linear) if not isinstance(m, RLRRLinear)]
     if not linears:
-        raise ValueError(f"targets {tuple(targets)} match no nn.Linear in {type(model).__name__}")
+        raise no_linear_error(model, "targets", targets)
     norms = [(n, _ssf_for(m)) for n, m in find_modules(model, ssf_targets)] if ssf else []
     norms = [(n, layer) for n, layer in norms if layer is not None]
     if ssf and not norms:
@@ -217,7 +230,7 @@ def apply_svd(
     targets = SVD_TARGETS[method] if targets is None else targets
     linears = [(n, m) for n, m in find_modules(model, targets, nn.Linear) if not isinstance(m, SVDLinear)]
     if not linears:
-        raise ValueError(f"targets {tuple(targets)} match no nn.Linear in {type(model).__name__}")
+        raise no_linear_error(model, "targets", targets)
     report, backbone = _start_report(model, method)
     for name, linear in linears:
         options = dict(layer_options)

@@ -91,6 +91,7 @@ from .adapters import (
     apply_rlrr,
     apply_svd,
     find_modules,
+    no_linear_error,
     replace_module,
 )
 from .backends import BACKENDS
@@ -537,7 +538,7 @@ class SpectralConfig(MethodConfig):
 def _match_linears(model: nn.Module, argument: str, patterns: Sequence[str]) -> list[tuple[str, nn.Linear]]:
     found = find_modules(model, patterns, nn.Linear)
     if not found:
-        raise ValueError(f"{argument} {tuple(patterns)} match no nn.Linear in {type(model).__name__}")
+        raise no_linear_error(model, argument, patterns)
     return found
 
 
