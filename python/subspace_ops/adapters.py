@@ -30,6 +30,7 @@ __all__ = [
     "apply_rlrr",
     "apply_svd",
     "count_parameters",
+    "find_linears",
     "find_modules",
     "merge_all",
     "unmerge_all",
@@ -80,17 +81,39 @@ def find_modules(model: nn.Module, patterns: Sequence[str], kind: type = nn.Modu
     return [(name, m) for name, m in model.named_modules() if name and isinstance(m, kind) and _matches(name, patterns)]
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2 and its family): ``y = x W + b`` with W stored [in, out]."""
+    weight = getattr(module, "weight", None)
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and isinstance(weight, Tensor) \
+        and weight.dim() == 2
+
+
+def conv1d_as_linear(module: nn.Module) -> nn.Linear:
+    """An nn.Linear computing what a transformers ``Conv1D`` computes, on the same memory: its weight is
+    the transposed view of the Conv1D's [in, out] weight (no copy: every backend takes either
+    orientation, and the cpu kernels use it in place), its bias the Conv1D's own Parameter."""
+    weight = module.weight
+    linear = nn.Linear(weight.shape[0], weight.shape[1], bias=False, device="meta")
+    linear.weight = nn.Parameter(weight.detach().t(), requires_grad=weight.requires_grad)
+    linear.bias = module.bias
+    return linear
+
+
+def find_linears(model: nn.Module, patterns: Sequence[str]) -> list[tuple[str, nn.Linear]]:
+    """``(name, layer)`` of every nn.Linear whose name matches ``patterns``, and of every matching
+    transformers ``Conv1D`` as an nn.Linear on its memory (:func:`conv1d_as_linear`)."""
+    return [(name, m if isinstance(m, nn.Linear) else conv1d_as_linear(m))
+            for name, m in find_modules(model, patterns) if isinstance(m, nn.Linear) or is_conv1d(m)]
+
+
 def no_linear_error(model: nn.Module, argument: str, patterns: Sequence[str]) -> ValueError:
-    """The error for ``patterns`` that match no nn.Linear, naming the types of what they do match (a
-    GPT-2-style ``Conv1D``, which stores its weight [in, out], is the usual one: not supported)."""
+    """The error for ``patterns`` that match no linear layer, naming the types of what they do match."""
     others: dict[str, int] = {}
     for _, m in find_modules(model, patterns):
-        if not isinstance(m, nn.Linear):
-            others[type(m).__name__] = others.get(type(m).__name__, 0) + 1
+        others[type(m).__name__] = others.get(type(m).__name__, 0) + 1
     found = "; they match " + ", ".join(f"{count} {kind}" for kind, count in others.items()) if others else ""
-    hint = (" (transformers' Conv1D, GPT-2's layer type, is not supported: the layers wrap nn.Linear)"
-            if "Conv1D" in others else "")
-    return ValueError(f"{argument} {tuple(patterns)} match no nn.Linear in {type(model).__name__}{found}{hint}")
+    return ValueError(f"{argument} {tuple(patterns)} match no nn.Linear (or transformers Conv1D) in "
+                      f"{type(model).__name__}{found}")
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -142,7 +165,7 @@ def apply_rlrr(
     """
     if fused_qkv not in ("split", "shared"):
         raise ValueError(f"fused_qkv must be 'split' or 'shared', got {fused_qkv!r}")
-    linears = [(n, m) for n, m in find_modules(model, targets, nn.Linear) if not isinstance(m, RLRRLinear)]
+    linears = find_linears(model, targets)
     if not linears:
         raise no_linear_error(model, "targets", targets)
     norms = [(n, _ssf_for(m)) for n, m in find_modules(model, ssf_targets)] if ssf else []
@@ -228,7 +251,7 @@ def apply_svd(
     if method not in SVD_METHODS:
         raise ValueError(f"method must be one of {SVD_METHODS}, got {method!r}")
     targets = SVD_TARGETS[method] if targets is None else targets
-    linears = [(n, m) for n, m in find_modules(model, targets, nn.Linear) if not isinstance(m, SVDLinear)]
+    linears = find_linears(model, targets)
     if not linears:
         raise no_linear_error(model, "targets", targets)
     report, backbone = _start_report(model, method)

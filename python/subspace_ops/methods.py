@@ -90,7 +90,9 @@ from .adapters import (
     apply_coeff,
     apply_rlrr,
     apply_svd,
+    find_linears,
     find_modules,
+    is_conv1d,
     no_linear_error,
     replace_module,
 )
@@ -135,12 +137,14 @@ __all__ = [
 ]
 
 # ---------------------------------------------------------------------------------------------
-# Default target patterns (timm ViT / BERT-RoBERTa / LLaMA names)
+# Default target patterns (timm ViT / BERT-RoBERTa / LLaMA / GPT-2 names)
 # ---------------------------------------------------------------------------------------------
-#: Every linear layer of the transformer blocks ("applied to all linear layers", 001 §6).
+#: Every linear layer of the transformer blocks ("applied to all linear layers", 001 §6); GPT-2's are
+#: transformers Conv1Ds (adapted on their memory, see adapters.find_linears).
 LINEAR_TARGETS = RLRR_LINEAR_TARGETS + (
     "query", "key", "value", "*.intermediate.dense", "*.output.dense",
     "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+    "c_attn", "c_proj", "c_fc",
 )
 #: After every LayerNorm, the patch embedding and the final norm (RLRR / SSF), plus BERT's ``LayerNorm``s
 #: and LLaMA-style RMSNorms (``input_layernorm``, ``post_attention_layernorm``; ``norm`` is the final one).
@@ -536,7 +540,7 @@ class SpectralConfig(MethodConfig):
 # Appliers: config -> AdaptReport (the model is changed in place; nothing before the checks pass)
 # ---------------------------------------------------------------------------------------------
 def _match_linears(model: nn.Module, argument: str, patterns: Sequence[str]) -> list[tuple[str, nn.Linear]]:
-    found = find_modules(model, patterns, nn.Linear)
+    found = find_linears(model, patterns)
     if not found:
         raise no_linear_error(model, argument, patterns)
     return found
@@ -657,13 +661,20 @@ def _apply_lowrank(model: nn.Module, c: _LowRankConfig) -> AdaptReport:
     return report
 
 
+def _output_features(module: nn.Module) -> Optional[int]:
+    """A linear layer's output size: ``out_features`` (nn.Linear, adapted linears) or a Conv1D's ``nf``."""
+    features = module.nf if is_conv1d(module) else getattr(module, "out_features", None)
+    return features if isinstance(features, int) else None
+
+
 def _apply_adapter(model: nn.Module, c: AdapterConfig) -> AdaptReport:
     found = [(n, m) for n, m in find_modules(model, c.targets)
-             if isinstance(getattr(m, "out_features", None), int) and not isinstance(m, SequentialAdapter)]
+             if _output_features(m) is not None and not isinstance(m, SequentialAdapter)]
     if not found:
-        raise ValueError(f"targets {c.targets} match no module with out_features (nn.Linear or an adapted linear) "
-                         f"in {type(model).__name__}")
-    layers = [(n, SequentialAdapter(m, c.bottleneck, activation=c.activation)) for n, m in found]
+        raise ValueError(f"targets {c.targets} match no module with out_features (nn.Linear, transformers Conv1D "
+                         f"or an adapted linear) in {type(model).__name__}")
+    layers = [(n, SequentialAdapter(m, c.bottleneck, dim=_output_features(m), activation=c.activation))
+              for n, m in found]
     return _replace_all(model, "adapter", layers, c.trainable)
 
 

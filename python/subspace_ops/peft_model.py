@@ -44,7 +44,8 @@ layers would have to imitate in full. The trade-offs of the wrapper instead:
   and ``config=`` replaces the saved config (e.g. another ``backend`` for another device).
   ``load_adapter(dir, adapter_name)`` loads a further adapter (same method and config) the same way.
 - ``merge_and_unload()`` folds the active adapter into the weights and returns the plain model: adapted
-  Linear layers become ``nn.Linear`` again (the original module objects, holding the merged weights), SSF
+  Linear layers become ``nn.Linear`` again (the original module objects, holding the merged weights;
+  a transformers ``Conv1D`` becomes that ``Conv1D`` again, its [in, out] weight merged), SSF
   folds into its norm / patch embedding, the trained head is kept (as PEFT keeps ``modules_to_save``).
   Mergeability is decided per layer, before anything changes: head mixing (``coeff``), the Houlsby
   ``adapter`` and parallel adapters with a nonlinearity (``pa``, ``lora`` with ``mpc="n"``) raise
@@ -88,7 +89,7 @@ import torch
 from torch import nn
 
 from . import checkpoint, methods
-from .adapters import merge_all, replace_module, unmerge_all
+from .adapters import is_conv1d, merge_all, replace_module, unmerge_all
 from .nn import SSF, HeadMix, NotMergeableError, TimmCoeffAttention
 from .nn.base import MergeableLinear
 
@@ -395,6 +396,11 @@ class SubspacePeftModel(nn.Module):
                     if original.bias is not m.bias:  # merging created a bias (e.g. RLRR's shift)
                         original.bias = m.bias
                     plain: nn.Module = original
+                elif original is not None and is_conv1d(original):  # GPT-2's layer: weight stored [in, out]
+                    original.weight.data = m.weight.data.t().contiguous()
+                    if m.bias is not None:
+                        original.bias.data = m.bias.data
+                    plain = original
                 else:
                     plain = _linear_view(m)
                 plain.train(m.training)
