@@ -182,7 +182,8 @@ def _merged():
     return model
 
 
-def _conv1d():
+def _conv1d(config):
+    """fc1 (Linear) -> c_fc (GPT-2's transformers Conv1D, weight [in, out]) -> fc3, ``config`` on all three."""
     transformers = pytest.importorskip("transformers")
 
     class WithConv1D(nn.Module):
@@ -193,11 +194,20 @@ def _conv1d():
             self.fc3 = nn.Linear(10, 5)
 
         def forward(self, x):
-            return self.fc3(self.c_fc(self.fc1(x)))
+            return self.fc3(torch.tanh(self.c_fc(torch.relu(self.fc1(x)))))
 
     torch.manual_seed(0)
-    model = peft.get_peft_model(WithConv1D(), peft.LoraConfig(r=2, target_modules=["c_fc"], fan_in_fan_out=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT warns that fan_in_fan_out does not fit the Linear layers
+        model = peft.get_peft_model(WithConv1D(), config)
     _perturb(model)
+    return model
+
+
+def _wrong_fan_in_fan_out():
+    """A Conv1D base with fan_in_fan_out=False: PEFT's own layer is then wrong too; left to PEFT."""
+    model = _conv1d(peft.LoraConfig(r=2, target_modules=["c_fc"], fan_in_fan_out=True))
+    model.base_model.model.c_fc.fan_in_fan_out = False
     return model
 
 
@@ -209,8 +219,29 @@ UNSUPPORTED = {
     "hooked-base": (_forward_hook_model, {"fc2": "has hooks"}),
     "two-active": (_two_active_adapters, {"fc1": "2 active adapters"}),
     "merged": (_merged, {"fc1": "merged into the base weight"}),
-    "conv1d": (_conv1d, {"c_fc": "base layer is Conv1D"}),
+    "conv1d-fan-in-fan-out-off": (_wrong_fan_in_fan_out, {"c_fc": "fan_in_fan_out=False on a Conv1D"}),
 }
+
+
+@pytest.mark.parametrize("kind", ["lora", "ia3"])
+def test_conv1d_base_layers_match_peft(backend, kind, monkeypatch):
+    """GPT-2-style bases (transformers Conv1D, fan_in_fan_out=True) run on the fused ops, their [in, out]
+    weight read transposed: same outputs and gradients as PEFT, dropout included (training mode)."""
+    if kind == "lora":
+        config = peft.LoraConfig(r=3, lora_alpha=5, lora_dropout=0.25, target_modules=["fc1", "c_fc", "fc3"],
+                                 fan_in_fan_out=True)
+    else:
+        config = peft.IA3Config(target_modules=["fc1", "c_fc", "fc3"], feedforward_modules=["c_fc"],
+                                fan_in_fan_out=True)
+    reference = _conv1d(config).train().to(backend_device(backend))
+    assert reference.base_model.model.c_fc.fan_in_fan_out and not reference.base_model.model.fc1.fan_in_fan_out
+    model = copy.deepcopy(reference)
+    report = sop_peft.accelerate(model, backend=backend)
+    assert len(report.accelerated) == 3 and not report.skipped, str(report)
+    counts = _count_fused_calls(monkeypatch)
+    x = X().to(backend_device(backend))
+    _assert_same(_run(model, x), _run(reference, x))
+    assert counts[kind] == 3
 
 
 @pytest.mark.parametrize("case", sorted(UNSUPPORTED))

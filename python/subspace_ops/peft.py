@@ -26,9 +26,10 @@ the float32 adapter parameters get gradients computed in the base dtype (as unde
 
 **Only what the fused op expresses is accelerated; everything else runs PEFT's code.** A layer is
 accelerated when its type is exactly PEFT's IA3/LoRA ``Linear`` (not a quantized or otherwise
-specialized subclass), its base layer is a plain ``nn.Linear`` with no hooks and no
-instance-level ``forward`` (e.g. no accelerate offload hook; no global module hooks either),
-``fan_in_fan_out`` is off, exactly one adapter of the layer is active, nothing is merged, adapters are enabled, and (LoRA) the active
+specialized subclass), its base layer is a plain ``nn.Linear`` (or, with ``fan_in_fan_out=True``,
+GPT-2's transformers ``Conv1D``, whose [in, out] weight the op reads transposed, without a copy) with
+no hooks and no instance-level ``forward`` (e.g. no accelerate offload hook; no global module hooks
+either), exactly one adapter of the layer is active, nothing is merged, adapters are enabled, and (LoRA) the active
 adapter is vanilla LoRA: no variant (DoRA, aLoRA, Arrow, …), ``lora_bias=False``, dropout
 ``nn.Identity`` or a non-inplace ``nn.Dropout``, ``lora_A``/``lora_B`` plain bias-free ``nn.Linear``.
 :func:`accelerate` leaves every other tuner layer as it is and lists it in the report with the
@@ -70,6 +71,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
+from .adapters import is_conv1d
 from .backends import resolve_backend
 from .nn.base import compute_dtype
 
@@ -122,8 +124,11 @@ def check_peft_version() -> str:
 def _layer_reason(layer: nn.Module) -> Optional[str]:
     """Conditions shared by IA3 and LoRA layers: the base layer, the layout, the merge/disable state."""
     base = getattr(layer, "base_layer", None)
-    if type(base) is not nn.Linear:
-        return f"the base layer is {type(base).__name__}, not a plain nn.Linear"
+    fan_in_fan_out = getattr(layer, "fan_in_fan_out", False)
+    if type(base) is not nn.Linear and not is_conv1d(base):
+        return f"the base layer is {type(base).__name__}, not a plain nn.Linear or a transformers Conv1D"
+    if is_conv1d(base) != bool(fan_in_fan_out):  # PEFT reads a Conv1D's [in, out] weight only with it
+        return f"fan_in_fan_out={fan_in_fan_out} on a {type(base).__name__} base layer"
     if (base._forward_hooks or base._forward_pre_hooks or base._backward_hooks or base._backward_pre_hooks
             or "forward" in base.__dict__):
         return "the base layer has hooks or a replaced forward (e.g. an offload hook); PEFT must call it"
@@ -131,8 +136,6 @@ def _layer_reason(layer: nn.Module) -> Optional[str]:
         return "global nn.Module hooks are registered; they must see the base layer's call"
     if not base.weight.is_floating_point():
         return f"the base weight has dtype {base.weight.dtype}"
-    if getattr(layer, "fan_in_fan_out", False):
-        return "fan_in_fan_out=True (transposed Conv1D-style weight)"
     if layer.disable_adapters:
         return "adapters are disabled"
     if layer.merged:
@@ -262,7 +265,8 @@ class _FusedForward:
         base = self.base_layer
         dtype = compute_dtype(x, base.weight)
         bias = None if base.bias is None else base.bias.to(dtype)
-        return self._fused(x.to(dtype), base.weight.to(dtype), bias, name, getattr(self, _BACKEND_ATTR, None))
+        weight = base.weight.t() if is_conv1d(base) else base.weight  # [out, in]: a Conv1D's, seen transposed
+        return self._fused(x.to(dtype), weight.to(dtype), bias, name, getattr(self, _BACKEND_ATTR, None))
 
 
 def _build_classes() -> dict[str, type]:
