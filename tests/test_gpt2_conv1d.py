@@ -29,7 +29,7 @@ CASES = {
     "dora": ({"targets": TARGETS}, True),
     "pa": ({"targets": TARGETS, "activation": "identity"}, True),
     "spectral": ({"targets": TARGETS}, True),
-    "siva": ({"targets": ("c_attn",), "perc": 0.5}, True),
+    "siva": ({"perc": 0.5}, True),  # default targets: c_attn, split into q, k, v; q and v tuned
     "sam-parser": ({"targets": TARGETS}, True),
     "svdiff": ({"targets": TARGETS}, True),
     "ia3": ({"targets": ("c_attn",), "ff_targets": ("*.mlp.c_proj",)}, True),
@@ -101,6 +101,12 @@ def test_gpt2_trains_merges_and_unmerges_exactly(method):
     model, report = methods.apply(copy.deepcopy(base), method, **options)
     if method == "lora":
         assert len(report.layers) == 8  # c_attn, attn.c_proj, c_fc, mlp.c_proj in both blocks
+    c_attn = model.transformer.h[0].attn.c_attn  # GPT-2's fused [q; k; v], split as timm's qkv
+    if method == "rlrr":
+        assert c_attn.splits == (32, 32, 32) and tuple(c_attn.s_r.shape) == (3, 32)
+    if method == "siva":
+        assert report.layers == ["transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"]
+        assert c_attn.parts == (32, 32, 32) and c_attn.tuned_parts == (0, 2)
     assert report.layers
     if identity_at_attach:
         torch.testing.assert_close(model(IDS).logits, reference, rtol=1e-5, atol=1e-5)

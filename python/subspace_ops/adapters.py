@@ -3,10 +3,11 @@
 Patterns are shell-style globs (``fnmatch``) matched against a module's full dotted name
 (``blocks.3.attn.qkv``) or, when the pattern has no dot, against its last component (``qkv``).
 
-timm's fused ``qkv`` projection: the papers adapt W_q, W_k and W_v as three matrices. A Linear
-whose last name component is ``qkv`` is treated as those three (``RLRRLinear(splits=(d, d, d))``:
-one output scale per row and one input scale per part), so the adapted model has exactly the
-parameters of separate q, k, v layers. ``fused_qkv="shared"`` instead treats it as one matrix
+timm's fused ``qkv`` projection (and GPT-2's ``c_attn``, the same [q; k; v] output layout): the
+papers adapt W_q, W_k and W_v as three matrices. A layer whose last name component is one of
+FUSED_QKV_NAMES is treated as those three (``RLRRLinear(splits=(d, d, d))``: one output scale per
+row and one input scale per part; SiVA tunes the q and v parts), so the adapted model has exactly
+the parameters of separate q, k, v layers. ``fused_qkv="shared"`` instead treats it as one matrix
 (one input scale for all three; 2·768 fewer parameters per block on ViT-B).
 """
 
@@ -41,6 +42,12 @@ __all__ = [
 RLRR_LINEAR_TARGETS = ("q", "k", "v", "qkv", "proj", "fc1", "fc2")
 # After every LayerNorm, the patch embedding and the final norm (RLRR / SSF recipe).
 RLRR_SSF_TARGETS = ("patch_embed", "norm1", "norm2", "norm", "fc_norm")
+# Fused q, k, v projections, [q; k; v] along the output: timm's qkv, GPT-2's c_attn (a Conv1D).
+FUSED_QKV_NAMES = ("qkv", "c_attn")
+
+
+def _is_fused_qkv(name: str) -> bool:
+    return name.rsplit(".", 1)[-1] in FUSED_QKV_NAMES
 
 
 @dataclass
@@ -177,7 +184,7 @@ def apply_rlrr(
     report, backbone = _start_report(model, "rlrr")  # nothing is changed before the checks pass
     for name, linear in linears:
         splits = None
-        if fused_qkv == "split" and name.rsplit(".", 1)[-1] == "qkv":
+        if fused_qkv == "split" and _is_fused_qkv(name):
             if linear.out_features % 3:
                 raise ValueError(f"{name}: a fused qkv needs out_features divisible by 3, got {linear.out_features}")
             splits = (linear.out_features // 3,) * 3
@@ -227,7 +234,7 @@ def _finish_report(model: nn.Module, report: AdaptReport, backbone: set[int], tr
 
 # SiVA adapts the query and value projections (002 §4); the other SVD methods every matrix.
 SVD_TARGETS = {
-    "siva": ("q", "v", "qkv", "query", "value"),
+    "siva": ("q", "v", "qkv", "query", "value", "c_attn"),
     "sam-parser": RLRR_LINEAR_TARGETS,
     "svdiff": RLRR_LINEAR_TARGETS,
 }
@@ -257,7 +264,7 @@ def apply_svd(
     report, backbone = _start_report(model, method)
     for name, linear in linears:
         options = dict(layer_options)
-        if name.rsplit(".", 1)[-1] == "qkv":
+        if _is_fused_qkv(name):
             if linear.out_features % 3:
                 raise ValueError(f"{name}: a fused qkv needs out_features divisible by 3, got {linear.out_features}")
             options.setdefault("parts", (linear.out_features // 3,) * 3)
