@@ -36,6 +36,7 @@ CASES = {
     "ssb": ({"targets": ("c_attn",), "ff_targets": ("*.mlp.c_proj",)}, True),
     "rlrr": ({"targets": TARGETS, "ssf_targets": ("ln_1", "ln_2", "ln_f")}, False),  # SSF: γ ~ N(1, 0.02)
     "adapter": ({"targets": ("*.attn.c_proj", "*.mlp.c_proj"), "bottleneck": 4}, False),  # merge: not mergeable
+    "coeff": ({}, True),  # head mixing through transformers' attention registry (causal); no weights to merge
 }
 
 
