@@ -158,3 +158,14 @@ def test_peft_wrapper_saves_loads_merges_back_into_conv1d_and_unloads(tmp_path):
     unloaded = wrapped.unload()
     assert sorted(_conv1ds(unloaded)) == sorted(_conv1ds(tiny_gpt2()))
     assert all(torch.equal(before[k], v) for k, v in unloaded.state_dict().items())
+
+
+def test_cross_attention_c_attn_is_not_split_as_qkv():
+    """GPT-2's cross-attention c_attn holds [k; v] (2·d outputs): it stays one matrix, while the
+    self-attention c_attn (3·d outputs) is split into q, k, v."""
+    config = transformers.GPT2Config(vocab_size=50, n_positions=16, n_embd=48, n_layer=1, n_head=4,
+                                     add_cross_attention=True)
+    model, _ = methods.apply(transformers.GPT2LMHeadModel(config), "rlrr", ssf=False)
+    block = model.transformer.h[0]
+    assert block.attn.c_attn.splits == (48, 48, 48)
+    assert block.crossattention.c_attn.splits == (96,)

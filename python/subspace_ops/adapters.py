@@ -46,8 +46,11 @@ RLRR_SSF_TARGETS = ("patch_embed", "norm1", "norm2", "norm", "fc_norm")
 FUSED_QKV_NAMES = ("qkv", "c_attn")
 
 
-def _is_fused_qkv(name: str) -> bool:
-    return name.rsplit(".", 1)[-1] in FUSED_QKV_NAMES
+def _is_fused_qkv(name: str, linear: nn.Linear) -> bool:
+    """A fused q, k, v projection. GPT-2's cross-attention also has a ``c_attn``, holding [k; v] only
+    (2·d outputs): a ``c_attn`` counts only with 3·d outputs for d inputs."""
+    last = name.rsplit(".", 1)[-1]
+    return last == "qkv" or (last in FUSED_QKV_NAMES and linear.out_features == 3 * linear.in_features)
 
 
 @dataclass
@@ -184,7 +187,7 @@ def apply_rlrr(
     report, backbone = _start_report(model, "rlrr")  # nothing is changed before the checks pass
     for name, linear in linears:
         splits = None
-        if fused_qkv == "split" and _is_fused_qkv(name):
+        if fused_qkv == "split" and _is_fused_qkv(name, linear):
             if linear.out_features % 3:
                 raise ValueError(f"{name}: a fused qkv needs out_features divisible by 3, got {linear.out_features}")
             splits = (linear.out_features // 3,) * 3
@@ -264,7 +267,7 @@ def apply_svd(
     report, backbone = _start_report(model, method)
     for name, linear in linears:
         options = dict(layer_options)
-        if _is_fused_qkv(name):
+        if _is_fused_qkv(name, linear):
             if linear.out_features % 3:
                 raise ValueError(f"{name}: a fused qkv needs out_features divisible by 3, got {linear.out_features}")
             options.setdefault("parts", (linear.out_features // 3,) * 3)
