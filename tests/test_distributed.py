@@ -21,7 +21,14 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from subspace_ops import methods
-from subspace_ops.adapters import apply_coeff, apply_rlrr, apply_svd, find_modules, replace_module
+from subspace_ops.adapters import (
+    apply_coeff,
+    apply_rlrr,
+    apply_svd,
+    find_modules,
+    make_weights_contiguous,
+    replace_module,
+)
 from subspace_ops.checkpoint import load_adapter, save_adapter
 from subspace_ops.nn import ScaledLinear
 
@@ -62,15 +69,31 @@ ADAPTERS = {
     **{name: (lambda m, name=name: methods.apply(m, name)) for name in methods.list_methods()
        if name not in ("rlrr", "siva", "coeff", "lora")},
 }
+# GPT-2 (transformers Conv1D projections, adapted as transposed views of their weights).
+GPT2_ADAPTERS = {
+    "gpt2-lora": lambda m: methods.apply(m, "lora", rank=4),
+    "gpt2-rlrr": lambda m: methods.apply(m, "rlrr", ssf_targets=("ln_1", "ln_2", "ln_f")),
+}
 STRATEGIES = ("ddp", "fsdp2")
+
+
+def _gpt2() -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(vocab_size=50, n_positions=16, n_embd=32, n_layer=2, n_head=4,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return transformers.GPT2LMHeadModel(config)
 
 
 def _model(method: str, perturb: bool = True) -> nn.Module:
     torch.manual_seed(0)
-    model = timm.models.vision_transformer.VisionTransformer(
-        img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=10
-    )
-    ADAPTERS[method](model)
+    if method in GPT2_ADAPTERS:
+        model = _gpt2()
+        GPT2_ADAPTERS[method](model)
+    else:
+        model = timm.models.vision_transformer.VisionTransformer(
+            img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=10
+        )
+        ADAPTERS[method](model)
     torch.manual_seed(1)
     with torch.no_grad():  # move the adapters off their (often identity) init
         for p in model.parameters():
@@ -80,6 +103,8 @@ def _model(method: str, perturb: bool = True) -> nn.Module:
 
 
 def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    if not x.is_floating_point():  # token ids: GPT-2's mean next-token loss (the same count per rank)
+        return model(x, labels=x).loss
     return nn.functional.cross_entropy(model(x), y)
 
 
@@ -99,7 +124,8 @@ def _wrap(model: nn.Module, strategy: str) -> nn.Module:
         return nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)  # buffers are constants
     from torch.distributed.fsdp import fully_shard
 
-    for block in model.blocks:
+    make_weights_contiguous(model)  # fully_shard refuses the Conv1D weights' transposed views
+    for block in model.blocks if hasattr(model, "blocks") else model.transformer.h:
         fully_shard(block)
     fully_shard(model)
     return model
@@ -130,9 +156,11 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     results = {}
     try:
         torch.manual_seed(123)
-        x, y = torch.randn(BATCH, 3, 32, 32), torch.randint(0, 10, (BATCH,))
+        images, y = torch.randn(BATCH, 3, 32, 32), torch.randint(0, 10, (BATCH,))
+        tokens = torch.randint(0, 50, (BATCH, 9))
         mine = slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD)
-        for method in ADAPTERS:
+        for method in (*ADAPTERS, *GPT2_ADAPTERS):
+            x = tokens if method in GPT2_ADAPTERS else images
             base = _model(method)
             single = copy.deepcopy(base)
             _loss(single, x, y).backward()
@@ -176,14 +204,14 @@ def distributed_results(tmp_path_factory):
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-@pytest.mark.parametrize("method", sorted(ADAPTERS))
+@pytest.mark.parametrize("method", sorted(ADAPTERS) + sorted(GPT2_ADAPTERS))
 def test_two_ranks_match_one_process(distributed_results, method, strategy):
     for rank, results in enumerate(distributed_results[1]):
         assert (method, strategy) in results, f"rank {rank} did not run {method}/{strategy}"
         assert results[method, strategy] == "", f"rank {rank}, {method}/{strategy}: {results[method, strategy]}"
 
 
-@pytest.mark.parametrize("method", sorted(ADAPTERS))
+@pytest.mark.parametrize("method", sorted(ADAPTERS) + sorted(GPT2_ADAPTERS))
 def test_adapter_saved_from_fsdp2_shards_loads_into_one_process(distributed_results, method):
     """save_adapter gathers DTensor shards: the file equals the unsharded adapter, on every rank."""
     out_dir = distributed_results[0]

@@ -169,3 +169,20 @@ def test_cross_attention_c_attn_is_not_split_as_qkv():
     block = model.transformer.h[0]
     assert block.attn.c_attn.splits == (48, 48, 48)
     assert block.crossattention.c_attn.splits == (96,)
+
+
+def test_make_weights_contiguous_for_fsdp2():
+    """FSDP2 refuses non-contiguous parameters; make_weights_contiguous copies the transposed views and
+    changes nothing else (outputs, merge back into the Conv1D)."""
+    model = get_peft_model(tiny_gpt2(), methods.get_config("rlrr", ssf_targets=("ln_1",)))
+    _move_off_init(model)
+    model.eval()
+    before = model(IDS).logits
+    assert any(not p.is_contiguous() for p in model.parameters())
+    assert adapters.make_weights_contiguous(model) == 8
+    assert all(p.is_contiguous() for p in model.parameters())
+    assert adapters.make_weights_contiguous(model) == 0
+    torch.testing.assert_close(model(IDS).logits, before, rtol=1e-5, atol=1e-5)
+    plain = model.merge_and_unload()
+    assert len(_conv1ds(plain)) == 8
+    torch.testing.assert_close(plain(IDS).logits, before, rtol=1e-5, atol=1e-5)

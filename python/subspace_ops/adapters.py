@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .nn import SSF, SVD_METHODS, RLRRLinear, SVDLinear
+from .nn.base import MergeableLinear
 from .nn.attention import TimmCoeffAttention
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "count_parameters",
     "find_linears",
     "find_modules",
+    "make_weights_contiguous",
     "merge_all",
     "unmerge_all",
     "replace_module",
@@ -318,6 +320,25 @@ def apply_coeff(
 
         report.layers.extend(attach_head_mix(model, dropout=dropout, backend=backend, modules=hf_modules))
     return _finish_report(model, report, backbone, trainable)
+
+
+def make_weights_contiguous(model: nn.Module) -> int:
+    """Give every adapted layer whose frozen weight is a transposed view (a GPT-2 ``Conv1D``'s, see
+    :func:`conv1d_as_linear`) a contiguous copy of it; returns how many were changed.
+
+    For FSDP2: ``fully_shard`` refuses non-contiguous parameters. The copy costs one weight-sized
+    tensor per layer (the Conv1D's own [in, out] tensor is freed with it unless something else, such
+    as a SubspacePeftModel kept for ``unload()``, still holds the Conv1D). Outputs are unchanged, and
+    merge_and_unload still writes the merged weight back into the Conv1D."""
+    changed = 0
+    for m in model.modules():
+        weight = getattr(m, "weight", None)
+        if isinstance(m, MergeableLinear) and isinstance(weight, nn.Parameter) and not weight.is_contiguous():
+            if m.merged:
+                raise RuntimeError(f"{type(m).__name__} is merged; unmerge it before copying its weight")
+            m.weight = nn.Parameter(weight.detach().contiguous(), requires_grad=weight.requires_grad)
+            changed += 1
+    return changed
 
 
 def merge_all(model: nn.Module) -> int:
