@@ -186,3 +186,19 @@ def test_make_weights_contiguous_for_fsdp2():
     plain = model.merge_and_unload()
     assert len(_conv1ds(plain)) == 8
     torch.testing.assert_close(plain(IDS).logits, before, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_torch_compile_of_an_adapted_gpt2():
+    """torch.compile runs the registered ops (and their fake kernels) on the Conv1D weights' transposed
+    views: the same loss and adapter gradients as eager."""
+    eager, _ = methods.apply(tiny_gpt2(), "rlrr", ssf_targets=("ln_1",))
+    _move_off_init(eager)
+    compiled = copy.deepcopy(eager)
+    eager(IDS, labels=IDS).loss.backward()
+    loss = torch.compile(compiled)(IDS, labels=IDS).loss
+    loss.backward()
+    torch.testing.assert_close(loss, eager(IDS, labels=IDS).loss.detach(), rtol=1e-5, atol=1e-5)
+    for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
