@@ -37,6 +37,26 @@ def require_backend(backend: str) -> None:
     pytest.fail(f"backend {backend!r} unavailable: {status.reason} (set SUBSPACE_OPS_ALLOW_MISSING={backend} to skip)")
 
 
+def move_off_init(model: torch.nn.Module) -> torch.nn.Module:
+    """Every trainable parameter moved off its init by a fixed random step (zero-init adapters would
+    otherwise leave most gradients and outputs trivially equal); returns the model."""
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return model
+
+
+def tiny_gpt2() -> torch.nn.Module:
+    """A 2-block GPT-2 (transformers Conv1D projections, d = 32) without dropout, seeded, in eval mode."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(vocab_size=50, n_positions=16, n_embd=32, n_layer=2, n_head=4,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

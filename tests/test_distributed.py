@@ -32,6 +32,8 @@ from subspace_ops.adapters import (
 from subspace_ops.checkpoint import load_adapter, save_adapter
 from subspace_ops.nn import ScaledLinear
 
+from conftest import tiny_gpt2
+
 timm = pytest.importorskip("timm")
 
 pytestmark = pytest.mark.integration
@@ -77,17 +79,10 @@ GPT2_ADAPTERS = {
 STRATEGIES = ("ddp", "fsdp2")
 
 
-def _gpt2() -> nn.Module:
-    transformers = pytest.importorskip("transformers")
-    config = transformers.GPT2Config(vocab_size=50, n_positions=16, n_embd=32, n_layer=2, n_head=4,
-                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    return transformers.GPT2LMHeadModel(config)
-
-
 def _model(method: str, perturb: bool = True) -> nn.Module:
     torch.manual_seed(0)
     if method in GPT2_ADAPTERS:
-        model = _gpt2()
+        model = tiny_gpt2()
         GPT2_ADAPTERS[method](model)
     else:
         model = timm.models.vision_transformer.VisionTransformer(

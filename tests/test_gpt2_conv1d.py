@@ -15,7 +15,7 @@ from subspace_ops import adapters, get_peft_model, methods
 from subspace_ops.adapters import conv1d_as_linear
 from subspace_ops.peft_model import SubspacePeftModel
 
-from conftest import require_backend
+from conftest import move_off_init, require_backend, tiny_gpt2
 
 pytestmark = pytest.mark.integration
 transformers = pytest.importorskip("transformers")
@@ -40,22 +40,7 @@ CASES = {
 }
 
 
-def tiny_gpt2() -> nn.Module:
-    config = transformers.GPT2Config(vocab_size=50, n_positions=16, n_embd=32, n_layer=2, n_head=4,
-                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    torch.manual_seed(0)
-    return transformers.GPT2LMHeadModel(config).eval()
-
-
 IDS = torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(1))
-
-
-def _move_off_init(model: nn.Module) -> None:
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
 
 
 def _conv1ds(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -81,7 +66,7 @@ def test_a_conv1d_adapts_like_the_equivalent_linear(method, backend):
     config = methods.get_config(method, backend=backend, targets=("layer",), **options)
     on_conv = methods.apply(nn.ModuleDict({"layer": conv}), config)[0]["layer"]
     on_linear = methods.apply(nn.ModuleDict({"layer": linear}), config)[0]["layer"]
-    _move_off_init(on_conv)
+    move_off_init(on_conv)
     on_linear.load_state_dict(on_conv.state_dict())
     x = torch.randn(2, 5, 16, dtype=torch.float32, requires_grad=True)
     y_conv, y_linear = on_conv(x), on_linear(x)
@@ -111,7 +96,7 @@ def test_gpt2_trains_merges_and_unmerges_exactly(method):
     assert report.layers
     if identity_at_attach:
         torch.testing.assert_close(model(IDS).logits, reference, rtol=1e-5, atol=1e-5)
-    _move_off_init(model)
+    move_off_init(model)
     model.train()
     model(IDS, labels=IDS).loss.backward()
     trained = [p for p in model.parameters() if p.requires_grad]
@@ -140,7 +125,7 @@ def test_gpt2_trains_merges_and_unmerges_exactly(method):
 def test_peft_wrapper_saves_loads_merges_back_into_conv1d_and_unloads(tmp_path):
     base = tiny_gpt2()
     merged_model = get_peft_model(copy.deepcopy(base), methods.get_config("lora", targets=TARGETS, rank=4))
-    _move_off_init(merged_model)
+    move_off_init(merged_model)
     adapted = merged_model(IDS).logits
     merged_model.save_pretrained(tmp_path)
     reloaded = SubspacePeftModel.from_pretrained(tiny_gpt2(), tmp_path)
@@ -154,7 +139,7 @@ def test_peft_wrapper_saves_loads_merges_back_into_conv1d_and_unloads(tmp_path):
 
     before = {k: v.clone() for k, v in base.state_dict().items()}
     wrapped = get_peft_model(base, methods.get_config("lora", targets=TARGETS, rank=4))
-    _move_off_init(wrapped)
+    move_off_init(wrapped)
     unloaded = wrapped.unload()
     assert sorted(_conv1ds(unloaded)) == sorted(_conv1ds(tiny_gpt2()))
     assert all(torch.equal(before[k], v) for k, v in unloaded.state_dict().items())
@@ -175,7 +160,7 @@ def test_make_weights_contiguous_for_fsdp2():
     """FSDP2 refuses non-contiguous parameters; make_weights_contiguous copies the transposed views and
     changes nothing else (outputs, merge back into the Conv1D)."""
     model = get_peft_model(tiny_gpt2(), methods.get_config("rlrr", ssf_targets=("ln_1",)))
-    _move_off_init(model)
+    move_off_init(model)
     model.eval()
     before = model(IDS).logits
     assert any(not p.is_contiguous() for p in model.parameters())
@@ -193,7 +178,7 @@ def test_torch_compile_of_an_adapted_gpt2():
     """torch.compile runs the registered ops (and their fake kernels) on the Conv1D weights' transposed
     views: the same loss and adapter gradients as eager."""
     eager, _ = methods.apply(tiny_gpt2(), "rlrr", ssf_targets=("ln_1",))
-    _move_off_init(eager)
+    move_off_init(eager)
     compiled = copy.deepcopy(eager)
     eager(IDS, labels=IDS).loss.backward()
     loss = torch.compile(compiled)(IDS, labels=IDS).loss

@@ -15,6 +15,8 @@ from torch import nn
 
 from subspace_ops import methods
 
+from conftest import move_off_init
+
 pytestmark = pytest.mark.integration
 transformers = pytest.importorskip("transformers")
 timm = pytest.importorskip("timm")
@@ -31,20 +33,9 @@ METHODS = {
 }
 
 
-def _move_off_init(model: nn.Module) -> nn.Module:
-    """Every trainable parameter moved off its init (zero-init adapters would otherwise leave most
-    gradients trivially equal); the model in training mode."""
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
-    return model.train()
-
-
 def _adapted(model: nn.Module, name: str) -> nn.Module:
     torch.manual_seed(1)
-    return _move_off_init(methods.apply(model, name, **METHODS[name])[0])
+    return move_off_init(methods.apply(model, name, **METHODS[name])[0]).train()
 
 
 def _forward_calls(block: nn.Module) -> list[int]:
@@ -116,7 +107,7 @@ def test_peft_model_on_our_ops_gradient_checkpointing(kind):
         config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.2, target_modules=["q_proj", "v_proj", "down_proj"])
     else:
         config = peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
-    model = _move_off_init(peft.get_peft_model(_tiny_llama(), config))
+    model = move_off_init(peft.get_peft_model(_tiny_llama(), config)).train()
     report = accelerate(model)
     assert len(report.accelerated) == 6 and not report.skipped, report
     _assert_llama_step_unchanged_by_checkpointing(model, reentrant=True)

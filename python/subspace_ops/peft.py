@@ -124,10 +124,10 @@ def check_peft_version() -> str:
 def _layer_reason(layer: nn.Module) -> Optional[str]:
     """Conditions shared by IA3 and LoRA layers: the base layer, the layout, the merge/disable state."""
     base = getattr(layer, "base_layer", None)
-    fan_in_fan_out = getattr(layer, "fan_in_fan_out", False)
-    if type(base) is not nn.Linear and not is_conv1d(base):
+    fan_in_fan_out, conv1d = getattr(layer, "fan_in_fan_out", False), is_conv1d(base)
+    if type(base) is not nn.Linear and not conv1d:
         return f"the base layer is {type(base).__name__}, not a plain nn.Linear or a transformers Conv1D"
-    if is_conv1d(base) != bool(fan_in_fan_out):  # PEFT reads a Conv1D's [in, out] weight only with it
+    if conv1d != bool(fan_in_fan_out):  # PEFT reads a Conv1D's [in, out] weight only with it
         return f"fan_in_fan_out={fan_in_fan_out} on a {type(base).__name__} base layer"
     if (base._forward_hooks or base._forward_pre_hooks or base._backward_hooks or base._backward_pre_hooks
             or "forward" in base.__dict__):
@@ -265,7 +265,8 @@ class _FusedForward:
         base = self.base_layer
         dtype = compute_dtype(x, base.weight)
         bias = None if base.bias is None else base.bias.to(dtype)
-        weight = base.weight.t() if is_conv1d(base) else base.weight  # [out, in]: a Conv1D's, seen transposed
+        # [out, in]: a Conv1D's weight seen transposed (fan_in_fan_out holds exactly for Conv1D bases here)
+        weight = base.weight.t() if self.fan_in_fan_out else base.weight
         return self._fused(x.to(dtype), weight.to(dtype), bias, name, getattr(self, _BACKEND_ATTR, None))
 
 
