@@ -3,13 +3,14 @@
 //   W_eff = W + U diag(d) Vᵀ                       (2·N·K·k FLOPs: ~30× less than the main GEMM
 //   y     = x W_effᵀ + b                            at ViT-B q with k ≈ 400 and M = 12 608)
 //   gx    = gy W_eff
-//   dd_j  = u_jᵀ G v_j = Σ_n U[n,j] (G V)[n,j],     G = gyᵀ x never written whole: it is formed in
-//                                                   blocks of rows and reduced at once.
+//   dd_j  = u_jᵀ G v_j = Σ_n U[n,j] (G V)[n,j],     G = gyᵀ x formed in blocks of rows and reduced at
+//                                                   once; one block (all of G) when M >= 4·N, as in
+//                                                   rescaled_linear.h's block_budget.
 // The backward forms W_eff again for gx when asked to (need_x): the Python op keeps the forward's W_eff
 // instead where it is small next to x (ops/svd_delta_linear.py, keeps_merged_weight) and then asks only for dd.
 #include "svd_delta_linear.h"
 
-#include "rescaled_linear.h"  // block_rows: the shared temporary budget
+#include "rescaled_linear.h"  // block_budget, block_rows: the shared temporary budget
 
 namespace subspace_ops {
 namespace {
@@ -56,7 +57,8 @@ std::tuple<at::Tensor, at::Tensor> svd_delta_linear_backward(const at::Tensor& g
     const int64_t n = weight.size(0), k = weight.size(1);
     const auto acc = weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
     at::Tensor gd_acc = at::zeros({u.size(1)}, d.options().dtype(acc));
-    const int64_t rows = block_rows(n, k, weight.element_size());
+    const int64_t budget = block_budget(x2d.size(0), n, k, weight.element_size());
+    const int64_t rows = block_rows(n, k, weight.element_size(), budget);
     at::Tensor g_block = at::empty({rows, k}, weight.options());
     const at::Tensor v_acc = v.to(acc);
     for (int64_t n0 = 0; n0 < n; n0 += rows) {

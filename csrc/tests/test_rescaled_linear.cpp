@@ -1,6 +1,7 @@
 // C++ test of the rescaled-linear CPU kernels (METHODS.md §1) against the naive ATen formula, which
 // materializes W' = W ⊙ (c + S_l S_rᵀ) and G = gyᵀ x in float64. Covers the forward and every backward
-// output, shapes with several (and thin) blocks that are not multiples of the block size, r = 1 and 4,
+// output, shapes with several (and thin) blocks that are not multiples of the block size, a large batch
+// whose W' and G are one block (block_budget), r = 1 and 4,
 // residual on/off, bias on/off, weight and x as non-contiguous views, the need_* flags, and the
 // argument checks. float64 is checked tightly, float32/bfloat16/float16 with dtype tolerances.
 // Plain executable: prints each failure and exits non-zero if there was one.
@@ -168,6 +169,16 @@ int main() {
         cases += 2;
       }
     }
+  }
+  // A large batch (M >= 4·N): W' [520, 600] in float64 (2.5 MB) is over kMaxBlockBytes but a quarter of
+  // x's size at most, so block_budget lets it be one block; a batch one token smaller keeps two.
+  using subspace_ops::block_budget, subspace_ops::block_rows;
+  expect(block_rows(520, 600, 8, block_budget(2080, 520, 600, 8)) == 520, "block_budget: one block at M = 4·N");
+  expect(block_rows(520, 600, 8, block_budget(2079, 520, 600, 8)) == 260, "block_budget: two blocks at M < 4·N");
+  for (const Layout w_layout : {Layout::kContiguous, Layout::kTransposed}) {
+    run_case({2080, 600, 520, 1, true, true, w_layout, Layout::kContiguous}, at::kDouble, 1e-10);
+    run_case({2080, 600, 520, 4, false, false, w_layout, Layout::kContiguous}, at::kFloat, 1e-4);
+    cases += 2;
   }
   // Reduced precision (accumulated in float32): one multi-block shape per dtype and weight layout.
   for (const Layout w_layout : {Layout::kContiguous, Layout::kTransposed}) {

@@ -4,7 +4,8 @@ Two paths, chosen per call by the cost model of METHODS.md §2 (M tokens, W [N, 
 
 - ``"merged"``: form W_eff = W + U diag(d) Vᵀ with the fused SVD-basis scaling kernel (2·N·K·k
   FLOPs), then one GEMM; the backward uses W_eff (kept or formed again, see below) for
-  gx = gy W_eff and reduces dd_j = u_jᵀ (gyᵀx) v_j from tiles of G without writing G. Registered as
+  gx = gy W_eff and reduces dd_j = u_jᵀ (gyᵀx) v_j from tiles of G without writing G (the C++
+  kernels: from blocks of G, all of G in one block when M ≥ 4·N). Registered as
   ``subspace_ops::svd_delta_linear`` (+ ``_backward``), kernels in ``csrc/svd_delta_linear.cpp``
   and ``triton_kernels/svd_delta_linear.py``.
 - ``"unmerged"``: y = x Wᵀ + ((x V) ⊙ d) Uᵀ + b, 2·M·(N+K)·k extra FLOPs, plain PyTorch GEMMs on
