@@ -32,8 +32,8 @@ CASES = {
     "siva": ({"perc": 0.5}, True),  # default targets: c_attn, split into q, k, v; q and v tuned
     "sam-parser": ({"targets": TARGETS}, True),
     "svdiff": ({"targets": TARGETS}, True),
-    "ia3": ({"targets": ("c_attn",), "ff_targets": ("*.mlp.c_proj",)}, True),
-    "ssb": ({"targets": ("c_attn",), "ff_targets": ("*.mlp.c_proj",)}, True),
+    "ia3": ({}, True),  # default targets: k, v of c_attn (split; q untouched) and mlp.c_proj's input
+    "ssb": ({}, True),
     "rlrr": ({"targets": TARGETS, "ssf_targets": ("ln_1", "ln_2", "ln_f")}, False),  # SSF: γ ~ N(1, 0.02)
     "adapter": ({"targets": ("*.attn.c_proj", "*.mlp.c_proj"), "bottleneck": 4}, False),  # merge: not mergeable
     "coeff": ({}, True),  # head mixing through transformers' attention registry (causal); no weights to merge
@@ -87,9 +87,18 @@ def test_gpt2_trains_merges_and_unmerges_exactly(method):
     model, report = methods.apply(copy.deepcopy(base), method, **options)
     if method == "lora":
         assert len(report.layers) == 8  # c_attn, attn.c_proj, c_fc, mlp.c_proj in both blocks
+        # r·(in + out) per layer; the Conv1D weights, adapted as transposed views, are not counted
+        config = report.details["config"]
+        assert report.adapter_params == 2 * config.rank * ((32 + 96) + (32 + 32) + (32 + 128) + (128 + 32))
     c_attn = model.transformer.h[0].attn.c_attn  # GPT-2's fused [q; k; v], split as timm's qkv
     if method == "rlrr":
         assert c_attn.splits == (32, 32, 32) and tuple(c_attn.s_r.shape) == (3, 32)
+    if method in ("ia3", "ssb"):  # k, v of c_attn and the FFN's second linear, per block; q left alone
+        blocks = [f"transformer.h.{i}.{m}" for i in (0, 1) for m in ("attn.c_attn", "mlp.c_proj")]
+        assert sorted(report.layers) == blocks
+        assert c_attn.splits == (32, 32, 32) and c_attn.scaled_parts == (False, True, True)
+        # (IA)³: l_k, l_v [32] each + l_ff [128]; SSB: both sides of k, v (4·32) and of mlp.c_proj (128 + 32)
+        assert report.adapter_params == 2 * ((2 * 32 + 128) if method == "ia3" else (4 * 32 + 128 + 32))
     if method == "siva":
         assert report.layers == ["transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"]
         assert c_attn.parts == (32, 32, 32) and c_attn.tuned_parts == (0, 2)

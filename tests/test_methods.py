@@ -147,7 +147,7 @@ def linears(model: nn.Module, arch: str, role: str) -> list[tuple[str, nn.Linear
 
 
 def parts(arch: str, name: str, linear: nn.Linear) -> list[torch.Tensor]:
-    """A fused timm qkv is three matrices for RLRR and the SVD methods."""
+    """A fused timm qkv is three matrices for RLRR, the SVD methods and ssb / ssl / ia3."""
     w = linear.weight.detach()
     return list(w.chunk(3)) if arch == "vit" and name.endswith("qkv") else [w]
 
@@ -177,12 +177,14 @@ def expected_adapter_params(name: str, model: nn.Module, arch: str, cfg) -> int:
         return sum(cfg.rank * (n + k) + cfg.rank ** 2 for n, k in shapes("all"))
     if name == "dora":
         return sum(cfg.rank * (n + k) + n for n, k in shapes("all"))
+    # ssb / ssl / ia3 scale the key and value matrices: parts 1 and 2 of a fused qkv (q is left alone).
+    kv = [tuple(w.shape) for n, lin in linears(model, arch, "kv") for w in parts(arch, n, lin)[-2:]]
     if name == "ssb":
-        return sum(n + k for n, k in shapes("kv") + shapes("ffn_out"))
+        return sum(n + k for n, k in kv + shapes("ffn_out"))
     if name == "ssl":  # k, v: input side; FFN's second linear: output side
-        return sum(k for n, k in shapes("kv")) + sum(n for n, k in shapes("ffn_out"))
+        return sum(k for n, k in kv) + sum(n for n, k in shapes("ffn_out"))
     if name == "ia3":  # k, v: output side; FFN's second linear: input side (the intermediate activation)
-        return sum(n for n, k in shapes("kv")) + sum(k for n, k in shapes("ffn_out"))
+        return sum(n for n, k in kv) + sum(k for n, k in shapes("ffn_out"))
     if name == "adapter":
         m = cfg.bottleneck
         return sum(2 * n * m + n + m for n, _ in shapes("after"))
@@ -285,6 +287,30 @@ def test_apply_vit_counts_and_output_at_attach(name):
     run(model, x).square().mean().backward()
     assert all(p.grad is not None for n, p in model.named_parameters() if n in trainable)
     assert all(p.grad is None for n, p in model.named_parameters() if n not in trainable)
+
+
+@pytest.mark.parametrize("name", ["ia3", "ssl", "ssb"])
+def test_scaled_methods_on_a_fused_qkv_split_or_shared(name):
+    """Default: a timm qkv's key and value parts are scaled and its query rows stay the pretrained
+    projection; fused_qkv="shared" scales the whole [3d, d] matrix as one layer (PEFT's way)."""
+    split, _ = methods.apply(tiny_vit(), name, **cpu_kw(name))
+    shared, report = methods.apply(tiny_vit(), name, **cpu_kw(name, fused_qkv="shared"))
+    d = 48  # two blocks; qkv [3d, d] as one layer: output scales 3d, input scales d; fc2: 4d -> d
+    qkv = {"ia3": 3 * d, "ssl": d, "ssb": 4 * d}[name]
+    fc2 = {"ia3": 4 * d, "ssl": d, "ssb": 5 * d}[name]
+    assert report.adapter_params == 2 * (qkv + fc2)
+    assert shared.blocks[0].attn.qkv.splits == (3 * d,)
+    layer = split.blocks[0].attn.qkv
+    assert layer.splits == (d, d, d) and layer.scaled_parts == (False, True, True)
+    perturb(layer, scale=0.5)
+    h = torch.randn(2, 5, d)
+    with torch.no_grad():
+        q = torch.nn.functional.linear(h, layer.weight[:d], layer.bias[:d])
+        out = layer(h)
+    torch.testing.assert_close(out[..., :d], q, rtol=0, atol=0)  # q untouched
+    assert not torch.allclose(out[..., d:], torch.nn.functional.linear(h, layer.weight[d:], layer.bias[d:]))
+    with pytest.raises(ValueError, match="fused_qkv must be one of"):
+        methods.get_config(name, fused_qkv="maybe")
 
 
 def test_not_zero_init_methods_equal_their_reference_formulas():

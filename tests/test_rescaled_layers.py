@@ -13,12 +13,17 @@ from subspace_ops.nn import SSF, NotMergeableError, RLRRLinear, ScaledLinear
 
 from conftest import backend_device
 
+KV_PARTS = {"splits": (4, 4, 4), "scaled_parts": (False, True, True)}
 LAYERS = {
     "rlrr": lambda lin, b: RLRRLinear(lin, backend=b),
     "rlrr-qkv": lambda lin, b: RLRRLinear(lin, splits=(4, 4, 4), backend=b),
     "ssb": lambda lin, b: ScaledLinear.ssb(lin, backend=b),
     "ssl-right": lambda lin, b: ScaledLinear.ssl(lin, side="right", backend=b),
     "ia3": lambda lin, b: ScaledLinear.ia3(lin, backend=b),
+    # A fused [q; k; v] with its key and value parts scaled (the registry's ia3 / ssl / ssb on a qkv).
+    "ia3-qkv": lambda lin, b: ScaledLinear(lin, right=False, method="ia3", backend=b, **KV_PARTS),
+    "ssl-qkv": lambda lin, b: ScaledLinear(lin, left=False, method="ssl", backend=b, **KV_PARTS),
+    "ssb-qkv": lambda lin, b: ScaledLinear(lin, method="ssb", backend=b, **KV_PARTS),
 }
 
 
@@ -84,6 +89,58 @@ def test_fused_qkv_split_equals_three_separate_layers():
         parts.append(x @ w_ft.T + b + layer.shift[rows])
     torch.testing.assert_close(layer(x), torch.cat(parts, dim=-1))
     assert sum(p.numel() for p in layer.parameters() if p.requires_grad) == 3 * (d + d + d)
+
+
+@pytest.mark.parametrize("by_part", [True, False], ids=["by-part", "one-op"])
+@pytest.mark.parametrize("backend_name", ["reference", "cpu"])
+@pytest.mark.parametrize("left, right", [(True, False), (False, True), (True, True)], ids=["ia3", "ssl", "ssb"])
+def test_scaled_fused_qkv_scales_k_and_v_like_separate_layers(monkeypatch, left, right, backend_name, by_part):
+    """ScaledLinear(splits=(d, d, d), scaled_parts=(False, True, True)) == a plain q projection next to
+    s_l ⊙ W ⊙ s_rᵀ k and v layers, forward and gradients, in float64 on both of its forms: one op
+    per part (float32/float64's default where an input scale is trained) and one rank-3 op (16-bit)."""
+    from conftest import require_backend
+
+    require_backend(backend_name)
+    monkeypatch.setattr(ScaledLinear, "_by_part", lambda self, dtype: by_part and self.s_r is not None)
+    d = 6
+    fused = nn.Linear(d, 3 * d, dtype=torch.float64)
+    layer = ScaledLinear(fused, left=left, right=right, backend=backend_name, splits=(d, d, d),
+                         scaled_parts=(False, True, True))
+    _perturb(layer)
+    assert sum(p.numel() for p in layer.parameters() if p.requires_grad) == 2 * d * (left + right)
+    x = torch.randn(2, 5, d, dtype=torch.float64, requires_grad=True)
+    s_l = layer.s_l.detach().clone().requires_grad_(True) if left else None
+    s_r = layer.s_r.detach().clone().requires_grad_(True) if right else None
+    w, b = fused.weight.detach(), fused.bias.detach()
+    expected = [x @ w[:d].T + b[:d]]  # q: the pretrained rows, untouched
+    for j in (1, 2):
+        rows = slice(j * d, (j + 1) * d)
+        w_j = w[rows]
+        if left:
+            w_j = s_l[(j - 1) * d : j * d, None] * w_j
+        if right:
+            w_j = w_j * s_r[j - 1][None, :]
+        expected.append(x @ w_j.T + b[rows])
+    expected = torch.cat(expected, dim=-1)
+    y = layer(x)
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+    grad_y = torch.randn_like(y)
+    trained = [t for t in (s_l, s_r) if t is not None]
+    want = torch.autograd.grad(expected, [x, *trained], grad_y)
+    got = torch.autograd.grad(y, [x, *[p for p in (layer.s_l, layer.s_r) if p is not None]], grad_y)
+    for g, e in zip(got, want):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+    assert "scaled_parts=(False, True, True)" in repr(layer)
+
+
+def test_scaled_fused_qkv_bad_parts_name_the_argument():
+    base = nn.Linear(4, 12)
+    with pytest.raises(ValueError, match="scaled_parts must have one flag per split"):
+        ScaledLinear(base, splits=(4, 4, 4), scaled_parts=(True, False))
+    with pytest.raises(ValueError, match="scaled_parts .* at least one True"):
+        ScaledLinear(base, splits=(4, 4, 4), scaled_parts=(False, False, False))
+    with pytest.raises(ValueError, match="splits must be positive and sum to out_features=12"):
+        ScaledLinear(base, splits=(4, 4))
 
 
 def test_ssf_layernorm_and_linear_merge():

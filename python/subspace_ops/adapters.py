@@ -229,8 +229,12 @@ def _finish_report(model: nn.Module, report: AdaptReport, backbone: set[int], tr
     for _, module in find_modules(model, trainable) if trainable else []:
         for p in module.parameters():
             p.requires_grad_(True)
+    # A wrapped layer's weight/bias are the backbone's, also where they are new Parameter objects on its
+    # memory (a transformers Conv1D's weight seen transposed, conv1d_as_linear).
+    wrapped = {id(p) for m in model.modules() if type(m).__module__.startswith("subspace_ops.nn")
+               for n, p in m.named_parameters(recurse=False) if n in ("weight", "bias")}
     for p in model.parameters():
-        if id(p) not in backbone:
+        if id(p) not in backbone and id(p) not in wrapped:
             report.adapter_params += p.numel()
         elif p.requires_grad:
             report.other_trainable_params += p.numel()

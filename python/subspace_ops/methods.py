@@ -42,12 +42,13 @@ of timm ViTs (``qkv``, ``proj``, ``fc1``, ``fc2``), BERT/RoBERTa (``query``, ``k
 config works on all three; a model's classification head, pooler and embeddings are not targeted.
 Target patterns that match nothing raise ValueError.
 
-**Fused qkv.** timm's fused ``qkv`` is split into q, k, v by ``rlrr``, ``siva``, ``sam-parser`` and
-``svdiff`` (their layers support parts). Every other method treats it as one [3d, d] matrix, as PEFT
-does on timm models: LoRA & co. get one A [3d, r] and one B [r, d] (4dr parameters instead of 6dr for
-three separate matrices), the Spectral Adapter one SVD of the fused matrix, and ``ia3``/``ssl``/``ssb``
-scale the whole fused projection (so q too, with one input scale shared by q, k, v). On models with
-separate projections (RoBERTa, LLaMA) every method is the paper's.
+**Fused qkv.** timm's fused ``qkv`` (and GPT-2's ``c_attn``) is split into q, k, v by ``rlrr``,
+``siva``, ``sam-parser`` and ``svdiff``, and ``ia3``/``ssl``/``ssb`` scale its key and value parts only
+(their layers support parts; ``fused_qkv="shared"`` on rlrr/ia3/ssl/ssb treats it as one matrix, as
+PEFT does). Every other method treats it as one [3d, d] matrix, as PEFT does on timm models: LoRA &
+co. get one A [3d, r] and one B [r, d] (4dr parameters instead of 6dr for three separate matrices),
+the Spectral Adapter one SVD of the fused matrix.
+On models with separate projections (RoBERTa, LLaMA) every method is the paper's.
 
 **Trainable.** Every parameter not created by the method is frozen, except modules matching the config's
 ``trainable`` patterns (default ``("head", "classifier")``: the task head, trained in all the papers'
@@ -85,6 +86,7 @@ from .adapters import (
     SVD_TARGETS,
     AdaptReport,
     _finish_report,
+    _is_fused_qkv,
     _ssf_for,
     _start_report,
     apply_coeff,
@@ -150,10 +152,11 @@ LINEAR_TARGETS = RLRR_LINEAR_TARGETS + (
 #: and LLaMA-style RMSNorms (``input_layernorm``, ``post_attention_layernorm``; ``norm`` is the final one).
 SSF_TARGETS = RLRR_SSF_TARGETS + ("LayerNorm", "input_layernorm", "post_attention_layernorm")
 #: The key and value projections ((IA)³'s l_k, l_v; timm's fused qkv as a whole).
-KV_TARGETS = ("k", "v", "qkv", "key", "value", "k_proj", "v_proj")
+KV_TARGETS = ("k", "v", "qkv", "key", "value", "k_proj", "v_proj", "c_attn")
 #: The FFN's second linear, whose *input* is the FFN's intermediate activation ((IA)³'s l_ff).
-#: ``*[0-9].output.dense`` is BERT's ``layer.N.output.dense`` and not ``attention.output.dense``.
-FFN_OUT_TARGETS = ("fc2", "*[0-9].output.dense", "down_proj")
+#: ``*[0-9].output.dense`` is BERT's ``layer.N.output.dense`` and not ``attention.output.dense``;
+#: ``*.mlp.c_proj`` is GPT-2's (``attn.c_proj`` is the attention output).
+FFN_OUT_TARGETS = ("fc2", "*[0-9].output.dense", "down_proj", "*.mlp.c_proj")
 #: Houlsby: after the attention output projection and after the FFN, in every block.
 ADAPTER_TARGETS = ("*.attn.proj", "*.mlp.fc2", "*.output.dense", "*.self_attn.o_proj", "*.mlp.down_proj")
 #: SiVA adapts the query and value projections (002 §4).
@@ -277,10 +280,17 @@ class _ScaledConfig(MethodConfig):
     matrix (k, v: right; FFN: left) and SSB both. This reproduces 001's parameter budgets: on RoBERTa-base
     (IA)³ = 12·(768 + 768 + 3072) = 55 296 (0.44‰ in Table 2), SSL = 12·3·768 = 27 648 (0.22‰),
     SSB = 82 944 (0.66‰). Either group may be set to ``()`` to skip it.
+
+    A fused q, k, v projection among ``targets`` (timm's ``qkv``, GPT-2's ``c_attn``) is split
+    (``fused_qkv="split"``, the default): its key and value parts get the scales separate k and v
+    layers would get and its query part is left alone, so the count and the function are those of
+    separate projections (ViT-B (IA)³: 12·(768 + 768 + 3072)). ``fused_qkv="shared"`` scales the
+    whole fused matrix as one layer, as PEFT's (IA)³ does on timm's ``qkv`` (queries too).
     """
 
     targets: tuple[str, ...] = KV_TARGETS
     ff_targets: tuple[str, ...] = FFN_OUT_TARGETS
+    fused_qkv: str = "split"
     backend: Optional[str] = None
 
     def __post_init__(self) -> None:
@@ -289,6 +299,7 @@ class _ScaledConfig(MethodConfig):
         self.ff_targets = _patterns("ff_targets", self.ff_targets, allow_empty=True)
         if not self.targets and not self.ff_targets:
             raise ValueError("targets and ff_targets are both empty: nothing to adapt")
+        _choice("fused_qkv", self.fused_qkv, ("split", "shared"))
         self.backend = _backend(self.backend)
 
 
@@ -591,10 +602,14 @@ def _apply_scaled(model: nn.Module, c: _ScaledConfig) -> AdaptReport:
     if both:
         raise ValueError(f"modules {sorted(both)} match both targets and ff_targets; each may be in one group")
     layers = []
-    for (linears, sides) in zip(groups, _SCALED_SIDES[c.name]):
+    for group, (linears, sides) in enumerate(zip(groups, _SCALED_SIDES[c.name])):
         for name, linear in linears:
+            parts: dict = {}
+            if group == 0 and c.fused_qkv == "split" and _is_fused_qkv(name, linear):
+                # [q; k; v]: scale k and v as separate layers would be, leave q alone.
+                parts = {"splits": (linear.out_features // 3,) * 3, "scaled_parts": (False, True, True)}
             layers.append((name, ScaledLinear(linear, left="left" in sides, right="right" in sides, method=c.name,
-                                              backend=c.backend)))
+                                              backend=c.backend, **parts)))
     return _replace_all(model, c.name, layers, c.trainable)
 
 

@@ -112,6 +112,12 @@ class ScaledLinear(MergeableLinear):
         right: train an input-feature scale ``s_r [K]``.
         method: the name reported by ``extra_repr`` ("ssb": both; "ssl": one singular side;
             "ia3": output scale, as (IA)³'s rescaling of a layer's activations).
+        splits: for a fused projection such as timm's ``qkv`` or GPT-2's ``c_attn`` (out = 3·dim),
+            the output sizes of its parts, e.g. ``(dim, dim, dim)``; ``scaled_parts`` says which parts
+            are adapted (default: all). Each adapted part gets its own scales, as a separate layer
+            would: ``s_l`` holds the adapted parts' output scales one after the other, ``s_r`` is
+            ``[adapted parts, K]``; the other parts keep ``W`` as it is. (IA)³, SSL and SSB on a
+            fused qkv adapt the keys and values only: ``scaled_parts=(False, True, True)``.
     Scales start at one, so the layer starts equal to ``base``.
     """
 
@@ -123,14 +129,26 @@ class ScaledLinear(MergeableLinear):
         right: bool = True,
         method: str = "ssb",
         backend: Optional[str] = None,
+        splits: Optional[Sequence[int]] = None,
+        scaled_parts: Optional[Sequence[bool]] = None,
     ) -> None:
         super().__init__(base, backend)
         if not (left or right):
             raise ValueError("ScaledLinear needs at least one of left=True or right=True")
-        self.method = method
+        splits = tuple(splits) if splits is not None else (self.out_features,)
+        if sum(splits) != self.out_features or any(s <= 0 for s in splits):
+            raise ValueError(f"splits must be positive and sum to out_features={self.out_features}, got {splits}")
+        scaled_parts = tuple(bool(b) for b in scaled_parts) if scaled_parts is not None else (True,) * len(splits)
+        if len(scaled_parts) != len(splits) or not any(scaled_parts):
+            raise ValueError(f"scaled_parts must have one flag per split ({len(splits)}) with at least one True, "
+                             f"got {scaled_parts}")
+        self.method, self.splits, self.scaled_parts = method, splits, scaled_parts
         device, dtype = self.weight.device, self.weight.dtype
-        self.s_l = nn.Parameter(torch.ones(self.out_features, device=device, dtype=dtype)) if left else None
-        self.s_r = nn.Parameter(torch.ones(self.in_features, device=device, dtype=dtype)) if right else None
+        scaled_rows = sum(size for size, scaled in zip(splits, scaled_parts) if scaled)
+        self.s_l = nn.Parameter(torch.ones(scaled_rows, device=device, dtype=dtype)) if left else None
+        # One input scale per adapted part; a plain (unsplit) layer keeps the [K] vector.
+        right_shape = (self.in_features,) if len(splits) == 1 else (sum(scaled_parts), self.in_features)
+        self.s_r = nn.Parameter(torch.ones(right_shape, device=device, dtype=dtype)) if right else None
 
     @classmethod
     def ssb(cls, base: nn.Linear, backend: Optional[str] = None) -> "ScaledLinear":
@@ -148,25 +166,74 @@ class ScaledLinear(MergeableLinear):
             raise ValueError(f"side must be 'left' or 'right', got {side!r}")
         return cls(base, left=side == "left", right=side == "right", method="ia3", backend=backend)
 
+    def scale_matrices(self, dtype: torch.dtype) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        """The op's (S_l, S_r) in ``dtype``. Unsplit: the trained vectors (None where a side is not
+        trained). Split with output scales only: one [N] vector, ones on the parts left alone (the
+        separable rank-1 op). Split with input scales: rank = parts, ``S_l [N, parts]`` zero outside
+        each row's own part, ``S_r [K, parts]`` ones for the parts left alone."""
+        if len(self.splits) == 1:
+            return tuple(None if s is None else s.to(dtype) for s in (self.s_l, self.s_r))
+        ones = lambda size: torch.ones(size, device=self.weight.device, dtype=dtype)  # noqa: E731
+        left = None
+        if self.s_l is not None:
+            pieces, start = [], 0
+            for size, scaled in zip(self.splits, self.scaled_parts):
+                pieces.append(self.s_l[start : start + size].to(dtype) if scaled else ones(size))
+                start += size if scaled else 0
+            left = torch.cat(pieces)
+        if self.s_r is None:
+            return left, None
+        rows = left if left is not None else ones(self.out_features)
+        s_l = torch.block_diag(*[piece[:, None] for piece in rows.split(self.splits)])
+        columns, scaled_index = [], 0
+        for scaled in self.scaled_parts:
+            columns.append(self.s_r[scaled_index].to(dtype) if scaled else ones(self.in_features))
+            scaled_index += scaled
+        return s_l, torch.stack(columns, dim=1)
+
     def merged_weight_and_bias(self) -> tuple[Tensor, Optional[Tensor]]:
         # The bias is added after the scaled product, unscaled, so it merges unchanged.
-        weight = reference.rescaled_weight(self.weight, self.s_l, self.s_r, residual=False)
-        return weight, self.bias
+        s_l, s_r = self.scale_matrices(self.weight.dtype)
+        return reference.rescaled_weight(self.weight, s_l, s_r, residual=False), self.bias
+
+    def _by_part(self, dtype: torch.dtype) -> bool:
+        """Split with input scales where the rank-1 op is separable (float32/float64): one op per part
+        (a plain linear for the parts left alone) instead of one rank-len(splits) modulated op. Each
+        part is then one GEMM on the frozen weight rows; at M=4096, K=768, SSB on a ViT qkv
+        (2 CPU threads) a training step measured 187 ms against the modulated op's 246 ms."""
+        return self.s_r is not None and len(self.splits) > 1 and choose_path(False, 1, dtype) == "separable"
 
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
             return F.linear(x, self.weight, self.bias)
         dtype = compute_dtype(x, self.weight)
-        cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
-        return rescaled_linear(
-            x.to(dtype), cast(self.weight), cast(self.s_l), cast(self.s_r), cast(self.bias),
-            residual=False, backend=self.backend,
-        )
+        x, weight = x.to(dtype), self.weight.to(dtype)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        if not self._by_part(dtype):
+            s_l, s_r = self.scale_matrices(dtype)
+            return rescaled_linear(x, weight, s_l, s_r, bias, residual=False, backend=self.backend)
+        outputs, row, scaled_index = [], 0, 0
+        biases = [None] * len(self.splits) if bias is None else bias.split(self.splits)
+        for size, scaled, w_part, b_part in zip(self.splits, self.scaled_parts, weight.split(self.splits), biases):
+            if not scaled:
+                outputs.append(F.linear(x, w_part, b_part))
+                continue
+            s_l = None if self.s_l is None else self.s_l[row : row + size].to(dtype)
+            outputs.append(rescaled_linear(x, w_part, s_l, self.s_r[scaled_index].to(dtype), b_part,
+                                           residual=False, backend=self.backend))
+            row, scaled_index = row + size, scaled_index + 1
+        return torch.cat(outputs, dim=-1)
 
     def extra_repr(self) -> str:
         sides = "+".join(side for side, s in (("left", self.s_l), ("right", self.s_r)) if s is not None)
-        path = choose_path(residual=False, rank=1, dtype=self.weight.dtype)
-        return self._describe() + f", scales={sides}, path={path} ({self.weight.dtype} weights)"
+        dtype = self.weight.dtype
+        if len(self.splits) == 1:
+            parts, path = "", choose_path(residual=False, rank=1, dtype=dtype)
+        else:
+            parts = f", splits={self.splits}, scaled_parts={self.scaled_parts}"
+            rank = len(self.splits) if self.s_r is not None else 1
+            path = "separable per part" if self._by_part(dtype) else choose_path(False, rank, dtype)
+        return self._describe() + f", scales={sides}{parts}, path={path} ({dtype} weights)"
 
 
 class SSF(nn.Module):
