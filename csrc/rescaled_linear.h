@@ -37,9 +37,9 @@ constexpr int64_t kMinBlockRows = 16;
 // The temporary budget of one call on x [tokens, k] and a weight [n, k]: kMaxBlockBytes, or the whole
 // weight's size where that is at most a quarter of x (4·n <= tokens), which autograd keeps for the
 // backward anyway. Then W' and G are one block each and every GEMM runs unblocked: at M = 4096,
-// K = N = 768, float32, 2 threads (AMD EPYC) one block measured 1.5-2.5 ms faster per 77 ms training
-// step than two (four interleaved runs of 40 steps). Small batches keep the small budget, so decoding
-// and per-image steps never allocate a weight-sized temporary.
+// K = N = 768, float32, 2 threads (AMD EPYC) one block measured 1.5-2.7 ms faster per 77 ms training
+// step than two (five interleaved runs of 40 steps; on an Intel Xeon VM, no difference). Small batches
+// keep the small budget, so decoding and per-image steps never allocate a weight-sized temporary.
 inline int64_t block_budget(int64_t tokens, int64_t n, int64_t k, int64_t element_size) {
   const int64_t whole = n * k * element_size;
   return 4 * n <= tokens ? std::max(kMaxBlockBytes, whole) : kMaxBlockBytes;
