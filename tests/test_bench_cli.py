@@ -232,6 +232,35 @@ def test_e2e_cases_run_a_training_step(case_name, shape):
     assert all(r.status == "ok" and r.throughput and r.throughput > 0 for r in rows), [r.note for r in rows]
 
 
+@pytest.mark.integration
+def test_e2e_methods_option_times_any_registry_method(tmp_path, capsys):
+    """--methods picks registry methods for the e2e cases: a method with a fused op gets ours, naive and
+    naive+compile rows; one without (bitfit) a single row; names are checked before anything runs."""
+    case = CASES["e2e"]
+    names = {v.name for v in case.make_variants("cpu", methods=("ssb", "bitfit"))}
+    assert names == {"ssb", "ssb naive", "ssb naive+compile", "bitfit", "peft LoRA r=8", "full FT", "frozen forward"}
+    variants = [v for v in case.make_variants("cpu", methods=("ssb", "dora")) if "compile" not in v.name]
+    rows = run_case(case, (2, 32, 1, 64), dtype=torch.float32, device=torch.device("cpu"), modes=case.modes,
+                    warmup=1, repeats=1, measure_memory=False,
+                    variants=[v for v in variants if v.name.split()[0] in ("ssb", "dora")])
+    assert {r.variant for r in rows} == {"ssb", "ssb naive", "dora", "dora naive"}
+    assert all(r.status == "ok" and r.throughput > 0 for r in rows), [r.note for r in rows]
+    assert {r.backend for r in rows if r.variant.endswith("naive")} == {"reference"}
+
+    out = tmp_path / "e2e.json"
+    status = main(["bench", "e2e", "--methods", "bitfit", "--shape", "2,32,1,64", "--repeats", "1", "--warmup", "1",
+                   "--device", "cpu", "--no-memory", "--json", str(out)])
+    assert status == 0, capsys.readouterr().out
+    rows = json.loads(out.read_text())["results"]
+    assert {r["variant"] for r in rows} == {"bitfit", "peft LoRA r=8", "full FT", "frozen forward"}
+    assert all(r["status"] in ("ok", "skipped") for r in rows), rows
+    for argv, message in ((["e2e", "--methods", "ssb,nope"], "unknown method(s) ['nope']"),
+                          (["rescaled-linear", "--methods", "ssb"], "applies to the end-to-end cases")):
+        with pytest.raises(SystemExit) as exc:
+            main(["bench", *argv, "--device", "cpu"])
+        assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_plot_command_bad_input(tmp_path, capsys):
     """`subspace-ops plot` names the argument that is wrong instead of raising."""
     not_bench = tmp_path / "other.json"

@@ -103,6 +103,8 @@ def _build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                             "(default: 3 on CPU, 10 on CUDA)")
     bench.add_argument("--threads", type=_int_at_least(1), metavar="N",
                        help=f"torch CPU threads (default: all {cpu_threads_available()} cores this process may use)")
+    bench.add_argument("--methods", metavar="NAMES",
+                       help="e2e cases: comma-separated registry methods to time (default: rlrr,coeff,siva,lora)")
     bench.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     bench.add_argument("--json", metavar="PATH", help="write the results (and run metadata) as JSON")
     bench.add_argument("--csv", metavar="PATH", help="write the results as CSV")
@@ -203,6 +205,19 @@ def _bench(args: argparse.Namespace, bench: argparse.ArgumentParser) -> int:
     for option in ("json", "csv", "plot"):
         _check_writable(bench, f"--{option}", getattr(args, option))
 
+    variants = {}
+    if args.methods is not None:
+        from .bench.e2e import check_methods
+
+        not_per_method = [case.name for case in cases if not case.per_method]
+        if not_per_method:
+            bench.error(f"argument --methods: applies to the end-to-end cases (e2e, e2e-llama), not {not_per_method}")
+        try:
+            chosen = check_methods([m.strip() for m in args.methods.split(",") if m.strip()])
+        except ValueError as exc:
+            bench.error(f"argument --methods: {exc}")
+        variants = {case.name: case.make_variants(args.backend, methods=chosen) for case in cases}
+
     shapes = {}
     for case in cases:
         try:
@@ -228,8 +243,8 @@ def _bench(args: argparse.Namespace, bench: argparse.ArgumentParser) -> int:
             dtype = DTYPES[args.dtype] if args.dtype else case.default_dtype[device.type]
             for shape in shapes[case.name]:
                 rows = run_case(case, shape, dtype=dtype, device=device, backend=args.backend,
-                                modes=case.modes or modes,
-                                warmup=warmup, repeats=repeats, measure_memory=not args.no_memory)
+                                modes=case.modes or modes, warmup=warmup, repeats=repeats,
+                                measure_memory=not args.no_memory, variants=variants.get(case.name))
                 print(format_table(rows), flush=True)
                 results += rows
         meta = run_metadata(argv=sys.argv[1:] if args.argv is None else list(args.argv), device=device_name(device),

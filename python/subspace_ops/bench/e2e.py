@@ -18,6 +18,10 @@ Variants, side by side in one run:
 
 Methods: ``rlrr`` (RLRR + SSF, 000), ``coeff`` (head mixing, 003), ``siva`` (002, perc 0.95),
 ``lora`` (r=8 on ``qkv``, as the PEFT row). The classifier head is trained in every method.
+``subspace-ops bench e2e --methods ssb,ia3,dora`` (any names of the :mod:`subspace_ops.methods`
+registry, with its defaults) measures other methods instead; a method without a fused op (``ssf``,
+``bitfit``, ``adapter``, ``pa`` with a nonlinearity) is plain PyTorch already, so it gets one row and
+no naive / naive+compile rows.
 
 Shapes ``batch,img,depth,dim`` (patch 16, heads = dim / 64, MLP 4·dim, 1000 classes). Presets:
 ``vit-b`` = (64, 224, 12, 768), ViT-B/16 at batch 64 (CUDA default); ``cpu`` = (4, 224, 4, 384),
@@ -36,14 +40,14 @@ LayerNorms of RLRR's recipe).
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
 
 from .harness import Case, Shape, Variant, VariantSkipped, Workload
 
-__all__ = ["E2E_LLAMA", "E2E_METHODS", "E2E_VIT", "e2e_variants", "llama_variants"]
+__all__ = ["E2E_LLAMA", "E2E_METHODS", "E2E_VIT", "check_methods", "e2e_variants", "llama_variants"]
 
 LORA_RANK = 8
 
@@ -59,13 +63,31 @@ class _Task:
     peft_description: str
 
 
+def _has_fused_op(method: str) -> bool:
+    """Whether the method's config picks an op backend (so a "naive" reference variant differs)."""
+    from ..methods import METHODS
+
+    return any(f.name == "backend" for f in dataclasses.fields(METHODS[method].config))
+
+
+def check_methods(names: Sequence[str]) -> tuple[str, ...]:
+    """``names`` as a tuple, or ValueError naming the unknown ones and the registry's names."""
+    from ..methods import list_methods
+
+    unknown = [n for n in names if n not in list_methods()]
+    if unknown or not names:
+        raise ValueError(f"unknown method(s) {unknown} (choose from {', '.join(list_methods())})" if unknown
+                         else "no method given")
+    return tuple(dict.fromkeys(names))
+
+
 def _setup_method(task: _Task, method: str, backend: Optional[str], naive: bool, compiled: bool):
     def setup(shape: Shape, dtype: torch.dtype, device: torch.device) -> Workload:
         from ..backends import resolve_backend
 
         chosen = "reference" if naive else resolve_backend(backend, device)
         model = task.build(shape, device, dtype)
-        task.apply(method, model, chosen)
+        task.apply(method, model, chosen if _has_fused_op(method) else None)
         params = [p for p in model.parameters() if p.requires_grad]
         run = torch.compile(model) if compiled else model
         return task.workload(run, params, shape, device, dtype, ("inductor of " if compiled else "") + chosen)
@@ -109,9 +131,13 @@ def _setup_frozen(task: _Task):
     return setup
 
 
-def _variants(task: _Task, backend: Optional[str]) -> list[Variant]:
+def _variants(task: _Task, backend: Optional[str], methods: Sequence[str]) -> list[Variant]:
     variants = []
-    for method in E2E_METHODS:
+    for method in check_methods(methods):
+        if not _has_fused_op(method):
+            variants.append(Variant(method, _setup_method(task, method, None, False, False),
+                                    description=f"{method} (plain PyTorch: no fused op, no naive rows)"))
+            continue
         variants += [
             Variant(method, _setup_method(task, method, backend, False, False), description=f"{method} on fused ops"),
             Variant(f"{method} naive", _setup_method(task, method, backend, True, False),
@@ -141,11 +167,16 @@ def _vit(shape: Shape, device: torch.device, dtype: torch.dtype) -> nn.Module:
     return model.to(device=device, dtype=dtype)
 
 
-def _apply_vit(method: str, model: nn.Module, backend: str) -> None:
+def _backend_option(backend: Optional[str]) -> dict:
+    """``backend=`` for methods with a fused op (None for the others, whose configs have no such field)."""
+    return {} if backend is None else {"backend": backend}
+
+
+def _apply_vit(method: str, model: nn.Module, backend: Optional[str]) -> None:
     from .. import methods
 
     overrides = {"lora": dict(targets=("qkv",), rank=LORA_RANK, alpha=2 * LORA_RANK), "siva": dict(perc=0.95)}
-    methods.apply(model, method, backend=backend, **overrides.get(method, {}))
+    methods.apply(model, method, **_backend_option(backend), **overrides.get(method, {}))
 
 
 def _vit_workload(model: Callable, params: list[torch.Tensor], shape: Shape, device: torch.device,
@@ -175,8 +206,8 @@ E2E_METHODS = ("rlrr", "coeff", "siva", "lora")
 _VIT = _Task(_vit, _apply_vit, _vit_workload, _vit_peft_config, "HF PEFT LoRA on qkv + head")
 
 
-def e2e_variants(backend: Optional[str] = None) -> list[Variant]:
-    return _variants(_VIT, backend)
+def e2e_variants(backend: Optional[str] = None, methods: Sequence[str] = E2E_METHODS) -> list[Variant]:
+    return _variants(_VIT, backend, methods)
 
 
 E2E_VIT = Case(
@@ -190,6 +221,7 @@ E2E_VIT = Case(
     default_dtype={"cuda": torch.bfloat16, "cpu": torch.float32},
     modes=("train",),
     in_default_run=False,
+    per_method=True,
 )
 
 
@@ -218,7 +250,7 @@ def _llama(shape: Shape, device: torch.device, dtype: torch.dtype) -> nn.Module:
     return transformers.LlamaForCausalLM(config).to(device=device, dtype=dtype)
 
 
-def _apply_llama(method: str, model: nn.Module, backend: str) -> None:
+def _apply_llama(method: str, model: nn.Module, backend: Optional[str]) -> None:
     from .. import methods
 
     overrides = {
@@ -226,7 +258,7 @@ def _apply_llama(method: str, model: nn.Module, backend: str) -> None:
         "siva": dict(targets=_LLAMA_ATTENTION, perc=0.997),
         "rlrr": dict(ssf=False),
     }
-    methods.apply(model, method, backend=backend, trainable=(), **overrides.get(method, {}))
+    methods.apply(model, method, trainable=(), **_backend_option(backend), **overrides.get(method, {}))
 
 
 def _llama_workload(model: Callable, params: list[torch.Tensor], shape: Shape, device: torch.device,
@@ -254,8 +286,8 @@ def _llama_peft_config():
 _LLAMA = _Task(_llama, _apply_llama, _llama_workload, _llama_peft_config, "HF PEFT LoRA on q_proj, v_proj")
 
 
-def llama_variants(backend: Optional[str] = None) -> list[Variant]:
-    return _variants(_LLAMA, backend)
+def llama_variants(backend: Optional[str] = None, methods: Sequence[str] = E2E_METHODS) -> list[Variant]:
+    return _variants(_LLAMA, backend, methods)
 
 
 E2E_LLAMA = Case(
@@ -269,4 +301,5 @@ E2E_LLAMA = Case(
     default_dtype={"cuda": torch.bfloat16, "cpu": torch.float32},
     modes=("train",),
     in_default_run=False,
+    per_method=True,
 )

@@ -181,6 +181,8 @@ class Case:
     default_dtype: Mapping[str, torch.dtype]
     modes: Optional[tuple[str, ...]] = None  # always run these modes (end-to-end cases: "train")
     in_default_run: bool = True  # part of a bare `subspace-ops bench` (end-to-end cases: no)
+    # One group of variants per method: make_variants(backend, methods=...) takes the CLI's --methods.
+    per_method: bool = False
 
     def parse_shape(self, text: str, device_type: str) -> list[Shape]:
         """A preset name (resolved for ``device_type``) or comma-separated positive integers.
