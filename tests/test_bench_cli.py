@@ -253,6 +253,7 @@ def test_e2e_methods_option_times_any_registry_method(tmp_path, capsys):
     assert status == 0, capsys.readouterr().out
     rows = json.loads(out.read_text())["results"]
     assert {r["variant"] for r in rows} == {"bitfit", "peft LoRA r=8", "full FT", "frozen forward"}
+    assert next(r["backend"] for r in rows if r["variant"] == "bitfit") == "torch"  # no op backend to name
     assert all(r["status"] in ("ok", "skipped") for r in rows), rows
     for argv, message in ((["e2e", "--methods", "ssb,nope"], "unknown method(s) ['nope']"),
                           (["rescaled-linear", "--methods", "ssb"], "applies to the end-to-end cases")):

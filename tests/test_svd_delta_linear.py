@@ -58,10 +58,11 @@ def test_matches_float64_reference(backend, case, path):
             check_close(f"{case}/{path}/{dtype}/{name}", a, t, r)
 
 
-@pytest.mark.parametrize("tokens", [3, 16])  # the merged path forms W_eff again at 3 tokens, keeps it at 16
+# N = 4, k = 2: the merged path keeps W_eff at 3 tokens (6·k >= M) and 16 (4·N <= M), forms it again at 13
+@pytest.mark.parametrize("tokens", [3, 13, 16])
 @pytest.mark.parametrize("path", ["merged", "unmerged"])
 def test_gradcheck_float64(backend, path, tokens):
-    assert keeps_merged_weight(tokens, 4) == (tokens == 16)
+    assert keeps_merged_weight(tokens, 4, 2) == (tokens != 13)
     device = backend_device(backend)
     inputs = make_inputs(tokens, 5, 4, 2, torch.float64, device)
 
@@ -146,16 +147,17 @@ def test_bad_input(override, error, message):
                                       torch.randn(3), path="fast")
 
 
-@pytest.mark.parametrize("tokens", [15, 16])
-def test_merged_path_keeps_w_eff_only_where_it_is_small_next_to_x(tokens):
-    """From M = 4·N tokens autograd keeps W_eff (and the backward uses it for gx); below, the only
-    [N, K] tensor saved is the frozen weight itself."""
-    inputs = make_inputs(tokens, 6, 4, 3, torch.float64, "cpu")
+@pytest.mark.parametrize("tokens, kept", [(15, False), (16, True), (11, True)])
+def test_merged_path_keeps_w_eff_where_it_is_small_next_to_x_or_dear_to_form(tokens, kept):
+    """N = 4, k = 2: from M = 4·N tokens, or while 6·k ≥ M (forming W_eff again would be a large share
+    of the step), autograd keeps W_eff (and the backward uses it for gx); otherwise the only [N, K]
+    tensor saved is the frozen weight itself."""
+    inputs = make_inputs(tokens, 6, 4, 2, torch.float64, "cpu")
     y = subspace_ops.svd_delta_linear(**inputs, backend="cpu", path="merged")
     saved = y.grad_fn.saved_tensors
     weight_sized = [t for t in saved if t.shape == (4, 6) and t.data_ptr() != inputs["weight"].data_ptr()]
     assert any(t.data_ptr() == inputs["weight"].data_ptr() for t in saved)
-    if tokens == 16:
+    if kept:
         expected = reference.svd_delta_weight(inputs["weight"], inputs["u"], inputs["v"], inputs["d"].detach())
         assert len(weight_sized) == 1
         torch.testing.assert_close(weight_sized[0], expected)

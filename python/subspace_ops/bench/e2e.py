@@ -85,12 +85,14 @@ def _setup_method(task: _Task, method: str, backend: Optional[str], naive: bool,
     def setup(shape: Shape, dtype: torch.dtype, device: torch.device) -> Workload:
         from ..backends import resolve_backend
 
-        chosen = "reference" if naive else resolve_backend(backend, device)
+        fused = _has_fused_op(method)
+        chosen = ("reference" if naive else resolve_backend(backend, device)) if fused else None
         model = task.build(shape, device, dtype)
-        task.apply(method, model, chosen if _has_fused_op(method) else None)
+        task.apply(method, model, chosen)
         params = [p for p in model.parameters() if p.requires_grad]
         run = torch.compile(model) if compiled else model
-        return task.workload(run, params, shape, device, dtype, ("inductor of " if compiled else "") + chosen)
+        label = ("inductor of " if compiled else "") + (chosen or "torch")
+        return task.workload(run, params, shape, device, dtype, label)
 
     return setup
 

@@ -166,5 +166,5 @@ class SVDLinear(MergeableLinear):
         parts = f", parts={self.parts}, tuned_parts={self.tuned_parts}" if len(self.parts) > 1 else ""
         path = self.path or "auto (merged if M·(N+K) >= N·K)"
         if path != "unmerged":
-            path += ", merged W_eff kept for the backward if M >= 4·N"
+            path += ", merged W_eff kept for the backward if M >= 4·N or 6·k >= M"
         return self._describe() + f", k={list(self.ranks)}, path={path}{parts}"

@@ -13,13 +13,16 @@ Two paths, chosen per call by the cost model of METHODS.md §2 (M tokens, W [N, 
 
 ``path=None`` takes "merged" when M·(N + K) ≥ N·K (forming W_eff is then no dearer than the
 low-rank products), else "unmerged"; :func:`choose_path` is the rule, and layers report it.
-Autograd saves x, W, U, V, d; the merged path also keeps W_eff [N, K] for the backward when it is
-at most a quarter of the size of x [M, K], which autograd saves anyway (4·N ≤ M:
-:func:`keeps_merged_weight`), instead of forming it a second time. Forming it costs 2·N·K·k FLOPs,
-about k / (3·M) of a step: at M = 4096, K = N = 768, k = 400 on 2 CPU threads, keeping it measured
-1.4 ms faster per 48 ms step (two runs of 60 interleaved steps), for 2.4 MB more held from forward
-to backward (the bench's peak: 28.5 MB vs 26.3 MB). With fewer tokens it is formed again, so small
-batches and decoding save no N×K tensor.
+Autograd saves x, W, U, V, d; the merged path also keeps W_eff [N, K] for the backward instead of
+forming it a second time (:func:`keeps_merged_weight`) when it is at most a quarter of the size of x
+[M, K], which autograd saves anyway (4·N ≤ M), or when forming it again would cost a noticeable
+share of the step (6·k ≥ M). Forming it costs 2·N·K·k FLOPs, about k / (3·M) of a step: at
+M = 4096, K = N = 768, k = 400 on 2 CPU threads, keeping it measured 1.4 ms faster per 48 ms step
+(two runs of 60 interleaved steps), for 2.4 MB more held from forward to backward (the bench's peak:
+28.5 MB vs 26.3 MB); with SAM-PARSER's full-rank k (every singular value) at M = 788 (2 CPU
+threads, AMD EPYC) a step took 5.10 vs 5.75 ms at 384×384 and 21.7 vs 25.1 ms at 1536×384 (11-14%),
+as fast as the reference formula, which keeps W' through autograd. Otherwise (few tokens, small k)
+it is formed again, so small batches and decoding save no N×K tensor.
 """
 
 from __future__ import annotations
@@ -44,10 +47,12 @@ def choose_path(tokens: int, out_features: int, in_features: int) -> str:
     return "merged" if tokens * (out_features + in_features) >= out_features * in_features else "unmerged"
 
 
-def keeps_merged_weight(tokens: int, out_features: int) -> bool:
+def keeps_merged_weight(tokens: int, out_features: int, rank: int) -> bool:
     """Whether the merged path keeps W_eff [N, K] for the backward: when it is at most a quarter of
-    the size of x [M, K] (4·N ≤ M), which autograd saves in any case (see the module docstring)."""
-    return 4 * out_features <= tokens
+    the size of x [M, K] (4·N ≤ M), which autograd saves in any case, or when forming it again
+    (2·N·K·k FLOPs, ~k / (3·M) of the step) would cost 5% of the step or more (6·k ≥ M); see the
+    module docstring."""
+    return 4 * out_features <= tokens or 6 * rank >= tokens
 
 
 def _forward_impl(
@@ -188,7 +193,7 @@ def svd_delta_linear(
     tokens = x.numel() // max(x.shape[-1], 1)
     if (path or choose_path(tokens, *weight.shape)) == "unmerged":
         return torch.nn.functional.linear(x, weight, bias) + ((x @ v) * d) @ u.T
-    keep_weight = keeps_merged_weight(tokens, weight.shape[0])
+    keep_weight = keeps_merged_weight(tokens, weight.shape[0], u.shape[1])
     if torch.compiler.is_compiling():
         return torch.ops.subspace_ops.svd_delta_linear(x, weight, u, v, d, bias, name, keep_weight)[0]
     return _EagerSvdDeltaLinear.apply(x, weight, u, v, d, bias, name, keep_weight)[0]
