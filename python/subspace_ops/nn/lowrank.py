@@ -153,8 +153,8 @@ def dora_row_norm(weight: Tensor, a: Tensor, b: Tensor, scaling: float, weight_s
     (callers pass float32 or better: the expansion subtracts nothing, but ‖W_n‖² dominates), clamped at
     0 before the square root. Differentiable in all of weight, a, b.
     """
-    if weight_sq is None:
-        weight_sq = weight.square().sum(1)
+    if weight_sq is None:  # a reduction over W's rows: no [N, K] temporary, as weight.square() would be
+        weight_sq = torch.linalg.vector_norm(weight, dim=1).square()
     cross = (a * (weight @ b.T)).sum(1)
     quad = ((a @ (b @ b.T)) * a).sum(1)
     return (weight_sq + (2.0 * scaling) * cross + (scaling * scaling) * quad).clamp_min(0).sqrt()
