@@ -174,6 +174,13 @@ def test_dora_gradients_and_detached_norm():
     a, b = layer.low_rank_factors()
     assert a is layer.lora_a and b is layer.lora_b
 
+    # A bias unfrozen later (e.g. bitfit applied on top) gets the plain bias gradient.
+    layer.bias.requires_grad_(True)
+    grad_y = torch.randn(3, 5, 7, dtype=torch.float64)
+    got = torch.autograd.grad(layer(torch.randn(3, 5, 10, dtype=torch.float64)), layer.bias, grad_y)[0]
+    torch.testing.assert_close(got, grad_y.sum((0, 1)))
+    layer.bias.requires_grad_(False)
+
     # detach_norm (DoRA §4.3, PEFT): same forward, gradients with ‖W + sAB‖ held constant.
     detached = DoRALinear(nn.Linear(10, 7, dtype=torch.float64), 2, detach_norm=True, backend="cpu")
     detached.load_state_dict(layer.state_dict())

@@ -160,13 +160,37 @@ def dora_row_norm(weight: Tensor, a: Tensor, b: Tensor, scaling: float, weight_s
     return (weight_sq + (2.0 * scaling) * cross + (scaling * scaling) * quad).clamp_min(0).sqrt()
 
 
+class _ScaleFeatures(torch.autograd.Function):
+    """``z ⊙ scale (+ bias)`` with ``scale``, ``bias`` [N] over z's last dimension: DoRA's per-output
+    factor. The forward is one ``addcmul``; the backward writes one [..., N] tensor (gy ⊙ scale) and
+    reduces gy ⊙ z with ``linalg.vecdot``, where autograd's own addcmul backward first copies z·value
+    (value = 1) into a new [..., N] tensor. At M = 788, 384 -> 1536 (2 CPU threads) that copy was
+    0.6 ms of a 17.7 ms DoRA layer step."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, scale: Tensor, bias: Optional[Tensor]) -> Tensor:
+        ctx.save_for_backward(z, scale)
+        ctx.has_bias = bias is not None
+        return z * scale if bias is None else torch.addcmul(bias, z, scale)
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor):
+        z, scale = ctx.saved_tensors
+        need_z, need_scale, need_bias = ctx.needs_input_grad
+        rows = grad_y.reshape(-1, grad_y.shape[-1])
+        grad_z = grad_y * scale if need_z else None
+        grad_scale = torch.linalg.vecdot(rows, z.reshape(rows.shape), dim=0) if need_scale else None
+        grad_bias = rows.sum(0) if ctx.has_bias and need_bias else None
+        return grad_z, grad_scale, grad_bias
+
+
 class DoRALinear(MergeableLinear):
     """DoRA: ``W' = m ⊙ (W + s·A B) / ‖W + s·A B‖`` with the norm over each output row (PEFT's convention).
 
     Forward: ``y = c ⊙ lowrank_linear(x, W, A, None, B) + b`` with ``c = m / ‖W + s·AB‖ [N]``, the norm from
     :func:`dora_row_norm` (no [N, K] tensor) and the per-output scale and bias applied in one
-    ``torch.addcmul``. Equals ``x W'ᵀ + b`` exactly in real arithmetic; with dropout the adapter's
-    input is dropped (as PEFT's DoRA does: c ⊙ (x Wᵀ + s·(dropout(x) Bᵀ) Aᵀ)).
+    ``torch.addcmul`` (:class:`_ScaleFeatures`). Equals ``x W'ᵀ + b`` exactly in real arithmetic; with
+    dropout the adapter's input is dropped (as PEFT's DoRA does: c ⊙ (x Wᵀ + s·(dropout(x) Bᵀ) Aᵀ)).
 
     Args:
         base, rank, alpha, dropout, backend: as :class:`LowRankLinear`.
@@ -224,9 +248,7 @@ class DoRALinear(MergeableLinear):
             x.to(dtype), self.weight.to(dtype), self.lora_a.to(dtype), None, self.lora_b.to(dtype), None,
             scaling=self.scaling, dropout_p=self.dropout, training=self.training, backend=self.backend,
         )
-        if self.bias is None:
-            return z * scale
-        return torch.addcmul(self.bias.to(dtype), z, scale)
+        return _ScaleFeatures.apply(z, scale, None if self.bias is None else self.bias.to(dtype))
 
     def extra_repr(self) -> str:
         return (self._describe() + f", rank={self.rank}, alpha={self.alpha:g}, dropout={self.dropout:g}, "
