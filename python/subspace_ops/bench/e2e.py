@@ -20,8 +20,8 @@ Methods: ``rlrr`` (RLRR + SSF, 000), ``coeff`` (head mixing, 003), ``siva`` (002
 ``lora`` (r=8 on ``qkv``, as the PEFT row). The classifier head is trained in every method.
 ``subspace-ops bench e2e --methods ssb,ia3,dora`` (any names of the :mod:`subspace_ops.methods`
 registry, with its defaults) measures other methods instead; a method without a fused op (``ssf``,
-``bitfit``, ``adapter``, ``pa`` with a nonlinearity) is plain PyTorch already, so it gets one row and
-no naive / naive+compile rows.
+``bitfit``, ``adapter``: its config has no ``backend``) is plain PyTorch already, so it gets one row
+and no naive / naive+compile rows.
 
 Shapes ``batch,img,depth,dim`` (patch 16, heads = dim / 64, MLP 4·dim, 1000 classes). Presets:
 ``vit-b`` = (64, 224, 12, 768), ViT-B/16 at batch 64 (CUDA default); ``cpu`` = (4, 224, 4, 384),
