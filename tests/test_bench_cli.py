@@ -238,7 +238,8 @@ def test_e2e_methods_option_times_any_registry_method(tmp_path, capsys):
     naive+compile rows; one without (bitfit) a single row; names are checked before anything runs."""
     case = CASES["e2e"]
     names = {v.name for v in case.make_variants("cpu", methods=("ssb", "bitfit"))}
-    assert names == {"ssb", "ssb naive", "ssb naive+compile", "bitfit", "peft LoRA r=8", "full FT", "frozen forward"}
+    assert names == {"ssb", "ssb+compile", "ssb naive", "ssb naive+compile", "bitfit", "bitfit+compile",
+                     "peft LoRA r=8", "full FT", "frozen forward"}
     variants = [v for v in case.make_variants("cpu", methods=("ssb", "dora")) if "compile" not in v.name]
     rows = run_case(case, (2, 32, 1, 64), dtype=torch.float32, device=torch.device("cpu"), modes=case.modes,
                     warmup=1, repeats=1, measure_memory=False,
@@ -252,7 +253,8 @@ def test_e2e_methods_option_times_any_registry_method(tmp_path, capsys):
                    "--device", "cpu", "--no-memory", "--json", str(out)])
     assert status == 0, capsys.readouterr().out
     rows = json.loads(out.read_text())["results"]
-    assert {r["variant"] for r in rows} == {"bitfit", "peft LoRA r=8", "full FT", "frozen forward"}
+    assert {r["variant"] for r in rows} == {"bitfit", "bitfit+compile", "peft LoRA r=8", "full FT", "frozen forward"}
+    assert next(r["backend"] for r in rows if r["variant"] == "bitfit+compile") == "inductor of torch"
     assert next(r["backend"] for r in rows if r["variant"] == "bitfit") == "torch"  # no op backend to name
     assert all(r["status"] in ("ok", "skipped") for r in rows), rows
     for argv, message in ((["e2e", "--methods", "ssb,nope"], "unknown method(s) ['nope']"),

@@ -6,6 +6,9 @@ Variants, side by side in one run:
 
 ``<method>``
     The method applied with subspace_ops' fused ops (backend from ``--backend``).
+``<method>+compile``
+    ``torch.compile`` of that whole model (our ops in the graph, the rest fused by Inductor): the
+    fair partner of ``naive+compile``, which also compiles the whole network (optional).
 ``<method> naive``
     The same layers on the ``reference`` backend: the papers' formulas transcribed in plain
     PyTorch (RLRR materializes W' per layer, SiVA runs the unmerged low-rank products, Coeff
@@ -20,8 +23,8 @@ Methods: ``rlrr`` (RLRR + SSF, 000), ``coeff`` (head mixing, 003), ``siva`` (002
 ``lora`` (r=8 on ``qkv``, as the PEFT row). The classifier head is trained in every method.
 ``subspace-ops bench e2e --methods ssb,ia3,dora`` (any names of the :mod:`subspace_ops.methods`
 registry, with its defaults) measures other methods instead; a method without a fused op (``ssf``,
-``bitfit``, ``adapter``: its config has no ``backend``) is plain PyTorch already, so it gets one row
-and no naive / naive+compile rows.
+``bitfit``, ``adapter``: its config has no ``backend``) is plain PyTorch already, so it gets no
+naive / naive+compile rows.
 
 Shapes ``batch,img,depth,dim`` (patch 16, heads = dim / 64, MLP 4·dim, 1000 classes). Presets:
 ``vit-b`` = (64, 224, 12, 768), ViT-B/16 at batch 64 (CUDA default); ``cpu`` = (4, 224, 4, 384),
@@ -136,17 +139,20 @@ def _setup_frozen(task: _Task):
 def _variants(task: _Task, backend: Optional[str], methods: Sequence[str]) -> list[Variant]:
     variants = []
     for method in check_methods(methods):
-        if not _has_fused_op(method):
-            variants.append(Variant(method, _setup_method(task, method, None, False, False),
-                                    description=f"{method} (plain PyTorch: no fused op, no naive rows)"))
-            continue
+        fused = _has_fused_op(method)
         variants += [
-            Variant(method, _setup_method(task, method, backend, False, False), description=f"{method} on fused ops"),
-            Variant(f"{method} naive", _setup_method(task, method, backend, True, False),
-                    description=f"{method}, the papers' formulas (reference backend)"),
-            Variant(f"{method} naive+compile", _setup_method(task, method, backend, True, True), optional=True,
-                    description=f"torch.compile of {method} naive"),
+            Variant(method, _setup_method(task, method, backend, False, False),
+                    description=f"{method} on fused ops" if fused else f"{method} (plain PyTorch: no fused op)"),
+            Variant(f"{method}+compile", _setup_method(task, method, backend, False, True), optional=True,
+                    description=f"torch.compile of the whole model with {method} (our ops inside the graph)"),
         ]
+        if fused:  # without a fused op, "naive" would be the same model again
+            variants += [
+                Variant(f"{method} naive", _setup_method(task, method, backend, True, False),
+                        description=f"{method}, the papers' formulas (reference backend)"),
+                Variant(f"{method} naive+compile", _setup_method(task, method, backend, True, True), optional=True,
+                        description=f"torch.compile of {method} naive"),
+            ]
     return variants + [
         Variant(f"peft LoRA r={LORA_RANK}", _setup_peft_lora(task), optional=True, description=task.peft_description),
         Variant("full FT", _setup_full_ft(task), description="every parameter trained"),
