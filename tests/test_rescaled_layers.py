@@ -11,7 +11,7 @@ from torch import nn
 from subspace_ops.adapters import apply_rlrr, merge_all, unmerge_all
 from subspace_ops.nn import SSF, NotMergeableError, RLRRLinear, ScaledLinear
 
-from conftest import backend_device
+from conftest import backend_device, require_backend
 
 KV_PARTS = {"splits": (4, 4, 4), "scaled_parts": (False, True, True)}
 LAYERS = {
@@ -98,8 +98,6 @@ def test_scaled_fused_qkv_scales_k_and_v_like_separate_layers(monkeypatch, left,
     """ScaledLinear(splits=(d, d, d), scaled_parts=(False, True, True)) == a plain q projection next to
     s_l ⊙ W ⊙ s_rᵀ k and v layers, forward and gradients, in float64 on both of its forms: one op
     per part (float32/float64's default where an input scale is trained) and one rank-3 op (16-bit)."""
-    from conftest import require_backend
-
     require_backend(backend_name)
     monkeypatch.setattr(ScaledLinear, "_by_part", lambda self, dtype: by_part and self.s_r is not None)
     d = 6

@@ -203,14 +203,20 @@ def apply_rlrr(
     return _finish_report(model, report, backbone, trainable)
 
 
+_WRAPPED = ("weight", "bias")  # a subspace_ops layer's parameters that are the wrapped layer's own
+
+
+def _layer_parameter_ids(model: nn.Module, wrapped: bool) -> set[int]:
+    """ids of the direct parameters of every subspace_ops layer in ``model``: the wrapped layer's own
+    ``weight``/``bias`` (wrapped=True) or the ones the layer added (False)."""
+    return {id(p) for m in model.modules() if type(m).__module__.startswith("subspace_ops.nn")
+            for n, p in m.named_parameters(recurse=False) if (n in _WRAPPED) == wrapped}
+
+
 def adapter_parameter_ids(model: nn.Module) -> set[int]:
     """Parameters added by an earlier ``apply_*`` call: the direct parameters of subspace_ops layers,
     except the wrapped layer's own ``weight``/``bias``."""
-    ids = set()
-    for module in model.modules():
-        if type(module).__module__.startswith("subspace_ops.nn"):
-            ids |= {id(p) for n, p in module.named_parameters(recurse=False) if n not in ("weight", "bias")}
-    return ids
+    return _layer_parameter_ids(model, wrapped=False)
 
 
 def _start_report(model: nn.Module, method: str) -> tuple[AdaptReport, set[int]]:
@@ -231,8 +237,7 @@ def _finish_report(model: nn.Module, report: AdaptReport, backbone: set[int], tr
             p.requires_grad_(True)
     # A wrapped layer's weight/bias are the backbone's, also where they are new Parameter objects on its
     # memory (a transformers Conv1D's weight seen transposed, conv1d_as_linear).
-    wrapped = {id(p) for m in model.modules() if type(m).__module__.startswith("subspace_ops.nn")
-               for n, p in m.named_parameters(recurse=False) if n in ("weight", "bias")}
+    wrapped = _layer_parameter_ids(model, wrapped=True)
     for p in model.parameters():
         if id(p) not in backbone and id(p) not in wrapped:
             report.adapter_params += p.numel()

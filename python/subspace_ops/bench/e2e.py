@@ -77,10 +77,11 @@ def check_methods(names: Sequence[str]) -> tuple[str, ...]:
     """``names`` as a tuple, or ValueError naming the unknown ones and the registry's names."""
     from ..methods import list_methods
 
+    if not names:
+        raise ValueError("no method given")
     unknown = [n for n in names if n not in list_methods()]
-    if unknown or not names:
-        raise ValueError(f"unknown method(s) {unknown} (choose from {', '.join(list_methods())})" if unknown
-                         else "no method given")
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown} (choose from {', '.join(list_methods())})")
     return tuple(dict.fromkeys(names))
 
 

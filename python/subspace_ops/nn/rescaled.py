@@ -36,6 +36,14 @@ def _kaiming_uniform_vector(length: int) -> Tensor:
     return vector[0]
 
 
+def _check_splits(splits: Optional[Sequence[int]], out_features: int) -> tuple[int, ...]:
+    """``splits`` as a tuple (one part of all ``out_features`` when None), or ValueError."""
+    splits = tuple(splits) if splits is not None else (out_features,)
+    if sum(splits) != out_features or any(s <= 0 for s in splits):
+        raise ValueError(f"splits must be positive and sum to out_features={out_features}, got {splits}")
+    return splits
+
+
 class RLRRLinear(MergeableLinear):
     """RLRR (paper 000, eq. 16): ``W' = W + s_l ⊙ W ⊙ s_rᵀ``, plus a trainable shift added to b.
 
@@ -54,10 +62,7 @@ class RLRRLinear(MergeableLinear):
         self, base: nn.Linear, *, splits: Optional[Sequence[int]] = None, backend: Optional[str] = None
     ) -> None:
         super().__init__(base, backend)
-        splits = tuple(splits) if splits is not None else (self.out_features,)
-        if sum(splits) != self.out_features or any(s <= 0 for s in splits):
-            raise ValueError(f"splits must be positive and sum to out_features={self.out_features}, got {splits}")
-        self.splits = splits
+        self.splits = splits = _check_splits(splits, self.out_features)
         device, dtype = self.weight.device, self.weight.dtype
         self.s_l = nn.Parameter(_kaiming_uniform_vector(self.out_features).to(device, dtype))
         self.s_r = nn.Parameter(
@@ -135,9 +140,7 @@ class ScaledLinear(MergeableLinear):
         super().__init__(base, backend)
         if not (left or right):
             raise ValueError("ScaledLinear needs at least one of left=True or right=True")
-        splits = tuple(splits) if splits is not None else (self.out_features,)
-        if sum(splits) != self.out_features or any(s <= 0 for s in splits):
-            raise ValueError(f"splits must be positive and sum to out_features={self.out_features}, got {splits}")
+        splits = _check_splits(splits, self.out_features)
         scaled_parts = tuple(bool(b) for b in scaled_parts) if scaled_parts is not None else (True,) * len(splits)
         if len(scaled_parts) != len(splits) or not any(scaled_parts):
             raise ValueError(f"scaled_parts must have one flag per split ({len(splits)}) with at least one True, "
@@ -166,6 +169,19 @@ class ScaledLinear(MergeableLinear):
             raise ValueError(f"side must be 'left' or 'right', got {side!r}")
         return cls(base, left=side == "left", right=side == "right", method="ia3", backend=backend)
 
+    def _part_scales(self, dtype: torch.dtype) -> list[tuple[Optional[Tensor], Optional[Tensor]]]:
+        """A split layer's scales per part, in ``dtype``: (output scales [size], input scales [K]);
+        None for a side that is not trained, and for both sides of a part left alone."""
+        scales, row, index = [], 0, 0
+        for size, scaled in zip(self.splits, self.scaled_parts):
+            if not scaled:
+                scales.append((None, None))
+                continue
+            scales.append((None if self.s_l is None else self.s_l[row : row + size].to(dtype),
+                           None if self.s_r is None else self.s_r[index].to(dtype)))
+            row, index = row + size, index + 1
+        return scales
+
     def scale_matrices(self, dtype: torch.dtype) -> tuple[Optional[Tensor], Optional[Tensor]]:
         """The op's (S_l, S_r) in ``dtype``. Unsplit: the trained vectors (None where a side is not
         trained). Split with output scales only: one [N] vector, ones on the parts left alone (the
@@ -174,22 +190,15 @@ class ScaledLinear(MergeableLinear):
         if len(self.splits) == 1:
             return tuple(None if s is None else s.to(dtype) for s in (self.s_l, self.s_r))
         ones = lambda size: torch.ones(size, device=self.weight.device, dtype=dtype)  # noqa: E731
+        parts = self._part_scales(dtype)
         left = None
         if self.s_l is not None:
-            pieces, start = [], 0
-            for size, scaled in zip(self.splits, self.scaled_parts):
-                pieces.append(self.s_l[start : start + size].to(dtype) if scaled else ones(size))
-                start += size if scaled else 0
-            left = torch.cat(pieces)
+            left = torch.cat([ones(size) if s_l is None else s_l for size, (s_l, _) in zip(self.splits, parts)])
         if self.s_r is None:
             return left, None
         rows = left if left is not None else ones(self.out_features)
         s_l = torch.block_diag(*[piece[:, None] for piece in rows.split(self.splits)])
-        columns, scaled_index = [], 0
-        for scaled in self.scaled_parts:
-            columns.append(self.s_r[scaled_index].to(dtype) if scaled else ones(self.in_features))
-            scaled_index += scaled
-        return s_l, torch.stack(columns, dim=1)
+        return s_l, torch.stack([ones(self.in_features) if s_r is None else s_r for _, s_r in parts], dim=1)
 
     def merged_weight_and_bias(self) -> tuple[Tensor, Optional[Tensor]]:
         # The bias is added after the scaled product, unscaled, so it merges unchanged.
@@ -212,16 +221,13 @@ class ScaledLinear(MergeableLinear):
         if not self._by_part(dtype):
             s_l, s_r = self.scale_matrices(dtype)
             return rescaled_linear(x, weight, s_l, s_r, bias, residual=False, backend=self.backend)
-        outputs, row, scaled_index = [], 0, 0
+        outputs = []
         biases = [None] * len(self.splits) if bias is None else bias.split(self.splits)
-        for size, scaled, w_part, b_part in zip(self.splits, self.scaled_parts, weight.split(self.splits), biases):
-            if not scaled:
+        for w_part, b_part, (s_l, s_r) in zip(weight.split(self.splits), biases, self._part_scales(dtype)):
+            if s_r is None:  # a part left alone (every adapted part has its input scale here)
                 outputs.append(F.linear(x, w_part, b_part))
-                continue
-            s_l = None if self.s_l is None else self.s_l[row : row + size].to(dtype)
-            outputs.append(rescaled_linear(x, w_part, s_l, self.s_r[scaled_index].to(dtype), b_part,
-                                           residual=False, backend=self.backend))
-            row, scaled_index = row + size, scaled_index + 1
+            else:
+                outputs.append(rescaled_linear(x, w_part, s_l, s_r, b_part, residual=False, backend=self.backend))
         return torch.cat(outputs, dim=-1)
 
     def extra_repr(self) -> str:
