@@ -65,6 +65,26 @@ def test_timm_attention_replacement_matches_reference(fused_backend):
     assert set(layer.state_dict()) == set(block.state_dict()) | {"head_mix.alpha"}
 
 
+@pytest.mark.parametrize("options", [dict(qk_norm=True), dict(scale_norm=True), dict(gated=True),
+                                     dict(attn_head_dim=8, qkv_bias=True)])
+def test_timm_attention_variants_unchanged_at_zero_alpha(options):
+    """timm Attention's options around the attention itself: q/k norms, the norm before proj, the
+    sigmoid output gate, a head size other than dim / heads. At α = 0 the layer computes what the
+    block does (random norm/gate weights, so that skipping one would show)."""
+    from timm.layers import Attention
+
+    if "gated" in options and "gated" not in Attention.__init__.__code__.co_varnames:
+        pytest.skip("this timm's Attention has no gate")
+    norm = nn.LayerNorm if options.get("qk_norm") or options.get("scale_norm") else None
+    block = Attention(48, num_heads=3, norm_layer=norm, **options).eval()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    layer = TimmCoeffAttention(block, backend="cpu")
+    x = torch.randn(2, 17, 48)
+    torch.testing.assert_close(layer(x), block(x), rtol=1e-5, atol=1e-5)
+
+
 def test_timm_attention_with_attention_dropout_is_refused():
     with pytest.raises(ValueError, match="attn_drop"):
         TimmCoeffAttention(tiny_vit(attn_drop_rate=0.1).blocks[0].attn)
@@ -194,3 +214,18 @@ def test_transformers_attention_dropout_is_refused():
         apply_coeff(model)
     assert not any(isinstance(m, HeadMix) for m in model.modules())  # nothing changed
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_transformers_attention_function_takes_a_mask_longer_than_the_keys():
+    """transformers may pass a 4-D mask wider than the keys (a static cache's full length): the
+    function uses its first Nk columns, as transformers' own SDPA function does."""
+    module = nn.Module()
+    module.head_mix, module.is_causal = HeadMix(4, backend="cpu"), False
+    with torch.no_grad():
+        module.head_mix.alpha.normal_(0, 0.3)
+    q, k, v = torch.randn(2, 4, 5, 8), torch.randn(2, 4, 7, 8), torch.randn(2, 4, 7, 8)
+    mask = torch.randn(2, 1, 5, 10)  # additive, 3 columns past the 7 keys
+    out, _ = subspace_ops.transformers.coeff_attention_forward(module, q, k, v, mask, scaling=0.3)
+    expected = reference.head_mixing_attention(q, k, v, torch.eye(4) + module.head_mix.alpha.detach(),
+                                               attn_mask=mask[..., :7], scale=0.3)
+    torch.testing.assert_close(out, expected.transpose(1, 2), rtol=1e-5, atol=1e-5)

@@ -25,6 +25,9 @@ CASES = {
     "key-padding": (2, 3, 6, 9, 8, False, "key-padding"),
     "additive": (2, 3, 6, 9, 8, False, "additive"),
     "causal+padding": (2, 2, 8, 8, 8, True, "key-padding"),
+    # Left padding (as a batch of decoder prompts has): some rows' whole first key block (16 keys in
+    # the interpreter) is masked, and keys after it are not; the running max starts at -inf.
+    "late-keys": (2, 3, 6, 37, 8, False, "late-keys"),
     # The CPU head mix has compile-time loops for H = 4, 6, 8, 12, 16 over whole vectors of 16 query
     # rows, a few key rows at a time: these have >= 16 query rows, a row tail and odd key counts. Its
     # float32 O += M V loop takes 64 columns x 6 rows (then 2, then 1) and 16/32-column tails: d = 64, 80.
@@ -45,9 +48,9 @@ def make_mask(kind, batch, heads, n_q, n_k, device):
         bias = torch.randn(batch, heads, n_q, n_k, generator=g, dtype=torch.float64)
         bias[torch.rand(bias.shape, generator=g) < 0.2] = float("-inf")
         return bias.to(device)
-    if kind == "late-keys":  # batch 0's even query rows see only keys >= 600; its row 1 sees none
+    if kind == "late-keys":  # batch 0's even query rows see only keys >= min(600, Nk / 2); its row 1 sees none
         keep = torch.ones(batch, 1, n_q, n_k, dtype=torch.bool)
-        keep[0, :, ::2, :600] = False
+        keep[0, :, ::2, :min(600, n_k // 2)] = False
         keep[0, :, 1] = False
         return keep.to(device)
     return None

@@ -74,6 +74,22 @@ def test_scaled_layers_start_as_identity():
         torch.testing.assert_close(make(copy.deepcopy(base))(x), base(x))
 
 
+def test_rlrr_and_ssf_start_from_their_official_inits():
+    """RLRR's scales: kaiming_uniform_(a=√5) of a [1, length] tensor, U(±1/√length) (official code);
+    shift 0. SSF (Lian et al.'s code): γ ~ N(1, 0.02²), β ~ N(0, 0.02²). Wide layers, so that the
+    sample's range and spread pin the distribution."""
+    torch.manual_seed(0)
+    layer = RLRRLinear(nn.Linear(3000, 2000))
+    for scale, length in ((layer.s_l, 2000), (layer.s_r[0], 3000)):
+        bound = length ** -0.5
+        assert scale.abs().max() <= bound and scale.abs().max() > 0.99 * bound
+        assert abs(scale.std().item() - bound / 3**0.5) < 0.05 * bound
+    assert not layer.shift.any()
+    ssf = SSF(nn.LayerNorm(4000), 4000)
+    assert abs(ssf.gamma.mean().item() - 1) < 2e-3 and abs(ssf.gamma.std().item() - 0.02) < 2e-3
+    assert abs(ssf.beta.mean().item()) < 2e-3 and abs(ssf.beta.std().item() - 0.02) < 2e-3
+
+
 def test_fused_qkv_split_equals_three_separate_layers():
     """RLRRLinear(splits=(d,d,d)) on a fused qkv == separate RLRR q, k, v layers (paper's form)."""
     d = 6

@@ -83,6 +83,19 @@ def test_dd_is_u_G_v():
     torch.testing.assert_close(dd, expected)
 
 
+def test_dd_over_several_blocks_of_G():
+    """Below 4·N tokens the C++ merged backward forms G = gyᵀ x in blocks of rows of at most 1.5 MiB
+    (block_budget, csrc/rescaled_linear.h): a float64 480×420 weight (1.6 MB) takes two blocks of 240
+    rows, and each block's share of dd_j = u_jᵀ G v_j uses its own rows of U."""
+    inputs = make_inputs(24, 420, 480, 5, torch.float64, "cpu")
+    grad_y = torch.randn(24, 480, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    _, (dx, dd, _) = run(inputs, "cpu", "merged", grad_y)
+    x, weight, u, v = (inputs[n].detach() for n in ("x", "weight", "u", "v"))
+    G = grad_y.T @ x
+    torch.testing.assert_close(dd, torch.stack([u[:, j] @ G @ v[:, j] for j in range(5)]))
+    torch.testing.assert_close(dx, grad_y @ (weight + u @ torch.diag(inputs["d"].detach()) @ v.T))
+
+
 def test_fused_basis_weight_kernels():
     w, u, v, d = (torch.randn(*s, dtype=torch.float64) for s in ((20, 18), (20, 5), (18, 5), (5,)))
     expected = reference.svd_delta_weight(w, u, v, d)

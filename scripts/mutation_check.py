@@ -1,0 +1,230 @@
+"""Mutation check: does the test suite notice when a kernel or a layer is wrong?
+
+Each mutant below is one small, plausible bug (a dropped factor, a block boundary off by one, a
+guard removed, an init changed). The script writes it into the working tree, rebuilds the C++
+extension if the mutant is in csrc/, runs the tests that should catch it, and puts the file back
+(also on Ctrl-C). A mutant is *killed* when those tests fail; a *surviving* mutant is a bug the suite
+would let through: add a test that kills it, then list it here.
+
+    python scripts/mutation_check.py              # all (~25 min on 2 cores: each csrc/ mutant rebuilds)
+    python scripts/mutation_check.py T6 C4        # some
+    python scripts/mutation_check.py --list
+
+Run it from an editable install (``pip install --no-build-isolation -e .``) with the mutated files
+committed or unchanged: it refuses to touch a file with uncommitted changes. Exit status 1 if a
+mutant survives. Not part of the test suite (it rewrites sources); run it after changing tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+ROOT = Path(__file__).resolve().parent.parent
+
+RL = "tests/test_rescaled_linear.py tests/test_triton_gpu_tiles.py"
+SV = "tests/test_svd_delta_linear.py tests/test_triton_gpu_tiles.py"
+HM = "tests/test_head_mixing_attention.py tests/test_triton_gpu_tiles.py"
+LR = "tests/test_lowrank_linear.py tests/test_triton_gpu_tiles.py"
+COEFF = "tests/test_coeff_layers.py tests/test_gradient_checkpointing.py tests/test_methods.py tests/test_timm_apply.py"
+
+
+class Mutant(NamedTuple):
+    name: str
+    path: str
+    old: str
+    new: str
+    tests: str  # pytest arguments
+    breaks: str
+
+
+MUTANTS = [
+    # Triton kernels (run in the interpreter)
+    Mutant("T1", "triton_kernels/rescaled_linear.py", "tl.sum(t * b[None, :], axis=1)", "tl.sum(t, axis=1)",
+           RL + " -k triton", "ds_l epilogue loses its S_r factor"),
+    Mutant("T2", "triton_kernels/rescaled_linear.py",
+           "        w_ptrs += BLOCK_N * stride_wn\n        sl_ptrs += BLOCK_N * stride_sln\n",
+           "        w_ptrs += BLOCK_N * stride_wn\n", RL + " -k triton",
+           "gx uses the first S_l block for every N block"),
+    Mutant("T3", "triton_kernels/rescaled_linear.py", "m_end = tl.minimum(M, m_start + M_CHUNK)",
+           "m_end = tl.minimum(M, m_start + M_CHUNK + BLOCK_M)", RL + " -k triton",
+           "M chunks of the scale gradients overlap"),
+    Mutant("T5", "triton_kernels/svd_delta_linear.py",
+           "scaled_u = (u.to(acc_dtype) * d.to(acc_dtype)[None, :]).to(u.dtype)", "scaled_u = u",
+           SV + " -k triton", "W_eff ignores d"),
+    Mutant("T6", "triton_kernels/head_mixing_attention.py",
+           '        shift = tl.where(new_max == float("-inf"), 0.0, new_max)\n', "        shift = new_max\n",
+           HM + " -k triton", "NaN when a row's first key block is fully masked (left padding)"),
+    Mutant("T7", "triton_kernels/head_mixing_attention.py",
+           "start = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M if IS_CAUSAL else 0",
+           "start = (pid_n * BLOCK_N // BLOCK_M + 1) * BLOCK_M if IS_CAUSAL else 0", HM + " -k triton",
+           "causal dK/dV skip the diagonal query block"),
+    Mutant("T8", "triton_kernels/lowrank_linear.py", "            mask_r = offs_r < R - r0\n",
+           "            mask_r = offs_r < R\n", LR + " -k triton", "ranks > 64 read past the factors"),
+    Mutant("T9", "triton_kernels/head_mixing_attention.py",
+           "            z += tl.where(heads[:, None] == h, z_h[None, :], 0.0)\n",
+           "            z += tl.where(heads[None, :] == h, z_h[:, None], 0.0)\n", HM + " -k triton",
+           "dmix transposed for H <= 4"),
+    # C++ kernels (rebuilt)
+    Mutant("C1", "csrc/head_mixing_attention.cpp",
+           "if (new_max > running_max[r] && running_max[r] != kNegInf) sums[r] *= ",
+           "if (false) sums[r] *= ", HM + " -k cpu", "online softmax sums not rescaled to a new max"),
+    Mutant("C2", "csrc/head_mixing_attention.cpp", "std::exp(chunk_shift[r] - running_max[r]) / sums[r]",
+           "T(1) / sums[r]", HM + " -k cpu", "key chunks not brought to the final row max"),
+    Mutant("C3", "csrc/rescaled_linear.cpp", "        if (n0 == 0) {\n          at::mm_out(gx, gy_cols, w_mod);",
+           "        if (n0 <= n_step) {\n          at::mm_out(gx, gy_cols, w_mod);",
+           RL + " tests/test_ctest.py -k 'cpu or ctest'", "gx's second N block overwrites the first"),
+    Mutant("C4", "csrc/svd_delta_linear.cpp", "u.narrow(0, n0, nb).to(acc)", "u.narrow(0, 0, nb).to(acc)",
+           "tests/test_svd_delta_linear.py", "dd takes block 0's rows of U for every block of G"),
+    Mutant("C5", "csrc/lowrank_linear.cpp", "      ga = p.mul_(g->mul(scaling));", "      ga = p.mul_(scaling);",
+           LR + " -k cpu", "dA ignores a diagonal G"),
+    Mutant("C6", "csrc/rescaled_linear_avx512.cpp", "(1u << std::max<int64_t>(count, 0)) - 1u",
+           "(1u << std::max<int64_t>(count - 1, 0)) - 1u",
+           "tests/test_rescaled_linear.py tests/test_ctest.py -k 'cpu or ctest'",
+           "AVX-512 tails drop their last lane"),
+    Mutant("C7", "csrc/head_mixing_gemm.cpp",
+           "      for (; i < rows; ++i) accumulate_block<1, 4>(a_step + i, lda, b_cols, ldb, step_keys, "
+           "c_cols + i * ldc, ldc);\n",
+           "", HM + " -k cpu", "O += M V skips an odd last query row"),
+    Mutant("C8", "csrc/head_mixing_attention.cpp", "dmix.addmm_(flat2d(t), flat2d(s).t());",
+           "dmix.addmm_(flat2d(s), flat2d(t).t());", HM + " -k cpu", "dmix transposed"),
+    # Python: references, layers, integrations, tools
+    Mutant("P1", "python/subspace_ops/nn/svd.py",
+           "chosen = torch.arange(sigma.numel() - k, sigma.numel(), device=sigma.device)",
+           "chosen = torch.arange(0, k, device=sigma.device)", "tests/test_svd_layers.py",
+           "SiVA tunes the largest singular values instead of the smallest"),
+    Mutant("P2", "python/subspace_ops/reference.py",
+           "(gram - torch.diag(torch.diagonal(gram))).square().sum()",
+           "(gram - torch.diag(torch.diagonal(gram))).abs().sum()", "tests/test_reference.py tests/test_methods.py",
+           "MPC_d's second term not squared"),
+    Mutant("P3", "python/subspace_ops/reference.py",
+           "head = int(torch.searchsorted(share, torch.tensor(perc, dtype=share.dtype) - 1e-12).item()) + 1",
+           "head = int(torch.searchsorted(share, torch.tensor(perc, dtype=share.dtype) - 1e-12).item())",
+           "tests/test_reference.py tests/test_svd_layers.py", "SiVA's perc rule off by one"),
+    Mutant("P4", "python/subspace_ops/reference.py", "right = torch.cat([v[:, :r] + b, v[:, r:]], dim=1)",
+           "right = torch.cat([v[:, :r] - b, v[:, r:]], dim=1)", "tests/test_reference.py tests/test_methods.py",
+           "Spectral Adapter's V update sign"),
+    Mutant("P5", "python/subspace_ops/checkpoint.py", "            live.copy_(saved)\n", "            pass\n",
+           "tests/test_checkpoint.py", "a failed adapter load is not rolled back"),
+    Mutant("P6", "python/subspace_ops/nn/rescaled.py", "            row, index = row + size, index + 1\n",
+           "            row, index = row + size, index\n", "tests/test_rescaled_layers.py tests/test_methods.py",
+           "k and v of a fused qkv share one input scale"),
+    Mutant("P7", "python/subspace_ops/nn/lowrank.py", "(weight_sq + (2.0 * scaling) * cross",
+           "(weight_sq + (1.0 * scaling) * cross", "tests/test_lowrank_layers.py tests/test_methods.py",
+           "DoRA's row norm expansion"),
+    Mutant("P8", "python/subspace_ops/nn/base.py", "                self.bias.data = bias.to(self.bias.dtype)\n",
+           "                pass\n",
+           "tests/test_rescaled_layers.py tests/test_svd_layers.py tests/test_lowrank_layers.py",
+           "merge() drops the merged bias"),
+    Mutant("P9", "python/subspace_ops/reference.py", "return eye + F.dropout(alpha, dropout_p, training)",
+           "return eye + F.dropout(alpha, dropout_p, True)", "tests/test_reference.py tests/test_coeff_layers.py",
+           "Coeff's dropout on alpha also in eval"),
+    Mutant("P10", "python/subspace_ops/backends.py", "        requested = os.environ.get(ENV_VAR) or None\n",
+           "        requested = None\n", "tests/test_rescaled_linear.py -k 'env or backend'",
+           "SUBSPACE_OPS_BACKEND ignored"),
+    Mutant("P12", "python/subspace_ops/transformers.py",
+           "        attention_mask = attention_mask[:, :, :, : key.shape[2]]\n", "        pass\n", COEFF,
+           "a mask wider than the keys (static cache) is not cut"),
+    Mutant("P13", "python/subspace_ops/transformers.py", "return states.repeat_interleave(heads // kv_heads, dim=1)",
+           "return states.repeat(1, heads // kv_heads, 1, 1)", COEFF, "GQA pairs query heads with the wrong kv heads"),
+    Mutant("P14", "python/subspace_ops/methods.py", "        total = term if total is None else total + term\n",
+           "        total = term\n", "tests/test_methods.py tests/test_lowrank_layers.py",
+           "mpc_loss keeps only the last layer"),
+    Mutant("P15", "python/subspace_ops/transformers.py", "        model.set_attn_implementation(previous)\n",
+           "        pass\n", COEFF, "detach_head_mix leaves the coeff attention function on"),
+    Mutant("P16", "python/subspace_ops/nn/attention.py", "        q, k = self.q_norm(q), self.k_norm(k)\n", "", COEFF,
+           "timm qk_norm skipped"),
+    Mutant("P18", "python/subspace_ops/nn/attention.py", "        if gate is not None:\n            x = x * gate\n", "",
+           COEFF, "timm's gated attention output not gated"),
+    Mutant("P19", "python/subspace_ops/cli.py", "    return 0 if all(o.passed for o in outcomes) else 1\n",
+           "    return 0\n", "tests/test_verify.py", "verify exits 0 on a failure"),
+    Mutant("P20", "python/subspace_ops/bench/harness.py", "r.ratio = r.median_ms / timing[base][0]",
+           "r.ratio = timing[base][0] / r.median_ms", "tests/test_bench_cli.py", "bench ratios inverted"),
+    Mutant("P21", "python/subspace_ops/ops/head_mixing_attention.py",
+           "scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None", "scale = 1.0 / q.shape[-1] if scale is None",
+           "tests/test_head_mixing_attention.py tests/test_coeff_layers.py", "default softmax scale"),
+    Mutant("P22", "python/subspace_ops/nn/rescaled.py", "    nn.init.kaiming_uniform_(vector, a=math.sqrt(5))\n",
+           "    nn.init.kaiming_uniform_(vector, a=0.0)\n", "tests/test_rescaled_layers.py", "RLRR's official init"),
+    Mutant("P23", "python/subspace_ops/methods.py", '"scaled_parts": (False, True, True)}',
+           '"scaled_parts": (True, True, True)}', "tests/test_methods.py tests/test_gpt2_conv1d.py",
+           "(IA)3/SSL/SSB on a fused qkv also scale q"),
+    Mutant("P24", "python/subspace_ops/nn/svd.py",
+           "        if fingerprint.shape != self.fingerprint.shape or not torch.allclose(",
+           "        if False and not torch.allclose(", "tests/test_svd_layers.py tests/test_checkpoint.py",
+           "an SVD adapter loads onto other weights"),
+    Mutant("P25", "python/subspace_ops/checkpoint.py",
+           '        if len(a["sums"]) != len(b["sums"]) or max(diffs) > tol:',
+           "        if False:", "tests/test_checkpoint.py", "a checkpoint loads onto other base weights"),
+    Mutant("P26", "python/subspace_ops/nn/rescaled.py", ".normal_(1.0, 0.02))", ".normal_(1.0, 0.2))",
+           "tests/test_rescaled_layers.py", "SSF's official init"),
+]
+
+
+def _run(cmd: str) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, shell=True, cwd=ROOT, capture_output=True, text=True, check=False)
+
+
+def _rebuild() -> None:
+    built = _run(f"{sys.executable} -m pip install -q --no-build-isolation --no-deps -e .")
+    if built.returncode:
+        raise RuntimeError(f"rebuild failed:\n{built.stdout[-2000:]}{built.stderr[-2000:]}")
+
+
+def check(mutant: Mutant) -> str:
+    """'killed', 'survived' or an error; the file is restored (and csrc rebuilt by the caller)."""
+    path = ROOT / mutant.path
+    source = path.read_text()
+    if source.count(mutant.old) != 1:
+        return f"error: the text to mutate occurs {source.count(mutant.old)} times in {mutant.path}"
+    path.write_text(source.replace(mutant.old, mutant.new))
+    try:
+        if mutant.path.startswith("csrc/"):
+            _rebuild()
+        result = _run(f"{sys.executable} -m pytest -x -q -p no:cacheprovider {mutant.tests}")
+    finally:
+        path.write_text(source)
+    if result.returncode == 1:
+        return "killed"
+    if result.returncode == 0:
+        return "survived"
+    return f"error: pytest exit status {result.returncode}: {result.stdout[-300:]}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("names", nargs="*", help="mutants to run (default: all)")
+    parser.add_argument("--list", action="store_true", help="list the mutants and exit")
+    args = parser.parse_args()
+    by_name = {m.name: m for m in MUTANTS}
+    if args.list:
+        for m in MUTANTS:
+            print(f"{m.name:4} {m.path}: {m.breaks}")
+        return 0
+    unknown = [n for n in args.names if n not in by_name]
+    if unknown:
+        parser.error(f"unknown mutant(s) {unknown}; --list shows them")
+    chosen = [by_name[n] for n in args.names] or MUTANTS
+    dirty = _run("git status --porcelain -- " + " ".join(sorted({m.path for m in chosen}))).stdout.strip()
+    if dirty:
+        parser.error(f"uncommitted changes in files to mutate (commit or stash them first):\n{dirty}")
+    outcomes = {}
+    try:
+        for m in chosen:
+            start = time.perf_counter()
+            outcomes[m.name] = check(m)
+            print(f"{m.name:4} {outcomes[m.name]:<9} {time.perf_counter() - start:5.0f} s  {m.breaks}", flush=True)
+    finally:
+        if any(m.path.startswith("csrc/") for m in chosen):
+            _rebuild()  # the extension again from the restored sources
+    survived = [n for n, o in outcomes.items() if o != "killed"]
+    print(f"{len(outcomes) - len(survived)}/{len(outcomes)} mutants killed" +
+          (f"; not killed: {survived}" if survived else ""))
+    return 1 if survived else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
