@@ -161,6 +161,33 @@ MUTANTS = [
            "        if False:", "tests/test_checkpoint.py", "a checkpoint loads onto other base weights"),
     Mutant("P26", "python/subspace_ops/nn/rescaled.py", ".normal_(1.0, 0.02))", ".normal_(1.0, 0.2))",
            "tests/test_rescaled_layers.py", "SSF's official init"),
+    # The PeftModel-like wrapper and the Triton backend's chunked head-mixing strategy
+    Mutant("P27", "python/subspace_ops/peft_model.py",
+           "{n: p.detach().clone() for n, p in live.items()}", "{n: p.detach() for n, p in live.items()}",
+           "tests/test_peft_model.py", "set_adapter stores views that the next adapter overwrites"),
+    Mutant("P28", "python/subspace_ops/peft_model.py", "                        original.bias = m.bias\n",
+           "                        pass\n", "tests/test_peft_model.py",
+           "merge_and_unload drops a merged bias the Linear did not have"),
+    Mutant("P29", "python/subspace_ops/peft_model.py",
+           "                unmerge_all(model)\n                raise ValueError(f\"safe_merge",
+           "                raise ValueError(f\"safe_merge", "tests/test_peft_model.py",
+           "safe_merge leaves the model merged with inf/NaN"),
+    Mutant("P30", "python/subspace_ops/peft_model.py",
+           "            for module, attr, p in reversed(swapped_params):\n"
+           "                module._parameters[attr] = p\n",
+           "", "tests/test_peft_model.py", "disable_adapter leaves the base weights swapped in"),
+    Mutant("P31", "triton_kernels/head_mixing_chunked.py", 's.masked_fill(cols > rows, float("-inf"))',
+           's.masked_fill(cols >= rows, float("-inf"))', "tests/test_head_mixing_attention.py -k chunked",
+           "chunked causal mask hides the diagonal"),
+    Mutant("P32", "triton_kernels/head_mixing_chunked.py",
+           '        lse_rows = lse_rows.masked_fill(lse_rows == float("-inf"), float("inf"))\n', "",
+           "tests/test_head_mixing_attention.py -k chunked", "chunked: NaN on fully masked rows"),
+    Mutant("P33", "triton_kernels/head_mixing_chunked.py", "        dk += scale * (ds.transpose(-1, -2)",
+           "        dk = scale * (ds.transpose(-1, -2)", "tests/test_head_mixing_attention.py -k chunked",
+           "chunked dK keeps only the last query chunk"),
+    Mutant("P34", "triton_kernels/head_mixing_chunked.py", 'return "fused" if row_bytes <= limit else "chunked"',
+           'return "fused"', "tests/test_head_mixing_attention.py -k 'chunked or strategy'",
+           "LLaMA-size heads sent to the fused kernels (shared-memory overflow on sm_90)"),
 ]
 
 

@@ -176,6 +176,34 @@ def test_merge_and_unload(method):
         peft_model.set_adapter("default")
 
 
+def test_merge_and_unload_gives_a_bias_to_a_linear_that_had_none():
+    """RLRR's shift merges into the bias; a qkv built without one gets it on the original module."""
+    torch.manual_seed(0)
+    model = timm.models.vision_transformer.VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=10, qkv_bias=False).eval()
+    qkv = model.blocks[0].attn.qkv
+    assert qkv.bias is None
+    peft_model = get_peft_model(model, config("rlrr"))
+    perturb(peft_model)
+    expected = peft_model(X)
+    plain = peft_model.merge_and_unload()
+    assert plain.blocks[0].attn.qkv is qkv and qkv.bias is not None
+    torch.testing.assert_close(plain(X), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_safe_merge_with_non_finite_weights_changes_nothing():
+    """safe_merge=True: a merge that would write inf/NaN is undone before the error."""
+    peft_model = get_peft_model(tiny_vit(), config("rlrr"))
+    perturb(peft_model)
+    with torch.no_grad():
+        peft_model.base_model.blocks[1].mlp.fc1.s_l[0] = float("inf")
+    before = snapshot(peft_model.base_model)
+    with pytest.raises(ValueError, match="safe_merge: non-finite"):
+        peft_model.merge_and_unload(safe_merge=True)
+    assert_unchanged(peft_model.base_model, before)
+    assert not any(getattr(m, "merged", False) for m in peft_model.base_model.modules())
+
+
 @pytest.mark.parametrize("method", list(NOT_MERGEABLE))
 def test_merge_and_unload_refuses_non_mergeable_methods(method):
     peft_model = get_peft_model(tiny_vit(), config(method))
