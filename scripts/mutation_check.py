@@ -188,6 +188,12 @@ MUTANTS = [
     Mutant("P34", "triton_kernels/head_mixing_chunked.py", 'return "fused" if row_bytes <= limit else "chunked"',
            'return "fused"', "tests/test_head_mixing_attention.py -k 'chunked or strategy'",
            "LLaMA-size heads sent to the fused kernels (shared-memory overflow on sm_90)"),
+    # Distributed
+    Mutant("P35", "python/subspace_ops/adapters.py", "nn.Parameter(weight.detach().contiguous(),",
+           "nn.Parameter(weight.detach(),", "tests/test_gpt2_conv1d.py tests/test_distributed.py",
+           "Conv1D weight views stay non-contiguous (FSDP2 refuses them)"),
+    Mutant("P36", "python/subspace_ops/checkpoint.py", "        t = t.full_tensor()\n", "        t = t.to_local()\n",
+           "tests/test_distributed.py", "an FSDP2 save writes one rank's shard"),
 ]
 
 
