@@ -188,6 +188,11 @@ MUTANTS = [
     Mutant("P34", "triton_kernels/head_mixing_chunked.py", 'return "fused" if row_bytes <= limit else "chunked"',
            'return "fused"', "tests/test_head_mixing_attention.py -k 'chunked or strategy'",
            "LLaMA-size heads sent to the fused kernels (shared-memory overflow on sm_90)"),
+    # PEFT's own layers accelerated in place (subspace_ops.peft)
+    Mutant("P37", "python/subspace_ops/peft.py", "            bias = None if bias is None else bias * scale\n", "",
+           "tests/test_peft_accelerate.py", "PEFT (IA)3 on attention: the output scale skips the bias"),
+    Mutant("P38", "python/subspace_ops/peft.py", "dropout_p=p, training=dropout.training,",
+           "dropout_p=p, training=True,", "tests/test_peft_accelerate.py", "PEFT LoRA dropout also in eval"),
     # Distributed
     Mutant("P35", "python/subspace_ops/adapters.py", "nn.Parameter(weight.detach().contiguous(),",
            "nn.Parameter(weight.detach(),", "tests/test_gpt2_conv1d.py tests/test_distributed.py",
