@@ -325,3 +325,14 @@ def test_flex_attention_on_cpu_times_its_forward_and_names_why_fwd_bwd_is_skippe
     assert by_mode["forward"].status == "ok" and by_mode["forward"].median_ms > 0, by_mode["forward"]
     assert by_mode["fwd+bwd"].status == "skipped"
     assert by_mode["fwd+bwd"].note == "skipped: ValueError: FlexAttention has no backward on CPU"
+
+
+def test_no_compile_leaves_out_the_compile_variants(tmp_path, capsys):
+    """--no-compile (for a GPU run on a time budget): every variant but the torch.compile ones."""
+    out = tmp_path / "r.json"
+    status = main(["bench", "rescaled-linear", "--shape", "8,16,24", "--repeats", "1", "--warmup", "1",
+                   "--device", "cpu", "--no-memory", "--no-compile", "--json", str(out)])
+    assert status == 0, capsys.readouterr().err
+    names = {r["variant"] for r in json.loads(out.read_text())["results"]}
+    expected = {v.name for v in CASES["rescaled-linear"].make_variants(None)} - {"naive+compile"}
+    assert names == expected and "naive" in names

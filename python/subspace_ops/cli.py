@@ -106,6 +106,8 @@ def _build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     bench.add_argument("--methods", metavar="NAMES",
                        help="e2e cases: comma-separated registry methods to time (default: rlrr,coeff,siva,lora)")
     bench.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    bench.add_argument("--no-compile", action="store_true",
+                       help="leave out the torch.compile variants (compiling a whole model takes minutes on a GPU)")
     bench.add_argument("--json", metavar="PATH", help="write the results (and run metadata) as JSON")
     bench.add_argument("--csv", metavar="PATH", help="write the results as CSV")
     bench.add_argument("--plot", metavar="PNG", help="draw bar charts of time ratio and peak memory (needs matplotlib)")
@@ -217,6 +219,9 @@ def _bench(args: argparse.Namespace, bench: argparse.ArgumentParser) -> int:
         except ValueError as exc:
             bench.error(f"argument --methods: {exc}")
         variants = {case.name: case.make_variants(args.backend, methods=chosen) for case in cases}
+    if args.no_compile:
+        variants = {case.name: [v for v in variants.get(case.name) or case.make_variants(args.backend)
+                                if "compile" not in v.name] for case in cases}
 
     shapes = {}
     for case in cases:
