@@ -38,10 +38,10 @@ def config(method: str, **fields) -> methods.MethodConfig:
     return methods.get_config(name, **fields)
 
 
-def tiny_vit(seed: int = 0) -> nn.Module:
+def tiny_vit(seed: int = 0, **options) -> nn.Module:
     torch.manual_seed(seed)
     return timm.models.vision_transformer.VisionTransformer(
-        img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=10).eval()
+        img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=10, **options).eval()
 
 
 def perturb(model: nn.Module, seed: int = 1) -> None:
@@ -178,9 +178,7 @@ def test_merge_and_unload(method):
 
 def test_merge_and_unload_gives_a_bias_to_a_linear_that_had_none():
     """RLRR's shift merges into the bias; a qkv built without one gets it on the original module."""
-    torch.manual_seed(0)
-    model = timm.models.vision_transformer.VisionTransformer(
-        img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=10, qkv_bias=False).eval()
+    model = tiny_vit(qkv_bias=False)
     qkv = model.blocks[0].attn.qkv
     assert qkv.bias is None
     peft_model = get_peft_model(model, config("rlrr"))

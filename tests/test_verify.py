@@ -51,7 +51,6 @@ def test_error_and_bound_counts_missing_gradients_as_failures():
     assert error_and_bound(None, None) == (0.0, 0.0)
 
 
-
 def test_tolerance_rule_numbers():
     """The rule: error ≤ 2 × (the reference's own error in that dtype) + ABS_FLOOR[dtype] × max(1, max |truth|),
     pinned from both sides in bf16 (so that loosening the factor or the floor fails here)."""
