@@ -6,7 +6,7 @@ extension if the mutant is in csrc/, runs the tests that should catch it, and pu
 (also on Ctrl-C). A mutant is *killed* when those tests fail; a *surviving* mutant is a bug the suite
 would let through: add a test that kills it, then list it here.
 
-    python scripts/mutation_check.py              # all (~25 min on 2 cores: each csrc/ mutant rebuilds)
+    python scripts/mutation_check.py              # all (~28 min on 2 cores: each csrc/ mutant rebuilds)
     python scripts/mutation_check.py T6 C4        # some
     python scripts/mutation_check.py --list
 
@@ -31,6 +31,9 @@ SV = "tests/test_svd_delta_linear.py tests/test_triton_gpu_tiles.py"
 HM = "tests/test_head_mixing_attention.py tests/test_triton_gpu_tiles.py"
 LR = "tests/test_lowrank_linear.py tests/test_triton_gpu_tiles.py"
 COEFF = "tests/test_coeff_layers.py tests/test_gradient_checkpointing.py tests/test_methods.py tests/test_timm_apply.py"
+PA = "tests/test_peft_accelerate.py"
+PEFT = "python/subspace_ops/peft.py"
+VERIFY = "python/subspace_ops/verify.py"
 
 
 class Mutant(NamedTuple):
@@ -189,10 +192,64 @@ MUTANTS = [
            'return "fused"', "tests/test_head_mixing_attention.py -k 'chunked or strategy'",
            "LLaMA-size heads sent to the fused kernels (shared-memory overflow on sm_90)"),
     # PEFT's own layers accelerated in place (subspace_ops.peft)
-    Mutant("P37", "python/subspace_ops/peft.py", "            bias = None if bias is None else bias * scale\n", "",
-           "tests/test_peft_accelerate.py", "PEFT (IA)3 on attention: the output scale skips the bias"),
-    Mutant("P38", "python/subspace_ops/peft.py", "dropout_p=p, training=dropout.training,",
-           "dropout_p=p, training=True,", "tests/test_peft_accelerate.py", "PEFT LoRA dropout also in eval"),
+    Mutant("P37", PEFT, "            bias = None if bias is None else bias * scale\n", "", PA,
+           "PEFT (IA)3 on attention: the output scale skips the bias"),
+    Mutant("P38", PEFT, "dropout_p=p, training=dropout.training,", "dropout_p=p, training=True,", PA,
+           "PEFT LoRA dropout also in eval"),
+    Mutant("P41", PEFT, "scaling=float(self.scaling[name]), dropout_p=p,",
+           "scaling=float(self.scaling[name]), dropout_p=0.0,", PA, "PEFT LoRA dropout dropped"),
+    Mutant("P42", PEFT, "                scaling=float(self.scaling[name])", "                scaling=1.0", PA,
+           "PEFT LoRA scaling (lora_alpha / r) dropped"),
+    Mutant("P43", PEFT, "if self.is_feedforward:  # base(x", "if not self.is_feedforward:  # base(x", PA,
+           "PEFT (IA)3 feedforward and attention layers swapped"),
+    Mutant("P44", PEFT, "weight = base.weight.t() if self.fan_in_fan_out else base.weight", "weight = base.weight",
+           PA, "GPT-2 Conv1D base weight read untransposed"),
+    Mutant("P45", PEFT, "        dtype = compute_dtype(x, base.weight)\n", "        dtype = base.weight.dtype\n", PA,
+           "autocast ignored by the accelerated layers"),
+    Mutant("P46", PEFT, '    if layer.disable_adapters:\n        return "adapters are disabled"\n', "", PA,
+           "disable_adapter() still runs the adapter"),
+    Mutant("P47", PEFT, "    if layer.merged:\n", "    if False:\n", PA, "a merged adapter is added a second time"),
+    Mutant("P48", PEFT, "    if args or any(v is not None for v in kwargs.values()):", "    if args:", PA,
+           "adapter_names= (mixed batches) ignored"),
+    Mutant("P49", PEFT, "    if variant is not None or layer.use_dora.get(name, False):", "    if False:", PA,
+           "DoRA (a LoRA variant) run as plain LoRA"),
+    Mutant("P50", PEFT, "    if len(active) != 1:", "    if len(active) < 1:", PA,
+           "only the first of several active adapters applied"),
+    Mutant("P51", PEFT, "    if layer.lora_bias.get(name, False):", "    if False:", PA, "lora_bias dropped"),
+    Mutant("P52", PEFT, "    if (base._forward_hooks or base._forward_pre_hooks",
+           "    if (False and base._forward_hooks or base._forward_pre_hooks", PA,
+           "a base layer's hooks (e.g. an offload hook) not called"),
+    Mutant("P53", PEFT, "    if _global_module_hooks():", "    if False:", PA,
+           "global nn.Module hooks do not see the base layers"),
+    # Dropout masks from torch's RNG: what torch.manual_seed fixes and activation checkpointing replays
+    Mutant("P54", "python/subspace_ops/ops/lowrank_linear.py",
+           "    x_dropped = F.dropout(x, dropout_p, True) if training and dropout_p > 0 else None",
+           "    x_dropped = (x * (torch.rand(x.shape, generator=torch.Generator().manual_seed("
+           "__import__('random').getrandbits(62))) >= dropout_p) / (1 - dropout_p)) "
+           "if training and dropout_p > 0 else None",
+           "tests/test_gradient_checkpointing.py -k lora", "LoRA's dropout mask drawn from Python's RNG"),
+    Mutant("P55", "python/subspace_ops/reference.py", "    return eye + F.dropout(alpha, dropout_p, training)",
+           "    return eye + ((alpha * (torch.rand(alpha.shape, generator=torch.Generator().manual_seed("
+           "__import__('random').getrandbits(62))) >= dropout_p) / (1 - dropout_p)) "
+           "if training and dropout_p > 0 else alpha)",
+           "tests/test_gradient_checkpointing.py -k coeff", "Coeff's dropout on alpha drawn from Python's RNG"),
+    # subspace-ops verify: what it compares
+    Mutant("P56", VERIFY, "                    for name, t in truth.items():",
+           "                    for name, t in list(truth.items())[:1]:", "tests/test_verify.py",
+           "verify: gradients not compared"),
+    Mutant("P57", VERIFY, "                    outcome.passed = False\n", "", "tests/test_verify.py",
+           "verify: a crashing kernel passes"),
+    Mutant("P58", VERIFY,
+           "    return [d for d in requested if not (interpreted and d in (torch.float16, torch.bfloat16))]",
+           "    return [d for d in requested if d == torch.float32]", "tests/test_verify.py",
+           "verify: bfloat16 never checked"),
+    Mutant("P59", VERIFY, 'truth = _forward_and_grads(check, "reference", torch.float64, device)',
+           'truth = _forward_and_grads(check, "reference", torch.float32, device)', "tests/test_verify.py",
+           "verify: the truth computed in float32"),
+    Mutant("P60", VERIFY,
+           "    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)",
+           "    grad_out = torch.ones(out.shape, dtype=torch.float64)", "tests/test_verify.py",
+           "verify: an upstream gradient of ones (blind to mixed-up rows)"),
     # The tolerance rule every comparison uses (subspace_ops.testing)
     Mutant("P39", "python/subspace_ops/testing.py", "bound += 2.0 * max_error(", "bound += 20.0 * max_error(",
            "tests/test_verify.py", "tolerance: 20x the reference's own low-precision error"),

@@ -308,6 +308,33 @@ def test_state_changes_after_accelerate_fall_back_to_peft(monkeypatch):
     assert counts["lora"] == 3  # back on the fused path
 
 
+def test_global_module_hooks_see_peft_base_layers(monkeypatch):
+    """A global nn.Module hook (a profiler, a debugging tool) registered after accelerate must see
+    each base layer's call, as it does under PEFT: the accelerated layers run PEFT's forward while one
+    is registered, and the fused op again once it is removed."""
+    pytest.importorskip("subspace_ops.ops.lowrank_linear")
+    from torch.nn.modules.module import register_module_forward_hook
+
+    reference = _peft_model(_lora()).eval()
+    model = copy.deepcopy(reference)
+    sop_peft.accelerate(model)
+    counts = _count_fused_calls(monkeypatch)
+    monkeypatch.setattr(sop_peft, "_WARNED", set())
+    base_layers = {id(m.base_layer): n for n, m in model.named_modules() if hasattr(m, "base_layer")}
+    assert len(base_layers) == 3
+    x, seen = X(), []
+    handle = register_module_forward_hook(
+        lambda module, *_: seen.append(base_layers[id(module)]) if id(module) in base_layers else None)
+    try:
+        with pytest.warns(RuntimeWarning, match="global nn.Module hooks"):
+            _assert_same(_run(model, x), _run(reference, x))
+    finally:
+        handle.remove()
+    assert sorted(seen) == sorted(base_layers.values()) and counts["lora"] == 0
+    _assert_same(_run(model, x), _run(reference, x))
+    assert counts["lora"] == 3
+
+
 def test_restore_state_dict_copy_and_pickle():
     reference = _peft_model(_ia3())
     model = copy.deepcopy(reference)

@@ -15,27 +15,78 @@ def test_verify_passes_on_the_cpu_backend(capsys):
     assert {line.split()[0] for line in out.splitlines()[1:-1]} == {c.op for c in verify.CHECKS}
 
 
-def test_verify_reports_a_wrong_kernel(monkeypatch, capsys):
+def _with_cpu_extension(monkeypatch, **overrides):
+    """Serve the cpu backend's kernels from the extension with some functions replaced; returns the real one."""
     from subspace_ops.backends import cpu_extension
 
     ext = cpu_extension()
 
-    class Broken:  # the extension with forwards that are off by a little (eager: the C++ autograd node)
+    class Patched:
         def __getattr__(self, name):
-            return getattr(ext, name)
+            return overrides[name] if name in overrides else getattr(ext, name)
 
-        @staticmethod
-        def rescaled_linear_forward(*args):
-            return ext.rescaled_linear_forward(*args) * (1 + 1e-3)
+    monkeypatch.setattr("subspace_ops.ops._dispatch.cpu_extension", lambda: Patched())
+    return ext
 
-        @staticmethod
-        def rescaled_linear_autograd(*args):
-            return ext.rescaled_linear_autograd(*args) * (1 + 1e-3)
 
-    monkeypatch.setattr("subspace_ops.ops._dispatch.cpu_extension", lambda: Broken())
+def test_verify_reports_a_wrong_kernel(monkeypatch, capsys):
+    # both forward entry points off by a little (the registered op's and the eager C++ autograd node)
+    ext = _with_cpu_extension(
+        monkeypatch,
+        rescaled_linear_forward=lambda *args: ext.rescaled_linear_forward(*args) * (1 + 1e-3),
+        rescaled_linear_autograd=lambda *args: ext.rescaled_linear_autograd(*args) * (1 + 1e-3),
+    )
     assert cli.main(["verify", "--backend", "cpu", "--dtype", "float32", "--op", "rescaled_linear"]) == 1
     out = capsys.readouterr().out
     assert "FAIL" in out and "rescaled_linear" in out
+
+
+def test_verify_checks_gradients_with_a_random_upstream_gradient(monkeypatch, capsys):
+    """A backward that pairs the upstream gradient's rows with the wrong tokens: the forward is right,
+    and a gradient of ones (the same in every row) would not show it."""
+    ext = _with_cpu_extension(
+        monkeypatch, lowrank_linear_backward=lambda grad_y, *rest: ext.lowrank_linear_backward(grad_y.flip(0), *rest))
+    assert cli.main(["verify", "--backend", "cpu", "--dtype", "float32", "--op", "lowrank_linear"]) == 1
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("lowrank_linear")]
+    assert rows and all("FAIL" in row for row in rows)
+    assert all(row[row.index("FAIL") + 1] != "out" for row in rows)  # the worst error is a gradient's
+
+
+def test_verify_reports_a_crashing_kernel(monkeypatch, capsys):
+    def crash(*args):
+        raise RuntimeError("kernel exploded")
+
+    _with_cpu_extension(monkeypatch, lowrank_linear_forward=crash)
+    assert cli.main(["verify", "--backend", "cpu", "--dtype", "float32", "--op", "lowrank_linear"]) == 1
+    out = capsys.readouterr().out
+    assert "ERROR" in out and "kernel exploded" in out and "PASS" not in out
+
+
+def test_verify_default_dtypes_and_float64_truth(monkeypatch):
+    """By default each fused backend is checked in float32 and bfloat16 (float32 only for Triton's
+    CPU interpreter), every time against the op's float64 reference."""
+    calls = []
+    original = verify._forward_and_grads
+
+    def recording(check, backend, dtype, device):
+        calls.append((check.config, backend, dtype))
+        return original(check, backend, dtype, device)
+
+    monkeypatch.setattr(verify, "_forward_and_grads", recording)
+    outcomes = verify.run_checks(device="cpu", backends=["cpu"], ops=["lowrank_linear"])
+    assert all(o.passed for o in outcomes)
+    configs = [c.config for c in verify.CHECKS if c.op == "lowrank_linear"]
+    assert sorted((o.config, o.dtype) for o in outcomes) == sorted(
+        (c, d) for c in configs for d in ("bfloat16", "float32"))
+    for config in configs:
+        assert (config, "reference", torch.float64) in calls
+        assert {(b, d) for c, b, d in calls if c == config} == {
+            ("reference", torch.float64), ("reference", torch.float32), ("reference", torch.bfloat16),
+            ("cpu", torch.float32), ("cpu", torch.bfloat16)}
+    cpu = torch.device("cpu")
+    assert verify._dtypes_for("triton", cpu, (torch.float32, torch.bfloat16)) == [torch.float32]
+    assert verify._dtypes_for("triton", torch.device("cuda"), (torch.float32, torch.bfloat16)) == [
+        torch.float32, torch.bfloat16]
 
 
 def test_verify_rejects_unknown_op(capsys):
