@@ -279,6 +279,27 @@ def test_same_shapes_other_method_is_refused(tmp_path):
     _assert_bit_identical(other, before)
 
 
+@pytest.mark.parametrize("method", ["ia3", "ssl", "ssb"])
+def test_other_fused_qkv_setting_is_named_in_the_error(method, tmp_path):
+    """(IA)³/SSL/SSB on timm's fused qkv: 'split' (k and v parts) and 'shared' (whole matrix) give
+    the scales other shapes; the refusal says which setting the file was saved with."""
+    from subspace_ops import methods
+
+    path = tmp_path / f"{method}.safetensors"
+    shared, _ = methods.apply(_vit(), method, fused_qkv="shared")
+    save_adapter(shared, path, method=method, config={"fused_qkv": "shared"})
+    split, _ = methods.apply(_vit(), method)
+    before = _snapshot(split)
+    with pytest.raises(AdapterLoadError, match=r"blocks\.0\.attn\.qkv is a fused qkv: .*config says fused_qkv='shared'"):
+        load_adapter(split, path)
+    _assert_bit_identical(split, before)
+    save_adapter(shared, path, method=method)  # no config (as files from before the split default)
+    with pytest.raises(AdapterLoadError, match="config does not say; .* used 'shared'"):
+        load_adapter(split, path)
+    matching, _ = methods.apply(_vit(), method, fused_qkv="shared")
+    load_adapter(matching, path)
+
+
 def test_a_failing_layer_check_is_rolled_back(saved, monkeypatch):
     """If a layer's own load_adapter_state refuses after others were copied, everything is restored."""
     from subspace_ops.nn import SVDLinear

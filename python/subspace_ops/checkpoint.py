@@ -429,12 +429,15 @@ def _check_against_model(tensors: dict[str, Tensor], meta: dict, model: nn.Modul
     if missing and strict:
         problems.append(f"adapter tensors of the model missing from the file: {_few(missing)}")
     meta["missing"] = missing
+    reshaped = []
     for name in sorted(set(tensors) & set(live)):
         src, dst = tensors[name], live[name]
         if tuple(src.shape) != tuple(dst.shape):
             problems.append(f"{name}: shape {tuple(src.shape)} in the file, {tuple(dst.shape)} in the model")
+            reshaped.append(name)
         elif not _castable(src.dtype, dst.dtype):
             problems.append(f"{name}: dtype {src.dtype} in the file cannot be loaded into {dst.dtype}")
+    problems += _fused_qkv_hint(reshaped, records, meta.get("config", {}))
 
     saved_layers = meta["layers"]
     for name in sorted(set(saved_layers) | set(records)):
@@ -453,6 +456,24 @@ def _check_against_model(tensors: dict[str, Tensor], meta: dict, model: nn.Modul
 
     problems += fingerprint_mismatches(meta["base_fingerprint"], base_fingerprint(model), strict=strict)
     return problems
+
+
+def _fused_qkv_hint(reshaped: list[str], records: dict[str, dict], config: Any) -> list[str]:
+    """The likely cause when the scales of (IA)³/SSL/SSB on a fused qkv do not fit: the file and the
+    model were adapted with different ``fused_qkv`` settings (whole matrix vs k and v parts)."""
+    from .adapters import FUSED_QKV_NAMES
+
+    for name in reshaped:
+        layer = name.rpartition(".")[0]
+        method = records.get(layer, {}).get("method")
+        if method in ("ia3", "ssl", "ssb") and layer.rpartition(".")[2] in FUSED_QKV_NAMES:
+            saved = config.get("fused_qkv") if isinstance(config, dict) else None
+            said = (f"its config says fused_qkv={saved!r}" if saved else
+                    "its config does not say; files from before 'split' became the default used 'shared'")
+            return [f"{layer} is a fused qkv: {method} scales its k and v parts with fused_qkv='split' (the "
+                    f"default) and the whole matrix with fused_qkv='shared'; adapt the model with the setting "
+                    f"the file was saved with ({said})"]
+    return []
 
 
 def load_adapter(
