@@ -233,6 +233,17 @@ MUTANTS = [
            "__import__('random').getrandbits(62))) >= dropout_p) / (1 - dropout_p)) "
            "if training and dropout_p > 0 else alpha)",
            "tests/test_gradient_checkpointing.py -k coeff", "Coeff's dropout on alpha drawn from Python's RNG"),
+    # torch.export: speed-only size comparisons must not guard a dynamic dimension
+    Mutant("P61", "python/subspace_ops/ops/svd_delta_linear.py",
+           "    tokens = size_for_choice(x.numel() // max(x.shape[-1], 1))\n",
+           "    tokens = x.numel() // max(x.shape[-1], 1)\n", "tests/test_export.py -k siva",
+           "export: the SVD path choice pins a dynamic batch"),
+    Mutant("P62", "python/subspace_ops/ops/rescaled_linear.py",
+           "    if size_for_choice(a.shape[0]) >= size_for_choice(b.shape[1]):", "    if a.shape[0] >= b.shape[1]:",
+           "tests/test_export.py -k ia3", "export: the separable path's operand choice pins a dynamic batch"),
+    Mutant("P63", "python/subspace_ops/nn/lowrank.py", "        return norm.detach() if self.detach_norm else norm",
+           "        with torch.set_grad_enabled(not self.detach_norm):\n            return norm * 1",
+           "tests/test_export.py -k dora", "export: DoRA's detached norm as a grad-mode switch"),
     # subspace-ops verify: what it compares
     Mutant("P56", VERIFY, "                    for name, t in truth.items():",
            "                    for name, t in list(truth.items())[:1]:", "tests/test_verify.py",

@@ -231,8 +231,10 @@ class DoRALinear(MergeableLinear):
     def row_norm(self, dtype: Optional[torch.dtype] = None) -> Tensor:
         """‖W + s·AB‖ per output row [N], in float32 or better (``dtype``'s promotion with float32)."""
         acc = _acc_dtype(dtype or self.weight.dtype)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.detach_norm):
-            return dora_row_norm(self.weight.to(acc), self.lora_a.to(acc), self.lora_b.to(acc), self.scaling)
+        norm = dora_row_norm(self.weight.to(acc), self.lora_a.to(acc), self.lora_b.to(acc), self.scaling)
+        # detach() rather than a no_grad block: torch.export records grad-mode switches as
+        # wrap_with_set_grad_enabled nodes, which its loader rejects (torch 2.14).
+        return norm.detach() if self.detach_norm else norm
 
     def merged_weight_and_bias(self) -> tuple[Tensor, Optional[Tensor]]:
         acc = _acc_dtype(self.weight.dtype)

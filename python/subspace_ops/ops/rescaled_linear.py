@@ -56,6 +56,7 @@ from .. import reference
 from .._validate import check_like, check_size, check_tensor
 from ..backends import resolve_backend_for
 from ._dispatch import kernel_module
+from ._sizes import size_for_choice
 
 __all__ = ["rescaled_linear", "choose_path", "cpu_stacked_max_tokens"]
 
@@ -118,7 +119,7 @@ def _scaled_matmul(a: Tensor, b: Tensor, scale: Optional[Tensor]) -> Tensor:
     two is smaller: a [M, L] or b [L, C], i.e. M vs C rows of L (a transient copy, never saved)."""
     if scale is None:
         return a @ b
-    if a.shape[0] >= b.shape[1]:
+    if size_for_choice(a.shape[0]) >= size_for_choice(b.shape[1]):
         return a @ (b * scale[:, None])
     return (a * scale) @ b
 
@@ -408,7 +409,8 @@ def _route(x: Tensor, s_l: Optional[Tensor], s_r: Optional[Tensor], residual: bo
     name = resolve_backend_for(backend, "cpu" if x.is_cpu else x.device.type)
     if name == "reference":
         return name, None, rank
-    return name, path or choose_path(residual, rank, x.dtype, x.numel() // max(x.shape[-1], 1), name), rank
+    tokens = size_for_choice(x.numel() // max(x.shape[-1], 1))
+    return name, path or choose_path(residual, rank, x.dtype, tokens, name), rank
 
 
 def _rank(s_l: Optional[Tensor], s_r: Optional[Tensor]) -> int:

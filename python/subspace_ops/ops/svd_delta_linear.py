@@ -36,6 +36,7 @@ from .. import reference
 from .._validate import check_like, check_size, check_tensor
 from ..backends import resolve_backend
 from ._dispatch import kernel_module
+from ._sizes import size_for_choice
 
 __all__ = ["svd_delta_linear", "choose_path", "keeps_merged_weight"]
 
@@ -190,7 +191,7 @@ def svd_delta_linear(
     name = resolve_backend(backend, x.device)
     if name == "reference":
         return reference.svd_delta_linear(x, weight, u, v, d, bias)
-    tokens = x.numel() // max(x.shape[-1], 1)
+    tokens = size_for_choice(x.numel() // max(x.shape[-1], 1))
     if (path or choose_path(tokens, *weight.shape)) == "unmerged":
         return torch.nn.functional.linear(x, weight, bias) + ((x @ v) * d) @ u.T
     keep_weight = keeps_merged_weight(tokens, weight.shape[0], u.shape[1])

@@ -1,0 +1,24 @@
+"""Sizes for choices that only affect speed (which path, which operand takes a scale).
+
+Such a choice compares a size (the token count M, say) with a bound. Under ``torch.export`` with
+a dynamic dimension that size is symbolic, and comparing it would add a guard that pins the
+dimension to one side of the bound, which export rejects ("Expected op to be '=='..."). Every path
+computes the same result, so there the example input's size decides and the exported program
+keeps that choice for every size. Elsewhere (eager, ``torch.compile``, whose guards recompile at
+the bound) the size is returned unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+
+
+def size_for_choice(size: "int | torch.SymInt") -> "int | torch.SymInt":
+    """``size`` itself, or under torch.export its example value, so that comparing it adds no guard."""
+    if isinstance(size, torch.SymInt) and _is_exporting():
+        hint = getattr(size.node, "hint", None)  # None for data-dependent sizes: compared as they are
+        if hint is not None:
+            return int(hint)
+    return size

@@ -1,0 +1,114 @@
+"""torch.export of adapted models: the fused ops appear in the exported graph as ``subspace_ops::``
+custom ops, a dynamic batch / sequence dimension is accepted (speed-only path choices do not pin it),
+the program saves and loads, and it computes what the eager model computes at other sizes too.
+Serving an unmerged adapter matters most for Coeff-Tuning, whose head mixing has no merged form."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+
+import pytest
+import torch
+from torch import nn
+from torch.export import Dim
+
+from subspace_ops import methods
+
+from conftest import move_off_init, require_backend
+
+pytestmark = pytest.mark.integration
+timm = pytest.importorskip("timm")
+transformers = pytest.importorskip("transformers")
+
+# method -> (registry options, the op the exported ViT must call; None: plain torch ops, e.g. the
+# separable path of (IA)³/SSB in float32, or SiVA's unmerged formula at these few tokens)
+VIT_METHODS = {
+    "rlrr": ({}, "rescaled_linear"),
+    "coeff": ({}, "head_mixing_attention"),
+    "sam-parser": ({}, "svd_delta_linear"),
+    "siva": ({"perc": 0.5}, None),
+    "lora": ({}, "lowrank_linear"),
+    "dora": ({}, "lowrank_linear"),  # the registry's detach_norm=True: a detach, no grad-mode switch
+    "ia3": ({}, None),
+    "ssb": ({}, None),
+}
+
+
+def _saved_and_loaded(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    buffer.seek(0)
+    return torch.export.load(buffer)
+
+
+def _fused_ops(program: torch.export.ExportedProgram) -> set[str]:
+    targets = (str(node.target) for node in program.graph.nodes)
+    return {target.split(".")[1] for target in targets if target.startswith("subspace_ops.")}
+
+
+def _adapted(model: nn.Module, name: str, **options) -> nn.Module:
+    torch.manual_seed(1)
+    return move_off_init(methods.apply(model, name, **options)[0]).eval()
+
+
+@pytest.mark.parametrize("name", list(VIT_METHODS))
+def test_timm_vit_exports_with_a_dynamic_batch(name):
+    require_backend("cpu")
+    options, op = VIT_METHODS[name]
+    torch.manual_seed(0)
+    vit = timm.models.vision_transformer.VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=10)
+    model = _adapted(vit, name, **options)
+    images = torch.randn(2, 3, 32, 32)
+    program = torch.export.export(model, (images,), dynamic_shapes=({0: Dim("batch", min=1, max=256)},))
+    assert _fused_ops(program) == ({op} if op else set())
+    loaded = _saved_and_loaded(program)
+    # 17 and 680 tokens lie on either side of the SVD and stacked-path thresholds for these layers
+    for batch in (2, 1, 40):
+        x = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(batch))
+        with torch.no_grad():
+            torch.testing.assert_close(loaded.module()(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["coeff", "lora", "rlrr"])
+def test_llama_exports_with_dynamic_batch_and_sequence(name):
+    """Causal head mixing through transformers' attention-function registry, and the linear ops."""
+    require_backend("cpu")
+    config = transformers.LlamaConfig(
+        vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=64, max_position_embeddings=64, attn_implementation="sdpa", use_cache=False,
+    )
+    torch.manual_seed(0)
+    model = _adapted(transformers.LlamaForCausalLM(config), name, **({"trainable": ()} if name == "rlrr" else {}))
+    ids = torch.randint(3, 50, (2, 11), generator=torch.Generator().manual_seed(0))
+    dims = {"input_ids": {0: Dim("batch", min=1, max=16), 1: Dim("seq", min=2, max=60)}}
+    program = torch.export.export(model, (), {"input_ids": ids}, dynamic_shapes=dims)
+    assert {"coeff": "head_mixing_attention", "lora": "lowrank_linear", "rlrr": "rescaled_linear"}[name] in (
+        _fused_ops(program))
+    loaded = _saved_and_loaded(program)
+    for shape in ((2, 11), (3, 29)):
+        other = torch.randint(3, 50, shape, generator=torch.Generator().manual_seed(shape[1]))
+        with torch.no_grad():
+            torch.testing.assert_close(loaded.module()(input_ids=other).logits, model(input_ids=other).logits,
+                                       rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_aot_inductor_package_of_a_coeff_vit(tmp_path):
+    """AOTInductor compiles the exported program to a shared library; our ops stay custom-op calls
+    that its runtime hands back to the registered (Python) implementations."""
+    require_backend("cpu")
+    if shutil.which(os.environ.get("CXX", "g++")) is None:
+        pytest.skip("AOTInductor needs a C++ compiler")
+    torch.manual_seed(0)
+    vit = timm.models.vision_transformer.VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=48, depth=1, num_heads=3, num_classes=10)
+    model = _adapted(vit, "coeff")
+    images = torch.randn(2, 3, 32, 32)
+    program = torch.export.export(model, (images,))
+    package = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "coeff.pt2"))
+    compiled = torch._inductor.aoti_load_package(package)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(images), model(images), rtol=1e-5, atol=1e-5)
