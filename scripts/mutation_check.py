@@ -244,6 +244,9 @@ MUTANTS = [
     Mutant("P63", "python/subspace_ops/nn/lowrank.py", "        return norm.detach() if self.detach_norm else norm",
            "        with torch.set_grad_enabled(not self.detach_norm):\n            return norm * 1",
            "tests/test_export.py -k dora", "export: DoRA's detached norm as a grad-mode switch"),
+    Mutant("P64", "python/subspace_ops/ops/lowrank_linear.py", "    if not -math.inf < scaling < math.inf:",
+           "    if not math.isfinite(scaling):", "tests/test_export.py -k 'compiles and lora'",
+           "compile(dynamic=True): LoRA's scaling checked by math.isfinite (graph break)"),
     # subspace-ops verify: what it compares
     Mutant("P56", VERIFY, "                    for name, t in truth.items():",
            "                    for name, t in list(truth.items())[:1]:", "tests/test_verify.py",

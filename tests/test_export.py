@@ -1,7 +1,8 @@
-"""torch.export of adapted models: the fused ops appear in the exported graph as ``subspace_ops::``
-custom ops, a dynamic batch / sequence dimension is accepted (speed-only path choices do not pin it),
-the program saves and loads, and it computes what the eager model computes at other sizes too.
-Serving an unmerged adapter matters most for Coeff-Tuning, whose head mixing has no merged form."""
+"""Dynamic shapes. torch.export of adapted models: the fused ops appear in the exported graph as
+``subspace_ops::`` custom ops, a dynamic batch / sequence dimension is accepted (speed-only path
+choices do not pin it), the program saves and loads, and it computes what the eager model computes
+at other sizes too. Serving an unmerged adapter matters most for Coeff-Tuning, whose head mixing has
+no merged form. And torch.compile(dynamic=True, fullgraph=True) of the same models trains as eager."""
 
 from __future__ import annotations
 
@@ -70,6 +71,32 @@ def test_timm_vit_exports_with_a_dynamic_batch(name):
         x = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(batch))
         with torch.no_grad():
             torch.testing.assert_close(loaded.module()(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(VIT_METHODS))
+def test_timm_vit_compiles_with_dynamic_shapes(name):
+    """Symbolic sizes (and floats such as LoRA's scaling) reach the ops' Python checks and path
+    choices and their fake kernels: no graph break, the eager outputs and gradients at every size."""
+    require_backend("cpu")
+    options = VIT_METHODS[name][0]
+    torch.manual_seed(0)
+    vit = timm.models.vision_transformer.VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=48, depth=1, num_heads=3, num_classes=10)
+    model = _adapted(vit, name, **options).train()
+    trained = [p for p in model.parameters() if p.requires_grad]
+    torch._dynamo.reset()  # each method's ViT recompiles the same code objects: not toward one limit
+    compiled = torch.compile(model, dynamic=True, fullgraph=True, backend="aot_eager")
+    for batch in (2, 40):  # 34 and 680 tokens: either side of the SVD and stacked-path thresholds
+        x = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(batch))
+        outputs = []
+        for run in (compiled, model):
+            torch.manual_seed(0)  # the same dropout draws (Coeff's α, LoRA's input)
+            y = run(x)
+            outputs.append((y, torch.autograd.grad(y.square().mean(), trained)))
+        (y_compiled, g_compiled), (y_eager, g_eager) = outputs
+        torch.testing.assert_close(y_compiled, y_eager, rtol=1e-5, atol=1e-5)
+        for got, expected in zip(g_compiled, g_eager):
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["coeff", "lora", "rlrr"])

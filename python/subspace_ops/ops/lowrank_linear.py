@@ -257,7 +257,9 @@ def _check_options(scaling, dropout_p, training) -> None:
     for name, value in (("scaling", scaling), ("dropout_p", dropout_p)):
         if isinstance(value, bool) or not isinstance(value, Real):
             raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    if not math.isfinite(scaling):
+    # Not math.isfinite: under torch.compile(dynamic=True) scaling may be a SymFloat, which it cannot take
+    # (a graph break; an error with fullgraph=True). NaN fails both comparisons.
+    if not -math.inf < scaling < math.inf:
         raise ValueError(f"scaling must be finite, got {scaling}")
     if not 0.0 <= dropout_p <= 1.0:
         raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")
