@@ -129,17 +129,21 @@ def test_file_holds_only_the_adapter(saved):
     assert header["format"] == "subspace_ops.adapter" and header["subspace_ops_version"]
 
 
-def test_fingerprint_accepts_the_same_weights_in_bf16_and_refuses_others(saved):
-    path, trained, x, _ = saved["vit-rlrr"]
-    fresh = _adapted("vit-rlrr").to(torch.bfloat16)
+@pytest.mark.parametrize("case", ["vit-rlrr", "vit-siva"])
+def test_fingerprint_accepts_the_same_weights_in_bf16_and_refuses_others(saved, tmp_path, case):
+    path, trained, x, _ = saved[case]
+    fresh = _adapted(case).to(torch.bfloat16)
     load_adapter(fresh, path)  # the same base weights, cast to bf16: accepted, adapter cast on copy
     for n, p in trained.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(fresh.get_parameter(n), p.detach().to(torch.bfloat16), rtol=0, atol=0)
+    # and back: saved from the bf16 model, loaded onto the float32 one (SVD fingerprints in bf16 too)
+    save_adapter(fresh, tmp_path / "bf16.safetensors", method=case.split("-")[1])
+    load_adapter(_adapted(case), tmp_path / "bf16.safetensors")
     # The rule itself: bf16 of the same weights matches, other weights (any dtype) do not.
-    fp32 = base_fingerprint(_adapted("vit-rlrr"))
+    fp32 = base_fingerprint(_adapted(case))
     assert not fingerprint_mismatches(fp32, base_fingerprint(fresh))
-    other = base_fingerprint(_adapted("vit-rlrr", seed=5).to(torch.bfloat16))
+    other = base_fingerprint(_adapted(case, seed=5).to(torch.bfloat16))
     assert len(fingerprint_mismatches(fp32, other)) >= 10
 
 
@@ -290,7 +294,7 @@ def test_other_fused_qkv_setting_is_named_in_the_error(method, tmp_path):
     save_adapter(shared, path, method=method, config={"fused_qkv": "shared"})
     split, _ = methods.apply(_vit(), method)
     before = _snapshot(split)
-    with pytest.raises(AdapterLoadError, match=r"blocks\.0\.attn\.qkv is a fused qkv: .*config says fused_qkv='shared'"):
+    with pytest.raises(AdapterLoadError, match=r"attn\.qkv is a fused qkv: .*config says fused_qkv='shared'"):
         load_adapter(split, path)
     _assert_bit_identical(split, before)
     save_adapter(shared, path, method=method)  # no config (as files from before the split default)

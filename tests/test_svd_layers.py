@@ -96,6 +96,26 @@ def test_adapter_state_round_trip_and_mismatch_is_refused():
         SVDLinear(copy.deepcopy(base), "sam-parser").load_adapter_state(state)
 
 
+@pytest.mark.parametrize("when", ["cast after attach", "attached in bf16"])
+def test_bf16_adapter_state_loads_onto_the_float32_weights_it_came_from(when):
+    """model.to(bfloat16) casts the fingerprint with the weights; σ of the bf16-rounded weights move
+    within the Weyl bound the comparison allows. Other weights are still refused in float32."""
+    torch.manual_seed(0)
+    base = nn.Linear(48, 40)
+    if when == "cast after attach":
+        layer = SVDLinear(copy.deepcopy(base), "siva", perc=0.5).to(torch.bfloat16)
+    else:
+        layer = SVDLinear(copy.deepcopy(base).to(torch.bfloat16), "siva", perc=0.5)
+    assert layer.fingerprint.dtype == torch.bfloat16
+    _perturb(layer)
+    fresh = SVDLinear(copy.deepcopy(base), "siva", perc=0.5)
+    fresh.load_adapter_state(layer.adapter_state())
+    torch.testing.assert_close(fresh.s, layer.s.float())
+    fp32_state = fresh.adapter_state()
+    with pytest.raises(ValueError, match="different base weights"):
+        SVDLinear(nn.Linear(48, 40), "siva", perc=0.5).load_adapter_state(fp32_state)
+
+
 def test_paths_agree_and_are_reported():
     layer = SVDLinear(nn.Linear(16, 16), "sam-parser")
     _perturb(layer)

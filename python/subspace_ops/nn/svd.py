@@ -18,7 +18,14 @@ block-sparse (rows of a part only use that part's directions), e.g. SiVA on q an
 
 The adapter state (:meth:`adapter_state`) is ``s`` plus the per-part ranks and a fingerprint of
 the singular values of the weight it was trained on; :meth:`load_adapter_state` refuses a state
-from different weights and leaves the layer unchanged.
+from different weights and leaves the layer unchanged. The fingerprint is kept in the weight's dtype
+(``model.to(torch.bfloat16)`` casts it with the weights), and it tells which precision the weights
+had: the same weights rounded to 16 bits move each singular value by at most ‖ΔW‖₂ ≤ ‖ΔW‖_F ≤
+u·‖W‖_F = u·‖σ‖₂ (Weyl; u the unit roundoff), so when either side is 16-bit the comparison allows
+eps·‖σ‖₂ (twice that bound) and a state trained in bf16 loads onto the float32 weights it came from.
+That tolerance is coarse (singular values of two random inits of a 768×768 layer agree within it),
+so in 16 bits the strong check is :func:`subspace_ops.checkpoint.load_adapter`'s checksum
+fingerprint of the base weights, which it runs before any layer's.
 """
 
 from __future__ import annotations
@@ -105,7 +112,7 @@ class SVDLinear(MergeableLinear):
         self.register_buffer("u", torch.cat(us, dim=1).to(dtype))
         self.register_buffer("v", torch.cat(vs, dim=1).to(dtype))
         self.register_buffer("sigma", torch.cat(sigmas).to(torch.float32))
-        self.register_buffer("fingerprint", torch.cat(fingerprint).to(torch.float32))
+        self.register_buffer("fingerprint", torch.cat(fingerprint).to(dtype))
         self.ranks = tuple(ranks)
         init = self.sigma.clone() if method == "sam-parser" else torch.zeros_like(self.sigma)
         self.s = nn.Parameter(init.to(dtype))
@@ -152,10 +159,12 @@ class SVDLinear(MergeableLinear):
             raise ValueError(f"adapter state is for method {state.get('method')!r}, this layer is {self.method!r}")
         if list(state.get("ranks", [])) != list(self.ranks):
             raise ValueError(f"adapter state has ranks {state.get('ranks')}, this layer has {list(self.ranks)}")
-        fingerprint = state["fingerprint"].to(self.fingerprint)
-        if fingerprint.shape != self.fingerprint.shape or not torch.allclose(
-            fingerprint, self.fingerprint, rtol=rtol, atol=1e-6 * float(self.fingerprint.max())
-        ):
+        theirs, ours = state["fingerprint"], self.fingerprint
+        coarsest = max(torch.finfo(d).eps for d in (theirs.dtype, ours.dtype, self.weight.dtype))
+        theirs, ours = theirs.to(ours.device, torch.float64), ours.to(torch.float64)
+        # SVD noise only, unless 16-bit weights are involved (see the module docstring)
+        atol = 1e-6 * float(ours.max()) if coarsest < 1e-4 else coarsest * float(ours.norm())
+        if theirs.shape != ours.shape or not torch.allclose(theirs, ours, rtol=rtol, atol=atol):
             raise ValueError(
                 "adapter state was trained on different base weights: their singular values do not match "
                 "this layer's (refusing to load)"
