@@ -251,6 +251,15 @@ MUTANTS = [
            "        atol = 1e-6 * float(ours.max()) if coarsest < 1e-4 else coarsest * float(ours.norm())\n",
            "        atol = 1e-6 * float(ours.max())\n", "tests/test_svd_layers.py tests/test_checkpoint.py",
            "an SVD adapter trained in bf16 refused by the float32 weights it came from"),
+    # Double backward through a fused op is refused, never silently wrong
+    Mutant("P66", "python/subspace_ops/ops/rescaled_linear.py",
+           '        refuse_double_backward("rescaled_linear (stacked path)")\n', "",
+           "tests/test_double_backward.py", "stacked rescaled path: wrong second derivatives"),
+    Mutant("P67", "python/subspace_ops/ops/lowrank_linear.py", '    refuse_double_backward("lowrank_linear")\n', "",
+           "tests/test_double_backward.py", "lowrank_linear: wrong second derivatives"),
+    Mutant("P68", "python/subspace_ops/_validate.py", "    if torch.is_grad_enabled():",
+           "    if torch.is_grad_enabled() and False:", "tests/test_double_backward.py",
+           "no fused backward refuses create_graph=True"),
     # subspace-ops verify: what it compares
     Mutant("P56", VERIFY, "                    for name, t in truth.items():",
            "                    for name, t in list(truth.items())[:1]:", "tests/test_verify.py",

@@ -1,9 +1,11 @@
-"""Argument checks shared by every op: errors name the argument and say what was expected."""
+"""Argument checks shared by every op: errors name the argument and say what was expected; and the
+refusal of what the fused kernels cannot do (double backward)."""
 
 from __future__ import annotations
 
 from typing import Optional, Sequence
 
+import torch
 from torch import Tensor
 
 
@@ -34,3 +36,14 @@ def check_like(name: str, value: Tensor, ref_name: str, ref: Tensor) -> None:
         raise TypeError(f"{name} has dtype {value.dtype} but {ref_name} has {ref.dtype}; they must match")
     if value.device != ref.device:
         raise ValueError(f"{name} is on {value.device} but {ref_name} is on {ref.device}; they must match")
+
+
+def refuse_double_backward(op: str) -> None:
+    """Called first in a fused backward. Grad mode is on there only under ``create_graph=True``; the
+    kernels (and the tensors a forward saves for them) are not differentiable, so the graph autograd
+    would record is incomplete and its second derivatives silently wrong: refuse instead."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"{op}: double backward (torch.autograd.grad(..., create_graph=True)) is not supported by the "
+            "fused backends; use backend='reference' for higher-order gradients"
+        )

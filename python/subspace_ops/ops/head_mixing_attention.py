@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from .._validate import check_like, check_tensor
+from .._validate import check_like, check_tensor, refuse_double_backward
 from ..backends import resolve_backend
 from ._dispatch import kernel_module
 
@@ -83,6 +83,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _gradients(ctx, grad_out, grad_lse, backward_kernels):
+    refuse_double_backward("head_mixing_attention")
     q, k, v, mix, mask, lse = ctx.saved_tensors
     dq, dk, dv, dmix = backward_kernels(grad_out, q, k, v, mix, mask, lse, ctx.is_causal, ctx.scale, ctx.backend)
     need = ctx.needs_input_grad

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import reference
-from .._validate import check_like, check_size, check_tensor
+from .._validate import check_like, check_size, check_tensor, refuse_double_backward
 from ..backends import resolve_backend
 from ._dispatch import kernel_module
 
@@ -182,6 +182,7 @@ def _setup_context_registered(ctx, inputs, output):
 
 
 def _gradients(ctx, grad_y, backward_kernels):
+    refuse_double_backward("lowrank_linear")
     x, x_dropped, weight, a, g, b, h0 = ctx.saved_tensors
     need_x, need_x_dropped, need_weight, need_a, need_g, need_b, need_bias = ctx.needs_input_grad[:7]
     gx = gxd = gw = ga = gb = gg = gbias = None

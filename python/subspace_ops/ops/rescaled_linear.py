@@ -53,7 +53,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from .._validate import check_like, check_size, check_tensor
+from .._validate import check_like, check_size, check_tensor, refuse_double_backward
 from ..backends import resolve_backend_for
 from ._dispatch import kernel_module
 from ._sizes import size_for_choice
@@ -148,6 +148,7 @@ class _Separable(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
+        refuse_double_backward("rescaled_linear (separable path)")
         x2, weight, s_l1, s_r1, z = ctx.saved_tensors
         x_shape, s_l_shape, s_r_shape = ctx.shapes
         need_x, need_weight, need_s_l, need_s_r, need_bias = ctx.needs_input_grad
@@ -224,6 +225,7 @@ class _Stacked(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
+        refuse_double_backward("rescaled_linear (stacked path)")
         x2, weight, s_l_cols, s_r_cols, z = ctx.saved_tensors
         residual, rank, x_shape, s_l_shape, s_r_shape = ctx.meta
         need_x, need_weight, need_s_l, need_s_r, need_bias, _, _ = ctx.needs_input_grad
@@ -317,6 +319,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _gradients(ctx, grad_y, backward_kernels):
+    refuse_double_backward("rescaled_linear")
     x, weight, s_l, s_r = ctx.saved_tensors
     need_x, need_weight, need_s_l, need_s_r, need_bias = ctx.needs_input_grad[:5]
     need_scales = need_s_l or need_s_r

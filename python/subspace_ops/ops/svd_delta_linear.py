@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from .._validate import check_like, check_size, check_tensor
+from .._validate import check_like, check_size, check_tensor, refuse_double_backward
 from ..backends import resolve_backend
 from ._dispatch import kernel_module
 from ._sizes import size_for_choice
@@ -112,6 +112,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _gradients(ctx, grad_y, backward_kernels):
+    refuse_double_backward("svd_delta_linear")
     x, weight, u, v, d, w_eff = ctx.saved_tensors
     need_x, need_weight, need_u, need_v, need_d, need_bias = ctx.needs_input_grad[:6]
     if need_weight or need_u or need_v:
