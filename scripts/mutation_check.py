@@ -260,6 +260,9 @@ MUTANTS = [
     Mutant("P68", "python/subspace_ops/_validate.py", "    if torch.is_grad_enabled():",
            "    if torch.is_grad_enabled() and False:", "tests/test_double_backward.py",
            "no fused backward refuses create_graph=True"),
+    Mutant("P69", "python/subspace_ops/reference.py", "    if n_k == 0:  # no keys at all",
+           "    if False:  # no keys at all", "tests/test_empty_inputs.py",
+           "reference head mixing with no keys: amax of nothing"),
     # subspace-ops verify: what it compares
     Mutant("P56", VERIFY, "                    for name, t in truth.items():",
            "                    for name, t in list(truth.items())[:1]:", "tests/test_verify.py",

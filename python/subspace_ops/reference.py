@@ -173,7 +173,10 @@ def head_mixing_attention(
         scores = scores + attn_mask
     keep = keep.expand_as(scores)
     scores = scores.masked_fill(~keep, float("-inf"))
-    row_max = scores.amax(dim=-1, keepdim=True)
+    if n_k == 0:  # no keys at all: every row is fully masked (amax has nothing to reduce)
+        row_max = scores.new_zeros(*scores.shape[:-1], 1)
+    else:
+        row_max = scores.amax(dim=-1, keepdim=True)
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     weights = torch.exp(scores - row_max)
     total = weights.sum(dim=-1, keepdim=True)
