@@ -192,6 +192,9 @@ def test_backends_command(capsys):
     assert main(["backends"]) == 0
     out = capsys.readouterr().out
     assert "reference" in out and "cpu" in out and "triton" in out
+    lines = out.splitlines()
+    reason_column = lines[0].index("reason")
+    assert all(line[reason_column - 2:reason_column] == "  " and line[reason_column] != " " for line in lines)
 
 
 def test_backends_command_without_backend_report(monkeypatch, capsys):

@@ -190,13 +190,12 @@ def resolve_backend_for(requested: Optional[str], device_type: str) -> str:
 def backend_report() -> str:
     """A human-readable table of every backend on CPU and (if present) CUDA, with reasons."""
     device_types = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    lines = [f"{'device':<7} {'backend':<10} {'available':<10} reason"]
+    rows = [("device", "backend", "available", "reason")]
     for device_type in device_types:
         default = default_backend(device_type)
         for name in BACKENDS:
             status = backend_status(name, device_type)
-            mark = "yes" if status.available else "no"
-            if name == default:
-                mark += " (default)"
-            lines.append(f"{device_type:<7} {name:<10} {mark:<10} {status.reason}")
-    return "\n".join(lines)
+            mark = ("yes" if status.available else "no") + (" (default)" if name == default else "")
+            rows.append((device_type, name, mark, status.reason))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[3] for row in rows)
