@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -339,3 +342,20 @@ def test_no_compile_leaves_out_the_compile_variants(tmp_path, capsys):
     names = {r["variant"] for r in json.loads(out.read_text())["results"]}
     expected = {v.name for v in CASES["rescaled-linear"].make_variants(None)} - {"naive+compile"}
     assert names == expected and "naive" in names
+
+
+def test_pytest_benchmark_suite_runs_every_variant_once(tmp_path):
+    """``pytest benchmarks/`` (the same cases and variants under pytest-benchmark) on tiny shapes of a
+    linear and an attention case, each benchmark run once (--benchmark-disable)."""
+    pytest.importorskip("pytest_benchmark")
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, BENCH_CASES="lowrank-linear,head-mixing-attention", BENCH_SHAPE="16,8,12;1,2,16,8",
+               BENCH_DEVICE="cpu")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "benchmarks", "-q", "-p", "no:cacheprovider", "--benchmark-disable", "-rs"],
+        cwd=root, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    summary = result.stdout.strip().splitlines()[-1]
+    passed = int(summary.split(" passed")[0].split()[-1])
+    assert passed >= 20, summary  # ours, naive, naive+compile, frozen, full FT (+ PEFT) x 2 modes, per case
+    assert "failed" not in summary and "error" not in summary
