@@ -263,6 +263,9 @@ MUTANTS = [
     Mutant("P69", "python/subspace_ops/reference.py", "    if n_k == 0:  # no keys at all",
            "    if False:  # no keys at all", "tests/test_empty_inputs.py",
            "reference head mixing with no keys: amax of nothing"),
+    Mutant("P70", "python/subspace_ops/transformers.py",
+           '    return code is not None and "ALL_ATTENTION_FUNCTIONS" in code.co_names', "    return False",
+           "tests/test_coeff_layers.py -k vision", "transformers vision encoders get no head mix"),
     # subspace-ops verify: what it compares
     Mutant("P56", VERIFY, "                    for name, t in truth.items():",
            "                    for name, t in list(truth.items())[:1]:", "tests/test_verify.py",

@@ -5,9 +5,10 @@ transformers (≥ 4.48; tested with 5.x) looks up every attention module's kerne
 under the same name in ``AttentionMaskInterface``); :func:`attach_head_mix` gives each attention
 module a :class:`~subspace_ops.nn.HeadMix` and switches the model to that implementation. This
 covers BERT/RoBERTa-style encoders (padding masks), LLaMA-style decoders (causal, grouped-query
-attention: k and v heads are repeated to the query heads, as the naive form does) and cross
-attention. A module without a head mix (e.g. one left out by the caller) runs torch SDPA through
-transformers' own ``sdpa`` function, so the model stays usable.
+attention: k and v heads are repeated to the query heads, as the naive form does), cross
+attention, and vision encoders (ViT, DeiT, DINOv2, CLIP and SigLIP towers). A module without a head
+mix (e.g. one left out by the caller) runs torch SDPA through transformers' own ``sdpa`` function,
+so the model stays usable.
 
 The model's weights are untouched; :func:`detach_head_mix` removes the head mixes and restores the
 previous attention implementation.
@@ -15,6 +16,7 @@ previous attention implementation.
 
 from __future__ import annotations
 
+import inspect
 from typing import Optional
 
 from torch import Tensor, nn
@@ -81,19 +83,43 @@ def register() -> None:
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
 
 
+def _calls_attention_interface(module: nn.Module) -> bool:
+    """Whether the module's forward looks its kernel up in transformers' ``ALL_ATTENTION_FUNCTIONS``
+    (the global name appears in its code), as every attention class of transformers 5 does."""
+    forward = inspect.unwrap(type(module).forward)
+    code = getattr(forward, "__code__", None)
+    return code is not None and "ALL_ATTENTION_FUNCTIONS" in code.co_names
+
+
 def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The modules of a transformers model that call the attention interface (self and cross)."""
+    """The modules of a transformers model that call the attention interface (self and cross):
+    LLaMA/BERT/GPT-2-style layers, and vision encoders (ViT, DINOv2, CLIP, SigLIP), which have no
+    ``layer_idx``."""
     return [
         (name, m) for name, m in model.named_modules()
-        if all(hasattr(m, a) for a in ("config", "scaling", "is_causal")) and hasattr(m, "layer_idx")
+        if hasattr(m, "config") and (
+            _calls_attention_interface(m)
+            or (all(hasattr(m, a) for a in ("scaling", "is_causal")) and hasattr(m, "layer_idx")))
     ]
 
 
+def _num_heads(name: str, module: nn.Module) -> int:
+    """Query heads of one attention module (its own attribute first: some models vary them by layer)."""
+    for owner, attr in ((module, "num_attention_heads"), (module, "num_heads"), (module.config, "num_attention_heads")):
+        heads = getattr(owner, attr, None)
+        if isinstance(heads, int) and heads > 0:
+            return heads
+    raise ValueError(f"{name}: cannot tell its number of attention heads (no num_attention_heads / num_heads)")
+
+
 def _attention_dropout(module: nn.Module) -> float:
-    dropout = getattr(module, "dropout", None)
-    if isinstance(dropout, nn.Dropout):
-        return dropout.p
-    return float(getattr(module, "attention_dropout", 0.0) or 0.0)
+    for attr in ("dropout", "attention_dropout", "dropout_prob"):
+        value = getattr(module, attr, None)
+        if isinstance(value, nn.Dropout):
+            return value.p
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value:
+            return float(value)
+    return 0.0
 
 
 def check_attachable(model: nn.Module, modules: Optional[list[tuple[str, nn.Module]]] = None
@@ -105,6 +131,7 @@ def check_attachable(model: nn.Module, modules: Optional[list[tuple[str, nn.Modu
     if not modules:
         raise ValueError(f"no attention modules found in {type(model).__name__}")
     for name, module in modules:
+        _num_heads(name, module)
         if _attention_dropout(module) > 0:
             raise ValueError(f"{name}: attention dropout {_attention_dropout(module)} is not supported by the fused "
                              "head-mixing op; build the model with attention dropout 0 (e.g. "
@@ -124,8 +151,8 @@ def attach_head_mix(
     modules = check_attachable(model, modules)
     register()
     previous = model.config._attn_implementation
-    for _, module in modules:
-        heads = module.config.num_attention_heads
+    for name, module in modules:
+        heads = _num_heads(name, module)
         device = next(module.parameters()).device
         module.head_mix = HeadMix(heads, dropout=dropout, backend=backend, device=device)
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
