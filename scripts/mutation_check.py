@@ -266,6 +266,12 @@ MUTANTS = [
     Mutant("P70", "python/subspace_ops/transformers.py",
            '    return code is not None and "ALL_ATTENTION_FUNCTIONS" in code.co_names', "    return False",
            "tests/test_coeff_layers.py -k vision", "transformers vision encoders get no head mix"),
+    Mutant("P71", "python/subspace_ops/nn/rescaled.py", "            return getattr(self.inner, name)\n",
+           "            raise\n", "tests/test_transformers_vision.py -k 'vit and rlrr'",
+           "SSF hides the wrapped patch embedding's attributes from the model's code"),
+    Mutant("P72", "python/subspace_ops/adapters.py", '    for name in ("proj", "projection"):',
+           '    for name in ("proj",):', "tests/test_transformers_vision.py -k ssf",
+           "transformers patch embeddings (projection) get no SSF"),
     # subspace-ops verify: what it compares
     Mutant("P56", VERIFY, "                    for name, t in truth.items():",
            "                    for name, t in list(truth.items())[:1]:", "tests/test_verify.py",

@@ -205,49 +205,6 @@ def test_transformers_head_mixing(build):
     torch.testing.assert_close(first(model(**kwargs)), before)
 
 
-def _vision_config(**options) -> dict:
-    return dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=32,
-                patch_size=8, **options)
-
-
-VISION_MODELS = {  # transformers vision towers: attention modules without layer_idx
-    "vit": lambda: transformers.ViTModel(transformers.ViTConfig(**_vision_config())),
-    "deit": lambda: transformers.DeiTModel(transformers.DeiTConfig(**_vision_config())),
-    "dinov2": lambda: transformers.Dinov2Model(transformers.Dinov2Config(**_vision_config())),
-    "clip-vision": lambda: transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**_vision_config())),
-    "siglip-vision": lambda: transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**_vision_config())),
-}
-
-
-@pytest.mark.integration
-@pytest.mark.parametrize("name", list(VISION_MODELS))
-def test_transformers_vision_encoders_head_mixing(name):
-    torch.manual_seed(0)
-    model = VISION_MODELS[name]().eval()
-    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    run = lambda: model(pixel_values=pixels).last_hidden_state  # noqa: E731
-    with torch.no_grad():
-        before = run()
-    report = apply_coeff(model, backend="cpu")
-    assert report.adapter_params == 2 * 4 * 4 and model.config._attn_implementation == "subspace_coeff"
-    with torch.no_grad():
-        torch.testing.assert_close(run(), before, rtol=1e-5, atol=1e-5)
-        for m in model.modules():
-            if isinstance(m, HeadMix):
-                m.alpha.normal_(0, 0.3)
-        _set_backend(model, "reference")
-        expected = run()
-        _set_backend(model, "cpu")
-    fused = run()
-    torch.testing.assert_close(fused, expected, rtol=1e-4, atol=1e-4)
-    assert not torch.allclose(fused, before, atol=1e-3)
-    fused.square().mean().backward()
-    assert all(m.alpha.grad.abs().sum() > 0 for m in model.modules() if isinstance(m, HeadMix))
-    assert subspace_ops.transformers.detach_head_mix(model) == 2
-    with torch.no_grad():
-        torch.testing.assert_close(run(), before)
-
-
 @pytest.mark.integration
 def test_transformers_attention_dropout_is_refused():
     config = transformers.RobertaConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,

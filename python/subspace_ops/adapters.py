@@ -140,7 +140,8 @@ def _is_rms_norm(module: nn.Module) -> bool:
 
 
 def _ssf_for(module: nn.Module) -> Optional[SSF]:
-    """An SSF wrapper for a LayerNorm, an RMSNorm or a patch embedding with a ``proj``; None for others.
+    """An SSF wrapper for a LayerNorm, an RMSNorm or a patch embedding with a ``proj`` / ``projection``
+    (whose output is [B, tokens, channels]); None for others.
 
     After an RMSNorm (LLaMA-style models) SSF trains and runs like after a LayerNorm, but cannot be
     merged: the norm has no bias to take β (``merge()`` raises NotMergeableError, merge_all merges
@@ -152,10 +153,11 @@ def _ssf_for(module: nn.Module) -> Optional[SSF]:
     if _is_rms_norm(module):
         weight = getattr(module, "weight", None)
         return SSF(module, weight.shape[0]) if isinstance(weight, Tensor) and weight.dim() == 1 else None
-    proj = getattr(module, "proj", None)
-    if isinstance(proj, (nn.Conv2d, nn.Linear)):
-        channels = proj.out_channels if isinstance(proj, nn.Conv2d) else proj.out_features
-        return SSF(module, channels, fold_into="proj")
+    for name in ("proj", "projection"):  # timm's PatchEmbed; transformers' ViT/DeiT/DINOv2 patch embeddings
+        proj = getattr(module, name, None)
+        if isinstance(proj, (nn.Conv2d, nn.Linear)):
+            channels = proj.out_channels if isinstance(proj, nn.Conv2d) else proj.out_features
+            return SSF(module, channels, fold_into=name)
     return None
 
 

@@ -148,9 +148,14 @@ LINEAR_TARGETS = RLRR_LINEAR_TARGETS + (
     "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
     "c_attn", "c_proj", "c_fc",
 )
-#: After every LayerNorm, the patch embedding and the final norm (RLRR / SSF), plus BERT's ``LayerNorm``s
-#: and LLaMA-style RMSNorms (``input_layernorm``, ``post_attention_layernorm``; ``norm`` is the final one).
-SSF_TARGETS = RLRR_SSF_TARGETS + ("LayerNorm", "input_layernorm", "post_attention_layernorm")
+#: After every LayerNorm, the patch embedding and the final norm (RLRR / SSF), plus BERT's ``LayerNorm``s,
+#: LLaMA-style RMSNorms (``input_layernorm``, ``post_attention_layernorm``; ``norm`` is the final one) and
+#: transformers' vision towers: ViT/DeiT (``layernorm_before/after``, ``layernorm``, ``patch_embeddings``),
+#: DINOv2 (``norm1/2``), CLIP/SigLIP (``layer_norm1/2``, ``pre_layrnorm``, ``post_layernorm``; their patch
+#: embedding is a bare Conv2d with a [B, C, H, W] output, which SSF over the last dimension does not fit).
+SSF_TARGETS = RLRR_SSF_TARGETS + ("LayerNorm", "input_layernorm", "post_attention_layernorm", "patch_embeddings",
+                                  "layernorm_before", "layernorm_after", "layernorm", "layer_norm1", "layer_norm2",
+                                  "pre_layrnorm", "post_layernorm")
 #: The key and value projections ((IA)³'s l_k, l_v; timm's fused qkv as a whole).
 KV_TARGETS = ("k", "v", "qkv", "key", "value", "k_proj", "v_proj", "c_attn")
 #: The FFN's second linear, whose *input* is the FFN's intermediate activation ((IA)³'s l_ff).

@@ -270,6 +270,16 @@ class SSF(nn.Module):
     def merged(self) -> bool:
         return self._originals is not None
 
+    def __getattr__(self, name: str):
+        """Attributes SSF does not have come from the wrapped module: a model's own code may read
+        them (transformers' ViT embeddings read ``patch_embeddings.projection`` and ``num_channels``)."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "inner":
+                raise
+            return getattr(self.inner, name)
+
     def forward(self, x: Tensor) -> Tensor:
         y = self.inner(x)
         if self.merged:
