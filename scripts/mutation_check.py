@@ -272,6 +272,9 @@ MUTANTS = [
     Mutant("P72", "python/subspace_ops/adapters.py", '    for name in ("proj", "projection"):',
            '    for name in ("proj",):', "tests/test_transformers_vision.py -k ssf",
            "transformers patch embeddings (projection) get no SSF"),
+    Mutant("P73", "python/subspace_ops/adapters.py", '        channels_first = type(module).__name__.endswith("2d")',
+           "        channels_first = False", "tests/test_timm_apply.py -k convnext",
+           "SSF after timm's LayerNorm2d scales the width instead of the channels"),
     # subspace-ops verify: what it compares
     Mutant("P56", VERIFY, "                    for name, t in truth.items():",
            "                    for name, t in list(truth.items())[:1]:", "tests/test_verify.py",

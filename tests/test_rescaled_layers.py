@@ -330,3 +330,29 @@ def test_apply_rlrr_to_a_transformers_roberta():
     merge_all(model)
     with torch.no_grad():
         torch.testing.assert_close(model(ids).last_hidden_state, out, rtol=1e-4, atol=1e-4)
+
+
+def test_ssf_over_the_channels_of_a_channels_first_map():
+    """SSF(channel_dim=1) after a norm of [B, C, H, W] maps scales and shifts the channels, merges into
+    the norm's affine parameters and unmerges exactly; other channel dims are refused."""
+    torch.manual_seed(0)
+
+    class ChannelsFirstNorm(nn.LayerNorm):  # as timm's LayerNorm2d: normalize C of [B, C, H, W]
+        def forward(self, x):
+            return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+    norm = ChannelsFirstNorm(6)
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.1)
+        norm.bias.normal_(0.0, 0.1)
+    ssf = SSF(norm, 6, channel_dim=1)
+    x = torch.randn(2, 6, 3, 5)  # W != C: a last-dimension SSF could not even broadcast
+    expected = norm(x) * ssf.gamma[:, None, None] + ssf.beta[:, None, None]
+    torch.testing.assert_close(ssf(x), expected)
+    assert "channels first" in repr(ssf)
+    ssf.merge()
+    torch.testing.assert_close(ssf(x), expected, rtol=1e-5, atol=1e-6)
+    ssf.unmerge()
+    assert torch.equal(ssf(x), expected)
+    with pytest.raises(ValueError, match="channel_dim must be -1"):
+        SSF(norm, 6, channel_dim=2)

@@ -8,6 +8,8 @@ from torch import nn
 
 import subspace_ops.timm as subspace_timm
 from subspace_ops import methods
+from subspace_ops.adapters import merge_all, unmerge_all
+from subspace_ops.nn import SSF
 
 timm = pytest.importorskip("timm")
 
@@ -114,3 +116,40 @@ def test_refuses_other_models_and_bad_configs_without_changing_the_model():
     with pytest.raises(ValueError, match="match no nn.Linear"):
         subspace_timm.apply(model, "lora", targets=("nothing",))
     assert state(model) == before
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("method", ["ssf", "rlrr"])
+def test_convnext_channels_first_norms_get_ssf_over_channels(method):
+    """timm's ConvNeXt ends with a LayerNorm2d on a [B, C, H, W] map: its SSF scales dim 1 (over the
+    last dimension it would broadcast γ onto the width: an error, or silently wrong when W = C)."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    base = timm.models.convnext.ConvNeXt(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), num_classes=5).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = base(x)
+    model, _ = methods.apply(base, method)
+    head_ssf = model.head.norm
+    assert isinstance(head_ssf, SSF) and head_ssf.channel_dim == 1
+    block_ssfs = [m for n, m in model.named_modules() if isinstance(m, SSF) and n.startswith("stages")]
+    assert block_ssfs and all(m.channel_dim == -1 for m in block_ssfs)  # ConvNeXt blocks norm channels-last
+    if method == "ssf":
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, SSF):
+                    m.gamma.fill_(1.0)
+                    m.beta.zero_()
+            torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+            for m in model.modules():
+                if isinstance(m, SSF):
+                    m.gamma.normal_(1.0, 0.3)
+                    m.beta.normal_(0.0, 0.3)
+    out = model(x)
+    out.square().mean().backward()
+    assert head_ssf.gamma.grad is not None and head_ssf.gamma.grad.abs().sum() > 0
+    with torch.no_grad():
+        merge_all(model)
+        torch.testing.assert_close(model(x), out, rtol=1e-5, atol=1e-5)
+        unmerge_all(model)
+        assert torch.equal(model(x), out)

@@ -149,7 +149,9 @@ def _ssf_for(module: nn.Module) -> Optional[SSF]:
     if isinstance(module, nn.LayerNorm):
         if not module.elementwise_affine or len(module.normalized_shape) != 1:
             return None
-        return SSF(module, module.normalized_shape[0])
+        # timm's LayerNorm2d (ConvNeXt) normalizes the channels of a [B, C, H, W] map
+        channels_first = type(module).__name__.endswith("2d")
+        return SSF(module, module.normalized_shape[0], channel_dim=1 if channels_first else -1)
     if _is_rms_norm(module):
         weight = getattr(module, "weight", None)
         return SSF(module, weight.shape[0]) if isinstance(weight, Tensor) and weight.dim() == 1 else None

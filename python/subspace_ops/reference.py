@@ -80,9 +80,14 @@ def rescaled_linear(
     return torch.nn.functional.linear(x, rescaled_weight(weight, s_l, s_r, residual=residual), bias)
 
 
-def ssf(x: Tensor, gamma: Tensor, beta: Tensor) -> Tensor:
-    """SSF scale and shift over the last dimension: ``x · γ + β`` (RLRR's recipe after norms)."""
-    return x * gamma + beta
+def ssf(x: Tensor, gamma: Tensor, beta: Tensor, dim: int = -1) -> Tensor:
+    """SSF scale and shift over the channel dimension ``dim`` (the last one by default; 1 for a
+    channels-first [B, C, H, W] map): ``x · γ + β`` (RLRR's recipe after norms)."""
+    if dim in (-1, x.dim() - 1):
+        return x * gamma + beta
+    shape = [1] * x.dim()
+    shape[dim] = -1
+    return x * gamma.reshape(shape) + beta.reshape(shape)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -243,7 +243,8 @@ class ScaledLinear(MergeableLinear):
 
 
 class SSF(nn.Module):
-    """Scale-and-shift after a module: ``y = inner(x) · γ + β`` over the last dimension.
+    """Scale-and-shift after a module: ``y = inner(x) · γ + β`` over the channel dimension
+    ``channel_dim`` (the last one; 1 after a channels-first norm such as timm's LayerNorm2d in ConvNeXt).
 
     ``inner`` is typically a LayerNorm, a Linear or a timm PatchEmbed. ``fold_into`` names the
     submodule of ``inner`` whose affine parameters produce those channels ("" for ``inner`` itself,
@@ -254,10 +255,13 @@ class SSF(nn.Module):
 
     method = "ssf"
 
-    def __init__(self, inner: nn.Module, dim: int, fold_into: str = "") -> None:
+    def __init__(self, inner: nn.Module, dim: int, fold_into: str = "", channel_dim: int = -1) -> None:
         super().__init__()
+        if channel_dim not in (-1, 1):
+            raise ValueError(f"channel_dim must be -1 (channels last) or 1 (channels first), got {channel_dim!r}")
         self.inner = inner
         self.dim = dim
+        self.channel_dim = channel_dim
         parameter = next(inner.parameters(), None)
         device = parameter.device if parameter is not None else None
         dtype = parameter.dtype if parameter is not None else None
@@ -284,7 +288,7 @@ class SSF(nn.Module):
         y = self.inner(x)
         if self.merged:
             return y
-        return reference.ssf(y, self.gamma, self.beta)
+        return reference.ssf(y, self.gamma, self.beta, self.channel_dim)
 
     def _fold_target(self) -> tuple[nn.Module, Optional[Tensor], Optional[Tensor]]:
         target = self.inner.get_submodule(self.fold_into)
@@ -326,4 +330,5 @@ class SSF(nn.Module):
         self._originals = None
 
     def extra_repr(self) -> str:
-        return f"method=ssf, dim={self.dim}" + (", merged" if self.merged else "")
+        layout = ", channels first" if self.channel_dim == 1 else ""
+        return f"method=ssf, dim={self.dim}{layout}" + (", merged" if self.merged else "")
