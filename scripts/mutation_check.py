@@ -275,6 +275,9 @@ MUTANTS = [
     Mutant("P73", "python/subspace_ops/adapters.py", '        channels_first = type(module).__name__.endswith("2d")',
            "        channels_first = False", "tests/test_timm_apply.py -k convnext",
            "SSF after timm's LayerNorm2d scales the width instead of the channels"),
+    Mutant("P74", "python/subspace_ops/adapters.py", "    if isinstance(module, SSF):  # already adapted",
+           "    if False:  # already adapted", "tests/test_timm_apply.py -k already",
+           "SSF applied twice wraps the SSF of a patch embedding (a KeyError midway)"),
     # subspace-ops verify: what it compares
     Mutant("P56", VERIFY, "                    for name, t in truth.items():",
            "                    for name, t in list(truth.items())[:1]:", "tests/test_verify.py",

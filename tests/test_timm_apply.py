@@ -153,3 +153,16 @@ def test_convnext_channels_first_norms_get_ssf_over_channels(method):
         torch.testing.assert_close(model(x), out, rtol=1e-5, atol=1e-5)
         unmerge_all(model)
         assert torch.equal(model(x), out)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("first", ["ssf", "rlrr"])
+def test_ssf_on_a_model_that_already_has_it_is_refused_without_change(first):
+    """SSF shows its inner module's attributes (a patch embedding's ``proj`` among them): applying SSF
+    again must see the SSF layers as adapted, not wrap them once more."""
+    model = tiny_vit()
+    methods.apply(model, first)
+    before = state(model)
+    with pytest.raises(ValueError, match="match no LayerNorm, RMSNorm or patch embedding"):
+        methods.apply(model, "ssf")
+    assert state(model) == before

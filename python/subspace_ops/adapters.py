@@ -146,6 +146,8 @@ def _ssf_for(module: nn.Module) -> Optional[SSF]:
     After an RMSNorm (LLaMA-style models) SSF trains and runs like after a LayerNorm, but cannot be
     merged: the norm has no bias to take β (``merge()`` raises NotMergeableError, merge_all merges
     nothing)."""
+    if isinstance(module, SSF):  # already adapted (it shows its inner module's attributes, proj included)
+        return None
     if isinstance(module, nn.LayerNorm):
         if not module.elementwise_affine or len(module.normalized_shape) != 1:
             return None
