@@ -42,8 +42,8 @@ def _params() -> list:
     """(case, variant, shape) for every case: BENCH_SHAPE (a preset or sizes, ';'-separated) applies to
     the cases whose dimensions it fits; the others keep their default."""
     params, requested = [], [t for t in os.environ.get("BENCH_SHAPE", "").split(";") if t.strip()]
-    fitted = set()
-    for name in _cases():
+    names, fitted = _cases(), set()
+    for name in names:
         case = CASES[name]
         shapes = []
         for text in requested:
@@ -58,7 +58,7 @@ def _params() -> list:
                        for shape in shapes]
     unused = [text for text in requested if text not in fitted]
     if unused:
-        raise ValueError(f"BENCH_SHAPE: {unused} fit(s) none of the cases {_cases()} (M,K,N or B,H,N,d, or a preset)")
+        raise ValueError(f"BENCH_SHAPE: {unused} fit(s) none of the cases {names} (M,K,N or B,H,N,d, or a preset)")
     return params
 
 

@@ -266,7 +266,7 @@ MUTANTS = [
     Mutant("P70", "python/subspace_ops/transformers.py",
            '    return code is not None and "ALL_ATTENTION_FUNCTIONS" in code.co_names', "    return False",
            "tests/test_transformers_vision.py -k head_mixing", "transformers vision encoders get no head mix"),
-    Mutant("P71", "python/subspace_ops/nn/rescaled.py", "            return getattr(self.inner, name)\n",
+    Mutant("P71", "python/subspace_ops/nn/base.py", "            return getattr(getattr(self, self._wrapped), name)\n",
            "            raise\n", "tests/test_transformers_vision.py -k 'vit and rlrr'",
            "SSF hides the wrapped patch embedding's attributes from the model's code"),
     Mutant("P72", "python/subspace_ops/adapters.py", '    for name in ("proj", "projection"):',

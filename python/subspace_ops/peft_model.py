@@ -91,7 +91,7 @@ from torch import nn
 from . import checkpoint, methods
 from .adapters import is_conv1d, merge_all, replace_module, unmerge_all
 from .nn import SSF, HeadMix, NotMergeableError, TimmCoeffAttention
-from .nn.base import MergeableLinear
+from .nn.base import ForwardsAttributes, MergeableLinear
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "AdapterNotMergeableError", "SubspacePeftModel", "get_peft_model"]
 
@@ -188,8 +188,10 @@ def get_peft_model(model: nn.Module, config: ConfigLike, adapter_name: str = "de
     return SubspacePeftModel(model, config, adapter_name)
 
 
-class SubspacePeftModel(nn.Module):
+class SubspacePeftModel(ForwardsAttributes, nn.Module):
     """The PeftModel-like wrapper returned by :func:`get_peft_model` (see the module docstring)."""
+
+    _wrapped = "base_model"  # attributes the wrapper lacks are the model's (config, generate, ...)
 
     def __init__(self, model: nn.Module, config: ConfigLike, adapter_name: str = "default") -> None:
         super().__init__()
@@ -224,14 +226,6 @@ class SubspacePeftModel(nn.Module):
     # -- model protocol ---------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.base_model(*args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_model":
-                raise
-            return getattr(self.base_model, name)
 
     def get_base_model(self) -> nn.Module:
         """The wrapped (adapted) model."""

@@ -9,12 +9,28 @@ from torch import Tensor, nn
 
 from ..backends import resolve_backend
 
-__all__ = ["MergeableLinear", "NotMergeableError", "compute_dtype"]
+__all__ = ["ForwardsAttributes", "MergeableLinear", "NotMergeableError", "compute_dtype"]
 
 
 class NotMergeableError(RuntimeError):
     """``merge()`` on a layer whose adaptation has no weight form it can be folded into (a nonlinear
     adapter, or an SSF shift after a module without a bias)."""
+
+
+class ForwardsAttributes:
+    """Mixin for a module that wraps another (named by the class attribute ``_wrapped``): attributes
+    the wrapper does not have come from the wrapped module, so code written for that module still
+    finds what it reads. List it before ``nn.Module`` in the bases."""
+
+    _wrapped: str
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == self._wrapped:
+                raise
+            return getattr(getattr(self, self._wrapped), name)
 
 
 def compute_dtype(x: Tensor, weight: Tensor) -> torch.dtype:

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from .. import reference
 from ..ops import rescaled_linear
 from ..ops.rescaled_linear import choose_path, cpu_stacked_max_tokens
-from .base import MergeableLinear, NotMergeableError, compute_dtype
+from .base import ForwardsAttributes, MergeableLinear, NotMergeableError, compute_dtype
 
 __all__ = ["RLRRLinear", "ScaledLinear", "SSF"]
 
@@ -242,7 +242,7 @@ class ScaledLinear(MergeableLinear):
         return self._describe() + f", scales={sides}{parts}, path={path} ({dtype} weights)"
 
 
-class SSF(nn.Module):
+class SSF(ForwardsAttributes, nn.Module):
     """Scale-and-shift after a module: ``y = inner(x) · γ + β`` over the channel dimension
     ``channel_dim`` (the last one; 1 after a channels-first norm such as timm's LayerNorm2d in ConvNeXt).
 
@@ -254,6 +254,9 @@ class SSF(nn.Module):
     """
 
     method = "ssf"
+    # Attributes SSF does not have come from ``inner``: a model's own code may read them
+    # (transformers' ViT embeddings read ``patch_embeddings.projection``).
+    _wrapped = "inner"
 
     def __init__(self, inner: nn.Module, dim: int, fold_into: str = "", channel_dim: int = -1) -> None:
         super().__init__()
@@ -273,16 +276,6 @@ class SSF(nn.Module):
     @property
     def merged(self) -> bool:
         return self._originals is not None
-
-    def __getattr__(self, name: str):
-        """Attributes SSF does not have come from the wrapped module: a model's own code may read
-        them (transformers' ViT embeddings read ``patch_embeddings.projection`` and ``num_channels``)."""
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "inner":
-                raise
-            return getattr(self.inner, name)
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.inner(x)
