@@ -6,7 +6,7 @@ extension if the mutant is in csrc/, runs the tests that should catch it, and pu
 (also on Ctrl-C). A mutant is *killed* when those tests fail; a *surviving* mutant is a bug the suite
 would let through: add a test that kills it, then list it here.
 
-    python scripts/mutation_check.py              # all (~28 min on 2 cores: each csrc/ mutant rebuilds)
+    python scripts/mutation_check.py              # all (~29 min on 2 cores: each csrc/ mutant rebuilds)
     python scripts/mutation_check.py T6 C4        # some
     python scripts/mutation_check.py --list
 
@@ -278,6 +278,32 @@ MUTANTS = [
     Mutant("P74", "python/subspace_ops/adapters.py", "    if isinstance(module, SSF):  # already adapted",
            "    if False:  # already adapted", "tests/test_timm_apply.py -k already",
            "SSF applied twice wraps the SSF of a patch embedding (a KeyError midway)"),
+    # diffusers: the Coeff attention processor and its attach / restore
+    Mutant("P75", "python/subspace_ops/nn/attention.py", "        if attn.residual_connection:\n            out = out + residual\n",
+           "", "tests/test_diffusers.py -k processor", "processor drops the VAE attention's residual"),
+    Mutant("P76", "python/subspace_ops/nn/attention.py",
+           "            attention_mask = attn.prepare_attention_mask(attention_mask, key_tokens, batch)\n"
+           "            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])\n",
+           "            attention_mask = None\n", "tests/test_diffusers.py", "processor ignores the text padding mask"),
+    Mutant("P77", "python/subspace_ops/nn/attention.py", "        elif attn.norm_cross:", "        elif False:",
+           "tests/test_diffusers.py -k processor", "processor skips cross_attention_norm"),
+    Mutant("P78", "python/subspace_ops/nn/attention.py", "scale=attn.scale)", "scale=None)",
+           "tests/test_diffusers.py -k processor", "processor ignores the module's attention scale"),
+    Mutant("P79", "python/subspace_ops/diffusers.py", "        if type(processor).__name__ not in _DEFAULT_PROCESSORS:",
+           "        if False:", "tests/test_diffusers.py -k refused", "fused / custom processors silently replaced"),
+    Mutant("P80", "python/subspace_ops/methods.py",
+           "        diffusers_integration.set_processors(model, processors)  # before _modules: a processor may be one\n",
+           "", "tests/test_diffusers.py -k failed_load", "a failed load leaves head-mix processors in the UNet"),
+    Mutant("P81", "python/subspace_ops/peft_model.py",
+           "            diffusers_integration.set_processors(model, self._processors_before)\n            live =",
+           "            live =", "tests/test_diffusers.py -k peft_model", "disable_adapter still mixes heads"),
+    Mutant("P82", "python/subspace_ops/adapters.py",
+           "    return _layer_parameter_ids(model, wrapped=False) | _peft_adapter_parameter_ids(model)",
+           "    return _layer_parameter_ids(model, wrapped=False)", "tests/test_diffusers.py -k lora",
+           "a method applied after PEFT freezes PEFT's LoRA"),
+    Mutant("P83", "python/subspace_ops/adapters.py", ' or fnmatch.fnmatchcase(name, "*." + p) for p in patterns)',
+           " for p in patterns)", "tests/test_diffusers.py -k lora",
+           "a dotted pattern (to_out.0) matches only full names, unlike PEFT's target_modules"),
     # subspace-ops verify: what it compares
     Mutant("P56", VERIFY, "                    for name, t in truth.items():",
            "                    for name, t in list(truth.items())[:1]:", "tests/test_verify.py",

@@ -143,6 +143,19 @@ def test_siva_002_and_coeff_bart(rows):
     assert find(rows, "coeff", "BART-base").ours_adapter_params == (6 + 6 + 6) * 12 * 12 == 2_592
 
 
+def test_coeff_sdxl(rows):
+    """003 §5.2's SDXL UNet (2.57 B parameters): α [H, H] in 140 attention modules, 20 of them at 640
+    channels (10 heads), 120 at 1280 (20 heads); LoRA r = 4 on their four projections."""
+    coeff = find(rows, "coeff", "SDXL UNet")
+    assert coeff.ours_adapter_params == 20 * 10 * 10 + 120 * 20 * 20 == 50_000
+    assert coeff.ours_as_printed == "0.005%" and "0.0019%" in coeff.note  # of the UNet's 2.57 B parameters
+    with_lora = find(rows, "coeff + lora", "SDXL UNet")
+    self_640, cross_640 = 4 * lora(640, 640, 4), 2 * lora(640, 640, 4) + 2 * lora(2048, 640, 4)
+    self_1280, cross_1280 = 4 * lora(1280, 1280, 4), 2 * lora(1280, 1280, 4) + 2 * lora(2048, 1280, 4)
+    assert with_lora.ours_head_params == 10 * (self_640 + cross_640) + 60 * (self_1280 + cross_1280) == 5_806_080
+    assert with_lora.ours_as_printed == "0.9%"
+
+
 def test_lora_qv_on_roberta_base():
     """The LoRA paper's RoBERTa-base setting (r = 8 on query and value) through the registry."""
     import torch
@@ -175,7 +188,7 @@ def test_every_row_has_paper_value_source_note_and_consistent_status(rows):
             assert 0.5 * 10.0 ** -decimals < diff < 1.5 * 10.0 ** -decimals, r
         if r.status != "match":  # anything not an exact match says why in the note
             reasons = ("Not reconciled", "not fully reconciled", "inferred", "⇒ k̄", "rounding",
-                       "Different placement")
+                       "Different placement", "Explained:")
             assert any(w in r.note for w in reasons), r
 
 
@@ -189,6 +202,8 @@ def test_unreconciled_rows_are_the_known_ones(rows):
         ("lora", "ViT-B/16 (HF)", "0.305"),
         ("rlrr", "Swin-B", "0.41"),
         ("flora", "RoBERTa-large", "19.98‰"),
+        ("coeff", "SDXL UNet", "0.001%"),  # explained: 003 assumes 10 heads where SDXL has 20
+        ("coeff + lora", "SDXL UNet", "< 0.2%"),
     }
 
 

@@ -1,7 +1,9 @@
 """Apply a method to a whole model by module-name pattern, and report what it trains.
 
-Patterns are shell-style globs (``fnmatch``) matched against a module's full dotted name
-(``blocks.3.attn.qkv``) or, when the pattern has no dot, against its last component (``qkv``).
+Patterns are shell-style globs (``fnmatch``). One without a dot is matched against a module name's
+last component (``qkv``); one with dots against the full dotted name (``blocks.3.attn.qkv``) or its
+trailing components, as PEFT's ``target_modules`` (``to_out.0`` matches
+``down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0``).
 
 timm's fused ``qkv`` projection (and GPT-2's ``c_attn``, the same [q; k; v] output layout): the
 papers adapt W_q, W_k and W_v as three matrices. A layer whose last name component is one of
@@ -14,6 +16,7 @@ the parameters of separate q, k, v layers. ``fused_qkv="shared"`` instead treats
 from __future__ import annotations
 
 import fnmatch
+import sys
 from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence
 
@@ -85,7 +88,8 @@ class AdaptReport:
 
 def _matches(name: str, patterns: Iterable[str]) -> bool:
     last = name.rsplit(".", 1)[-1]
-    return any(fnmatch.fnmatchcase(name if "." in p else last, p) for p in patterns)
+    return any(fnmatch.fnmatchcase(last, p) if "." not in p else
+               fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, "*." + p) for p in patterns)
 
 
 def find_modules(model: nn.Module, patterns: Sequence[str], kind: type = nn.Module) -> list[tuple[str, nn.Module]]:
@@ -219,10 +223,23 @@ def _layer_parameter_ids(model: nn.Module, wrapped: bool) -> set[int]:
             for n, p in m.named_parameters(recurse=False) if (n in _WRAPPED) == wrapped}
 
 
+def _peft_adapter_parameter_ids(model: nn.Module) -> set[int]:
+    """ids of the adapter parameters of HF PEFT tuner layers (``lora_A``, ``lora_B``, ``ia3_l``...,
+    PEFT's ``adapter_layer_names``), e.g. from diffusers' ``unet.add_adapter(LoraConfig(...))``."""
+    if "peft" not in sys.modules:  # no PEFT layer can exist
+        return set()
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return {id(p) for m in model.modules() if isinstance(m, BaseTunerLayer)
+            for attr in m.adapter_layer_names if isinstance(getattr(m, attr, None), nn.Module)
+            for p in getattr(m, attr).parameters()}
+
+
 def adapter_parameter_ids(model: nn.Module) -> set[int]:
-    """Parameters added by an earlier ``apply_*`` call: the direct parameters of subspace_ops layers,
-    except the wrapped layer's own ``weight``/``bias``."""
-    return _layer_parameter_ids(model, wrapped=False)
+    """Parameters added by an earlier ``apply_*`` call (the direct parameters of subspace_ops layers,
+    except the wrapped layer's own ``weight``/``bias``) or by HF PEFT (its tuner layers' adapter
+    parameters): a method applied after them leaves their ``requires_grad`` as it is."""
+    return _layer_parameter_ids(model, wrapped=False) | _peft_adapter_parameter_ids(model)
 
 
 def _start_report(model: nn.Module, method: str) -> tuple[AdaptReport, set[int]]:
@@ -313,18 +330,25 @@ def apply_coeff(
 
     timm VisionTransformer: every ``Attention`` block becomes a :class:`TimmCoeffAttention`.
     transformers models: every attention module gets a HeadMix and the model runs the
-    ``"subspace_coeff"`` attention implementation (:mod:`subspace_ops.transformers`). ``dropout`` is
-    the paper's dropout on α (0.1 when combined with SSF). Combines with methods applied earlier
-    (their parameters stay trainable). Raises ValueError when the model has no attention blocks.
+    ``"subspace_coeff"`` attention implementation (:mod:`subspace_ops.transformers`). diffusers
+    models (UNets): every ``Attention`` gets a :class:`~subspace_ops.nn.CoeffAttnProcessor`
+    (:mod:`subspace_ops.diffusers`). ``dropout`` is the paper's dropout on α (0.1 when combined with
+    SSF). Combines with methods applied earlier (their parameters stay trainable). Raises ValueError
+    when the model has no attention blocks.
     """
+    from . import diffusers as diffusers_integration
+
     blocks = _timm_attention_blocks(model)
-    hf_modules = []
+    hf_modules, diffusers_modules = [], []
     if not blocks and hasattr(model, "set_attn_implementation"):
         from .transformers import check_attachable
 
         hf_modules = check_attachable(model)
-    if not blocks and not hf_modules:
-        raise ValueError(f"no timm Attention blocks or transformers attention modules found in {type(model).__name__}")
+    if not blocks and not hf_modules and diffusers_integration.has_attention(model):
+        diffusers_modules = diffusers_integration.check_attachable(model)
+    if not blocks and not hf_modules and not diffusers_modules:
+        raise ValueError(f"no timm Attention blocks, transformers attention modules or diffusers Attention modules "
+                         f"found in {type(model).__name__}")
     layers = [TimmCoeffAttention(block, dropout=dropout, backend=backend) for _, block in blocks]  # checks first
     report, backbone = _start_report(model, "coeff")
     for (name, _), layer in zip(blocks, layers):
@@ -334,6 +358,9 @@ def apply_coeff(
         from .transformers import attach_head_mix
 
         report.layers.extend(attach_head_mix(model, dropout=dropout, backend=backend, modules=hf_modules))
+    if diffusers_modules:
+        report.layers.extend(diffusers_integration.attach_head_mix(model, dropout=dropout, backend=backend,
+                                                                   modules=diffusers_modules))
     return _finish_report(model, report, backbone, trainable)
 
 

@@ -836,15 +836,19 @@ def _attn_implementation(model: nn.Module) -> Optional[str]:
 
 @contextmanager
 def _restore_on_error(model: nn.Module) -> Iterator[None]:
-    """Undo module replacements, requires_grad changes and a transformers attention-implementation
-    switch (Coeff-Tuning's) if the body raises."""
+    """Undo module replacements, requires_grad changes, a transformers attention-implementation
+    switch and diffusers attention processors (Coeff-Tuning's) if the body raises."""
+    from . import diffusers as diffusers_integration
+
     flags = [(p, p.requires_grad) for p in model.parameters()]
     children = [(m, dict(m._modules)) for m in model.modules()]
     attn = _attn_implementation(model)
     had_previous = hasattr(model, "_subspace_previous_attn")
+    processors = diffusers_integration.processors(model)
     try:
         yield
     except BaseException:
+        diffusers_integration.set_processors(model, processors)  # before _modules: a processor may be one
         for module, kids in children:
             module._modules.clear()
             module._modules.update(kids)

@@ -52,7 +52,7 @@ layers would have to imitate in full. The trade-offs of the wrapper instead:
   :class:`AdapterNotMergeableError` (a ``ValueError`` and a ``NotMergeableError``) and leave the model as
   it was; ``pa`` with ``activation="identity"`` merges. ``safe_merge=True`` checks the merged weights are
   finite (and restores the model otherwise). ``unload()`` removes the adapter layers without merging
-  (every method, ``coeff`` on timm and transformers included; the trained head and BitFit's biases stay,
+  (every method, ``coeff`` on timm, transformers and diffusers included; the trained head and BitFit's biases stay,
   as PEFT keeps ``modules_to_save``). Both restore the parameters' original ``requires_grad`` flags; the
   wrapper is unusable afterwards.
 
@@ -70,7 +70,8 @@ active one), ``peft_config`` (name → config).
 **disable_adapter(): swapped modules.** Inside ``with model.disable_adapter():`` the model *is* the base
 model: every module the method replaced is swapped back for the original module object it wrapped
 (captured when the adapter was created; it shares the frozen weight tensors, so nothing is copied), a
-transformers model runs its original attention implementation instead of ``"subspace_coeff"``, and
+transformers model runs its original attention implementation instead of ``"subspace_coeff"`` (a
+diffusers model its original attention processors), and
 parameters of the base model that the method trains (the task head, BitFit's biases) are swapped for
 frozen copies of their base values (as PEFT runs a ``modules_to_save`` module's original). Nothing is
 zeroed or modified in place; on exit the adapted modules and parameters are put back. The outputs are
@@ -89,6 +90,7 @@ import torch
 from torch import nn
 
 from . import checkpoint, methods
+from . import diffusers as diffusers_integration
 from .adapters import is_conv1d, merge_all, replace_module, unmerge_all
 from .nn import SSF, HeadMix, NotMergeableError, TimmCoeffAttention
 from .nn.base import ForwardsAttributes, MergeableLinear
@@ -202,6 +204,7 @@ class SubspacePeftModel(ForwardsAttributes, nn.Module):
         before = dict(model.named_modules())
         flags = [(p, p.requires_grad) for p in model.parameters()]
         attn_before = methods._attn_implementation(model)
+        processors_before = diffusers_integration.processors(model)
         _, self.report = methods.apply(model, config)  # checks everything first; unchanged if it raises
         self.base_model = model
         self.peft_config: dict[str, methods.MethodConfig] = {adapter_name: config}
@@ -212,6 +215,10 @@ class SubspacePeftModel(ForwardsAttributes, nn.Module):
         self._flags_before = flags
         self._attn_before = attn_before if methods._attn_implementation(model) != attn_before else None
         self._attn_adapted = methods._attn_implementation(model)
+        # diffusers attention modules whose processor the method replaced (Coeff-Tuning's): before / after.
+        processors_after = diffusers_integration.processors(model)
+        self._processors_before = {n: p for n, p in processors_before.items() if processors_after[n] is not p}
+        self._processors_adapted = {n: processors_after[n] for n in self._processors_before}
         # One adapter = the values of the tensors the method made trainable (adapter + head), by name.
         existing = {id(p) for p, _ in flags}
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -336,6 +343,7 @@ class SubspacePeftModel(ForwardsAttributes, nn.Module):
                 swapped_modules.append((name, adapted))
             if self._attn_before is not None:
                 model.set_attn_implementation(self._attn_before)
+            diffusers_integration.set_processors(model, self._processors_before)
             live = {id(p): self._base_values[n] for n, p in model.named_parameters() if n in self._base_values}
             for module, attr, p in _parameter_owners(model, live):
                 base = live[id(p)].to(device=p.device, dtype=p.dtype)
@@ -349,6 +357,7 @@ class SubspacePeftModel(ForwardsAttributes, nn.Module):
                 module._parameters[attr] = p
             if self._attn_before is not None:
                 model.set_attn_implementation(self._attn_adapted)
+            diffusers_integration.set_processors(model, self._processors_adapted)
             for name, adapted in reversed(swapped_modules):
                 replace_module(model, name, adapted)
 
@@ -411,6 +420,7 @@ class SubspacePeftModel(ForwardsAttributes, nn.Module):
         for name, original in self._replaced:
             original.train(model.get_submodule(name).training)
             replace_module(model, name, original)
+        diffusers_integration.set_processors(model, self._processors_before)
         if any(isinstance(m, HeadMix) for m in model.modules()) or self._attn_before is not None:
             from .transformers import detach_head_mix
 

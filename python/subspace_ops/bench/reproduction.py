@@ -11,7 +11,8 @@ the meta device (no weights, no download, a few seconds):
   adapts q and v as separate matrices with LoRA (timm fuses them into one ``qkv``);
 - transformers ``RobertaForSequenceClassification`` (roberta-base / roberta-large sizes, 2 labels);
 - transformers ``LlamaForCausalLM`` with LLaMA-2-7B's sizes; ``BartForConditionalGeneration``
-  with bart-base's sizes (Coeff-Tuning's VL-BART language model).
+  with bart-base's sizes (Coeff-Tuning's VL-BART language model);
+- diffusers ``UNet2DConditionModel`` with SDXL-base's config (Coeff-Tuning's concept customization).
 
 Each :class:`Row` gives our adapter parameters and the other trainable parameters (the task head)
 separately, then ``ours_as_printed``: our count in the paper's unit and rounding, including exactly
@@ -135,6 +136,18 @@ def _bart_base() -> nn.Module:
     return transformers.BartForConditionalGeneration(config)
 
 
+def _sdxl_unet() -> nn.Module:
+    import diffusers
+
+    # stabilityai/stable-diffusion-xl-base-1.0's unet/config.json (diffusers' attention_head_dim counts heads).
+    return diffusers.UNet2DConditionModel(
+        sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=2048,
+        attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10), use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+
+
 BACKBONES: dict[str, Callable[[], nn.Module]] = {
     "ViT-B/16": _timm("vit_base_patch16_224"),
     "ViT-L/16": _timm("vit_large_patch16_224"),
@@ -146,6 +159,7 @@ BACKBONES: dict[str, Callable[[], nn.Module]] = {
     "RoBERTa-large": _roberta(True),
     "LLaMA-2-7B": _llama2_7b,
     "BART-base": _bart_base,
+    "SDXL UNet": _sdxl_unet,
 }
 
 
@@ -444,6 +458,37 @@ def _coeff_bart(t: _Table) -> None:
                 "in 003. Only BART's attention modules (VL-BART's CLIP vision tower is frozen and has none tuned).")
 
 
+def _coeff_sdxl(t: _Table) -> None:
+    """003 §4.3 gives Coeff-Tuning's cost on SDXL as fractions (no count): H²/(3·Ci·Co + Co²) of an attention
+    layer's weights and H²/(3r·Ci + 5r·Co) of LoRA's parameters, with Ci = 2048, Co = 1280, H = 10, r = 4."""
+    from .. import methods
+    from ..diffusers import attention_modules
+
+    source = f"{P003} §4.3 (SDXL, complexity)"
+    model = t.models.get("SDXL UNet")
+    projections = sum(m.to_q.weight.numel() + m.to_k.weight.numel() + m.to_v.weight.numel()
+                      + m.to_out[0].weight.numel() for _, m in attention_modules(model))
+    _, lora = methods.apply(model, "lora", targets=("to_q", "to_k", "to_v", "to_out.0"), rank=4)
+    _, coeff = methods.apply(model, "coeff")
+    alphas = coeff.adapter_params
+    why = ("Explained: 003 takes H = 10 heads at Co = 1280 channels, but SDXL's 1280-channel layers have 20 heads "
+           "of 64 (640: 10), so their α has 4x the parameters it assumes; ")
+    t.rows.append(Row(
+        "coeff", "SDXL UNet", "α [H,H] per attention module (140: self and cross)", alphas, 0,
+        f"{100 * alphas / projections:.3f}%", "0.001%", source, "differs",
+        why + f"and its formula gives all of Wq, Wk, Wv Ci inputs (only cross attention's k, v read the 2048-d text). "
+        f"Ours: {alphas:,} α over the {projections:,} weights of to_q, to_k, to_v, to_out.0 = "
+        f"{100 * alphas / projections:.4f}% (a 1280-channel cross-attention layer: 400 / (2·1280² + 2·2048·1280) = "
+        f"0.0047%; the UNet's 2.57 B parameters: {100 * alphas / coeff.backbone_params:.4f}%). 003's own numbers "
+        "give 100 / (3·2048·1280 + 1280²) = 0.0011%."))
+    t.rows.append(Row(
+        "coeff + lora", "SDXL UNet", "α next to LoRA r = 4 on to_q, to_k, to_v, to_out.0", alphas,
+        lora.adapter_params, f"{100 * alphas / lora.adapter_params:.1f}%", "< 0.2%", source, "differs",
+        why + f"LoRA r = 4 on the 560 projections: {lora.adapter_params:,}, so α adds "
+        f"{100 * alphas / lora.adapter_params:.2f}% to it. 003's numbers give 100 / (3·4·2048 + 5·4·1280) = 0.199%. "
+        "(003's SDXL runs use r = 2, where α adds twice as much.)"))
+
+
 def parameter_table() -> list[Row]:
     """Every row of docs/REPRODUCTION.md (meta-device backbones; a few seconds)."""
     t = _Table()
@@ -452,6 +497,7 @@ def parameter_table() -> list[Row]:
     _roberta_rows(t, "RoBERTa-large", f"{P001} Table 4 (RoBERTa-large, GLUE)", _LARGE_001)
     _siva_roberta_llama(t)
     _coeff_bart(t)
+    _coeff_sdxl(t)
     _last_digit_notes(t.rows)
     return t.rows
 
@@ -460,7 +506,7 @@ def parameter_table() -> list[Row]:
 # Output
 # ---------------------------------------------------------------------------------------------
 _ORDER = ("ViT-B/16", "ViT-B/16 (HF)", "ViT-L/16", "ViT-L/16 (HF)", "ViT-H/14", "Swin-B", "RoBERTa-base",
-          "RoBERTa-large", "LLaMA-2-7B", "BART-base")
+          "RoBERTa-large", "LLaMA-2-7B", "BART-base", "SDXL UNet")
 
 
 def format_markdown(rows: list[Row]) -> str:

@@ -9,7 +9,9 @@ block's own submodules under their own names (``qkv``, ``proj``, ``q_norm``...),
 keys stay those of timm plus ``head_mix.alpha``, and the rescaled-linear layers of RLRR or SSF can
 wrap ``qkv``/``proj`` before or after. For transformers models see
 :func:`subspace_ops.adapters.apply_coeff`, which attaches a :class:`HeadMix` to each attention
-module and routes the model through the attention-function registry.
+module and routes the model through the attention-function registry. For diffusers models (the
+UNets of Stable Diffusion / SDXL, 003 §5.2) :class:`CoeffAttnProcessor` is an attention processor
+holding a :class:`HeadMix` (:mod:`subspace_ops.diffusers` sets it on every ``Attention``).
 
 The paper's dropout on α (p = 0.1 when α is tuned with SSF) is ``HeadMix(dropout=p)``. Dropout on
 the attention probabilities themselves is not supported by the fused op; layers refuse to attach
@@ -26,7 +28,7 @@ from torch import Tensor, nn
 from .. import reference
 from ..ops.head_mixing_attention import head_mixing_attention
 
-__all__ = ["HeadMix", "TimmCoeffAttention"]
+__all__ = ["CoeffAttnProcessor", "HeadMix", "TimmCoeffAttention"]
 
 
 class HeadMix(nn.Module):
@@ -93,3 +95,63 @@ class TimmCoeffAttention(nn.Module):
         if gate is not None:
             x = x * gate
         return self.proj_drop(self.proj(x))
+
+
+class CoeffAttnProcessor(nn.Module):
+    """A diffusers attention processor with Coeff-Tuning's head mixing.
+
+    It computes what diffusers' default processors (``AttnProcessor2_0``, ``AttnProcessor``) compute
+    for an ``Attention`` module (optional spatial and group norm, 4-D feature maps as tokens, q from
+    ``hidden_states`` and k, v from ``encoder_hidden_states`` in cross attention, the module's
+    additive mask, q/k norms, ``to_out``, residual and ``rescale_output_factor``) with the attention
+    itself replaced by :func:`~subspace_ops.head_mixing_attention` at the module's ``scale``. As an
+    ``nn.Module`` set with ``attn.set_processor``, it becomes the submodule ``processor`` of the
+    attention module, so α is a parameter of the model (``...attn1.processor.head_mix.alpha``).
+    ``replaced`` keeps the processor it replaced, which :func:`subspace_ops.diffusers.detach_head_mix`
+    puts back (it is not a submodule: the defaults hold no tensors).
+    """
+
+    def __init__(self, num_heads: int, *, replaced: object, dropout: float = 0.0, backend: Optional[str] = None,
+                 device=None) -> None:
+        super().__init__()
+        self.head_mix = HeadMix(num_heads, dropout=dropout, backend=backend, device=device)
+        self.replaced = replaced
+
+    def forward(self, attn: nn.Module, hidden_states: Tensor, encoder_hidden_states: Optional[Tensor] = None,
+                attention_mask: Optional[Tensor] = None, temb: Optional[Tensor] = None, *args, **kwargs) -> Tensor:
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        feature_map = hidden_states.dim() == 4
+        if feature_map:  # [B, C, H, W] → tokens [B, H·W, C]
+            batch, channels, height, width = hidden_states.shape
+            hidden_states = hidden_states.flatten(2).transpose(1, 2)
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        batch, key_tokens = context.shape[0], context.shape[1]
+        if attention_mask is not None:  # diffusers' [B·H, 1 or Nq, Nk] additive mask → [B, H, ., Nk]
+            attention_mask = attn.prepare_attention_mask(attention_mask, key_tokens, batch)
+            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        if encoder_hidden_states is None:
+            context = hidden_states
+        elif attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+        head_dim = key.shape[-1] // attn.heads
+        query, key, value = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        out = self.head_mix(query, key, value, attn_mask=attention_mask, scale=attn.scale)
+        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))  # projection, dropout
+        if feature_map:
+            out = out.transpose(1, 2).reshape(batch, channels, height, width)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+    def extra_repr(self) -> str:
+        return f"replaced={type(self.replaced).__name__}"

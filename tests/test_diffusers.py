@@ -1,0 +1,258 @@
+"""Coeff-Tuning on diffusers models (003 §5.2: α in every attention layer of the SDXL UNet, with LoRA).
+
+The independent reference is diffusers' own default processor with its SDPA call replaced by a
+direct transcription of 003 eq. 11–12 (softmax maps of every head, mixed by I + α, times V_h), so
+everything the processor does around the attention (norms, masks, 4-D maps, residual, rescale)
+is diffusers' code, not ours.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import subspace_ops.diffusers as sd
+from subspace_ops import apply_coeff, methods
+from subspace_ops.nn import CoeffAttnProcessor, HeadMix
+from subspace_ops.checkpoint import AdapterLoadError
+from subspace_ops.peft_model import AdapterNotMergeableError, SubspacePeftModel, get_peft_model
+
+from conftest import backend_device
+
+diffusers = pytest.importorskip("diffusers")
+from diffusers.models import attention_processor  # noqa: E402
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0  # noqa: E402
+
+pytestmark = pytest.mark.integration
+
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # PEFT / diffusers spelling: to_out.0 is a suffix
+
+
+def tiny_unet() -> torch.nn.Module:
+    """A 2-level SD-style UNet2DConditionModel (cross attention to 32-d text states; 2 and 4 heads)."""
+    torch.manual_seed(0)
+    return diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=(2, 4), norm_num_groups=8,
+    ).eval()
+
+
+def unet_inputs(batch: int = 2, text: int = 5) -> dict:
+    g = torch.Generator().manual_seed(1)
+    return dict(sample=torch.randn(batch, 4, 8, 8, generator=g), timestep=3,
+                encoder_hidden_states=torch.randn(batch, text, 32, generator=g))
+
+
+def run(model, **kwargs):
+    return model(**(unet_inputs() | kwargs)).sample
+
+
+def random_alphas(model, std: float = 0.3) -> None:
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, HeadMix):
+                m.alpha.copy_(std * torch.randn(m.alpha.shape, generator=g))
+
+
+def naive_head_mixing(mix: torch.Tensor):
+    """F.scaled_dot_product_attention's signature, computing 003 eq. 11–12 with ``mix`` (paper's form)."""
+    def attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None):
+        assert dropout_p == 0.0 and not is_causal
+        scores = torch.einsum("bhqd,bhkd->bhqk", q, k) * (q.shape[-1] ** -0.5 if scale is None else scale)
+        if attn_mask is not None:
+            scores = scores + attn_mask
+        maps = scores.softmax(-1)
+        return torch.einsum("hg,bgqk,bhkd->bhqd", mix, maps, v)
+    return attention
+
+
+ATTENTIONS = {
+    "self": dict(query_dim=32, heads=4, dim_head=8),
+    "cross+mask": dict(query_dim=32, cross_attention_dim=24, heads=2, dim_head=16),
+    "vae 4-D": dict(query_dim=32, heads=2, dim_head=16, norm_num_groups=8, residual_connection=True,
+                    rescale_output_factor=2.0, bias=True, _from_deprecated_attn_block=True),
+    "qk-norm, norm_cross": dict(query_dim=32, cross_attention_dim=24, heads=4, dim_head=8, qk_norm="layer_norm",
+                                cross_attention_norm="layer_norm"),
+}
+
+
+@pytest.mark.parametrize("kind", list(ATTENTIONS))
+def test_processor_equals_diffusers_with_the_papers_attention(kind, fused_backend, monkeypatch):
+    device = backend_device(fused_backend)
+    attn = Attention(**ATTENTIONS[kind]).to(device).eval()
+    assert type(attn.processor) is AttnProcessor2_0
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 32, 3, 5, generator=g) if "4-D" in kind else torch.randn(2, 15, 32, generator=g)
+    kwargs = {}
+    if "cross" in kind:
+        kwargs["encoder_hidden_states"] = torch.randn(2, 7, 24, generator=g).to(device)
+    if "mask" in kind:  # diffusers' additive [B, 1, Nk] mask: the second sample's last 3 keys are padding
+        mask = torch.zeros(2, 1, 7)
+        mask[1, :, 4:] = -10000.0
+        kwargs["attention_mask"] = mask.to(device)
+    x = x.to(device)
+    stock = attn(x, **kwargs)
+    attn.set_processor(CoeffAttnProcessor(attn.heads, replaced=attn.processor, backend=fused_backend, device=device))
+    torch.testing.assert_close(attn(x, **kwargs), stock, rtol=1e-5, atol=1e-5)  # α = 0: unchanged
+    with torch.no_grad():
+        attn.processor.head_mix.alpha.copy_(0.4 * torch.randn(attn.heads, attn.heads, generator=g))
+    ours = attn(x, **kwargs)
+    ours.square().sum().backward()
+    grad = attn.processor.head_mix.alpha.grad.clone()
+
+    alpha = attn.processor.head_mix.alpha
+    replaced = attn.processor.replaced
+    attn.set_processor(replaced)
+    monkeypatch.setattr(attention_processor.F, "scaled_dot_product_attention",
+                        naive_head_mixing(torch.eye(attn.heads, device=device) + alpha))
+    expected = attn(x, **kwargs)
+    assert not torch.allclose(expected, stock, atol=1e-3)
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
+    alpha.grad = None
+    expected.square().sum().backward()
+    torch.testing.assert_close(grad, alpha.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_unet_coeff_trains_only_alpha_and_matches_the_reference_backend():
+    unet = tiny_unet()
+    before = run(unet)
+    report = apply_coeff(unet, backend="cpu")
+    heads = [m.heads for _, m in sd.attention_modules(unet)]
+    assert len(report.layers) == 8 and report.adapter_params == sum(h * h for h in heads) == 6 * 4 + 2 * 16
+    assert report.other_trainable_params == 0
+    assert all(isinstance(m.processor, CoeffAttnProcessor) for _, m in sd.attention_modules(unet))
+    torch.testing.assert_close(run(unet), before, rtol=1e-5, atol=1e-5)  # zero init: unchanged
+    random_alphas(unet)
+    fused = run(unet)
+    assert not torch.allclose(fused, before, atol=1e-3)
+    fused.square().mean().backward()
+    grads = {n: p.grad for n, p in unet.named_parameters() if p.grad is not None}
+    assert set(grads) == {n for n, _ in unet.named_parameters() if n.endswith("processor.head_mix.alpha")}
+    assert len(grads) == 8 and all(g.abs().sum() > 0 for g in grads.values())
+    for m in unet.modules():
+        if isinstance(m, HeadMix):
+            m.backend = "reference"
+    torch.testing.assert_close(run(unet), fused, rtol=1e-4, atol=1e-5)
+    assert sd.detach_head_mix(unet) == 8
+    assert all(type(m.processor) is AttnProcessor2_0 for _, m in sd.attention_modules(unet))
+    assert not any("processor" in n for n, _ in unet.named_parameters())
+    torch.testing.assert_close(run(unet), before, rtol=0, atol=0)
+
+
+def test_padded_text_tokens_are_ignored():
+    """encoder_attention_mask (1 keep, 0 drop) reaches the cross attention as diffusers' additive mask."""
+    unet = tiny_unet()
+    apply_coeff(unet, backend="cpu")
+    random_alphas(unet)
+    inputs = unet_inputs()
+    keep = torch.ones(2, 5)
+    keep[:, 3:] = 0
+    masked = unet(**inputs, encoder_attention_mask=keep).sample
+    truncated = unet(**(inputs | dict(encoder_hidden_states=inputs["encoder_hidden_states"][:, :3]))).sample
+    torch.testing.assert_close(masked, truncated, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(masked, run(unet), atol=1e-3)
+
+
+@pytest.mark.parametrize("lora", ["subspace_ops", "peft"])
+def test_coeff_with_lora_on_the_projections(lora):
+    """003 §5.2's setting: LoRA on q, k, v, out plus α; both kinds of LoRA stay trainable."""
+    unet = tiny_unet()
+    if lora == "peft":
+        peft = pytest.importorskip("peft")
+        unet.add_adapter(peft.LoraConfig(r=2, lora_alpha=2, target_modules=list(LORA_TARGETS),
+                                         init_lora_weights="gaussian"))
+        lora_params = {n for n, p in unet.named_parameters() if p.requires_grad}
+    else:
+        _, lora_report = methods.apply(unet, "lora", targets=LORA_TARGETS, rank=2)
+        assert len(lora_report.layers) == 4 * 8  # to_out.0 matched as PEFT matches it
+        lora_params = {n for n, p in unet.named_parameters() if p.requires_grad}
+    assert len(lora_params) == 2 * 4 * 8
+    _, report = methods.apply(unet, "coeff", backend="cpu")
+    assert report.adapter_params == 56
+    assert report.other_trainable_params == sum(p.numel() for n, p in unet.named_parameters() if n in lora_params)
+    random_alphas(unet)
+    run(unet).square().mean().backward()
+    trained = {n for n, p in unet.named_parameters() if p.grad is not None}  # (LoRA's zero factor: zero grads)
+    assert trained == lora_params | {n for n, _ in unet.named_parameters() if n.endswith("head_mix.alpha")}
+    assert all(p.grad.abs().sum() > 0 for n, p in unet.named_parameters() if n.endswith("head_mix.alpha"))
+
+
+def test_other_processors_are_refused_and_nothing_changes():
+    unet = tiny_unet()
+    unet.fuse_qkv_projections()
+    processors = sd.processors(unet)
+    flags = [p.requires_grad for p in unet.parameters()]
+    with pytest.raises(ValueError, match=r"FusedAttnProcessor2_0.*unfuse_qkv_projections"):
+        apply_coeff(unet)
+    with pytest.raises(ValueError, match="FusedAttnProcessor2_0"):
+        methods.apply(unet, "coeff")
+    assert sd.processors(unet) == processors and [p.requires_grad for p in unet.parameters()] == flags
+
+    class Custom(AttnProcessor2_0):
+        pass
+
+    unet = tiny_unet()
+    name, attn = sd.attention_modules(unet)[3]
+    attn.set_processor(Custom())
+    with pytest.raises(ValueError, match=f"{name}: runs Custom"):
+        apply_coeff(unet)
+    assert not any(isinstance(m, CoeffAttnProcessor) for m in unet.modules())
+    apply_coeff(tiny_unet())  # the default processors alone are fine
+    with pytest.raises(ValueError, match="already has a head mix"):
+        unet = tiny_unet()
+        apply_coeff(unet)
+        sd.attach_head_mix(unet)
+
+
+def test_peft_model_wrapper_disable_save_load_unload(tmp_path):
+    base_out = run(tiny_unet())
+    model = get_peft_model(tiny_unet(), ("coeff", {"backend": "cpu"}))
+    random_alphas(model.base_model)
+    adapted = run(model)
+    with model.disable_adapter():
+        assert torch.equal(run(model), base_out)
+        assert all(type(m.processor) is AttnProcessor2_0 for _, m in sd.attention_modules(model.base_model))
+    assert torch.equal(run(model), adapted)
+    model.save_pretrained(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
+    loaded = SubspacePeftModel.from_pretrained(tiny_unet(), tmp_path)
+    assert torch.equal(run(loaded), adapted)
+    with pytest.raises(AdapterNotMergeableError, match="head mixing"):
+        loaded.merge_and_unload()
+    plain = loaded.unload()
+    assert all(type(m.processor) is AttnProcessor2_0 for _, m in sd.attention_modules(plain))
+    assert torch.equal(run(plain), base_out)
+
+
+def test_failed_load_leaves_the_unet_unchanged(tmp_path):
+    model = get_peft_model(tiny_unet(), "coeff")
+    model.save_pretrained(tmp_path)
+    other = diffusers.UNet2DConditionModel(  # other heads: α of other shapes
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=(4, 8), norm_num_groups=8)
+    processors = sd.processors(other)
+    with pytest.raises(AdapterLoadError, match=r"processor\.head_mix\.alpha: shape \(2, 2\) in the file, \(4, 4\)"):
+        SubspacePeftModel.from_pretrained(other, tmp_path)
+    assert sd.processors(other) == processors
+    assert not any(isinstance(m, CoeffAttnProcessor) for m in other.modules())
+    assert all(p.requires_grad for p in other.parameters())
+
+
+def test_compiled_attention_with_coeff_matches_eager():
+    """torch.compile(fullgraph=True) through diffusers' Attention.forward and our processor (a UNet
+    is many of these; compiling a whole one takes ~40 s on 2 cores)."""
+    attn = Attention(**ATTENTIONS["cross+mask"]).eval()
+    attn.set_processor(CoeffAttnProcessor(attn.heads, replaced=attn.processor, backend="cpu"))
+    with torch.no_grad():
+        attn.processor.head_mix.alpha.normal_(0, 0.3)
+    x, context, mask = torch.randn(2, 15, 32), torch.randn(2, 7, 24), torch.zeros(2, 1, 7)
+    mask[1, :, 5:] = -10000.0
+    expected = attn(x, encoder_hidden_states=context, attention_mask=mask)
+    compiled = torch.compile(attn, fullgraph=True)
+    torch.testing.assert_close(compiled(x, encoder_hidden_states=context, attention_mask=mask), expected,
+                               rtol=1e-5, atol=1e-6)
