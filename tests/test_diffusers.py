@@ -117,6 +117,18 @@ def test_processor_equals_diffusers_with_the_papers_attention(kind, fused_backen
     torch.testing.assert_close(grad, alpha.grad, rtol=1e-4, atol=1e-5)
 
 
+def test_processor_takes_the_modules_scale():
+    """scale_qk=False: scores are not scaled (scale 1), and diffusers runs its classic AttnProcessor."""
+    attn = Attention(query_dim=32, heads=2, dim_head=16, scale_qk=False).eval()
+    assert type(attn.processor) is attention_processor.AttnProcessor and attn.scale == 1.0
+    x = torch.randn(2, 9, 32)
+    stock = attn(x)
+    assert sd.attach_head_mix(attn, backend="cpu") == [""]  # the module itself
+    assert isinstance(attn.processor, CoeffAttnProcessor)
+    torch.testing.assert_close(attn(x), stock, rtol=1e-5, atol=1e-5)
+    assert sd.detach_head_mix(attn) == 1 and type(attn.processor) is attention_processor.AttnProcessor
+
+
 def test_unet_coeff_trains_only_alpha_and_matches_the_reference_backend():
     unet = tiny_unet()
     before = run(unet)
