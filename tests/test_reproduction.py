@@ -141,6 +141,9 @@ def test_siva_002_and_coeff_bart(rows):
     llama = find(rows, "siva", "LLaMA-2-7B")
     assert llama.ours_adapter_params == 32 * 2 * 797 and llama.ours_head_params == 0
     assert find(rows, "coeff", "BART-base").ours_adapter_params == (6 + 6 + 6) * 12 * 12 == 2_592
+    gpt2 = find(rows, "siva", "GPT-2 Medium")  # c_attn's q and v parts in 24 layers
+    assert gpt2.ours_adapter_params == 24 * 2 * 917 and gpt2.ours_as_printed == "0.044 M"
+    assert find(rows, "lora", "GPT-2 Medium").ours_adapter_params == 24 * lora(3 * 1024, 1024, 4) == 393_216
 
 
 def test_coeff_sdxl(rows):
@@ -202,6 +205,7 @@ def test_unreconciled_rows_are_the_known_ones(rows):
         ("lora", "ViT-B/16 (HF)", "0.305"),
         ("rlrr", "Swin-B", "0.41"),
         ("flora", "RoBERTa-large", "19.98‰"),
+        ("lora", "GPT-2 Medium", "0.35M"),
         ("coeff", "SDXL UNet", "0.001%"),  # explained: 003 assumes 10 heads where SDXL has 20
         ("coeff + lora", "SDXL UNet", "< 0.2%"),
     }

@@ -10,7 +10,8 @@ the meta device (no weights, no download, a few seconds):
 - transformers ``ViTForImageClassification`` (ViT-B/16 and ViT-L/16 sizes, 100 labels) where a paper
   adapts q and v as separate matrices with LoRA (timm fuses them into one ``qkv``);
 - transformers ``RobertaForSequenceClassification`` (roberta-base / roberta-large sizes, 2 labels);
-- transformers ``LlamaForCausalLM`` with LLaMA-2-7B's sizes; ``BartForConditionalGeneration``
+- transformers ``LlamaForCausalLM`` with LLaMA-2-7B's sizes; ``GPT2LMHeadModel`` with GPT-2 Medium's
+  (SiVA's E2E backbone); ``BartForConditionalGeneration``
   with bart-base's sizes (Coeff-Tuning's VL-BART language model);
 - diffusers ``UNet2DConditionModel`` with SDXL-base's config (Coeff-Tuning's concept customization).
 
@@ -136,6 +137,12 @@ def _bart_base() -> nn.Module:
     return transformers.BartForConditionalGeneration(config)
 
 
+def _gpt2_medium() -> nn.Module:
+    import transformers
+
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=1024, n_layer=24, n_head=16))
+
+
 def _sdxl_unet() -> nn.Module:
     import diffusers
 
@@ -159,6 +166,7 @@ BACKBONES: dict[str, Callable[[], nn.Module]] = {
     "RoBERTa-large": _roberta(True),
     "LLaMA-2-7B": _llama2_7b,
     "BART-base": _bart_base,
+    "GPT-2 Medium": _gpt2_medium,
     "SDXL UNet": _sdxl_unet,
 }
 
@@ -451,6 +459,20 @@ def _siva_roberta_llama(t: _Table) -> None:
                 "0.997 on the pretrained weights. No head is trained (lm_head frozen).")
 
 
+def _gpt2_medium_002(t: _Table) -> None:
+    source = f"{P002} Table 4 (GPT-2 Medium, E2E)"
+    row = t.add("siva", "GPT-2 Medium", "c_attn's q and v parts; k = 917 per matrix (fixed)", "0.044M", source, "",
+                overrides=dict(rank=917), decimals=3, how="k")
+    row.note = ("48 matrices (the q and v parts of the fused c_attn in 24 layers): 0.044M ⇒ k̄ = 917 of 1024 (k̄ ∈ "
+                "[907, 927]), perc on the pretrained weights. lm_head is tied to the embedding and frozen.")
+    row = t.add("lora", "GPT-2 Medium", "r = 4 on c_attn", "0.35M", source, "", overrides=dict(targets=("c_attn",),
+                rank=4), decimals=2, how="inferred")
+    row.note = ("Not reconciled: r = 4 on Wq and Wv (the LoRA paper's E2E setting, inferred: 002 states no rank) is "
+                "4·(1024 + 1024)·2·24 = 393 216 = 0.39M, and our r = 4 on the whole fused c_attn has the same count "
+                "(4·(1024 + 3072)·24; a different function). No integer r on q, v gives 0.35M (r = 3: 0.29M); the "
+                "LoRA paper prints the same 0.35M for this setting, so 002 seems to copy it.")
+
+
 def _coeff_bart(t: _Table) -> None:
     row = t.add("coeff", "BART-base", "α [12,12] per attention module", "2.6K", f"{P003} appendix B.4 (VL-BART)", "",
                 unit="K", decimals=1)
@@ -496,6 +518,7 @@ def parameter_table() -> list[Row]:
     _roberta_rows(t, "RoBERTa-base", f"{P001} Table 2 (RoBERTa-base, GLUE)", _BASE_001)
     _roberta_rows(t, "RoBERTa-large", f"{P001} Table 4 (RoBERTa-large, GLUE)", _LARGE_001)
     _siva_roberta_llama(t)
+    _gpt2_medium_002(t)
     _coeff_bart(t)
     _coeff_sdxl(t)
     _last_digit_notes(t.rows)
@@ -506,7 +529,8 @@ def parameter_table() -> list[Row]:
 # Output
 # ---------------------------------------------------------------------------------------------
 _ORDER = ("ViT-B/16", "ViT-B/16 (HF)", "ViT-L/16", "ViT-L/16 (HF)", "ViT-H/14", "Swin-B", "RoBERTa-base",
-          "RoBERTa-large", "LLaMA-2-7B", "BART-base", "SDXL UNet")
+          "RoBERTa-large", "LLaMA-2-7B", "GPT-2 Medium", "BART-base",
+          "SDXL UNet")
 
 
 def format_markdown(rows: list[Row]) -> str:
