@@ -53,7 +53,9 @@ struct RescaledLinearFunction : public torch::autograd::Function<RescaledLinearF
     ctx->saved_data["s_l"] = given(s_l) ? s_l->dim() : int64_t{0};  // 0: none
     ctx->saved_data["s_r"] = given(s_r) ? s_r->dim() : int64_t{0};
     ctx->saved_data["bias"] = given(bias);
-    return rescaled_linear_forward(x2d, weight, a, b, bias, residual).view(with_last(x.sizes(), n));
+    // _unsafe_view, not view: a view made inside a custom Function cannot be changed in place, and
+    // callers may (timm's BEiT attention does `qkv += bias` after its qkv layer), as with nn.Linear.
+    return at::_unsafe_view(rescaled_linear_forward(x2d, weight, a, b, bias, residual), with_last(x.sizes(), n));
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {

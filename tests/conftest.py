@@ -14,6 +14,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+import subspace_ops  # noqa: E402
 from subspace_ops.backends import backend_status  # noqa: E402
 
 # Triton runs on the GPU when there is one, else on CPU tensors in the interpreter (small shapes).
@@ -55,6 +56,34 @@ def tiny_gpt2() -> torch.nn.Module:
                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     torch.manual_seed(0)
     return transformers.GPT2LMHeadModel(config).eval()
+
+
+# Every linear op and path, called as case(x, weight, tensors, backend) with the tensors of
+# ``linear_case_tensors``.
+LINEAR_CASES = {
+    "rescaled_linear": lambda x, w, t, be: subspace_ops.rescaled_linear(
+        x, w, t["s_l"], t["s_r"], t["bias"], backend=be),  # the cpu backend's stacked path at so few tokens
+    "rescaled_linear modulated": lambda x, w, t, be: subspace_ops.rescaled_linear(
+        x, w, t["s_l"], t["s_r"], t["bias"], backend=be, path=None if be == "reference" else "modulated"),
+    "rescaled_linear separable": lambda x, w, t, be: subspace_ops.rescaled_linear(
+        x, w, t["s_l"], t["s_r"], t["bias"], residual=False, backend=be),
+    "svd_delta_linear merged": lambda x, w, t, be: subspace_ops.svd_delta_linear(
+        x, w, t["u"], t["v"], t["d"], t["bias"], backend=be, path="merged"),
+    "svd_delta_linear unmerged": lambda x, w, t, be: subspace_ops.svd_delta_linear(
+        x, w, t["u"], t["v"], t["d"], t["bias"], backend=be, path="unmerged"),
+    "lowrank_linear": lambda x, w, t, be: subspace_ops.lowrank_linear(
+        x, w, t["a"], t["g"], t["b"], t["bias"], dropout_p=0.2, backend=be),
+}
+
+
+
+def linear_case_tensors(device, out_features: int = 6, in_features: int = 8) -> dict:
+    """Scales, biases and factors for LINEAR_CASES (rank 2 for lowrank, k = 3 for svd)."""
+    n, k = out_features, in_features
+    tensors = dict(s_l=torch.randn(n), s_r=torch.randn(k), bias=torch.randn(n), d=torch.randn(3), a=torch.randn(n, 2),
+                   g=torch.randn(2, 2), b=torch.randn(2, k), u=torch.linalg.qr(torch.randn(n, 3))[0],
+                   v=torch.linalg.qr(torch.randn(k, 3))[0])
+    return {name: t.to(device) for name, t in tensors.items()}
 
 
 @pytest.fixture(autouse=True)

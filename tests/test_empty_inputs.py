@@ -10,7 +10,7 @@ import torch
 
 import subspace_ops
 
-from conftest import backend_device
+from conftest import LINEAR_CASES, backend_device, linear_case_tensors
 
 
 def _trained(*tensors: torch.Tensor) -> list[torch.Tensor]:
@@ -22,32 +22,13 @@ def _assert_zero_grads(tensors, shapes_from) -> None:
         assert t.grad is not None and t.grad.shape == like.shape and not t.grad.any()
 
 
-LINEAR_CASES = {
-    "rescaled_linear": lambda x, w, t, be: subspace_ops.rescaled_linear(
-        x, w, t["s_l"], t["s_r"], t["bias"], backend=be),  # the cpu backend's stacked path at so few tokens
-    "rescaled_linear modulated": lambda x, w, t, be: subspace_ops.rescaled_linear(
-        x, w, t["s_l"], t["s_r"], t["bias"], backend=be, path=None if be == "reference" else "modulated"),
-    "rescaled_linear separable": lambda x, w, t, be: subspace_ops.rescaled_linear(
-        x, w, t["s_l"], t["s_r"], t["bias"], residual=False, backend=be),
-    "svd_delta_linear merged": lambda x, w, t, be: subspace_ops.svd_delta_linear(
-        x, w, t["u"], t["v"], t["d"], t["bias"], backend=be, path="merged"),
-    "svd_delta_linear unmerged": lambda x, w, t, be: subspace_ops.svd_delta_linear(
-        x, w, t["u"], t["v"], t["d"], t["bias"], backend=be, path="unmerged"),
-    "lowrank_linear": lambda x, w, t, be: subspace_ops.lowrank_linear(
-        x, w, t["a"], t["g"], t["b"], t["bias"], dropout_p=0.2, backend=be),
-}
-
-
 @pytest.mark.parametrize("lead", [(0,), (2, 0), (0, 3)], ids=["M=0", "B2-N0", "B0-N3"])
 @pytest.mark.parametrize("case", list(LINEAR_CASES))
 def test_linear_ops_with_no_tokens(backend, case, lead):
     device = backend_device(backend)
     x = torch.randn(*lead, 8, device=device, requires_grad=True)
     weight = torch.randn(6, 8, device=device)
-    tensors = dict(s_l=torch.randn(6), s_r=torch.randn(8), bias=torch.randn(6), d=torch.randn(3), a=torch.randn(6, 2),
-                   g=torch.randn(2, 2), b=torch.randn(2, 8), u=torch.linalg.qr(torch.randn(6, 3))[0],
-                   v=torch.linalg.qr(torch.randn(8, 3))[0])
-    tensors = {n: t.to(device) for n, t in tensors.items()}
+    tensors = linear_case_tensors(device)
     trained = _trained(*(tensors[n] for n in ("s_l", "s_r", "d", "a", "g", "b", "bias")))
     y = LINEAR_CASES[case](x, weight, tensors, backend)
     assert y.shape == (*lead, 6)

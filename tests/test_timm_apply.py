@@ -166,3 +166,136 @@ def test_ssf_on_a_model_that_already_has_it_is_refused_without_change(first):
     with pytest.raises(ValueError, match="match no LayerNorm, RMSNorm or patch embedding"):
         methods.apply(model, "ssf")
     assert state(model) == before
+
+
+# Small timm families beyond the plain ViT (random init, a few thousand parameters each).
+FAMILIES = {
+    "beit": ("beit_base_patch16_224", dict(depth=1, embed_dim=32, num_heads=2, img_size=32)),
+    "eva02": ("eva02_tiny_patch14_224", dict(depth=1, embed_dim=32, num_heads=2, img_size=28)),
+    "swinv2": ("swinv2_tiny_window8_256", dict(depths=(1, 1), num_heads=(1, 2), embed_dim=16, img_size=64,
+                                               window_size=4)),
+    "swin": ("swin_tiny_patch4_window7_224", dict(depths=(1, 1), num_heads=(1, 2), embed_dim=16, img_size=56)),
+}
+
+
+def family(name: str) -> tuple[nn.Module, torch.Tensor]:
+    model_name, kwargs = FAMILIES[name]
+    torch.manual_seed(0)
+    model = timm.create_model(model_name, pretrained=False, num_classes=5, **kwargs).eval()
+    size = kwargs["img_size"]
+    return model, torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("method", ["rlrr", "lora", "ia3"])
+@pytest.mark.parametrize("name", ["beit", "eva02", "swinv2"])
+def test_qkv_with_separate_biases_runs_the_adapter(name, method):
+    """BEiT, EVA and Swin-V2 attention compute F.linear(x, self.qkv.weight, [q_bias; k_bias; v_bias]),
+    which would skip an adapter on ``qkv`` (no effect, no gradient). apply() makes them call the
+    layer and add the biases after it: the adapter is in the forward, trains, and merges exactly."""
+    model, x = family(name)
+    blocks = [m for m in model.modules() if getattr(m, "q_bias", None) is not None]
+    outputs = []  # every attention block's output (a tiny random Swin-V2's logits barely depend on them)
+    for m in blocks:
+        m.register_forward_hook(lambda _m, _i, out: outputs.append(out))
+
+    def attention_outputs() -> torch.Tensor:
+        outputs.clear()
+        logits = model(x)
+        return torch.cat([o.flatten() for o in outputs] + [logits.flatten()])
+
+    with torch.no_grad():
+        base = attention_outputs()
+    methods.apply(model, method)
+    assert blocks and all(m.qkv_bias_separate for m in blocks)
+    if method != "rlrr":  # zero-init adapters: unchanged at attach (RLRR starts off identity, as in 000)
+        torch.testing.assert_close(attention_outputs(), base, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad and ".qkv." in n:
+                p.add_(0.2 * torch.randn(p.shape, generator=torch.Generator().manual_seed(3)))
+    out = attention_outputs()
+    assert (out - base).abs().max() > 1e-2 * base.abs().max()  # the adapter is in the forward
+    out.square().sum().backward()
+    for m in blocks:
+        assert any(p.grad is not None and p.grad.abs().sum() > 0
+                   for n, p in m.qkv.named_parameters() if p.requires_grad), type(m).__name__
+    with torch.no_grad():
+        merge_all(model)
+        torch.testing.assert_close(attention_outputs(), out, rtol=1e-5, atol=1e-5)  # RLRR's shift: qkv gets a bias
+        unmerge_all(model)
+        assert torch.equal(attention_outputs(), out)
+
+
+def test_a_layer_whose_weight_is_read_directly_is_refused():
+    class ReadsWeight(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin, self.out = nn.Linear(8, 8), nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.out(nn.functional.linear(x, self.lin.weight, self.lin.bias))
+
+    model = ReadsWeight()
+    before = state(model)
+    with pytest.raises(ValueError, match=r"lin: ReadsWeight.forward reads self.lin.weight directly"):
+        methods.apply(model, "lora", targets=("lin", "out"))
+    assert state(model) == before
+    methods.apply(model, "lora", targets=("out",))  # the layer it calls is fine
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("method, targets", [("ssf", None), ("rlrr", None), ("ssf", ("patch_embed",))])
+@pytest.mark.parametrize("name", ["swin", "swinv2"])
+def test_swin_ssf_after_the_patch_embedding_merges_exactly(name, method, targets):
+    """Swin's patch embedding ends in a LayerNorm: SSF after it folds into that norm (folding into the
+    projection before the norm changed the merged model's outputs by ~3e-2), and the default targets
+    (patch_embed and patch_embed.norm) give one SSF there, not two in a row."""
+    model, x = family(name)
+    _, report = methods.apply(model, method, **({"targets": targets} if targets else {}))
+    ssf_at_embedding = [n for n in report.layers if n.startswith("patch_embed")]
+    assert ssf_at_embedding == (["patch_embed"] if targets else ["patch_embed.norm"])
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.2 * torch.randn(p.shape, generator=g))
+        out = model(x)
+        merge_all(model)
+        torch.testing.assert_close(model(x), out, rtol=1e-5, atol=1e-5)
+        unmerge_all(model)
+        assert torch.equal(model(x), out)
+
+
+COEFF_UNSUPPORTED = {
+    "beit": "timm.models.beit.Attention",
+    "eva02": "timm.models.eva.EvaAttention",
+    "swin": "timm.models.swin_transformer.WindowAttention",
+    "swinv2": "timm.models.swin_transformer_v2.WindowAttention",
+}
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("name", list(COEFF_UNSUPPORTED))
+def test_coeff_refuses_attention_it_cannot_reproduce(name):
+    """Head mixing replaces timm's plain Attention; on blocks with relative-position bias, windows or
+    rotary embeddings that replacement would drop them, so the model is refused, unchanged."""
+    model, _ = family(name)
+    before = state(model)
+    with pytest.raises(ValueError, match=f"not {COEFF_UNSUPPORTED[name]}.*nothing was changed"):
+        methods.apply(model, "coeff")
+    assert state(model) == before
+
+
+@pytest.mark.integration
+def test_coeff_refuses_sam_and_visformer_which_it_used_to_break():
+    """SAM's ViT (relative position, 4-D tokens) and Visformer (convolutional qkv) have classes named
+    ``Attention`` with a ``qkv``: they were replaced and the model failed in its forward."""
+    for model in (timm.create_model("samvit_base_patch16", pretrained=False, img_size=64, depth=2, embed_dim=32,
+                                    num_heads=2, global_attn_indexes=(1,), neck_chans=16),
+                  timm.create_model("visformer_tiny", pretrained=False, num_classes=5, embed_dim=48, depth=(1, 1, 1),
+                                    num_heads=2)):
+        before = state(model)
+        with pytest.raises(ValueError, match="supports timm's plain Attention"):
+            methods.apply(model, "coeff")
+        assert state(model) == before

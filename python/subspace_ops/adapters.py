@@ -16,6 +16,8 @@ the parameters of separate q, k, v layers. ``fused_qkv="shared"`` instead treats
 from __future__ import annotations
 
 import fnmatch
+import functools
+import inspect
 import sys
 from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence
@@ -117,9 +119,48 @@ def conv1d_as_linear(module: nn.Module) -> nn.Linear:
 
 def find_linears(model: nn.Module, patterns: Sequence[str]) -> list[tuple[str, nn.Linear]]:
     """``(name, layer)`` of every nn.Linear whose name matches ``patterns``, and of every matching
-    transformers ``Conv1D`` as an nn.Linear on its memory (:func:`conv1d_as_linear`)."""
-    return [(name, m if isinstance(m, nn.Linear) else conv1d_as_linear(m))
-            for name, m in find_modules(model, patterns) if isinstance(m, nn.Linear) or is_conv1d(m)]
+    transformers ``Conv1D`` as an nn.Linear on its memory (:func:`conv1d_as_linear`). Raises
+    ValueError for a layer its parent does not call (see :func:`_check_called`)."""
+    found = [(name, m if isinstance(m, nn.Linear) else conv1d_as_linear(m))
+             for name, m in find_modules(model, patterns) if isinstance(m, nn.Linear) or is_conv1d(m)]
+    for name, _ in found:
+        _check_called(model, name)
+    return found
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_reads_weight(cls: type, child: str) -> bool:
+    """Whether ``cls.forward``'s source reads ``self.<child>.weight`` (e.g. ``F.linear(x, self.qkv.weight,
+    bias)``): there the layer's weight is used without calling the layer."""
+    try:
+        source = inspect.getsource(inspect.unwrap(cls.forward))
+    except (OSError, TypeError):
+        return False
+    return f"self.{child}.weight" in source
+
+
+def _check_called(model: nn.Module, name: str) -> None:
+    """An adapter on a layer whose parent reads its weight instead of calling it would be silently
+    ignored (no effect, no gradient). timm's BEiT, EVA and Swin-V2 attention do that with their q/v
+    biases, unless ``qkv_bias_separate`` (then they call ``qkv`` and add the biases):
+    :func:`_route_qkv_through_layer` switches it on for adapted layers. Other such parents are refused."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if _forward_reads_weight(type(parent), child) and not (child == "qkv" and hasattr(parent, "qkv_bias_separate")):
+        raise ValueError(f"{name}: {type(parent).__name__}.forward reads self.{child}.weight directly instead of "
+                         f"calling the layer, so an adapter on it would be silently ignored; leave {child!r} out "
+                         "of the targets")
+
+
+def _route_qkv_through_layer(model: nn.Module) -> None:
+    """Make timm attention with separate q/v biases (BEiT, EVA, Swin-V2) call an adapted ``qkv`` and add
+    the biases after it, instead of ``F.linear(x, qkv.weight, biases)``: the same function, with the
+    adapter in it. The flag stays on after unloading (the plain layer computes the same) and is needed
+    after merging when the merge gave ``qkv`` a bias (RLRR's shift), which the F.linear path would drop."""
+    for m in model.modules():
+        if getattr(m, "qkv_bias_separate", True) is False and getattr(m, "q_bias", None) is not None \
+                and type(getattr(m, "qkv", None)).__module__.startswith("subspace_ops.nn"):
+            m.qkv_bias_separate = True
 
 
 def no_linear_error(model: nn.Module, argument: str, patterns: Sequence[str]) -> ValueError:
@@ -165,8 +206,32 @@ def _ssf_for(module: nn.Module) -> Optional[SSF]:
         proj = getattr(module, name, None)
         if isinstance(proj, (nn.Conv2d, nn.Linear)):
             channels = proj.out_channels if isinstance(proj, nn.Conv2d) else proj.out_features
-            return SSF(module, channels, fold_into=name)
+            # γ, β fold into the module's last op: the norm after the projection where there is one (timm's
+            # Swin PatchEmbed), else the projection
+            return SSF(module, channels, fold_into="norm" if _patch_norm(module) is not None else name)
     return None
+
+
+def _patch_norm(module: nn.Module) -> Optional[nn.Module]:
+    """The norm a (timm) patch embedding applies after its projection, if any."""
+    norm = getattr(module, "norm", None)
+    return norm if isinstance(norm, nn.Module) and not isinstance(norm, nn.Identity) else None
+
+
+def ssf_layers(model: nn.Module, patterns: Sequence[str]) -> list[tuple[str, SSF]]:
+    """``(name, SSF)`` for every LayerNorm, RMSNorm or patch embedding matching ``patterns``. A patch
+    embedding that ends in a matched norm (Swin's ``patch_embed`` and ``patch_embed.norm``) gets no SSF
+    of its own: the norm's is at the same place, and two in a row would only add parameters."""
+    found = find_modules(model, patterns)
+    names = {name for name, _ in found}
+    layers = []
+    for name, module in found:
+        if _patch_norm(module) is not None and f"{name}.norm" in names:
+            continue
+        layer = _ssf_for(module)
+        if layer is not None:
+            layers.append((name, layer))
+    return layers
 
 
 def apply_rlrr(
@@ -190,8 +255,7 @@ def apply_rlrr(
     linears = find_linears(model, targets)
     if not linears:
         raise no_linear_error(model, "targets", targets)
-    norms = [(n, _ssf_for(m)) for n, m in find_modules(model, ssf_targets)] if ssf else []
-    norms = [(n, layer) for n, layer in norms if layer is not None]
+    norms = ssf_layers(model, ssf_targets) if ssf else []
     if ssf and not norms:
         raise ValueError(f"ssf_targets {tuple(ssf_targets)} match no LayerNorm, RMSNorm or patch embedding in "
                          f"{type(model).__name__}; name its norms, or pass ssf=False for the rescaled linear "
@@ -266,6 +330,7 @@ def _finish_report(model: nn.Module, report: AdaptReport, backbone: set[int], tr
             report.adapter_params += p.numel()
         elif p.requires_grad:
             report.other_trainable_params += p.numel()
+    _route_qkv_through_layer(model)
     return report
 
 
@@ -313,10 +378,33 @@ def apply_svd(
     return _finish_report(model, report, backbone, trainable)
 
 
+# timm attention classes whose forward TimmCoeffAttention reproduces: fused qkv on [B, N, C] tokens, optional
+# q/k norm, scale norm and gate, no position bias (timm.models.vision_transformer held it before timm 1.0.16).
+TIMM_PLAIN_ATTENTION = (("timm.layers.attention", "Attention"), ("timm.models.vision_transformer", "Attention"),
+                        ("timm.models.metaformer", "Attention"))
+
+
 def _timm_attention_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """timm ``Attention`` blocks (fused qkv) not already adapted."""
-    return [(n, m) for n, m in model.named_modules()
-            if type(m).__name__ == "Attention" and hasattr(m, "qkv") and hasattr(m, "num_heads")]
+    """timm's plain ``Attention`` blocks (fused qkv) of ``model``. Raises ValueError naming any other
+    timm multi-head attention it has (Swin's windows, BEiT's and SAM's relative position, EVA's
+    rotary embeddings, ...): replacing those would drop what they add, and adapting only the plain
+    blocks of a model would be a different method."""
+    blocks, others = [], []
+    for name, m in model.named_modules():
+        cls = type(m)
+        if (cls.__module__, cls.__name__) in TIMM_PLAIN_ATTENTION and hasattr(m, "qkv"):
+            blocks.append((name, m))
+        elif cls.__module__.startswith("timm.") and "Pool" not in cls.__name__ \
+                and any(hasattr(m, a) for a in ("num_heads", "heads")) \
+                and any(hasattr(m, a) for a in ("qkv", "q", "q_proj", "kv", "wq")):
+            others.append((name, f"{cls.__module__}.{cls.__name__}"))
+    if others:
+        kinds = sorted(set(kind for _, kind in others))
+        raise ValueError(f"Coeff-Tuning's head mixing supports timm's plain Attention blocks (ViT, DeiT, FlexiViT, "
+                         f"MetaFormer/CAFormer), not {', '.join(kinds)} ({len(others)} modules, e.g. {others[0][0]}): "
+                         "their attention differs from it (relative-position bias, windows, rotary embeddings, "
+                         "cross attention, convolutions) and the replacement would drop that; nothing was changed")
+    return blocks
 
 
 def apply_coeff(

@@ -87,7 +87,6 @@ from .adapters import (
     AdaptReport,
     _finish_report,
     _is_fused_qkv,
-    _ssf_for,
     _start_report,
     apply_coeff,
     apply_rlrr,
@@ -97,6 +96,7 @@ from .adapters import (
     is_conv1d,
     no_linear_error,
     replace_module,
+    ssf_layers,
 )
 from .backends import BACKENDS
 from .nn.adapters import ACTIVATIONS, ParallelAdapterLinear, SequentialAdapter, SpectralLinear
@@ -583,8 +583,7 @@ def _apply_rlrr(model: nn.Module, c: RLRRConfig) -> AdaptReport:
 
 
 def _apply_ssf(model: nn.Module, c: SSFConfig) -> AdaptReport:
-    layers = [(n, _ssf_for(m)) for n, m in find_modules(model, c.targets)]
-    layers = [(n, layer) for n, layer in layers if layer is not None]
+    layers = ssf_layers(model, c.targets)
     if not layers:
         raise ValueError(f"targets {c.targets} match no LayerNorm, RMSNorm or patch embedding in "
                          f"{type(model).__name__}")

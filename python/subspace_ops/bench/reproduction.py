@@ -332,8 +332,8 @@ def _vit_rows(t: _Table) -> None:
     row.note = (f"Ours {row.ours_adapter_params:,} + mean VTAB-1k head on Swin-B's 1024 features {vtab_l:,} = "
                 "0.433 M; the printed 0.41 M is ~23K less. Not reconciled: 000 does not describe RLRR's "
                 "placement in Swin (the downsampling layers, relative-position tables); without the SSF on the "
-                "three patch-merging norms (7 168) the gap stays 16K. (Our defaults also wrap both `patch_embed` and "
-                "`patch_embed.norm` on Swin: two SSFs in a row, 256 redundant parameters.)")
+                "three patch-merging norms (7 168) the gap stays 16K. (Swin's patch embedding ends in its norm, so "
+                "the SSF after the patch embedding is the one after `patch_embed.norm`.)")
     row = t.add("siva", "ViT-L/16", "q, v; k = 631 per matrix (fixed)", "30.3K", f"{P002} Table 2 (ViT-L)", "",
                 overrides=dict(rank=631), unit="K", decimals=1, how="k")
     row.note = ("48 matrices (q and v of 24 blocks): 30.3K ⇒ k̄ = 631 of 1024, perc = 0.95 on the pretrained "

@@ -1,4 +1,5 @@
-"""Sizes for choices that only affect speed (which path, which operand takes a scale).
+"""Sizes: for choices that only affect speed (which path, which operand takes a scale), and the
+shape of an op's output.
 
 Such a choice compares a size (the token count M, say) with a bound. Under ``torch.export`` with
 a dynamic dimension that size is symbolic, and comparing it would add a guard that pins the
@@ -22,3 +23,15 @@ def size_for_choice(size: "int | torch.SymInt") -> "int | torch.SymInt":
         if hint is not None:
             return int(hint)
     return size
+
+
+def rows_to_shape(y: torch.Tensor, lead: "tuple[int, ...] | torch.Size") -> torch.Tensor:
+    """An op's [M, N] result as [*lead, N], returned by a custom autograd Function as a tensor of its
+    own rather than a view: autograd forbids in-place changes to a view made inside a custom
+    Function, and callers do write into a layer's output (timm's BEiT/EVA attention: ``qkv += bias``),
+    as they may with nn.Linear's. ``aten::_unsafe_view`` is what torch's own matmul uses for this; ``y``
+    is a fresh result nobody else holds."""
+    shape = (*lead, y.shape[-1])
+    if tuple(y.shape) == shape:
+        return y
+    return torch.ops.aten._unsafe_view(y if y.is_contiguous() else y.contiguous(), shape)

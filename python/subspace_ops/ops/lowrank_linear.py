@@ -41,6 +41,7 @@ from .. import reference
 from .._validate import check_like, check_size, check_tensor, refuse_double_backward
 from ..backends import resolve_backend
 from ._dispatch import kernel_module
+from ._sizes import rows_to_shape
 
 __all__ = ["lowrank_linear"]
 
@@ -62,7 +63,7 @@ def _forward_impl(
         x.reshape(-1, k), None if x_dropped is None else x_dropped.reshape(-1, k), weight, a, g, b, bias, scaling
     )
     lead = x.shape[:-1]
-    return y.reshape(*lead, weight.shape[0]), h0.reshape(*lead, a.shape[1])
+    return rows_to_shape(y, lead), rows_to_shape(h0, lead)
 
 
 _lowrank_linear_op = torch.library.custom_op("subspace_ops::lowrank_linear", mutates_args=())(_forward_impl)

@@ -56,7 +56,7 @@ from .. import reference
 from .._validate import check_like, check_size, check_tensor, refuse_double_backward
 from ..backends import resolve_backend_for
 from ._dispatch import kernel_module
-from ._sizes import size_for_choice
+from ._sizes import rows_to_shape, size_for_choice
 
 __all__ = ["rescaled_linear", "choose_path", "cpu_stacked_max_tokens"]
 
@@ -144,7 +144,7 @@ class _Separable(torch.autograd.Function):
         ctx.save_for_backward(x2 if (need_s_r or need_weight) else None, weight, s_l1, s_r1,
                               z if need_s_l else None)
         ctx.shapes = (x.shape, None if s_l is None else s_l.shape, None if s_r is None else s_r.shape)
-        return y.reshape(*x.shape[:-1], weight.shape[0])
+        return rows_to_shape(y, x.shape[:-1])
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -221,7 +221,7 @@ class _Stacked(torch.autograd.Function):
         ctx.save_for_backward(x2 if (need_s_r or need_weight) else None, weight, s_l_cols, s_r_cols,
                               z if need_s_l else None)
         ctx.meta = (residual, rank, x.shape, None if s_l is None else s_l.shape, None if s_r is None else s_r.shape)
-        return y.reshape(*x.shape[:-1], out_features)
+        return rows_to_shape(y, x.shape[:-1])
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -253,7 +253,7 @@ def _forward_impl(
 ) -> Tensor:
     kernels = kernel_module(backend, "rescaled_linear")
     y = kernels.rescaled_linear_forward(x.reshape(-1, x.shape[-1]), weight, s_l, s_r, bias, residual)
-    return y.reshape(*x.shape[:-1], weight.shape[0])
+    return rows_to_shape(y, x.shape[:-1])
 
 
 _rescaled_linear_op = torch.library.custom_op("subspace_ops::rescaled_linear", mutates_args=())(_forward_impl)

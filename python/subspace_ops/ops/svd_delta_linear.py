@@ -36,7 +36,7 @@ from .. import reference
 from .._validate import check_like, check_size, check_tensor, refuse_double_backward
 from ..backends import resolve_backend
 from ._dispatch import kernel_module
-from ._sizes import size_for_choice
+from ._sizes import rows_to_shape, size_for_choice
 
 __all__ = ["svd_delta_linear", "choose_path", "keeps_merged_weight"]
 
@@ -67,7 +67,7 @@ def _forward_impl(
         y = torch.nn.functional.linear(x2d, w_eff, bias)
     else:
         w_eff, y = weight.new_empty(0), kernels.svd_delta_linear_forward(x2d, weight, u, v, d, bias)
-    return y.reshape(*x.shape[:-1], weight.shape[0]), w_eff
+    return rows_to_shape(y, x.shape[:-1]), w_eff
 
 
 _svd_delta_linear_op = torch.library.custom_op("subspace_ops::svd_delta_linear", mutates_args=())(_forward_impl)
