@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -9,7 +11,9 @@ from torch import nn
 import subspace_ops.timm as subspace_timm
 from subspace_ops import methods
 from subspace_ops.adapters import merge_all, unmerge_all
-from subspace_ops.nn import SSF
+from subspace_ops.nn import SSF, sdpa_head_mixing
+from subspace_ops.nn.sdpa_head_mixing import is_head_mixing
+from subspace_ops.peft_model import get_peft_model
 
 timm = pytest.importorskip("timm")
 
@@ -267,35 +271,127 @@ def test_swin_ssf_after_the_patch_embedding_merges_exactly(name, method, targets
         assert torch.equal(model(x), out)
 
 
-COEFF_UNSUPPORTED = {
-    "beit": "timm.models.beit.Attention",
-    "eva02": "timm.models.eva.EvaAttention",
-    "swin": "timm.models.swin_transformer.WindowAttention",
-    "swinv2": "timm.models.swin_transformer_v2.WindowAttention",
+# timm attention that computes with SDPA after its own q, k, v and mask: Coeff mixes the heads of that call.
+COEFF_SDPA = {
+    "swin": FAMILIES["swin"],
+    "beit": FAMILIES["beit"],
+    "eva02": FAMILIES["eva02"],
+    "rope": ("vit_small_patch16_rope_224", dict(depth=1, embed_dim=32, num_heads=2, img_size=32)),
+    "relpos": ("vit_relpos_small_patch16_224", dict(depth=1, embed_dim=32, num_heads=2, img_size=32)),
+    "pvt_v2": ("pvt_v2_b0", dict(depths=(1, 1, 1, 1))),
+    "tiny_vit": ("tiny_vit_5m_224", dict(depths=(1, 1, 1, 1))),
 }
 
 
-@pytest.mark.integration
-@pytest.mark.parametrize("name", list(COEFF_UNSUPPORTED))
-def test_coeff_refuses_attention_it_cannot_reproduce(name):
-    """Head mixing replaces timm's plain Attention; on blocks with relative-position bias, windows or
-    rotary embeddings that replacement would drop them, so the model is refused, unchanged."""
-    model, _ = family(name)
-    before = state(model)
-    with pytest.raises(ValueError, match=f"not {COEFF_UNSUPPORTED[name]}.*nothing was changed"):
-        methods.apply(model, "coeff")
-    assert state(model) == before
+def naive_head_mixing(alphas: dict):
+    """F.scaled_dot_product_attention's signature computing 003 eq. 11–12: every head's softmax map,
+    mixed by I + α (α picked by the number of heads), times V_h."""
+    def attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        heads = q.shape[1]
+        scores = torch.einsum("bhqd,bhkd->bhqk", q, k) * (q.shape[-1] ** -0.5 if scale is None else scale)
+        if attn_mask is not None:
+            scores = scores + attn_mask
+        mix = torch.eye(heads) + alphas[heads]
+        return torch.einsum("hg,bgqk,bhkd->bhqd", mix, scores.softmax(-1), v)
+    return attention
+
+
+def _attention_outputs(model, x, modules):
+    outputs = []
+    handles = [m.register_forward_hook(lambda _m, _i, out: outputs.append(out)) for m in modules]
+    logits = model(x)
+    for h in handles:
+        h.remove()
+    return torch.cat([o.flatten() for o in outputs] + [logits.flatten()])
 
 
 @pytest.mark.integration
-def test_coeff_refuses_sam_and_visformer_which_it_used_to_break():
-    """SAM's ViT (relative position, 4-D tokens) and Visformer (convolutional qkv) have classes named
-    ``Attention`` with a ``qkv``: they were replaced and the model failed in its forward."""
-    for model in (timm.create_model("samvit_base_patch16", pretrained=False, img_size=64, depth=2, embed_dim=32,
-                                    num_heads=2, global_attn_indexes=(1,), neck_chans=16),
-                  timm.create_model("visformer_tiny", pretrained=False, num_classes=5, embed_dim=48, depth=(1, 1, 1),
-                                    num_heads=2)):
+@pytest.mark.parametrize("name", list(COEFF_SDPA))
+def test_coeff_mixes_the_heads_of_timm_attention_that_calls_sdpa(name, monkeypatch):
+    """Swin (windows, relative bias, shift mask), BEiT (relative bias), EVA and rope ViTs (rotary), ...:
+    the copy runs the block's own forward with its SDPA call mixed. Reference: the original block
+    with torch's SDPA replaced by the paper's formula."""
+    model_name, kwargs = COEFF_SDPA[name]
+    torch.manual_seed(0)
+    model = timm.create_model(model_name, pretrained=False, num_classes=5, **kwargs).eval()
+    size = kwargs.get("img_size", 64)
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    reference = copy.deepcopy(model)
+    blocks = [m for m in reference.modules() if hasattr(m, "fused_attn") and hasattr(m, "num_heads")]
+    for m in blocks:
+        m.fused_attn = True
+    with torch.no_grad():
+        base = _attention_outputs(reference, x, blocks)
+    report = methods.apply(model, "coeff", backend="cpu")[1]
+    adapted = [m for m in model.modules() if is_head_mixing(m)]
+    assert len(report.layers) == len(adapted) == len(blocks)
+    assert report.adapter_params == sum(m.num_heads ** 2 for m in blocks)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == \
+        {f"{n}.head_mix.alpha" for n, m in model.named_modules() if is_head_mixing(m)} | \
+        {n for n, _ in model.named_parameters() if n.startswith("head.")}  # α and the classifier only
+    with torch.no_grad():
+        torch.testing.assert_close(_attention_outputs(model, x, adapted), base, rtol=1e-5, atol=1e-5)  # α = 0
+    g = torch.Generator().manual_seed(2)
+    alphas = {h: 0.3 * torch.randn(h, h, generator=g) for h in {m.num_heads for m in blocks}}
+    with torch.no_grad():
+        for m in adapted:
+            m.head_mix.alpha.copy_(alphas[m.num_heads])
+    ours = _attention_outputs(model, x, adapted)
+    ours.square().sum().backward()
+    assert all(m.head_mix.alpha.grad is not None and m.head_mix.alpha.grad.abs().sum() > 0 for m in adapted)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", naive_head_mixing(alphas))
+    with torch.no_grad():
+        expected = _attention_outputs(reference, x, blocks)
+    assert (expected - base).abs().max() > 1e-3 * base.abs().max()
+    torch.testing.assert_close(ours.detach(), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.integration
+def test_coeff_on_swin_compiles_pickles_and_unloads(tmp_path):
+    model, x = family("swin")
+    original = model.layers[0].blocks[0].attn
+    original.fused_attn = False  # as under TIMM_FUSED_ATTN=0: the copy takes the SDPA path anyway
+    base = model(x)
+    wrapper = get_peft_model(model, ("coeff", {"backend": "cpu"}))
+    assert "head_mix" not in original._modules and not original.fused_attn  # the original is untouched
+    with torch.no_grad():
+        for m in model.modules():
+            if is_head_mixing(m):
+                m.head_mix.alpha.normal_(0, 0.3)
+    out = model(x)
+    with wrapper.disable_adapter():
+        assert torch.equal(model(x), base)
+    torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), out, rtol=1e-5, atol=1e-6)
+    name = type(model.layers[0].blocks[0].attn).__name__
+    torch.save(model, tmp_path / "model.pt")
+    delattr(sdpa_head_mixing, name)  # as in a new process: unpickling makes the class again
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert torch.equal(loaded(x), out) and type(loaded.layers[0].blocks[0].attn).__name__ == name
+    assert torch.equal(wrapper.unload()(x), base)
+    assert not any(is_head_mixing(m) for m in model.modules())
+    loaded.layers[0].blocks[0].attn.fused_attn = False  # the manual path: α would be ignored, so it raises
+    with pytest.raises(RuntimeError, match="called F.scaled_dot_product_attention 0 times"):
+        loaded(x)
+
+
+@pytest.mark.integration
+def test_coeff_refuses_attention_it_cannot_reproduce():
+    """SAM's ViT and NesT merge the heads into another dimension of their SDPA call, Swin-V2 computes
+    cosine attention by hand, CrossViT has cross attention, Visformer a convolutional qkv that used
+    to be replaced by the plain-ViT layer (and broke in forward): refused, the model unchanged."""
+    builds = {
+        "swin_transformer_v2.WindowAttention": lambda: family("swinv2")[0],
+        "vision_transformer_sam.Attention": lambda: timm.create_model(
+            "samvit_base_patch16", pretrained=False, img_size=64, depth=2, embed_dim=32, num_heads=2,
+            global_attn_indexes=(1,), neck_chans=16),
+        "visformer.Attention": lambda: timm.create_model(
+            "visformer_tiny", pretrained=False, num_classes=5, embed_dim=48, depth=(1, 1, 1), num_heads=2),
+        "nest.Attention": lambda: timm.models.nest.Nest(img_size=32, embed_dims=(16, 32, 64), num_heads=(1, 2, 4),
+                                                        depths=(1, 1, 1), num_classes=5),
+    }
+    for kind, build in builds.items():
+        model = build()
         before = state(model)
-        with pytest.raises(ValueError, match="supports timm's plain Attention"):
+        with pytest.raises(ValueError, match=rf"not timm\.models\.{kind}.*nothing was changed"):
             methods.apply(model, "coeff")
         assert state(model) == before

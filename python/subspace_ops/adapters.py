@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from .nn import SSF, SVD_METHODS, RLRRLinear, SVDLinear
 from .nn.base import MergeableLinear
 from .nn.attention import TimmCoeffAttention
+from .nn.sdpa_head_mixing import with_head_mixing
 
 __all__ = [
     "AdaptReport",
@@ -283,7 +284,8 @@ _WRAPPED = ("weight", "bias")  # a subspace_ops layer's parameters that are the 
 def _layer_parameter_ids(model: nn.Module, wrapped: bool) -> set[int]:
     """ids of the direct parameters of every subspace_ops layer in ``model``: the wrapped layer's own
     ``weight``/``bias`` (wrapped=True) or the ones the layer added (False)."""
-    return {id(p) for m in model.modules() if type(m).__module__.startswith("subspace_ops.nn")
+    return {id(p) for m in model.modules()
+            if type(m).__module__.startswith("subspace_ops.nn") and not getattr(type(m), "_holds_backbone", False)
             for n, p in m.named_parameters(recurse=False) if (n in _WRAPPED) == wrapped}
 
 
@@ -384,27 +386,36 @@ TIMM_PLAIN_ATTENTION = (("timm.layers.attention", "Attention"), ("timm.models.vi
                         ("timm.models.metaformer", "Attention"))
 
 
-def _timm_attention_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """timm's plain ``Attention`` blocks (fused qkv) of ``model``. Raises ValueError naming any other
-    timm multi-head attention it has (Swin's windows, BEiT's and SAM's relative position, EVA's
-    rotary embeddings, ...): replacing those would drop what they add, and adapting only the plain
-    blocks of a model would be a different method."""
-    blocks, others = [], []
+# Other timm attention computing with SDPA (after its own q, k, v and mask) that with_head_mixing is tested on
+# (tests/test_timm_apply.py): α = 0 gives the module's output, and α mixes the heads of its one SDPA call.
+TIMM_SDPA_ATTENTION = (("timm.models.swin_transformer", "WindowAttention"), ("timm.models.beit", "Attention"),
+                       ("timm.models.eva", "EvaAttention"), ("timm.layers.attention", "AttentionRope"),
+                       ("timm.models.vision_transformer_relpos", "RelPosAttention"), ("timm.models.pvt_v2", "Attention"),
+                       ("timm.models.tiny_vit", "Attention"))
+
+
+def _timm_attention_blocks(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], list[tuple[str, nn.Module]]]:
+    """timm's plain ``Attention`` blocks of ``model`` (for :class:`TimmCoeffAttention`) and its
+    TIMM_SDPA_ATTENTION modules (Swin, BEiT, EVA, ...; for
+    :func:`~subspace_ops.nn.sdpa_head_mixing.with_head_mixing`). Raises ValueError naming any other
+    timm multi-head attention (no SDPA path, or an SDPA call whose heads are merged into another
+    dimension, as SAM's ViT and NesT do): replacing it would drop what it computes, and adapting
+    only the other blocks would be a different method."""
+    plain, sdpa, others = [], [], []
     for name, m in model.named_modules():
         cls = type(m)
         if (cls.__module__, cls.__name__) in TIMM_PLAIN_ATTENTION and hasattr(m, "qkv"):
-            blocks.append((name, m))
+            plain.append((name, m))
         elif cls.__module__.startswith("timm.") and "Pool" not in cls.__name__ \
                 and any(hasattr(m, a) for a in ("num_heads", "heads")) \
                 and any(hasattr(m, a) for a in ("qkv", "q", "q_proj", "kv", "wq")):
-            others.append((name, f"{cls.__module__}.{cls.__name__}"))
+            (sdpa if (cls.__module__, cls.__name__) in TIMM_SDPA_ATTENTION else others).append((name, m))
     if others:
-        kinds = sorted(set(kind for _, kind in others))
-        raise ValueError(f"Coeff-Tuning's head mixing supports timm's plain Attention blocks (ViT, DeiT, FlexiViT, "
-                         f"MetaFormer/CAFormer), not {', '.join(kinds)} ({len(others)} modules, e.g. {others[0][0]}): "
-                         "their attention differs from it (relative-position bias, windows, rotary embeddings, "
-                         "cross attention, convolutions) and the replacement would drop that; nothing was changed")
-    return blocks
+        kinds = sorted(set(f"{type(m).__module__}.{type(m).__name__}" for _, m in others))
+        supported = ", ".join(f"{m}.{c}" for m, c in TIMM_PLAIN_ATTENTION[::2] + TIMM_SDPA_ATTENTION)
+        raise ValueError(f"Coeff-Tuning's head mixing supports timm's {supported}; not {', '.join(kinds)} "
+                         f"({len(others)} modules, e.g. {others[0][0]}): nothing was changed")
+    return plain, sdpa
 
 
 def apply_coeff(
@@ -416,7 +427,9 @@ def apply_coeff(
 ) -> AdaptReport:
     """Coeff-Tuning (paper 003) on ``model`` in place: a trainable α [H, H] per attention layer.
 
-    timm VisionTransformer: every ``Attention`` block becomes a :class:`TimmCoeffAttention`.
+    timm VisionTransformer: every ``Attention`` block becomes a :class:`TimmCoeffAttention`; other timm
+    attention that computes with SDPA (Swin, BEiT, EVA, ...) a copy with its SDPA call mixed
+    (:mod:`subspace_ops.nn.sdpa_head_mixing`).
     transformers models: every attention module gets a HeadMix and the model runs the
     ``"subspace_coeff"`` attention implementation (:mod:`subspace_ops.transformers`). diffusers
     models (UNets): every ``Attention`` gets a :class:`~subspace_ops.nn.CoeffAttnProcessor`
@@ -426,7 +439,8 @@ def apply_coeff(
     """
     from . import diffusers as diffusers_integration
 
-    blocks = _timm_attention_blocks(model)
+    plain, sdpa = _timm_attention_blocks(model)
+    blocks = plain + sdpa
     hf_modules, diffusers_modules = [], []
     if not blocks and hasattr(model, "set_attn_implementation"):
         from .transformers import check_attachable
@@ -437,7 +451,8 @@ def apply_coeff(
     if not blocks and not hf_modules and not diffusers_modules:
         raise ValueError(f"no timm Attention blocks, transformers attention modules or diffusers Attention modules "
                          f"found in {type(model).__name__}")
-    layers = [TimmCoeffAttention(block, dropout=dropout, backend=backend) for _, block in blocks]  # checks first
+    layers = [TimmCoeffAttention(block, dropout=dropout, backend=backend) for _, block in plain]  # checks first
+    layers += [with_head_mixing(block, block.num_heads, dropout=dropout, backend=backend) for _, block in sdpa]
     report, backbone = _start_report(model, "coeff")
     for (name, _), layer in zip(blocks, layers):
         replace_module(model, name, layer)

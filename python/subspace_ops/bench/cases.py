@@ -229,9 +229,9 @@ SVD_DELTA_LINEAR = linear_case(
 
 
 from .attention_case import HEAD_MIXING_ATTENTION, HEAD_MIXING_ATTENTION_CAUSAL  # noqa: E402
-from .e2e import E2E_LLAMA, E2E_VIT  # noqa: E402
+from .e2e import E2E_LLAMA, E2E_UNET, E2E_VIT  # noqa: E402
 from .lowrank_case import LOWRANK_LINEAR  # noqa: E402
 
 CASES: dict[str, Case] = {case.name: case for case in (
     RESCALED_LINEAR, SCALED_LINEAR, SVD_DELTA_LINEAR, LOWRANK_LINEAR, HEAD_MIXING_ATTENTION,
-    HEAD_MIXING_ATTENTION_CAUSAL, E2E_VIT, E2E_LLAMA)}
+    HEAD_MIXING_ATTENTION_CAUSAL, E2E_VIT, E2E_LLAMA, E2E_UNET)}

@@ -38,6 +38,18 @@ from a config, random init, causal-LM loss on random tokens). Shapes ``batch,seq
 ``lora`` (r=8 on q_proj, v_proj, as the PEFT row), ``coeff`` (through transformers' attention
 registry), ``siva`` (q_proj, v_proj) and ``rlrr`` (every linear; no SSF: LLaMA has RMSNorm, not the
 LayerNorms of RLRR's recipe).
+
+Case ``e2e-unet``: the same for a Stable-Diffusion-style UNet (diffusers ``UNet2DConditionModel``
+from a config, random init; Coeff-Tuning's concept-customization setting, 003 §5.2): a denoising
+step, MSE between the predicted and the drawn noise, on random latents, timesteps and text states.
+Shapes ``batch,latent,channels,text``: SD 1.5's layout (block widths c, 2c, 4c, 4c, cross attention
+in the first three levels, 2 layers per block, 8 heads, 768-d text states) at latent size
+``latent`` (64 for 512² images) and base width ``channels`` (320 in SD 1.5: the preset ``sd15`` =
+(2, 64, 320, 77) is SD 1.5's UNet, 860 M parameters, CUDA default); ``cpu`` = (1, 32, 64, 77).
+Methods (default: the two of 003's SDXL runs): ``coeff`` (α in every self and cross attention;
+naive: the N×N maps of every head, 1024² at the first level of the CPU preset, 4096² in SD 1.5) and
+``lora`` (r=8 on to_q, to_k, to_v, to_out.0, as the PEFT row); ``--methods`` adds others, e.g.
+``siva`` (to_q, to_v) or ``rlrr`` (every linear of the attention and feed-forward layers; no SSF).
 """
 
 from __future__ import annotations
@@ -50,7 +62,8 @@ from torch import nn
 
 from .harness import Case, Shape, Variant, VariantSkipped, Workload
 
-__all__ = ["E2E_LLAMA", "E2E_METHODS", "E2E_VIT", "check_methods", "e2e_variants", "llama_variants"]
+__all__ = ["E2E_LLAMA", "E2E_METHODS", "E2E_UNET", "E2E_VIT", "check_methods", "e2e_variants", "llama_variants",
+           "unet_variants"]
 
 LORA_RANK = 8
 
@@ -307,6 +320,92 @@ E2E_LLAMA = Case(
     dim_names=("batch", "seq", "layers", "hidden"),
     presets={"llama": {"any": [(1, 1024, 2, 4096), (1, 4096, 2, 4096)]}, "cpu": {"any": [(1, 256, 2, 256)]}},
     default_presets={"cuda": ["llama"], "cpu": ["cpu"]},
+    default_dtype={"cuda": torch.bfloat16, "cpu": torch.float32},
+    modes=("train",),
+    in_default_run=False,
+    per_method=True,
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# e2e-unet: a Stable-Diffusion-style UNet (diffusers)
+# ---------------------------------------------------------------------------------------------
+_UNET_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
+_UNET_TEXT_DIM = 768
+
+
+def _unet(shape: Shape, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    try:
+        import diffusers
+    except ImportError:
+        raise VariantSkipped("diffusers not installed (pip install diffusers)") from None
+    _, latent, channels, _ = shape
+    torch.manual_seed(0)
+    model = diffusers.UNet2DConditionModel(  # SD 1.5's layout at base width ``channels``
+        sample_size=latent, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(channels, 2 * channels, 4 * channels, 4 * channels),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=_UNET_TEXT_DIM, attention_head_dim=8, norm_num_groups=min(32, channels // 2))
+    model.to(device=device)
+    return model if dtype == torch.float32 else model.to(dtype=dtype)  # (diffusers warns on any dtype cast)
+
+
+def _apply_unet(method: str, model: nn.Module, backend: Optional[str]) -> None:
+    from .. import methods
+
+    linears = _UNET_ATTENTION + ("proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
+    overrides = {
+        "lora": dict(targets=_UNET_ATTENTION, rank=LORA_RANK, alpha=2 * LORA_RANK),
+        "siva": dict(targets=("to_q", "to_v"), perc=0.95),
+        "rlrr": dict(targets=linears, ssf=False),
+    }
+    methods.apply(model, method, trainable=(), **_backend_option(backend), **overrides.get(method, {}))
+
+
+def _unet_workload(model: Callable, params: list[torch.Tensor], shape: Shape, device: torch.device,
+                   dtype: torch.dtype, label: str) -> Workload:
+    batch, latent, _, text = shape
+    g = torch.Generator(device=device).manual_seed(1)
+    latents = torch.randn(batch, 4, latent, latent, generator=g, device=device).to(dtype)
+    noise = torch.randn(batch, 4, latent, latent, generator=g, device=device).to(dtype)
+    states = torch.randn(batch, text, _UNET_TEXT_DIM, generator=g, device=device).to(dtype)
+    timesteps = torch.randint(0, 1000, (batch,), generator=g, device=device)
+    optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None  # none for the frozen model
+
+    def forward() -> torch.Tensor:
+        return model(latents, timesteps, encoder_hidden_states=states).sample
+
+    def step() -> None:
+        nn.functional.mse_loss(forward().float(), noise.float()).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return Workload(forward, params, None, label, train_step=step, items=(batch, "img"))
+
+
+def _unet_peft_config():
+    import peft
+
+    return peft.LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, target_modules=list(_UNET_ATTENTION))
+
+
+_UNET = _Task(_unet, _apply_unet, _unet_workload, _unet_peft_config, "HF PEFT LoRA on to_q, to_k, to_v, to_out.0")
+UNET_METHODS = ("coeff", "lora")
+
+
+def unet_variants(backend: Optional[str] = None, methods: Sequence[str] = UNET_METHODS) -> list[Variant]:
+    return _variants(_UNET, backend, methods)
+
+
+E2E_UNET = Case(
+    name="e2e-unet",
+    description="one denoising training step (fwd + bwd + AdamW) of an SD-style UNet per method vs PEFT LoRA",
+    make_variants=unet_variants,
+    baselines={"train": f"peft LoRA r={LORA_RANK}"},
+    dim_names=("batch", "latent", "channels", "text"),
+    presets={"sd15": {"any": [(2, 64, 320, 77)]}, "cpu": {"any": [(1, 32, 64, 77)]}},
+    default_presets={"cuda": ["sd15"], "cpu": ["cpu"]},
     default_dtype={"cuda": torch.bfloat16, "cpu": torch.float32},
     modes=("train",),
     in_default_run=False,

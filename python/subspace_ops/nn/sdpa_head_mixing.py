@@ -1,0 +1,129 @@
+"""Coeff-Tuning's head mixing inside an attention module that calls torch's SDPA.
+
+timm's Swin (window attention: relative-position bias plus the shifted-window mask), BEiT
+(relative-position bias), EVA (rotary embeddings), SAM's ViT (decomposed relative position) and
+other blocks prepare q, k, v and a mask their own way, then call
+``F.scaled_dot_product_attention(q, k, v, attn_mask=...)``. :func:`with_head_mixing` returns a copy of
+such a module (the same submodules, parameters and buffers under the same names, plus
+``head_mix``) whose forward is the module's own, run with every SDPA call routed to a
+:class:`~subspace_ops.nn.HeadMix` (a ``TorchFunctionMode``): ``O_h = Σ_g α'[h, g] softmax(scale·Q_g
+K_gᵀ + mask) V_h`` with exactly the q, k, v, mask and scale the module computed, so at α = 0 it
+computes what it did. The original module is left as it was (restoring is putting it back).
+
+The copy's class is a subclass of the module's, made on first use and registered in this module
+(``HeadMixing__<module>___<class>``) so that pickle finds it. Its forward must call SDPA exactly once
+with 4-D [B, H, N, d] inputs; otherwise it raises (a module computing attention another way would
+silently ignore α). Attention-probability dropout is refused, as by the other Coeff layers.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from .attention import HeadMix
+
+__all__ = ["with_head_mixing"]
+
+_SDPA_OPTIONS = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")  # after query, key, value
+_PREFIX = "HeadMixing__"
+
+
+class _RouteSdpa(TorchFunctionMode):
+    """Inside it, F.scaled_dot_product_attention(q, k, v, ...) is ``head_mix(q, k, v, ...)``."""
+
+    def __init__(self, head_mix: HeadMix, owner: str) -> None:
+        super().__init__()
+        self.head_mix = head_mix
+        self.owner = owner
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        query, key, value = args[:3]
+        options = dict(zip(_SDPA_OPTIONS, args[3:])) | kwargs
+        if options.get("dropout_p", 0.0):
+            raise ValueError(f"{self.owner}: attention-probability dropout ({options['dropout_p']}) is not supported "
+                             "by head mixing; build the model with attn_drop_rate=0")
+        if query.dim() != 4:
+            raise ValueError(f"{self.owner} calls SDPA with {query.dim()}-D queries; head mixing needs [B, H, N, d]")
+        if options.get("enable_gqa", False) and key.shape[1] != query.shape[1]:
+            repeats = query.shape[1] // key.shape[1]
+            key, value = key.repeat_interleave(repeats, dim=1), value.repeat_interleave(repeats, dim=1)
+        self.calls += 1
+        return self.head_mix(query, key, value, attn_mask=options.get("attn_mask"),
+                             is_causal=bool(options.get("is_causal", False)), scale=options.get("scale"))
+
+
+def _class_name(cls: type) -> str:
+    return f"{_PREFIX}{cls.__module__.replace('.', '__')}___{cls.__qualname__}"
+
+
+def _mixing_class(cls: type) -> type:
+    """The subclass of ``cls`` whose forward routes SDPA to ``self.head_mix`` (made once per class)."""
+    name = _class_name(cls)
+    module = sys.modules[__name__]
+    if name in vars(module):
+        return vars(module)[name]
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        route = _RouteSdpa(self.head_mix, cls.__name__)
+        with route:
+            out = super(mixing, self).forward(*args, **kwargs)
+        if route.calls != 1 and not torch.compiler.is_compiling():
+            raise RuntimeError(f"{cls.__name__}.forward called F.scaled_dot_product_attention {route.calls} times; "
+                               "head mixing replaces exactly one call (set fused_attn if the module has it)")
+        return out
+
+    mixing = type(name, (cls,), {"forward": forward, "__module__": __name__, "__qualname__": name,
+                                 "__doc__": f"{cls.__name__} with Coeff-Tuning's head mixing (see {__name__}).",
+                                 "_holds_backbone": True})  # its own parameters are the model's, not ours
+    setattr(module, name, mixing)
+    return mixing
+
+
+def __getattr__(name: str) -> type:
+    # pickle looks the copies' classes up here; in a new process they are made again from the name
+    if name.startswith(_PREFIX) and "___" in name:
+        module_part, _, qualname = name[len(_PREFIX):].partition("___")
+        import importlib
+
+        owner: Any = importlib.import_module(module_part.replace("__", "."))
+        for part in qualname.split("."):
+            owner = getattr(owner, part)
+        return _mixing_class(owner)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def is_head_mixing(module: nn.Module) -> bool:
+    """Whether ``module`` is a copy made by :func:`with_head_mixing`."""
+    return type(module).__module__ == __name__ and type(module).__name__.startswith(_PREFIX)
+
+
+def with_head_mixing(attention: nn.Module, num_heads: int, *, dropout: float = 0.0,
+                     backend: Optional[str] = None) -> nn.Module:
+    """A copy of ``attention`` with a zero-init ``head_mix`` (α [num_heads, num_heads]) applied to its
+    SDPA call (see the module docstring). ``attention`` itself is not changed."""
+    attn_drop = getattr(attention, "attn_drop", None)
+    if isinstance(attn_drop, nn.Dropout) and attn_drop.p > 0:
+        raise ValueError(f"{type(attention).__name__}: attention probabilities dropout (attn_drop.p={attn_drop.p}) is "
+                         "not supported by head mixing; build the model with attn_drop_rate=0")
+    mixed = copy.copy(attention)  # the same tensors; its own containers, so adding head_mix leaves the original
+    for key, value in list(vars(mixed).items()):
+        if key.startswith("_") and isinstance(value, (dict, set)):
+            vars(mixed)[key] = copy.copy(value)
+    mixed.__class__ = _mixing_class(type(attention))
+    if hasattr(mixed, "fused_attn"):  # timm: the SDPA path (the manual one computes the same at α = 0)
+        mixed.fused_attn = True
+    weight = next(attention.parameters(), None)
+    mixed.head_mix = HeadMix(num_heads, dropout=dropout, backend=backend,
+                             device=None if weight is None else weight.device)
+    return mixed
