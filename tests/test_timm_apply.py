@@ -339,6 +339,9 @@ def test_coeff_mixes_the_heads_of_timm_attention_that_calls_sdpa(name, monkeypat
     ours = _attention_outputs(model, x, adapted)
     ours.square().sum().backward()
     assert all(m.head_mix.alpha.grad is not None and m.head_mix.alpha.grad.abs().sum() > 0 for m in adapted)
+    # a method applied next counts the block's own parameters (BEiT's q/v biases, Swin's bias table) as backbone
+    _, bitfit = methods.apply(copy.deepcopy(model), "bitfit")
+    assert bitfit.backbone_params == sum(p.numel() for p in reference.parameters())
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", naive_head_mixing(alphas))
     with torch.no_grad():
         expected = _attention_outputs(reference, x, blocks)
