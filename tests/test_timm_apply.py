@@ -246,6 +246,10 @@ def test_a_layer_whose_weight_is_read_directly_is_refused():
         methods.apply(model, "lora", targets=("lin", "out"))
     assert state(model) == before
     methods.apply(model, "lora", targets=("out",))  # the layer it calls is fine
+    transformers = pytest.importorskip("transformers")  # T5 reads self.wo.weight.dtype only: not refused
+    t5 = transformers.T5ForConditionalGeneration(transformers.T5Config(
+        vocab_size=50, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_decoder_layers=1, num_heads=4))
+    assert len(methods.apply(t5, "lora", targets=("wo",))[1].layers) == 2
 
 
 @pytest.mark.integration

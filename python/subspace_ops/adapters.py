@@ -18,6 +18,7 @@ from __future__ import annotations
 import fnmatch
 import functools
 import inspect
+import re
 import sys
 from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence
@@ -131,13 +132,16 @@ def find_linears(model: nn.Module, patterns: Sequence[str]) -> list[tuple[str, n
 
 @functools.lru_cache(maxsize=None)
 def _forward_reads_weight(cls: type, child: str) -> bool:
-    """Whether ``cls.forward``'s source reads ``self.<child>.weight`` (e.g. ``F.linear(x, self.qkv.weight,
-    bias)``): there the layer's weight is used without calling the layer."""
+    """Whether ``cls.forward``'s source multiplies by ``self.<child>.weight`` itself: passes it to a
+    ``linear(...)`` call (``F.linear(x, weight=self.qkv.weight, bias=...)``) or to ``@``. There the layer's
+    weight is used without calling the layer. (Reading it for other purposes, as T5's
+    ``self.wo.weight.dtype``, is fine.)"""
     try:
         source = inspect.getsource(inspect.unwrap(cls.forward))
     except (OSError, TypeError):
         return False
-    return f"self.{child}.weight" in source
+    weight = rf"self\.{re.escape(child)}\.weight\b(?!\.(?:dtype|device|shape))"
+    return re.search(rf"linear\((?:[^()]|\([^()]*\))*{weight}|@\s*{weight}", source) is not None
 
 
 def _check_called(model: nn.Module, name: str) -> None:
