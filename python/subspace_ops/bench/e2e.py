@@ -174,6 +174,16 @@ def _variants(task: _Task, backend: Optional[str], methods: Sequence[str]) -> li
     ]
 
 
+def _e2e_case(name: str, description: str, make_variants: Callable, dim_names: tuple[str, ...], presets: dict,
+              default_presets: dict) -> Case:
+    """An end-to-end case: training steps only, PEFT LoRA as the baseline, bf16 on CUDA and fp32 on CPU,
+    one table per method, not part of a bare ``subspace-ops bench``."""
+    return Case(name=name, description=description, make_variants=make_variants,
+                baselines={"train": f"peft LoRA r={LORA_RANK}"}, dim_names=dim_names, presets=presets,
+                default_presets=default_presets, default_dtype={"cuda": torch.bfloat16, "cpu": torch.float32},
+                modes=("train",), in_default_run=False, per_method=True)
+
+
 # ---------------------------------------------------------------------------------------------
 # e2e: timm ViT
 # ---------------------------------------------------------------------------------------------
@@ -232,18 +242,11 @@ def e2e_variants(backend: Optional[str] = None, methods: Sequence[str] = E2E_MET
     return _variants(_VIT, backend, methods)
 
 
-E2E_VIT = Case(
-    name="e2e",
-    description="one training step (fwd + bwd + AdamW) of a timm ViT per method vs PEFT LoRA, full FT, frozen",
-    make_variants=e2e_variants,
-    baselines={"train": f"peft LoRA r={LORA_RANK}"},
-    dim_names=("batch", "img", "depth", "dim"),
+E2E_VIT = _e2e_case(
+    "e2e", "one training step (fwd + bwd + AdamW) of a timm ViT per method vs PEFT LoRA, full FT, frozen",
+    e2e_variants, ("batch", "img", "depth", "dim"),
     presets={"vit-b": {"any": [(64, 224, 12, 768)]}, "cpu": {"any": [(4, 224, 4, 384)]}},
     default_presets={"cuda": ["vit-b"], "cpu": ["cpu"]},
-    default_dtype={"cuda": torch.bfloat16, "cpu": torch.float32},
-    modes=("train",),
-    in_default_run=False,
-    per_method=True,
 )
 
 
@@ -312,18 +315,11 @@ def llama_variants(backend: Optional[str] = None, methods: Sequence[str] = E2E_M
     return _variants(_LLAMA, backend, methods)
 
 
-E2E_LLAMA = Case(
-    name="e2e-llama",
-    description="one training step (fwd + bwd + AdamW) of a LLaMA-style decoder stack per method vs PEFT LoRA",
-    make_variants=llama_variants,
-    baselines={"train": f"peft LoRA r={LORA_RANK}"},
-    dim_names=("batch", "seq", "layers", "hidden"),
+E2E_LLAMA = _e2e_case(
+    "e2e-llama", "one training step (fwd + bwd + AdamW) of a LLaMA-style decoder stack per method vs PEFT LoRA",
+    llama_variants, ("batch", "seq", "layers", "hidden"),
     presets={"llama": {"any": [(1, 1024, 2, 4096), (1, 4096, 2, 4096)]}, "cpu": {"any": [(1, 256, 2, 256)]}},
     default_presets={"cuda": ["llama"], "cpu": ["cpu"]},
-    default_dtype={"cuda": torch.bfloat16, "cpu": torch.float32},
-    modes=("train",),
-    in_default_run=False,
-    per_method=True,
 )
 
 
@@ -398,16 +394,9 @@ def unet_variants(backend: Optional[str] = None, methods: Sequence[str] = UNET_M
     return _variants(_UNET, backend, methods)
 
 
-E2E_UNET = Case(
-    name="e2e-unet",
-    description="one denoising training step (fwd + bwd + AdamW) of an SD-style UNet per method vs PEFT LoRA",
-    make_variants=unet_variants,
-    baselines={"train": f"peft LoRA r={LORA_RANK}"},
-    dim_names=("batch", "latent", "channels", "text"),
+E2E_UNET = _e2e_case(
+    "e2e-unet", "one denoising training step (fwd + bwd + AdamW) of an SD-style UNet per method vs PEFT LoRA",
+    unet_variants, ("batch", "latent", "channels", "text"),
     presets={"sd15": {"any": [(2, 64, 320, 77)]}, "cpu": {"any": [(1, 32, 64, 77)]}},
     default_presets={"cuda": ["sd15"], "cpu": ["cpu"]},
-    default_dtype={"cuda": torch.bfloat16, "cpu": torch.float32},
-    modes=("train",),
-    in_default_run=False,
-    per_method=True,
 )
