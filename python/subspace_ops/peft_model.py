@@ -75,7 +75,9 @@ diffusers model its original attention processors), and
 parameters of the base model that the method trains (the task head, BitFit's biases) are swapped for
 frozen copies of their base values (as PEFT runs a ``modules_to_save`` module's original). Nothing is
 zeroed or modified in place; on exit the adapted modules and parameters are put back. The outputs are
-those of the unadapted model, bit for bit. Merged layers are refused (unmerge first); ``set_adapter``,
+those of the unadapted model, bit for bit (one exception: timm BEiT / EVA / Swin-V2 attention whose ``qkv``
+was adapted keeps adding its q/v biases after that layer, ``qkv_bias_separate``, rather than inside
+``F.linear``: the same sum, rounded once more). Merged layers are refused (unmerge first); ``set_adapter``,
 ``save_pretrained`` and friends are refused inside the context.
 """
 
