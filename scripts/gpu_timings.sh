@@ -10,6 +10,7 @@
 #
 #   bash scripts/gpu_timings.sh                       # everything within 540 s
 #   STEPS="verify linear" GPU_BUDGET_S=300 bash scripts/gpu_timings.sh
+#   STEPS=unet bash scripts/gpu_timings.sh            # SD 1.5's UNet step (e2e-unet), a second call
 #   GPU_TIMINGS_DEVICE=cpu GPU_BUDGET_S=60 bash scripts/gpu_timings.sh   # the plan's mechanics, on a CPU
 #
 # The C++ extension is built against the machine's torch (no build isolation: nothing is fetched);
@@ -97,7 +98,11 @@ for step in $steps; do
                 bench_piece e2e 90 "$method" e2e --shape vit-b --methods "$method" --no-compile --repeats 10
             done
             merge e2e ;;
-        *) echo "unknown step $step (verify, linear, attention, e2e)"; exit 2 ;;
+        unet)  # not in the default steps (no time left for it in one call): STEPS=unet bash scripts/gpu_timings.sh
+            begin_step "$budget"
+            bench_piece unet 300 sd15 e2e-unet --shape sd15 --no-compile --repeats 10
+            merge unet ;;
+        *) echo "unknown step $step (verify, linear, attention, e2e, unet)"; exit 2 ;;
     esac
 done
 rm -rf "$pieces"
