@@ -135,7 +135,7 @@ MUTANTS = [
     Mutant("P12", "python/subspace_ops/transformers.py",
            "        attention_mask = attention_mask[:, :, :, : key.shape[2]]\n", "        pass\n", COEFF,
            "a mask wider than the keys (static cache) is not cut"),
-    Mutant("P13", "python/subspace_ops/transformers.py", "return states.repeat_interleave(heads // kv_heads, dim=1)",
+    Mutant("P13", "python/subspace_ops/nn/attention.py", "return states.repeat_interleave(heads // kv_heads, dim=1)",
            "return states.repeat(1, heads // kv_heads, 1, 1)", COEFF, "GQA pairs query heads with the wrong kv heads"),
     Mutant("P14", "python/subspace_ops/methods.py", "        total = term if total is None else total + term\n",
            "        total = term\n", "tests/test_methods.py tests/test_lowrank_layers.py",

@@ -416,7 +416,8 @@ def _timm_attention_blocks(model: nn.Module) -> tuple[list[tuple[str, nn.Module]
             (sdpa if (cls.__module__, cls.__name__) in TIMM_SDPA_ATTENTION else others).append((name, m))
     if others:
         kinds = sorted(set(f"{type(m).__module__}.{type(m).__name__}" for _, m in others))
-        supported = ", ".join(f"{m}.{c}" for m, c in TIMM_PLAIN_ATTENTION[::2] + TIMM_SDPA_ATTENTION)
+        plain_names = [kind for kind in TIMM_PLAIN_ATTENTION if kind[0] != "timm.models.vision_transformer"]  # alias
+        supported = ", ".join(f"{m}.{c}" for m, c in plain_names + list(TIMM_SDPA_ATTENTION))
         raise ValueError(f"Coeff-Tuning's head mixing supports timm's {supported}; not {', '.join(kinds)} "
                          f"({len(others)} modules, e.g. {others[0][0]}): nothing was changed")
     return plain, sdpa

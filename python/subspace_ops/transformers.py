@@ -21,22 +21,12 @@ from typing import Optional
 
 from torch import Tensor, nn
 
-from .nn.attention import HeadMix
+from .nn.attention import HeadMix, repeat_kv_heads
 
 __all__ = ["ATTN_IMPLEMENTATION", "attach_head_mix", "attention_modules", "coeff_attention_forward",
            "check_attachable", "detach_head_mix", "register"]
 
 ATTN_IMPLEMENTATION = "subspace_coeff"
-
-
-def _repeat_heads(states: Tensor, heads: int) -> Tensor:
-    """[B, H_kv, N, d] → [B, H, N, d] for grouped-query attention (each kv head serves H/H_kv heads)."""
-    kv_heads = states.shape[1]
-    if kv_heads == heads:
-        return states
-    if heads % kv_heads:
-        raise ValueError(f"{heads} query heads cannot share {kv_heads} key/value heads")
-    return states.repeat_interleave(heads // kv_heads, dim=1)
 
 
 def coeff_attention_forward(
@@ -63,7 +53,7 @@ def coeff_attention_forward(
     if kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None:
         raise ValueError("head-mixing attention does not support softcap or position_bias")
     heads = query.shape[1]
-    key, value = _repeat_heads(key, heads), _repeat_heads(value, heads)
+    key, value = repeat_kv_heads(key, heads), repeat_kv_heads(value, heads)
     is_causal = getattr(module, "is_causal", False) if is_causal is None else is_causal
     # As transformers' SDPA path: the causal flag only when no explicit mask carries the pattern
     # and there is more than one query (a single decode query sees every cached key).

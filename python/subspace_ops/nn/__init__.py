@@ -6,5 +6,6 @@ from .lowrank import DoRALinear, LowRankLinear
 from .rescaled import RLRRLinear, ScaledLinear, SSF
 from .svd import SVD_METHODS, SVDLinear
 
-__all__ = ["CoeffAttnProcessor", "DoRALinear", "HeadMix", "LowRankLinear", "NotMergeableError", "ParallelAdapterLinear", "SequentialAdapter",
-           "SpectralLinear", "TimmCoeffAttention", "RLRRLinear", "ScaledLinear", "SSF", "SVDLinear", "SVD_METHODS"]
+__all__ = ["CoeffAttnProcessor", "DoRALinear", "HeadMix", "LowRankLinear", "NotMergeableError", "ParallelAdapterLinear",
+           "SequentialAdapter", "SpectralLinear", "TimmCoeffAttention", "RLRRLinear", "ScaledLinear", "SSF", "SVDLinear",
+           "SVD_METHODS"]

@@ -28,7 +28,18 @@ from torch import Tensor, nn
 from .. import reference
 from ..ops.head_mixing_attention import head_mixing_attention
 
-__all__ = ["CoeffAttnProcessor", "HeadMix", "TimmCoeffAttention"]
+__all__ = ["CoeffAttnProcessor", "HeadMix", "TimmCoeffAttention", "repeat_kv_heads"]
+
+
+def repeat_kv_heads(states: Tensor, heads: int) -> Tensor:
+    """[B, H_kv, N, d] → [B, H, N, d] for grouped-query attention (each kv head serves H/H_kv heads), as
+    the naive form does before mixing heads."""
+    kv_heads = states.shape[1]
+    if kv_heads == heads:
+        return states
+    if heads % kv_heads:
+        raise ValueError(f"{heads} query heads cannot share {kv_heads} key/value heads")
+    return states.repeat_interleave(heads // kv_heads, dim=1)
 
 
 class HeadMix(nn.Module):

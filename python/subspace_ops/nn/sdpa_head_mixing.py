@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .attention import HeadMix
+from .attention import HeadMix, repeat_kv_heads
 
 __all__ = ["with_head_mixing"]
 
@@ -55,9 +55,8 @@ class _RouteSdpa(TorchFunctionMode):
                              "by head mixing; build the model with attn_drop_rate=0")
         if query.dim() != 4:
             raise ValueError(f"{self.owner} calls SDPA with {query.dim()}-D queries; head mixing needs [B, H, N, d]")
-        if options.get("enable_gqa", False) and key.shape[1] != query.shape[1]:
-            repeats = query.shape[1] // key.shape[1]
-            key, value = key.repeat_interleave(repeats, dim=1), value.repeat_interleave(repeats, dim=1)
+        if options.get("enable_gqa", False):
+            key, value = repeat_kv_heads(key, query.shape[1]), repeat_kv_heads(value, query.shape[1])
         self.calls += 1
         return self.head_mix(query, key, value, attn_mask=options.get("attn_mask"),
                              is_causal=bool(options.get("is_causal", False)), scale=options.get("scale"))
