@@ -8,6 +8,7 @@ is diffusers' code, not ours.
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import pytest
@@ -60,13 +61,14 @@ def random_alphas(model, std: float = 0.3) -> None:
 
 def naive_head_mixing(mix: torch.Tensor):
     """F.scaled_dot_product_attention's signature, computing 003 eq. 11–12 with ``mix`` (paper's form)."""
-    def attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None):
-        assert dropout_p == 0.0 and not is_causal
-        scores = torch.einsum("bhqd,bhkd->bhqk", q, k) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        assert dropout_p == 0.0 and not is_causal and not enable_gqa
+        scale = query.shape[-1] ** -0.5 if scale is None else scale
+        scores = torch.einsum("bhqd,bhkd->bhqk", query, key) * scale
         if attn_mask is not None:
             scores = scores + attn_mask
         maps = scores.softmax(-1)
-        return torch.einsum("hg,bgqk,bhkd->bhqd", mix, maps, v)
+        return torch.einsum("hg,bgqk,bhkd->bhqd", mix, maps, value)
     return attention
 
 
@@ -195,12 +197,12 @@ def test_coeff_with_lora_on_the_projections(lora):
 
 def test_other_processors_are_refused_and_nothing_changes():
     unet = tiny_unet()
-    unet.fuse_qkv_projections()
+    unet.set_attention_slice(1)  # SlicedAttnProcessor: attention computed in slices, no SDPA call
     processors = sd.processors(unet)
     flags = [p.requires_grad for p in unet.parameters()]
-    with pytest.raises(ValueError, match=r"FusedAttnProcessor2_0.*unfuse_qkv_projections"):
+    with pytest.raises(ValueError, match=r"runs SlicedAttnProcessor, not one of the processors"):
         apply_coeff(unet)
-    with pytest.raises(ValueError, match="FusedAttnProcessor2_0"):
+    with pytest.raises(ValueError, match="SlicedAttnProcessor"):
         methods.apply(unet, "coeff")
     assert sd.processors(unet) == processors and [p.requires_grad for p in unet.parameters()] == flags
 
@@ -268,3 +270,187 @@ def test_compiled_attention_with_coeff_matches_eager():
     compiled = torch.compile(attn, fullgraph=True)
     torch.testing.assert_close(compiled(x, encoder_hidden_states=context, attention_mask=mask), expected,
                                rtol=1e-5, atol=1e-6)
+
+
+# --- processors whose SDPA call is routed to the head-mixing op: SD3's joint attention, Flux, fused q/k/v ---
+
+def _sd3_attention(fused: bool) -> Attention:
+    """SD3's MMDiT attention (JointTransformerBlock): image and text tokens attend jointly, q/k RMS norms."""
+    attn = Attention(query_dim=32, added_kv_proj_dim=32, dim_head=8, heads=4, out_dim=32, context_pre_only=False,
+                     bias=True, qk_norm="rms_norm", processor=attention_processor.JointAttnProcessor2_0())
+    if fused:
+        attn.fuse_projections()
+        attn.set_processor(attention_processor.FusedJointAttnProcessor2_0())
+    return attn
+
+
+def _unet_fused_attention() -> Attention:
+    attn = Attention(query_dim=32, heads=4, dim_head=8)
+    attn.fuse_projections()
+    attn.set_processor(attention_processor.FusedAttnProcessor2_0())
+    return attn
+
+
+def _flux_attention(single: bool):
+    from diffusers.models.transformers.transformer_flux import FluxAttention
+
+    if single:  # FluxSingleTransformerBlock: text and image already one sequence, no output projection
+        return FluxAttention(query_dim=32, dim_head=8, heads=4, out_dim=32, bias=True, pre_only=True)
+    return FluxAttention(query_dim=32, dim_head=8, heads=4, added_kv_proj_dim=32, context_pre_only=False, bias=True)
+
+
+def _rotary(tokens: int, generator: torch.Generator):
+    from diffusers.models.transformers.transformer_flux import FluxPosEmbed
+
+    return FluxPosEmbed(theta=10000, axes_dim=[4, 2, 2])(torch.randn(tokens, 3, generator=generator))
+
+
+ROUTED = {  # name: (module factory, processor class name, joint text tokens?, rotary embedding?)
+    "sd3 joint": (lambda: _sd3_attention(False), "JointAttnProcessor2_0", True, False),
+    "sd3 joint fused": (lambda: _sd3_attention(True), "FusedJointAttnProcessor2_0", True, False),
+    "unet fused qkv": (_unet_fused_attention, "FusedAttnProcessor2_0", False, False),
+    "flux double": (lambda: _flux_attention(False), "FluxAttnProcessor", True, True),
+    "flux single": (lambda: _flux_attention(True), "FluxAttnProcessor", False, True),
+}
+
+
+@pytest.mark.parametrize("kind", list(ROUTED))
+def test_routed_processor_equals_diffusers_with_the_papers_attention(kind, fused_backend, monkeypatch):
+    """The module's own processor with its SDPA call given the paper's formula is the reference."""
+    make, processor_name, joint, rotary = ROUTED[kind]
+    device = backend_device(fused_backend)
+    g = torch.Generator().manual_seed(5)
+    torch.manual_seed(0)
+    attn = make().to(device).eval()
+    assert type(attn.processor).__name__ == processor_name
+    args, kwargs = (torch.randn(2, 9, 32, generator=g).to(device),), {}
+    if joint:
+        kwargs["encoder_hidden_states"] = torch.randn(2, 4, 32, generator=g).to(device)
+    if rotary:
+        kwargs["image_rotary_emb"] = tuple(t.to(device) for t in _rotary(9 + 4 * joint, g))
+    stock = attn(*args, **kwargs)
+    assert sd.attach_head_mix(attn, backend=fused_backend) == [""]
+    processor = attn.processor
+    assert sd.is_head_mix_processor(processor) and processor.replaced is not None
+    # diffusers passes a processor the keyword arguments its __call__ names: the copy names the same
+    assert inspect.signature(processor.__call__) == inspect.signature(processor.replaced.__call__)
+    torch.testing.assert_close(attn(*args, **kwargs), stock, rtol=1e-5, atol=1e-5)  # α = 0: unchanged
+    with torch.no_grad():
+        processor.head_mix.alpha.copy_(0.4 * torch.randn(attn.heads, attn.heads, generator=g))
+    ours = attn(*args, **kwargs)
+    sum(t.square().sum() for t in (ours if isinstance(ours, tuple) else (ours,))).backward()
+    grad = processor.head_mix.alpha.grad.clone()
+
+    alpha = processor.head_mix.alpha
+    assert sd.detach_head_mix(attn) == 1 and type(attn.processor).__name__ == processor_name
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        naive_head_mixing(torch.eye(attn.heads, device=device) + alpha))
+    expected = attn(*args, **kwargs)
+    outputs = list(zip(*(t if isinstance(t, tuple) else (t,) for t in (ours, expected, stock))))
+    for o, e, s in outputs:  # (image, text) outputs for joint attention
+        assert not torch.allclose(e, s, atol=1e-3)
+        torch.testing.assert_close(o, e, rtol=1e-4, atol=1e-5)
+    alpha.grad = None
+    sum(e.square().sum() for _, e, _ in outputs).backward()
+    torch.testing.assert_close(grad, alpha.grad, rtol=1e-4, atol=1e-5)
+
+
+def tiny_sd3():
+    torch.manual_seed(0)
+    return diffusers.SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+        num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=16).eval()
+
+
+def tiny_flux():
+    torch.manual_seed(0)
+    return diffusers.FluxTransformer2DModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=16, axes_dims_rope=(4, 2, 2)).eval()
+
+
+def dit_inputs(model) -> dict:
+    g = torch.Generator().manual_seed(6)
+    text, pooled = torch.randn(2, 5, 32, generator=g), torch.randn(2, 16, generator=g)
+    if isinstance(model, diffusers.FluxTransformer2DModel):
+        return dict(hidden_states=torch.randn(2, 16, 4, generator=g), encoder_hidden_states=text,
+                    pooled_projections=pooled, timestep=torch.tensor([0.5, 0.5]),
+                    img_ids=torch.randn(16, 3, generator=g), txt_ids=torch.zeros(5, 3))
+    return dict(hidden_states=torch.randn(2, 4, 8, 8, generator=g), encoder_hidden_states=text,
+                pooled_projections=pooled, timestep=torch.tensor([3, 3]))
+
+
+@pytest.mark.parametrize("make", [tiny_sd3, tiny_flux], ids=["sd3", "flux"])
+def test_dit_coeff_trains_alpha_saves_loads_and_unloads(make, tmp_path):
+    """SD3 / Flux transformers through get_peft_model: α = 0 leaves the model unchanged, only α trains,
+    the adapter round-trips through a file, unload restores the processors exactly."""
+    inputs = dit_inputs(make())
+    base_out = make()(**inputs).sample
+    model = get_peft_model(make(), ("coeff", {"backend": "cpu"}))
+    names = [n for n, m in sd.attention_modules(model.base_model)]
+    assert len(names) == 2 and all(sd.is_head_mix_processor(m.processor) for _, m in
+                                   sd.attention_modules(model.base_model))
+    torch.testing.assert_close(model(**inputs).sample, base_out, rtol=1e-5, atol=1e-6)
+    random_alphas(model.base_model)
+    adapted = model(**inputs).sample
+    assert not torch.allclose(adapted, base_out, atol=1e-3)
+    adapted.square().mean().backward()
+    trained = {n: p for n, p in model.named_parameters() if p.grad is not None}
+    assert len(trained) == 2 and all(n.endswith("processor.head_mix.alpha") for n in trained)
+    assert all(p.grad.abs().sum() > 0 for p in trained.values())
+    model.save_pretrained(tmp_path)
+    loaded = SubspacePeftModel.from_pretrained(make(), tmp_path)
+    torch.testing.assert_close(loaded(**inputs).sample, adapted, rtol=0, atol=0)
+    plain = loaded.unload()
+    assert not any(sd.is_head_mix_processor(m.processor) for _, m in sd.attention_modules(plain))
+    assert torch.equal(plain(**inputs).sample, base_out)
+
+
+def test_fused_qkv_unet_with_coeff_equals_the_unfused_one():
+    unet = tiny_unet()
+    apply_coeff(unet, backend="cpu")
+    random_alphas(unet)
+    expected = run(unet)
+    fused = tiny_unet()
+    fused.fuse_qkv_projections()
+    apply_coeff(fused, backend="cpu")
+    assert {type(m.processor.replaced).__name__ for _, m in sd.attention_modules(fused)} == {"FusedAttnProcessor2_0"}
+    fused.load_state_dict(unet.state_dict(), strict=False)  # the α (the fused layer keeps its to_q/k/v too)
+    torch.testing.assert_close(run(fused), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_routed_processor_runs_the_native_backend_and_refuses_a_second_sdpa_call():
+    from diffusers.models.attention_dispatch import attention_backend
+
+    attn = _flux_attention(single=True).eval()
+    x = torch.randn(2, 6, 32)
+    stock = attn(x)
+    sd.attach_head_mix(attn)
+    with torch.no_grad(), attention_backend("flex"):  # a backend that does not call SDPA (FlexAttention)
+        torch.testing.assert_close(attn(x), stock, rtol=1e-5, atol=1e-5)
+
+    class FusedAttnProcessor2_0(attention_processor.FusedAttnProcessor2_0):  # an allowed name, two SDPA calls
+        def __call__(self, attn, hidden_states, *args, **kwargs):
+            torch.nn.functional.scaled_dot_product_attention(*(torch.zeros(1, 4, 2, 8),) * 3)
+            return super().__call__(attn, hidden_states, *args, **kwargs)
+
+    attn = _unet_fused_attention()
+    attn.set_processor(FusedAttnProcessor2_0())
+    sd.attach_head_mix(attn)
+    with pytest.raises(RuntimeError, match="FusedAttnProcessor2_0 called F.scaled_dot_product_attention 2 times"):
+        attn(torch.randn(2, 6, 32))
+
+
+def test_compiled_flux_attention_with_coeff_matches_eager():
+    """torch.compile(fullgraph=True) through a routed processor (its SDPA call goes to the head-mixing op)."""
+    attn = _flux_attention(single=False).eval()
+    sd.attach_head_mix(attn, backend="cpu")
+    with torch.no_grad():
+        attn.processor.head_mix.alpha.normal_(0, 0.3)
+    g = torch.Generator().manual_seed(7)
+    x, context = torch.randn(2, 9, 32, generator=g), torch.randn(2, 4, 32, generator=g)
+    kwargs = dict(encoder_hidden_states=context, image_rotary_emb=_rotary(13, g))
+    expected = attn(x, **kwargs)
+    compiled = torch.compile(attn, fullgraph=True)(x, **kwargs)
+    for ours, eager in zip(compiled, expected):
+        torch.testing.assert_close(ours, eager, rtol=1e-5, atol=1e-6)

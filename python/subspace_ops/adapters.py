@@ -437,7 +437,7 @@ def apply_coeff(
     (:mod:`subspace_ops.nn.sdpa_head_mixing`).
     transformers models: every attention module gets a HeadMix and the model runs the
     ``"subspace_coeff"`` attention implementation (:mod:`subspace_ops.transformers`). diffusers
-    models (UNets): every ``Attention`` gets a :class:`~subspace_ops.nn.CoeffAttnProcessor`
+    models (UNets, PixArt, SD3, Flux): every attention module gets a head-mixing processor
     (:mod:`subspace_ops.diffusers`). ``dropout`` is the paper's dropout on α (0.1 when combined with
     SSF). Combines with methods applied earlier (their parameters stay trainable). Raises ValueError
     when the model has no attention blocks.

@@ -1,18 +1,25 @@
 """diffusers integration: Coeff-Tuning head mixing as an attention processor.
 
 Coeff-Tuning's concept customization (003 §5.2) tunes α in every attention layer of the SDXL UNet
-(together with LoRA or DoRA on the projections). diffusers' ``Attention`` modules (the UNets of
-Stable Diffusion 1.x/2.x and SDXL, ``Transformer2DModel``, the VAE's mid-block attention) delegate
-the attention computation to a swappable processor; :func:`attach_head_mix` sets a
-:class:`~subspace_ops.nn.CoeffAttnProcessor` on each, which computes what diffusers' default
-processor computes with the head-mixing op in place of SDPA (at α = 0 the output is unchanged).
+(together with LoRA or DoRA on the projections). diffusers' attention modules (``Attention`` in the
+UNets of Stable Diffusion 1.x/2.x and SDXL, ``Transformer2DModel``/PixArt, SD3's MMDiT, the VAE's
+mid-block; ``FluxAttention`` in Flux) delegate the attention computation to a swappable processor;
+:func:`attach_head_mix` gives each a processor that computes what the module's own processor
+computes with the head-mixing op in place of SDPA (at α = 0 the output is unchanged):
 
-Only modules running a default processor (``AttnProcessor2_0`` or ``AttnProcessor``) are adapted;
-any other processor (fused q/k/v after ``fuse_qkv_projections()``, IP-Adapter, added-KV, a custom
-one) is refused with its name, before anything changes, because its computation would be lost.
-The model's weights are untouched; :func:`detach_head_mix` puts the replaced processors back.
-LoRA on the projections composes with it: ``methods.apply(unet, "lora", targets=("to_q", "to_k",
-"to_v", "to_out.0"))`` or PEFT's ``unet.add_adapter(LoraConfig(...))``, before or after.
+- the default processors (``AttnProcessor2_0``, ``AttnProcessor``) become a
+  :class:`~subspace_ops.nn.CoeffAttnProcessor`, our transcription of what they compute;
+- the processors in :data:`ROUTED_PROCESSORS` (fused q/k/v after ``fuse_qkv_projections()``, SD3's
+  joint attention, Flux's double- and single-stream attention) become a copy of themselves whose one
+  SDPA call is routed to the head-mixing op (:func:`~subspace_ops.nn.sdpa_head_mixing.processor_with_head_mixing`).
+  In joint attention the image and text tokens form one sequence, so α mixes the heads' maps over
+  both. Flux's copy runs diffusers' native attention backend (the one that calls SDPA).
+
+Any other processor (IP-Adapter, added-KV, xFormers, a custom one) is refused with its name, before
+anything changes, because its computation would be lost. The model's weights are untouched;
+:func:`detach_head_mix` puts the replaced processors back. LoRA on the projections composes with it:
+``methods.apply(unet, "lora", targets=("to_q", "to_k", "to_v", "to_out.0"))`` or PEFT's
+``unet.add_adapter(LoraConfig(...))``, before or after.
 """
 
 from __future__ import annotations
@@ -23,28 +30,39 @@ from typing import Optional
 from torch import nn
 
 from .nn.attention import CoeffAttnProcessor
+from .nn.sdpa_head_mixing import is_head_mixing, processor_with_head_mixing
 
-__all__ = ["attach_head_mix", "attention_modules", "check_attachable", "detach_head_mix", "has_attention",
-           "processors", "set_processors"]
+__all__ = ["ROUTED_PROCESSORS", "attach_head_mix", "attention_modules", "check_attachable", "detach_head_mix",
+           "has_attention", "is_head_mix_processor", "processors", "set_processors"]
 
 _DEFAULT_PROCESSORS = ("AttnProcessor2_0", "AttnProcessor")
+# processors that compute their attention with exactly one SDPA call on [B, heads, N, d] (checked at each call)
+ROUTED_PROCESSORS = ("FusedAttnProcessor2_0", "JointAttnProcessor2_0", "FusedJointAttnProcessor2_0",
+                     "FluxAttnProcessor")
 
 
-def _attention_class() -> Optional[type]:
-    """diffusers' ``Attention`` class when diffusers is imported (a model of it exists only then)."""
+def _attention_classes() -> Optional[tuple[type, ...]]:
+    """diffusers' attention module classes when diffusers is imported (a model of them exists only then):
+    ``Attention`` and the newer models' ``AttentionModuleMixin`` (``FluxAttention``...)."""
     if "diffusers" not in sys.modules:
         return None
+    from diffusers.models.attention import AttentionModuleMixin
     from diffusers.models.attention_processor import Attention
 
-    return Attention
+    return Attention, AttentionModuleMixin
+
+
+def is_head_mix_processor(processor: object) -> bool:
+    """Whether ``processor`` is one :func:`attach_head_mix` set."""
+    return isinstance(processor, CoeffAttnProcessor) or is_head_mixing(processor)
 
 
 def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """``(name, module)`` of every diffusers ``Attention`` in ``model`` (whatever its processor)."""
-    attention = _attention_class()
-    if attention is None:
+    classes = _attention_classes()
+    if classes is None:
         return []
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, attention)]
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, classes)]
 
 
 def has_attention(model: nn.Module) -> bool:
@@ -59,15 +77,15 @@ def check_attachable(model: nn.Module) -> list[tuple[str, nn.Module]]:
         raise ValueError(f"no diffusers Attention modules found in {type(model).__name__}")
     for name, module in modules:
         processor = module.processor
-        if isinstance(processor, CoeffAttnProcessor):
+        if is_head_mix_processor(processor):
             raise ValueError(f"{name} already has a head mix")
-        if type(processor).__name__ not in _DEFAULT_PROCESSORS:
-            hint = (" (call unfuse_qkv_projections() first)" if "Fused" in type(processor).__name__ else "")
-            raise ValueError(f"{name}: runs {type(processor).__name__}, not one of diffusers' default processors "
-                             f"{_DEFAULT_PROCESSORS}; head mixing would drop what it computes{hint}")
-        if module.heads < 1 or module.to_q.out_features % module.heads:
-            raise ValueError(f"{name}: {module.to_q.out_features} query features do not split into "
-                             f"{module.heads} heads")
+        if type(processor).__name__ not in _DEFAULT_PROCESSORS + ROUTED_PROCESSORS:
+            raise ValueError(f"{name}: runs {type(processor).__name__}, not one of the processors head mixing "
+                             f"reproduces {_DEFAULT_PROCESSORS + ROUTED_PROCESSORS}; it would drop what that "
+                             "one computes")
+        to_q = getattr(module, "to_q", None)
+        if module.heads < 1 or (to_q is not None and to_q.out_features % module.heads):
+            raise ValueError(f"{name}: {to_q.out_features} query features do not split into {module.heads} heads")
     return modules
 
 
@@ -78,18 +96,23 @@ def attach_head_mix(model: nn.Module, *, dropout: float = 0.0, backend: Optional
     everything before changing anything."""
     modules = check_attachable(model) if modules is None else modules
     for name, module in modules:
-        processor = CoeffAttnProcessor(module.heads, replaced=module.processor, dropout=dropout, backend=backend,
-                                       device=module.to_q.weight.device)
+        device = next(module.parameters()).device
+        if type(module.processor).__name__ in _DEFAULT_PROCESSORS:
+            processor = CoeffAttnProcessor(module.heads, replaced=module.processor, dropout=dropout, backend=backend,
+                                           device=device)
+        else:
+            processor = processor_with_head_mixing(module.processor, module.heads, dropout=dropout, backend=backend,
+                                                   device=device)
         processor.train(module.training)
         module.set_processor(processor)
     return [name for name, _ in modules]
 
 
 def detach_head_mix(model: nn.Module) -> int:
-    """Put back the processor each :class:`CoeffAttnProcessor` replaced. Returns how many."""
+    """Put back the processor each head-mix processor replaced. Returns how many."""
     count = 0
     for _, module in attention_modules(model):
-        if isinstance(module.processor, CoeffAttnProcessor):
+        if is_head_mix_processor(module.processor):
             module.set_processor(module.processor.replaced)
             count += 1
     return count

@@ -11,7 +11,9 @@ wrap ``qkv``/``proj`` before or after. For transformers models see
 :func:`subspace_ops.adapters.apply_coeff`, which attaches a :class:`HeadMix` to each attention
 module and routes the model through the attention-function registry. For diffusers models (the
 UNets of Stable Diffusion / SDXL, 003 §5.2) :class:`CoeffAttnProcessor` is an attention processor
-holding a :class:`HeadMix` (:mod:`subspace_ops.diffusers` sets it on every ``Attention``).
+holding a :class:`HeadMix` (:mod:`subspace_ops.diffusers` sets it on every ``Attention`` running a
+default processor; other supported processors get a routed copy, see
+:mod:`subspace_ops.nn.sdpa_head_mixing`).
 
 The paper's dropout on α (p = 0.1 when α is tuned with SSF) is ``HeadMix(dropout=p)``. Dropout on
 the attention probabilities themselves is not supported by the fused op; layers refuse to attach

@@ -14,6 +14,10 @@ The copy's class is a subclass of the module's, made on first use and registered
 (``HeadMixing__<module>___<class>``) so that pickle finds it. Its forward must call SDPA exactly once
 with 4-D [B, H, N, d] inputs; otherwise it raises (a module computing attention another way would
 silently ignore α). Attention-probability dropout is refused, as by the other Coeff layers.
+
+:func:`processor_with_head_mixing` does the same for a diffusers attention processor (a plain
+callable object, not a module): the copy's class subclasses the processor's class and nn.Module,
+and routes the SDPA call of the processor's own ``__call__``.
 """
 
 from __future__ import annotations
@@ -29,9 +33,9 @@ from torch.overrides import TorchFunctionMode
 
 from .attention import HeadMix, repeat_kv_heads
 
-__all__ = ["with_head_mixing"]
+__all__ = ["is_head_mixing", "processor_with_head_mixing", "with_head_mixing"]
 
-_SDPA_OPTIONS = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")  # after query, key, value
+_SDPA_PARAMETERS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 _PREFIX = "HeadMixing__"
 
 
@@ -48,8 +52,8 @@ class _RouteSdpa(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is not F.scaled_dot_product_attention:
             return func(*args, **kwargs)
-        query, key, value = args[:3]
-        options = dict(zip(_SDPA_OPTIONS, args[3:])) | kwargs
+        options = dict(zip(_SDPA_PARAMETERS, args)) | kwargs  # callers pass q, k, v by position or by name
+        query, key, value = options["query"], options["key"], options["value"]
         if options.get("dropout_p", 0.0):
             raise ValueError(f"{self.owner}: attention-probability dropout ({options['dropout_p']}) is not supported "
                              "by head mixing; build the model with attn_drop_rate=0")
@@ -66,25 +70,46 @@ def _class_name(cls: type) -> str:
     return f"{_PREFIX}{cls.__module__.replace('.', '__')}___{cls.__qualname__}"
 
 
+def _call_routed(self: Any, call: Any, args: tuple, kwargs: dict) -> Any:
+    """``call(*args, **kwargs)`` with its one SDPA call routed to ``self.head_mix``."""
+    route = _RouteSdpa(self.head_mix, self._routed_name)
+    with route:
+        out = call(*args, **kwargs)
+    if route.calls != 1 and not torch.compiler.is_compiling():
+        raise RuntimeError(f"{self._routed_name} called F.scaled_dot_product_attention {route.calls} times; head "
+                           f"mixing replaces exactly one call ({self._route_hint})")
+    return out
+
+
 def _mixing_class(cls: type) -> type:
-    """The subclass of ``cls`` whose forward routes SDPA to ``self.head_mix`` (made once per class)."""
+    """The subclass of ``cls`` that routes SDPA to ``self.head_mix`` (made once per class): around
+    ``forward`` for an nn.Module, around ``__call__`` for a diffusers attention processor (a plain
+    callable class; the subclass is also an nn.Module, so α is a parameter of the model)."""
     name = _class_name(cls)
     module = sys.modules[__name__]
     if name in vars(module):
         return vars(module)[name]
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        route = _RouteSdpa(self.head_mix, cls.__name__)
-        with route:
-            out = super(mixing, self).forward(*args, **kwargs)
-        if route.calls != 1 and not torch.compiler.is_compiling():
-            raise RuntimeError(f"{cls.__name__}.forward called F.scaled_dot_product_attention {route.calls} times; "
-                               "head mixing replaces exactly one call (set fused_attn if the module has it)")
-        return out
+    namespace: dict[str, Any] = {"__module__": __name__, "__qualname__": name, "_routed_name": cls.__name__,
+                                 "__doc__": f"{cls.__name__} with Coeff-Tuning's head mixing (see {__name__})."}
+    if issubclass(cls, nn.Module):
+        def forward(self, *args: Any, **kwargs: Any) -> Any:
+            return _call_routed(self, super(mixing, self).forward, args, kwargs)
 
-    mixing = type(name, (cls,), {"forward": forward, "__module__": __name__, "__qualname__": name,
-                                 "__doc__": f"{cls.__name__} with Coeff-Tuning's head mixing (see {__name__}).",
-                                 "_holds_backbone": True})  # its own parameters are the model's, not ours
+        bases: tuple[type, ...] = (cls,)
+        namespace.update(forward=forward, _holds_backbone=True,  # its own parameters are the model's, not ours
+                         _route_hint="set fused_attn if the module has it")
+    else:
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            return _call_routed(self, cls.__call__.__get__(self), args, kwargs)
+
+        # diffusers passes a processor only the keyword arguments its __call__ names (inspect.signature,
+        # which follows __wrapped__): the copy must name the processor's own.
+        __call__.__wrapped__ = cls.__call__
+        bases = (cls, nn.Module)
+        namespace.update(__call__=__call__, extra_repr=lambda self: f"replaced={type(self.replaced).__name__}",
+                         _route_hint="it must run diffusers' native attention backend")
+    mixing = type(name, bases, namespace)
     setattr(module, name, mixing)
     return mixing
 
@@ -102,8 +127,8 @@ def __getattr__(name: str) -> type:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def is_head_mixing(module: nn.Module) -> bool:
-    """Whether ``module`` is a copy made by :func:`with_head_mixing`."""
+def is_head_mixing(module: object) -> bool:
+    """Whether ``module`` is a copy made by :func:`with_head_mixing` or :func:`processor_with_head_mixing`."""
     return type(module).__module__ == __name__ and type(module).__name__.startswith(_PREFIX)
 
 
@@ -125,4 +150,24 @@ def with_head_mixing(attention: nn.Module, num_heads: int, *, dropout: float = 0
     weight = next(attention.parameters(), None)
     mixed.head_mix = HeadMix(num_heads, dropout=dropout, backend=backend,
                              device=None if weight is None else weight.device)
+    return mixed
+
+
+def processor_with_head_mixing(processor: object, num_heads: int, *, dropout: float = 0.0,
+                               backend: Optional[str] = None, device=None) -> nn.Module:
+    """A copy of a diffusers attention processor (an instance of a plain processor class such as SD3's
+    ``JointAttnProcessor2_0`` or Flux's ``FluxAttnProcessor``) with a zero-init ``head_mix`` applied to
+    its SDPA call; ``replaced`` is ``processor``, which is not changed. Processors that dispatch through
+    diffusers' attention backends (Flux) are set to the native one, the backend that calls SDPA: the
+    head-mixing op computes the attention whatever backend was chosen."""
+    if isinstance(processor, nn.Module):
+        raise TypeError(f"{type(processor).__name__} is an nn.Module processor (it holds its own weights); "
+                        "head mixing copies only plain processors")
+    mixed = _mixing_class(type(processor)).__new__(_mixing_class(type(processor)))
+    nn.Module.__init__(mixed)
+    vars(mixed).update(vars(processor))
+    if hasattr(mixed, "_attention_backend"):
+        mixed._attention_backend = "native"
+    mixed.replaced = processor
+    mixed.head_mix = HeadMix(num_heads, dropout=dropout, backend=backend, device=device)
     return mixed
