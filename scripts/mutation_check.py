@@ -359,6 +359,12 @@ MUTANTS = [
            "detach / unload leave routed head-mix processors in SD3 and Flux"),
     Mutant("P100", "python/subspace_ops/diffusers.py", "    return Attention, AttentionModuleMixin",
            "    return (Attention,)", "tests/test_diffusers.py -k dit", "Flux's FluxAttention modules not found"),
+    Mutant("P101", "python/subspace_ops/nn/sdpa_forms.py", "    if mask is not None:  # [windows, N, N]",
+           "    if False:  # [windows, N, N]", "tests/test_timm_apply.py -k swin_v2",
+           "Swin-V2's shifted-window mask dropped from its SDPA form"),
+    Mutant("P102", "python/subspace_ops/nn/sdpa_forms.py", "F.normalize(q, dim=-1) * logit_scale,",
+           "F.normalize(q, dim=-1) * logit_scale.mean(),", "tests/test_timm_apply.py -k swin_v2",
+           "Swin-V2's per-head logit scale averaged over heads"),
     # subspace-ops verify: what it compares
     Mutant("P56", VERIFY, "                    for name, t in truth.items():",
            "                    for name, t in list(truth.items())[:1]:", "tests/test_verify.py",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import pickle
 
 import pytest
 import torch
@@ -383,11 +384,10 @@ def test_coeff_on_swin_compiles_pickles_and_unloads(tmp_path):
 
 @pytest.mark.integration
 def test_coeff_refuses_attention_it_cannot_reproduce():
-    """SAM's ViT and NesT merge the heads into another dimension of their SDPA call, Swin-V2 computes
-    cosine attention by hand, CrossViT has cross attention, Visformer a convolutional qkv that used
-    to be replaced by the plain-ViT layer (and broke in forward): refused, the model unchanged."""
+    """SAM's ViT and NesT merge the heads into another dimension of their SDPA call, Visformer has a
+    convolutional qkv that used to be replaced by the plain-ViT layer (and broke in forward): refused,
+    the model unchanged."""
     builds = {
-        "swin_transformer_v2.WindowAttention": lambda: family("swinv2")[0],
         "vision_transformer_sam.Attention": lambda: timm.create_model(
             "samvit_base_patch16", pretrained=False, img_size=64, depth=2, embed_dim=32, num_heads=2,
             global_attn_indexes=(1,), neck_chans=16),
@@ -402,3 +402,57 @@ def test_coeff_refuses_attention_it_cannot_reproduce():
         with pytest.raises(ValueError, match=rf"not timm\.models\.{kind}.*nothing was changed"):
             methods.apply(model, "coeff")
         assert state(model) == before
+
+
+class _MixedMaps(nn.Module):
+    """In place of a block's ``attn_drop`` (applied to the softmax maps P [B, H, N, N] just before
+    ``P @ V``): P'_h = Σ_g (I + α)[h, g] P_g, so the block computes 003 eq. 11–12 with its own code."""
+
+    def __init__(self, alpha: torch.Tensor) -> None:
+        super().__init__()
+        self.alpha = alpha
+
+    def forward(self, maps: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("hg,bgqk->bhqk", torch.eye(self.alpha.shape[0]) + self.alpha, maps)
+
+
+@pytest.mark.integration
+def test_coeff_on_swin_v2_cosine_attention_equals_its_own_code_with_mixed_maps(tmp_path):
+    """Swin-V2 computes cosine attention by hand (no SDPA call); its copy runs the SDPA form of that
+    forward. Reference: timm's own block with its probability maps mixed by I + α before P @ V,
+    in shifted (masked) and unshifted windows."""
+    model_name, kwargs = FAMILIES["swinv2"]
+    torch.manual_seed(0)
+    model = timm.create_model(model_name, pretrained=False, num_classes=5, **(kwargs | dict(
+        depths=(2, 2), num_heads=(2, 4)))).eval()  # the second block of a stage shifts its windows (a mask)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    reference = copy.deepcopy(model)
+    blocks = [m for m in reference.modules() if type(m).__name__ == "WindowAttention"]
+    with torch.no_grad():
+        base = _attention_outputs(reference, x, blocks)
+    report = methods.apply(model, "coeff", backend="cpu")[1]
+    adapted = [m for m in model.modules() if is_head_mixing(m)]
+    assert len(report.layers) == len(adapted) == len(blocks) == 4 and report.adapter_params == 2 * (4 + 16)
+    with torch.no_grad():
+        torch.testing.assert_close(_attention_outputs(model, x, adapted), base, rtol=1e-5, atol=1e-5)  # α = 0
+        for m in model.modules():
+            if hasattr(m, "logit_scale"):  # far from the clamp; different per head
+                m.logit_scale.copy_(torch.log(torch.linspace(3.0, 30.0, m.logit_scale.numel()).view_as(m.logit_scale)))
+        for m in reference.modules():
+            if hasattr(m, "logit_scale"):
+                m.logit_scale.copy_(torch.log(torch.linspace(3.0, 30.0, m.logit_scale.numel()).view_as(m.logit_scale)))
+    g = torch.Generator().manual_seed(2)
+    for ours_block, block in zip(adapted, blocks):
+        with torch.no_grad():
+            ours_block.head_mix.alpha.copy_(0.3 * torch.randn(block.num_heads, block.num_heads, generator=g))
+        block.attn_drop = _MixedMaps(ours_block.head_mix.alpha.detach().clone())
+    ours = _attention_outputs(model, x, adapted)
+    ours.square().sum().backward()
+    assert all(m.head_mix.alpha.grad.abs().sum() > 0 for m in adapted)
+    with torch.no_grad():
+        expected = _attention_outputs(reference, x, blocks)
+    assert sum(getattr(m, "attn_mask", None) is not None for m in model.modules()) == 2  # shifted windows
+    torch.testing.assert_close(ours.detach(), expected, rtol=1e-4, atol=1e-5)
+    restored = pickle.loads(pickle.dumps(model))
+    torch.testing.assert_close(_attention_outputs(restored, x, [m for m in restored.modules() if is_head_mixing(m)]),
+                               ours.detach(), rtol=0, atol=0)

@@ -392,10 +392,12 @@ TIMM_PLAIN_ATTENTION = (("timm.layers.attention", "Attention"), ("timm.models.vi
 
 # Other timm attention computing with SDPA (after its own q, k, v and mask) that with_head_mixing is tested on
 # (tests/test_timm_apply.py): α = 0 gives the module's output, and α mixes the heads of its one SDPA call.
+# Swin-V2 computes its cosine attention by hand: its copy runs the SDPA form in nn/sdpa_forms.py.
 TIMM_SDPA_ATTENTION = (("timm.models.swin_transformer", "WindowAttention"), ("timm.models.beit", "Attention"),
                        ("timm.models.eva", "EvaAttention"), ("timm.layers.attention", "AttentionRope"),
                        ("timm.models.vision_transformer_relpos", "RelPosAttention"), ("timm.models.pvt_v2", "Attention"),
-                       ("timm.models.tiny_vit", "Attention"))
+                       ("timm.models.tiny_vit", "Attention"),
+                       ("timm.models.swin_transformer_v2", "WindowAttention"))
 
 
 def _timm_attention_blocks(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], list[tuple[str, nn.Module]]]:

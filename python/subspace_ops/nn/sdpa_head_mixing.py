@@ -13,7 +13,9 @@ computes what it did. The original module is left as it was (restoring is puttin
 The copy's class is a subclass of the module's, made on first use and registered in this module
 (``HeadMixing__<module>___<class>``) so that pickle finds it. Its forward must call SDPA exactly once
 with 4-D [B, H, N, d] inputs; otherwise it raises (a module computing attention another way would
-silently ignore α). Attention-probability dropout is refused, as by the other Coeff layers.
+silently ignore α). A module whose forward computes the attention by hand (Swin-V2's cosine
+attention) runs the SDPA form of its forward from :mod:`subspace_ops.nn.sdpa_forms` instead.
+Attention-probability dropout is refused, as by the other Coeff layers.
 
 :func:`processor_with_head_mixing` does the same for a diffusers attention processor (a plain
 callable object, not a module): the copy's class subclasses the processor's class and nn.Module,
@@ -32,6 +34,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .attention import HeadMix, repeat_kv_heads
+from .sdpa_forms import SDPA_FORMS
 
 __all__ = ["is_head_mixing", "processor_with_head_mixing", "with_head_mixing"]
 
@@ -93,8 +96,11 @@ def _mixing_class(cls: type) -> type:
     namespace: dict[str, Any] = {"__module__": __name__, "__qualname__": name, "_routed_name": cls.__name__,
                                  "__doc__": f"{cls.__name__} with Coeff-Tuning's head mixing (see {__name__})."}
     if issubclass(cls, nn.Module):
+        sdpa_form = SDPA_FORMS.get((cls.__module__, cls.__qualname__))  # for a forward without an SDPA call
+
         def forward(self, *args: Any, **kwargs: Any) -> Any:
-            return _call_routed(self, super(mixing, self).forward, args, kwargs)
+            own = super(mixing, self).forward if sdpa_form is None else sdpa_form.__get__(self)
+            return _call_routed(self, own, args, kwargs)
 
         bases: tuple[type, ...] = (cls,)
         namespace.update(forward=forward, _holds_backbone=True,  # its own parameters are the model's, not ours
