@@ -355,38 +355,95 @@ def test_routed_processor_equals_diffusers_with_the_papers_attention(kind, fused
     torch.testing.assert_close(grad, alpha.grad, rtol=1e-4, atol=1e-5)
 
 
-def tiny_sd3():
-    torch.manual_seed(0)
-    return diffusers.SD3Transformer2DModel(
+def _flux_ids(tokens: int, generator: torch.Generator, axes: int = 3) -> torch.Tensor:
+    return torch.randn(tokens, axes, generator=generator)
+
+
+def _padded_text_mask() -> torch.Tensor:  # the second prompt's last two tokens are padding
+    mask = torch.ones(2, 5)
+    mask[1, 3:] = 0
+    return mask
+
+
+# Tiny DiT models (random init, two attention modules each) and their inputs: 16 image tokens, 5 text tokens.
+DIT_MODELS = {
+    "sd3": (lambda: diffusers.SD3Transformer2DModel(
         sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
-        num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=16).eval()
-
-
-def tiny_flux():
-    torch.manual_seed(0)
-    return diffusers.FluxTransformer2DModel(
+        num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=16),
+        lambda g: dict(hidden_states=torch.randn(2, 4, 8, 8, generator=g),
+                       encoder_hidden_states=torch.randn(2, 5, 32, generator=g),
+                       pooled_projections=torch.randn(2, 16, generator=g), timestep=torch.tensor([3, 3]))),
+    "flux": (lambda: diffusers.FluxTransformer2DModel(
         patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
-        joint_attention_dim=32, pooled_projection_dim=16, axes_dims_rope=(4, 2, 2)).eval()
+        joint_attention_dim=32, pooled_projection_dim=16, axes_dims_rope=(4, 2, 2)),
+        lambda g: dict(hidden_states=torch.randn(2, 16, 4, generator=g),
+                       encoder_hidden_states=torch.randn(2, 5, 32, generator=g),
+                       pooled_projections=torch.randn(2, 16, generator=g), timestep=torch.tensor([0.5, 0.5]),
+                       img_ids=_flux_ids(16, g), txt_ids=torch.zeros(5, 3))),
+    "flux2": (lambda: diffusers.Flux2Transformer2DModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=32, timestep_guidance_channels=16, axes_dims_rope=(2, 2, 2, 2), guidance_embeds=False),
+        lambda g: dict(hidden_states=torch.randn(2, 16, 4, generator=g),
+                       encoder_hidden_states=torch.randn(2, 5, 32, generator=g), timestep=torch.tensor([0.5, 0.5]),
+                       img_ids=_flux_ids(16, g, 4), txt_ids=torch.zeros(5, 4))),
+    "qwenimage": (lambda: diffusers.QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, axes_dims_rope=(2, 2, 4)),
+        lambda g: dict(hidden_states=torch.randn(2, 16, 16, generator=g),
+                       encoder_hidden_states=torch.randn(2, 5, 16, generator=g),
+                       encoder_hidden_states_mask=_padded_text_mask(), timestep=torch.tensor([0.5, 0.5]),
+                       img_shapes=[(1, 4, 4)] * 2)),
+}
 
 
-def dit_inputs(model) -> dict:
-    g = torch.Generator().manual_seed(6)
-    text, pooled = torch.randn(2, 5, 32, generator=g), torch.randn(2, 16, generator=g)
-    if isinstance(model, diffusers.FluxTransformer2DModel):
-        return dict(hidden_states=torch.randn(2, 16, 4, generator=g), encoder_hidden_states=text,
-                    pooled_projections=pooled, timestep=torch.tensor([0.5, 0.5]),
-                    img_ids=torch.randn(16, 3, generator=g), txt_ids=torch.zeros(5, 3))
-    return dict(hidden_states=torch.randn(2, 4, 8, 8, generator=g), encoder_hidden_states=text,
-                pooled_projections=pooled, timestep=torch.tensor([3, 3]))
+def dit(name: str):
+    """A fresh tiny model (the same weights every call) and its inputs."""
+    build, inputs = DIT_MODELS[name]
+    torch.manual_seed(0)
+    return build().eval(), inputs(torch.Generator().manual_seed(6))
 
 
-@pytest.mark.parametrize("make", [tiny_sd3, tiny_flux], ids=["sd3", "flux"])
-def test_dit_coeff_trains_alpha_saves_loads_and_unloads(make, tmp_path):
-    """SD3 / Flux transformers through get_peft_model: α = 0 leaves the model unchanged, only α trains,
-    the adapter round-trips through a file, unload restores the processors exactly."""
-    inputs = dit_inputs(make())
-    base_out = make()(**inputs).sample
-    model = get_peft_model(make(), ("coeff", {"backend": "cpu"}))
+def naive_head_mixing_by_heads(alphas: dict):
+    """naive_head_mixing with I + alphas[H] for a call with H heads; boolean masks (True: attend) too."""
+    def attention(query, key, value, attn_mask=None, **options):
+        if attn_mask is not None and attn_mask.dtype == torch.bool:
+            attn_mask = torch.zeros(attn_mask.shape).masked_fill(~attn_mask, float("-inf"))
+        mix = torch.eye(query.shape[1]) + alphas[query.shape[1]]
+        return naive_head_mixing(mix)(query, key, value, attn_mask, **options)
+    return attention
+
+
+@pytest.mark.parametrize("name", list(DIT_MODELS))
+def test_dit_coeff_equals_the_model_with_the_papers_attention(name, monkeypatch):
+    """Whole SD3 / Flux / Flux.2 / Qwen-Image transformers (joint text-image attention, rotary
+    embeddings, Qwen-Image's text padding mask): reference = the stock model with torch's SDPA
+    computing the paper's formula (α picked by the number of heads)."""
+    model, inputs = dit(name)
+    apply_coeff(model, backend="cpu")
+    mixes = [m for m in model.modules() if isinstance(m, HeadMix)]
+    assert len(mixes) == len(sd.attention_modules(model)) == 2
+    g = torch.Generator().manual_seed(8)
+    alphas = {h: 0.4 * torch.randn(h, h, generator=g) for h in {m.num_heads for m in mixes}}
+    with torch.no_grad():
+        for m in mixes:
+            m.alpha.copy_(alphas[m.num_heads])
+        ours = model(**inputs).sample
+    stock, _ = dit(name)
+    with torch.no_grad():
+        base = stock(**inputs).sample
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", naive_head_mixing_by_heads(alphas))
+        expected = stock(**inputs).sample
+    assert (expected - base).abs().max() > 1e-3 * base.abs().max()
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(DIT_MODELS))
+def test_dit_coeff_trains_alpha_saves_loads_and_unloads(name, tmp_path):
+    """SD3 / Flux / Flux.2 / Qwen-Image through get_peft_model: α = 0 leaves the model unchanged, only α
+    trains, the adapter round-trips through a file, unload restores the processors exactly."""
+    stock, inputs = dit(name)
+    base_out = stock(**inputs).sample
+    model = get_peft_model(dit(name)[0], ("coeff", {"backend": "cpu"}))
     names = [n for n, m in sd.attention_modules(model.base_model)]
     assert len(names) == 2 and all(sd.is_head_mix_processor(m.processor) for _, m in
                                    sd.attention_modules(model.base_model))
@@ -399,7 +456,7 @@ def test_dit_coeff_trains_alpha_saves_loads_and_unloads(make, tmp_path):
     assert len(trained) == 2 and all(n.endswith("processor.head_mix.alpha") for n in trained)
     assert all(p.grad.abs().sum() > 0 for p in trained.values())
     model.save_pretrained(tmp_path)
-    loaded = SubspacePeftModel.from_pretrained(make(), tmp_path)
+    loaded = SubspacePeftModel.from_pretrained(dit(name)[0], tmp_path)
     torch.testing.assert_close(loaded(**inputs).sample, adapted, rtol=0, atol=0)
     plain = loaded.unload()
     assert not any(sd.is_head_mix_processor(m.processor) for _, m in sd.attention_modules(plain))

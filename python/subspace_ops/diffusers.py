@@ -2,18 +2,21 @@
 
 Coeff-Tuning's concept customization (003 §5.2) tunes α in every attention layer of the SDXL UNet
 (together with LoRA or DoRA on the projections). diffusers' attention modules (``Attention`` in the
-UNets of Stable Diffusion 1.x/2.x and SDXL, ``Transformer2DModel``/PixArt, SD3's MMDiT, the VAE's
-mid-block; ``FluxAttention`` in Flux) delegate the attention computation to a swappable processor;
-:func:`attach_head_mix` gives each a processor that computes what the module's own processor
-computes with the head-mixing op in place of SDPA (at α = 0 the output is unchanged):
+UNets of Stable Diffusion 1.x/2.x and SDXL, ``Transformer2DModel``/PixArt, SD3's MMDiT, Qwen-Image,
+the VAE's mid-block; ``FluxAttention`` and ``Flux2Attention`` in Flux and Flux.2) delegate the
+attention computation to a swappable processor; :func:`attach_head_mix` gives each a processor that
+computes what the module's own processor computes with the head-mixing op in place of SDPA (at
+α = 0 the output is unchanged):
 
 - the default processors (``AttnProcessor2_0``, ``AttnProcessor``) become a
   :class:`~subspace_ops.nn.CoeffAttnProcessor`, our transcription of what they compute;
 - the processors in :data:`ROUTED_PROCESSORS` (fused q/k/v after ``fuse_qkv_projections()``, SD3's
-  joint attention, Flux's double- and single-stream attention) become a copy of themselves whose one
-  SDPA call is routed to the head-mixing op (:func:`~subspace_ops.nn.sdpa_head_mixing.processor_with_head_mixing`).
-  In joint attention the image and text tokens form one sequence, so α mixes the heads' maps over
-  both. Flux's copy runs diffusers' native attention backend (the one that calls SDPA).
+  and Qwen-Image's joint attention, Flux's and Flux.2's double- and single-stream attention) become
+  a copy of themselves whose one SDPA call is routed to the head-mixing op
+  (:func:`~subspace_ops.nn.sdpa_head_mixing.processor_with_head_mixing`). In joint attention the
+  image and text tokens form one sequence, so α mixes the heads' maps over both. Copies of
+  processors that dispatch through diffusers' attention backends (Flux, Flux.2, Qwen-Image) run the
+  native one (the one that calls SDPA).
 
 Any other processor (IP-Adapter, added-KV, xFormers, a custom one) is refused with its name, before
 anything changes, because its computation would be lost. The model's weights are untouched;
@@ -38,7 +41,8 @@ __all__ = ["ROUTED_PROCESSORS", "attach_head_mix", "attention_modules", "check_a
 _DEFAULT_PROCESSORS = ("AttnProcessor2_0", "AttnProcessor")
 # processors that compute their attention with exactly one SDPA call on [B, heads, N, d] (checked at each call)
 ROUTED_PROCESSORS = ("FusedAttnProcessor2_0", "JointAttnProcessor2_0", "FusedJointAttnProcessor2_0",
-                     "FluxAttnProcessor")
+                     "FluxAttnProcessor", "Flux2AttnProcessor", "Flux2ParallelSelfAttnProcessor",
+                     "QwenDoubleStreamAttnProcessor2_0")
 
 
 def _attention_classes() -> Optional[tuple[type, ...]]:
