@@ -365,6 +365,18 @@ MUTANTS = [
     Mutant("P102", "python/subspace_ops/nn/sdpa_forms.py", "F.normalize(q, dim=-1) * logit_scale,",
            "F.normalize(q, dim=-1) * logit_scale.mean(),", "tests/test_timm_apply.py -k swin_v2",
            "Swin-V2's per-head logit scale averaged over heads"),
+    # PEFT's DoRA on the fused op (subspace_ops.peft.accelerate)
+    Mutant("P103", "python/subspace_ops/peft.py",
+           "norm = dora_row_norm(weight.detach().to(acc), a.detach().to(acc), b.detach().to(acc), scaling)",
+           "norm = dora_row_norm(weight.detach().to(acc), a.to(acc), b.to(acc), scaling)",
+           "tests/test_peft_accelerate.py -k dora", "accelerated DoRA differentiates its norm (PEFT detaches it)"),
+    Mutant("P104", "python/subspace_ops/peft.py",
+           "    if in_call and layer.training and type(layer.lora_dropout[name]) is not nn.Identity:",
+           "    if False:", "tests/test_peft_accelerate.py -k dora",
+           "DoRA with dropout in training fused (PEFT scales W·dropout(x) then)"),
+    Mutant("P105", "python/subspace_ops/peft.py", "            return ScaleFeatures.apply(z, scale, bias)",
+           "            return ScaleFeatures.apply(z, scale.detach(), bias)", "tests/test_peft_accelerate.py -k dora",
+           "accelerated DoRA's magnitude gets no gradient"),
     # subspace-ops verify: what it compares
     Mutant("P56", VERIFY, "                    for name, t in truth.items():",
            "                    for name, t in list(truth.items())[:1]:", "tests/test_verify.py",

@@ -134,14 +134,38 @@ def test_lora_matches_peft(backend, options, train, monkeypatch):
     assert counts["lora"] == 3
 
 
-@pytest.mark.parametrize("config", ["ia3", "lora"])
+@pytest.mark.parametrize("dropout", [0.0, 0.25], ids=["no-dropout", "dropout"])
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_dora_matches_peft(backend, dropout, train, monkeypatch):
+    """PEFT's DoRA: c ⊙ (x Wᵀ + s·x Bᵀ Aᵀ) + b with c = m / ‖W + sBA‖ (norm detached) on the fused op:
+    PEFT's outputs and gradients (the magnitude's included). With dropout in a training call PEFT
+    computes (c - 1)·W·dropout(x), which the fused op does not: that call runs PEFT's forward, warned."""
+    reference = _peft_model(_lora(use_dora=True, lora_dropout=dropout)).train(train).to(backend_device(backend))
+    model = copy.deepcopy(reference)
+    report = sop_peft.accelerate(model, backend=backend)
+    assert report.accelerated == {f"base_model.model.fc{i}": "dora" for i in (1, 2, 3)} and not report.skipped
+    assert "fused  dora base_model.model.fc1" in str(report)
+    counts = _count_fused_calls(monkeypatch)
+    monkeypatch.setattr(sop_peft, "_WARNED", set())
+    x = X().to(backend_device(backend))
+    falls_back = train and dropout > 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ours = _run(model, x)
+    assert any("is DoRA with dropout, in training" in str(w.message) for w in caught) == falls_back
+    assert counts["lora"] == (0 if falls_back else 3)
+    assert any(n.endswith("lora_magnitude_vector.default.weight") for n in ours[2])
+    _assert_same(ours, _run(reference, x))
+
+
+@pytest.mark.parametrize("config", ["ia3", "lora", "dora"])
 @pytest.mark.parametrize("autocast", [False, True], ids=["bf16-weights", "autocast-bf16"])
 def test_bf16_within_dtype_tolerance(config, autocast, monkeypatch):
     """bf16 base (PEFT keeps the adapters in fp32) or fp32 under bf16 autocast: ours vs the fp64 truth is at
     most ~2x PEFT-in-bf16's own error (the suite's tolerance rule)."""
     if config == "lora":
         pytest.importorskip("subspace_ops.ops.lowrank_linear")
-    make = _ia3 if config == "ia3" else _lora
+    make = {"ia3": _ia3, "lora": _lora, "dora": lambda: _lora(use_dora=True)}[config]
     dtype = torch.float32 if autocast else torch.bfloat16
     reference = _peft_model(make(), dtype=dtype).eval()
     if not autocast:
@@ -155,7 +179,7 @@ def test_bf16_within_dtype_tolerance(config, autocast, monkeypatch):
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         ours = _run(model, x.to(dtype))
         theirs = _run(reference, x.to(dtype))
-    assert counts[config] == 3
+    assert counts["ia3" if config == "ia3" else "lora"] == 3
     check_close("y", ours[0], truth[0], theirs[0])
     check_close("grad x", ours[1], truth[1], theirs[1])
     for name in truth[2]:
@@ -211,9 +235,16 @@ def _wrong_fan_in_fan_out():
     return model
 
 
+def _quiet(build, *args):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT: "aLoRA is currently only supported for CAUSAL_LM task"
+        return build(*args)
+
+
 # name -> (PEFT model builder, expected skipped layer -> reason pattern)
 UNSUPPORTED = {
-    "dora": (lambda: _peft_model(_lora(use_dora=True)), {"fc1": "variant \\(DoraLinearVariant\\)"}),
+    "alora": (lambda: _quiet(_peft_model, _lora(alora_invocation_tokens=[1, 2], target_modules=["fc1"])),
+              {"fc1": "variant \\(ALoraLinearVariant\\)"}),
     "lora-bias": (lambda: _peft_model(_lora(lora_bias=True, target_modules=["fc1", "fc3"])), {"fc1": "lora_bias=True"}),
     "embedding": (lambda: _peft_model(_lora(target_modules=["emb", "fc1"])), {"emb": "not PEFT's IA3 or LoRA Linear"}),
     "hooked-base": (_forward_hook_model, {"fc2": "has hooks"}),
@@ -223,13 +254,14 @@ UNSUPPORTED = {
 }
 
 
-@pytest.mark.parametrize("kind", ["lora", "ia3"])
+@pytest.mark.parametrize("kind", ["lora", "dora", "ia3"])
 def test_conv1d_base_layers_match_peft(backend, kind, monkeypatch):
     """GPT-2-style bases (transformers Conv1D, fan_in_fan_out=True) run on the fused ops, their [in, out]
-    weight read transposed: same outputs and gradients as PEFT, dropout included (training mode)."""
-    if kind == "lora":
-        config = peft.LoraConfig(r=3, lora_alpha=5, lora_dropout=0.25, target_modules=["fc1", "c_fc", "fc3"],
-                                 fan_in_fan_out=True)
+    weight read transposed: same outputs and gradients as PEFT, dropout included (training mode; DoRA
+    without dropout)."""
+    if kind in ("lora", "dora"):
+        config = peft.LoraConfig(r=3, lora_alpha=5, lora_dropout=0.25 if kind == "lora" else 0.0,
+                                 target_modules=["fc1", "c_fc", "fc3"], fan_in_fan_out=True, use_dora=kind == "dora")
     else:
         config = peft.IA3Config(target_modules=["fc1", "c_fc", "fc3"], feedforward_modules=["c_fc"],
                                 fan_in_fan_out=True)
@@ -238,10 +270,11 @@ def test_conv1d_base_layers_match_peft(backend, kind, monkeypatch):
     model = copy.deepcopy(reference)
     report = sop_peft.accelerate(model, backend=backend)
     assert len(report.accelerated) == 3 and not report.skipped, str(report)
+    assert set(report.accelerated.values()) == {kind}
     counts = _count_fused_calls(monkeypatch)
     x = X().to(backend_device(backend))
     _assert_same(_run(model, x), _run(reference, x))
-    assert counts[kind] == 3
+    assert counts["ia3" if kind == "ia3" else "lora"] == 3
 
 
 @pytest.mark.parametrize("case", sorted(UNSUPPORTED))
@@ -266,7 +299,7 @@ def test_unsupported_layers_are_left_to_peft_and_reported(case):
 
 
 def test_state_changes_after_accelerate_fall_back_to_peft(monkeypatch):
-    """Merging, disabling, a DoRA adapter set active later, or adapter_names= all run PEFT's forward."""
+    """Merging, disabling, DoRA with dropout in training, or adapter_names= run PEFT's forward."""
     pytest.importorskip("subspace_ops.ops.lowrank_linear")
     reference = _peft_model(_lora()).eval()
     model = copy.deepcopy(reference)
@@ -288,15 +321,21 @@ def test_state_changes_after_accelerate_fall_back_to_peft(monkeypatch):
     for m in (model, reference):
         m.unmerge_adapter()
 
-    for m in (model, reference):
+    for m in (model, reference):  # a DoRA adapter (with dropout) added later: fused in eval, PEFT's in training
         torch.manual_seed(3)
-        m.add_adapter("dora", _lora(use_dora=True))
+        m.add_adapter("dora", _lora(use_dora=True, lora_dropout=0.1))
         _perturb(m)
         m.set_adapter("dora")
-    assert sop_peft.unsupported_reason(model.base_model.model.fc1).startswith("adapter 'dora' is a LoRA variant")
-    with pytest.warns(RuntimeWarning, match="runs PEFT's own forward \\(adapter 'dora' is a LoRA variant"):
+    assert sop_peft.unsupported_reason(model.base_model.model.fc1) is None
+    _assert_same(_run(model, x), _run(reference, x))
+    assert counts["lora"] == 3
+    model.train(), reference.train()
+    assert sop_peft.unsupported_reason(model.base_model.model.fc1).startswith("adapter 'dora' is DoRA with dropout")
+    with pytest.warns(RuntimeWarning, match="runs PEFT's own forward \\(adapter 'dora' is DoRA with dropout"):
         _assert_same(_run(model, x), _run(reference, x))
-    assert counts["lora"] == 0
+    assert counts["lora"] == 3
+    model.eval(), reference.eval()
+    counts["lora"] = 0
 
     for m in (model, reference):
         m.set_adapter("default")

@@ -1,4 +1,4 @@
-"""HF PEFT integration: run PEFT's own (IA)³ and LoRA ``Linear`` layers on subspace_ops' fused ops.
+"""HF PEFT integration: run PEFT's own (IA)³, LoRA and DoRA ``Linear`` layers on subspace_ops' fused ops.
 
     model = peft.get_peft_model(base, peft.LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
     report = subspace_ops.peft.accelerate(model)   # in place; prints as a table of what was done
@@ -16,6 +16,13 @@ What each layer computes (same math as PEFT, one fused op instead of PEFT's sepa
   g=None, b=lora_A.weight, bias, scaling=scaling, dropout_p=p, training=dropout.training)``. The
   dropout mask is drawn by the same ``F.dropout`` call on the same RNG stream, so in training mode
   too the result equals PEFT's for a given seed.
+- DoRA (a LoRA ``Linear`` with ``use_dora=True``): PEFT computes ``base(x) + (c - 1)·x Wᵀ + c·s·B(A(x))``
+  with ``c = m / ‖W + s·BA‖`` per output row, the norm detached (DoRA §4.3), forming the [out, in]
+  matrix ``W + s·BA`` on every call. That is ``c ⊙ lowrank_linear(x, W, B, None, A) + bias`` with the
+  norm from :func:`~subspace_ops.nn.lowrank.dora_row_norm` (no [out, in] tensor; float32 or better,
+  where PEFT uses the input dtype). With active dropout in training PEFT computes ``(c - 1)·W·dropout(x)``
+  instead, a second base GEMM on the dropped input: such calls run PEFT's forward (eval calls, and
+  dropout 0, are fused).
 
 Everything is cast to the dtype PEFT's base layer computes in (the autocast dtype under autocast,
 else the base weight's dtype) before the op, as our layers do. When the adapter weights have
@@ -30,11 +37,11 @@ specialized subclass), its base layer is a plain ``nn.Linear`` (or, with ``fan_i
 GPT-2's transformers ``Conv1D``, whose [in, out] weight the op reads transposed, without a copy) with
 no hooks and no instance-level ``forward`` (e.g. no accelerate offload hook; no global module hooks
 either), exactly one adapter of the layer is active, nothing is merged, adapters are enabled, and (LoRA) the active
-adapter is vanilla LoRA: no variant (DoRA, aLoRA, Arrow, …), ``lora_bias=False``, dropout
+adapter is vanilla LoRA or DoRA (no other variant: aLoRA, Arrow, …), ``lora_bias=False``, dropout
 ``nn.Identity`` or a non-inplace ``nn.Dropout``, ``lora_A``/``lora_B`` plain bias-free ``nn.Linear``.
 :func:`accelerate` leaves every other tuner layer as it is and lists it in the report with the
 reason. The same conditions are checked again on every call of an accelerated layer (state can
-change later: ``set_adapter``, ``merge_adapter``, ``disable_adapter()``, a DoRA adapter added,
+change later: ``set_adapter``, ``merge_adapter``, ``disable_adapter()``, ``train()`` on DoRA with dropout,
 ``adapter_names=`` mixed batches, extra forward arguments, an input dtype PEFT would reject) and the
 call runs PEFT's own forward when they fail: never a silently different result, and a
 ``RuntimeWarning`` (once per reason; not for merged or disabled adapters, where PEFT's forward is
@@ -74,6 +81,7 @@ from torch import Tensor, nn
 from .adapters import is_conv1d
 from .backends import resolve_backend
 from .nn.base import compute_dtype
+from .nn.lowrank import ScaleFeatures, dora_row_norm
 
 __all__ = [
     "AccelerateReport",
@@ -175,13 +183,34 @@ def _ia3_reason(layer: nn.Module) -> tuple[Optional[str], Optional[str]]:
     return name, None
 
 
-def _lora_reason(layer: nn.Module) -> tuple[Optional[str], Optional[str]]:
+def _dora_reason(layer: nn.Module, name: str, in_call: bool) -> Optional[str]:
+    """Conditions for PEFT's DoRA (``use_dora=True``): its own variant and magnitude classes, and no
+    active dropout in a training call (PEFT then computes ``result + (c - 1)·W·dropout(x) + ...``: the
+    base GEMM twice, once on the dropped input, which the fused op does not express)."""
+    variant, magnitude = layer.lora_variant.get(name), layer.lora_magnitude_vector[name]
+    if type(variant).__name__ != "DoraLinearVariant" or type(magnitude).__name__ != "DoraLinearLayer":
+        return f"adapter {name!r}: DoRA with {type(variant).__name__} / {type(magnitude).__name__}"
+    if tuple(magnitude.weight.shape) != (layer.out_features,):
+        return f"adapter {name!r}: DoRA magnitude of shape {tuple(magnitude.weight.shape)}"
+    if in_call and layer.training and type(layer.lora_dropout[name]) is not nn.Identity:
+        return (f"adapter {name!r} is DoRA with dropout, in training (PEFT then scales W·dropout(x) by "
+                "m/‖W + sBA‖ - 1)")
+    return None
+
+
+def _lora_reason(layer: nn.Module, in_call: bool = True) -> tuple[Optional[str], Optional[str]]:
+    """(the active adapter, None) when the fused op computes what PEFT's LoRA Linear computes, else
+    (None, reason). ``in_call``: also the conditions of the current mode (DoRA's dropout in training)."""
     name, reason = _single_active(layer, layer.lora_A)
     if reason:
         return None, reason
     variant = layer.lora_variant.get(name)
-    if variant is not None or layer.use_dora.get(name, False):
-        return None, f"adapter {name!r} is a LoRA variant ({type(variant).__name__ if variant else 'DoRA'})"
+    if layer.use_dora.get(name, False):
+        reason = _dora_reason(layer, name, in_call)
+        if reason:
+            return None, reason
+    elif variant is not None:
+        return None, f"adapter {name!r} is a LoRA variant ({type(variant).__name__})"
     if layer.lora_bias.get(name, False):
         return None, f"adapter {name!r} has lora_bias=True"
     lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
@@ -298,10 +327,19 @@ def _build_classes() -> dict[str, type]:
 
             dropout = self.lora_dropout[name]
             p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
-            return lowrank_linear(
-                x, weight, self.lora_B[name].weight.to(x.dtype), None, self.lora_A[name].weight.to(x.dtype), bias,
-                scaling=float(self.scaling[name]), dropout_p=p, training=dropout.training, backend=backend,
-            )
+            a, b, scaling = self.lora_B[name].weight.to(x.dtype), self.lora_A[name].weight.to(x.dtype), float(
+                self.scaling[name])
+            if not self.use_dora.get(name, False):
+                return lowrank_linear(x, weight, a, None, b, bias, scaling=scaling, dropout_p=p,
+                                      training=dropout.training, backend=backend)
+            # DoRA: PEFT's result + (c - 1)·x Wᵀ + c·s·x Bᵀ Aᵀ is c ⊙ (x Wᵀ + s·x Bᵀ Aᵀ) + bias, with
+            # c = m / ‖W + s·AB‖ per output row, the norm held constant (DoRA §4.3, PEFT) and computed
+            # without the [N, K] matrix W + s·AB that PEFT forms (dropout is inactive here: _dora_reason)
+            acc = torch.promote_types(x.dtype, torch.float32)
+            norm = dora_row_norm(weight.detach().to(acc), a.detach().to(acc), b.detach().to(acc), scaling)
+            scale = (self.lora_magnitude_vector[name].weight.to(acc) / norm).to(x.dtype)
+            z = lowrank_linear(x, weight, a, None, b, None, scaling=scaling, backend=backend)
+            return ScaleFeatures.apply(z, scale, bias)
 
     for cls in (FusedIA3Linear, FusedLoraLinear):
         cls.__module__ = __name__
@@ -332,7 +370,8 @@ def __getattr__(name: str) -> Any:
 # public entry points
 @dataclass
 class AccelerateReport:
-    """What :func:`accelerate` did: accelerated layers (name → "ia3"/"lora") and skipped ones (name → reason)."""
+    """What :func:`accelerate` did: accelerated layers (name → "ia3"/"lora"/"dora") and skipped ones
+    (name → reason)."""
 
     backend: str
     accelerated: dict[str, str] = field(default_factory=dict)
@@ -369,7 +408,8 @@ def accelerate(model: nn.Module, *, backend: Optional[str] = None) -> Accelerate
         if type(module) in (ia3_linear, fused_ia3):
             kind, reason = "ia3", _ia3_reason(module)[1]
         elif type(module) in (lora_linear, fused_lora):
-            kind, reason = "lora", _lora_reason(module)[1]
+            active, reason = _lora_reason(module, in_call=False)
+            kind = "dora" if active is not None and module.use_dora.get(active, False) else "lora"
         else:
             kind, reason = None, unsupported_reason(module)
         if reason is None:
@@ -381,7 +421,7 @@ def accelerate(model: nn.Module, *, backend: Optional[str] = None) -> Accelerate
     chosen = {resolve_backend(backend, device) for device in devices}
     report.backend = "/".join(sorted(chosen)) if chosen else (backend or "auto")
     for name, module, kind in plan:
-        module.__class__ = fused_ia3 if kind == "ia3" else fused_lora
+        module.__class__ = fused_ia3 if kind == "ia3" else fused_lora  # DoRA: PEFT's LoRA Linear too
         setattr(module, _BACKEND_ATTR, backend)
         report.accelerated[name] = kind
     return report

@@ -17,6 +17,8 @@ middle of a network; the adapters have rank r = 16 and scaling s = 2, i.e. PEFT'
     row norm of W + s·AB from a thin GEMM (no [N, K] tensor), the op, one ``addcmul``.
 ``peft DoRA r=16``
     PEFT's ``LoraConfig(r=16, lora_alpha=32, use_dora=True)`` on one nn.Linear (optional).
+``peft DoRA r=16 accelerated``
+    The same PEFT model after :func:`subspace_ops.peft.accelerate` (PEFT's layer, our op and row norm).
 ``frozen F.linear`` / ``full FT`` / ``peft LoRA r=16``
     The standard layers of every linear case (:func:`subspace_ops.bench.common.standard_linear_layers`).
 
@@ -123,6 +125,19 @@ class _OneLinear(torch.nn.Module):
 
 
 def _setup_peft_dora(shape: Shape, dtype: torch.dtype, device: torch.device) -> Workload:
+    return _peft_dora(shape, dtype, device)
+
+
+def _setup_peft_dora_accelerated(backend: Optional[str]):
+    def setup(shape: Shape, dtype: torch.dtype, device: torch.device) -> Workload:
+        return _peft_dora(shape, dtype, device, accelerate_backend=backend, accelerate=True)
+
+    return setup
+
+
+def _peft_dora(shape: Shape, dtype: torch.dtype, device: torch.device, *, accelerate: bool = False,
+               accelerate_backend: Optional[str] = None) -> Workload:
+    """PEFT's DoRA on one nn.Linear; ``accelerate``: after ``subspace_ops.peft.accelerate`` (our op)."""
     try:
         import peft
     except ImportError:
@@ -137,7 +152,14 @@ def _setup_peft_dora(shape: Shape, dtype: torch.dtype, device: torch.device) -> 
         layer.lora_B["default"].weight.copy_(a)
     trainable = [p for p in model.parameters() if p.requires_grad]
     x = inp.x
-    return Workload(lambda: model(x), [x, *trainable], inp.grad_output, f"peft {peft.__version__}")
+    if not accelerate:
+        return Workload(lambda: model(x), [x, *trainable], inp.grad_output, f"peft {peft.__version__}")
+    from subspace_ops import peft as subspace_peft
+
+    report = subspace_peft.accelerate(model, backend=accelerate_backend)
+    if report.accelerated != {"base_model.model.proj": "dora"}:
+        raise VariantSkipped(f"not accelerated: {report.skipped}")
+    return Workload(lambda: model(x), [x, *trainable], inp.grad_output, f"peft {peft.__version__} + {report.backend}")
 
 
 def lowrank_linear_variants(backend: Optional[str] = None) -> list[Variant]:
@@ -151,6 +173,8 @@ def lowrank_linear_variants(backend: Optional[str] = None) -> list[Variant]:
                 description=f"DoRALinear r={LOWRANK_RANK}, norm detached as PEFT"),
         Variant(f"peft DoRA r={LOWRANK_RANK}", _setup_peft_dora, optional=True,
                 description="PEFT LoRA with use_dora=True on one nn.Linear"),
+        Variant(f"peft DoRA r={LOWRANK_RANK} accelerated", _setup_peft_dora_accelerated(backend), optional=True,
+                description="the same PEFT layer after subspace_ops.peft.accelerate (our op and row norm)"),
         *standard_linear_layers(LOWRANK_RANK),
     ]
 

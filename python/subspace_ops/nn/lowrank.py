@@ -160,7 +160,7 @@ def dora_row_norm(weight: Tensor, a: Tensor, b: Tensor, scaling: float, weight_s
     return (weight_sq + (2.0 * scaling) * cross + (scaling * scaling) * quad).clamp_min(0).sqrt()
 
 
-class _ScaleFeatures(torch.autograd.Function):
+class ScaleFeatures(torch.autograd.Function):
     """``z ⊙ scale (+ bias)`` with ``scale``, ``bias`` [N] over z's last dimension: DoRA's per-output
     factor. The forward is one ``addcmul``; the backward writes one [..., N] tensor (gy ⊙ scale) and
     reduces gy ⊙ z with ``linalg.vecdot``, where autograd's own addcmul backward first copies z·value
@@ -189,8 +189,10 @@ class DoRALinear(MergeableLinear):
 
     Forward: ``y = c ⊙ lowrank_linear(x, W, A, None, B) + b`` with ``c = m / ‖W + s·AB‖ [N]``, the norm from
     :func:`dora_row_norm` (no [N, K] tensor) and the per-output scale and bias applied in one
-    ``torch.addcmul`` (:class:`_ScaleFeatures`). Equals ``x W'ᵀ + b`` exactly in real arithmetic; with
-    dropout the adapter's input is dropped (as PEFT's DoRA does: c ⊙ (x Wᵀ + s·(dropout(x) Bᵀ) Aᵀ)).
+    ``torch.addcmul`` (:class:`ScaleFeatures`). Equals ``x W'ᵀ + b`` exactly in real arithmetic; with
+    dropout only the adapter's input is dropped: c ⊙ (x Wᵀ + s·(dropout(x) Bᵀ) Aᵀ). (PEFT's DoRA, in a
+    training call with dropout, computes x Wᵀ + (c - 1)·dropout(x) Wᵀ + c·s·(dropout(x) Bᵀ) Aᵀ instead;
+    the two agree without dropout and in eval.)
 
     Args:
         base, rank, alpha, dropout, backend: as :class:`LowRankLinear`.
@@ -250,7 +252,7 @@ class DoRALinear(MergeableLinear):
             x.to(dtype), self.weight.to(dtype), self.lora_a.to(dtype), None, self.lora_b.to(dtype), None,
             scaling=self.scaling, dropout_p=self.dropout, training=self.training, backend=self.backend,
         )
-        return _ScaleFeatures.apply(z, scale, None if self.bias is None else self.bias.to(dtype))
+        return ScaleFeatures.apply(z, scale, None if self.bias is None else self.bias.to(dtype))
 
     def extra_repr(self) -> str:
         return (self._describe() + f", rank={self.rank}, alpha={self.alpha:g}, dropout={self.dropout:g}, "
