@@ -377,6 +377,10 @@ MUTANTS = [
     Mutant("P105", "python/subspace_ops/peft.py", "            return ScaleFeatures.apply(z, scale, bias)",
            "            return ScaleFeatures.apply(z, scale.detach(), bias)", "tests/test_peft_accelerate.py -k dora",
            "accelerated DoRA's magnitude gets no gradient"),
+    Mutant("P106", "python/subspace_ops/peft.py",
+           "            factor = self.scaling[name] / (self.ranknum[name] + 1e-5)",
+           "            factor = self.scaling[name] / 3.0", "tests/test_peft_accelerate.py -k adalora",
+           "accelerated AdaLoRA ignores the rank allocator's ranknum"),
     # subspace-ops verify: what it compares
     Mutant("P56", VERIFY, "                    for name, t in truth.items():",
            "                    for name, t in list(truth.items())[:1]:", "tests/test_verify.py",

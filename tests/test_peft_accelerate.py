@@ -62,6 +62,11 @@ def _lora(**kw):
     return peft.LoraConfig(r=3, lora_alpha=5, **kw)
 
 
+def _adalora(**kw):
+    kw.setdefault("target_modules", ["fc1", "fc2", "fc3"])
+    return peft.AdaLoraConfig(init_r=3, target_r=2, lora_alpha=5, total_step=10, **kw)
+
+
 def _run(model: nn.Module, x: torch.Tensor, seed: int = 7):
     """Output, input gradient and trainable-parameter gradients for a fixed upstream gradient."""
     x = x.detach().clone().requires_grad_(True)
@@ -144,7 +149,7 @@ def test_dora_matches_peft(backend, dropout, train, monkeypatch):
     model = copy.deepcopy(reference)
     report = sop_peft.accelerate(model, backend=backend)
     assert report.accelerated == {f"base_model.model.fc{i}": "dora" for i in (1, 2, 3)} and not report.skipped
-    assert "fused  dora base_model.model.fc1" in str(report)
+    assert re.search(r"fused +dora +base_model\.model\.fc1", str(report))
     counts = _count_fused_calls(monkeypatch)
     monkeypatch.setattr(sop_peft, "_WARNED", set())
     x = X().to(backend_device(backend))
@@ -156,6 +161,32 @@ def test_dora_matches_peft(backend, dropout, train, monkeypatch):
     assert counts["lora"] == (0 if falls_back else 3)
     assert any(n.endswith("lora_magnitude_vector.default.weight") for n in ours[2])
     _assert_same(ours, _run(reference, x))
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.25], ids=["no-dropout", "dropout"])
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_adalora_matches_peft(backend, dropout, train, monkeypatch):
+    """PEFT's AdaLoRA SVDLinear, base(x) + dropout(x) (Q ⊙ Λ)ᵀ Pᵀ · α / (ranknum + 1e-5), as lowrank_linear
+    with G = diag(Λ)·α / (ranknum + 1e-5): PEFT's outputs and gradients, with one singular value pruned
+    (Λ_i = 0, as the rank allocator masks it) and a reduced ranknum. restore() gives PEFT's class back."""
+    from peft.tuners.adalora.layer import SVDLinear
+
+    reference = _peft_model(_adalora(lora_dropout=dropout)).train(train).to(backend_device(backend))
+    with torch.no_grad():
+        for m in reference.modules():
+            if isinstance(m, SVDLinear):
+                m.lora_E["default"][1] = 0.0
+                m.ranknum["default"].fill_(2.0)
+    model = copy.deepcopy(reference)
+    report = sop_peft.accelerate(model, backend=backend)
+    assert report.accelerated == {f"base_model.model.fc{i}": "adalora" for i in (1, 2, 3)} and not report.skipped
+    counts = _count_fused_calls(monkeypatch)
+    x = X().to(backend_device(backend))
+    ours = _run(model, x)
+    assert counts["lora"] == 3
+    assert {n.rsplit(".", 2)[-2] for n in ours[2] if "lora_" in n} == {"lora_A", "lora_B", "lora_E"}
+    _assert_same(ours, _run(reference, x))
+    assert sop_peft.restore(model) == 3 and type(model.base_model.model.fc1) is SVDLinear
 
 
 @pytest.mark.parametrize("config", ["ia3", "lora", "dora"])
@@ -246,7 +277,8 @@ UNSUPPORTED = {
     "alora": (lambda: _quiet(_peft_model, _lora(alora_invocation_tokens=[1, 2], target_modules=["fc1"])),
               {"fc1": "variant \\(ALoraLinearVariant\\)"}),
     "lora-bias": (lambda: _peft_model(_lora(lora_bias=True, target_modules=["fc1", "fc3"])), {"fc1": "lora_bias=True"}),
-    "embedding": (lambda: _peft_model(_lora(target_modules=["emb", "fc1"])), {"emb": "not PEFT's IA3 or LoRA Linear"}),
+    "embedding": (lambda: _peft_model(_lora(target_modules=["emb", "fc1"])),
+                  {"emb": "not PEFT's IA3, LoRA or AdaLoRA Linear"}),
     "hooked-base": (_forward_hook_model, {"fc2": "has hooks"}),
     "two-active": (_two_active_adapters, {"fc1": "2 active adapters"}),
     "merged": (_merged, {"fc1": "merged into the base weight"}),

@@ -1,4 +1,4 @@
-"""HF PEFT integration: run PEFT's own (IA)³, LoRA and DoRA ``Linear`` layers on subspace_ops' fused ops.
+"""HF PEFT integration: run PEFT's own (IA)³, LoRA, DoRA and AdaLoRA ``Linear`` layers on subspace_ops' fused ops.
 
     model = peft.get_peft_model(base, peft.LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
     report = subspace_ops.peft.accelerate(model)   # in place; prints as a table of what was done
@@ -23,6 +23,10 @@ What each layer computes (same math as PEFT, one fused op instead of PEFT's sepa
   where PEFT uses the input dtype). With active dropout in training PEFT computes ``(c - 1)·W·dropout(x)``
   instead, a second base GEMM on the dropped input: such calls run PEFT's forward (eval calls, and
   dropout 0, are fused).
+- AdaLoRA ``SVDLinear`` (``peft.tuners.adalora.layer``): PEFT computes ``base(x) + dropout(x) (Q ⊙ Λ)ᵀ Pᵀ ·
+  α / (ranknum + 1e-5)`` with ``lora_A`` = Q [r, in], ``lora_E`` = Λ [r, 1], ``lora_B`` = P [out, r];
+  that is ``lowrank_linear(x, W, a=P, g=Λ·α/(ranknum + 1e-5), b=Q, bias, dropout_p=p)`` (G diagonal;
+  singular values the rank allocator pruned are zeros in Λ, as in PEFT).
 
 Everything is cast to the dtype PEFT's base layer computes in (the autocast dtype under autocast,
 else the base weight's dtype) before the op, as our layers do. When the adapter weights have
@@ -32,7 +36,7 @@ runs it in the base dtype: the outputs agree to the base dtype's precision, not 
 the float32 adapter parameters get gradients computed in the base dtype (as under autocast).
 
 **Only what the fused op expresses is accelerated; everything else runs PEFT's code.** A layer is
-accelerated when its type is exactly PEFT's IA3/LoRA ``Linear`` (not a quantized or otherwise
+accelerated when its type is exactly PEFT's IA3/LoRA ``Linear`` or AdaLoRA ``SVDLinear`` (not a quantized or otherwise
 specialized subclass), its base layer is a plain ``nn.Linear`` (or, with ``fan_in_fan_out=True``,
 GPT-2's transformers ``Conv1D``, whose [in, out] weight the op reads transposed, without a copy) with
 no hooks and no instance-level ``forward`` (e.g. no accelerate offload hook; no global module hooks
@@ -48,8 +52,8 @@ call runs PEFT's own forward when they fail: never a silently different result, 
 just the base layer) says that the adapter ran unfused.
 :func:`unsupported_reason` tells why a layer (would) run PEFT's forward.
 
-**Mechanism: a class swap.** An accelerated layer's ``__class__`` becomes :class:`FusedLoraLinear`
-or :class:`FusedIA3Linear`, subclasses of PEFT's classes that only override ``forward`` (and
+**Mechanism: a class swap.** An accelerated layer's ``__class__`` becomes :class:`FusedLoraLinear`,
+:class:`FusedIA3Linear` or :class:`FusedAdaLoraLinear`, subclasses of PEFT's classes that only override ``forward`` (and
 ``__repr__`` shows it: ``lora.FusedLoraLinear``). Trade-offs, against the alternatives:
 
 - The module object, its parameters, buffers and ``state_dict`` keys are untouched, so
@@ -170,7 +174,7 @@ def _single_active(layer: nn.Module, adapters: Any) -> tuple[Optional[str], Opti
     return active[0], None
 
 
-def _ia3_reason(layer: nn.Module) -> tuple[Optional[str], Optional[str]]:
+def _ia3_reason(layer: nn.Module, in_call: bool = True) -> tuple[Optional[str], Optional[str]]:
     name, reason = _single_active(layer, layer.ia3_l)
     if reason:
         return None, reason
@@ -214,18 +218,38 @@ def _lora_reason(layer: nn.Module, in_call: bool = True) -> tuple[Optional[str],
     if layer.lora_bias.get(name, False):
         return None, f"adapter {name!r} has lora_bias=True"
     lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
-    if type(lora_a) is not nn.Linear or type(lora_b) is not nn.Linear or lora_a.bias is not None or lora_b.bias is not None:
+    if any(type(f) is not nn.Linear or f.bias is not None for f in (lora_a, lora_b)):
         return None, f"adapter {name!r}: lora_A / lora_B are not bias-free nn.Linear layers"
+    reason = _adapter_reason(layer, name, (lora_a.weight, lora_b.weight))
+    return (None, reason) if reason else (name, None)
+
+
+def _adapter_reason(layer: nn.Module, name: str, tensors: tuple[Tensor, ...]) -> Optional[str]:
+    """Conditions shared by LoRA and AdaLoRA adapters: dropout, scaling, the adapter's device."""
     dropout = layer.lora_dropout[name]
     if not (type(dropout) is nn.Identity or (type(dropout) is nn.Dropout and not dropout.inplace)):
-        return None, f"adapter {name!r}: dropout {type(dropout).__name__} is not nn.Dropout / nn.Identity"
+        return f"adapter {name!r}: dropout {type(dropout).__name__} is not nn.Dropout / nn.Identity"
     scaling = layer.scaling.get(name)
     if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
-        return None, f"adapter {name!r}: scaling {scaling!r} is not a number"
-    weight = layer.base_layer.weight
-    if lora_a.weight.device != weight.device or lora_b.weight.device != weight.device:
-        return None, "the adapter and the base layer are on different devices"
-    return name, None
+        return f"adapter {name!r}: scaling {scaling!r} is not a number"
+    if any(t.device != layer.base_layer.weight.device for t in tensors):
+        return "the adapter and the base layer are on different devices"
+    return None
+
+
+def _adalora_reason(layer: nn.Module, in_call: bool = True) -> tuple[Optional[str], Optional[str]]:
+    """PEFT's AdaLoRA ``SVDLinear``: P [out, r], Λ [r, 1], Q [r, in] (``lora_B``, ``lora_E``, ``lora_A``)."""
+    name, reason = _single_active(layer, layer.lora_A)
+    if reason:
+        return None, reason
+    right, values, left = layer.lora_A[name], layer.lora_E[name], layer.lora_B[name]
+    rank = right.shape[0]
+    if rank == 0 or (tuple(right.shape), tuple(values.shape), tuple(left.shape)) != (
+            (rank, layer.in_features), (rank, 1), (layer.out_features, rank)):
+        return None, (f"adapter {name!r}: lora_A {tuple(right.shape)}, lora_E {tuple(values.shape)}, lora_B "
+                      f"{tuple(left.shape)} are not [r, in], [r, 1], [out, r] with r > 0")
+    reason = _adapter_reason(layer, name, (right, values, left, layer.ranknum[name]))
+    return (None, reason) if reason else (name, None)
 
 
 def _call_reason(layer: nn.Module, x: Any, args: tuple, kwargs: dict) -> Optional[str]:
@@ -242,15 +266,21 @@ def _call_reason(layer: nn.Module, x: Any, args: tuple, kwargs: dict) -> Optiona
     return None
 
 
+def _fused_class_of(layer: nn.Module) -> Optional[type]:
+    """The accelerated class for ``layer``'s exact PEFT class (or ``layer``'s own when accelerated)."""
+    for fused in _fused_classes().values():
+        if type(layer) in (fused, fused._peft_class):
+            return fused
+    return None
+
+
 def unsupported_reason(layer: nn.Module) -> Optional[str]:
     """Why ``layer`` (a PEFT tuner layer) does not or would not run on the fused ops now; None if it does."""
-    ia3_linear, lora_linear = _peft_classes()
-    classes = _fused_classes()
-    if type(layer) in (ia3_linear, classes["FusedIA3Linear"]):
-        return _ia3_reason(layer)[1]
-    if type(layer) in (lora_linear, classes["FusedLoraLinear"]):
-        return _lora_reason(layer)[1]
-    return f"{type(layer).__module__}.{type(layer).__qualname__} is not PEFT's IA3 or LoRA Linear layer"
+    fused = _fused_class_of(layer)
+    if fused is None:
+        return (f"{type(layer).__module__}.{type(layer).__qualname__} is not PEFT's IA3, LoRA or AdaLoRA "
+                "Linear layer")
+    return fused._active_adapter(layer)[1]
 
 
 _WARNED: set[str] = set()
@@ -273,10 +303,11 @@ def _note_fallback(layer: nn.Module, reason: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # the accelerated classes
 def _peft_classes():
+    from peft.tuners.adalora.layer import SVDLinear as AdaLoraLinear
     from peft.tuners.ia3.layer import Linear as IA3Linear
     from peft.tuners.lora.layer import Linear as LoraLinear
 
-    return IA3Linear, LoraLinear
+    return IA3Linear, LoraLinear, AdaLoraLinear
 
 
 class _FusedForward:
@@ -300,7 +331,7 @@ class _FusedForward:
 
 
 def _build_classes() -> dict[str, type]:
-    IA3Linear, LoraLinear = _peft_classes()
+    IA3Linear, LoraLinear, AdaLoraLinear = _peft_classes()
 
     class FusedIA3Linear(_FusedForward, IA3Linear):
         """PEFT's (IA)³ Linear computed by ``rescaled_linear`` (see :mod:`subspace_ops.peft`)."""
@@ -341,10 +372,29 @@ def _build_classes() -> dict[str, type]:
             z = lowrank_linear(x, weight, a, None, b, None, scaling=scaling, backend=backend)
             return ScaleFeatures.apply(z, scale, bias)
 
-    for cls in (FusedIA3Linear, FusedLoraLinear):
+    class FusedAdaLoraLinear(_FusedForward, AdaLoraLinear):
+        """PEFT's AdaLoRA SVDLinear computed by ``lowrank_linear`` (see :mod:`subspace_ops.peft`)."""
+
+        _active_adapter = staticmethod(_adalora_reason)
+
+        def _fused(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], name: str, backend: Optional[str]):
+            from .ops.lowrank_linear import lowrank_linear
+
+            dropout = self.lora_dropout[name]
+            p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+            # PEFT: dropout(x) @ (Q ⊙ Λ)ᵀ @ Pᵀ · scaling / (ranknum + 1e-5); the factor goes into G = diag(Λ)
+            # as a tensor (ranknum is one), so no host sync and Λ's gradient carries it
+            factor = self.scaling[name] / (self.ranknum[name] + 1e-5)
+            values = (self.lora_E[name].reshape(-1) * factor).to(x.dtype)
+            return lowrank_linear(x, weight, self.lora_B[name].to(x.dtype), values, self.lora_A[name].to(x.dtype),
+                                  bias, dropout_p=p, training=dropout.training, backend=backend)
+
+    classes = (FusedIA3Linear, FusedLoraLinear, FusedAdaLoraLinear)
+    for cls, peft_class, kind in zip(classes, (IA3Linear, LoraLinear, AdaLoraLinear), ("ia3", "lora", "adalora")):
+        cls._peft_class, cls._kind = peft_class, kind  # restore() swaps back to _peft_class
         cls.__module__ = __name__
         cls.__qualname__ = cls.__name__
-    return {"FusedIA3Linear": FusedIA3Linear, "FusedLoraLinear": FusedLoraLinear}
+    return {cls.__name__: cls for cls in classes}
 
 
 _CLASSES: dict[str, type] = {}
@@ -358,9 +408,9 @@ def _fused_classes() -> dict[str, type]:
 
 
 def __getattr__(name: str) -> Any:
-    # FusedIA3Linear / FusedLoraLinear subclass PEFT's classes, so they are built on first use
-    # (importing this module does not import peft); pickle finds them here too.
-    if name in ("FusedIA3Linear", "FusedLoraLinear"):
+    # FusedIA3Linear / FusedLoraLinear / FusedAdaLoraLinear subclass PEFT's classes, so they are built on
+    # first use (importing this module does not import peft); pickle finds them here too.
+    if name in ("FusedIA3Linear", "FusedLoraLinear", "FusedAdaLoraLinear"):
         check_peft_version()
         return _fused_classes()[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -370,8 +420,8 @@ def __getattr__(name: str) -> Any:
 # public entry points
 @dataclass
 class AccelerateReport:
-    """What :func:`accelerate` did: accelerated layers (name → "ia3"/"lora"/"dora") and skipped ones
-    (name → reason)."""
+    """What :func:`accelerate` did: accelerated layers (name → "ia3"/"lora"/"dora"/"adalora") and skipped
+    ones (name → reason)."""
 
     backend: str
     accelerated: dict[str, str] = field(default_factory=dict)
@@ -380,13 +430,14 @@ class AccelerateReport:
     def __str__(self) -> str:
         lines = [f"subspace_ops.peft.accelerate: {len(self.accelerated)} layers on the fused ops "
                  f"(backend {self.backend}), {len(self.skipped)} left to PEFT"]
-        lines += [f"  fused  {kind:4s} {name}" for name, kind in self.accelerated.items()]
-        lines += [f"  PEFT        {name}: {reason}" for name, reason in self.skipped.items()]
+        lines += [f"  fused  {kind:7s} {name}" for name, kind in self.accelerated.items()]
+        lines += [f"  PEFT           {name}: {reason}" for name, reason in self.skipped.items()]
         return "\n".join(lines)
 
 
 def accelerate(model: nn.Module, *, backend: Optional[str] = None) -> AccelerateReport:
-    """Make the PEFT IA3 / LoRA ``Linear`` layers of ``model`` compute through subspace_ops' fused ops.
+    """Make the PEFT IA3 / LoRA / DoRA / AdaLoRA ``Linear`` layers of ``model`` compute through subspace_ops'
+    fused ops.
 
     In place and undoable (:func:`restore`); parameters and ``state_dict`` keys do not change. Layers
     whose configuration the fused ops cannot express are left as they are and listed in the report's
@@ -397,31 +448,27 @@ def accelerate(model: nn.Module, *, backend: Optional[str] = None) -> Accelerate
     check_peft_version()
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    classes = _fused_classes()
-    fused_ia3, fused_lora = classes["FusedIA3Linear"], classes["FusedLoraLinear"]
-    ia3_linear, lora_linear = _peft_classes()
     tuner_layers = [(name, m) for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
     if not tuner_layers:
         raise ValueError(f"{type(model).__name__} has no PEFT tuner layers: nothing to accelerate")
     report, plan, devices = AccelerateReport(backend=""), [], set()
     for name, module in tuner_layers:
-        if type(module) in (ia3_linear, fused_ia3):
-            kind, reason = "ia3", _ia3_reason(module)[1]
-        elif type(module) in (lora_linear, fused_lora):
-            active, reason = _lora_reason(module, in_call=False)
-            kind = "dora" if active is not None and module.use_dora.get(active, False) else "lora"
+        fused = _fused_class_of(module)
+        if fused is None:
+            active, reason = None, unsupported_reason(module)
         else:
-            kind, reason = None, unsupported_reason(module)
+            active, reason = fused._active_adapter(module, in_call=False)
         if reason is None:
-            plan.append((name, module, kind))
+            kind = "dora" if fused._kind == "lora" and module.use_dora.get(active, False) else fused._kind
+            plan.append((name, module, fused, kind))
             devices.add(module.base_layer.weight.device)
         else:
             report.skipped[name] = reason
     # Resolve the backend for every device first: an unavailable backend raises before any change.
     chosen = {resolve_backend(backend, device) for device in devices}
     report.backend = "/".join(sorted(chosen)) if chosen else (backend or "auto")
-    for name, module, kind in plan:
-        module.__class__ = fused_ia3 if kind == "ia3" else fused_lora  # DoRA: PEFT's LoRA Linear too
+    for name, module, fused, kind in plan:
+        module.__class__ = fused
         setattr(module, _BACKEND_ATTR, backend)
         report.accelerated[name] = kind
     return report
@@ -431,11 +478,10 @@ def restore(model: nn.Module) -> int:
     """Undo :func:`accelerate`: every accelerated layer gets PEFT's class back. Returns how many."""
     if not _CLASSES:
         return 0
-    ia3_linear, lora_linear = _peft_classes()
     restored = 0
     for module in model.modules():
-        if type(module) in (_CLASSES["FusedIA3Linear"], _CLASSES["FusedLoraLinear"]):
-            module.__class__ = ia3_linear if isinstance(module, ia3_linear) else lora_linear
+        if type(module) in _CLASSES.values():
+            module.__class__ = type(module)._peft_class
             module.__dict__.pop(_BACKEND_ATTR, None)
             restored += 1
     return restored
