@@ -241,7 +241,7 @@ def test_bad_options(option, error, message):
 @pytest.mark.integration
 def test_bench_case_runs_and_variants_agree():
     """The ``lowrank-linear`` case is registered; on a tiny shape its variants run, and ours computes what
-    the naive PEFT formula and PEFT's DoRA compute from the same values."""
+    the naive PEFT formula and PEFT's DoRA (as PEFT runs it, and accelerated) compute from the same values."""
     pytest.importorskip("peft")
     from subspace_ops.bench.cases import CASES
     from subspace_ops.bench.harness import run_case
@@ -249,12 +249,13 @@ def test_bench_case_runs_and_variants_agree():
     case = CASES["lowrank-linear"]
     shape, dtype, device = (8, 16, 24), torch.float32, torch.device("cpu")
     variants = {v.name: v for v in case.make_variants("cpu")}
-    assert {"subspace_ops", "naive", "naive+compile", "subspace_ops DoRA", "peft DoRA r=16", "frozen F.linear",
-            "full FT", "peft LoRA r=16"} == set(variants)
+    assert {"subspace_ops", "naive", "naive+compile", "subspace_ops DoRA", "peft DoRA r=16",
+            "peft DoRA r=16 accelerated", "frozen F.linear", "full FT", "peft LoRA r=16"} == set(variants)
     outputs = {name: variants[name].setup(shape, dtype, device).forward()
-               for name in ("subspace_ops", "naive", "subspace_ops DoRA", "peft DoRA r=16")}
+               for name in ("subspace_ops", "naive", "subspace_ops DoRA", "peft DoRA r=16", "peft DoRA r=16 accelerated")}
     torch.testing.assert_close(outputs["subspace_ops"], outputs["naive"])
     torch.testing.assert_close(outputs["subspace_ops DoRA"], outputs["peft DoRA r=16"])
+    torch.testing.assert_close(outputs["peft DoRA r=16 accelerated"], outputs["peft DoRA r=16"])
     chosen = [variants[n] for n in ("subspace_ops", "naive", "subspace_ops DoRA", "full FT", "frozen F.linear")]
     results = run_case(case, shape, dtype=dtype, device=device, warmup=1, repeats=1, measure_memory=False,
                        variants=chosen)
