@@ -381,6 +381,9 @@ MUTANTS = [
            "            factor = self.scaling[name] / (self.ranknum[name] + 1e-5)",
            "            factor = self.scaling[name] / 3.0", "tests/test_peft_accelerate.py -k adalora",
            "accelerated AdaLoRA ignores the rank allocator's ranknum"),
+    Mutant("P107", "python/subspace_ops/peft.py",
+           "                    bias = lora_bias if bias is None else bias + lora_bias\n", "                    pass\n",
+           "tests/test_peft_accelerate.py -k lora_matches", "PEFT's lora_bias dropped by the fused LoRA"),
     # subspace-ops verify: what it compares
     Mutant("P56", VERIFY, "                    for name, t in truth.items():",
            "                    for name, t in list(truth.items())[:1]:", "tests/test_verify.py",

@@ -124,19 +124,23 @@ def test_ia3_matches_peft(backend, train, monkeypatch):
     assert counts["ia3"] == 3
 
 
-@pytest.mark.parametrize("options", [{}, {"lora_dropout": 0.25}, {"use_rslora": True, "lora_dropout": 0.1}],
-                         ids=["plain", "dropout", "rslora-dropout"])
+@pytest.mark.parametrize("options", [{}, {"lora_dropout": 0.25}, {"use_rslora": True, "lora_dropout": 0.1},
+                                     {"lora_bias": True, "target_modules": ["fc1", "fc3"]}],
+                         ids=["plain", "dropout", "rslora-dropout", "lora-bias"])
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 def test_lora_matches_peft(backend, options, train, monkeypatch):
     pytest.importorskip("subspace_ops.ops.lowrank_linear")
     reference = _peft_model(_lora(**options)).train(train).to(backend_device(backend))
     model = copy.deepcopy(reference)
     report = sop_peft.accelerate(model, backend=backend)
-    assert set(report.accelerated.values()) == {"lora"} and len(report.accelerated) == 3 and not report.skipped
+    layers = len(options.get("target_modules", "123"))
+    assert set(report.accelerated.values()) == {"lora"} and len(report.accelerated) == layers and not report.skipped
     counts = _count_fused_calls(monkeypatch)
     x = X().to(backend_device(backend))
-    _assert_same(_run(model, x), _run(reference, x))
-    assert counts["lora"] == 3
+    ours = _run(model, x)
+    assert any(n.endswith("lora_B.default.bias") for n in ours[2]) == ("lora_bias" in options)
+    _assert_same(ours, _run(reference, x))
+    assert counts["lora"] == layers
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.25], ids=["no-dropout", "dropout"])
@@ -266,17 +270,16 @@ def _wrong_fan_in_fan_out():
     return model
 
 
-def _quiet(build, *args):
+def _quiet(build):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PEFT: "aLoRA is currently only supported for CAUSAL_LM task"
-        return build(*args)
+        return build()
 
 
 # name -> (PEFT model builder, expected skipped layer -> reason pattern)
 UNSUPPORTED = {
-    "alora": (lambda: _quiet(_peft_model, _lora(alora_invocation_tokens=[1, 2], target_modules=["fc1"])),
+    "alora": (lambda: _quiet(lambda: _peft_model(_lora(alora_invocation_tokens=[1, 2], target_modules=["fc1"]))),
               {"fc1": "variant \\(ALoraLinearVariant\\)"}),
-    "lora-bias": (lambda: _peft_model(_lora(lora_bias=True, target_modules=["fc1", "fc3"])), {"fc1": "lora_bias=True"}),
     "embedding": (lambda: _peft_model(_lora(target_modules=["emb", "fc1"])),
                   {"emb": "not PEFT's IA3, LoRA or AdaLoRA Linear"}),
     "hooked-base": (_forward_hook_model, {"fc2": "has hooks"}),

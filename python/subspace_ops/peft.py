@@ -41,8 +41,9 @@ specialized subclass), its base layer is a plain ``nn.Linear`` (or, with ``fan_i
 GPT-2's transformers ``Conv1D``, whose [in, out] weight the op reads transposed, without a copy) with
 no hooks and no instance-level ``forward`` (e.g. no accelerate offload hook; no global module hooks
 either), exactly one adapter of the layer is active, nothing is merged, adapters are enabled, and (LoRA) the active
-adapter is vanilla LoRA or DoRA (no other variant: aLoRA, Arrow, …), ``lora_bias=False``, dropout
-``nn.Identity`` or a non-inplace ``nn.Dropout``, ``lora_A``/``lora_B`` plain bias-free ``nn.Linear``.
+adapter is vanilla LoRA or DoRA (no other variant: aLoRA, Arrow, …), dropout ``nn.Identity`` or a
+non-inplace ``nn.Dropout``, ``lora_A``/``lora_B`` plain ``nn.Linear`` (``lora_B`` with a bias only
+under ``lora_bias=True``, which adds ``s·b_B`` to the base bias).
 :func:`accelerate` leaves every other tuner layer as it is and lists it in the report with the
 reason. The same conditions are checked again on every call of an accelerated layer (state can
 change later: ``set_adapter``, ``merge_adapter``, ``disable_adapter()``, ``train()`` on DoRA with dropout,
@@ -215,11 +216,11 @@ def _lora_reason(layer: nn.Module, in_call: bool = True) -> tuple[Optional[str],
             return None, reason
     elif variant is not None:
         return None, f"adapter {name!r} is a LoRA variant ({type(variant).__name__})"
-    if layer.lora_bias.get(name, False):
-        return None, f"adapter {name!r} has lora_bias=True"
     lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
-    if any(type(f) is not nn.Linear or f.bias is not None for f in (lora_a, lora_b)):
-        return None, f"adapter {name!r}: lora_A / lora_B are not bias-free nn.Linear layers"
+    if type(lora_a) is not nn.Linear or type(lora_b) is not nn.Linear or lora_a.bias is not None:
+        return None, f"adapter {name!r}: lora_A / lora_B are not nn.Linear layers, lora_A without a bias"
+    if lora_b.bias is not None and not layer.lora_bias.get(name, False):
+        return None, f"adapter {name!r}: lora_B has a bias but lora_bias is not set"
     reason = _adapter_reason(layer, name, (lora_a.weight, lora_b.weight))
     return (None, reason) if reason else (name, None)
 
@@ -361,6 +362,10 @@ def _build_classes() -> dict[str, type]:
             a, b, scaling = self.lora_B[name].weight.to(x.dtype), self.lora_A[name].weight.to(x.dtype), float(
                 self.scaling[name])
             if not self.use_dora.get(name, False):
+                lora_bias = self.lora_B[name].bias  # lora_bias=True: s·b_B joins the base bias
+                if lora_bias is not None:
+                    lora_bias = scaling * lora_bias.to(x.dtype)
+                    bias = lora_bias if bias is None else bias + lora_bias
                 return lowrank_linear(x, weight, a, None, b, bias, scaling=scaling, dropout_p=p,
                                       training=dropout.training, backend=backend)
             # DoRA: PEFT's result + (c - 1)·x Wᵀ + c·s·x Bᵀ Aᵀ is c ⊙ (x Wᵀ + s·x Bᵀ Aᵀ) + bias, with
