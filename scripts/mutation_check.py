@@ -365,6 +365,10 @@ MUTANTS = [
     Mutant("P102", "python/subspace_ops/nn/sdpa_forms.py", "F.normalize(q, dim=-1) * logit_scale,",
            "F.normalize(q, dim=-1) * logit_scale.mean(),", "tests/test_timm_apply.py -k swin_v2",
            "Swin-V2's per-head logit scale averaged over heads"),
+    Mutant("P108", "python/subspace_ops/diffusers.py",
+           '        if type(processor).__name__ == "WanAttnProcessor" and getattr(module, "add_k_proj", None) is not None:',
+           "        if False:", "tests/test_diffusers.py -k refused",
+           "Wan's image-to-video cross attention (two SDPA calls) accepted at attach"),
     # PEFT's DoRA on the fused op (subspace_ops.peft.accelerate)
     Mutant("P103", "python/subspace_ops/peft.py",
            "norm = dora_row_norm(weight.detach().to(acc), a.detach().to(acc), b.detach().to(acc), scaling)",

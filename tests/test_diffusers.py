@@ -215,6 +215,13 @@ def test_other_processors_are_refused_and_nothing_changes():
     with pytest.raises(ValueError, match=f"{name}: runs Custom"):
         apply_coeff(unet)
     assert not any(isinstance(m, CoeffAttnProcessor) for m in unet.modules())
+    wan_i2v = diffusers.WanTransformer3DModel(  # image cross attention: a second SDPA call per module
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, text_dim=16,
+        freq_dim=16, ffn_dim=32, num_layers=1, image_dim=8, added_kv_proj_dim=16, rope_max_seq_len=32)
+    processors = sd.processors(wan_i2v)
+    with pytest.raises(ValueError, match=r"blocks\.0\.attn2: Wan's image-to-video cross attention"):
+        apply_coeff(wan_i2v)
+    assert sd.processors(wan_i2v) == processors
     apply_coeff(tiny_unet())  # the default processors alone are fine
     with pytest.raises(ValueError, match="already has a head mix"):
         unet = tiny_unet()
@@ -365,7 +372,8 @@ def _padded_text_mask() -> torch.Tensor:  # the second prompt's last two tokens 
     return mask
 
 
-# Tiny DiT models (random init, two attention modules each) and their inputs: 16 image tokens, 5 text tokens.
+# Tiny DiT models (random init, two or three attention modules each) and their inputs: 16 or 32 image / video
+# tokens, 5 text tokens (the second prompt padded after 3 where the model takes a text mask).
 DIT_MODELS = {
     "sd3": (lambda: diffusers.SD3Transformer2DModel(
         sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
@@ -393,6 +401,26 @@ DIT_MODELS = {
                        encoder_hidden_states=torch.randn(2, 5, 16, generator=g),
                        encoder_hidden_states_mask=_padded_text_mask(), timestep=torch.tensor([0.5, 0.5]),
                        img_shapes=[(1, 4, 4)] * 2)),
+    "wan": (lambda: diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, text_dim=16,
+        freq_dim=16, ffn_dim=32, num_layers=1, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32),
+        lambda g: dict(hidden_states=torch.randn(2, 4, 2, 4, 4, generator=g), timestep=torch.tensor([3, 3]),
+                       encoder_hidden_states=torch.randn(2, 5, 16, generator=g))),
+    "hunyuanvideo": (lambda: diffusers.HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1, num_single_layers=1,
+        num_refiner_layers=1, patch_size=1, patch_size_t=1, text_embed_dim=16, pooled_projection_dim=8,
+        rope_axes_dim=(2, 2, 4), guidance_embeds=False),
+        lambda g: dict(hidden_states=torch.randn(2, 4, 2, 4, 4, generator=g), timestep=torch.tensor([3, 3]),
+                       encoder_hidden_states=torch.randn(2, 5, 16, generator=g),
+                       encoder_attention_mask=_padded_text_mask().long(),
+                       pooled_projections=torch.randn(2, 8, generator=g))),
+    "ltx-video": (lambda: diffusers.LTXVideoTransformer3DModel(
+        in_channels=4, out_channels=4, patch_size=1, patch_size_t=1, num_attention_heads=2, attention_head_dim=8,
+        cross_attention_dim=16, num_layers=1, caption_channels=16),
+        lambda g: dict(hidden_states=torch.randn(2, 32, 4, generator=g), timestep=torch.tensor([3, 3]),
+                       encoder_hidden_states=torch.randn(2, 5, 16, generator=g),
+                       encoder_attention_mask=_padded_text_mask().long(), num_frames=2, height=4, width=4)),
 }
 
 
@@ -415,13 +443,14 @@ def naive_head_mixing_by_heads(alphas: dict):
 
 @pytest.mark.parametrize("name", list(DIT_MODELS))
 def test_dit_coeff_equals_the_model_with_the_papers_attention(name, monkeypatch):
-    """Whole SD3 / Flux / Flux.2 / Qwen-Image transformers (joint text-image attention, rotary
-    embeddings, Qwen-Image's text padding mask): reference = the stock model with torch's SDPA
-    computing the paper's formula (α picked by the number of heads)."""
+    """Whole SD3 / Flux / Flux.2 / Qwen-Image / Wan / HunyuanVideo / LTX-Video transformers (joint
+    text-image attention, rotary embeddings, text padding masks, HunyuanVideo's token refiner on the
+    default processor): reference = the stock model with torch's SDPA computing the paper's formula
+    (α picked by the number of heads)."""
     model, inputs = dit(name)
     apply_coeff(model, backend="cpu")
     mixes = [m for m in model.modules() if isinstance(m, HeadMix)]
-    assert len(mixes) == len(sd.attention_modules(model)) == 2
+    assert len(mixes) == len(sd.attention_modules(model)) >= 2
     g = torch.Generator().manual_seed(8)
     alphas = {h: 0.4 * torch.randn(h, h, generator=g) for h in {m.num_heads for m in mixes}}
     with torch.no_grad():
@@ -445,7 +474,7 @@ def test_dit_coeff_trains_alpha_saves_loads_and_unloads(name, tmp_path):
     base_out = stock(**inputs).sample
     model = get_peft_model(dit(name)[0], ("coeff", {"backend": "cpu"}))
     names = [n for n, m in sd.attention_modules(model.base_model)]
-    assert len(names) == 2 and all(sd.is_head_mix_processor(m.processor) for _, m in
+    assert len(names) >= 2 and all(sd.is_head_mix_processor(m.processor) for _, m in
                                    sd.attention_modules(model.base_model))
     torch.testing.assert_close(model(**inputs).sample, base_out, rtol=1e-5, atol=1e-6)
     random_alphas(model.base_model)
@@ -453,7 +482,7 @@ def test_dit_coeff_trains_alpha_saves_loads_and_unloads(name, tmp_path):
     assert not torch.allclose(adapted, base_out, atol=1e-3)
     adapted.square().mean().backward()
     trained = {n: p for n, p in model.named_parameters() if p.grad is not None}
-    assert len(trained) == 2 and all(n.endswith("processor.head_mix.alpha") for n in trained)
+    assert len(trained) == len(names) and all(n.endswith("processor.head_mix.alpha") for n in trained)
     assert all(p.grad.abs().sum() > 0 for p in trained.values())
     model.save_pretrained(tmp_path)
     loaded = SubspacePeftModel.from_pretrained(dit(name)[0], tmp_path)

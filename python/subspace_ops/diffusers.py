@@ -3,7 +3,8 @@
 Coeff-Tuning's concept customization (003 §5.2) tunes α in every attention layer of the SDXL UNet
 (together with LoRA or DoRA on the projections). diffusers' attention modules (``Attention`` in the
 UNets of Stable Diffusion 1.x/2.x and SDXL, ``Transformer2DModel``/PixArt, SD3's MMDiT, Qwen-Image,
-the VAE's mid-block; ``FluxAttention`` and ``Flux2Attention`` in Flux and Flux.2) delegate the
+the VAE's mid-block; ``FluxAttention``, ``Flux2Attention``, ``WanAttention``... in Flux, Flux.2 and
+the video transformers Wan, HunyuanVideo, LTX-Video) delegate the
 attention computation to a swappable processor; :func:`attach_head_mix` gives each a processor that
 computes what the module's own processor computes with the head-mixing op in place of SDPA (at
 α = 0 the output is unchanged):
@@ -11,7 +12,8 @@ computes what the module's own processor computes with the head-mixing op in pla
 - the default processors (``AttnProcessor2_0``, ``AttnProcessor``) become a
   :class:`~subspace_ops.nn.CoeffAttnProcessor`, our transcription of what they compute;
 - the processors in :data:`ROUTED_PROCESSORS` (fused q/k/v after ``fuse_qkv_projections()``, SD3's
-  and Qwen-Image's joint attention, Flux's and Flux.2's double- and single-stream attention) become
+  and Qwen-Image's joint attention, Flux's and Flux.2's double- and single-stream attention, the
+  video models') become
   a copy of themselves whose one SDPA call is routed to the head-mixing op
   (:func:`~subspace_ops.nn.sdpa_head_mixing.processor_with_head_mixing`). In joint attention the
   image and text tokens form one sequence, so α mixes the heads' maps over both. Copies of
@@ -19,7 +21,8 @@ computes what the module's own processor computes with the head-mixing op in pla
   native one (the one that calls SDPA).
 
 Any other processor (IP-Adapter, added-KV, xFormers, a custom one) is refused with its name, before
-anything changes, because its computation would be lost. The model's weights are untouched;
+anything changes, because its computation would be lost; so is Wan's image-to-video cross attention,
+which sums two attentions (text and image context). The model's weights are untouched;
 :func:`detach_head_mix` puts the replaced processors back. LoRA on the projections composes with it:
 ``methods.apply(unet, "lora", targets=("to_q", "to_k", "to_v", "to_out.0"))`` or PEFT's
 ``unet.add_adapter(LoraConfig(...))``, before or after.
@@ -42,7 +45,8 @@ _DEFAULT_PROCESSORS = ("AttnProcessor2_0", "AttnProcessor")
 # processors that compute their attention with exactly one SDPA call on [B, heads, N, d] (checked at each call)
 ROUTED_PROCESSORS = ("FusedAttnProcessor2_0", "JointAttnProcessor2_0", "FusedJointAttnProcessor2_0",
                      "FluxAttnProcessor", "Flux2AttnProcessor", "Flux2ParallelSelfAttnProcessor",
-                     "QwenDoubleStreamAttnProcessor2_0")
+                     "QwenDoubleStreamAttnProcessor2_0", "WanAttnProcessor", "HunyuanVideoAttnProcessor2_0",
+                     "LTXVideoAttnProcessor")
 
 
 def _attention_classes() -> Optional[tuple[type, ...]]:
@@ -87,6 +91,9 @@ def check_attachable(model: nn.Module) -> list[tuple[str, nn.Module]]:
             raise ValueError(f"{name}: runs {type(processor).__name__}, not one of the processors head mixing "
                              f"reproduces {_DEFAULT_PROCESSORS + ROUTED_PROCESSORS}; it would drop what that "
                              "one computes")
+        if type(processor).__name__ == "WanAttnProcessor" and getattr(module, "add_k_proj", None) is not None:
+            raise ValueError(f"{name}: Wan's image-to-video cross attention computes two attentions (text and "
+                             "image context) and sums them; head mixing reproduces one SDPA call")
         to_q = getattr(module, "to_q", None)
         if module.heads < 1 or (to_q is not None and to_q.out_features % module.heads):
             raise ValueError(f"{name}: {to_q.out_features} query features do not split into {module.heads} heads")
