@@ -369,6 +369,12 @@ MUTANTS = [
            '        if type(processor).__name__ == "WanAttnProcessor" and getattr(module, "add_k_proj", None) is not None:',
            "        if False:", "tests/test_diffusers.py -k refused",
            "Wan's image-to-video cross attention (two SDPA calls) accepted at attach"),
+    # transformers: T5's relative position bias; models that do not run on SDPA
+    Mutant("P109", "python/subspace_ops/transformers.py", "    if position_bias is not None:  # T5",
+           "    if False:  # T5", "tests/test_coeff_layers.py -k t5", "T5's relative position bias dropped by Coeff"),
+    Mutant("P110", "python/subspace_ops/transformers.py", '    if getattr(model, "_supports_sdpa", True) is False:',
+           "    if False:", "tests/test_coeff_layers.py -k sinks",
+           "Coeff attached to a model whose attention SDPA cannot compute (Gemma 2 soft-capping, GPT-OSS sinks)"),
     # PEFT's DoRA on the fused op (subspace_ops.peft.accelerate)
     Mutant("P103", "python/subspace_ops/peft.py",
            "norm = dora_row_norm(weight.detach().to(acc), a.detach().to(acc), b.detach().to(acc), scaling)",

@@ -229,3 +229,71 @@ def test_transformers_attention_function_takes_a_mask_longer_than_the_keys():
     expected = reference.head_mixing_attention(q, k, v, torch.eye(4) + module.head_mix.alpha.detach(),
                                                attn_mask=mask[..., :7], scale=0.3)
     torch.testing.assert_close(out, expected.transpose(1, 2), rtol=1e-5, atol=1e-5)
+
+
+def _naive_mixing_sdpa(alpha: torch.Tensor):
+    """torch's SDPA signature computing 003 eq. 11–12 (every head's map, mixed by I + α, times V_h)."""
+    def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        assert dropout_p == 0.0 and not enable_gqa
+        scores = torch.einsum("bhqd,bhkd->bhqk", query, key) * (query.shape[-1] ** -0.5 if scale is None else scale)
+        if is_causal:
+            scores = scores.masked_fill(torch.ones(scores.shape[-2:], dtype=torch.bool).triu(1), float("-inf"))
+        if attn_mask is not None:
+            scores = (scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool
+                      else scores + attn_mask)
+        return torch.einsum("hg,bgqk,bhkd->bhqd", torch.eye(alpha.shape[0]) + alpha, scores.softmax(-1), value)
+    return attention
+
+
+@pytest.mark.integration
+def test_transformers_t5_relative_position_bias(monkeypatch):
+    """T5 passes its relative position bias to the attention function (encoder self, causal decoder
+    self, cross attention; padded source tokens): added to the mask as transformers' SDPA path does.
+    Reference: the stock SDPA model with torch's SDPA computing the paper's formula."""
+    config = transformers.T5Config(vocab_size=50, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                   dropout_rate=0.0, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    stock = transformers.T5ForConditionalGeneration(config).eval()
+    model = copy.deepcopy(stock)
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, 5:] = 0
+    kwargs = dict(input_ids=torch.randint(3, 50, (2, 7)), attention_mask=mask,
+                  decoder_input_ids=torch.randint(3, 50, (2, 5)))
+    with torch.no_grad():
+        before = stock(**kwargs).logits
+    report = apply_coeff(model, backend="cpu")
+    assert report.adapter_params == 6 * 16  # 2 encoder self + 2 decoder self + 2 cross attention
+    torch.testing.assert_close(model(**kwargs).logits, before, rtol=1e-5, atol=1e-5)
+    alpha = 0.4 * torch.randn(4, 4, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, HeadMix):
+                m.alpha.copy_(alpha)
+    ours = model(**kwargs).logits
+    ours.square().sum().backward()
+    assert all(m.alpha.grad.abs().sum() > 0 for m in model.modules() if isinstance(m, HeadMix))
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", _naive_mixing_sdpa(alpha))
+    with torch.no_grad():
+        expected = stock(**kwargs).logits
+    assert not torch.allclose(expected, before, atol=1e-3)
+    torch.testing.assert_close(ours.detach(), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.integration
+def test_transformers_models_off_sdpa_or_with_sinks_are_refused():
+    """Gemma 2 (logit soft-capping) does not run on SDPA: refused before anything changes. A call
+    with attention sinks or soft-capping is refused rather than computed without them."""
+    config = transformers.Gemma2Config(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                       num_key_value_heads=2, head_dim=8, intermediate_size=32)
+    model = transformers.Gemma2ForCausalLM(config).eval()
+    implementation = model.config._attn_implementation
+    with pytest.raises(ValueError, match="Gemma2ForCausalLM does not run on transformers' SDPA attention"):
+        apply_coeff(model)
+    assert model.config._attn_implementation == implementation
+    assert not any(isinstance(m, HeadMix) for m in model.modules())
+    module = nn.Module()
+    module.head_mix, module.is_causal = HeadMix(4, backend="cpu"), False
+    q = torch.randn(1, 4, 3, 8)
+    for option in ("s_aux", "sinks", "softcap"):
+        with pytest.raises(ValueError, match=f"does not support {option}"):
+            subspace_ops.transformers.coeff_attention_forward(module, q, q, q, None, **{option: torch.zeros(4)})

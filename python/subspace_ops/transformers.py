@@ -50,8 +50,10 @@ def coeff_attention_forward(
     if dropout > 0.0:
         raise ValueError(f"attention-probability dropout {dropout} is not supported by head-mixing attention; "
                          "set the model config's attention dropout to 0")
-    if kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None:
-        raise ValueError("head-mixing attention does not support softcap or position_bias")
+    for name in ("softcap", "s_aux", "sinks"):  # logit soft-capping, attention sinks: not in the op
+        if kwargs.get(name) is not None:
+            raise ValueError(f"head-mixing attention does not support {name} (its model's attention is not "
+                             "softmax(scale·QKᵀ + mask)·V); use Coeff-Tuning on another model")
     heads = query.shape[1]
     key, value = repeat_kv_heads(key, heads), repeat_kv_heads(value, heads)
     is_causal = getattr(module, "is_causal", False) if is_causal is None else is_causal
@@ -60,6 +62,13 @@ def coeff_attention_forward(
     is_causal = bool(is_causal and attention_mask is None and query.shape[2] > 1)
     if attention_mask is not None and attention_mask.dim() == 4:
         attention_mask = attention_mask[:, :, :, : key.shape[2]]
+    position_bias = kwargs.get("position_bias")
+    if position_bias is not None:  # T5's relative bias, ALiBi: one additive mask, as transformers' SDPA path
+        from transformers.integrations.sdpa_attention import create_position_bias_mask
+
+        attention_mask = create_position_bias_mask(position_bias[..., : key.shape[2]], attention_mask, is_causal,
+                                                   query, key)
+        is_causal = False
     out = head_mix(query, key, value, attn_mask=attention_mask, is_causal=is_causal, scale=scaling)
     return out.transpose(1, 2).contiguous(), None
 
@@ -117,6 +126,10 @@ def check_attachable(model: nn.Module, modules: Optional[list[tuple[str, nn.Modu
     """The attention modules :func:`attach_head_mix` would adapt; raises if any cannot be."""
     if not hasattr(model, "set_attn_implementation") or not hasattr(model, "config"):
         raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
+    if getattr(model, "_supports_sdpa", True) is False:  # e.g. GPT-OSS: attention sinks
+        raise ValueError(f"{type(model).__name__} does not run on transformers' SDPA attention (its _supports_sdpa "
+                         "is False); head mixing extends what SDPA computes, so it cannot stand in for that "
+                         "model's attention")
     modules = attention_modules(model) if modules is None else modules
     if not modules:
         raise ValueError(f"no attention modules found in {type(model).__name__}")
