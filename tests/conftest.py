@@ -102,3 +102,25 @@ def backend(request) -> str:
 def fused_backend(request) -> str:
     require_backend(request.param)
     return request.param
+
+
+def papers_sdpa(alphas):
+    """F.scaled_dot_product_attention's signature computing Coeff-Tuning's head mixing as 003 eq. 11–12
+    write it: every head's softmax map P_g, mixed by I + α, times V_h, i.e. O_h = Σ_g (I + α)[h, g] P_g V_h.
+    Monkeypatched over torch's SDPA, it turns a model's own attention code into the independent
+    reference. ``alphas``: one α [H, H], or α by number of heads {H: [H, H]}; gradients flow into it.
+    Boolean (True: attend) and additive masks, is_causal (top-left aligned) as SDPA."""
+    def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        assert dropout_p == 0.0 and not enable_gqa
+        heads = query.shape[1]
+        alpha = alphas[heads] if isinstance(alphas, dict) else alphas
+        scores = torch.einsum("bhqd,bhkd->bhqk", query, key) * (query.shape[-1] ** -0.5 if scale is None else scale)
+        if is_causal:
+            future = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).triu(1)
+            scores = scores.masked_fill(future, float("-inf"))
+        if attn_mask is not None:
+            scores = (scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool
+                      else scores + attn_mask)
+        mix = torch.eye(heads, dtype=alpha.dtype, device=alpha.device) + alpha
+        return torch.einsum("hg,bgqk,bhkd->bhqd", mix.to(query), scores.softmax(-1), value)
+    return attention

@@ -13,6 +13,8 @@ import subspace_ops.transformers
 from subspace_ops import apply_coeff, apply_rlrr, reference
 from subspace_ops.nn import HeadMix, TimmCoeffAttention
 
+from conftest import papers_sdpa
+
 timm = pytest.importorskip("timm")
 
 
@@ -231,20 +233,6 @@ def test_transformers_attention_function_takes_a_mask_longer_than_the_keys():
     torch.testing.assert_close(out, expected.transpose(1, 2), rtol=1e-5, atol=1e-5)
 
 
-def _naive_mixing_sdpa(alpha: torch.Tensor):
-    """torch's SDPA signature computing 003 eq. 11–12 (every head's map, mixed by I + α, times V_h)."""
-    def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-        assert dropout_p == 0.0 and not enable_gqa
-        scores = torch.einsum("bhqd,bhkd->bhqk", query, key) * (query.shape[-1] ** -0.5 if scale is None else scale)
-        if is_causal:
-            scores = scores.masked_fill(torch.ones(scores.shape[-2:], dtype=torch.bool).triu(1), float("-inf"))
-        if attn_mask is not None:
-            scores = (scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool
-                      else scores + attn_mask)
-        return torch.einsum("hg,bgqk,bhkd->bhqd", torch.eye(alpha.shape[0]) + alpha, scores.softmax(-1), value)
-    return attention
-
-
 @pytest.mark.integration
 def test_transformers_t5_relative_position_bias(monkeypatch):
     """T5 passes its relative position bias to the attention function (encoder self, causal decoder
@@ -272,7 +260,7 @@ def test_transformers_t5_relative_position_bias(monkeypatch):
     ours = model(**kwargs).logits
     ours.square().sum().backward()
     assert all(m.alpha.grad.abs().sum() > 0 for m in model.modules() if isinstance(m, HeadMix))
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", _naive_mixing_sdpa(alpha))
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", papers_sdpa(alpha))
     with torch.no_grad():
         expected = stock(**kwargs).logits
     assert not torch.allclose(expected, before, atol=1e-3)

@@ -20,7 +20,7 @@ from subspace_ops.nn import CoeffAttnProcessor, HeadMix
 from subspace_ops.checkpoint import AdapterLoadError
 from subspace_ops.peft_model import AdapterNotMergeableError, SubspacePeftModel, get_peft_model
 
-from conftest import backend_device
+from conftest import backend_device, papers_sdpa
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers.models import attention_processor  # noqa: E402
@@ -57,19 +57,6 @@ def random_alphas(model, std: float = 0.3) -> None:
         for m in model.modules():
             if isinstance(m, HeadMix):
                 m.alpha.copy_(std * torch.randn(m.alpha.shape, generator=g))
-
-
-def naive_head_mixing(mix: torch.Tensor):
-    """F.scaled_dot_product_attention's signature, computing 003 eq. 11–12 with ``mix`` (paper's form)."""
-    def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-        assert dropout_p == 0.0 and not is_causal and not enable_gqa
-        scale = query.shape[-1] ** -0.5 if scale is None else scale
-        scores = torch.einsum("bhqd,bhkd->bhqk", query, key) * scale
-        if attn_mask is not None:
-            scores = scores + attn_mask
-        maps = scores.softmax(-1)
-        return torch.einsum("hg,bgqk,bhkd->bhqd", mix, maps, value)
-    return attention
 
 
 ATTENTIONS = {
@@ -109,8 +96,7 @@ def test_processor_equals_diffusers_with_the_papers_attention(kind, fused_backen
     alpha = attn.processor.head_mix.alpha
     replaced = attn.processor.replaced
     attn.set_processor(replaced)
-    monkeypatch.setattr(attention_processor.F, "scaled_dot_product_attention",
-                        naive_head_mixing(torch.eye(attn.heads, device=device) + alpha))
+    monkeypatch.setattr(attention_processor.F, "scaled_dot_product_attention", papers_sdpa(alpha))
     expected = attn(x, **kwargs)
     assert not torch.allclose(expected, stock, atol=1e-3)
     torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
@@ -350,8 +336,7 @@ def test_routed_processor_equals_diffusers_with_the_papers_attention(kind, fused
 
     alpha = processor.head_mix.alpha
     assert sd.detach_head_mix(attn) == 1 and type(attn.processor).__name__ == processor_name
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
-                        naive_head_mixing(torch.eye(attn.heads, device=device) + alpha))
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", papers_sdpa(alpha))
     expected = attn(*args, **kwargs)
     outputs = list(zip(*(t if isinstance(t, tuple) else (t,) for t in (ours, expected, stock))))
     for o, e, s in outputs:  # (image, text) outputs for joint attention
@@ -431,16 +416,6 @@ def dit(name: str):
     return build().eval(), inputs(torch.Generator().manual_seed(6))
 
 
-def naive_head_mixing_by_heads(alphas: dict):
-    """naive_head_mixing with I + alphas[H] for a call with H heads; boolean masks (True: attend) too."""
-    def attention(query, key, value, attn_mask=None, **options):
-        if attn_mask is not None and attn_mask.dtype == torch.bool:
-            attn_mask = torch.zeros(attn_mask.shape).masked_fill(~attn_mask, float("-inf"))
-        mix = torch.eye(query.shape[1]) + alphas[query.shape[1]]
-        return naive_head_mixing(mix)(query, key, value, attn_mask, **options)
-    return attention
-
-
 @pytest.mark.parametrize("name", list(DIT_MODELS))
 def test_dit_coeff_equals_the_model_with_the_papers_attention(name, monkeypatch):
     """Whole SD3 / Flux / Flux.2 / Qwen-Image / Wan / HunyuanVideo / LTX-Video transformers (joint
@@ -460,7 +435,7 @@ def test_dit_coeff_equals_the_model_with_the_papers_attention(name, monkeypatch)
     stock, _ = dit(name)
     with torch.no_grad():
         base = stock(**inputs).sample
-        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", naive_head_mixing_by_heads(alphas))
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", papers_sdpa(alphas))
         expected = stock(**inputs).sample
     assert (expected - base).abs().max() > 1e-3 * base.abs().max()
     torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)

@@ -16,6 +16,8 @@ from subspace_ops.nn import SSF, sdpa_head_mixing
 from subspace_ops.nn.sdpa_head_mixing import is_head_mixing
 from subspace_ops.peft_model import get_peft_model
 
+from conftest import papers_sdpa
+
 timm = pytest.importorskip("timm")
 
 X = torch.randn(2, 3, 32, 32)
@@ -288,19 +290,6 @@ COEFF_SDPA = {
 }
 
 
-def naive_head_mixing(alphas: dict):
-    """F.scaled_dot_product_attention's signature computing 003 eq. 11–12: every head's softmax map,
-    mixed by I + α (α picked by the number of heads), times V_h."""
-    def attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-        heads = q.shape[1]
-        scores = torch.einsum("bhqd,bhkd->bhqk", q, k) * (q.shape[-1] ** -0.5 if scale is None else scale)
-        if attn_mask is not None:
-            scores = scores + attn_mask
-        mix = torch.eye(heads) + alphas[heads]
-        return torch.einsum("hg,bgqk,bhkd->bhqd", mix, scores.softmax(-1), v)
-    return attention
-
-
 def _attention_outputs(model, x, modules):
     outputs = []
     handles = [m.register_forward_hook(lambda _m, _i, out: outputs.append(out)) for m in modules]
@@ -347,7 +336,7 @@ def test_coeff_mixes_the_heads_of_timm_attention_that_calls_sdpa(name, monkeypat
     # a method applied next counts the block's own parameters (BEiT's q/v biases, Swin's bias table) as backbone
     _, bitfit = methods.apply(copy.deepcopy(model), "bitfit")
     assert bitfit.backbone_params == sum(p.numel() for p in reference.parameters())
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", naive_head_mixing(alphas))
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", papers_sdpa(alphas))
     with torch.no_grad():
         expected = _attention_outputs(reference, x, blocks)
     assert (expected - base).abs().max() > 1e-3 * base.abs().max()
