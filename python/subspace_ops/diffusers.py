@@ -95,8 +95,9 @@ def check_attachable(model: nn.Module) -> list[tuple[str, nn.Module]]:
             raise ValueError(f"{name}: Wan's image-to-video cross attention computes two attentions (text and "
                              "image context) and sums them; head mixing reproduces one SDPA call")
         to_q = getattr(module, "to_q", None)
-        if module.heads < 1 or (to_q is not None and to_q.out_features % module.heads):
-            raise ValueError(f"{name}: {to_q.out_features} query features do not split into {module.heads} heads")
+        features = to_q.out_features if to_q is not None else None
+        if module.heads < 1 or (features is not None and features % module.heads):
+            raise ValueError(f"{name}: {features} query features do not split into {module.heads} heads")
     return modules
 
 

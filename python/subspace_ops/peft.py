@@ -359,8 +359,8 @@ def _build_classes() -> dict[str, type]:
 
             dropout = self.lora_dropout[name]
             p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
-            a, b, scaling = self.lora_B[name].weight.to(x.dtype), self.lora_A[name].weight.to(x.dtype), float(
-                self.scaling[name])
+            a, b = self.lora_B[name].weight.to(x.dtype), self.lora_A[name].weight.to(x.dtype)
+            scaling = float(self.scaling[name])
             if not self.use_dora.get(name, False):
                 lora_bias = self.lora_B[name].bias  # lora_bias=True: s·b_B joins the base bias
                 if lora_bias is not None:

@@ -169,7 +169,8 @@ def processor_with_head_mixing(processor: object, num_heads: int, *, dropout: fl
     if isinstance(processor, nn.Module):
         raise TypeError(f"{type(processor).__name__} is an nn.Module processor (it holds its own weights); "
                         "head mixing copies only plain processors")
-    mixed = _mixing_class(type(processor)).__new__(_mixing_class(type(processor)))
+    mixing = _mixing_class(type(processor))
+    mixed = mixing.__new__(mixing)  # not the processor's __init__: its state is copied below
     nn.Module.__init__(mixed)
     vars(mixed).update(vars(processor))
     if hasattr(mixed, "_attention_backend"):
