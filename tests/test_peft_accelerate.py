@@ -102,7 +102,9 @@ def _count_fused_calls(monkeypatch) -> dict[str, int]:
         return wrapper
 
     monkeypatch.setattr(rescaled_module, "rescaled_linear", counting("ia3", rescaled_module.rescaled_linear))
-    monkeypatch.setattr(lowrank_module, "lowrank_linear", counting("lora", lowrank_module.lowrank_linear))
+    lora_op = counting("lora", lowrank_module.lowrank_linear)
+    monkeypatch.setattr(lowrank_module, "lowrank_linear", lora_op)
+    monkeypatch.setattr(importlib.import_module("subspace_ops.nn.lowrank"), "lowrank_linear", lora_op)  # DoRA's
     return counts
 
 

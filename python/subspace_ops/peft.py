@@ -1,4 +1,5 @@
-"""HF PEFT integration: run PEFT's own (IA)³, LoRA, DoRA and AdaLoRA ``Linear`` layers on subspace_ops' fused ops.
+"""HF PEFT integration: run PEFT's own (IA)³, LoRA, DoRA and AdaLoRA ``Linear`` layers on subspace_ops'
+fused ops.
 
     model = peft.get_peft_model(base, peft.LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
     report = subspace_ops.peft.accelerate(model)   # in place; prints as a table of what was done
@@ -36,8 +37,8 @@ runs it in the base dtype: the outputs agree to the base dtype's precision, not 
 the float32 adapter parameters get gradients computed in the base dtype (as under autocast).
 
 **Only what the fused op expresses is accelerated; everything else runs PEFT's code.** A layer is
-accelerated when its type is exactly PEFT's IA3/LoRA ``Linear`` or AdaLoRA ``SVDLinear`` (not a quantized or otherwise
-specialized subclass), its base layer is a plain ``nn.Linear`` (or, with ``fan_in_fan_out=True``,
+accelerated when its type is exactly PEFT's IA3/LoRA ``Linear`` or AdaLoRA ``SVDLinear`` (not a
+quantized or otherwise specialized subclass), its base layer is a plain ``nn.Linear`` (or, with ``fan_in_fan_out=True``,
 GPT-2's transformers ``Conv1D``, whose [in, out] weight the op reads transposed, without a copy) with
 no hooks and no instance-level ``forward`` (e.g. no accelerate offload hook; no global module hooks
 either), exactly one adapter of the layer is active, nothing is merged, adapters are enabled, and (LoRA) the active
@@ -54,8 +55,8 @@ just the base layer) says that the adapter ran unfused.
 :func:`unsupported_reason` tells why a layer (would) run PEFT's forward.
 
 **Mechanism: a class swap.** An accelerated layer's ``__class__`` becomes :class:`FusedLoraLinear`,
-:class:`FusedIA3Linear` or :class:`FusedAdaLoraLinear`, subclasses of PEFT's classes that only override ``forward`` (and
-``__repr__`` shows it: ``lora.FusedLoraLinear``). Trade-offs, against the alternatives:
+:class:`FusedIA3Linear` or :class:`FusedAdaLoraLinear`, subclasses of PEFT's classes that only
+override ``forward`` (and ``__repr__`` shows it: ``lora.FusedLoraLinear``). Trade-offs, against the alternatives:
 
 - The module object, its parameters, buffers and ``state_dict`` keys are untouched, so
   ``save_pretrained`` / ``load_adapter`` / ``merge_and_unload`` / ``set_adapter`` work as before,
@@ -86,7 +87,7 @@ from torch import Tensor, nn
 from .adapters import is_conv1d
 from .backends import resolve_backend
 from .nn.base import compute_dtype
-from .nn.lowrank import ScaleFeatures, dora_row_norm
+from .nn.lowrank import dora_linear
 
 __all__ = [
     "AccelerateReport",
@@ -371,11 +372,8 @@ def _build_classes() -> dict[str, type]:
             # DoRA: PEFT's result + (c - 1)·x Wᵀ + c·s·x Bᵀ Aᵀ is c ⊙ (x Wᵀ + s·x Bᵀ Aᵀ) + bias, with
             # c = m / ‖W + s·AB‖ per output row, the norm held constant (DoRA §4.3, PEFT) and computed
             # without the [N, K] matrix W + s·AB that PEFT forms (dropout is inactive here: _dora_reason)
-            acc = torch.promote_types(x.dtype, torch.float32)
-            norm = dora_row_norm(weight.detach().to(acc), a.detach().to(acc), b.detach().to(acc), scaling)
-            scale = (self.lora_magnitude_vector[name].weight.to(acc) / norm).to(x.dtype)
-            z = lowrank_linear(x, weight, a, None, b, None, scaling=scaling, backend=backend)
-            return ScaleFeatures.apply(z, scale, bias)
+            return dora_linear(x, weight, a, b, self.lora_magnitude_vector[name].weight, bias, scaling,
+                               detach_norm=True, backend=backend)
 
     class FusedAdaLoraLinear(_FusedForward, AdaLoraLinear):
         """PEFT's AdaLoRA SVDLinear computed by ``lowrank_linear`` (see :mod:`subspace_ops.peft`)."""

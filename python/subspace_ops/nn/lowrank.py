@@ -35,7 +35,7 @@ from .. import reference
 from ..ops.lowrank_linear import lowrank_linear
 from .base import MergeableLinear, compute_dtype
 
-__all__ = ["DoRALinear", "LowRankLinear", "G_KINDS", "dora_row_norm"]
+__all__ = ["DoRALinear", "LowRankLinear", "G_KINDS", "dora_linear", "dora_row_norm"]
 
 #: ``g`` options of :class:`LowRankLinear` and the method each one is.
 G_KINDS = {"none": "lora", "diag": "adalora", "full": "flora"}
@@ -160,7 +160,31 @@ def dora_row_norm(weight: Tensor, a: Tensor, b: Tensor, scaling: float, weight_s
     return (weight_sq + (2.0 * scaling) * cross + (scaling * scaling) * quad).clamp_min(0).sqrt()
 
 
-class ScaleFeatures(torch.autograd.Function):
+def _dora_norm(weight: Tensor, a: Tensor, b: Tensor, scaling: float, acc: torch.dtype, detach: bool) -> Tensor:
+    """:func:`dora_row_norm` of the tensors as given, in ``acc``; ``detach``: a constant for autograd
+    (its inputs detached, so no graph is built for it; detach() rather than a no_grad block:
+    torch.export records grad-mode switches as wrap_with_set_grad_enabled nodes, which its loader
+    rejects, torch 2.14)."""
+    parts = [t.detach() if detach else t for t in (weight, a, b)]
+    return dora_row_norm(*(t.to(acc) for t in parts), scaling)
+
+
+def dora_linear(x: Tensor, weight: Tensor, a: Tensor, b: Tensor, magnitude: Tensor, bias: Optional[Tensor],
+                scaling: float, *, detach_norm: bool, dropout_p: float = 0.0, training: bool = False,
+                backend: Optional[str] = None) -> Tensor:
+    """DoRA's forward: ``c ⊙ lowrank_linear(x, W, A, None, B) + bias`` with ``c = m / ‖W + s·AB‖`` per
+    output row, the norm from :func:`dora_row_norm` in float32 or better from ``weight``, ``a``, ``b``
+    as given (no [N, K] tensor); the op runs in ``x``'s dtype (``bias`` already in it). Serves
+    :class:`DoRALinear` and PEFT's DoRA layers accelerated by :mod:`subspace_ops.peft`."""
+    dtype = x.dtype
+    acc = _acc_dtype(dtype)
+    scale = (magnitude.to(acc) / _dora_norm(weight, a, b, scaling, acc, detach_norm)).to(dtype)
+    z = lowrank_linear(x, weight.to(dtype), a.to(dtype), None, b.to(dtype), None, scaling=scaling,
+                       dropout_p=dropout_p, training=training, backend=backend)
+    return _ScaleFeatures.apply(z, scale, bias)
+
+
+class _ScaleFeatures(torch.autograd.Function):
     """``z ⊙ scale (+ bias)`` with ``scale``, ``bias`` [N] over z's last dimension: DoRA's per-output
     factor. The forward is one ``addcmul``; the backward writes one [..., N] tensor (gy ⊙ scale) and
     reduces gy ⊙ z with ``linalg.vecdot``, where autograd's own addcmul backward first copies z·value
@@ -189,7 +213,7 @@ class DoRALinear(MergeableLinear):
 
     Forward: ``y = c ⊙ lowrank_linear(x, W, A, None, B) + b`` with ``c = m / ‖W + s·AB‖ [N]``, the norm from
     :func:`dora_row_norm` (no [N, K] tensor) and the per-output scale and bias applied in one
-    ``torch.addcmul`` (:class:`ScaleFeatures`). Equals ``x W'ᵀ + b`` exactly in real arithmetic; with
+    ``torch.addcmul`` (:class:`_ScaleFeatures`). Equals ``x W'ᵀ + b`` exactly in real arithmetic; with
     dropout only the adapter's input is dropped: c ⊙ (x Wᵀ + s·(dropout(x) Bᵀ) Aᵀ). (PEFT's DoRA, in a
     training call with dropout, computes x Wᵀ + (c - 1)·dropout(x) Wᵀ + c·s·(dropout(x) Bᵀ) Aᵀ instead;
     the two agree without dropout and in eval.)
@@ -232,11 +256,8 @@ class DoRALinear(MergeableLinear):
 
     def row_norm(self, dtype: Optional[torch.dtype] = None) -> Tensor:
         """‖W + s·AB‖ per output row [N], in float32 or better (``dtype``'s promotion with float32)."""
-        acc = _acc_dtype(dtype or self.weight.dtype)
-        norm = dora_row_norm(self.weight.to(acc), self.lora_a.to(acc), self.lora_b.to(acc), self.scaling)
-        # detach() rather than a no_grad block: torch.export records grad-mode switches as
-        # wrap_with_set_grad_enabled nodes, which its loader rejects (torch 2.14).
-        return norm.detach() if self.detach_norm else norm
+        return _dora_norm(self.weight, self.lora_a, self.lora_b, self.scaling, _acc_dtype(dtype or self.weight.dtype),
+                          self.detach_norm)
 
     def merged_weight_and_bias(self) -> tuple[Tensor, Optional[Tensor]]:
         acc = _acc_dtype(self.weight.dtype)
@@ -247,12 +268,10 @@ class DoRALinear(MergeableLinear):
         if self.merged:
             return F.linear(x, self.weight, self.bias)
         dtype = compute_dtype(x, self.weight)
-        scale = (self.magnitude.to(_acc_dtype(dtype)) / self.row_norm(dtype)).to(dtype)
-        z = lowrank_linear(
-            x.to(dtype), self.weight.to(dtype), self.lora_a.to(dtype), None, self.lora_b.to(dtype), None,
-            scaling=self.scaling, dropout_p=self.dropout, training=self.training, backend=self.backend,
-        )
-        return ScaleFeatures.apply(z, scale, None if self.bias is None else self.bias.to(dtype))
+        return dora_linear(x.to(dtype), self.weight, self.lora_a, self.lora_b, self.magnitude,
+                           None if self.bias is None else self.bias.to(dtype), self.scaling,
+                           detach_norm=self.detach_norm, dropout_p=self.dropout, training=self.training,
+                           backend=self.backend)
 
     def extra_repr(self) -> str:
         return (self._describe() + f", rank={self.rank}, alpha={self.alpha:g}, dropout={self.dropout:g}, "
