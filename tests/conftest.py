@@ -109,7 +109,8 @@ def papers_sdpa(alphas):
     write it: every head's softmax map P_g, mixed by I + α, times V_h, i.e. O_h = Σ_g (I + α)[h, g] P_g V_h.
     Monkeypatched over torch's SDPA, it turns a model's own attention code into the independent
     reference. ``alphas``: one α [H, H], or α by number of heads {H: [H, H]}; gradients flow into it.
-    Boolean (True: attend) and additive masks, is_causal (top-left aligned) as SDPA."""
+    Boolean (True: attend) and additive masks, is_causal (top-left aligned) as SDPA, and its output's
+    memory layout (the queries': [B, N, H, d] when they are so laid out)."""
     def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
         assert dropout_p == 0.0 and not enable_gqa
         heads = query.shape[1]
@@ -122,5 +123,6 @@ def papers_sdpa(alphas):
             scores = (scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool
                       else scores + attn_mask)
         mix = torch.eye(heads, dtype=alpha.dtype, device=alpha.device) + alpha
-        return torch.einsum("hg,bgqk,bhkd->bhqd", mix.to(query), scores.softmax(-1), value)
+        out = torch.einsum("hg,bgqk,bhkd->bhqd", mix.to(query), scores.softmax(-1), value)
+        return out.transpose(1, 2).contiguous().transpose(1, 2) if query.transpose(1, 2).is_contiguous() else out
     return attention

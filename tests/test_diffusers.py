@@ -201,13 +201,6 @@ def test_other_processors_are_refused_and_nothing_changes():
     with pytest.raises(ValueError, match=f"{name}: runs Custom"):
         apply_coeff(unet)
     assert not any(isinstance(m, CoeffAttnProcessor) for m in unet.modules())
-    wan_i2v = diffusers.WanTransformer3DModel(  # image cross attention: a second SDPA call per module
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, text_dim=16,
-        freq_dim=16, ffn_dim=32, num_layers=1, image_dim=8, added_kv_proj_dim=16, rope_max_seq_len=32)
-    processors = sd.processors(wan_i2v)
-    with pytest.raises(ValueError, match=r"blocks\.0\.attn2: Wan's image-to-video cross attention"):
-        apply_coeff(wan_i2v)
-    assert sd.processors(wan_i2v) == processors
     apply_coeff(tiny_unet())  # the default processors alone are fine
     with pytest.raises(ValueError, match="already has a head mix"):
         unet = tiny_unet()
@@ -298,30 +291,72 @@ def _rotary(tokens: int, generator: torch.Generator):
     return FluxPosEmbed(theta=10000, axes_dim=[4, 2, 2])(torch.randn(tokens, 3, generator=generator))
 
 
-ROUTED = {  # name: (module factory, processor class name, joint text tokens?, rotary embedding?)
-    "sd3 joint": (lambda: _sd3_attention(False), "JointAttnProcessor2_0", True, False),
-    "sd3 joint fused": (lambda: _sd3_attention(True), "FusedJointAttnProcessor2_0", True, False),
-    "unet fused qkv": (_unet_fused_attention, "FusedAttnProcessor2_0", False, False),
-    "flux double": (lambda: _flux_attention(False), "FluxAttnProcessor", True, True),
-    "flux single": (lambda: _flux_attention(True), "FluxAttnProcessor", False, True),
+def _ip_adapter_attention():
+    """UNet cross attention with two IP-Adapters (image prompts of 3 and 5 tokens): three SDPA calls."""
+    attn = Attention(query_dim=32, cross_attention_dim=24, heads=4, dim_head=8)
+    attn.set_processor(attention_processor.IPAdapterAttnProcessor2_0(
+        hidden_size=32, cross_attention_dim=24, num_tokens=(3, 5), scale=[0.6, 1.3]))
+    return attn
+
+
+def _sd3_ip_adapter_attention():
+    attn = _sd3_attention(False)
+    attn.set_processor(attention_processor.SD3IPAdapterJointAttnProcessor2_0(
+        hidden_size=32, ip_hidden_states_dim=24, head_dim=8, timesteps_emb_dim=16, scale=0.7))
+    return attn
+
+
+def _flux_ip_adapter_attention():
+    from diffusers.models.transformers.transformer_flux import FluxIPAdapterAttnProcessor
+
+    attn = _flux_attention(single=False)
+    attn.set_processor(FluxIPAdapterAttnProcessor(hidden_size=32, cross_attention_dim=24, num_tokens=(3,), scale=0.8))
+    return attn
+
+
+def _text(g):
+    return dict(encoder_hidden_states=torch.randn(2, 4, 32, generator=g))
+
+
+def _text_rotary(g):
+    return _text(g) | dict(image_rotary_emb=_rotary(13, g))
+
+
+ROUTED = {  # name: (module factory, processor class name, keyword inputs besides 9 image tokens)
+    "sd3 joint": (lambda: _sd3_attention(False), "JointAttnProcessor2_0", _text),
+    "sd3 joint fused": (lambda: _sd3_attention(True), "FusedJointAttnProcessor2_0", _text),
+    "unet fused qkv": (_unet_fused_attention, "FusedAttnProcessor2_0", lambda g: {}),
+    "flux double": (lambda: _flux_attention(False), "FluxAttnProcessor", _text_rotary),
+    "flux single": (lambda: _flux_attention(True), "FluxAttnProcessor", lambda g: dict(image_rotary_emb=_rotary(9, g))),
+    # IP-Adapter: the text's attention plus each image prompt's (SD3's: over image and image-prompt tokens)
+    "unet ip-adapter x2": (_ip_adapter_attention, "IPAdapterAttnProcessor2_0", lambda g: dict(encoder_hidden_states=(
+        torch.randn(2, 6, 24, generator=g), [torch.randn(2, 3, 24, generator=g), torch.randn(2, 5, 24, generator=g)]))),
+    "sd3 ip-adapter": (_sd3_ip_adapter_attention, "SD3IPAdapterJointAttnProcessor2_0", lambda g: _text(g) | dict(
+        ip_hidden_states=torch.randn(2, 3, 24, generator=g), temb=torch.randn(2, 16, generator=g))),
+    "flux ip-adapter": (_flux_ip_adapter_attention, "FluxIPAdapterAttnProcessor", lambda g: _text_rotary(g) | dict(
+        ip_hidden_states=[torch.randn(2, 3, 24, generator=g)])),
 }
+
+
+def _to(value, device):
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to(v, device) for v in value)
+    return value.to(device)
 
 
 @pytest.mark.parametrize("kind", list(ROUTED))
 def test_routed_processor_equals_diffusers_with_the_papers_attention(kind, fused_backend, monkeypatch):
-    """The module's own processor with its SDPA call given the paper's formula is the reference."""
-    make, processor_name, joint, rotary = ROUTED[kind]
+    """The module's own processor with its SDPA calls given the paper's formula is the reference."""
+    make, processor_name, inputs = ROUTED[kind]
     device = backend_device(fused_backend)
     g = torch.Generator().manual_seed(5)
     torch.manual_seed(0)
     attn = make().to(device).eval()
     assert type(attn.processor).__name__ == processor_name
-    args, kwargs = (torch.randn(2, 9, 32, generator=g).to(device),), {}
-    if joint:
-        kwargs["encoder_hidden_states"] = torch.randn(2, 4, 32, generator=g).to(device)
-    if rotary:
-        kwargs["image_rotary_emb"] = tuple(t.to(device) for t in _rotary(9 + 4 * joint, g))
+    args = (torch.randn(2, 9, 32, generator=g).to(device),)
+    kwargs = {key: _to(value, device) for key, value in inputs(g).items()}
     stock = attn(*args, **kwargs)
+    frozen = {name: p.detach().clone() for name, p in attn.named_parameters()}
     assert sd.attach_head_mix(attn, backend=fused_backend) == [""]
     processor = attn.processor
     assert sd.is_head_mix_processor(processor) and processor.replaced is not None
@@ -336,6 +371,8 @@ def test_routed_processor_equals_diffusers_with_the_papers_attention(kind, fused
 
     alpha = processor.head_mix.alpha
     assert sd.detach_head_mix(attn) == 1 and type(attn.processor).__name__ == processor_name
+    after = dict(attn.named_parameters())  # the module's and the IP-Adapter's weights, unchanged
+    assert after.keys() == frozen.keys() and all(torch.equal(after[name], frozen[name]) for name in frozen)
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", papers_sdpa(alpha))
     expected = attn(*args, **kwargs)
     outputs = list(zip(*(t if isinstance(t, tuple) else (t,) for t in (ours, expected, stock))))
@@ -357,8 +394,26 @@ def _padded_text_mask() -> torch.Tensor:  # the second prompt's last two tokens 
     return mask
 
 
-# Tiny DiT models (random init, two or three attention modules each) and their inputs: 16 or 32 image / video
-# tokens, 5 text tokens (the second prompt padded after 3 where the model takes a text mask).
+def unet_with_ip_adapters() -> torch.nn.Module:
+    """tiny_unet as ``load_ip_adapter`` leaves it with two IP-Adapters (image-prompt projections of 4
+    and 2 tokens, random weights): IP-Adapter processors on the cross attentions, the default ones on
+    the self attentions."""
+    from diffusers.models.embeddings import ImageProjection, MultiIPAdapterImageProjection
+
+    unet = tiny_unet()
+    unet.encoder_hid_proj = MultiIPAdapterImageProjection([
+        ImageProjection(cross_attention_dim=32, image_embed_dim=16, num_image_text_embeds=n) for n in (4, 2)])
+    unet.config.encoder_hid_dim_type = "ip_image_proj"
+    for name, module in sd.attention_modules(unet):
+        if name.endswith("attn2"):
+            module.set_processor(attention_processor.IPAdapterAttnProcessor2_0(
+                hidden_size=module.to_k.out_features, cross_attention_dim=32, num_tokens=(4, 2), scale=[0.6, 1.2]))
+    return unet
+
+
+# Tiny diffusion transformers (random init, two or three attention modules each) and their inputs: 16 or 32
+# image / video tokens, 5 text tokens (the second prompt padded after 3 where the model takes a text mask;
+# Wan's image-to-video model cuts its context at 512 text tokens); and the UNet with two IP-Adapters.
 DIT_MODELS = {
     "sd3": (lambda: diffusers.SD3Transformer2DModel(
         sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
@@ -392,6 +447,12 @@ DIT_MODELS = {
         rope_max_seq_len=32),
         lambda g: dict(hidden_states=torch.randn(2, 4, 2, 4, 4, generator=g), timestep=torch.tensor([3, 3]),
                        encoder_hidden_states=torch.randn(2, 5, 16, generator=g))),
+    "wan i2v": (lambda: diffusers.WanTransformer3DModel(  # cross attention to text and image context: 2 SDPA calls
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, text_dim=16,
+        freq_dim=16, ffn_dim=32, num_layers=1, image_dim=8, added_kv_proj_dim=16, rope_max_seq_len=32),
+        lambda g: dict(hidden_states=torch.randn(2, 4, 2, 4, 4, generator=g), timestep=torch.tensor([3, 3]),
+                       encoder_hidden_states=torch.randn(2, 512, 16, generator=g),
+                       encoder_hidden_states_image=torch.randn(2, 3, 8, generator=g))),
     "hunyuanvideo": (lambda: diffusers.HunyuanVideoTransformer3DModel(
         in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1, num_single_layers=1,
         num_refiner_layers=1, patch_size=1, patch_size_t=1, text_embed_dim=16, pooled_projection_dim=8,
@@ -406,6 +467,8 @@ DIT_MODELS = {
         lambda g: dict(hidden_states=torch.randn(2, 32, 4, generator=g), timestep=torch.tensor([3, 3]),
                        encoder_hidden_states=torch.randn(2, 5, 16, generator=g),
                        encoder_attention_mask=_padded_text_mask().long(), num_frames=2, height=4, width=4)),
+    "unet ip-adapter": (unet_with_ip_adapters, lambda g: unet_inputs() | dict(added_cond_kwargs={"image_embeds": [
+        torch.randn(2, 1, 16, generator=g), torch.randn(2, 1, 16, generator=g)]})),
 }
 
 
@@ -418,9 +481,9 @@ def dit(name: str):
 
 @pytest.mark.parametrize("name", list(DIT_MODELS))
 def test_dit_coeff_equals_the_model_with_the_papers_attention(name, monkeypatch):
-    """Whole SD3 / Flux / Flux.2 / Qwen-Image / Wan / HunyuanVideo / LTX-Video transformers (joint
-    text-image attention, rotary embeddings, text padding masks, HunyuanVideo's token refiner on the
-    default processor): reference = the stock model with torch's SDPA computing the paper's formula
+    """Whole SD3 / Flux / Flux.2 / Qwen-Image / Wan (text- and image-to-video) / HunyuanVideo /
+    LTX-Video transformers (joint text-image attention, rotary embeddings, text padding masks,
+    HunyuanVideo's token refiner on the default processor) and a UNet with IP-Adapters: reference = the stock model with torch's SDPA computing the paper's formula
     (α picked by the number of heads)."""
     model, inputs = dit(name)
     apply_coeff(model, backend="cpu")
@@ -443,8 +506,9 @@ def test_dit_coeff_equals_the_model_with_the_papers_attention(name, monkeypatch)
 
 @pytest.mark.parametrize("name", list(DIT_MODELS))
 def test_dit_coeff_trains_alpha_saves_loads_and_unloads(name, tmp_path):
-    """SD3 / Flux / Flux.2 / Qwen-Image through get_peft_model: α = 0 leaves the model unchanged, only α
-    trains, the adapter round-trips through a file, unload restores the processors exactly."""
+    """The models above through get_peft_model: α = 0 leaves the model unchanged, only α trains (not
+    the IP-Adapters' projections), the adapter round-trips through a file, unload restores the
+    processors exactly."""
     stock, inputs = dit(name)
     base_out = stock(**inputs).sample
     model = get_peft_model(dit(name)[0], ("coeff", {"backend": "cpu"}))
@@ -459,6 +523,10 @@ def test_dit_coeff_trains_alpha_saves_loads_and_unloads(name, tmp_path):
     trained = {n: p for n, p in model.named_parameters() if p.grad is not None}
     assert len(trained) == len(names) and all(n.endswith("processor.head_mix.alpha") for n in trained)
     assert all(p.grad.abs().sum() > 0 for p in trained.values())
+    # the model's state: the stock model's and the α, each once (no replaced processor's weights again)
+    added = set(model.base_model.state_dict()) - set(stock.state_dict())
+    assert set(stock.state_dict()) <= set(model.base_model.state_dict()) and len(added) == len(names)
+    assert all(key.endswith("processor.head_mix.alpha") for key in added)
     model.save_pretrained(tmp_path)
     loaded = SubspacePeftModel.from_pretrained(dit(name)[0], tmp_path)
     torch.testing.assert_close(loaded(**inputs).sample, adapted, rtol=0, atol=0)
@@ -480,7 +548,7 @@ def test_fused_qkv_unet_with_coeff_equals_the_unfused_one():
     torch.testing.assert_close(run(fused), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_routed_processor_runs_the_native_backend_and_refuses_a_second_sdpa_call():
+def test_routed_processor_runs_the_native_backend_and_refuses_a_wrong_number_of_sdpa_calls():
     from diffusers.models.attention_dispatch import attention_backend
 
     attn = _flux_attention(single=True).eval()
@@ -499,6 +567,17 @@ def test_routed_processor_runs_the_native_backend_and_refuses_a_second_sdpa_call
     attn.set_processor(FusedAttnProcessor2_0())
     sd.attach_head_mix(attn)
     with pytest.raises(RuntimeError, match="FusedAttnProcessor2_0 called F.scaled_dot_product_attention 2 times"):
+        attn(torch.randn(2, 6, 32))
+
+    class IPAdapterAttnProcessor2_0(attention_processor.IPAdapterAttnProcessor2_0):  # sums attentions, makes none
+        def __call__(self, attn, hidden_states, *args, **kwargs):
+            return hidden_states
+
+    attn = _ip_adapter_attention()
+    attn.set_processor(IPAdapterAttnProcessor2_0(hidden_size=32, cross_attention_dim=24))
+    sd.attach_head_mix(attn)
+    with pytest.raises(RuntimeError, match="called F.scaled_dot_product_attention 0 times; head mixing replaces at "
+                                           "least one call"):
         attn(torch.randn(2, 6, 32))
 
 

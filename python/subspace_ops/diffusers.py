@@ -12,17 +12,22 @@ computes what the module's own processor computes with the head-mixing op in pla
 - the default processors (``AttnProcessor2_0``, ``AttnProcessor``) become a
   :class:`~subspace_ops.nn.CoeffAttnProcessor`, our transcription of what they compute;
 - the processors in :data:`ROUTED_PROCESSORS` (fused q/k/v after ``fuse_qkv_projections()``, SD3's
-  and Qwen-Image's joint attention, Flux's and Flux.2's double- and single-stream attention, the
-  video models') become
-  a copy of themselves whose one SDPA call is routed to the head-mixing op
-  (:func:`~subspace_ops.nn.sdpa_head_mixing.processor_with_head_mixing`). In joint attention the
-  image and text tokens form one sequence, so α mixes the heads' maps over both. Copies of
-  processors that dispatch through diffusers' attention backends (Flux, Flux.2, Qwen-Image) run the
-  native one (the one that calls SDPA).
+  and Qwen-Image's joint attention, Flux's and Flux.2's double- and single-stream attention,
+  HunyuanVideo's and LTX-Video's) become a copy of themselves whose one SDPA call is routed to the
+  head-mixing op (:func:`~subspace_ops.nn.sdpa_head_mixing.processor_with_head_mixing`). In joint
+  attention the image and text tokens form one sequence, so α mixes the heads' maps over both.
+  Copies of processors that dispatch through diffusers' attention backends (Flux, Flux.2,
+  Qwen-Image, Wan) run the native one (the one that calls SDPA);
+- the processors in :data:`SUMMED_ATTENTION_PROCESSORS` add up several attentions of the same
+  queries: IP-Adapter's decoupled cross attention (SD/SDXL UNets, SD3, Flux: the text's attention
+  plus each image prompt's, over the image prompt's own key/value projections) and Wan's (one
+  attention; in image-to-video cross attention two, text and image context). Their copies route
+  every SDPA call, mixing the heads of each of those attention maps by the same α: each map is a
+  softmax over its own keys, and α applies to every map the layer computes. The image-prompt
+  projections stay the IP-Adapter's (shared with the replaced processor, frozen by Coeff).
 
-Any other processor (IP-Adapter, added-KV, xFormers, a custom one) is refused with its name, before
-anything changes, because its computation would be lost; so is Wan's image-to-video cross attention,
-which sums two attentions (text and image context). The model's weights are untouched;
+Any other processor (added-KV, xFormers, sliced, a custom one) is refused with its name, before
+anything changes, because its computation would be lost. The model's weights are untouched;
 :func:`detach_head_mix` puts the replaced processors back. LoRA on the projections composes with it:
 ``methods.apply(unet, "lora", targets=("to_q", "to_k", "to_v", "to_out.0"))`` or PEFT's
 ``unet.add_adapter(LoraConfig(...))``, before or after.
@@ -38,15 +43,20 @@ from torch import nn
 from .nn.attention import CoeffAttnProcessor
 from .nn.sdpa_head_mixing import is_head_mixing, processor_with_head_mixing
 
-__all__ = ["ROUTED_PROCESSORS", "attach_head_mix", "attention_modules", "check_attachable", "detach_head_mix",
-           "has_attention", "is_head_mix_processor", "processors", "set_processors"]
+__all__ = ["ROUTED_PROCESSORS", "SUMMED_ATTENTION_PROCESSORS", "attach_head_mix", "attention_modules",
+           "check_attachable", "detach_head_mix", "has_attention", "is_head_mix_processor", "processors",
+           "set_processors"]
 
 _DEFAULT_PROCESSORS = ("AttnProcessor2_0", "AttnProcessor")
 # processors that compute their attention with exactly one SDPA call on [B, heads, N, d] (checked at each call)
 ROUTED_PROCESSORS = ("FusedAttnProcessor2_0", "JointAttnProcessor2_0", "FusedJointAttnProcessor2_0",
                      "FluxAttnProcessor", "Flux2AttnProcessor", "Flux2ParallelSelfAttnProcessor",
-                     "QwenDoubleStreamAttnProcessor2_0", "WanAttnProcessor", "HunyuanVideoAttnProcessor2_0",
+                     "QwenDoubleStreamAttnProcessor2_0", "HunyuanVideoAttnProcessor2_0",
                      "LTXVideoAttnProcessor")
+# processors that add up several attentions of the same queries, each an SDPA call mixed by the same α
+SUMMED_ATTENTION_PROCESSORS = ("IPAdapterAttnProcessor2_0", "SD3IPAdapterJointAttnProcessor2_0",
+                               "FluxIPAdapterAttnProcessor", "WanAttnProcessor")
+_SUPPORTED = _DEFAULT_PROCESSORS + ROUTED_PROCESSORS + SUMMED_ATTENTION_PROCESSORS
 
 
 def _attention_classes() -> Optional[tuple[type, ...]]:
@@ -87,13 +97,9 @@ def check_attachable(model: nn.Module) -> list[tuple[str, nn.Module]]:
         processor = module.processor
         if is_head_mix_processor(processor):
             raise ValueError(f"{name} already has a head mix")
-        if type(processor).__name__ not in _DEFAULT_PROCESSORS + ROUTED_PROCESSORS:
+        if type(processor).__name__ not in _SUPPORTED:
             raise ValueError(f"{name}: runs {type(processor).__name__}, not one of the processors head mixing "
-                             f"reproduces {_DEFAULT_PROCESSORS + ROUTED_PROCESSORS}; it would drop what that "
-                             "one computes")
-        if type(processor).__name__ == "WanAttnProcessor" and getattr(module, "add_k_proj", None) is not None:
-            raise ValueError(f"{name}: Wan's image-to-video cross attention computes two attentions (text and "
-                             "image context) and sums them; head mixing reproduces one SDPA call")
+                             f"reproduces {_SUPPORTED}; it would drop what that one computes")
         to_q = getattr(module, "to_q", None)
         features = to_q.out_features if to_q is not None else None
         if module.heads < 1 or (features is not None and features % module.heads):
@@ -113,8 +119,9 @@ def attach_head_mix(model: nn.Module, *, dropout: float = 0.0, backend: Optional
             processor = CoeffAttnProcessor(module.heads, replaced=module.processor, dropout=dropout, backend=backend,
                                            device=device)
         else:
-            processor = processor_with_head_mixing(module.processor, module.heads, dropout=dropout, backend=backend,
-                                                   device=device)
+            processor = processor_with_head_mixing(
+                module.processor, module.heads, dropout=dropout, backend=backend, device=device,
+                sums_attentions=type(module.processor).__name__ in SUMMED_ATTENTION_PROCESSORS)
         processor.train(module.training)
         module.set_processor(processor)
     return [name for name, _ in modules]

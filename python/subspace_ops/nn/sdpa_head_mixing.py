@@ -17,9 +17,11 @@ silently ignore α). A module whose forward computes the attention by hand (Swin
 attention) runs the SDPA form of its forward from :mod:`subspace_ops.nn.sdpa_forms` instead.
 Attention-probability dropout is refused, as by the other Coeff layers.
 
-:func:`processor_with_head_mixing` does the same for a diffusers attention processor (a plain
-callable object, not a module): the copy's class subclasses the processor's class and nn.Module,
-and routes the SDPA call of the processor's own ``__call__``.
+:func:`processor_with_head_mixing` does the same for a diffusers attention processor: the copy's
+class subclasses the processor's class (and nn.Module, for a plain callable processor) and routes
+the SDPA calls of the processor's own ``__call__``. A processor that sums several attentions
+(IP-Adapter's text and image-prompt attention) may call SDPA more than once; each call is mixed
+by the same α.
 """
 
 from __future__ import annotations
@@ -65,8 +67,13 @@ class _RouteSdpa(TorchFunctionMode):
         if options.get("enable_gqa", False):
             key, value = repeat_kv_heads(key, query.shape[1]), repeat_kv_heads(value, query.shape[1])
         self.calls += 1
-        return self.head_mix(query, key, value, attn_mask=options.get("attn_mask"),
-                             is_causal=bool(options.get("is_causal", False)), scale=options.get("scale"))
+        out = self.head_mix(query, key, value, attn_mask=options.get("attn_mask"),
+                            is_causal=bool(options.get("is_causal", False)), scale=options.get("scale"))
+        if query.transpose(1, 2).is_contiguous():
+            # SDPA's output follows the queries' [B, N, H, d] memory layout, which callers may rely on
+            # (SD3's IP-Adapter processor views out.transpose(1, 2)); the copy is one reshape would make
+            out = out.transpose(1, 2).contiguous().transpose(1, 2)
+        return out
 
 
 def _class_name(cls: type) -> str:
@@ -74,20 +81,24 @@ def _class_name(cls: type) -> str:
 
 
 def _call_routed(self: Any, call: Any, args: tuple, kwargs: dict) -> Any:
-    """``call(*args, **kwargs)`` with its one SDPA call routed to ``self.head_mix``."""
+    """``call(*args, **kwargs)`` with its SDPA call (or, where ``self.sums_attentions``, each of its
+    SDPA calls) routed to ``self.head_mix``."""
     route = _RouteSdpa(self.head_mix, self._routed_name)
     with route:
         out = call(*args, **kwargs)
-    if route.calls != 1 and not torch.compiler.is_compiling():
+    sums = getattr(self, "sums_attentions", False)
+    if (route.calls < 1 if sums else route.calls != 1) and not torch.compiler.is_compiling():
+        expected = "at least one call" if sums else "exactly one call"
         raise RuntimeError(f"{self._routed_name} called F.scaled_dot_product_attention {route.calls} times; head "
-                           f"mixing replaces exactly one call ({self._route_hint})")
+                           f"mixing replaces {expected} ({self._route_hint})")
     return out
 
 
 def _mixing_class(cls: type) -> type:
     """The subclass of ``cls`` that routes SDPA to ``self.head_mix`` (made once per class): around
     ``forward`` for an nn.Module, around ``__call__`` for a diffusers attention processor (a plain
-    callable class; the subclass is also an nn.Module, so α is a parameter of the model)."""
+    callable class, whose subclass is also an nn.Module so that α is a parameter of the model, or an
+    nn.Module with its own ``__call__``, as IP-Adapter's)."""
     name = _class_name(cls)
     module = sys.modules[__name__]
     if name in vars(module):
@@ -95,7 +106,7 @@ def _mixing_class(cls: type) -> type:
 
     namespace: dict[str, Any] = {"__module__": __name__, "__qualname__": name, "_routed_name": cls.__name__,
                                  "__doc__": f"{cls.__name__} with Coeff-Tuning's head mixing (see {__name__})."}
-    if issubclass(cls, nn.Module):
+    if issubclass(cls, nn.Module) and cls.__call__ is nn.Module.__call__:
         sdpa_form = SDPA_FORMS.get((cls.__module__, cls.__qualname__))  # for a forward without an SDPA call
 
         def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -112,9 +123,9 @@ def _mixing_class(cls: type) -> type:
         # diffusers passes a processor only the keyword arguments its __call__ names (inspect.signature,
         # which follows __wrapped__): the copy must name the processor's own.
         __call__.__wrapped__ = cls.__call__
-        bases = (cls, nn.Module)
+        bases = (cls,) if issubclass(cls, nn.Module) else (cls, nn.Module)
         namespace.update(__call__=__call__, extra_repr=lambda self: f"replaced={type(self.replaced).__name__}",
-                         _route_hint="it must run diffusers' native attention backend")
+                         _holds_backbone=True, _route_hint="it must run diffusers' native attention backend")
     mixing = type(name, bases, namespace)
     setattr(module, name, mixing)
     return mixing
@@ -138,6 +149,17 @@ def is_head_mixing(module: object) -> bool:
     return type(module).__module__ == __name__ and type(module).__name__.startswith(_PREFIX)
 
 
+def _module_copy(module: nn.Module) -> nn.Module:
+    """``module`` as an instance of its mixing class: the same submodules and tensors, its own
+    containers (so adding ``head_mix`` leaves the original as it was)."""
+    mixed = copy.copy(module)
+    for key, value in list(vars(mixed).items()):
+        if key.startswith("_") and isinstance(value, (dict, set)):
+            vars(mixed)[key] = copy.copy(value)
+    mixed.__class__ = _mixing_class(type(module))
+    return mixed
+
+
 def with_head_mixing(attention: nn.Module, num_heads: int, *, dropout: float = 0.0,
                      backend: Optional[str] = None) -> nn.Module:
     """A copy of ``attention`` with a zero-init ``head_mix`` (α [num_heads, num_heads]) applied to its
@@ -146,11 +168,7 @@ def with_head_mixing(attention: nn.Module, num_heads: int, *, dropout: float = 0
     if isinstance(attn_drop, nn.Dropout) and attn_drop.p > 0:
         raise ValueError(f"{type(attention).__name__}: attention probabilities dropout (attn_drop.p={attn_drop.p}) is "
                          "not supported by head mixing; build the model with attn_drop_rate=0")
-    mixed = copy.copy(attention)  # the same tensors; its own containers, so adding head_mix leaves the original
-    for key, value in list(vars(mixed).items()):
-        if key.startswith("_") and isinstance(value, (dict, set)):
-            vars(mixed)[key] = copy.copy(value)
-    mixed.__class__ = _mixing_class(type(attention))
+    mixed = _module_copy(attention)
     if hasattr(mixed, "fused_attn"):  # timm: the SDPA path (the manual one computes the same at α = 0)
         mixed.fused_attn = True
     weight = next(attention.parameters(), None)
@@ -160,21 +178,26 @@ def with_head_mixing(attention: nn.Module, num_heads: int, *, dropout: float = 0
 
 
 def processor_with_head_mixing(processor: object, num_heads: int, *, dropout: float = 0.0,
-                               backend: Optional[str] = None, device=None) -> nn.Module:
-    """A copy of a diffusers attention processor (an instance of a plain processor class such as SD3's
-    ``JointAttnProcessor2_0`` or Flux's ``FluxAttnProcessor``) with a zero-init ``head_mix`` applied to
-    its SDPA call; ``replaced`` is ``processor``, which is not changed. Processors that dispatch through
+                               backend: Optional[str] = None, device=None, sums_attentions: bool = False) -> nn.Module:
+    """A copy of a diffusers attention processor (SD3's ``JointAttnProcessor2_0``, Flux's
+    ``FluxAttnProcessor``, IP-Adapter's ``IPAdapterAttnProcessor2_0``...) with a zero-init ``head_mix``
+    applied to its SDPA call; ``replaced`` is ``processor``, which is not changed. ``sums_attentions``:
+    the processor adds up several attentions of the same queries (IP-Adapter: the text's and each
+    image prompt's), each one an SDPA call that gets the same mixing; otherwise a call other than
+    the first one raises. An nn.Module processor (IP-Adapter's, holding its image-prompt key/value
+    projections) keeps those modules, shared with the original. Processors that dispatch through
     diffusers' attention backends (Flux) are set to the native one, the backend that calls SDPA: the
     head-mixing op computes the attention whatever backend was chosen."""
     if isinstance(processor, nn.Module):
-        raise TypeError(f"{type(processor).__name__} is an nn.Module processor (it holds its own weights); "
-                        "head mixing copies only plain processors")
-    mixing = _mixing_class(type(processor))
-    mixed = mixing.__new__(mixing)  # not the processor's __init__: its state is copied below
-    nn.Module.__init__(mixed)
-    vars(mixed).update(vars(processor))
+        mixed = _module_copy(processor)
+    else:
+        mixing = _mixing_class(type(processor))
+        mixed = mixing.__new__(mixing)  # not the processor's __init__: its state is copied below
+        nn.Module.__init__(mixed)
+        vars(mixed).update(vars(processor))
     if hasattr(mixed, "_attention_backend"):
         mixed._attention_backend = "native"
-    mixed.replaced = processor
+    vars(mixed)["replaced"] = processor  # not a submodule: its tensors, the copy's too, are saved once
+    mixed.sums_attentions = sums_attentions
     mixed.head_mix = HeadMix(num_heads, dropout=dropout, backend=backend, device=device)
     return mixed
