@@ -483,8 +483,8 @@ def dit(name: str):
 def test_dit_coeff_equals_the_model_with_the_papers_attention(name, monkeypatch):
     """Whole SD3 / Flux / Flux.2 / Qwen-Image / Wan (text- and image-to-video) / HunyuanVideo /
     LTX-Video transformers (joint text-image attention, rotary embeddings, text padding masks,
-    HunyuanVideo's token refiner on the default processor) and a UNet with IP-Adapters: reference = the stock model with torch's SDPA computing the paper's formula
-    (α picked by the number of heads)."""
+    HunyuanVideo's token refiner on the default processor) and a UNet with IP-Adapters: reference =
+    the stock model with torch's SDPA computing the paper's formula (α picked by the number of heads)."""
     model, inputs = dit(name)
     apply_coeff(model, backend="cpu")
     mixes = [m for m in model.modules() if isinstance(m, HeadMix)]
