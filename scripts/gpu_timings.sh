@@ -11,6 +11,7 @@
 #   bash scripts/gpu_timings.sh                       # everything within 540 s
 #   STEPS="verify linear" GPU_BUDGET_S=300 bash scripts/gpu_timings.sh
 #   STEPS=unet bash scripts/gpu_timings.sh            # SD 1.5's UNet step (e2e-unet), a second call
+#   STEPS="unet flux" bash scripts/gpu_timings.sh     # ... and Flux.1-dev-sized blocks' step (e2e-flux)
 #   GPU_TIMINGS_DEVICE=cpu GPU_BUDGET_S=60 bash scripts/gpu_timings.sh   # the plan's mechanics, on a CPU
 #
 # The C++ extension is built against the machine's torch (no build isolation: nothing is fetched);
@@ -102,7 +103,11 @@ for step in $steps; do
             begin_step "$budget"
             bench_piece unet 300 sd15 e2e-unet --shape sd15 --no-compile --repeats 10
             merge unet ;;
-        *) echo "unknown step $step (verify, linear, attention, e2e, unet)"; exit 2 ;;
+        flux)  # not in the default steps either: STEPS="unet flux" bash scripts/gpu_timings.sh
+            begin_step "$budget"
+            bench_piece flux 240 flux e2e-flux --shape flux --no-compile --repeats 10
+            merge flux ;;
+        *) echo "unknown step $step (verify, linear, attention, e2e, unet, flux)"; exit 2 ;;
     esac
 done
 rm -rf "$pieces"

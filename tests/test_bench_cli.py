@@ -228,11 +228,12 @@ def test_python_dash_m_entry_point(monkeypatch, capsys):
 
 @pytest.mark.integration
 @pytest.mark.parametrize("case_name, shape", [("e2e", (2, 32, 1, 64)), ("e2e-llama", (1, 16, 1, 128)),
-                                              ("e2e-unet", (1, 16, 32, 8))])
+                                              ("e2e-unet", (1, 16, 32, 8)), ("e2e-flux", (1, 16, 8, 1, 128))])
 def test_e2e_cases_run_a_training_step(case_name, shape):
     """The end-to-end cases (not in a bare run): our method, PEFT LoRA and the frozen forward, one
     training step each, with a throughput; compile variants are left out to keep this fast."""
-    pytest.importorskip({"e2e": "timm", "e2e-llama": "transformers", "e2e-unet": "diffusers"}[case_name])
+    pytest.importorskip({"e2e": "timm", "e2e-llama": "transformers", "e2e-unet": "diffusers",
+                         "e2e-flux": "diffusers"}[case_name])
     pytest.importorskip("peft")
     from subspace_ops.bench.cases import CASES
     from subspace_ops.bench.harness import run_case

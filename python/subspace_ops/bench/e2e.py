@@ -50,6 +50,18 @@ Methods (default: the two of 003's SDXL runs): ``coeff`` (α in every self and c
 naive: the N×N maps of every head, 1024² at the first level of the CPU preset, 4096² in SD 1.5) and
 ``lora`` (r=8 on to_q, to_k, to_v, to_out.0, as the PEFT row); ``--methods`` adds others, e.g.
 ``siva`` (to_q, to_v) or ``rlrr`` (every linear of the attention and feed-forward layers; no SSF).
+
+Case ``e2e-flux``: the same for a Flux-style diffusion transformer (diffusers
+``FluxTransformer2DModel`` from a config, random init): a flow-matching step, MSE between the
+predicted and the true velocity (noise − latents) at a random t, with random packed latents
+(64 channels: 16 latent channels in 2×2 patches), text states, pooled text embedding and guidance.
+Shapes ``batch,image,text,blocks,hidden``: ``image`` latent tokens (4096 for a 1024² image),
+``text`` tokens (512 in Flux.1-dev), ``blocks`` double-stream blocks followed by twice as many
+single-stream blocks (Flux.1: 19 and 38), width ``hidden`` in heads of 128 (Flux.1: 3072, 24
+heads). Presets: ``flux`` = (1, 4096, 512, 2, 3072), two double and four single Flux.1-dev blocks
+at 1024² (CUDA default; the whole model's 57 blocks would not leave room for the full-FT row);
+``cpu`` = (1, 1024, 64, 1, 256), a 32×32 latent, 2 heads. Methods: ``coeff`` (α in every joint attention: naive = every
+head's (image + text)² map) and ``lora`` (r=8 on to_q, to_k, to_v, to_out.0, as the PEFT row).
 """
 
 from __future__ import annotations
@@ -62,8 +74,8 @@ from torch import nn
 
 from .harness import Case, Shape, Variant, VariantSkipped, Workload
 
-__all__ = ["E2E_LLAMA", "E2E_METHODS", "E2E_UNET", "E2E_VIT", "check_methods", "e2e_variants", "llama_variants",
-           "unet_variants"]
+__all__ = ["E2E_FLUX", "E2E_LLAMA", "E2E_METHODS", "E2E_UNET", "E2E_VIT", "check_methods", "e2e_variants",
+           "flux_variants", "llama_variants", "unet_variants"]
 
 LORA_RANK = 8
 
@@ -399,4 +411,94 @@ E2E_UNET = _e2e_case(
     unet_variants, ("batch", "latent", "channels", "text"),
     presets={"sd15": {"any": [(2, 64, 320, 77)]}, "cpu": {"any": [(1, 32, 64, 77)]}},
     default_presets={"cuda": ["sd15"], "cpu": ["cpu"]},
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# e2e-flux: a Flux-style diffusion transformer (diffusers)
+# ---------------------------------------------------------------------------------------------
+_FLUX_HEAD_DIM = 128
+
+
+def _flux_widths(hidden: int) -> tuple[int, int]:
+    """(text-state width, pooled-embedding width): Flux.1's T5-XXL and CLIP-L at full width, else hidden."""
+    return (4096, 768) if hidden >= 1024 else (hidden, hidden)
+
+
+def _flux(shape: Shape, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    try:
+        import diffusers
+    except ImportError:
+        raise VariantSkipped("diffusers not installed (pip install diffusers)") from None
+    _, _, _, blocks, hidden = shape
+    if hidden % _FLUX_HEAD_DIM:
+        raise ValueError(f"hidden must be a multiple of the head size {_FLUX_HEAD_DIM}, got {hidden}")
+    text_dim, pooled_dim = _flux_widths(hidden)
+    torch.manual_seed(0)
+    model = diffusers.FluxTransformer2DModel(  # Flux.1-dev's blocks (rotary axes 16 + 56 + 56 = the head size)
+        patch_size=1, in_channels=64, num_layers=blocks, num_single_layers=2 * blocks,
+        attention_head_dim=_FLUX_HEAD_DIM, num_attention_heads=hidden // _FLUX_HEAD_DIM,
+        joint_attention_dim=text_dim, pooled_projection_dim=pooled_dim, guidance_embeds=True,
+        axes_dims_rope=(16, 56, 56))
+    model.to(device=device)
+    return model if dtype == torch.float32 else model.to(dtype=dtype)
+
+
+def _apply_flux(method: str, model: nn.Module, backend: Optional[str]) -> None:
+    from .. import methods
+
+    overrides = {
+        "lora": dict(targets=_UNET_ATTENTION, rank=LORA_RANK, alpha=2 * LORA_RANK),
+        "siva": dict(targets=("to_q", "to_v"), perc=0.95),
+        "rlrr": dict(targets=_UNET_ATTENTION + ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"), ssf=False),
+    }
+    methods.apply(model, method, trainable=(), **_backend_option(backend), **overrides.get(method, {}))
+
+
+def _latent_ids(tokens: int, device: torch.device) -> torch.Tensor:
+    """Flux's (0, row, column) position ids of a square latent grid (one row if ``tokens`` is not a square)."""
+    side = int(tokens ** 0.5)
+    rows, cols = (side, side) if side * side == tokens else (1, tokens)
+    grid = torch.stack(torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij"), dim=-1).reshape(-1, 2)
+    return torch.cat([torch.zeros(tokens, 1), grid.float()], dim=1).to(device)
+
+
+def _flux_workload(model: Callable, params: list[torch.Tensor], shape: Shape, device: torch.device,
+                   dtype: torch.dtype, label: str) -> Workload:
+    batch, image, text, _, hidden = shape
+    text_dim, pooled_dim = _flux_widths(hidden)
+    g = torch.Generator(device=device).manual_seed(1)
+    latents = torch.randn(batch, image, 64, generator=g, device=device).to(dtype)
+    noise = torch.randn(batch, image, 64, generator=g, device=device).to(dtype)
+    t = torch.rand(batch, generator=g, device=device)
+    noisy = ((1 - t[:, None, None]) * latents + t[:, None, None] * noise).to(dtype)
+    inputs = dict(encoder_hidden_states=torch.randn(batch, text, text_dim, generator=g, device=device).to(dtype),
+                  pooled_projections=torch.randn(batch, pooled_dim, generator=g, device=device).to(dtype),
+                  timestep=t.to(dtype), guidance=torch.full((batch,), 3.5, device=device, dtype=dtype),
+                  img_ids=_latent_ids(image, device), txt_ids=torch.zeros(text, 3, device=device))
+    optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None  # none for the frozen model
+
+    def forward() -> torch.Tensor:
+        return model(hidden_states=noisy, **inputs).sample
+
+    def step() -> None:
+        nn.functional.mse_loss(forward().float(), (noise - latents).float()).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return Workload(forward, params, None, label, train_step=step, items=(batch, "img"))
+
+
+_FLUX = _Task(_flux, _apply_flux, _flux_workload, _unet_peft_config, "HF PEFT LoRA on to_q, to_k, to_v, to_out.0")
+
+
+def flux_variants(backend: Optional[str] = None, methods: Sequence[str] = UNET_METHODS) -> list[Variant]:
+    return _variants(_FLUX, backend, methods)
+
+
+E2E_FLUX = _e2e_case(
+    "e2e-flux", "one flow-matching training step (fwd + bwd + AdamW) of Flux-style blocks per method vs PEFT LoRA",
+    flux_variants, ("batch", "image", "text", "blocks", "hidden"),
+    presets={"flux": {"any": [(1, 4096, 512, 2, 3072)]}, "cpu": {"any": [(1, 1024, 64, 1, 256)]}},
+    default_presets={"cuda": ["flux"], "cpu": ["cpu"]},
 )
