@@ -389,6 +389,9 @@ MUTANTS = [
            "    if issubclass(cls, nn.Module) and cls.__call__ is nn.Module.__call__:",
            "    if issubclass(cls, nn.Module):", "tests/test_diffusers.py -k 'routed and ip'",
            "an nn.Module processor (IP-Adapter) gets its forward wrapped, not its __call__: α ignored"),
+    Mutant("P115", "python/subspace_ops/peft_model.py", "            if missing:  # e.g. diffusers' load_ip_adapter",
+           "            if False:  # e.g. diffusers' load_ip_adapter", "tests/test_diffusers.py -k replaced_after",
+           "a wrapper whose Coeff processors were replaced saves an adapter without α"),
     # transformers: T5's relative position bias; models that do not run on SDPA
     Mutant("P109", "python/subspace_ops/transformers.py", "    if position_bias is not None:  # T5",
            "    if False:  # T5", "tests/test_coeff_layers.py -k t5", "T5's relative position bias dropped by Coeff"),

@@ -228,6 +228,19 @@ def test_peft_model_wrapper_disable_save_load_unload(tmp_path):
     assert torch.equal(run(plain), base_out)
 
 
+def test_processors_replaced_after_coeff_are_reported_not_saved_empty(tmp_path):
+    """diffusers' load_ip_adapter (like set_attn_processor) sets new processors on every attention
+    module, dropping the head mixing: the wrapper says so rather than saving an adapter without α."""
+    model = get_peft_model(tiny_unet(), "coeff")
+    model.base_model.set_attn_processor(AttnProcessor2_0())
+    for call in (lambda: model.save_pretrained(tmp_path), lambda: model.set_adapter("default")):
+        with pytest.raises(RuntimeError, match=r"are no longer in the model: a module or attention processor was "
+                                               r"replaced after adapting it \(diffusers' load_ip_adapter"):
+            call()
+    assert not os.listdir(tmp_path)
+    model.unload()  # still possible: puts the processors Coeff replaced back
+
+
 def test_failed_load_leaves_the_unet_unchanged(tmp_path):
     model = get_peft_model(tiny_unet(), "coeff")
     model.save_pretrained(tmp_path)

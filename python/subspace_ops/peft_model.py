@@ -244,11 +244,19 @@ class SubspacePeftModel(ForwardsAttributes, nn.Module):
     def active_adapters(self) -> list[str]:
         return [self.active_adapter]
 
-    def _check_usable(self, what: str) -> None:
+    def _check_usable(self, what: str, needs_adapter: bool = True) -> None:
         if self._unloaded:
             raise RuntimeError(f"{what}: the adapters were unloaded (merge_and_unload/unload); this wrapper is spent")
         if self._disabled:
             raise RuntimeError(f"{what} is not allowed inside disable_adapter()")
+        if needs_adapter:
+            present = dict(self.base_model.named_parameters())
+            missing = [n for n in self._adapter_names if n not in present]
+            if missing:  # e.g. diffusers' load_ip_adapter after Coeff-Tuning: it sets new attention processors
+                raise RuntimeError(
+                    f"{what}: the adapter's parameters {missing[:4]}{' …' if len(missing) > 4 else ''} are no longer "
+                    "in the model: a module or attention processor was replaced after adapting it (diffusers' "
+                    "load_ip_adapter or set_attn_processor drop Coeff-Tuning's processors: load IP-Adapters first)")
 
     # -- parameters -------------------------------------------------------------------------------
     def _adapter_state(self, clone: bool = False) -> dict[str, torch.Tensor]:
@@ -314,7 +322,7 @@ class SubspacePeftModel(ForwardsAttributes, nn.Module):
         self.active_adapter = adapter_name
 
     def delete_adapter(self, adapter_name: str) -> None:
-        self._check_usable("delete_adapter")
+        self._check_usable("delete_adapter", needs_adapter=False)
         if adapter_name not in self.peft_config:
             raise ValueError(f"unknown adapter {adapter_name!r}; adapters: {list(self.peft_config)}")
         if adapter_name == self.active_adapter:
@@ -416,7 +424,7 @@ class SubspacePeftModel(ForwardsAttributes, nn.Module):
 
     def unload(self) -> nn.Module:
         """The base model without the adapter layers, nothing merged (trained head / BitFit biases kept)."""
-        self._check_usable("unload")
+        self._check_usable("unload", needs_adapter=False)
         model = self.base_model
         unmerge_all(model)  # the original modules share the weight Parameters
         for name, original in self._replaced:
