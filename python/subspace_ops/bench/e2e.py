@@ -60,8 +60,9 @@ Shapes ``batch,image,text,blocks,hidden``: ``image`` latent tokens (4096 for a 1
 single-stream blocks (Flux.1: 19 and 38), width ``hidden`` in heads of 128 (Flux.1: 3072, 24
 heads). Presets: ``flux`` = (1, 4096, 512, 2, 3072), two double and four single Flux.1-dev blocks
 at 1024² (CUDA default; the whole model's 57 blocks would not leave room for the full-FT row);
-``cpu`` = (1, 1024, 64, 1, 256), a 32×32 latent, 2 heads. Methods: ``coeff`` (α in every joint attention: naive = every
-head's (image + text)² map) and ``lora`` (r=8 on to_q, to_k, to_v, to_out.0, as the PEFT row).
+``cpu`` = (1, 1024, 64, 1, 256), a 32×32 latent, 2 heads. Methods: ``coeff`` (α in every joint
+attention: naive = every head's (image + text)² map) and ``lora`` (r=8 on to_q, to_k, to_v,
+to_out.0, as the PEFT row).
 """
 
 from __future__ import annotations
