@@ -436,12 +436,12 @@ def _flux(shape: Shape, device: torch.device, dtype: torch.dtype) -> nn.Module:
         raise ValueError(f"hidden must be a multiple of the head size {_FLUX_HEAD_DIM}, got {hidden}")
     text_dim, pooled_dim = _flux_widths(hidden)
     torch.manual_seed(0)
-    model = diffusers.FluxTransformer2DModel(  # Flux.1-dev's blocks (rotary axes 16 + 56 + 56 = the head size)
-        patch_size=1, in_channels=64, num_layers=blocks, num_single_layers=2 * blocks,
-        attention_head_dim=_FLUX_HEAD_DIM, num_attention_heads=hidden // _FLUX_HEAD_DIM,
-        joint_attention_dim=text_dim, pooled_projection_dim=pooled_dim, guidance_embeds=True,
-        axes_dims_rope=(16, 56, 56))
-    model.to(device=device)
+    with device:  # initialized where it runs: the GPU preset's 1.3 B parameters take seconds on a CPU, per variant
+        model = diffusers.FluxTransformer2DModel(  # Flux.1-dev's blocks (rotary axes 16 + 56 + 56 = the head size)
+            patch_size=1, in_channels=64, num_layers=blocks, num_single_layers=2 * blocks,
+            attention_head_dim=_FLUX_HEAD_DIM, num_attention_heads=hidden // _FLUX_HEAD_DIM,
+            joint_attention_dim=text_dim, pooled_projection_dim=pooled_dim, guidance_embeds=True,
+            axes_dims_rope=(16, 56, 56))
     return model if dtype == torch.float32 else model.to(dtype=dtype)
 
 
