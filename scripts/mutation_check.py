@@ -392,6 +392,12 @@ MUTANTS = [
     Mutant("P115", "python/subspace_ops/peft_model.py", "            if missing:  # e.g. diffusers' load_ip_adapter",
            "            if False:  # e.g. diffusers' load_ip_adapter", "tests/test_diffusers.py -k replaced_after",
            "a wrapper whose Coeff processors were replaced saves an adapter without α"),
+    Mutant("P116", "python/subspace_ops/methods.py",
+           ") + DIFFUSERS_Q + DIFFUSERS_K + DIFFUSERS_V + DIFFUSERS_ATTENTION_OUT + DIFFUSERS_FFN_OUT + (", ") + (",
+           "tests/test_diffusers.py -k every_method", "methods by name adapt only a diffusers model's ff.net.0.proj"),
+    Mutant("P117", "python/subspace_ops/methods.py", '"v_proj", "c_attn") + DIFFUSERS_K + DIFFUSERS_V',
+           '"v_proj", "c_attn")', "tests/test_diffusers.py -k every_method",
+           "(IA)³ / SSL / SSB by name find no key or value projection in a diffusers model"),
     # transformers: T5's relative position bias; models that do not run on SDPA
     Mutant("P109", "python/subspace_ops/transformers.py", "    if position_bias is not None:  # T5",
            "    if False:  # T5", "tests/test_coeff_layers.py -k t5", "T5's relative position bias dropped by Coeff"),

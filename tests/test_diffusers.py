@@ -607,3 +607,52 @@ def test_compiled_flux_attention_with_coeff_matches_eager():
     compiled = torch.compile(attn, fullgraph=True)(x, **kwargs)
     for ours, eager in zip(compiled, expected):
         torch.testing.assert_close(ours, eager, rtol=1e-5, atol=1e-6)
+
+
+# Every registry method applied by name with its default targets: they name diffusers' layers too.
+_LINEAR = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "net.2",
+           "proj_mlp", "single_transformer_blocks.*.proj_out")
+_DEFAULT_LAYERS = {  # method: the layers its defaults must reach (patterns as the registry's)
+    "ssb": ("to_k", "to_v", "add_k_proj", "add_v_proj", "net.2"), "ssl": ("to_k", "to_v", "add_k_proj", "add_v_proj"),
+    "ia3": ("to_k", "to_v", "add_k_proj", "add_v_proj", "net.2"), "siva": ("to_q", "to_v", "add_q_proj", "add_v_proj"),
+    "adapter": ("to_out.0", "to_add_out", "net.2"), "ssf": ("norm1", "norm2", "norm3"),
+}
+_DIFFUSERS_METHODS = [n for n in methods.list_methods() if n not in ("coeff", "bitfit")]  # coeff: above
+
+
+@pytest.mark.parametrize("model_name", ["unet", "flux"])
+@pytest.mark.parametrize("name", _DIFFUSERS_METHODS)
+def test_every_method_by_name_reaches_diffusers_layers(name, model_name):
+    """``methods.apply(model, name)`` with the defaults adapts a UNet's and a Flux transformer's attention
+    projections (both streams of joint attention) and feed-forward output, not just the layers whose
+    names the other libraries share (``proj``); zero-init methods leave the output as it was."""
+    from subspace_ops.adapters import find_modules
+
+    from test_methods import NOT_ZERO_INIT, cpu_kw
+
+    model, inputs = (tiny_unet(), unet_inputs()) if model_name == "unet" else dit("flux")
+    if model_name == "flux" and name in ("rlrr", "ssf"):  # adaLN norms have no affine parameters: no SSF place
+        with pytest.raises(ValueError, match="match no LayerNorm, RMSNorm or patch embedding"):
+            methods.apply(model, name, **cpu_kw(name))
+        if name == "ssf":
+            return
+        name_kw = dict(ssf=False)  # RLRR's scales alone (kaiming init: the output moves)
+    else:
+        name_kw = {}
+    with torch.no_grad():
+        before = model(**inputs).sample
+    kind = torch.nn.LayerNorm if name == "ssf" else torch.nn.Linear
+    expected = {n for n, m in find_modules(model, _DEFAULT_LAYERS.get(name, _LINEAR), kind)
+                if name != "ssf" or m.elementwise_affine}
+    assert expected
+    _, report = methods.apply(model, name, **cpu_kw(name, **name_kw))
+    assert expected <= set(report.layers), sorted(expected - set(report.layers))
+    with torch.no_grad():
+        after = model(**inputs).sample
+    if name in NOT_ZERO_INIT:
+        assert not torch.allclose(after, before, atol=1e-4)
+    else:  # zero-init; our kernels' sums may round differently from F.linear's
+        torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-6)
+    model(**inputs).sample.square().mean().backward()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(p.grad is not None for p in trainable)

@@ -139,33 +139,43 @@ __all__ = [
 ]
 
 # ---------------------------------------------------------------------------------------------
-# Default target patterns (timm ViT / BERT-RoBERTa / LLaMA / GPT-2 names)
+# Default target patterns (timm ViT / BERT-RoBERTa / LLaMA / GPT-2 / diffusers names)
 # ---------------------------------------------------------------------------------------------
+#: diffusers' attention projections (UNets, DiTs: ``to_q``...; the text stream of joint attention:
+#: ``add_q_proj``..., ``to_add_out``) and the output linear of its FeedForward (``ff.net.2``,
+#: ``ff_context.net.2``, Wan's ``ffn.net.2``; the input one, ``net.0.proj``, matches ``proj``).
+DIFFUSERS_Q, DIFFUSERS_K, DIFFUSERS_V = ("to_q", "add_q_proj"), ("to_k", "add_k_proj"), ("to_v", "add_v_proj")
+DIFFUSERS_ATTENTION_OUT = ("to_out.0", "to_add_out")
+DIFFUSERS_FFN_OUT = ("net.2",)
 #: Every linear layer of the transformer blocks ("applied to all linear layers", 001 §6); GPT-2's are
-#: transformers Conv1Ds (adapted on their memory, see adapters.find_linears).
+#: transformers Conv1Ds (adapted on their memory, see adapters.find_linears). In diffusers models:
+#: attention and feed-forward, and Flux's single-stream blocks' MLP input and joint output.
 LINEAR_TARGETS = RLRR_LINEAR_TARGETS + (
     "query", "key", "value", "*.intermediate.dense", "*.output.dense",
     "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
     "c_attn", "c_proj", "c_fc",
-)
+) + DIFFUSERS_Q + DIFFUSERS_K + DIFFUSERS_V + DIFFUSERS_ATTENTION_OUT + DIFFUSERS_FFN_OUT + (
+    "single_transformer_blocks.*.proj_mlp", "single_transformer_blocks.*.proj_out")
 #: After every LayerNorm, the patch embedding and the final norm (RLRR / SSF), plus BERT's ``LayerNorm``s,
 #: LLaMA-style RMSNorms (``input_layernorm``, ``post_attention_layernorm``; ``norm`` is the final one) and
 #: transformers' vision towers: ViT/DeiT (``layernorm_before/after``, ``layernorm``, ``patch_embeddings``),
 #: DINOv2 (``norm1/2``), CLIP/SigLIP (``layer_norm1/2``, ``pre_layrnorm``, ``post_layernorm``; their patch
-#: embedding is a bare Conv2d with a [B, C, H, W] output, which SSF over the last dimension does not fit).
+#: embedding is a bare Conv2d with a [B, C, H, W] output, which SSF over the last dimension does not fit),
+#: diffusers' BasicTransformerBlock (``norm1/2/3``; the affine-free norms of DiT blocks get none).
 SSF_TARGETS = RLRR_SSF_TARGETS + ("LayerNorm", "input_layernorm", "post_attention_layernorm", "patch_embeddings",
                                   "layernorm_before", "layernorm_after", "layernorm", "layer_norm1", "layer_norm2",
-                                  "pre_layrnorm", "post_layernorm")
+                                  "pre_layrnorm", "post_layernorm", "norm3")
 #: The key and value projections ((IA)³'s l_k, l_v; timm's fused qkv as a whole).
-KV_TARGETS = ("k", "v", "qkv", "key", "value", "k_proj", "v_proj", "c_attn")
+KV_TARGETS = ("k", "v", "qkv", "key", "value", "k_proj", "v_proj", "c_attn") + DIFFUSERS_K + DIFFUSERS_V
 #: The FFN's second linear, whose *input* is the FFN's intermediate activation ((IA)³'s l_ff).
 #: ``*[0-9].output.dense`` is BERT's ``layer.N.output.dense`` and not ``attention.output.dense``;
 #: ``*.mlp.c_proj`` is GPT-2's (``attn.c_proj`` is the attention output).
-FFN_OUT_TARGETS = ("fc2", "*[0-9].output.dense", "down_proj", "*.mlp.c_proj")
+FFN_OUT_TARGETS = ("fc2", "*[0-9].output.dense", "down_proj", "*.mlp.c_proj") + DIFFUSERS_FFN_OUT
 #: Houlsby: after the attention output projection and after the FFN, in every block.
-ADAPTER_TARGETS = ("*.attn.proj", "*.mlp.fc2", "*.output.dense", "*.self_attn.o_proj", "*.mlp.down_proj")
+ADAPTER_TARGETS = ("*.attn.proj", "*.mlp.fc2", "*.output.dense", "*.self_attn.o_proj", "*.mlp.down_proj"
+                   ) + DIFFUSERS_ATTENTION_OUT + DIFFUSERS_FFN_OUT
 #: SiVA adapts the query and value projections (002 §4).
-SIVA_TARGETS = SVD_TARGETS["siva"] + ("q_proj", "v_proj")
+SIVA_TARGETS = SVD_TARGETS["siva"] + ("q_proj", "v_proj") + DIFFUSERS_Q + DIFFUSERS_V
 #: Modules trained in full besides the method's parameters: the task head.
 DEFAULT_TRAINABLE = ("head", "classifier")
 
