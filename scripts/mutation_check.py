@@ -398,6 +398,9 @@ MUTANTS = [
     Mutant("P117", "python/subspace_ops/methods.py", '"v_proj", "c_attn") + DIFFUSERS_K + DIFFUSERS_V',
            '"v_proj", "c_attn")', "tests/test_diffusers.py -k every_method",
            "(IA)³ / SSL / SSB by name find no key or value projection in a diffusers model"),
+    Mutant("P118", "python/subspace_ops/diffusers.py",
+           "            if type(processor).__name__ in _MEMORY_SAVING_PROCESSORS:", "            if False:",
+           "tests/test_diffusers.py -k refused", "the sliced / xFormers refusal does not say how to go on"),
     # transformers: T5's relative position bias; models that do not run on SDPA
     Mutant("P109", "python/subspace_ops/transformers.py", "    if position_bias is not None:  # T5",
            "    if False:  # T5", "tests/test_coeff_layers.py -k t5", "T5's relative position bias dropped by Coeff"),

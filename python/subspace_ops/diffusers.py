@@ -27,7 +27,8 @@ computes what the module's own processor computes with the head-mixing op in pla
   projections stay the IP-Adapter's (shared with the replaced processor, frozen by Coeff).
 
 Any other processor (added-KV, xFormers, sliced, a custom one) is refused with its name, before
-anything changes, because its computation would be lost. The model's weights are untouched;
+anything changes, because its computation would be lost (for the sliced and xFormers ones, which
+compute the default attention to save memory, the error says to set the default processor first). The model's weights are untouched;
 :func:`detach_head_mix` puts the replaced processors back. LoRA on the projections composes with it:
 ``methods.apply(unet, "lora", targets=("to_q", "to_k", "to_v", "to_out.0"))`` or PEFT's
 ``unet.add_adapter(LoraConfig(...))``, before or after.
@@ -57,6 +58,8 @@ ROUTED_PROCESSORS = ("FusedAttnProcessor2_0", "JointAttnProcessor2_0", "FusedJoi
 SUMMED_ATTENTION_PROCESSORS = ("IPAdapterAttnProcessor2_0", "SD3IPAdapterJointAttnProcessor2_0",
                                "FluxIPAdapterAttnProcessor", "WanAttnProcessor")
 _SUPPORTED = _DEFAULT_PROCESSORS + ROUTED_PROCESSORS + SUMMED_ATTENTION_PROCESSORS
+# the default attention in slices or through xFormers (each skips some of the default's steps: q/k norms...)
+_MEMORY_SAVING_PROCESSORS = ("SlicedAttnProcessor", "XFormersAttnProcessor", "AttnProcessorNPU")
 
 
 def _attention_classes() -> Optional[tuple[type, ...]]:
@@ -98,8 +101,13 @@ def check_attachable(model: nn.Module) -> list[tuple[str, nn.Module]]:
         if is_head_mix_processor(processor):
             raise ValueError(f"{name} already has a head mix")
         if type(processor).__name__ not in _SUPPORTED:
+            hint = ""
+            if type(processor).__name__ in _MEMORY_SAVING_PROCESSORS:  # the default attention, computed another way
+                hint = ("; it computes the default attention to save memory, which the head-mixing op does too: "
+                        "call model.set_default_attn_processor() (or disable_xformers_memory_efficient_attention / "
+                        "set_attention_slice(None)) first")
             raise ValueError(f"{name}: runs {type(processor).__name__}, not one of the processors head mixing "
-                             f"reproduces {_SUPPORTED}; it would drop what that one computes")
+                             f"reproduces {_SUPPORTED}; it would drop what that one computes{hint}")
         to_q = getattr(module, "to_q", None)
         features = to_q.out_features if to_q is not None else None
         if module.heads < 1 or (features is not None and features % module.heads):
