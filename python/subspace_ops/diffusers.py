@@ -28,10 +28,10 @@ computes what the module's own processor computes with the head-mixing op in pla
 
 Any other processor (added-KV, xFormers, sliced, a custom one) is refused with its name, before
 anything changes, because its computation would be lost (for the sliced and xFormers ones, which
-compute the default attention to save memory, the error says to set the default processor first). The model's weights are untouched;
-:func:`detach_head_mix` puts the replaced processors back. LoRA on the projections composes with it:
-``methods.apply(unet, "lora", targets=("to_q", "to_k", "to_v", "to_out.0"))`` or PEFT's
-``unet.add_adapter(LoraConfig(...))``, before or after.
+compute the default attention to save memory, the error says to set the default processor first).
+The model's weights are untouched; :func:`detach_head_mix` puts the replaced processors back.
+LoRA on the projections composes with it: ``methods.apply(unet, "lora", targets=("to_q", "to_k",
+"to_v", "to_out.0"))`` or PEFT's ``unet.add_adapter(LoraConfig(...))``, before or after.
 """
 
 from __future__ import annotations

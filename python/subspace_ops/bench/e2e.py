@@ -212,6 +212,19 @@ def _vit(shape: Shape, device: torch.device, dtype: torch.dtype) -> nn.Module:
     return model.to(device=device, dtype=dtype)
 
 
+def _adamw_step(params: list[torch.Tensor], loss: Callable[[], torch.Tensor]) -> Callable[[], None]:
+    """One training step: ``loss().backward()``, AdamW on ``params``, gradients set to None. The
+    frozen-forward variant has no params; it replaces the step with a no-grad forward."""
+    optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None  # none for the frozen model
+
+    def step() -> None:
+        loss().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
 def _backend_option(backend: Optional[str]) -> dict:
     """``backend=`` for methods with a fused op (None for the others, whose configs have no such field)."""
     return {} if backend is None else {"backend": backend}
@@ -230,14 +243,7 @@ def _vit_workload(model: Callable, params: list[torch.Tensor], shape: Shape, dev
     g = torch.Generator(device=device).manual_seed(1)
     images = torch.randn(batch, 3, img, img, generator=g, device=device).to(dtype)
     labels = torch.randint(0, 1000, (batch,), generator=g, device=device)
-    optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None  # none for the frozen model
-    loss_fn = nn.CrossEntropyLoss()
-
-    def step() -> None:
-        loss_fn(model(images).float(), labels).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
+    step = _adamw_step(params, lambda: nn.functional.cross_entropy(model(images).float(), labels))
     return Workload(lambda: model(images), params, None, label, train_step=step, items=(batch, "img"))
 
 
@@ -304,13 +310,7 @@ def _llama_workload(model: Callable, params: list[torch.Tensor], shape: Shape, d
     batch, seq, _, hidden = shape
     g = torch.Generator(device=device).manual_seed(1)
     ids = torch.randint(0, _vocab(hidden), (batch, seq), generator=g, device=device)
-    optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None  # none for the frozen model
-
-    def step() -> None:
-        model(input_ids=ids, labels=ids).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
+    step = _adamw_step(params, lambda: model(input_ids=ids, labels=ids).loss)
     return Workload(lambda: model(input_ids=ids).logits, params, None, label, train_step=step,
                     items=(batch * seq, "tok"))
 
@@ -380,16 +380,11 @@ def _unet_workload(model: Callable, params: list[torch.Tensor], shape: Shape, de
     noise = torch.randn(batch, 4, latent, latent, generator=g, device=device).to(dtype)
     states = torch.randn(batch, text, _UNET_TEXT_DIM, generator=g, device=device).to(dtype)
     timesteps = torch.randint(0, 1000, (batch,), generator=g, device=device)
-    optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None  # none for the frozen model
 
     def forward() -> torch.Tensor:
         return model(latents, timesteps, encoder_hidden_states=states).sample
 
-    def step() -> None:
-        nn.functional.mse_loss(forward().float(), noise.float()).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
+    step = _adamw_step(params, lambda: nn.functional.mse_loss(forward().float(), noise.float()))
     return Workload(forward, params, None, label, train_step=step, items=(batch, "img"))
 
 
@@ -477,16 +472,11 @@ def _flux_workload(model: Callable, params: list[torch.Tensor], shape: Shape, de
                   pooled_projections=torch.randn(batch, pooled_dim, generator=g, device=device).to(dtype),
                   timestep=t.to(dtype), guidance=torch.full((batch,), 3.5, device=device, dtype=dtype),
                   img_ids=_latent_ids(image, device), txt_ids=torch.zeros(text, 3, device=device))
-    optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None  # none for the frozen model
 
     def forward() -> torch.Tensor:
         return model(hidden_states=noisy, **inputs).sample
 
-    def step() -> None:
-        nn.functional.mse_loss(forward().float(), (noise - latents).float()).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
+    step = _adamw_step(params, lambda: nn.functional.mse_loss(forward().float(), (noise - latents).float()))
     return Workload(forward, params, None, label, train_step=step, items=(batch, "img"))
 
 
