@@ -136,7 +136,9 @@ def test_convnext_channels_first_norms_get_ssf_over_channels(method):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         expected = base(x)
-    model, _ = methods.apply(base, method)
+    # Only the classifier is trained in full: with the default trainable=("head",) the head's final norm
+    # is trained in full too, and gets no SSF (a module trained in full gets no adapter)
+    model, _ = methods.apply(base, method, trainable=("head.fc",))
     head_ssf = model.head.norm
     assert isinstance(head_ssf, SSF) and head_ssf.channel_dim == 1
     block_ssfs = [m for n, m in model.named_modules() if isinstance(m, SSF) and n.startswith("stages")]

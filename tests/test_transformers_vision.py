@@ -80,9 +80,13 @@ def test_registry_methods_train_and_merge(name, method):
         return torch.cat([out.last_hidden_state.flatten(), out.pooler_output.flatten()])
 
     if method in ("rlrr", "ssf"):
-        # 2 blocks x 2 norms + the final norm + the patch embedding (ViT, DeiT, DINOv2) or another norm
-        # (CLIP's pre-norm, SigLIP's pooling-head norm; their patch embeddings are bare Conv2d, [B, C, H, W] out)
-        assert sum(isinstance(m, SSF) for m in model.modules()) == 6
+        # 2 blocks x 2 norms + the final norm + the patch embedding (ViT, DeiT, DINOv2) or CLIP's pre-norm
+        # (CLIP's and SigLIP's patch embeddings are bare Conv2d, [B, C, H, W] out). SigLIP's pooling head is
+        # trained in full (``head``, a default trainable pattern), so its norm and MLP get no adapter.
+        assert sum(isinstance(m, SSF) for m in model.modules()) == (5 if name == "siglip-vision" else 6)
+    for head in [m for n, m in model.named_modules() if n.rpartition(".")[2] == "head"]:  # SigLIP's
+        assert not any(type(m).__module__.startswith("subspace_ops") for m in head.modules())
+        assert all(p.requires_grad for p in head.parameters())
     out = run()
     out.square().mean().backward()
     trained = [n for n, p in model.named_parameters() if p.requires_grad]

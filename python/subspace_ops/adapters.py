@@ -5,12 +5,14 @@ last component (``qkv``); one with dots against the full dotted name (``blocks.3
 trailing components, as PEFT's ``target_modules`` (``to_out.0`` matches
 ``down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0``).
 
-timm's fused ``qkv`` projection (and GPT-2's ``c_attn``, the same [q; k; v] output layout): the
-papers adapt W_q, W_k and W_v as three matrices. A layer whose last name component is one of
-FUSED_QKV_NAMES is treated as those three (``RLRRLinear(splits=(d, d, d))``: one output scale per
-row and one input scale per part; SiVA tunes the q and v parts), so the adapted model has exactly
-the parameters of separate q, k, v layers. ``fused_qkv="shared"`` instead treats it as one matrix
-(one input scale for all three; 2·768 fewer parameters per block on ViT-B).
+timm's fused ``qkv`` projection (and GPT-2's ``c_attn``, Phi-3's ``qkv_proj``: the same [q; k; v]
+output layout): the papers adapt W_q, W_k and W_v as three matrices. A layer whose last name component
+is one of FUSED_QKV_NAMES is treated as those three (``RLRRLinear(splits=(d, d, d))``: one output scale
+per row and one input scale per part; SiVA tunes the q and v parts), so the adapted model has exactly
+the parameters of separate q, k, v layers. The three widths are those the attention module declares
+(grouped-query layers have narrower k and v), else equal thirds (:func:`fused_qkv_splits`).
+``fused_qkv="shared"`` instead treats it as one matrix (one input scale for all three; 2·768 fewer
+parameters per block on ViT-B).
 """
 
 from __future__ import annotations
@@ -51,15 +53,86 @@ __all__ = [
 RLRR_LINEAR_TARGETS = ("q", "k", "v", "qkv", "proj", "fc1", "fc2")
 # After every LayerNorm, the patch embedding and the final norm (RLRR / SSF recipe).
 RLRR_SSF_TARGETS = ("patch_embed", "norm1", "norm2", "norm", "fc_norm")
-# Fused q, k, v projections, [q; k; v] along the output: timm's qkv, GPT-2's c_attn (a Conv1D).
-FUSED_QKV_NAMES = ("qkv", "c_attn")
+# Fused q, k, v projections, [q; k; v] along the output: timm's qkv, GPT-2's c_attn (a Conv1D), Phi-3's
+# qkv_proj (grouped-query: fewer k, v rows than q rows).
+FUSED_QKV_NAMES = ("qkv", "c_attn", "qkv_proj")
 
 
-def _is_fused_qkv(name: str, linear: nn.Linear) -> bool:
-    """A fused q, k, v projection. GPT-2's cross-attention also has a ``c_attn``, holding [k; v] only
-    (2·d outputs): a ``c_attn`` counts only with 3·d outputs for d inputs."""
+def _int_attr(obj: object, *names: str) -> Optional[int]:
+    """The first of ``obj``'s attributes ``names`` that is an int, else None."""
+    for name in names:
+        value = getattr(obj, name, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+def _declared_qkv_sizes(attention: nn.Module) -> Optional[tuple[int, int, int]]:
+    """The q, k, v widths an attention module declares: ``q_dim``/``kv_dim`` (EXAONE-4.5's vision
+    attention), or heads × head size with a separate number of key/value heads (grouped-query attention),
+    on the module or its ``config`` (transformers: Phi-3)."""
+    q_dim, kv_dim = _int_attr(attention, "q_dim"), _int_attr(attention, "kv_dim")
+    if q_dim is not None and kv_dim is not None:
+        return q_dim, kv_dim, kv_dim
+    head_dim = _int_attr(attention, "head_dim")
+    for holder in (attention, getattr(attention, "config", None)):
+        heads = _int_attr(holder, "num_heads", "num_attention_heads")
+        kv_heads = _int_attr(holder, "num_key_value_heads", "num_kv_heads")
+        if head_dim is not None and heads is not None and kv_heads is not None:
+            return heads * head_dim, kv_heads * head_dim, kv_heads * head_dim
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_splits_qkv_per_head(cls: type) -> bool:
+    """Whether ``cls.forward`` reshapes the fused projection's output to heads first and splits q, k, v
+    within each head (TinyViT: ``qkv.view(B, N, self.num_heads, -1).split([kd, kd, vd], dim=3)``), rather
+    than [q; k; v] blocks (timm's ViT: ``reshape(B, N, 3, self.num_heads, head_dim)``)."""
+    try:
+        source = inspect.getsource(inspect.unwrap(cls.forward))
+    except (OSError, TypeError):
+        return False
+    blocks_first = re.search(r"\b3\s*,\s*(?:self\.)?(?:num_heads|heads|n_heads)\b", source)
+    heads_first = re.search(r"(?:view|reshape)\([^()]*(?:num_heads|heads)\s*,\s*-1\s*\)\s*\.\s*(?:split|chunk)",
+                            source)
+    return heads_first is not None and blocks_first is None
+
+
+def _qkv_per_head(attention: nn.Module) -> bool:
+    """Whether ``attention`` lays its fused q, k, v projection out per head: timm's MaxViT/CoAtNet ``*_rw``
+    attention (``head_first=True``) and TinyViT's (see :func:`_forward_splits_qkv_per_head`)."""
+    return getattr(attention, "head_first", False) is True or _forward_splits_qkv_per_head(type(attention))
+
+
+def fused_qkv_splits(model: nn.Module, name: str, linear: nn.Linear) -> Optional[tuple[int, int, int]]:
+    """The widths of q, k and v in a fused projection (:data:`FUSED_QKV_NAMES`), None for other layers.
+
+    They are the sizes the parent attention module declares when it does (grouped-query layers, whose
+    k and v are narrower than q), else equal thirds when the layer has 3·d outputs for d inputs or the
+    parent's heads × head size is a third of them (every timm ``qkv``). A ``c_attn`` with other sizes is
+    not a fused qkv (GPT-2's cross attention holds [k; v] only). Raises ValueError for a ``qkv`` /
+    ``qkv_proj`` whose split cannot be known: guessing thirds would scale the wrong rows silently."""
     last = name.rsplit(".", 1)[-1]
-    return last == "qkv" or (last in FUSED_QKV_NAMES and linear.out_features == 3 * linear.in_features)
+    if last not in FUSED_QKV_NAMES:
+        return None
+    out, parent_name = linear.out_features, name.rpartition(".")[0]
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if last != "c_attn" and _qkv_per_head(parent):
+        raise ValueError(f"{name}: {type(parent).__name__} lays its fused q, k, v out per head ([q_h; k_h; v_h] for "
+                         "each head h), so no split into three blocks of rows gives q, k and v; use "
+                         "fused_qkv='shared' (one matrix) where the method has it, or leave it out of the targets")
+    declared = _declared_qkv_sizes(parent)
+    if declared is not None and sum(declared) == out:
+        return declared
+    heads, head_dim = _int_attr(parent, "num_heads", "heads"), _int_attr(parent, "head_dim")
+    if out % 3 == 0 and (out == 3 * linear.in_features or (heads and head_dim and 3 * heads * head_dim == out)):
+        return (out // 3,) * 3
+    if last == "c_attn":
+        return None
+    raise ValueError(f"{name}: a fused q, k, v projection with {out} outputs for {linear.in_features} inputs, and "
+                     f"{type(parent).__name__} does not declare its q, k, v sizes (q_dim/kv_dim, or num_heads, "
+                     "head_dim and num_key_value_heads), so where q ends is unknown; use fused_qkv='shared' "
+                     "(one matrix) where the method has it, or leave it out of the targets")
 
 
 @dataclass
@@ -96,9 +169,18 @@ def _matches(name: str, patterns: Iterable[str]) -> bool:
                fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, "*." + p) for p in patterns)
 
 
-def find_modules(model: nn.Module, patterns: Sequence[str], kind: type = nn.Module) -> list[tuple[str, nn.Module]]:
-    """``(name, module)`` of every module of type ``kind`` whose name matches one of ``patterns``."""
-    return [(name, m) for name, m in model.named_modules() if name and isinstance(m, kind) and _matches(name, patterns)]
+def find_modules(model: nn.Module, patterns: Sequence[str], kind: type = nn.Module,
+                 skip_under: Sequence[str] = ()) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of every module of type ``kind`` whose name matches one of ``patterns``, except
+    modules matching ``skip_under`` and everything inside them.
+
+    The ``apply_*`` functions pass their ``trainable`` patterns as ``skip_under``: a module trained in
+    full (the task head) gets no adapter. SigLIP's pooling ``head`` holds an ``mlp.fc1``/``fc2`` that the
+    default targets name; an adapter there would be trained beside the full weights it adapts (or, for
+    the SVD methods, would refuse the weight's gradient)."""
+    skipped = [name for name, _ in model.named_modules() if name and _matches(name, skip_under)] if skip_under else []
+    return [(name, m) for name, m in model.named_modules() if name and isinstance(m, kind) and _matches(name, patterns)
+            and not any(name == s or name.startswith(s + ".") for s in skipped)]
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -119,12 +201,15 @@ def conv1d_as_linear(module: nn.Module) -> nn.Linear:
     return linear
 
 
-def find_linears(model: nn.Module, patterns: Sequence[str]) -> list[tuple[str, nn.Linear]]:
-    """``(name, layer)`` of every nn.Linear whose name matches ``patterns``, and of every matching
-    transformers ``Conv1D`` as an nn.Linear on its memory (:func:`conv1d_as_linear`). Raises
-    ValueError for a layer its parent does not call (see :func:`_check_called`)."""
+def find_linears(model: nn.Module, patterns: Sequence[str],
+                 skip_under: Sequence[str] = ()) -> list[tuple[str, nn.Linear]]:
+    """``(name, layer)`` of every nn.Linear whose name matches ``patterns`` (outside ``skip_under``, see
+    :func:`find_modules`), and of every matching transformers ``Conv1D`` as an nn.Linear on its memory
+    (:func:`conv1d_as_linear`). Raises ValueError for a layer its parent does not call (see
+    :func:`_check_called`)."""
     found = [(name, m if isinstance(m, nn.Linear) else conv1d_as_linear(m))
-             for name, m in find_modules(model, patterns) if isinstance(m, nn.Linear) or is_conv1d(m)]
+             for name, m in find_modules(model, patterns, skip_under=skip_under)
+             if isinstance(m, nn.Linear) or is_conv1d(m)]
     for name, _ in found:
         _check_called(model, name)
     return found
@@ -151,7 +236,9 @@ def _check_called(model: nn.Module, name: str) -> None:
     :func:`_route_qkv_through_layer` switches it on for adapted layers. Other such parents are refused."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
-    if _forward_reads_weight(type(parent), child) and not (child == "qkv" and hasattr(parent, "qkv_bias_separate")):
+    # nn.MultiheadAttention hands out_proj.weight to F.multi_head_attention_forward (OpenCLIP, torchvision ViT)
+    reads_weight = isinstance(parent, nn.MultiheadAttention) or _forward_reads_weight(type(parent), child)
+    if reads_weight and not (child == "qkv" and hasattr(parent, "qkv_bias_separate")):
         raise ValueError(f"{name}: {type(parent).__name__}.forward reads self.{child}.weight directly instead of "
                          f"calling the layer, so an adapter on it would be silently ignored; leave {child!r} out "
                          "of the targets")
@@ -184,9 +271,13 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def _is_rms_norm(module: nn.Module) -> bool:
-    """torch's RMSNorm or a model library's own (transformers' LlamaRMSNorm, Qwen2RMSNorm, …)."""
+    """torch's RMSNorm or a model library's own (transformers' LlamaRMSNorm, Qwen2RMSNorm, …, and T5's
+    T5LayerNorm, an RMSNorm by another name, with mT5's, UMT5's and LongT5's copies; timm's RmsNorm and
+    the channels-first RmsNorm2d)."""
     rms_norm = getattr(nn, "RMSNorm", None)
-    return (rms_norm is not None and isinstance(module, rms_norm)) or type(module).__name__.endswith("RMSNorm")
+    name = type(module).__name__
+    return (rms_norm is not None and isinstance(module, rms_norm)) \
+        or name.endswith(("RMSNorm", "T5LayerNorm", "RmsNorm", "RmsNorm2d"))  # the last two: timm's
 
 
 def _ssf_for(module: nn.Module) -> Optional[SSF]:
@@ -206,7 +297,9 @@ def _ssf_for(module: nn.Module) -> Optional[SSF]:
         return SSF(module, module.normalized_shape[0], channel_dim=1 if channels_first else -1)
     if _is_rms_norm(module):
         weight = getattr(module, "weight", None)
-        return SSF(module, weight.shape[0]) if isinstance(weight, Tensor) and weight.dim() == 1 else None
+        if not isinstance(weight, Tensor) or weight.dim() != 1:
+            return None
+        return SSF(module, weight.shape[0], channel_dim=1 if type(module).__name__.endswith("2d") else -1)
     for name in ("proj", "projection"):  # timm's PatchEmbed; transformers' ViT/DeiT/DINOv2 patch embeddings
         proj = getattr(module, name, None)
         if isinstance(proj, (nn.Conv2d, nn.Linear)):
@@ -223,11 +316,12 @@ def _patch_norm(module: nn.Module) -> Optional[nn.Module]:
     return norm if isinstance(norm, nn.Module) and not isinstance(norm, nn.Identity) else None
 
 
-def ssf_layers(model: nn.Module, patterns: Sequence[str]) -> list[tuple[str, SSF]]:
-    """``(name, SSF)`` for every LayerNorm, RMSNorm or patch embedding matching ``patterns``. A patch
-    embedding that ends in a matched norm (Swin's ``patch_embed`` and ``patch_embed.norm``) gets no SSF
-    of its own: the norm's is at the same place, and two in a row would only add parameters."""
-    found = find_modules(model, patterns)
+def ssf_layers(model: nn.Module, patterns: Sequence[str], skip_under: Sequence[str] = ()) -> list[tuple[str, SSF]]:
+    """``(name, SSF)`` for every LayerNorm, RMSNorm or patch embedding matching ``patterns`` (outside
+    ``skip_under``, see :func:`find_modules`). A patch embedding that ends in a matched norm (Swin's
+    ``patch_embed`` and ``patch_embed.norm``) gets no SSF of its own: the norm's is at the same place,
+    and two in a row would only add parameters."""
+    found = find_modules(model, patterns, skip_under=skip_under)
     names = {name for name, _ in found}
     layers = []
     for name, module in found:
@@ -246,7 +340,7 @@ def apply_rlrr(
     ssf: bool = True,
     ssf_targets: Sequence[str] = RLRR_SSF_TARGETS,
     fused_qkv: str = "split",
-    trainable: Sequence[str] = ("head",),
+    trainable: Sequence[str] = ("head", "head_dist"),
     backend: Optional[str] = None,
 ) -> AdaptReport:
     """RLRR (paper 000) on ``model`` in place: rescaled Linear layers + SSF after norms.
@@ -257,22 +351,18 @@ def apply_rlrr(
     """
     if fused_qkv not in ("split", "shared"):
         raise ValueError(f"fused_qkv must be 'split' or 'shared', got {fused_qkv!r}")
-    linears = find_linears(model, targets)
+    linears = find_linears(model, targets, skip_under=trainable)
     if not linears:
         raise no_linear_error(model, "targets", targets)
-    norms = ssf_layers(model, ssf_targets) if ssf else []
+    norms = ssf_layers(model, ssf_targets, skip_under=trainable) if ssf else []
     if ssf and not norms:
         raise ValueError(f"ssf_targets {tuple(ssf_targets)} match no LayerNorm, RMSNorm or patch embedding in "
                          f"{type(model).__name__}; name its norms, or pass ssf=False for the rescaled linear "
                          "layers alone")
+    splits = {name: fused_qkv_splits(model, name, linear) if fused_qkv == "split" else None for name, linear in linears}
     report, backbone = _start_report(model, "rlrr")  # nothing is changed before the checks pass
     for name, linear in linears:
-        splits = None
-        if fused_qkv == "split" and _is_fused_qkv(name, linear):
-            if linear.out_features % 3:
-                raise ValueError(f"{name}: a fused qkv needs out_features divisible by 3, got {linear.out_features}")
-            splits = (linear.out_features // 3,) * 3
-        replace_module(model, name, RLRRLinear(linear, splits=splits, backend=backend))
+        replace_module(model, name, RLRRLinear(linear, splits=splits[name], backend=backend))
         report.layers.append(name)
 
     for name, layer in norms:
@@ -353,7 +443,7 @@ def apply_svd(
     method: str = "siva",
     *,
     targets: Optional[Sequence[str]] = None,
-    trainable: Sequence[str] = ("head",),
+    trainable: Sequence[str] = ("head", "head_dist"),
     backend: Optional[str] = None,
     **layer_options,
 ) -> AdaptReport:
@@ -366,16 +456,16 @@ def apply_svd(
     if method not in SVD_METHODS:
         raise ValueError(f"method must be one of {SVD_METHODS}, got {method!r}")
     targets = SVD_TARGETS[method] if targets is None else targets
-    linears = find_linears(model, targets)
+    linears = find_linears(model, targets, skip_under=trainable)
     if not linears:
         raise no_linear_error(model, "targets", targets)
+    fused_parts = {name: fused_qkv_splits(model, name, linear) for name, linear in linears}  # checks first
     report, backbone = _start_report(model, method)
     for name, linear in linears:
         options = dict(layer_options)
-        if _is_fused_qkv(name, linear):
-            if linear.out_features % 3:
-                raise ValueError(f"{name}: a fused qkv needs out_features divisible by 3, got {linear.out_features}")
-            options.setdefault("parts", (linear.out_features // 3,) * 3)
+        parts = fused_parts[name]
+        if parts is not None:
+            options.setdefault("parts", parts)
             options.setdefault("tuned_parts", (0, 2) if method == "siva" else (0, 1, 2))
         layer = SVDLinear(linear, method, backend=backend, **options)
         replace_module(model, name, layer)
@@ -429,7 +519,7 @@ def apply_coeff(
     model: nn.Module,
     *,
     dropout: float = 0.0,
-    trainable: Sequence[str] = ("head",),
+    trainable: Sequence[str] = ("head", "head_dist"),
     backend: Optional[str] = None,
 ) -> AdaptReport:
     """Coeff-Tuning (paper 003) on ``model`` in place: a trainable α [H, H] per attention layer.

@@ -51,9 +51,10 @@ the Spectral Adapter one SVD of the fused matrix.
 On models with separate projections (RoBERTa, LLaMA) every method is the paper's.
 
 **Trainable.** Every parameter not created by the method is frozen, except modules matching the config's
-``trainable`` patterns (default ``("head", "classifier")``: the task head, trained in all the papers'
-experiments; nothing matches on a bare backbone). Parameters of methods applied earlier stay trainable
-(methods combine, e.g. ``coeff`` after ``ssf``). The report counts the method's parameters as
+``trainable`` patterns (default :data:`DEFAULT_TRAINABLE`: the task head, ``head``, ``classifier``,
+``score``, ..., trained in all the papers' experiments; nothing matches on a bare backbone). Layers inside
+a ``trainable`` module get no adapter: they are trained in full. Parameters of methods applied earlier stay
+trainable (methods combine, e.g. ``coeff`` after ``ssf``). The report counts the method's parameters as
 ``adapter_params`` (for ``bitfit``: the unfrozen biases) and the head as ``other_trainable_params``.
 
 **Errors** (unknown method name, unknown config field, invalid value, patterns matching nothing) raise
@@ -86,13 +87,13 @@ from .adapters import (
     SVD_TARGETS,
     AdaptReport,
     _finish_report,
-    _is_fused_qkv,
     _start_report,
     apply_coeff,
     apply_rlrr,
     apply_svd,
     find_linears,
     find_modules,
+    fused_qkv_splits,
     is_conv1d,
     no_linear_error,
     replace_module,
@@ -147,6 +148,23 @@ __all__ = [
 DIFFUSERS_Q, DIFFUSERS_K, DIFFUSERS_V = ("to_q", "add_q_proj"), ("to_k", "add_k_proj"), ("to_v", "add_v_proj")
 DIFFUSERS_ATTENTION_OUT = ("to_out.0", "to_add_out")
 DIFFUSERS_FFN_OUT = ("net.2",)
+#: Other transformers families, by the names their blocks give q, k, v, the attention output and the FFN:
+#: DistilBERT (``q_lin``, ``out_lin``, ``lin1/2``), DeBERTa-v2 (``query_proj``), OPT, BART, Whisper, CLIP,
+#: SigLIP (``out_proj``), ALBERT (``attention.dense``, ``ffn``, ``ffn_output``), T5 (``q``, ``k``, ``v``, ``o``,
+#: ``wi``/``wi_0``/``wi_1``, ``wo``), Phi (``self_attn.dense``), GPT-NeoX, Falcon, BLOOM (``query_key_value``,
+#: ``attention.dense``, ``dense_h_to_4h``, ``dense_4h_to_h``), Phi-3 (``qkv_proj``, ``gate_up_proj``).
+HF_Q, HF_K, HF_V = ("q_lin", "query_proj"), ("k_lin", "key_proj"), ("v_lin", "value_proj")
+HF_ATTENTION_OUT = ("out_proj", "out_lin", "*attention.dense", "self_attn.dense", "o")
+HF_FFN_IN = ("lin1", "ffn", "wi", "wi_0", "wi_1", "dense_h_to_4h", "gate_up_proj")
+HF_FFN_OUT = ("lin2", "ffn_output", "wo", "dense_4h_to_h")
+#: Fused projections: Phi-3's ``qkv_proj`` is [q; k; v] (split like timm's qkv, adapters.fused_qkv_splits);
+#: GPT-NeoX's and BLOOM's ``query_key_value`` interleave q, k, v per head and Falcon's groups them per key/value
+#: head, so every method treats it as one matrix, as PEFT does, and (IA)³/SSL/SSB and SiVA leave it out.
+HF_FUSED = ("qkv_proj", "query_key_value")
+#: A fused key/value projection, [k; v] along the output (timm's PVT-v2, Twins, attention pooling
+#: ``attn_pool.kv``): LoRA-type methods adapt it as one matrix, (IA)³/SSL/SSB scale it whole (k and v
+#: are both theirs); SiVA, which tunes v but not k, leaves it out.
+FUSED_KV = ("kv",)
 #: Every linear layer of the transformer blocks ("applied to all linear layers", 001 §6); GPT-2's are
 #: transformers Conv1Ds (adapted on their memory, see adapters.find_linears). In diffusers models:
 #: attention and feed-forward, and Flux's single-stream blocks' MLP input and joint output.
@@ -154,30 +172,45 @@ LINEAR_TARGETS = RLRR_LINEAR_TARGETS + (
     "query", "key", "value", "*.intermediate.dense", "*.output.dense",
     "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
     "c_attn", "c_proj", "c_fc",
-) + DIFFUSERS_Q + DIFFUSERS_K + DIFFUSERS_V + DIFFUSERS_ATTENTION_OUT + DIFFUSERS_FFN_OUT + (
+) + FUSED_KV + HF_Q + HF_K + HF_V + HF_ATTENTION_OUT + HF_FFN_IN + HF_FFN_OUT + HF_FUSED \
+    + DIFFUSERS_Q + DIFFUSERS_K + DIFFUSERS_V + DIFFUSERS_ATTENTION_OUT + DIFFUSERS_FFN_OUT + (
     "single_transformer_blocks.*.proj_mlp", "single_transformer_blocks.*.proj_out")
 #: After every LayerNorm, the patch embedding and the final norm (RLRR / SSF), plus BERT's ``LayerNorm``s,
 #: LLaMA-style RMSNorms (``input_layernorm``, ``post_attention_layernorm``; ``norm`` is the final one) and
 #: transformers' vision towers: ViT/DeiT (``layernorm_before/after``, ``layernorm``, ``patch_embeddings``),
 #: DINOv2 (``norm1/2``), CLIP/SigLIP (``layer_norm1/2``, ``pre_layrnorm``, ``post_layernorm``; their patch
 #: embedding is a bare Conv2d with a [B, C, H, W] output, which SSF over the last dimension does not fit),
-#: diffusers' BasicTransformerBlock (``norm1/2/3``; the affine-free norms of DiT blocks get none).
+#: diffusers' BasicTransformerBlock (``norm1/2/3``; the affine-free norms of DiT blocks get none); the norms
+#: of GPT-2 (``ln_1/2``, ``ln_f``), OPT/BART/Whisper (``self_attn_layer_norm``, ``encoder_attn_layer_norm``,
+#: ``final_layer_norm``, ``layernorm_embedding``, ``layer_norm``), T5 (``layer_norm``, an RMSNorm),
+#: DistilBERT (``sa_layer_norm``, ``output_layer_norm``), ALBERT (``full_layer_layer_norm``), Phi
+#: (``final_layernorm``), Falcon/BLOOM (``ln_f``, ``word_embeddings_layernorm``), timm's pre-norm
+#: (``norm_pre``: CLIP-style ViTs) and parallel blocks' ``in_norm`` (``vit_*_xp``).
 SSF_TARGETS = RLRR_SSF_TARGETS + ("LayerNorm", "input_layernorm", "post_attention_layernorm", "patch_embeddings",
                                   "layernorm_before", "layernorm_after", "layernorm", "layer_norm1", "layer_norm2",
-                                  "pre_layrnorm", "post_layernorm", "norm3")
+                                  "pre_layrnorm", "post_layernorm", "norm3", "ln_1", "ln_2", "ln_f",
+                                  "self_attn_layer_norm", "encoder_attn_layer_norm", "final_layer_norm",
+                                  "layernorm_embedding", "layer_norm", "sa_layer_norm", "output_layer_norm",
+                                  "full_layer_layer_norm", "final_layernorm", "word_embeddings_layernorm",
+                                  "norm_pre", "in_norm")
 #: The key and value projections ((IA)³'s l_k, l_v; timm's fused qkv as a whole).
-KV_TARGETS = ("k", "v", "qkv", "key", "value", "k_proj", "v_proj", "c_attn") + DIFFUSERS_K + DIFFUSERS_V
+KV_TARGETS = ("k", "v", "qkv", "key", "value", "k_proj", "v_proj", "c_attn", "qkv_proj"
+              ) + FUSED_KV + HF_K + HF_V + DIFFUSERS_K + DIFFUSERS_V
 #: The FFN's second linear, whose *input* is the FFN's intermediate activation ((IA)³'s l_ff).
 #: ``*[0-9].output.dense`` is BERT's ``layer.N.output.dense`` and not ``attention.output.dense``;
 #: ``*.mlp.c_proj`` is GPT-2's (``attn.c_proj`` is the attention output).
-FFN_OUT_TARGETS = ("fc2", "*[0-9].output.dense", "down_proj", "*.mlp.c_proj") + DIFFUSERS_FFN_OUT
+FFN_OUT_TARGETS = ("fc2", "*[0-9].output.dense", "down_proj", "*.mlp.c_proj") + HF_FFN_OUT + DIFFUSERS_FFN_OUT
 #: Houlsby: after the attention output projection and after the FFN, in every block.
-ADAPTER_TARGETS = ("*.attn.proj", "*.mlp.fc2", "*.output.dense", "*.self_attn.o_proj", "*.mlp.down_proj"
-                   ) + DIFFUSERS_ATTENTION_OUT + DIFFUSERS_FFN_OUT
+ADAPTER_TARGETS = ("*.attn.proj", "fc2", "*.output.dense", "*.self_attn.o_proj", "*attention.o_proj",
+                   "*.mlp.down_proj", "*.attn.c_proj", "*.mlp.c_proj", "*attn.out_proj", "*Attention.o"
+                   ) + tuple(p for p in HF_ATTENTION_OUT if p not in ("out_proj", "o")) + HF_FFN_OUT \
+    + DIFFUSERS_ATTENTION_OUT + DIFFUSERS_FFN_OUT
 #: SiVA adapts the query and value projections (002 §4).
-SIVA_TARGETS = SVD_TARGETS["siva"] + ("q_proj", "v_proj") + DIFFUSERS_Q + DIFFUSERS_V
-#: Modules trained in full besides the method's parameters: the task head.
-DEFAULT_TRAINABLE = ("head", "classifier")
+SIVA_TARGETS = SVD_TARGETS["siva"] + ("q_proj", "v_proj", "qkv_proj") + HF_Q + HF_V + DIFFUSERS_Q + DIFFUSERS_V
+#: Modules trained in full besides the method's parameters: the task head, by the names timm (``head``, and
+#: DeiT's distillation head ``head_dist``) and transformers give it: ``classifier`` (BERT, ViT; DistilBERT's also has a ``pre_classifier``), ``score``
+#: (the decoder LMs' *ForSequenceClassification: LLaMA, GPT-2, ...), ``classification_head`` (BART, T5).
+DEFAULT_TRAINABLE = ("head", "head_dist", "classifier", "pre_classifier", "score", "classification_head")
 
 MPC_KINDS = {"o": reference.mpc_orthogonal, "d": reference.mpc_diagonal}
 
@@ -565,8 +598,9 @@ class SpectralConfig(MethodConfig):
 # ---------------------------------------------------------------------------------------------
 # Appliers: config -> AdaptReport (the model is changed in place; nothing before the checks pass)
 # ---------------------------------------------------------------------------------------------
-def _match_linears(model: nn.Module, argument: str, patterns: Sequence[str]) -> list[tuple[str, nn.Linear]]:
-    found = find_linears(model, patterns)
+def _match_linears(model: nn.Module, argument: str, patterns: Sequence[str],
+                   trainable: Sequence[str]) -> list[tuple[str, nn.Linear]]:
+    found = find_linears(model, patterns, skip_under=trainable)
     if not found:
         raise no_linear_error(model, argument, patterns)
     return found
@@ -583,7 +617,7 @@ def _replace_all(model: nn.Module, method: str, layers: list[tuple[str, nn.Modul
 
 
 def _apply_per_linear(model: nn.Module, config: MethodConfig, make: Callable[[nn.Linear], nn.Module]) -> AdaptReport:
-    linears = _match_linears(model, "targets", config.targets)  # type: ignore[attr-defined]
+    linears = _match_linears(model, "targets", config.targets, config.trainable)  # type: ignore[attr-defined]
     return _replace_all(model, config.name, [(n, make(m)) for n, m in linears], config.trainable)
 
 
@@ -593,7 +627,7 @@ def _apply_rlrr(model: nn.Module, c: RLRRConfig) -> AdaptReport:
 
 
 def _apply_ssf(model: nn.Module, c: SSFConfig) -> AdaptReport:
-    layers = ssf_layers(model, c.targets)
+    layers = ssf_layers(model, c.targets, skip_under=c.trainable)
     if not layers:
         raise ValueError(f"targets {c.targets} match no LayerNorm, RMSNorm or patch embedding in "
                          f"{type(model).__name__}")
@@ -611,7 +645,7 @@ _SCALED_SIDES = {
 def _apply_scaled(model: nn.Module, c: _ScaledConfig) -> AdaptReport:
     groups = []
     for argument, patterns in (("targets", c.targets), ("ff_targets", c.ff_targets)):
-        groups.append(_match_linears(model, argument, patterns) if patterns else [])
+        groups.append(_match_linears(model, argument, patterns, c.trainable) if patterns else [])
     both = {n for n, _ in groups[0]} & {n for n, _ in groups[1]}
     if both:
         raise ValueError(f"modules {sorted(both)} match both targets and ff_targets; each may be in one group")
@@ -619,16 +653,16 @@ def _apply_scaled(model: nn.Module, c: _ScaledConfig) -> AdaptReport:
     for group, (linears, sides) in enumerate(zip(groups, _SCALED_SIDES[c.name])):
         for name, linear in linears:
             parts: dict = {}
-            if group == 0 and c.fused_qkv == "split" and _is_fused_qkv(name, linear):
-                # [q; k; v]: scale k and v as separate layers would be, leave q alone.
-                parts = {"splits": (linear.out_features // 3,) * 3, "scaled_parts": (False, True, True)}
+            splits = fused_qkv_splits(model, name, linear) if group == 0 and c.fused_qkv == "split" else None
+            if splits is not None:  # [q; k; v]: scale k and v as separate layers would be, leave q alone.
+                parts = {"splits": splits, "scaled_parts": (False, True, True)}
             layers.append((name, ScaledLinear(linear, left="left" in sides, right="right" in sides, method=c.name,
                                               backend=c.backend, **parts)))
     return _replace_all(model, c.name, layers, c.trainable)
 
 
 def _apply_svd(model: nn.Module, c: Union[SiVAConfig, _SVDConfig]) -> AdaptReport:
-    _match_linears(model, "targets", c.targets)
+    _match_linears(model, "targets", c.targets, c.trainable)
     options: dict = {"path": c.path}
     if isinstance(c, SiVAConfig):
         options.update(perc=c.perc, criterion=c.criterion, rank=c.rank)
@@ -697,7 +731,7 @@ def _output_features(module: nn.Module) -> Optional[int]:
 
 
 def _apply_adapter(model: nn.Module, c: AdapterConfig) -> AdaptReport:
-    found = [(n, m) for n, m in find_modules(model, c.targets)
+    found = [(n, m) for n, m in find_modules(model, c.targets, skip_under=c.trainable)
              if _output_features(m) is not None and not isinstance(m, SequentialAdapter)]
     if not found:
         raise ValueError(f"targets {c.targets} match no module with out_features (nn.Linear, transformers Conv1D "
@@ -717,7 +751,9 @@ def _apply_spectral(model: nn.Module, c: SpectralConfig) -> AdaptReport:
 @dataclass(frozen=True)
 class MethodInfo:
     """One registry entry. ``mergeable``: whether the adapted layers fold into the weights for inference
-    (with the default config: ``lora`` with ``mpc='n'`` and ``pa`` with a nonlinearity are not)."""
+    (with the default config: ``lora`` with ``mpc='n'`` and ``pa`` with a nonlinearity are not; ``rlrr``
+    and ``ssf`` are, except SSF after a norm without a bias, as LLaMA's and T5's RMSNorms, which has
+    nowhere to put β: there ``merge_all`` raises NotMergeableError and merges nothing)."""
 
     name: str
     category: str  # "reconstruction" | "extension" | "combination" (001 §3 / §4 / §5)

@@ -11,7 +11,7 @@ with the defaults the papers use on ViT, in timm's module names (:data:`TIMM_DEF
 - SiVA tunes the q and v parts of ``qkv``; (IA)³ / SSL / SSB scale ``qkv`` (keys and values: as a whole)
   and ``fc2``'s input (the MLP activation); the Houlsby adapter goes after ``attn.proj`` and ``mlp.fc2``;
 - Coeff-Tuning replaces every ``Attention`` block by :class:`~subspace_ops.nn.TimmCoeffAttention`;
-- the classifier ``head`` stays trainable (``trainable=("head",)``).
+- the classifier ``head`` (and DeiT's distillation ``head_dist``) stays trainable (``trainable=("head", "head_dist")``).
 
 Keyword arguments override any config field (``rank=16``, ``backend="cpu"``, ``targets=(...)``,
 ``trainable=()``...). A config *object* is used as it is (its fields are already explicit). The adapted
@@ -34,7 +34,7 @@ __all__ = ["TIMM_DEFAULTS", "TIMM_LINEAR_TARGETS", "apply", "is_vision_transform
 
 #: timm ViT block linears (q, k, v cover ViT variants with separate projections).
 TIMM_LINEAR_TARGETS = ("qkv", "q", "k", "v", "proj", "fc1", "fc2")
-_HEAD = ("head",)
+_HEAD = ("head", "head_dist")  # head_dist: DeiT's distillation head
 
 #: Per method: the config fields :func:`apply` sets for a timm ViT unless given explicitly.
 TIMM_DEFAULTS: dict[str, dict[str, Any]] = {

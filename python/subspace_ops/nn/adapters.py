@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from .. import reference
 from ..ops.lowrank_linear import lowrank_linear
-from .base import MergeableLinear, NotMergeableError, compute_dtype
+from .base import ForwardsAttributes, MergeableLinear, NotMergeableError, compute_dtype
 
 __all__ = ["ACTIVATIONS", "NotMergeableError", "ParallelAdapterLinear", "SequentialAdapter", "SpectralLinear"]
 
@@ -167,7 +167,7 @@ class ParallelAdapterLinear(MergeableLinear):
                 f"dropout={self.dropout:g}")
 
 
-class SequentialAdapter(nn.Module):
+class SequentialAdapter(ForwardsAttributes, nn.Module):
     """Houlsby adapter (001 eq. 22: ``x → x + h(xA)B``) after a module m.
 
     ``out = m(x) + f(m(x) W_downᵀ + b_down) W_upᵀ + b_up``;
@@ -194,6 +194,9 @@ class SequentialAdapter(nn.Module):
     """
 
     method = "adapter"
+    # Attributes the adapter does not have come from the wrapped module: a model's own code may read them
+    # (T5's feed-forward reads ``self.wo.weight.dtype``).
+    _wrapped = "module"
 
     def __init__(
         self,

@@ -14,7 +14,7 @@ scales back out would not be exact in floating point.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -277,10 +277,12 @@ class SSF(ForwardsAttributes, nn.Module):
     def merged(self) -> bool:
         return self._originals is not None
 
-    def forward(self, x: Tensor) -> Tensor:
-        y = self.inner(x)
+    def forward(self, x: Tensor, *args, **kwargs) -> Union[Tensor, tuple]:
+        y = self.inner(x, *args, **kwargs)  # e.g. Hiera's patch_embed(x, mask=...)
         if self.merged:
             return y
+        if isinstance(y, tuple):  # transformers' Swin patch embeddings return (tokens, their grid size)
+            return (reference.ssf(y[0], self.gamma, self.beta, self.channel_dim),) + y[1:]
         return reference.ssf(y, self.gamma, self.beta, self.channel_dim)
 
     def _fold_target(self) -> tuple[nn.Module, Optional[Tensor], Optional[Tensor]]:
