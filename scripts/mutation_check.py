@@ -432,6 +432,9 @@ MUTANTS = [
     Mutant("P126", "python/subspace_ops/nn/adapters.py", "class SequentialAdapter(ForwardsAttributes, nn.Module):",
            "class SequentialAdapter(nn.Module):", "tests/test_transformers_families.py -k 'houlsby and t5'",
            "the Houlsby adapter hides its layer's attributes (T5 reads wo.weight.dtype)"),
+    Mutant("P127", "python/subspace_ops/methods.py", "        return self.trainable + self.exclude",
+           "        return self.trainable", "tests/test_timm_families.py -k relative_position",
+           "exclude ignored: relative-position MLPs adapted (the Spectral Adapter refuses the whole model)"),
     # transformers: T5's relative position bias; models that do not run on SDPA
     Mutant("P109", "python/subspace_ops/transformers.py", "    if position_bias is not None:  # T5",
            "    if False:  # T5", "tests/test_coeff_layers.py -k t5", "T5's relative position bias dropped by Coeff"),

@@ -150,3 +150,17 @@ def test_fused_kv_projection_is_adapted(method):
     with torch.no_grad():
         merge_all(model)
         torch.testing.assert_close(model(x), out, rtol=1e-4, atol=1e-5)
+
+
+def test_relative_position_mlps_are_excluded_by_default_and_exclude_is_a_config_field():
+    """relpos ViTs map 2-D offsets to biases with an MLP named fc1/fc2 (2 inputs): not a block projection,
+    and below the Spectral Adapter's rank, which refused the whole model before."""
+    torch.manual_seed(0)
+    make = lambda: timm.create_model("vit_relpos_small_patch16_224", pretrained=False, num_classes=4,  # noqa: E731
+                                     img_size=32, depth=2, embed_dim=32, num_heads=2)
+    model, report = methods.apply(make(), "spectral")
+    assert report.layers and not any("rel_pos" in n for n in report.layers)
+    model, report = methods.apply(make(), "lora", exclude=("blocks.0",))
+    assert report.layers and all(n.startswith("blocks.1.") for n in report.layers)
+    with pytest.raises(ValueError, match="exclude must contain non-empty strings"):
+        methods.get_config("lora", exclude=("",))

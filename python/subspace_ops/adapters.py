@@ -341,20 +341,23 @@ def apply_rlrr(
     ssf_targets: Sequence[str] = RLRR_SSF_TARGETS,
     fused_qkv: str = "split",
     trainable: Sequence[str] = ("head", "head_dist"),
+    exclude: Sequence[str] = (),
     backend: Optional[str] = None,
 ) -> AdaptReport:
     """RLRR (paper 000) on ``model`` in place: rescaled Linear layers + SSF after norms.
 
     Every parameter not created here is frozen except modules matching ``trainable`` (default:
-    the classification ``head``, trained in the paper's VTAB/FGVC runs). Raises ValueError when
-    ``targets`` (or, with ``ssf=True``, ``ssf_targets``) match no module.
+    the classification ``head``, trained in the paper's VTAB/FGVC runs). Nothing inside a ``trainable``
+    or ``exclude`` module is adapted. Raises ValueError when ``targets`` (or, with ``ssf=True``,
+    ``ssf_targets``) match no module.
     """
     if fused_qkv not in ("split", "shared"):
         raise ValueError(f"fused_qkv must be 'split' or 'shared', got {fused_qkv!r}")
-    linears = find_linears(model, targets, skip_under=trainable)
+    skip = tuple(trainable) + tuple(exclude)
+    linears = find_linears(model, targets, skip_under=skip)
     if not linears:
         raise no_linear_error(model, "targets", targets)
-    norms = ssf_layers(model, ssf_targets, skip_under=trainable) if ssf else []
+    norms = ssf_layers(model, ssf_targets, skip_under=skip) if ssf else []
     if ssf and not norms:
         raise ValueError(f"ssf_targets {tuple(ssf_targets)} match no LayerNorm, RMSNorm or patch embedding in "
                          f"{type(model).__name__}; name its norms, or pass ssf=False for the rescaled linear "
@@ -444,19 +447,20 @@ def apply_svd(
     *,
     targets: Optional[Sequence[str]] = None,
     trainable: Sequence[str] = ("head", "head_dist"),
+    exclude: Sequence[str] = (),
     backend: Optional[str] = None,
     **layer_options,
 ) -> AdaptReport:
     """SiVA / SAM-PARSER / SVDiff on ``model``'s Linear layers, in place (see :class:`SVDLinear`).
 
     A Linear named ``qkv`` is split into q, k, v parts; SiVA tunes q and v only (its paper's
-    choice), the others all three. ``layer_options`` go to SVDLinear (perc, criterion, rank, path).
+    choice), the others all three. Nothing inside a ``trainable`` or ``exclude`` module is adapted. ``layer_options`` go to SVDLinear (perc, criterion, rank, path).
     The report's ``details`` give each layer's k per part and the SVD time.
     """
     if method not in SVD_METHODS:
         raise ValueError(f"method must be one of {SVD_METHODS}, got {method!r}")
     targets = SVD_TARGETS[method] if targets is None else targets
-    linears = find_linears(model, targets, skip_under=trainable)
+    linears = find_linears(model, targets, skip_under=tuple(trainable) + tuple(exclude))
     if not linears:
         raise no_linear_error(model, "targets", targets)
     fused_parts = {name: fused_qkv_splits(model, name, linear) for name, linear in linears}  # checks first

@@ -40,7 +40,8 @@ filter subspace and adds a learned recombination of it, 003 §4) are "combinatio
 of timm ViTs (``qkv``, ``proj``, ``fc1``, ``fc2``), BERT/RoBERTa (``query``, ``key``, ``value``,
 ``*.intermediate.dense``, ``*.output.dense``) and LLaMA (``q_proj`` … ``down_proj``) at once, so one
 config works on all three; a model's classification head, pooler and embeddings are not targeted.
-Target patterns that match nothing raise ValueError.
+Target patterns that match nothing raise ValueError. ``exclude`` names modules no target reaches into
+(as PEFT's ``exclude_modules``; by default timm's relative-position MLPs, :data:`DEFAULT_EXCLUDE`).
 
 **Fused qkv.** timm's fused ``qkv`` (and GPT-2's ``c_attn``) is split into q, k, v by ``rlrr``,
 ``siva``, ``sam-parser`` and ``svdiff``, and ``ia3``/``ssl``/``ssb`` scale its key and value parts only
@@ -106,6 +107,7 @@ from .nn.rescaled import ScaledLinear
 
 __all__ = [
     "ADAPTER_TARGETS",
+    "DEFAULT_EXCLUDE",
     "DEFAULT_TRAINABLE",
     "FFN_OUT_TARGETS",
     "KV_TARGETS",
@@ -211,6 +213,10 @@ SIVA_TARGETS = SVD_TARGETS["siva"] + ("q_proj", "v_proj", "qkv_proj") + HF_Q + H
 #: DeiT's distillation head ``head_dist``) and transformers give it: ``classifier`` (BERT, ViT; DistilBERT's also has a ``pre_classifier``), ``score``
 #: (the decoder LMs' *ForSequenceClassification: LLaMA, GPT-2, ...), ``classification_head`` (BART, T5).
 DEFAULT_TRAINABLE = ("head", "head_dist", "classifier", "pre_classifier", "score", "classification_head")
+#: Modules the default targets would reach into but that are not the blocks' projections: timm's
+#: relative-position MLPs, which map 2-D offsets to per-head biases (``rel_pos.mlp`` of the relpos ViTs,
+#: Swin-V2-CR's ``meta_mlp``; their ``fc1`` has 2 inputs, fewer than any adapter rank).
+DEFAULT_EXCLUDE = ("rel_pos", "meta_mlp")
 
 MPC_KINDS = {"o": reference.mpc_orthogonal, "d": reference.mpc_diagonal}
 
@@ -265,13 +271,23 @@ def _backend(value: object) -> Optional[str]:
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class MethodConfig:
-    """Base of every method's config: ``trainable`` = patterns of modules trained in full (the task head)."""
+    """Base of every method's config: ``trainable`` = patterns of modules trained in full (the task head);
+    ``exclude`` = patterns of modules that no target reaches into (as PEFT's ``exclude_modules``; default
+    :data:`DEFAULT_EXCLUDE`). Neither gets an adapter inside. ``exclude`` does not apply to ``coeff``,
+    which adapts attention modules, not layers named by patterns."""
 
     name: ClassVar[str] = ""
     trainable: tuple[str, ...] = DEFAULT_TRAINABLE
+    exclude: tuple[str, ...] = DEFAULT_EXCLUDE
 
     def __post_init__(self) -> None:
         self.trainable = _patterns("trainable", self.trainable, allow_empty=True)
+        self.exclude = _patterns("exclude", self.exclude, allow_empty=True)
+
+    @property
+    def not_adapted(self) -> tuple[str, ...]:
+        """Modules whose insides get no adapter: the fully trained ones and the excluded ones."""
+        return self.trainable + self.exclude
 
     def to_dict(self) -> dict:
         return {"method": self.name, **dataclasses.asdict(self)}
@@ -617,17 +633,17 @@ def _replace_all(model: nn.Module, method: str, layers: list[tuple[str, nn.Modul
 
 
 def _apply_per_linear(model: nn.Module, config: MethodConfig, make: Callable[[nn.Linear], nn.Module]) -> AdaptReport:
-    linears = _match_linears(model, "targets", config.targets, config.trainable)  # type: ignore[attr-defined]
+    linears = _match_linears(model, "targets", config.targets, config.not_adapted)  # type: ignore[attr-defined]
     return _replace_all(model, config.name, [(n, make(m)) for n, m in linears], config.trainable)
 
 
 def _apply_rlrr(model: nn.Module, c: RLRRConfig) -> AdaptReport:
     return apply_rlrr(model, targets=c.targets, ssf=c.ssf, ssf_targets=c.ssf_targets, fused_qkv=c.fused_qkv,
-                      trainable=c.trainable, backend=c.backend)
+                      trainable=c.trainable, exclude=c.exclude, backend=c.backend)
 
 
 def _apply_ssf(model: nn.Module, c: SSFConfig) -> AdaptReport:
-    layers = ssf_layers(model, c.targets, skip_under=c.trainable)
+    layers = ssf_layers(model, c.targets, skip_under=c.not_adapted)
     if not layers:
         raise ValueError(f"targets {c.targets} match no LayerNorm, RMSNorm or patch embedding in "
                          f"{type(model).__name__}")
@@ -645,7 +661,7 @@ _SCALED_SIDES = {
 def _apply_scaled(model: nn.Module, c: _ScaledConfig) -> AdaptReport:
     groups = []
     for argument, patterns in (("targets", c.targets), ("ff_targets", c.ff_targets)):
-        groups.append(_match_linears(model, argument, patterns, c.trainable) if patterns else [])
+        groups.append(_match_linears(model, argument, patterns, c.not_adapted) if patterns else [])
     both = {n for n, _ in groups[0]} & {n for n, _ in groups[1]}
     if both:
         raise ValueError(f"modules {sorted(both)} match both targets and ff_targets; each may be in one group")
@@ -662,11 +678,12 @@ def _apply_scaled(model: nn.Module, c: _ScaledConfig) -> AdaptReport:
 
 
 def _apply_svd(model: nn.Module, c: Union[SiVAConfig, _SVDConfig]) -> AdaptReport:
-    _match_linears(model, "targets", c.targets, c.trainable)
+    _match_linears(model, "targets", c.targets, c.not_adapted)
     options: dict = {"path": c.path}
     if isinstance(c, SiVAConfig):
         options.update(perc=c.perc, criterion=c.criterion, rank=c.rank)
-    return apply_svd(model, c.name, targets=c.targets, trainable=c.trainable, backend=c.backend, **options)
+    return apply_svd(model, c.name, targets=c.targets, trainable=c.trainable, exclude=c.exclude, backend=c.backend,
+                     **options)
 
 
 def _apply_coeff(model: nn.Module, c: CoeffConfig) -> AdaptReport:
@@ -675,7 +692,7 @@ def _apply_coeff(model: nn.Module, c: CoeffConfig) -> AdaptReport:
 
 def _apply_bitfit(model: nn.Module, c: BitFitConfig) -> AdaptReport:
     biases: dict[int, tuple[str, nn.Parameter]] = {}
-    for name, module in find_modules(model, c.targets):
+    for name, module in find_modules(model, c.targets, skip_under=c.exclude):
         bias = getattr(module, "bias", None)
         if isinstance(bias, nn.Parameter) and bias.is_floating_point():
             biases.setdefault(id(bias), (name, bias))
@@ -731,7 +748,7 @@ def _output_features(module: nn.Module) -> Optional[int]:
 
 
 def _apply_adapter(model: nn.Module, c: AdapterConfig) -> AdaptReport:
-    found = [(n, m) for n, m in find_modules(model, c.targets, skip_under=c.trainable)
+    found = [(n, m) for n, m in find_modules(model, c.targets, skip_under=c.not_adapted)
              if _output_features(m) is not None and not isinstance(m, SequentialAdapter)]
     if not found:
         raise ValueError(f"targets {c.targets} match no module with out_features (nn.Linear, transformers Conv1D "
