@@ -164,3 +164,12 @@ def test_relative_position_mlps_are_excluded_by_default_and_exclude_is_a_config_
     assert report.layers and all(n.startswith("blocks.1.") for n in report.layers)
     with pytest.raises(ValueError, match="exclude must contain non-empty strings"):
         methods.get_config("lora", exclude=("",))
+
+
+def test_swiglu_mlp_input_projections_are_targets():
+    """EVA-02's SwiGLU MLP: fc1_g (gate) and fc1_x in place of fc1."""
+    model = timm.create_model("eva02_base_patch14_224.mim_in22k", pretrained=False, num_classes=4, img_size=28,
+                              depth=1, embed_dim=32, num_heads=2)
+    model, report = methods.apply(model, "lora")
+    assert {n.rpartition(".")[2] for n in report.layers} == {"q_proj", "k_proj", "v_proj", "proj", "fc1_g", "fc1_x",
+                                                            "fc2"}

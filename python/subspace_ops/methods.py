@@ -167,13 +167,14 @@ HF_FUSED = ("qkv_proj", "query_key_value")
 #: ``attn_pool.kv``): LoRA-type methods adapt it as one matrix, (IA)³/SSL/SSB scale it whole (k and v
 #: are both theirs); SiVA, which tunes v but not k, leaves it out.
 FUSED_KV = ("kv",)
-#: Every linear layer of the transformer blocks ("applied to all linear layers", 001 §6); GPT-2's are
+#: Every linear layer of the transformer blocks ("applied to all linear layers", 001 §6; timm's SwiGLU MLP,
+#: EVA-02's and AIMv2's, has ``fc1_g`` and ``fc1_x`` for ``fc1``); GPT-2's are
 #: transformers Conv1Ds (adapted on their memory, see adapters.find_linears). In diffusers models:
 #: attention and feed-forward, and Flux's single-stream blocks' MLP input and joint output.
 LINEAR_TARGETS = RLRR_LINEAR_TARGETS + (
     "query", "key", "value", "*.intermediate.dense", "*.output.dense",
     "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
-    "c_attn", "c_proj", "c_fc",
+    "c_attn", "c_proj", "c_fc", "fc1_g", "fc1_x",
 ) + FUSED_KV + HF_Q + HF_K + HF_V + HF_ATTENTION_OUT + HF_FFN_IN + HF_FFN_OUT + HF_FUSED \
     + DIFFUSERS_Q + DIFFUSERS_K + DIFFUSERS_V + DIFFUSERS_ATTENTION_OUT + DIFFUSERS_FFN_OUT + (
     "single_transformer_blocks.*.proj_mlp", "single_transformer_blocks.*.proj_out")
