@@ -173,3 +173,13 @@ def test_swiglu_mlp_input_projections_are_targets():
     model, report = methods.apply(model, "lora")
     assert {n.rpartition(".")[2] for n in report.layers} == {"q_proj", "k_proj", "v_proj", "proj", "fc1_g", "fc1_x",
                                                             "fc2"}
+
+
+def test_coeff_names_the_unsupported_timm_attention_it_meets():
+    """ConViT's GPSA (``qk``, ``v``) and the parallel-block ViT's fused ``in_proj`` are attention Coeff
+    cannot mix: the refusal names the class (it used to say the model had no attention at all)."""
+    for name, kwargs, kind in (("convit_tiny", dict(local_up_to_layer=2, embed_dim=48), "convit.GPSA"),
+                               ("vit_base_patch16_xp_224", dict(embed_dim=64), "vision_transformer.ParallelScalingBlock")):
+        model = timm.create_model(name, pretrained=False, num_classes=4, img_size=32, depth=2, num_heads=4, **kwargs)
+        with pytest.raises(ValueError, match=f"not timm.models.{kind}"):
+            methods.apply(model, "coeff")

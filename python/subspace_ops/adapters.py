@@ -508,7 +508,7 @@ def _timm_attention_blocks(model: nn.Module) -> tuple[list[tuple[str, nn.Module]
             plain.append((name, m))
         elif cls.__module__.startswith("timm.") and "Pool" not in cls.__name__ \
                 and any(hasattr(m, a) for a in ("num_heads", "heads")) \
-                and any(hasattr(m, a) for a in ("qkv", "q", "q_proj", "kv", "wq")):
+                and any(hasattr(m, a) for a in ("qkv", "q", "q_proj", "kv", "wq", "qk", "in_proj")):
             (sdpa if (cls.__module__, cls.__name__) in TIMM_SDPA_ATTENTION else others).append((name, m))
     if others:
         kinds = sorted(set(f"{type(m).__module__}.{type(m).__name__}" for _, m in others))
