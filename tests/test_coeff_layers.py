@@ -216,6 +216,9 @@ def test_transformers_attention_dropout_is_refused():
         apply_coeff(model)
     assert not any(isinstance(m, HeadMix) for m in model.modules())  # nothing changed
     assert all(p.requires_grad for p in model.parameters())
+    gpt2 = transformers.GPT2Model(transformers.GPT2Config(vocab_size=50, n_embd=32, n_layer=1, n_head=4))
+    with pytest.raises(ValueError, match="attention dropout 0.1 .* attn_pdrop=0.0"):  # GPT-2's attn_dropout
+        apply_coeff(gpt2)
 
 
 def test_transformers_attention_function_takes_a_mask_longer_than_the_keys():

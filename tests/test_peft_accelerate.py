@@ -284,9 +284,6 @@ UNSUPPORTED = {
               {"fc1": "variant \\(ALoraLinearVariant\\)"}),
     "embedding": (lambda: _peft_model(_lora(target_modules=["emb", "fc1"])),
                   {"emb": "not PEFT's IA3, LoRA or AdaLoRA Linear"}),
-    "hooked-base": (_forward_hook_model, {"fc2": "has hooks"}),
-    "two-active": (_two_active_adapters, {"fc1": "2 active adapters"}),
-    "merged": (_merged, {"fc1": "merged into the base weight"}),
     "conv1d-fan-in-fan-out-off": (_wrong_fan_in_fan_out, {"c_fc": "fan_in_fan_out=False on a Conv1D"}),
 }
 
@@ -333,6 +330,60 @@ def test_unsupported_layers_are_left_to_peft_and_reported(case):
         torch.testing.assert_close(run(model), run(reference))
     else:
         _assert_same(_run(model, x), _run(reference, x))
+
+
+# name -> (PEFT model in a state the fused path does not take now, the layer, the reason, how the state ends)
+PASSING_STATES = {
+    "hooked-base": (_forward_hook_model, "fc2", "has hooks",
+                    lambda m: m.base_model.model.fc2.base_layer._forward_hooks.clear()),
+    "two-active": (_two_active_adapters, "fc1", "2 active adapters", lambda m: m.base_model.set_adapter("default")),
+    "merged": (_merged, "fc1", "merged into the base weight", lambda m: m.unmerge_adapter()),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PASSING_STATES))
+def test_state_at_accelerate_time_does_not_keep_a_layer_off_the_fused_ops(case, monkeypatch):
+    """A layer hooked, merged or with two active adapters when accelerate() runs is accelerated: its
+    calls run PEFT's forward while that state lasts and the fused op after (it used to stay PEFT's for
+    good, silently)."""
+    make, short, pattern, end_state = PASSING_STATES[case]
+    reference = make().eval()
+    model = copy.deepcopy(reference)
+    report = sop_peft.accelerate(model)
+    name = f"base_model.model.{short}"
+    assert name in report.accelerated and not report.skipped, str(report)
+    assert re.search(pattern, sop_peft.unsupported_reason(model.get_submodule(name)))
+    counts = _count_fused_calls(monkeypatch)
+    monkeypatch.setattr(sop_peft, "_WARNED", set())
+    x = X()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fallback's RuntimeWarning (not for merged adapters)
+        _assert_same(_run(model, x), _run(reference, x))
+    kind = "ia3" if case == "merged" else "lora"
+    fused_before = counts[kind]
+    end_state(model), end_state(reference)
+    assert sop_peft.unsupported_reason(model.get_submodule(name)) is None
+    _assert_same(_run(model, x), _run(reference, x))
+    assert counts[kind] > fused_before
+
+
+@pytest.mark.parametrize("module", ["lora_A", "lora_B", "lora_dropout", "lora_magnitude_vector"])
+def test_hooks_on_the_adapters_own_modules_run_peft_forward(module, monkeypatch):
+    """The fused op reads lora_A's and lora_B's weights (and DoRA's magnitude) without calling those
+    modules: a hook on one of them (activation capture, per-sample gradients) must see its call."""
+    dora = module == "lora_magnitude_vector"
+    reference = _peft_model(_lora(use_dora=dora, lora_dropout=0.0 if dora else 0.1)).eval()
+    model = copy.deepcopy(reference)
+    sop_peft.accelerate(model)
+    counts = _count_fused_calls(monkeypatch)
+    monkeypatch.setattr(sop_peft, "_WARNED", set())
+    seen = []
+    for m in (model, reference):
+        getattr(m.base_model.model.fc2, module)["default"].register_forward_hook(lambda *a: seen.append(1))
+    x = X()
+    with pytest.warns(RuntimeWarning, match=f"runs PEFT's own forward \\(adapter 'default': {module}"):
+        _assert_same(_run(model, x), _run(reference, x))
+    assert len(seen) == 2 and counts["lora"] == 2  # fc1 and fc3 fused; fc2 PEFT's, its hook called
 
 
 def test_state_changes_after_accelerate_fall_back_to_peft(monkeypatch):

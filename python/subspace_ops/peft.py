@@ -38,20 +38,23 @@ the float32 adapter parameters get gradients computed in the base dtype (as unde
 
 **Only what the fused op expresses is accelerated; everything else runs PEFT's code.** A layer is
 accelerated when its type is exactly PEFT's IA3/LoRA ``Linear`` or AdaLoRA ``SVDLinear`` (not a
-quantized or otherwise specialized subclass), its base layer is a plain ``nn.Linear`` (or, with ``fan_in_fan_out=True``,
-GPT-2's transformers ``Conv1D``, whose [in, out] weight the op reads transposed, without a copy) with
-no hooks and no instance-level ``forward`` (e.g. no accelerate offload hook; no global module hooks
-either), exactly one adapter of the layer is active, nothing is merged, adapters are enabled, and (LoRA) the active
-adapter is vanilla LoRA or DoRA (no other variant: aLoRA, Arrow, …), dropout ``nn.Identity`` or a
-non-inplace ``nn.Dropout``, ``lora_A``/``lora_B`` plain ``nn.Linear`` (``lora_B`` with a bias only
-under ``lora_bias=True``, which adds ``s·b_B`` to the base bias).
-:func:`accelerate` leaves every other tuner layer as it is and lists it in the report with the
-reason. The same conditions are checked again on every call of an accelerated layer (state can
-change later: ``set_adapter``, ``merge_adapter``, ``disable_adapter()``, ``train()`` on DoRA with dropout,
-``adapter_names=`` mixed batches, extra forward arguments, an input dtype PEFT would reject) and the
-call runs PEFT's own forward when they fail: never a silently different result, and a
-``RuntimeWarning`` (once per reason; not for merged or disabled adapters, where PEFT's forward is
-just the base layer) says that the adapter ran unfused.
+quantized or otherwise specialized subclass), its base layer is a plain ``nn.Linear`` (or, with
+``fan_in_fan_out=True``, GPT-2's transformers ``Conv1D``, whose [in, out] weight the op reads transposed,
+without a copy), and (LoRA) its adapters are vanilla LoRA or DoRA (no other variant: aLoRA, Arrow, …),
+dropout ``nn.Identity`` or a non-inplace ``nn.Dropout``, ``lora_A``/``lora_B`` plain ``nn.Linear``
+(``lora_B`` with a bias only under ``lora_bias=True``, which adds ``s·b_B`` to the base bias), scaling a
+number. :func:`accelerate` leaves every other tuner layer as it is and lists it in the report with the
+reason. Each call of an accelerated layer then checks what can change between calls: exactly one adapter
+of the layer is active, nothing is merged, adapters are enabled, no hooks and no instance-level
+``forward`` on the base layer or on the adapter's own modules (``lora_A``, ``lora_B``, ``lora_dropout``,
+``lora_magnitude_vector``: the fused op reads their weights and would skip them; e.g. an accelerate
+offload hook, an activation-capture or per-sample-gradient hook), no global module hooks, DoRA without
+active dropout in training, no ``adapter_names=`` mixed batch or other extra forward arguments, an input
+dtype PEFT would accept, adapter and base on one device. When they fail the call runs PEFT's own forward:
+never a silently different result, and a ``RuntimeWarning`` (once per reason; not for merged or disabled
+adapters, nor a layer with no active adapter, where PEFT's forward is just the base layer) says that the
+adapter ran unfused. So a layer accelerated while merged, disabled or without an active adapter
+(``set_adapter`` to an adapter on other layers) runs fused once that state ends.
 :func:`unsupported_reason` tells why a layer (would) run PEFT's forward.
 
 **Mechanism: a class swap.** An accelerated layer's ``__class__`` becomes :class:`FusedLoraLinear`,
@@ -135,21 +138,29 @@ def check_peft_version() -> str:
 
 # ---------------------------------------------------------------------------------------------
 # when the fused path applies
-def _layer_reason(layer: nn.Module) -> Optional[str]:
-    """Conditions shared by IA3 and LoRA layers: the base layer, the layout, the merge/disable state."""
+def _hooked(module: nn.Module) -> bool:
+    """Whether calling ``module`` would run more than its forward: hooks, or a forward set on the instance."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or "forward" in module.__dict__)
+
+
+def _layer_reason(layer: nn.Module, in_call: bool = True) -> Optional[str]:
+    """Conditions shared by IA3 and LoRA layers: the base layer and the layout, and (``in_call``) the state
+    that can change between calls: hooks, the merge/disable state."""
     base = getattr(layer, "base_layer", None)
     fan_in_fan_out, conv1d = getattr(layer, "fan_in_fan_out", False), is_conv1d(base)
     if type(base) is not nn.Linear and not conv1d:
         return f"the base layer is {type(base).__name__}, not a plain nn.Linear or a transformers Conv1D"
     if conv1d != bool(fan_in_fan_out):  # PEFT reads a Conv1D's [in, out] weight only with it
         return f"fan_in_fan_out={fan_in_fan_out} on a {type(base).__name__} base layer"
-    if (base._forward_hooks or base._forward_pre_hooks or base._backward_hooks or base._backward_pre_hooks
-            or "forward" in base.__dict__):
+    if not base.weight.is_floating_point():
+        return f"the base weight has dtype {base.weight.dtype}"
+    if not in_call:
+        return None
+    if _hooked(base):
         return "the base layer has hooks or a replaced forward (e.g. an offload hook); PEFT must call it"
     if _global_module_hooks():
         return "global nn.Module hooks are registered; they must see the base layer's call"
-    if not base.weight.is_floating_point():
-        return f"the base weight has dtype {base.weight.dtype}"
     if layer.disable_adapters:
         return "adapters are disabled"
     if layer.merged:
@@ -165,28 +176,46 @@ def _global_module_hooks() -> bool:
     ))
 
 
-def _single_active(layer: nn.Module, adapters: Any) -> tuple[Optional[str], Optional[str]]:
-    """(the one active adapter of this layer, None) or (None, reason), after :func:`_layer_reason`."""
-    reason = _layer_reason(layer)
-    if reason:
-        return None, reason
-    active = [name for name in layer.active_adapters if name in adapters]
-    if len(active) != 1:
-        return None, f"{len(active)} active adapters on this layer ({active}); the fused path takes exactly one"
-    return active[0], None
+# PEFT's forward on a layer none of whose adapters is active is the base layer's: no warning for it
+NO_ACTIVE_ADAPTER = "no active adapter on this layer"
 
 
-def _ia3_reason(layer: nn.Module, in_call: bool = True) -> tuple[Optional[str], Optional[str]]:
-    name, reason = _single_active(layer, layer.ia3_l)
+def _reason_for(layer: nn.Module, adapters: Any, check: Any, in_call: bool) -> tuple[Optional[str], Optional[str]]:
+    """(the adapter the fused path computes, None) or (None, reason), with ``check(layer, name, in_call)``
+    the per-adapter conditions. In a call exactly one of the layer's adapters must be active. When
+    :func:`accelerate` asks (``in_call=False``) only what cannot change by itself counts, for every adapter
+    the layer holds: which one is active, merged or disabled, hooks and devices are checked at each call
+    (a layer accelerated while merged runs fused once unmerged)."""
+    reason = _layer_reason(layer, in_call)
     if reason:
         return None, reason
+    if in_call:
+        names = [name for name in layer.active_adapters if name in adapters]
+        if not names:
+            return None, NO_ACTIVE_ADAPTER
+        if len(names) > 1:
+            return None, f"{len(names)} active adapters on this layer ({names}); the fused path takes exactly one"
+    else:
+        names = list(adapters)
+    for name in names:
+        reason = check(layer, name, in_call)
+        if reason:
+            return None, reason
+    return (names[0] if names else None), None
+
+
+def _ia3_check(layer: nn.Module, name: str, in_call: bool) -> Optional[str]:
     scale = layer.ia3_l[name]
     expected = (1, layer.in_features) if layer.is_feedforward else (layer.out_features, 1)
     if tuple(scale.shape) != expected:
-        return None, f"ia3_l[{name!r}] has shape {tuple(scale.shape)}, expected {expected}"
-    if scale.device != layer.base_layer.weight.device:
-        return None, "the adapter and the base layer are on different devices"
-    return name, None
+        return f"ia3_l[{name!r}] has shape {tuple(scale.shape)}, expected {expected}"
+    if in_call and scale.device != layer.base_layer.weight.device:
+        return "the adapter and the base layer are on different devices"
+    return None
+
+
+def _ia3_reason(layer: nn.Module, in_call: bool = True) -> tuple[Optional[str], Optional[str]]:
+    return _reason_for(layer, layer.ia3_l, _ia3_check, in_call)
 
 
 def _dora_reason(layer: nn.Module, name: str, in_call: bool) -> Optional[str]:
@@ -198,60 +227,70 @@ def _dora_reason(layer: nn.Module, name: str, in_call: bool) -> Optional[str]:
         return f"adapter {name!r}: DoRA with {type(variant).__name__} / {type(magnitude).__name__}"
     if tuple(magnitude.weight.shape) != (layer.out_features,):
         return f"adapter {name!r}: DoRA magnitude of shape {tuple(magnitude.weight.shape)}"
+    if in_call and _hooked(magnitude):
+        return f"adapter {name!r}: lora_magnitude_vector has hooks or a replaced forward; PEFT must call it"
     if in_call and layer.training and type(layer.lora_dropout[name]) is not nn.Identity:
         return (f"adapter {name!r} is DoRA with dropout, in training (PEFT then scales W·dropout(x) by "
                 "m/‖W + sBA‖ - 1)")
     return None
 
 
-def _lora_reason(layer: nn.Module, in_call: bool = True) -> tuple[Optional[str], Optional[str]]:
-    """(the active adapter, None) when the fused op computes what PEFT's LoRA Linear computes, else
-    (None, reason). ``in_call``: also the conditions of the current mode (DoRA's dropout in training)."""
-    name, reason = _single_active(layer, layer.lora_A)
-    if reason:
-        return None, reason
+def _lora_check(layer: nn.Module, name: str, in_call: bool) -> Optional[str]:
     variant = layer.lora_variant.get(name)
     if layer.use_dora.get(name, False):
         reason = _dora_reason(layer, name, in_call)
         if reason:
-            return None, reason
+            return reason
     elif variant is not None:
-        return None, f"adapter {name!r} is a LoRA variant ({type(variant).__name__})"
+        return f"adapter {name!r} is a LoRA variant ({type(variant).__name__})"
     lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
     if type(lora_a) is not nn.Linear or type(lora_b) is not nn.Linear or lora_a.bias is not None:
-        return None, f"adapter {name!r}: lora_A / lora_B are not nn.Linear layers, lora_A without a bias"
+        return f"adapter {name!r}: lora_A / lora_B are not nn.Linear layers, lora_A without a bias"
     if lora_b.bias is not None and not layer.lora_bias.get(name, False):
-        return None, f"adapter {name!r}: lora_B has a bias but lora_bias is not set"
-    reason = _adapter_reason(layer, name, (lora_a.weight, lora_b.weight))
-    return (None, reason) if reason else (name, None)
+        return f"adapter {name!r}: lora_B has a bias but lora_bias is not set"
+    hooked = [label for label, m in (("lora_A", lora_a), ("lora_B", lora_b)) if in_call and _hooked(m)]
+    if hooked:  # the fused op reads their weights, never calls them
+        return f"adapter {name!r}: {' and '.join(hooked)} has hooks or a replaced forward; PEFT must call it"
+    return _adapter_reason(layer, name, (lora_a.weight, lora_b.weight), in_call)
 
 
-def _adapter_reason(layer: nn.Module, name: str, tensors: tuple[Tensor, ...]) -> Optional[str]:
+def _lora_reason(layer: nn.Module, in_call: bool = True) -> tuple[Optional[str], Optional[str]]:
+    """(the active adapter, None) when the fused op computes what PEFT's LoRA Linear computes, else
+    (None, reason). ``in_call``: also the conditions of the current state (see :func:`_reason_for`)."""
+    return _reason_for(layer, layer.lora_A, _lora_check, in_call)
+
+
+def _adapter_reason(layer: nn.Module, name: str, tensors: tuple[Tensor, ...], in_call: bool) -> Optional[str]:
     """Conditions shared by LoRA and AdaLoRA adapters: dropout, scaling, the adapter's device."""
     dropout = layer.lora_dropout[name]
     if not (type(dropout) is nn.Identity or (type(dropout) is nn.Dropout and not dropout.inplace)):
         return f"adapter {name!r}: dropout {type(dropout).__name__} is not nn.Dropout / nn.Identity"
     scaling = layer.scaling.get(name)
     if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
-        return f"adapter {name!r}: scaling {scaling!r} is not a number"
+        hint = " (a tensor: the model was prepared for hotswapping)" if isinstance(scaling, Tensor) else ""
+        return f"adapter {name!r}: scaling {scaling!r} is not a number{hint}"
+    if not in_call:
+        return None
+    if _hooked(dropout):
+        return f"adapter {name!r}: lora_dropout has hooks or a replaced forward; PEFT must call it"
     if any(t.device != layer.base_layer.weight.device for t in tensors):
         return "the adapter and the base layer are on different devices"
     return None
 
 
-def _adalora_reason(layer: nn.Module, in_call: bool = True) -> tuple[Optional[str], Optional[str]]:
+def _adalora_check(layer: nn.Module, name: str, in_call: bool) -> Optional[str]:
     """PEFT's AdaLoRA ``SVDLinear``: P [out, r], Λ [r, 1], Q [r, in] (``lora_B``, ``lora_E``, ``lora_A``)."""
-    name, reason = _single_active(layer, layer.lora_A)
-    if reason:
-        return None, reason
     right, values, left = layer.lora_A[name], layer.lora_E[name], layer.lora_B[name]
     rank = right.shape[0]
     if rank == 0 or (tuple(right.shape), tuple(values.shape), tuple(left.shape)) != (
             (rank, layer.in_features), (rank, 1), (layer.out_features, rank)):
-        return None, (f"adapter {name!r}: lora_A {tuple(right.shape)}, lora_E {tuple(values.shape)}, lora_B "
-                      f"{tuple(left.shape)} are not [r, in], [r, 1], [out, r] with r > 0")
-    reason = _adapter_reason(layer, name, (right, values, left, layer.ranknum[name]))
-    return (None, reason) if reason else (name, None)
+        return (f"adapter {name!r}: lora_A {tuple(right.shape)}, lora_E {tuple(values.shape)}, lora_B "
+                f"{tuple(left.shape)} are not [r, in], [r, 1], [out, r] with r > 0")
+    return _adapter_reason(layer, name, (right, values, left, layer.ranknum[name]), in_call)
+
+
+def _adalora_reason(layer: nn.Module, in_call: bool = True) -> tuple[Optional[str], Optional[str]]:
+    return _reason_for(layer, layer.lora_A, _adalora_check, in_call)
 
 
 def _call_reason(layer: nn.Module, x: Any, args: tuple, kwargs: dict) -> Optional[str]:
@@ -291,7 +330,8 @@ _WARNED: set[str] = set()
 def _note_fallback(layer: nn.Module, reason: str) -> None:
     """Warn once per reason when an accelerated layer computes its adapter with PEFT's code (a merged
     or disabled adapter runs only the base layer, which is what PEFT's code does best: no warning)."""
-    if layer.disable_adapters or layer.merged or reason in _WARNED or torch.compiler.is_compiling():
+    if layer.disable_adapters or layer.merged or reason == NO_ACTIVE_ADAPTER or reason in _WARNED \
+            or torch.compiler.is_compiling():
         return
     _WARNED.add(reason)
     warnings.warn(

@@ -112,7 +112,7 @@ def _num_heads(name: str, module: nn.Module) -> int:
 
 
 def _attention_dropout(module: nn.Module) -> float:
-    for attr in ("dropout", "attention_dropout", "dropout_prob"):
+    for attr in ("dropout", "attention_dropout", "dropout_prob", "attn_dropout"):  # attn_dropout: GPT-2
         value = getattr(module, attr, None)
         if isinstance(value, nn.Dropout):
             return value.p
@@ -138,7 +138,7 @@ def check_attachable(model: nn.Module, modules: Optional[list[tuple[str, nn.Modu
         if _attention_dropout(module) > 0:
             raise ValueError(f"{name}: attention dropout {_attention_dropout(module)} is not supported by the fused "
                              "head-mixing op; build the model with attention dropout 0 (e.g. "
-                             "attention_probs_dropout_prob=0.0 or attention_dropout=0.0)")
+                             "attention_probs_dropout_prob=0.0, attention_dropout=0.0, or GPT-2's attn_pdrop=0.0)")
         if getattr(module, "head_mix", None) is not None:
             raise ValueError(f"{name} already has a head mix")
     return modules
