@@ -162,7 +162,8 @@ HF_FFN_OUT = ("lin2", "ffn_output", "wo", "dense_4h_to_h")
 #: Fused projections: Phi-3's ``qkv_proj`` is [q; k; v] (split like timm's qkv, adapters.fused_qkv_splits);
 #: GPT-NeoX's and BLOOM's ``query_key_value`` interleave q, k, v per head and Falcon's groups them per key/value
 #: head, so every method treats it as one matrix, as PEFT does, and (IA)³/SSL/SSB and SiVA leave it out.
-HF_FUSED = ("qkv_proj", "query_key_value")
+INTERLEAVED_QKV = ("query_key_value",)
+HF_FUSED = ("qkv_proj",) + INTERLEAVED_QKV
 #: A fused key/value projection, [k; v] along the output (timm's PVT-v2, Twins, attention pooling
 #: ``attn_pool.kv``): LoRA-type methods adapt it as one matrix, (IA)³/SSL/SSB scale it whole (k and v
 #: are both theirs); SiVA, which tunes v but not k, leaves it out.
@@ -619,7 +620,12 @@ def _match_linears(model: nn.Module, argument: str, patterns: Sequence[str],
                    trainable: Sequence[str]) -> list[tuple[str, nn.Linear]]:
     found = find_linears(model, patterns, skip_under=trainable)
     if not found:
-        raise no_linear_error(model, argument, patterns)
+        error = no_linear_error(model, argument, patterns)
+        if any(name.rpartition(".")[2] in INTERLEAVED_QKV for name, _ in model.named_modules()):
+            raise ValueError(f"{error}; its q, k and v are one query_key_value layer, interleaved per head, "
+                             "which cannot be split into q, k, v parts: adapt it whole with a LoRA-type method, "
+                             "or name it in targets to scale it as one matrix")
+        raise error
     return found
 
 
