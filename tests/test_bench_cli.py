@@ -285,8 +285,11 @@ def test_plot_command_bad_input(tmp_path, capsys):
     """`subspace-ops plot` names the argument that is wrong instead of raising."""
     not_bench = tmp_path / "other.json"
     not_bench.write_text("[1, 2]")
+    no_timing = tmp_path / "empty.json"  # a bench file whose variants all skipped or failed
+    no_timing.write_text('{"meta": {}, "results": []}')
     for argv, message in (
         (["plot", str(tmp_path / "missing.json"), "--out", str(tmp_path / "p.png")], "no such file"),
+        (["plot", str(no_timing), "--out", str(tmp_path / "p.png")], "nothing to plot"),
         (["plot", str(not_bench), "--out", str(tmp_path / "p.png")], "not a subspace-ops bench JSON file"),
         (["plot", str(not_bench), "--out", str(tmp_path / "no" / "p.png")], "argument --out"),
     ):

@@ -288,7 +288,10 @@ def _plot(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         results = [r for path in args.json for r in read_json(path)]
     except (ValueError, TypeError) as exc:  # not JSON, or not a bench file
         parser.error(f"argument RESULTS.json: {exc}")
-    plot(results, args.out)
+    try:
+        plot(results, args.out)
+    except RuntimeError as exc:  # files without a single timing (every variant skipped or failed)
+        parser.error(f"argument RESULTS.json: {exc}")
     print(f"wrote {args.out}")
     return 0
 
