@@ -164,6 +164,8 @@ def test_presets_depend_on_the_device():
         (["bench", "--dtype", "int8"], "argument --dtype"),
         (["bench", "--mode", "backward"], "argument --mode"),
         (["bench", "--json", "/no/such/dir/r.json"], "argument --json"),
+        (["bench", "--json", "/"], "argument --json: '/' is a directory"),  # refused before the bench runs
+        (["bench", "--csv", "/proc/r.csv"], "argument --csv: cannot write '/proc/r.csv'"),
     ],
 )
 def test_bad_arguments_are_named(argv, message, capsys):

@@ -119,3 +119,12 @@ def test_tolerance_rule_numbers():
     assert ABS_FLOOR[torch.float32] == 2e-5 and ABS_FLOOR[torch.bfloat16] == 1.6e-2
     with pytest.raises(AssertionError, match="exceeds the bound"):
         check_close("y", truth.to(torch.float32) + 1e-4, truth)
+
+
+@pytest.mark.parametrize("device, message", [("tpu", "--device must be cpu or cuda"),
+                                             ("cuda", "torch sees no CUDA device")])
+def test_verify_names_a_device_it_cannot_use(device, message, capsys):
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("checks the error when CUDA is missing")
+    assert cli.main(["verify", "--device", device, "--op", "lowrank_linear"]) == 2
+    assert message in capsys.readouterr().err

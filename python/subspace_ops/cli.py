@@ -143,6 +143,12 @@ def _verify(args) -> int:
     if unknown:
         print(f"subspace-ops verify: unknown --op {unknown}; known ops: {known}", file=sys.stderr)
         return 2
+    if args.device is not None and args.device not in ("cpu", "cuda"):
+        print(f"subspace-ops verify: --device must be cpu or cuda, got {args.device!r}", file=sys.stderr)
+        return 2
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("subspace-ops verify: --device cuda, but torch sees no CUDA device here", file=sys.stderr)
+        return 2
     dtypes = [DTYPES[d] for d in args.dtype] if args.dtype else [torch.float32, torch.bfloat16]
     outcomes = run_checks(args.device, args.backend, dtypes, args.op)
     if not outcomes:
@@ -176,6 +182,17 @@ def _check_writable(bench: argparse.ArgumentParser, option: str, path: Optional[
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         bench.error(f"argument {option}: directory {parent!r} does not exist")
+    # checked before the benchmark runs, so that its results are not lost at the end
+    if os.path.isdir(path):
+        bench.error(f"argument {option}: {path!r} is a directory; give a file name")
+    existed = os.path.exists(path)
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as exc:
+        bench.error(f"argument {option}: cannot write {path!r}: {exc.strerror}")
+    if not existed:
+        os.remove(path)
 
 
 def _bench(args: argparse.Namespace, bench: argparse.ArgumentParser) -> int:
