@@ -128,3 +128,15 @@ def test_verify_names_a_device_it_cannot_use(device, message, capsys):
         pytest.skip("checks the error when CUDA is missing")
     assert cli.main(["verify", "--device", device, "--op", "lowrank_linear"]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_verify_says_which_dtypes_it_skips(capsys):
+    """Triton's interpreter runs float32 only: a bfloat16 request is reported as skipped, with the reason,
+    not dropped silently (and the exit status says nothing ran)."""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU interpreter")
+    assert cli.main(["verify", "--device", "cpu", "--backend", "triton", "--dtype", "bfloat16",
+                     "--op", "lowrank_linear"]) == 1
+    err = capsys.readouterr().err
+    assert "skipped triton bfloat16: Triton's interpreter" in err and "every requested backend and dtype" in err

@@ -136,7 +136,7 @@ def _build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
 
 
 def _verify(args) -> int:
-    from .verify import CHECKS, format_outcomes, run_checks
+    from .verify import CHECKS, format_outcomes, run_checks, skipped_dtypes
 
     known = sorted({c.op for c in CHECKS})
     unknown = [op for op in args.op or [] if op not in known]
@@ -151,8 +151,12 @@ def _verify(args) -> int:
         return 2
     dtypes = [DTYPES[d] for d in args.dtype] if args.dtype else [torch.float32, torch.bfloat16]
     outcomes = run_checks(args.device, args.backend, dtypes, args.op)
+    skipped = skipped_dtypes(args.device, args.backend, dtypes)
+    for note in skipped:
+        print(f"subspace-ops verify: skipped {note}", file=sys.stderr)
     if not outcomes:
-        print("subspace-ops verify: no fused backend can run on this device (see `subspace-ops backends`)",
+        print("subspace-ops verify: " + ("every requested backend and dtype was skipped (above)" if skipped else
+                                         "no fused backend can run on this device (see `subspace-ops backends`)"),
               file=sys.stderr)
         return 1
     print(format_outcomes(outcomes))

@@ -170,10 +170,26 @@ def _forward_and_grads(check: Check, backend: str, dtype: torch.dtype, device: t
     return {"out": out, **{f"d{n}": gr for n, gr in zip(trained, grads)}}
 
 
+# Triton's interpreter computes tl.dot wrongly for 16-bit inputs: fp32 only there.
+_INTERPRETER_16_BIT = "Triton's interpreter computes tl.dot wrongly for 16-bit inputs (float32 only there)"
+
+
 def _dtypes_for(backend: str, device: torch.device, requested: Sequence[torch.dtype]) -> list[torch.dtype]:
     interpreted = backend == "triton" and device.type == "cpu"
-    # Triton's interpreter computes tl.dot wrongly for 16-bit inputs: fp32 only there.
     return [d for d in requested if not (interpreted and d in (torch.float16, torch.bfloat16))]
+
+
+def _device_and_backends(device: Optional[str], backends: Optional[Sequence[str]]) -> tuple[torch.device, list[str]]:
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return device, [b for b in (backends or available_backends(device)) if b != "reference"]
+
+
+def skipped_dtypes(device: Optional[str] = None, backends: Optional[Sequence[str]] = None,
+                   dtypes: Sequence[torch.dtype] = (torch.float32, torch.bfloat16)) -> list[str]:
+    """The backend/dtype pairs :func:`run_checks` leaves out, each with the reason (printed by the CLI)."""
+    device, backends = _device_and_backends(device, backends)
+    return [f"{backend} {str(dtype).replace('torch.', '')}: {_INTERPRETER_16_BIT}"
+            for backend in backends for dtype in dtypes if dtype not in _dtypes_for(backend, device, dtypes)]
 
 
 def run_checks(
@@ -183,8 +199,7 @@ def run_checks(
     ops: Optional[Sequence[str]] = None,
 ) -> list[Outcome]:
     """Run :data:`CHECKS` (optionally only ``ops``) on ``device`` for each fused ``backend``."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    backends = [b for b in (backends or available_backends(device)) if b != "reference"]
+    device, backends = _device_and_backends(device, backends)
     outcomes = []
     for check in CHECKS:
         if ops and check.op not in ops:
