@@ -37,6 +37,7 @@ __all__ = [
     "AdaptReport",
     "RLRR_LINEAR_TARGETS",
     "RLRR_SSF_TARGETS",
+    "TASK_HEADS",
     "apply_coeff",
     "apply_rlrr",
     "apply_svd",
@@ -53,6 +54,8 @@ __all__ = [
 RLRR_LINEAR_TARGETS = ("q", "k", "v", "qkv", "proj", "fc1", "fc2")
 # After every LayerNorm, the patch embedding and the final norm (RLRR / SSF recipe).
 RLRR_SSF_TARGETS = ("patch_embed", "norm1", "norm2", "norm", "fc_norm")
+# timm's task heads, trained in full: the classifier and DeiT's distillation head.
+TASK_HEADS = ("head", "head_dist")
 # Fused q, k, v projections, [q; k; v] along the output: timm's qkv, GPT-2's c_attn (a Conv1D), Phi-3's
 # qkv_proj (grouped-query: fewer k, v rows than q rows).
 FUSED_QKV_NAMES = ("qkv", "c_attn", "qkv_proj")
@@ -340,7 +343,7 @@ def apply_rlrr(
     ssf: bool = True,
     ssf_targets: Sequence[str] = RLRR_SSF_TARGETS,
     fused_qkv: str = "split",
-    trainable: Sequence[str] = ("head", "head_dist"),
+    trainable: Sequence[str] = TASK_HEADS,
     exclude: Sequence[str] = (),
     backend: Optional[str] = None,
 ) -> AdaptReport:
@@ -446,7 +449,7 @@ def apply_svd(
     method: str = "siva",
     *,
     targets: Optional[Sequence[str]] = None,
-    trainable: Sequence[str] = ("head", "head_dist"),
+    trainable: Sequence[str] = TASK_HEADS,
     exclude: Sequence[str] = (),
     backend: Optional[str] = None,
     **layer_options,
@@ -454,8 +457,9 @@ def apply_svd(
     """SiVA / SAM-PARSER / SVDiff on ``model``'s Linear layers, in place (see :class:`SVDLinear`).
 
     A Linear named ``qkv`` is split into q, k, v parts; SiVA tunes q and v only (its paper's
-    choice), the others all three. Nothing inside a ``trainable`` or ``exclude`` module is adapted. ``layer_options`` go to SVDLinear (perc, criterion, rank, path).
-    The report's ``details`` give each layer's k per part and the SVD time.
+    choice), the others all three. Nothing inside a ``trainable`` or ``exclude`` module is adapted.
+    ``layer_options`` go to SVDLinear (perc, criterion, rank, path). The report's ``details`` give each
+    layer's k per part and the SVD time.
     """
     if method not in SVD_METHODS:
         raise ValueError(f"method must be one of {SVD_METHODS}, got {method!r}")
@@ -523,7 +527,7 @@ def apply_coeff(
     model: nn.Module,
     *,
     dropout: float = 0.0,
-    trainable: Sequence[str] = ("head", "head_dist"),
+    trainable: Sequence[str] = TASK_HEADS,
     backend: Optional[str] = None,
 ) -> AdaptReport:
     """Coeff-Tuning (paper 003) on ``model`` in place: a trainable α [H, H] per attention layer.

@@ -86,6 +86,7 @@ from .adapters import (
     RLRR_LINEAR_TARGETS,
     RLRR_SSF_TARGETS,
     SVD_TARGETS,
+    TASK_HEADS,
     AdaptReport,
     _finish_report,
     _start_report,
@@ -212,9 +213,10 @@ ADAPTER_TARGETS = ("*.attn.proj", "fc2", "*.output.dense", "*.self_attn.o_proj",
 #: SiVA adapts the query and value projections (002 §4).
 SIVA_TARGETS = SVD_TARGETS["siva"] + ("q_proj", "v_proj", "qkv_proj") + HF_Q + HF_V + DIFFUSERS_Q + DIFFUSERS_V
 #: Modules trained in full besides the method's parameters: the task head, by the names timm (``head``, and
-#: DeiT's distillation head ``head_dist``) and transformers give it: ``classifier`` (BERT, ViT; DistilBERT's also has a ``pre_classifier``), ``score``
-#: (the decoder LMs' *ForSequenceClassification: LLaMA, GPT-2, ...), ``classification_head`` (BART, T5).
-DEFAULT_TRAINABLE = ("head", "head_dist", "classifier", "pre_classifier", "score", "classification_head")
+#: DeiT's distillation head ``head_dist``: adapters.TASK_HEADS) and transformers give it: ``classifier``
+#: (BERT, ViT; DistilBERT's also has a ``pre_classifier``), ``score`` (the decoder LMs'
+#: *ForSequenceClassification: LLaMA, GPT-2, ...), ``classification_head`` (BART, T5).
+DEFAULT_TRAINABLE = TASK_HEADS + ("classifier", "pre_classifier", "score", "classification_head")
 #: Modules the default targets would reach into but that are not the blocks' projections: timm's
 #: relative-position MLPs, which map 2-D offsets to per-head biases (``rel_pos.mlp`` of the relpos ViTs,
 #: Swin-V2-CR's ``meta_mlp``; their ``fc1`` has 2 inputs, fewer than any adapter rank).
@@ -617,8 +619,8 @@ class SpectralConfig(MethodConfig):
 # Appliers: config -> AdaptReport (the model is changed in place; nothing before the checks pass)
 # ---------------------------------------------------------------------------------------------
 def _match_linears(model: nn.Module, argument: str, patterns: Sequence[str],
-                   trainable: Sequence[str]) -> list[tuple[str, nn.Linear]]:
-    found = find_linears(model, patterns, skip_under=trainable)
+                   skip_under: Sequence[str]) -> list[tuple[str, nn.Linear]]:
+    found = find_linears(model, patterns, skip_under=skip_under)
     if not found:
         error = no_linear_error(model, argument, patterns)
         if any(name.rpartition(".")[2] in INTERLEAVED_QKV for name, _ in model.named_modules()):

@@ -28,13 +28,12 @@ from typing import Any, Union
 
 from torch import nn
 
-from .adapters import RLRR_SSF_TARGETS, AdaptReport
+from .adapters import RLRR_SSF_TARGETS, TASK_HEADS, AdaptReport
 
 __all__ = ["TIMM_DEFAULTS", "TIMM_LINEAR_TARGETS", "apply", "is_vision_transformer"]
 
 #: timm ViT block linears (q, k, v cover ViT variants with separate projections).
 TIMM_LINEAR_TARGETS = ("qkv", "q", "k", "v", "proj", "fc1", "fc2")
-_HEAD = ("head", "head_dist")  # head_dist: DeiT's distillation head
 
 #: Per method: the config fields :func:`apply` sets for a timm ViT unless given explicitly.
 TIMM_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -58,7 +57,7 @@ TIMM_DEFAULTS: dict[str, dict[str, Any]] = {
     "spectral": {"targets": TIMM_LINEAR_TARGETS},
 }
 for _fields in TIMM_DEFAULTS.values():
-    _fields.setdefault("trainable", _HEAD)
+    _fields.setdefault("trainable", TASK_HEADS)
 del _fields
 
 
