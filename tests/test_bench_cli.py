@@ -175,6 +175,96 @@ def test_bad_arguments_are_named(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("env, argv, message", [
+    ({"SUBSPACE_OPS_BACKEND": "bogus"}, [],
+     "error: environment variable SUBSPACE_OPS_BACKEND='bogus' is not a backend: expected one of "
+     "reference, cpu, triton"),
+    ({"SUBSPACE_OPS_BACKEND": "triton"}, [],
+     "error: environment variable SUBSPACE_OPS_BACKEND=triton: backend 'triton' is unavailable for cpu tensors: "),
+    ({}, ["--backend", "triton"], "error: argument --backend: backend 'triton' is unavailable for cpu tensors: "),
+])
+def test_bench_refuses_a_backend_that_cannot_run_up_front(env, argv, message, monkeypatch, capsys):
+    """A backend the ops cannot use here -- from --backend or from SUBSPACE_OPS_BACKEND, unknown or
+    unavailable (triton on CPU tensors without TRITON_INTERPRET=1) -- is a usage error before anything
+    runs, not a table of failed rows."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("SUBSPACE_OPS_BACKEND", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "rescaled-linear", "--shape", "7,16,16", "--repeats", "1", "--warmup", "0", "--no-compile",
+              "--no-memory", "--device", "cpu", *argv])
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 2 and message in captured.err, captured.err
+    assert captured.out == "" and "Traceback" not in captured.err
+
+
+def test_bench_backend_argument_is_not_overridden_by_the_env(monkeypatch, capsys, tmp_path):
+    """--backend wins over SUBSPACE_OPS_BACKEND as in the ops (which never read the variable then):
+    a bogus variable does not stop a run that names its backend."""
+    monkeypatch.setenv("SUBSPACE_OPS_BACKEND", "bogus")
+    out = tmp_path / "r.json"
+    assert main(["bench", "rescaled-linear", "--shape", "7,16,16", "--repeats", "1", "--warmup", "0", "--no-compile",
+                 "--no-memory", "--mode", "forward", "--device", "cpu", "--backend", "reference",
+                 "--json", str(out)]) == 0, capsys.readouterr().err
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["results"]}
+    assert rows["subspace_ops"]["status"] == "ok" and rows["subspace_ops"]["backend"] == "reference"
+
+
+@pytest.mark.parametrize("case_name, shape, expected", [
+    ("rescaled-linear", (7, 16, 16), {"subspace_ops": "reference", "subspace_ops modulated": "reference"}),
+    ("scaled-linear", (7, 16, 16), {"subspace_ops": "reference", "subspace_ops modulated": "reference"}),
+    ("svd-delta-linear", (7, 16, 16), {"subspace_ops": "reference k=16"}),
+    ("lowrank-linear", (7, 16, 16), {"subspace_ops": "reference", "subspace_ops DoRA": "reference"}),
+    ("head-mixing-attention", (1, 2, 8, 8), {"subspace_ops": "reference"}),
+])
+@pytest.mark.parametrize("how", ["--backend", "env"])
+def test_reference_backend_rows_name_no_path(case_name, shape, expected, how, monkeypatch):
+    """The reference backend always materializes the weight: its rows must not carry the fused
+    backends' path labels ("modulated", "stacked", "merged", ...) that it does not take, whether it
+    comes from --backend or from SUBSPACE_OPS_BACKEND."""
+    monkeypatch.delenv("SUBSPACE_OPS_BACKEND", raising=False)
+    backend = "reference"
+    if how == "env":
+        monkeypatch.setenv("SUBSPACE_OPS_BACKEND", "reference")
+        backend = None
+    ours = {v.name: v for v in CASES[case_name].make_variants(backend) if v.name.startswith("subspace_ops")}
+    labels = {name: v.setup(shape, torch.float32, torch.device("cpu")).backend for name, v in ours.items()}
+    assert labels == expected
+
+
+def test_methods_error_names_every_case_that_takes_methods(monkeypatch, capsys):
+    """The cases named as taking --methods are the ones defined with per_method (all four end-to-end
+    cases, and any added later), not a list written into the message."""
+    import dataclasses
+
+    per_method = {name for name, case in CASES.items() if case.per_method}
+    assert per_method >= {"e2e", "e2e-llama", "e2e-unet", "e2e-flux"}
+    monkeypatch.setitem(CASES, "toy-e2e", dataclasses.replace(_toy_case(), name="toy-e2e", per_method=True))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "rescaled-linear", "--methods", "ssb", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "argument --methods: applies to the end-to-end cases (" in err
+    named = err.split("end-to-end cases (")[1].split(")")[0].split(", ")
+    assert set(named) == per_method | {"toy-e2e"}, err
+    assert "not ['rescaled-linear']" in err
+
+
+def test_version(capsys, monkeypatch):
+    """``subspace-ops --version`` and ``python -m subspace_ops --version`` print the package version."""
+    import runpy
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out == f"subspace-ops {subspace_ops.__version__}\n"
+    monkeypatch.setattr(sys, "argv", ["subspace_ops", "--version"])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_module("subspace_ops", run_name="__main__")
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out == f"subspace-ops {subspace_ops.__version__}\n"
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error when CUDA is missing")
 def test_cuda_requested_without_cuda(capsys):
     with pytest.raises(SystemExit):
@@ -193,13 +283,37 @@ def test_plot_without_matplotlib_is_a_usage_error(monkeypatch, capsys, tmp_path)
     assert "argument --plot: needs matplotlib" in capsys.readouterr().err
 
 
-def test_backends_command(capsys):
+def test_backends_command(monkeypatch, capsys):
+    monkeypatch.delenv("SUBSPACE_OPS_BACKEND", raising=False)  # the table alone: no override lines
     assert main(["backends"]) == 0
     out = capsys.readouterr().out
     assert "reference" in out and "cpu" in out and "triton" in out
     lines = out.splitlines()
     reason_column = lines[0].index("reason")
     assert all(line[reason_column - 2:reason_column] == "  " and line[reason_column] != " " for line in lines)
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("reference", ["SUBSPACE_OPS_BACKEND=reference overrides the defaults", "  cpu: ops use 'reference'"]),
+    ("triton", ["SUBSPACE_OPS_BACKEND=triton overrides the defaults",
+                "  cpu: ops raise BackendUnavailableError: backend 'triton' is unavailable for cpu tensors: "]),
+    ("bogus", ["environment variable SUBSPACE_OPS_BACKEND='bogus' is not a backend: expected one of "
+               "reference, cpu, triton", "every op and layer given no backend raises ValueError"]),
+])
+def test_backends_command_reports_the_env_override(value, expected, monkeypatch, capsys):
+    """With SUBSPACE_OPS_BACKEND set, the report says what the ops then do on each device: use that
+    backend, raise because it cannot run there (triton on CPU without the interpreter), or raise
+    because the name is no backend; the table's "(default)" alone would be wrong."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # triton cannot run CPU tensors now
+    monkeypatch.setenv("SUBSPACE_OPS_BACKEND", value)
+    assert main(["backends"]) == 0
+    out = capsys.readouterr().out
+    table, _, override = out.partition("\n\n")
+    assert table.startswith("device  backend") and "SUBSPACE_OPS_BACKEND" not in table
+    for text in expected:
+        assert text in override, out
+    if value == "reference":  # the same resolution as the ops
+        assert subspace_ops.resolve_backend(None, "cpu") == "reference"
 
 
 def test_backends_command_without_backend_report(monkeypatch, capsys):

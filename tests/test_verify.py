@@ -140,3 +140,26 @@ def test_verify_says_which_dtypes_it_skips(capsys):
                      "--op", "lowrank_linear"]) == 1
     err = capsys.readouterr().err
     assert "skipped triton bfloat16: Triton's interpreter" in err and "every requested backend and dtype" in err
+
+
+@pytest.mark.parametrize("env, argv, message", [
+    ({}, ["--backend", "triton"], "argument --backend: backend 'triton' is unavailable for cpu tensors: "),
+    ({}, ["--backend", "cpu", "--backend", "triton"],
+     "argument --backend: backend 'triton' is unavailable for cpu tensors: "),
+    ({"SUBSPACE_OPS_BACKEND": "bogus"}, [],
+     "environment variable SUBSPACE_OPS_BACKEND='bogus' is not a backend: expected one of reference, cpu, triton"),
+    ({"SUBSPACE_OPS_BACKEND": "triton"}, [],
+     "environment variable SUBSPACE_OPS_BACKEND=triton: backend 'triton' is unavailable for cpu tensors: "),
+])
+def test_verify_refuses_a_backend_that_cannot_run_up_front(env, argv, message, monkeypatch, capsys):
+    """As `bench`: a backend that cannot run on the device (triton on CPU tensors without
+    TRITON_INTERPRET=1) or an unknown SUBSPACE_OPS_BACKEND is a usage error (exit 2) named before any
+    check runs, not a table of ERROR rows."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("SUBSPACE_OPS_BACKEND", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert cli.main(["verify", "--device", "cpu", "--dtype", "float32", "--op", "lowrank_linear", *argv]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("subspace-ops verify: ") and message in captured.err, captured.err
+    assert captured.out == "" and "Traceback" not in captured.err

@@ -38,6 +38,7 @@ __all__ = [
     "default_backend",
     "resolve_backend",
     "resolve_backend_for",
+    "explain_backend",
     "backend_report",
 ]
 
@@ -113,7 +114,8 @@ def backend_status(name: str, device: Union[str, torch.device]) -> BackendStatus
     if device_type == "cpu":
         if triton_interpreter_enabled():
             return BackendStatus(name, device_type, True, reason + " (interpreter, TRITON_INTERPRET=1)")
-        return BackendStatus(name, device_type, False, "CPU tensors need TRITON_INTERPRET=1 set before importing triton")
+        return BackendStatus(name, device_type, False,
+                             "CPU tensors need TRITON_INTERPRET=1 set before importing triton")
     return BackendStatus(name, device_type, False, f"triton kernels do not run on {device_type} tensors")
 
 
@@ -136,14 +138,20 @@ def default_backend(device_type: str) -> str:
     return "reference"
 
 
+def _unavailable(requested: str, device_type: str) -> str:
+    """Why backend ``requested`` cannot run on ``device_type`` tensors ("" when it can)."""
+    status = backend_status(requested, device_type)
+    if status.available:
+        return ""
+    return f"backend {requested!r} is unavailable for {device_type} tensors: {status.reason}"
+
+
 @functools.lru_cache(maxsize=None)
 def _resolve(requested: Optional[str], device_type: str) -> str:
     if requested is not None:
-        status = backend_status(requested, device_type)
-        if not status.available:
-            raise BackendUnavailableError(
-                f"backend {requested!r} is unavailable for {device_type} tensors: {status.reason}"
-            )
+        problem = _unavailable(requested, device_type)
+        if problem:
+            raise BackendUnavailableError(problem)
         return requested
     chosen = default_backend(device_type)
     if chosen == "reference":  # warned once per device type: the result is cached
@@ -180,11 +188,39 @@ def resolve_backend(requested: Optional[str], device: Union[str, torch.device]) 
 def resolve_backend_for(requested: Optional[str], device_type: str) -> str:
     """:func:`resolve_backend` for a device type ("cpu", "cuda"): the ops' per-call entry, which
     reads the device type off a tensor without building a ``torch.device``."""
+    return _resolve_as_constant(_requested(requested), device_type)
+
+
+def _requested(requested: Optional[str]) -> Optional[str]:
+    """``requested``, else ``$SUBSPACE_OPS_BACKEND`` (unset or empty: None); ValueError for a name that is
+    not a backend, naming the variable when the name came from it."""
     if requested is None:
         requested = os.environ.get(ENV_VAR) or None
-    if requested is not None and requested not in BACKENDS:
+        if requested is not None and requested not in BACKENDS:
+            raise ValueError(f"environment variable {ENV_VAR}={requested!r} is not a backend: expected one of "
+                             f"{', '.join(BACKENDS)} (or unset it for the device's default)")
+        return requested
+    if requested not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {requested!r}")
-    return _resolve_as_constant(requested, device_type)
+    return requested
+
+
+def explain_backend(requested: Optional[str], device: Union[str, torch.device]) -> tuple[Optional[str], str]:
+    """What :func:`resolve_backend` does for ``requested`` on ``device``, without raising or warning:
+    ``(backend, "")`` with the backend ops will use, or ``(None, why)`` with why they will raise instead
+    (an unknown name, or a backend that cannot run there; naming ``$SUBSPACE_OPS_BACKEND`` when the name
+    came from it). For the CLI, which refuses such a run up front rather than failing in every op."""
+    device_type = torch.device(device).type
+    try:
+        name = _requested(requested)
+    except ValueError as exc:
+        return None, str(exc)
+    if name is None:
+        return default_backend(device_type), ""
+    problem = _unavailable(name, device_type)
+    if problem and requested is None:  # the name came from the environment: say so
+        problem = f"environment variable {ENV_VAR}={name}: {problem}"
+    return (None, problem) if problem else (name, "")
 
 
 def backend_report() -> str:
@@ -198,4 +234,22 @@ def backend_report() -> str:
             mark = ("yes" if status.available else "no") + (" (default)" if name == default else "")
             rows.append((device_type, name, mark, status.reason))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[3] for row in rows)
+    table = "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[3] for row in rows)
+    return table + _env_override_report(device_types)
+
+
+def _env_override_report(device_types: list[str]) -> str:
+    """Lines saying what ``$SUBSPACE_OPS_BACKEND`` makes ops use per device type ("" when it is unset):
+    the table's defaults do not apply while it is set."""
+    value = os.environ.get(ENV_VAR)
+    if not value:
+        return ""
+    if value not in BACKENDS:  # the same error on every device: said once
+        problem = explain_backend(None, device_types[0])[1]
+        return f"\n\n{problem}\n  every op and layer given no backend raises ValueError"
+    lines = [f"\n\n{ENV_VAR}={value} overrides the defaults (for ops and layers given no backend):"]
+    for device_type in device_types:
+        chosen, problem = explain_backend(value, device_type)
+        lines.append(f"  {device_type}: " + (f"ops use {chosen!r}" if chosen is not None
+                                               else f"ops raise BackendUnavailableError: {problem}"))
+    return "\n".join(lines)

@@ -9,11 +9,17 @@
 ``subspace-ops plot RESULTS.json [...] --out PNG``
     Draw the bar charts of ``bench --plot`` again from files written by ``bench --json``.
 ``subspace-ops backends``
-    Which backends can run on this machine (CPU, and CUDA if present), and why not.
+    Which backends can run on this machine (CPU, and CUDA if present), and why not; with
+    ``SUBSPACE_OPS_BACKEND`` set, which backend that makes the ops use per device (or the error they raise).
 ``subspace-ops verify [options]``
     Every op on this device and every available fused backend against the float64 reference,
     forward and gradients, as a pass/fail table (exit status 1 on any failure). See
     :mod:`subspace_ops.verify`.
+``subspace-ops --version``
+    The package version.
+
+``bench`` and ``verify`` refuse up front (exit status 2, as for any usage error) a backend that cannot
+run on the device, whether it comes from ``--backend`` or from ``SUBSPACE_OPS_BACKEND``.
 """
 
 from __future__ import annotations
@@ -61,7 +67,15 @@ def _backend_names() -> tuple[str, ...]:
     return tuple(BACKENDS)
 
 
+def _per_method_cases() -> list[str]:
+    """The cases that take ``--methods`` (one group of variants per method), from their definitions."""
+    from .bench.cases import CASES
+
+    return [name for name, case in CASES.items() if case.per_method]
+
+
 def _build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    from . import __version__
     from .bench.cases import CASES
     from .bench.harness import cpu_threads_available
 
@@ -69,6 +83,7 @@ def _build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         prog="subspace-ops", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{bench,verify,plot,backends}")
 
     presets = sorted({p for case in CASES.values() for p in case.presets})
@@ -104,7 +119,8 @@ def _build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     bench.add_argument("--threads", type=_int_at_least(1), metavar="N",
                        help=f"torch CPU threads (default: all {cpu_threads_available()} cores this process may use)")
     bench.add_argument("--methods", metavar="NAMES",
-                       help="e2e cases: comma-separated registry methods to time (default: rlrr,coeff,siva,lora)")
+                       help=f"end-to-end cases ({', '.join(_per_method_cases())}): comma-separated registry "
+                            "methods to time (default: each case's own; see --list)")
     bench.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     bench.add_argument("--no-compile", action="store_true",
                        help="leave out the torch.compile variants (compiling a whole model takes minutes on a GPU)")
@@ -135,6 +151,16 @@ def _build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     return parser, bench
 
 
+def _backend_problem(backend: Optional[str], device: torch.device) -> str:
+    """Why our ops cannot run on ``device`` with ``backend`` (``--backend``; None: what
+    ``$SUBSPACE_OPS_BACKEND`` or the device's default picks), or "" when they can. bench and verify
+    both refuse such a run up front: every op would otherwise fail with the same error, row by row."""
+    from .backends import explain_backend
+
+    problem = explain_backend(backend, device)[1]
+    return f"argument --backend: {problem}" if problem and backend is not None else problem
+
+
 def _verify(args) -> int:
     from .verify import CHECKS, format_outcomes, run_checks, skipped_dtypes
 
@@ -148,6 +174,12 @@ def _verify(args) -> int:
         return 2
     if args.device == "cuda" and not torch.cuda.is_available():
         print("subspace-ops verify: --device cuda, but torch sees no CUDA device here", file=sys.stderr)
+        return 2
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    problems = [p for p in dict.fromkeys(_backend_problem(b, device) for b in args.backend or [None]) if p]
+    if problems:
+        for problem in problems:
+            print(f"subspace-ops verify: {problem}; see `subspace-ops backends`", file=sys.stderr)
         return 2
     dtypes = [DTYPES[d] for d in args.dtype] if args.dtype else [torch.float32, torch.bfloat16]
     outcomes = run_checks(args.device, args.backend, dtypes, args.op)
@@ -217,12 +249,9 @@ def _bench(args: argparse.Namespace, bench: argparse.ArgumentParser) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         bench.error("argument --device: cuda requested but torch.cuda.is_available() is False")
-    if args.backend is not None:
-        from .backends import backend_status
-
-        status = backend_status(args.backend, device)
-        if not status.available:
-            bench.error(f"argument --backend: {args.backend!r} cannot run on {device.type}: {status.reason}")
+    problem = _backend_problem(args.backend, device)
+    if problem:
+        bench.error(problem)
     if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
         bench.error("argument --plot: needs matplotlib (pip install 'subspace_ops[plot]')")
     for option in ("json", "csv", "plot"):
@@ -234,7 +263,8 @@ def _bench(args: argparse.Namespace, bench: argparse.ArgumentParser) -> int:
 
         not_per_method = [case.name for case in cases if not case.per_method]
         if not_per_method:
-            bench.error(f"argument --methods: applies to the end-to-end cases (e2e, e2e-llama), not {not_per_method}")
+            bench.error(f"argument --methods: applies to the end-to-end cases ({', '.join(_per_method_cases())}), "
+                        f"not {not_per_method}")
         try:
             chosen = check_methods([m.strip() for m in args.methods.split(",") if m.strip()])
         except ValueError as exc:

@@ -16,7 +16,8 @@ requires grad, as for a layer in the middle of a network):
     ``subspace_ops.rescaled_linear`` with the backend from ``--backend`` (default: the best one
     for the device). RLRR's trainable parameters require grad: ``s_l`` [N], ``s_r`` [K] and the
     bias (RLRR's shift, here trained in place of ``b + shift``: the same math, one add fewer); W is
-    frozen. The backend column names the path taken (``rescaled_linear``'s ``choose_path``).
+    frozen. The backend column names the path taken (``rescaled_linear``'s ``choose_path``); the
+    ``reference`` backend takes none (it always materializes W'), so its rows say ``reference`` alone.
 ``subspace_ops modulated``
     The same, forced onto the fused modulated-weight kernels: the default's row differs only where
     the cpu backend takes the stacked path (a few tokens, e.g. ``--shape 4,768,768``).
@@ -96,7 +97,9 @@ def _setup_ours(backend: Optional[str], residual: bool = True, path: Optional[st
 
         from ..ops.rescaled_linear import choose_path
 
-        label = f"{chosen} {path or choose_path(residual, 1, dtype, shape[0], chosen)}"  # which path ran
+        # Which path ran; the reference backend takes none (it always materializes W'), whatever `path` says.
+        taken = "" if chosen == "reference" else f" {path or choose_path(residual, 1, dtype, shape[0], chosen)}"
+        label = chosen + taken
         return Workload(forward, [x, s_l, s_r, bias], inp.grad_output, backend=label)
 
     return setup
@@ -159,7 +162,8 @@ SCALED_LINEAR = linear_case(
 
 # ---------------------------------------------------------------------------------------------
 # Case ``svd-delta-linear``: SiVA's y = x (W + U diag(d) Vᵀ)ᵀ + b (METHODS.md §2), d trained.
-# Variants: ours (merged/unmerged path by the cost rule, shown in the backend column); the naive
+# Variants: ours (merged/unmerged path by the cost rule, shown in the backend column; the reference
+# backend, which always materializes W_eff, shows none); the naive
 # unmerged formula x Wᵀ + ((x V) ⊙ d) Uᵀ + b and its torch.compile; frozen F.linear; full FT;
 # PEFT LoRA r=16. The rank is k = min(400, N, K): the issue's ViT-B q figure (perc 0.95); with no
 # pretrained LLaMA weights here the perc-0.997 k cannot be measured, so the same k is used there.
@@ -191,7 +195,9 @@ def _setup_svd_ours(backend: Optional[str]):
         chosen = subspace_ops.resolve_backend(backend, device)
         inp, u, v, d = _svd_inputs(shape, dtype, device)
         x, weight, bias = inp.x, inp.weight, inp.bias
-        label = f"{chosen} {choose_path(shape[0], shape[2], shape[1])} k={d.numel()}"
+        # The reference backend takes no path: it always materializes W + U diag(d) Vᵀ.
+        taken = "" if chosen == "reference" else f" {choose_path(shape[0], shape[2], shape[1])}"
+        label = f"{chosen}{taken} k={d.numel()}"
         return Workload(lambda: subspace_ops.svd_delta_linear(x, weight, u, v, d, bias, backend=chosen),
                         [x, d], inp.grad_output, backend=label)
 
