@@ -1,8 +1,9 @@
 """Dynamic shapes. torch.export of adapted models: the fused ops appear in the exported graph as
-``subspace_ops::`` custom ops, a dynamic batch / sequence dimension is accepted (speed-only path
-choices do not pin it), the program saves and loads, and it computes what the eager model computes
-at other sizes too. Serving an unmerged adapter matters most for Coeff-Tuning, whose head mixing has
-no merged form. And torch.compile(dynamic=True, fullgraph=True) of the same models trains as eager."""
+``subspace_ops::`` custom ops, a dynamic batch / sequence dimension is accepted, strict (Dynamo) or
+not, from any example size (speed-only path choices do not pin it), the program saves and loads,
+and it computes what the eager model computes at other sizes too. Serving an unmerged adapter
+matters most for Coeff-Tuning, whose head mixing has no merged form. And torch.compile(dynamic=True,
+fullgraph=True) of the same models trains as eager."""
 
 from __future__ import annotations
 
@@ -120,6 +121,66 @@ def test_llama_exports_with_dynamic_batch_and_sequence(name):
         with torch.no_grad():
             torch.testing.assert_close(loaded.module()(input_ids=other).logits, model(input_ids=other).logits,
                                        rtol=1e-5, atol=1e-5)
+
+
+class _TokenBlock(nn.Module):
+    """A pre-norm block of named layers every method here targets: a fused ``qkv`` (RLRR: rank 3),
+    ``proj``, ``fc1``, ``fc2``; no attention, so that a token count costs nothing to vary."""
+
+    def __init__(self, dim: int = 16):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.fc1, self.fc2 = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(self.norm(x)).chunk(3, dim=-1)
+        x = x + self.proj(q * torch.sigmoid(k) + v)
+        return x + self.fc2(torch.nn.functional.gelu(self.fc1(x)))
+
+
+# method -> the op its layers call at the large example's 48 tokens (None: plain torch ops). At the
+# decode-sized example's 2 tokens none calls one: RLRR takes the stacked path (2 rows ≤ the stacked
+# bound even at rank 3), the SVD methods the unmerged formula, (IA)³ the separable path.
+TOKEN_METHODS = {"rlrr": "rescaled_linear", "siva": "svd_delta_linear", "sam-parser": "svd_delta_linear",
+                 "ia3": None}
+
+
+def _export_tokens(model: nn.Module, example_tokens: int, strict: bool) -> torch.export.ExportedProgram:
+    example = torch.randn(1, example_tokens, 16, generator=torch.Generator().manual_seed(example_tokens))
+    dims = ({1: Dim("tokens", min=1, max=256)},)
+    return torch.export.export(model, (example,), dynamic_shapes=dims, strict=strict)
+
+
+def _check_at_token_counts(program: torch.export.ExportedProgram, model: nn.Module, counts: tuple[int, ...]) -> None:
+    for tokens in counts:
+        x = torch.randn(1, tokens, 16, generator=torch.Generator().manual_seed(100 + tokens))
+        with torch.no_grad():
+            torch.testing.assert_close(program.module()(x), model(x), rtol=1e-5, atol=1e-5,
+                                       msg=lambda m, t=tokens: f"{t} tokens: {m}")
+
+
+@pytest.mark.parametrize("example_tokens", [2, 48])
+@pytest.mark.parametrize("name", list(TOKEN_METHODS))
+def test_strict_export_with_a_dynamic_token_count(name, example_tokens):
+    """Dynamo (strict=True) traces the ops' speed-only path choices too: they read the example's size
+    without a guard (a guard on either side of a bound fails export), and the path the example takes
+    (the stacked, unmerged, separable path at 2 tokens, the fused ops at 48) holds at every count."""
+    require_backend("cpu")
+    model = _adapted(_TokenBlock(), name)
+    program = _export_tokens(model, example_tokens, strict=True)
+    assert _fused_ops(program) == ({TOKEN_METHODS[name]} - {None} if example_tokens > 2 else set())
+    _check_at_token_counts(_saved_and_loaded(program), model, (example_tokens, 1, 7, 197))
+
+
+def test_non_strict_export_of_rlrr_from_a_decode_sized_example():
+    """The stacked path (2 rows here) splits its GEMM output into its c + r blocks of M rows: exact at
+    every symbolic M, where ``chunk`` pinned M to the example's value."""
+    require_backend("cpu")
+    model = _adapted(_TokenBlock(), "rlrr")
+    program = _export_tokens(model, 2, strict=False)
+    assert _fused_ops(program) == set()  # the stacked path: plain torch ops
+    _check_at_token_counts(program, model, (197, 1, 5))
 
 
 @pytest.mark.slow

@@ -183,9 +183,16 @@ def _stack_blocks(rows: Tensor, scale: Optional[Tensor], rank: int, residual: bo
     return torch.cat(blocks) if len(blocks) > 1 else blocks[0]
 
 
+def _row_blocks(stacked: Tensor, count: int) -> tuple[Tensor, ...]:
+    """The ``count`` M-row blocks of stacked (count·M, L), as views. Not ``chunk``: it sizes its pieces
+    as ceil(count·M / count), which with a symbolic M (torch.export) is a guard that pins M to the
+    example's value; this view's -1 is an exact division, true at every M, and as fast in eager."""
+    return stacked.view(count, -1, stacked.shape[-1]).unbind()
+
+
 def _combine_blocks(stacked: Tensor, scale: Optional[Tensor], rank: int, residual: bool) -> Tensor:
     """c·B_0 + Σ_j B_{c+j} ⊙ scale[:, j] for the M-row blocks B of stacked ((c + r)·M, L)."""
-    blocks = stacked.chunk(rank + int(residual))
+    blocks = _row_blocks(stacked, rank + int(residual))
     scaled = blocks[int(residual):]
     if scale is None:
         out = scaled[0] + blocks[0] if residual else scaled[0].clone()
@@ -198,7 +205,7 @@ def _combine_blocks(stacked: Tensor, scale: Optional[Tensor], rank: int, residua
 
 def _column_dots(stacked: Tensor, rows: Tensor, rank: int, residual: bool) -> Tensor:
     """[L, r]: column j = Σ_m B_{c+j} ⊙ rows over the M-row blocks B of stacked ((c + r)·M, L)."""
-    scaled = stacked.chunk(rank + int(residual))[int(residual):]
+    scaled = _row_blocks(stacked, rank + int(residual))[int(residual):]
     return torch.stack([torch.linalg.vecdot(block, rows, dim=0) for block in scaled], dim=1)
 
 
@@ -388,7 +395,8 @@ def _check_inputs(x, weight, s_l, s_r, bias) -> None:
                 raise ValueError(f"{name} must have rank >= 1 columns, got shape {tuple(scale.shape)}")
             ranks[name] = scale.shape[1]
     if len(set(ranks.values())) > 1:
-        raise ValueError(f"s_l and s_r must have the same rank r, got s_l {tuple(s_l.shape)} and s_r {tuple(s_r.shape)}")
+        raise ValueError(f"s_l and s_r must have the same rank r, got s_l {tuple(s_l.shape)} and "
+                         f"s_r {tuple(s_r.shape)}")
     if bias is not None:
         check_tensor("bias", bias, ndims=(1,))
         check_size("bias", bias, 0, out_features, "out_features = weight.shape[0]")
