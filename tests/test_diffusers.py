@@ -657,3 +657,93 @@ def test_every_method_by_name_reaches_diffusers_layers(name, model_name):
     model(**inputs).sample.square().mean().backward()
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert trainable and all(p.grad is not None for p in trainable)
+
+
+def _ip_scales(model) -> dict:
+    return {name: m.processor.scale for name, m in sd.attention_modules(model) if hasattr(m.processor, "scale")}
+
+
+def test_ip_adapter_scale_set_after_coeff_is_kept_when_coeff_is_taken_out():
+    """An IP-Adapter scale set while Coeff's processors are in place is the scale the user has: detaching
+    Coeff (detach_head_mix; set_processors between a head-mix processor and the one it replaced) gives
+    back the replaced processors with it, and a scale set on those meanwhile goes back with the head-mix
+    ones. SD3's ``set_ip_adapter_scale`` (like Flux's) assigns ``processor.scale``; so may a user (the
+    UNet pipelines' one writes into the list, which both processors share). Reference: the unadapted UNet
+    given that scale directly."""
+    from types import SimpleNamespace
+
+    from diffusers.loaders.ip_adapter import SD3IPAdapterMixin
+
+    model, inputs = dit("unet ip-adapter")
+    reference = dit("unet ip-adapter")[0]
+    for _, m in sd.attention_modules(reference):
+        if hasattr(m.processor, "scale"):
+            m.processor.scale = [0.1, 0.2]
+    with torch.no_grad():
+        expected = reference(**inputs).sample
+    sd.attach_head_mix(model)
+    for _, m in sd.attention_modules(model):
+        if hasattr(m.processor, "scale"):
+            m.processor.scale = [0.1, 0.2]
+    assert sd.detach_head_mix(model) == 8
+    assert set(map(tuple, _ip_scales(model).values())) == {(0.1, 0.2)}
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).sample, expected, rtol=0, atol=0)
+
+    unet = dit("unet ip-adapter")[0]
+    before = sd.processors(unet)
+    sd.attach_head_mix(unet)
+    adapted = sd.processors(unet)
+    for _, m in sd.attention_modules(unet):
+        if hasattr(m.processor, "scale"):
+            m.processor.scale = [0.3, 0.4]
+    sd.set_processors(unet, before)  # back to the replaced processors (as processors() saved them)
+    assert sd.processors(unet) == before and set(map(tuple, _ip_scales(unet).values())) == {(0.3, 0.4)}
+    for _, m in sd.attention_modules(unet):  # set while those are in place: kept with the head-mix ones again
+        if hasattr(m.processor, "scale"):
+            m.processor.scale = [0.5, 0.6]
+    sd.set_processors(unet, adapted)
+    assert sd.processors(unet) == adapted and set(map(tuple, _ip_scales(unet).values())) == {(0.5, 0.6)}
+
+    attn = _sd3_ip_adapter_attention()
+    holder = torch.nn.Module()
+    holder.attn = attn
+    sd.attach_head_mix(holder)
+    SD3IPAdapterMixin.set_ip_adapter_scale(SimpleNamespace(transformer=SimpleNamespace(
+        attn_processors={"attn": attn.processor})), 0.25)
+    assert sd.detach_head_mix(holder) == 1
+    assert type(attn.processor) is attention_processor.SD3IPAdapterJointAttnProcessor2_0
+    assert attn.processor.scale == 0.25
+
+
+def test_ip_adapter_scale_set_after_coeff_is_kept_by_the_peft_wrapper():
+    """get_peft_model swaps IP-Adapter processors (nn.Modules) through its module list, not through
+    set_processors: disable_adapter and unload must carry a scale assigned since, both ways. Reference:
+    the unadapted UNet given that scale directly (α = 0 at attach, so the adapted model equals it too)."""
+    model, inputs = dit("unet ip-adapter")
+    reference = dit("unet ip-adapter")[0]
+
+    def set_scale(m, scale):
+        for _, attn in sd.attention_modules(m):
+            if hasattr(attn.processor, "scale"):
+                attn.processor.scale = scale
+
+    def expected(scale):
+        set_scale(reference, scale)
+        with torch.no_grad():
+            return reference(**inputs).sample
+
+    wrapped = get_peft_model(model, ("coeff", {"backend": "cpu"}))
+    set_scale(wrapped.base_model, [0.1, 0.2])
+    with wrapped.disable_adapter(), torch.no_grad():
+        assert set(map(tuple, _ip_scales(wrapped.base_model).values())) == {(0.1, 0.2)}
+        torch.testing.assert_close(wrapped(**inputs).sample, expected([0.1, 0.2]), rtol=0, atol=0)
+        set_scale(wrapped.base_model, [0.3, 0.4])  # set on the original processors: back with the adapted ones
+    assert all(sd.is_head_mix_processor(m.processor) for _, m in sd.attention_modules(wrapped.base_model))
+    assert set(map(tuple, _ip_scales(wrapped.base_model).values())) == {(0.3, 0.4)}
+    set_scale(wrapped.base_model, [0.5, 0.6])
+    plain = wrapped.unload()
+    assert not any(sd.is_head_mix_processor(m.processor) for _, m in sd.attention_modules(plain))
+    assert set(map(tuple, _ip_scales(plain).values())) == {(0.5, 0.6)}
+    with torch.no_grad():
+        torch.testing.assert_close(plain(**inputs).sample, expected([0.5, 0.6]), rtol=0, atol=0)

@@ -169,6 +169,23 @@ def test_dora_matches_peft(backend, dropout, train, monkeypatch):
     _assert_same(ours, _run(reference, x))
 
 
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_one_dimensional_input_has_peft_shape(backend, use_dora, monkeypatch):
+    """A 1-D input x [in]: PEFT's LoRA layer returns [out], its DoRA layer [1, out] (the magnitude
+    factor is viewed as [1, out] and broadcasts against the [out] base result). The fused layer returns
+    exactly PEFT's shape and values, and PEFT's gradients, on the fused op."""
+    reference = _peft_model(_lora(use_dora=use_dora)).to(backend_device(backend))
+    model = copy.deepcopy(reference)
+    sop_peft.accelerate(model, backend=backend)
+    counts = _count_fused_calls(monkeypatch)
+    x = torch.randn(6, device=backend_device(backend))
+    ours = _run(model.base_model.model.fc1, x)
+    theirs = _run(reference.base_model.model.fc1, x)
+    assert counts["lora"] == 1
+    assert ours[0].shape == theirs[0].shape == ((1, 12) if use_dora else (12,))
+    _assert_same(ours, theirs)
+
+
 @pytest.mark.parametrize("dropout", [0.0, 0.25], ids=["no-dropout", "dropout"])
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 def test_adalora_matches_peft(backend, dropout, train, monkeypatch):

@@ -224,6 +224,61 @@ def test_ssf_targets_matching_no_norm_name_the_way_out():
         apply_rlrr(RMSBlock(), targets=("q_proj",), ssf_targets=("q_proj",))
 
 
+class PatchEmbed(nn.Module):
+    """A patch embedding with a bias-free projection (timm's with ``bias=False``, as its CLIP-style ViTs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(3, 8, kernel_size=4, stride=4, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class OwnForwardConv(nn.Conv2d):
+    """A Conv2d subclass with its own forward, which need not add a bias it was built without."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.conv2d(x, self.weight, None, self.stride)
+
+
+@pytest.mark.parametrize("inner", ["conv", "linear"])
+def test_ssf_merges_into_a_bias_free_layer_by_giving_it_beta_and_unmerges_to_none(inner):
+    """SSF after a bias-free Conv2d patch projection or Linear: merge folds γ into the weight and gives the
+    layer β as a new (frozen) bias; unmerge restores the exact weight, bias None and the state_dict keys."""
+    torch.manual_seed(0)
+    module, x = (PatchEmbed(), torch.randn(2, 3, 8, 8)) if inner == "conv" else \
+        (nn.Linear(5, 8, bias=False), torch.randn(3, 5))
+    ssf = SSF(module, 8, fold_into="proj" if inner == "conv" else "")
+    target = ssf.inner.get_submodule(ssf.fold_into)
+    before = {k: t.clone() for k, t in ssf.state_dict().items()}
+    with torch.no_grad():
+        y = ssf(x)
+        torch.testing.assert_close(y, module(x) * ssf.gamma + ssf.beta)
+    assert ssf.mergeable
+    merge_all(ssf)
+    assert isinstance(target.bias, nn.Parameter) and not target.bias.requires_grad
+    assert torch.equal(target.bias, ssf.beta.detach()) and target.bias.data_ptr() != ssf.beta.data_ptr()
+    with torch.no_grad():
+        torch.testing.assert_close(ssf(x), y, rtol=1e-5, atol=1e-6)
+    unmerge_all(ssf)
+    assert target.bias is None and "bias" in target._parameters
+    after = ssf.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    with torch.no_grad():
+        assert torch.equal(ssf(x), y)
+
+
+def test_ssf_refuses_a_bias_free_layer_with_its_own_forward_before_changing_it():
+    conv = OwnForwardConv(3, 8, kernel_size=4, stride=4, bias=False)
+    ssf = SSF(conv, 8)
+    weight = conv.weight.detach().clone()
+    assert not ssf.mergeable
+    with pytest.raises(NotMergeableError, match=r"or a bias-free nn\.Linear / nn\.Conv2d.*OwnForwardConv has"):
+        merge_all(ssf)
+    assert not ssf.merged and conv.bias is None and torch.equal(conv.weight, weight)
+
+
 def test_ssb_merge_is_exact_diag_product():
     base = nn.Linear(4, 3, dtype=torch.float64)
     layer = ScaledLinear.ssb(base)
@@ -356,3 +411,34 @@ def test_ssf_over_the_channels_of_a_channels_first_map():
     assert torch.equal(ssf(x), expected)
     with pytest.raises(ValueError, match="channel_dim must be -1"):
         SSF(norm, 6, channel_dim=2)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("method", ["ssf", "rlrr"])
+def test_clip_style_vit_bias_free_patch_embedding_merges_and_unmerges_exactly(method):
+    """timm's CLIP-style ViTs (``pre_norm=True``) build the patch embedding without a bias; ssf and rlrr put
+    SSF after it by default. merge_all merges it (β becomes the projection's bias) with the rest, and
+    unmerge_all gives back the exact state_dict, the projection bias-free again."""
+    from subspace_ops import timm as subspace_timm
+
+    torch.manual_seed(0)
+    model = tiny_vit(pre_norm=True).eval()
+    assert model.patch_embed.proj.bias is None
+    subspace_timm.apply(model, method, **({"backend": "cpu"} if method == "rlrr" else {}))
+    assert isinstance(model.patch_embed, SSF)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    before = {k: t.clone() for k, t in model.state_dict().items()}
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        y = model(x)
+    merge_all(model)
+    assert isinstance(model.patch_embed.inner.proj.bias, nn.Parameter)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), y, rtol=1e-4, atol=1e-5)
+    unmerge_all(model)
+    assert model.patch_embed.inner.proj.bias is None
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)

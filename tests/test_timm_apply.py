@@ -447,3 +447,64 @@ def test_coeff_on_swin_v2_cosine_attention_equals_its_own_code_with_mixed_maps(t
     restored = pickle.loads(pickle.dumps(model))
     torch.testing.assert_close(_attention_outputs(restored, x, [m for m in restored.modules() if is_head_mixing(m)]),
                                ours.detach(), rtol=0, atol=0)
+
+
+def _map_pooled_vit() -> nn.Module:
+    """A ViT pooling with timm's AttentionPoolLatent (``global_pool="map"``, as SigLIP): ``attn_pool``, outside
+    the task ``head``; its one latent query attends to the 16 patch tokens (Nq = 1 != Nk)."""
+    torch.manual_seed(0)
+    return timm.models.vision_transformer.VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=48, depth=1, num_heads=3, num_classes=5, global_pool="map",
+        class_token=False).eval()
+
+
+@pytest.mark.integration
+def test_coeff_mixes_the_heads_of_the_attention_pool():
+    """Coeff-Tuning mixes the heads of timm's latent-query attention pooling too (by default it is neither
+    trained, being outside ``head``, nor adapted otherwise): the output is unchanged at α = 0, α gets
+    gradients, and with α set the model equals the original with SDPA replaced by the paper's formula.
+    A pool that is itself trained in full (``trainable``) gets no α."""
+    model = _map_pooled_vit()
+    reference = copy.deepcopy(model)
+    for m in reference.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = True
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        base = reference(x)
+    report = subspace_timm.apply(model, "coeff", backend="cpu", dropout=0.1)
+    assert sorted(report.layers) == ["attn_pool", "blocks.0.attn"] and is_head_mixing(model.attn_pool)
+    assert report.adapter_params == 2 * 3 * 3 and report.other_trainable_params == 48 * 5 + 5
+    assert (model.attn_pool.head_mix.dropout, model.attn_pool.head_mix.backend) == (0.1, "cpu")
+    assert not model.attn_pool.head_mix.training  # the model's eval mode
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        "blocks.0.attn.head_mix.alpha", "attn_pool.head_mix.alpha", "head.weight", "head.bias"}
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), base, rtol=1e-5, atol=1e-6)  # α = 0
+    alpha = 0.3 * torch.randn(3, 3, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        for m in model.modules():
+            if hasattr(m, "head_mix"):
+                m.head_mix.alpha.copy_(alpha)
+    ours = model(x)
+    ours.square().sum().backward()
+    assert model.attn_pool.head_mix.alpha.grad.abs().sum() > 0
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.nn.functional, "scaled_dot_product_attention", papers_sdpa(alpha))
+        with torch.no_grad():
+            expected = reference(x)
+    with torch.no_grad():
+        only_blocks = copy.deepcopy(model)
+        only_blocks.attn_pool.head_mix.alpha.zero_()
+        assert (only_blocks(x) - ours).abs().max() > 1e-3 * ours.abs().max()  # the pool's α matters
+    torch.testing.assert_close(ours.detach(), expected, rtol=1e-4, atol=1e-5)
+
+    trained = _map_pooled_vit()
+    report = subspace_timm.apply(trained, "coeff", trainable=("head", "attn_pool"))
+    assert report.layers == ["blocks.0.attn"] and not is_head_mixing(trained.attn_pool)
+    assert all(p.requires_grad for p in trained.attn_pool.parameters())
+    # the registry and the PEFT-style wrapper take the same path (apply_coeff), not only timm.apply
+    _, report = methods.apply(_map_pooled_vit(), "coeff")
+    assert sorted(report.layers) == ["attn_pool", "blocks.0.attn"]
+    wrapped = get_peft_model(_map_pooled_vit(), ("coeff", {"exclude": ("attn_pool",)}))
+    assert not is_head_mixing(wrapped.base_model.attn_pool)

@@ -44,10 +44,12 @@ __all__ = [
     "count_parameters",
     "find_linears",
     "find_modules",
+    "find_parameters",
     "make_weights_contiguous",
     "merge_all",
     "unmerge_all",
     "replace_module",
+    "unadapted_expert_parameters",
 ]
 
 # q, k, v (or timm's fused qkv), the attention output projection and the two MLP layers.
@@ -159,11 +161,13 @@ class AdaptReport:
         return 1000.0 * self.adapter_params / max(self.backbone_params, 1)
 
     def __str__(self) -> str:
-        return (
+        text = (
             f"{self.method}: {len(self.layers)} layers adapted, adapter params {self.adapter_params:,} "
             f"({self.permille:.2f}‰ of {self.backbone_params:,} backbone params), "
             f"other trainable {self.other_trainable_params:,}, total trainable {self.trainable_params:,}"
         )
+        experts = self.details.get("experts_not_adapted")
+        return f"{text}; {experts['message']}" if experts else text
 
 
 def _matches(name: str, patterns: Iterable[str]) -> bool:
@@ -184,6 +188,45 @@ def find_modules(model: nn.Module, patterns: Sequence[str], kind: type = nn.Modu
     skipped = [name for name, _ in model.named_modules() if name and _matches(name, skip_under)] if skip_under else []
     return [(name, m) for name, m in model.named_modules() if name and isinstance(m, kind) and _matches(name, patterns)
             and not any(name == s or name.startswith(s + ".") for s in skipped)]
+
+
+def find_parameters(model: nn.Module, patterns: Sequence[str],
+                    skip_under: Sequence[str] = ()) -> list[tuple[str, nn.Module, str]]:
+    """``(name, owner, attribute)`` of every parameter whose dotted name (``layers.0.mlp.experts.down_proj``)
+    matches one of ``patterns`` (the rules of :func:`find_modules`: ``down_proj`` matches the last
+    component), outside the modules matching ``skip_under``. A parameter that already has a
+    ``torch.nn.utils.parametrize`` parametrization (one adapted by ``target_parameters``) is listed under
+    its own name, not as ``parametrizations.<name>.original``."""
+    from torch.nn.utils import parametrize
+
+    skipped = [name for name, _ in model.named_modules() if name and _matches(name, skip_under)] if skip_under else []
+    found = []
+    for mname, module in model.named_modules():
+        if isinstance(module, parametrize.ParametrizationList) or \
+                any(mname == s or mname.startswith(s + ".") for s in skipped):
+            continue
+        names = [n for n, p in module._parameters.items() if p is not None]
+        if parametrize.is_parametrized(module):
+            names += list(module.parametrizations)
+        found += [(_join_name(mname, n), module, n) for n in names if _matches(_join_name(mname, n), patterns)]
+    return found
+
+
+def _join_name(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def unadapted_expert_parameters(model: nn.Module) -> list[str]:
+    """Names of the 3-D parameters of Mixture-of-Experts experts modules (a layout :func:`expert_layout`
+    knows) that carry no adapter: a LoRA-type method adapts them only when its config names them in
+    ``target_parameters``."""
+    from torch.nn.utils import parametrize
+
+    from .nn.experts import expert_layout
+
+    return [_join_name(mname, n) for mname, module in model.named_modules()
+            if not isinstance(module, parametrize.ParametrizationList) and expert_layout(module) is not None
+            for n, p in module._parameters.items() if p is not None and p.dim() == 3]
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -495,25 +538,33 @@ TIMM_SDPA_ATTENTION = (("timm.models.swin_transformer", "WindowAttention"), ("ti
                        ("timm.models.eva", "EvaAttention"), ("timm.layers.attention", "AttentionRope"),
                        ("timm.models.vision_transformer_relpos", "RelPosAttention"), ("timm.models.pvt_v2", "Attention"),
                        ("timm.models.tiny_vit", "Attention"),
-                       ("timm.models.swin_transformer_v2", "WindowAttention"))
+                       ("timm.models.swin_transformer_v2", "WindowAttention"),
+                       # attention pooling (global_pool="map": SigLIP, ...): latent queries, Nq != Nk
+                       ("timm.layers.attention_pool", "AttentionPoolLatent"))
 
 
-def _timm_attention_blocks(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], list[tuple[str, nn.Module]]]:
+def _timm_attention_blocks(model: nn.Module, skip_under: Sequence[str] = ()
+                           ) -> tuple[list[tuple[str, nn.Module]], list[tuple[str, nn.Module]]]:
     """timm's plain ``Attention`` blocks of ``model`` (for :class:`TimmCoeffAttention`) and its
-    TIMM_SDPA_ATTENTION modules (Swin, BEiT, EVA, ...; for
-    :func:`~subspace_ops.nn.sdpa_head_mixing.with_head_mixing`). Raises ValueError naming any other
-    timm multi-head attention (no SDPA path, or an SDPA call whose heads are merged into another
-    dimension, as SAM's ViT and NesT do): replacing it would drop what it computes, and adapting
-    only the other blocks would be a different method."""
+    TIMM_SDPA_ATTENTION modules (Swin, BEiT, EVA, attention pooling, ...; for
+    :func:`~subspace_ops.nn.sdpa_head_mixing.with_head_mixing`), outside the modules matching
+    ``skip_under`` (as :func:`find_modules`: a module trained in full gets no adapter). Raises ValueError
+    naming any other timm multi-head attention (no SDPA path, or an SDPA call whose heads are merged into
+    another dimension, as SAM's ViT and NesT do): replacing it would drop what it computes, and adapting
+    only the other blocks would be a different method. Other pooling (``AttentionPool2d``, whose output
+    is a pooled vector for a ResNet's head) is left as it is."""
     plain, sdpa, others = [], [], []
-    for name, m in model.named_modules():
+    for name, m in find_modules(model, ("*",), skip_under=skip_under):
         cls = type(m)
-        if (cls.__module__, cls.__name__) in TIMM_PLAIN_ATTENTION and hasattr(m, "qkv"):
+        kind = (cls.__module__, cls.__name__)
+        if kind in TIMM_PLAIN_ATTENTION and hasattr(m, "qkv"):
             plain.append((name, m))
+        elif kind in TIMM_SDPA_ATTENTION:
+            sdpa.append((name, m))
         elif cls.__module__.startswith("timm.") and "Pool" not in cls.__name__ \
                 and any(hasattr(m, a) for a in ("num_heads", "heads")) \
                 and any(hasattr(m, a) for a in ("qkv", "q", "q_proj", "kv", "wq", "qk", "in_proj")):
-            (sdpa if (cls.__module__, cls.__name__) in TIMM_SDPA_ATTENTION else others).append((name, m))
+            others.append((name, m))
     if others:
         kinds = sorted(set(f"{type(m).__module__}.{type(m).__name__}" for _, m in others))
         plain_names = [kind for kind in TIMM_PLAIN_ATTENTION if kind[0] != "timm.models.vision_transformer"]  # alias
@@ -529,12 +580,14 @@ def apply_coeff(
     dropout: float = 0.0,
     trainable: Sequence[str] = TASK_HEADS,
     backend: Optional[str] = None,
+    exclude: Sequence[str] = (),
 ) -> AdaptReport:
     """Coeff-Tuning (paper 003) on ``model`` in place: a trainable α [H, H] per attention layer.
 
     timm VisionTransformer: every ``Attention`` block becomes a :class:`TimmCoeffAttention`; other timm
-    attention that computes with SDPA (Swin, BEiT, EVA, ...) a copy with its SDPA call mixed
-    (:mod:`subspace_ops.nn.sdpa_head_mixing`).
+    attention that computes with SDPA (Swin, BEiT, EVA, the latent-query attention pooling
+    ``AttentionPoolLatent``, ...) a copy with its SDPA call mixed (:mod:`subspace_ops.nn.sdpa_head_mixing`);
+    none inside a ``trainable`` or ``exclude`` module.
     transformers models: every attention module gets a HeadMix and the model runs the
     ``"subspace_coeff"`` attention implementation (:mod:`subspace_ops.transformers`). diffusers
     models (UNets, PixArt, SD3, Flux): every attention module gets a head-mixing processor
@@ -544,7 +597,7 @@ def apply_coeff(
     """
     from . import diffusers as diffusers_integration
 
-    plain, sdpa = _timm_attention_blocks(model)
+    plain, sdpa = _timm_attention_blocks(model, skip_under=tuple(trainable) + tuple(exclude))
     blocks = plain + sdpa
     hf_modules, diffusers_modules = [], []
     if not blocks and hasattr(model, "set_attn_implementation"):

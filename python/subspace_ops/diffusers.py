@@ -45,8 +45,8 @@ from .nn.attention import CoeffAttnProcessor
 from .nn.sdpa_head_mixing import is_head_mixing, processor_with_head_mixing
 
 __all__ = ["ROUTED_PROCESSORS", "SUMMED_ATTENTION_PROCESSORS", "attach_head_mix", "attention_modules",
-           "check_attachable", "detach_head_mix", "has_attention", "is_head_mix_processor", "processors",
-           "set_processors"]
+           "carry_processor_state", "check_attachable", "detach_head_mix", "has_attention", "is_head_mix_processor",
+           "processors", "set_processors"]
 
 _DEFAULT_PROCESSORS = ("AttnProcessor2_0", "AttnProcessor")
 # processors that compute their attention with exactly one SDPA call on [B, heads, N, d] (checked at each call)
@@ -135,11 +135,39 @@ def attach_head_mix(model: nn.Module, *, dropout: float = 0.0, backend: Optional
     return [name for name, _ in modules]
 
 
+# what a head-mixing copy has that the processor it replaced has not (or has otherwise, on purpose)
+_OWN_STATE = ("replaced", "sums_attentions", "head_mix")
+
+
+def carry_processor_state(source: object, target: object) -> None:
+    """Give ``target`` the public attribute values ``source`` holds now, for the attributes ``target`` has:
+    a head-mixing copy shares the replaced processor's attribute values only until one is rebound. An
+    IP-Adapter scale set while the copy is in place (SD3's and Flux's ``set_ip_adapter_scale`` assign
+    ``processor.scale``; so may a user) is the scale the user expects back when the copy is taken out,
+    and the train/eval mode of an nn.Module processor is the model's current one. Private state (the
+    copy's native ``_attention_backend``, nn.Module internals) stays each processor's own."""
+    if not hasattr(target, "__dict__") or not hasattr(source, "__dict__"):
+        return
+    for key in list(vars(target)):
+        if key.startswith("_") or key in _OWN_STATE or key not in vars(source):
+            continue
+        if vars(source)[key] is not vars(target)[key]:
+            vars(target)[key] = vars(source)[key]
+
+
+def _swaps_with(current: object, new: object) -> bool:
+    """Whether ``new`` is the processor ``current`` (a head-mixing copy) replaced, or the copy of ``current``."""
+    return getattr(current, "replaced", None) is new if is_head_mix_processor(current) else \
+        is_head_mix_processor(new) and getattr(new, "replaced", None) is current
+
+
 def detach_head_mix(model: nn.Module) -> int:
-    """Put back the processor each head-mix processor replaced. Returns how many."""
+    """Put back the processor each head-mix processor replaced, with the state set on the head-mix one
+    since (e.g. an IP-Adapter scale, see :func:`carry_processor_state`). Returns how many."""
     count = 0
     for _, module in attention_modules(model):
         if is_head_mix_processor(module.processor):
+            carry_processor_state(module.processor, module.processor.replaced)
             module.set_processor(module.processor.replaced)
             count += 1
     return count
@@ -151,7 +179,10 @@ def processors(model: nn.Module) -> dict[str, object]:
 
 
 def set_processors(model: nn.Module, by_name: dict[str, object]) -> None:
-    """Set the processors :func:`processors` returned (modules not named keep theirs)."""
+    """Set the processors :func:`processors` returned (modules not named keep theirs). Between a head-mix
+    processor and the one it replaced, the state set on the current one carries over (:func:`carry_processor_state`)."""
     for name, module in attention_modules(model):
         if name in by_name and module.processor is not by_name[name]:
+            if _swaps_with(module.processor, by_name[name]):
+                carry_processor_state(module.processor, by_name[name])
             module.set_processor(by_name[name])

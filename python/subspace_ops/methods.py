@@ -51,6 +51,13 @@ co. get one A [3d, r] and one B [r, d] (4dr parameters instead of 6dr for three 
 the Spectral Adapter one SVD of the fused matrix.
 On models with separate projections (RoBERTa, LLaMA) every method is the paper's.
 
+**MoE experts.** transformers keeps a Mixture-of-Experts layer's experts as 3-D parameters of one
+``*Experts`` module (Mixtral's ``gate_up_proj [E, 2I, H]``), which ``targets`` (nn.Linear modules) never
+reaches. ``target_parameters`` on lora, adalora, trilora and flora names them (patterns as ``targets``, on
+parameter names) and gives each expert its own factors, ``W_e + s·A_e G_e B_e``, applied as a parametrization
+that forms the adapted parameter once per forward (:mod:`subspace_ops.nn.experts`). Without it, the report
+(``details["experts_not_adapted"]``, its text) and a warning name the expert parameters left frozen.
+
 **Trainable.** Every parameter not created by the method is frozen, except modules matching the config's
 ``trainable`` patterns (default :data:`DEFAULT_TRAINABLE`: the task head, ``head``, ``classifier``,
 ``score``, ..., trained in all the papers' experiments; nothing matches on a bare backbone). Layers inside
@@ -74,6 +81,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, ClassVar, Iterator, Optional, Sequence, Union
@@ -89,19 +97,23 @@ from .adapters import (
     TASK_HEADS,
     AdaptReport,
     _finish_report,
+    _matches,
     _start_report,
     apply_coeff,
     apply_rlrr,
     apply_svd,
     find_linears,
     find_modules,
+    find_parameters,
     fused_qkv_splits,
     is_conv1d,
     no_linear_error,
     replace_module,
     ssf_layers,
+    unadapted_expert_parameters,
 )
 from .backends import BACKENDS
+from .nn import experts as experts_nn
 from .nn.adapters import ACTIVATIONS, ParallelAdapterLinear, SequentialAdapter, SpectralLinear
 from .nn.lowrank import DoRALinear, LowRankLinear
 from .nn.rescaled import ScaledLinear
@@ -479,11 +491,15 @@ class _LowRankConfig(MethodConfig):
     """Shared by the LoRA family. ``rank`` r = 8 and ``alpha`` = 8 (s = alpha / r = 1): LoRA's RoBERTa
     setting (Hu et al. 2021: r = α = 8) and one of the four ranks 001 evaluates (2, 4, 8, 16); as in LoRA,
     α stays fixed when r changes (s = 8 / r). ``dropout`` on the adapter input (LoRA's lora_dropout).
-    ``targets``: all linear layers (001 §6). ``mpc``: None, "o" (001 eq. 20) or "d" (eq. 21), the
-    regularizer :func:`mpc_loss` adds with ``mpc_weight`` (001 gives no coefficient; 0.1 is AdaLoRA's γ
-    for its own orthogonal regularizer, which is MPC_o); "n" (lora only) builds the nonlinear variant."""
+    ``targets``: all linear layers (001 §6). ``target_parameters``: patterns (the rules of ``targets``, matched
+    against parameter names) of 3-D Mixture-of-Experts expert parameters to adapt per expert (lora, adalora,
+    trilora, flora; :mod:`subspace_ops.nn.experts`), default none; with them ``targets`` may be empty.
+    ``mpc``: None, "o" (001 eq. 20) or "d" (eq. 21), the regularizer :func:`mpc_loss` adds with
+    ``mpc_weight`` (001 gives no coefficient; 0.1 is AdaLoRA's γ for its own orthogonal regularizer, which
+    is MPC_o); "n" (lora only) builds the nonlinear variant."""
 
     targets: tuple[str, ...] = LINEAR_TARGETS
+    target_parameters: tuple[str, ...] = ()
     rank: int = 8
     alpha: Optional[float] = 8.0
     dropout: float = 0.0
@@ -495,13 +511,29 @@ class _LowRankConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.targets = _patterns("targets", self.targets)
+        self.target_parameters = _patterns("target_parameters", self.target_parameters, allow_empty=True)
+        # Experts alone are a valid choice: targets=() then adapts no nn.Linear.
+        self.targets = _patterns("targets", self.targets, allow_empty=bool(self.target_parameters))
         self.rank = _positive_int("rank", self.rank)
         self.alpha = _number("alpha", self.alpha, optional=True)
         self.dropout = _number("dropout", self.dropout, low=0.0, high=1.0, high_open=True)
         _choice("mpc", self.mpc, self._mpc_kinds)
         self.mpc_weight = _number("mpc_weight", self.mpc_weight, low=0.0)
         self.backend = _backend(self.backend)
+        if self.target_parameters:
+            self._check_target_parameters()
+
+    def _check_target_parameters(self) -> None:
+        """Expert parameters get W + s·A G B added to the weight itself (nn/experts.py), which has no place for
+        a nonlinearity, a per-row normalization or an input dropout."""
+        if self.name in ("dora", "pa") or self.mpc == "n":
+            kind = "mpc='n'" if self.mpc == "n" else self.name
+            raise ValueError(f"target_parameters: {kind} cannot adapt 3-D expert parameters (only an additive "
+                             "W + s·A G B fits a weight read by the experts' own forward); use lora, adalora, trilora "
+                             "or flora, or leave target_parameters empty")
+        if self.dropout:
+            raise ValueError(f"dropout must be 0 with target_parameters, got {self.dropout!r}: the expert delta is "
+                             "added to the weight, so there is no adapter input to drop (PEFT refuses it too)")
 
 
 @dataclass
@@ -632,11 +664,16 @@ def _match_linears(model: nn.Module, argument: str, patterns: Sequence[str],
 
 
 def _replace_all(model: nn.Module, method: str, layers: list[tuple[str, nn.Module]],
-                 trainable: Sequence[str]) -> AdaptReport:
-    """Swap in layers built beforehand (so a failing constructor changes nothing) and report."""
+                 trainable: Sequence[str], experts: Sequence[tuple[str, nn.Module, str, nn.Module]] = ()
+                 ) -> AdaptReport:
+    """Swap in layers built beforehand (so a failing constructor changes nothing), attach the expert
+    parametrizations ``(name, owner, attribute, layer)``, and report."""
     report, backbone = _start_report(model, method)
     for name, layer in layers:
         replace_module(model, name, layer)
+        report.layers.append(name)
+    for name, owner, attribute, layer in experts:  # a failure is undone by apply (_restore_on_error)
+        experts_nn.attach(owner, attribute, layer)
         report.layers.append(name)
     return _finish_report(model, report, backbone, trainable)
 
@@ -696,7 +733,7 @@ def _apply_svd(model: nn.Module, c: Union[SiVAConfig, _SVDConfig]) -> AdaptRepor
 
 
 def _apply_coeff(model: nn.Module, c: CoeffConfig) -> AdaptReport:
-    return apply_coeff(model, dropout=c.dropout, trainable=c.trainable, backend=c.backend)
+    return apply_coeff(model, dropout=c.dropout, trainable=c.trainable, backend=c.backend, exclude=c.exclude)
 
 
 def _apply_bitfit(model: nn.Module, c: BitFitConfig) -> AdaptReport:
@@ -744,10 +781,77 @@ def _apply_lowrank(model: nn.Module, c: _LowRankConfig) -> AdaptReport:
             layer = LowRankLinear(lin, c.rank, g=g, **kw)
             return _adalora_init(layer) if init == "adalora" else layer
 
-    report = _apply_per_linear(model, c, make)
+    linears = _match_linears(model, "targets", c.targets, c.not_adapted) if c.targets else []
+    experts = _expert_layers(model, c)
+    report = _replace_all(model, c.name, [(n, make(m)) for n, m in linears], c.trainable, experts)
+    if experts:
+        report.details["expert_parameters"] = {
+            name: f"{layer.num_experts} experts, out={layer.out_features}, in={layer.in_features}, "
+                  f"layout={layer.layout}, rank={layer.rank}" for name, _, _, layer in experts}
+    _note_unadapted_experts(model, c, report)
     if c.mpc in MPC_KINDS:
         report.details["mpc"] = {"kind": c.mpc, "weight": c.mpc_weight}
     return report
+
+
+def _match_expert_parameters(model: nn.Module, c: _LowRankConfig) -> list[tuple[str, nn.Module, str, str]]:
+    """``(name, owner, attribute, layout)`` of the parameters ``c.target_parameters`` name; ValueError for a
+    pattern matching nothing, a parameter that is not a 3-D float expert parameter of a known layout, or
+    one adapted already."""
+    found = find_parameters(model, c.target_parameters, skip_under=c.not_adapted)
+    for pattern in c.target_parameters:
+        if not any(_matches(name, (pattern,)) for name, _, _ in found):
+            known = unadapted_expert_parameters(model)
+            hint = f"; its expert parameters include {known[:4]}" if known else "; it has no 3-D expert parameters"
+            raise ValueError(f"target_parameters pattern {pattern!r} matches no parameter of {type(model).__name__} "
+                             f"(outside trainable/exclude){hint}")
+    matched = []
+    for name, owner, attribute in found:
+        if torch.nn.utils.parametrize.is_parametrized(owner, attribute):
+            raise ValueError(f"target_parameters: {name} already has a parametrization (adapted by an earlier "
+                             "apply?); a parameter takes one expert adapter")
+        param = getattr(owner, attribute)
+        if param.dim() != 3 or not param.is_floating_point():
+            raise ValueError(f"target_parameters {c.target_parameters} match {name}, a {param.dim()}-D {param.dtype} "
+                             f"parameter of shape {tuple(param.shape)}; they must name 3-D float expert parameters "
+                             "[E, out, in] or [E, in, out] (name 2-D weights' modules in targets)")
+        layout = experts_nn.expert_layout(owner)
+        if layout is None:
+            raise ValueError(f"target_parameters: {name} belongs to {type(owner).__name__}, whose layout ([E, out, in] "
+                             "or [E, in, out]) is unknown: transformers' experts modules declare it (is_transposed, "
+                             "@use_experts_implementation); for another class read its forward and add it to "
+                             "subspace_ops.nn.experts.EXPERT_LAYOUTS")
+        matched.append((name, owner, attribute, layout))
+    return matched
+
+
+def _expert_layers(model: nn.Module, c: _LowRankConfig) -> list[tuple[str, nn.Module, str, nn.Module]]:
+    """The expert layers of ``c.target_parameters``, built (and so checked) before anything changes."""
+    if not c.target_parameters:
+        return []
+    g = {"lora": "none", "adalora": "diag", "trilora": "diag", "flora": "full"}[c.name]
+    init = getattr(c, "init", "lora")
+    return [(name, owner, attribute, experts_nn.LowRankExperts(getattr(owner, attribute), c.rank, layout=layout,
+                                                                 g=g, alpha=c.alpha, init=init))
+            for name, owner, attribute, layout in _match_expert_parameters(model, c)]
+
+
+def _note_unadapted_experts(model: nn.Module, c: _LowRankConfig, report: AdaptReport) -> None:
+    """Say (report.details["experts_not_adapted"], str(report) and a warning) which Mixture-of-Experts
+    expert parameters got no adapter: ``targets`` reaches nn.Linear modules only, so without
+    ``target_parameters`` an MoE model's experts, most of its parameters, would stay frozen unnoticed."""
+    names = unadapted_expert_parameters(model)
+    if not names:
+        return
+    example = tuple(dict.fromkeys(".".join(n.split(".")[-2:]) for n in names))
+    if c.name in ("dora", "pa") or c.mpc == "n":
+        how = f"{c.name} cannot adapt them; lora, adalora, trilora and flora can, with target_parameters={example}"
+    else:
+        how = f"to adapt them per expert, pass target_parameters={example}"
+    message = (f"{len(names)} 3-D Mixture-of-Experts expert parameters (e.g. {names[0]}) were not adapted: targets "
+               f"name nn.Linear modules only; {how}")
+    report.details["experts_not_adapted"] = {"parameters": names, "message": message}
+    warnings.warn(message, stacklevel=4)
 
 
 def _output_features(module: nn.Module) -> Optional[int]:
@@ -905,14 +1009,21 @@ def _attn_implementation(model: nn.Module) -> Optional[str]:
     return getattr(getattr(model, "config", None), "_attn_implementation", None)
 
 
+def _expert_adapters(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """``(module, parameter name)`` of every expert adapter (:class:`~subspace_ops.nn.LowRankExperts`)."""
+    return [(m, name) for m in model.modules() if torch.nn.utils.parametrize.is_parametrized(m)
+            for name, plist in m.parametrizations.items() if isinstance(plist[0], experts_nn.LowRankExperts)]
+
+
 @contextmanager
 def _restore_on_error(model: nn.Module) -> Iterator[None]:
-    """Undo module replacements, requires_grad changes, a transformers attention-implementation
-    switch and diffusers attention processors (Coeff-Tuning's) if the body raises."""
+    """Undo module replacements, expert adapters attached, requires_grad changes, a transformers
+    attention-implementation switch and diffusers attention processors (Coeff-Tuning's) if the body raises."""
     from . import diffusers as diffusers_integration
 
     flags = [(p, p.requires_grad) for p in model.parameters()]
     children = [(m, dict(m._modules)) for m in model.modules()]
+    expert_adapters = set(_expert_adapters(model))
     attn = _attn_implementation(model)
     had_previous = hasattr(model, "_subspace_previous_attn")
     processors = diffusers_integration.processors(model)
@@ -920,6 +1031,9 @@ def _restore_on_error(model: nn.Module) -> Iterator[None]:
         yield
     except BaseException:
         diffusers_integration.set_processors(model, processors)  # before _modules: a processor may be one
+        # before _modules too: a parametrization swaps its module's class and moves the parameter
+        for module, name in [key for key in _expert_adapters(model) if key not in expert_adapters]:
+            experts_nn.detach(module, name)
         for module, kids in children:
             module._modules.clear()
             module._modules.update(kids)
@@ -990,6 +1104,8 @@ def mpc_loss(model: nn.Module, kind: str = "o", weight: float = 1.0) -> Tensor:
     for _, layer in layers:
         a, b = layer.low_rank_factors()
         acc = torch.promote_types(a.dtype, torch.float32)
-        term = fn(a.to(acc), b.to(acc))
-        total = term if total is None else total + term
+        # An expert layer's factors are [E, N, r] and [E, r, K]: one regularizer term per expert.
+        for a_i, b_i in zip(a, b) if a.dim() == 3 else ((a, b),):
+            term = fn(a_i.to(acc), b_i.to(acc))
+            total = term if total is None else total + term
     return weight * total

@@ -412,8 +412,11 @@ def _build_classes() -> dict[str, type]:
             # DoRA: PEFT's result + (c - 1)·x Wᵀ + c·s·x Bᵀ Aᵀ is c ⊙ (x Wᵀ + s·x Bᵀ Aᵀ) + bias, with
             # c = m / ‖W + s·AB‖ per output row, the norm held constant (DoRA §4.3, PEFT) and computed
             # without the [N, K] matrix W + s·AB that PEFT forms (dropout is inactive here: _dora_reason)
-            return dora_linear(x, weight, a, b, self.lora_magnitude_vector[name].weight, bias, scaling,
-                               detach_norm=True, backend=backend)
+            out = dora_linear(x, weight, a, b, self.lora_magnitude_vector[name].weight, bias, scaling,
+                              detach_norm=True, backend=backend)
+            # PEFT's DoRA term is (c - 1)·... with c viewed as [1, out]: broadcast against a 1-D input's
+            # [out] result it returns [1, out] (plain LoRA keeps [out]); callers may rely on that shape
+            return out.unsqueeze(0) if x.dim() == 1 else out
 
     class FusedAdaLoraLinear(_FusedForward, AdaLoraLinear):
         """PEFT's AdaLoRA SVDLinear computed by ``lowrank_linear`` (see :mod:`subspace_ops.peft`)."""

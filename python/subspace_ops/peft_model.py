@@ -79,6 +79,15 @@ those of the unadapted model, bit for bit (one exception: timm BEiT / EVA / Swin
 was adapted keeps adding its q/v biases after that layer, ``qkv_bias_separate``, rather than inside
 ``F.linear``: the same sum, rounded once more). Merged layers are refused (unmerge first); ``set_adapter``,
 ``save_pretrained`` and friends are refused inside the context.
+
+**MoE expert adapters** (``target_parameters``, :mod:`subspace_ops.nn.experts`) are parametrizations of the
+experts module, not replaced modules, and every operation above handles them as PEFT does its own:
+inside ``disable_adapter()`` each is switched off (reads return the base tensor itself, so the output is the
+base model's bit for bit); ``merge_and_unload()`` merges and removes them, leaving the module's stock class
+and an ordinary Parameter (the original object) holding W + ΔW under its stock ``state_dict`` key;
+``unload()`` removes them leaving W bit for bit. Their factors are trainable tensors, so saving, loading and
+several adapters work unchanged; a failed ``from_pretrained`` removes them again. ``set_adapter`` refuses
+merged layers (of any kind): the merged weights would keep the active adapter's ΔW.
 """
 
 from __future__ import annotations
@@ -90,11 +99,13 @@ from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from . import checkpoint, methods
 from . import diffusers as diffusers_integration
 from .adapters import is_conv1d, merge_all, replace_module, unmerge_all
 from .nn import SSF, HeadMix, NotMergeableError, TimmCoeffAttention
+from .nn import experts as experts_nn
 from .nn.base import ForwardsAttributes, MergeableLinear
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "AdapterNotMergeableError", "SubspacePeftModel", "get_peft_model"]
@@ -192,6 +203,29 @@ def get_peft_model(model: nn.Module, config: ConfigLike, adapter_name: str = "de
     return SubspacePeftModel(model, config, adapter_name)
 
 
+def _carry_processor_state(name: str, current: nn.Module, other: nn.Module) -> None:
+    """Before a diffusers attention processor that is an nn.Module (IP-Adapter's, the ``processor`` of an
+    ``Attention``) is swapped between its head-mixing copy and the original: the state set on the one in
+    place (an IP-Adapter scale assigned since) goes with the swap, as
+    :func:`subspace_ops.diffusers.set_processors` does for the others. Only processors: a timm block's
+    head-mixing copy differs from its original on purpose (``fused_attn``)."""
+    if name.rsplit(".", 1)[-1] == "processor" and (diffusers_integration.is_head_mix_processor(current)
+                                                    or diffusers_integration.is_head_mix_processor(other)):
+        diffusers_integration.carry_processor_state(current, other)
+
+
+def _new_expert_parametrizations(model: nn.Module, existing: set[int]) -> list[tuple[str, str]]:
+    """``(owner module name, parameter name)`` of every :class:`~subspace_ops.nn.experts.LowRankExperts`
+    parametrization in ``model`` whose layer is not one of the modules ``existing`` (ids)."""
+    found = []
+    for name, module in model.named_modules():
+        if parametrize.is_parametrized(module):
+            for attribute, plist in module.parametrizations.items():
+                if isinstance(plist[0], experts_nn.LowRankExperts) and id(plist[0]) not in existing:
+                    found.append((name, attribute))
+    return found
+
+
 class SubspacePeftModel(ForwardsAttributes, nn.Module):
     """The PeftModel-like wrapper returned by :func:`get_peft_model` (see the module docstring)."""
 
@@ -221,6 +255,9 @@ class SubspacePeftModel(ForwardsAttributes, nn.Module):
         processors_after = diffusers_integration.processors(model)
         self._processors_before = {n: p for n, p in processors_before.items() if processors_after[n] is not p}
         self._processors_adapted = {n: processors_after[n] for n in self._processors_before}
+        # Expert parameters adapted by target_parameters: a parametrization of the module that owns them
+        # (nn/experts.py), not a replaced module, so the module swaps below never reach them.
+        self._experts = _new_expert_parametrizations(model, {id(m) for m in before.values()})
         # One adapter = the values of the tensors the method made trainable (adapter + head), by name.
         existing = {id(p) for p, _ in flags}
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -257,6 +294,20 @@ class SubspacePeftModel(ForwardsAttributes, nn.Module):
                     f"{what}: the adapter's parameters {missing[:4]}{' …' if len(missing) > 4 else ''} are no longer "
                     "in the model: a module or attention processor was replaced after adapting it (diffusers' "
                     "load_ip_adapter or set_attn_processor drop Coeff-Tuning's processors: load IP-Adapters first)")
+
+    def _expert_layers(self) -> list[tuple[nn.Module, str, experts_nn.LowRankExperts]]:
+        """``(owner module, parameter name, layer)`` of the adapter's expert parametrizations."""
+        layers = []
+        for owner_name, attribute in self._experts:
+            owner = self.base_model.get_submodule(owner_name)
+            layers.append((owner, attribute, owner.parametrizations[attribute][0]))
+        return layers
+
+    def _detach_experts(self, keep_merged: bool = False) -> None:
+        """Remove the expert parametrizations: each parameter is the plain Parameter it was (same object,
+        stock state_dict key), holding W (or, with ``keep_merged``, the merged W + ΔW)."""
+        for owner, attribute, _ in self._expert_layers():
+            experts_nn.detach(owner, attribute, keep_merged=keep_merged)
 
     # -- parameters -------------------------------------------------------------------------------
     def _adapter_state(self, clone: bool = False) -> dict[str, torch.Tensor]:
@@ -313,6 +364,10 @@ class SubspacePeftModel(ForwardsAttributes, nn.Module):
             raise ValueError(f"unknown adapter {adapter_name!r}; adapters: {list(self.peft_config)}")
         if adapter_name == self.active_adapter:
             return
+        merged = [n for n, m in self.base_model.named_modules() if getattr(m, "merged", False) is True]
+        if merged:  # the merged weights hold the active adapter's ΔW, which new factor values would not change
+            raise ValueError(f"set_adapter: layers {merged[:4]} are merged; unmerge them first "
+                             "(subspace_ops.adapters.unmerge_all)")
         live = self._adapter_state()
         incoming = self._stored[adapter_name]
         self._stored[self.active_adapter] = {n: p.detach().clone() for n, p in live.items()}
@@ -345,10 +400,15 @@ class SubspacePeftModel(ForwardsAttributes, nn.Module):
         model = self.base_model
         swapped_modules: list[tuple[str, nn.Module]] = []
         swapped_params: list[tuple[nn.Module, str, nn.Parameter]] = []
+        disabled_experts: list[experts_nn.LowRankExperts] = []
         try:
+            for _, _, layer in self._expert_layers():  # reads of the expert parameter return W itself
+                layer.disabled = True
+                disabled_experts.append(layer)
             for name, original in self._replaced:
                 adapted = model.get_submodule(name)
                 original.train(adapted.training)
+                _carry_processor_state(name, adapted, original)
                 replace_module(model, name, original)
                 swapped_modules.append((name, adapted))
             if self._attn_before is not None:
@@ -363,12 +423,15 @@ class SubspacePeftModel(ForwardsAttributes, nn.Module):
             yield
         finally:
             self._disabled = False
+            for layer in disabled_experts:
+                layer.disabled = False
             for module, attr, p in reversed(swapped_params):
                 module._parameters[attr] = p
             if self._attn_before is not None:
                 model.set_attn_implementation(self._attn_adapted)
             diffusers_integration.set_processors(model, self._processors_adapted)
             for name, adapted in reversed(swapped_modules):
+                _carry_processor_state(name, model.get_submodule(name), adapted)
                 replace_module(model, name, adapted)
 
     # -- merging and unloading ----------------------------------------------------------------------
@@ -401,6 +464,7 @@ class SubspacePeftModel(ForwardsAttributes, nn.Module):
             if bad:
                 unmerge_all(model)
                 raise ValueError(f"safe_merge: non-finite values in {bad[:4]} after merging; nothing changed")
+        self._detach_experts(keep_merged=True)  # the expert parameters become plain, holding W + ΔW
         replaced = dict(self._replaced)
         for name, m in reversed(list(model.named_modules())):  # deepest first
             if isinstance(m, MergeableLinear):
@@ -427,8 +491,11 @@ class SubspacePeftModel(ForwardsAttributes, nn.Module):
         self._check_usable("unload", needs_adapter=False)
         model = self.base_model
         unmerge_all(model)  # the original modules share the weight Parameters
+        self._detach_experts()
         for name, original in self._replaced:
-            original.train(model.get_submodule(name).training)
+            adapted = model.get_submodule(name)
+            original.train(adapted.training)
+            _carry_processor_state(name, adapted, original)
             replace_module(model, name, original)
         diffusers_integration.set_processors(model, self._processors_before)
         if any(isinstance(m, HeadMix) for m in model.modules()) or self._attn_before is not None:
@@ -488,7 +555,13 @@ class SubspacePeftModel(ForwardsAttributes, nn.Module):
         config = _read_config(directory) if config is None else _as_config(config)
         with methods._restore_on_error(model):
             wrapper = cls(model, config, adapter_name)
-            checkpoint.load_adapter(model, os.path.join(directory, ADAPTER_WEIGHTS), method=config.name)
+            try:
+                checkpoint.load_adapter(model, os.path.join(directory, ADAPTER_WEIGHTS), method=config.name)
+            except BaseException:
+                # _restore_on_error puts back modules and flags, not parametrizations: restoring the experts
+                # module's children alone would drop its parametrized parameter and break the model.
+                wrapper._detach_experts()
+                raise
         if not is_trainable:
             for p in model.parameters():
                 p.requires_grad_(False)

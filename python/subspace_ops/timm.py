@@ -10,7 +10,9 @@ with the defaults the papers use on ViT, in timm's module names (:data:`TIMM_DEF
   final ``norm`` (``fc_norm`` when the model pools with one); ``ssf`` alone does the SSF part;
 - SiVA tunes the q and v parts of ``qkv``; (IA)³ / SSL / SSB scale ``qkv`` (keys and values: as a whole)
   and ``fc2``'s input (the MLP activation); the Houlsby adapter goes after ``attn.proj`` and ``mlp.fc2``;
-- Coeff-Tuning replaces every ``Attention`` block by :class:`~subspace_ops.nn.TimmCoeffAttention`;
+- Coeff-Tuning replaces every ``Attention`` block by :class:`~subspace_ops.nn.TimmCoeffAttention` and mixes
+  the heads of the attention pooling (``attn_pool``, ``AttentionPoolLatent``, of ``global_pool="map"`` models
+  such as SigLIP) too, unless it is inside a ``trainable`` module;
 - the classifier ``head`` (and DeiT's distillation ``head_dist``) stays trainable (``trainable=("head", "head_dist")``).
 
 Keyword arguments override any config field (``rank=16``, ``backend="cpu"``, ``targets=(...)``,

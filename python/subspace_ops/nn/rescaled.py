@@ -249,7 +249,11 @@ class SSF(ForwardsAttributes, nn.Module):
     ``inner`` is typically a LayerNorm, a Linear or a timm PatchEmbed. ``fold_into`` names the
     submodule of ``inner`` whose affine parameters produce those channels ("" for ``inner`` itself,
     ``"proj"`` for a patch embedding's Conv2d); :meth:`merge` folds γ, β into it (``w ← w·γ``,
-    ``b ← b·γ + β``) and :meth:`unmerge` restores the original tensors exactly.
+    ``b ← b·γ + β``) and :meth:`unmerge` restores the original tensors exactly. A bias-free ``nn.Linear``
+    or ``nn.Conv2d`` (the patch embedding of timm's CLIP-style ViTs, ``pre_norm=True``) gets β as a new
+    bias (frozen, as the weights) while merged, so its ``state_dict`` has a ``bias`` entry then;
+    :meth:`unmerge` removes it again (``bias`` is None, as before). Norms without a bias (RMSNorm,
+    ``LayerNorm(bias=False)``) are not merged: :meth:`merge` raises before changing anything.
     Init as RLRR/SSF: γ ~ N(1, 0.02), β ~ N(0, 0.02).
     """
 
@@ -290,19 +294,28 @@ class SSF(ForwardsAttributes, nn.Module):
         weight, bias = getattr(target, "weight", None), getattr(target, "bias", None)
         return target, weight if isinstance(weight, Tensor) else None, bias if isinstance(bias, Tensor) else None
 
+    @staticmethod
+    def _takes_new_bias(target: nn.Module) -> bool:
+        """A bias-free layer whose forward adds ``self.bias`` when there is one: torch's own Linear and
+        Conv2d forwards (a subclass with another forward might ignore a bias it was built without)."""
+        return getattr(target, "bias", False) is None and \
+            type(target).forward in (nn.Linear.forward, nn.Conv2d.forward)
+
     @property
     def mergeable(self) -> bool:
-        """Whether γ, β fold into ``inner``: it needs a weight and a bias of this SSF's width. An RMSNorm
-        (no bias) or a LayerNorm without a bias has nowhere to put β."""
-        _, weight, bias = self._fold_target()
-        return (weight is not None and bias is not None and weight.shape[0] == self.dim
-                and tuple(bias.shape) == (self.dim,))
+        """Whether γ, β fold into ``inner``: it needs a weight of this SSF's width and a bias of it, or to
+        be a bias-free Linear/Conv2d that takes β as a new bias. An RMSNorm (no bias) or a LayerNorm without
+        a bias has nowhere to put β."""
+        target, weight, bias = self._fold_target()
+        if weight is None or weight.shape[0] != self.dim:
+            return False
+        return tuple(bias.shape) == (self.dim,) if bias is not None else self._takes_new_bias(target)
 
     def _not_mergeable(self) -> str:
         target, weight, bias = self._fold_target()
-        return (f"SSF can only merge into a module with a weight and a bias of {self.dim} channels; "
-                f"{type(target).__name__} has weight {None if weight is None else tuple(weight.shape)} and bias "
-                f"{None if bias is None else tuple(bias.shape)}")
+        shapes = [None if t is None else tuple(t.shape) for t in (weight, bias)]
+        return (f"SSF can only merge into a module with a weight and a bias of {self.dim} channels (or a bias-free "
+                f"nn.Linear / nn.Conv2d); {type(target).__name__} has weight {shapes[0]} and bias {shapes[1]}")
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -310,18 +323,26 @@ class SSF(ForwardsAttributes, nn.Module):
             raise RuntimeError("SSF is already merged; call unmerge() first")
         if not self.mergeable:
             raise NotMergeableError(self._not_mergeable())
-        _, weight, bias = self._fold_target()
+        target, weight, bias = self._fold_target()
         gamma = self.gamma.to(weight.dtype).reshape(-1, *([1] * (weight.dim() - 1)))
-        self._originals = (weight.data, bias.data)
+        self._originals = (weight.data, None if bias is None else bias.data)
         weight.data = weight.data * gamma
-        bias.data = bias.data * self.gamma.to(bias.dtype) + self.beta.to(bias.dtype)
+        if bias is None:  # β alone is the shift; a copy, frozen like the weight it sits beside
+            target.bias = nn.Parameter(self.beta.detach().to(weight.dtype, copy=True), requires_grad=False)
+        else:
+            bias.data = bias.data * self.gamma.to(bias.dtype) + self.beta.to(bias.dtype)
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if not self.merged:
             raise RuntimeError("SSF is not merged")
         target = self.inner.get_submodule(self.fold_into)
-        target.weight.data, target.bias.data = self._originals
+        weight, bias = self._originals
+        target.weight.data = weight
+        if bias is None:  # the bias merge() created goes: the layer is bias-free again, state_dict keys included
+            target.bias = None
+        else:
+            target.bias.data = bias
         self._originals = None
 
     def extra_repr(self) -> str:
