@@ -489,6 +489,20 @@ def test_expert_detach_keep_merged_needs_a_merged_layer():
     assert torch.nn.utils.parametrize.is_parametrized(experts, "gate_up_proj")  # refused before any change
 
 
+def test_detach_puts_the_parameter_back_in_its_place():
+    """Adapting one of two expert parameters and taking the adapter out again keeps the module's parameter
+    order (state_dict keys, optimizer groups built from parameters()): torch's remove_parametrizations
+    would register the parameter again at the end."""
+    from subspace_ops.nn import experts as experts_nn
+
+    model = _model("mixtral")
+    names = [n for n, _ in model.named_parameters()]
+    methods.apply(model, "lora", rank=2, target_parameters=("experts.gate_up_proj",), targets=())
+    for layer in model.model.layers:
+        experts_nn.detach(layer.mlp.experts, "gate_up_proj")
+    assert [n for n, _ in model.named_parameters()] == names
+
+
 def test_peft_save_and_from_pretrained_round_trip(tmp_path):
     import json
 

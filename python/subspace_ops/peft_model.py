@@ -553,15 +553,9 @@ class SubspacePeftModel(ForwardsAttributes, nn.Module):
         ``config=dataclasses.replace(saved_config, backend=None)``; the weights must still fit it."""
         directory = os.fspath(model_id)
         config = _read_config(directory) if config is None else _as_config(config)
-        with methods._restore_on_error(model):
+        with methods._restore_on_error(model):  # also takes out the expert adapters (parametrizations)
             wrapper = cls(model, config, adapter_name)
-            try:
-                checkpoint.load_adapter(model, os.path.join(directory, ADAPTER_WEIGHTS), method=config.name)
-            except BaseException:
-                # _restore_on_error puts back modules and flags, not parametrizations: restoring the experts
-                # module's children alone would drop its parametrized parameter and break the model.
-                wrapper._detach_experts()
-                raise
+            checkpoint.load_adapter(model, os.path.join(directory, ADAPTER_WEIGHTS), method=config.name)
         if not is_trainable:
             for p in model.parameters():
                 p.requires_grad_(False)
