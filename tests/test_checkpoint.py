@@ -129,6 +129,39 @@ def test_file_holds_only_the_adapter(saved):
     assert header["format"] == "subspace_ops.adapter" and header["subspace_ops_version"]
 
 
+@pytest.mark.parametrize("method", ["lora", "rlrr"])
+def test_adapter_tensors_the_user_froze_are_saved(method, tmp_path):
+    """Freezing part of a trained adapter (LoRA's A, RLRR's left scales, as LoRA-FA or a second phase
+    does) keeps it adapter state: it is in the file, not in the base fingerprint, and a fresh model
+    loads it strictly to the same outputs."""
+    from subspace_ops import methods
+
+    def adapted():
+        return methods.apply(_vit(), method, backend="reference")[0]
+
+    model = adapted()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    frozen = {n for n, p in model.named_parameters() if n.endswith(("lora_a", "s_l"))}
+    assert frozen
+    for n, p in model.named_parameters():
+        if n in frozen:
+            p.requires_grad_(False)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+    path = tmp_path / "a.safetensors"
+    save_adapter(model, path, method=method)
+    assert not frozen & set(base_fingerprint(model))
+    fresh = adapted()
+    meta = load_adapter(fresh, path, method=method)
+    assert frozen <= set(meta["tensors"]) and meta["missing"] == []
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), expected, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("case", ["vit-rlrr", "vit-siva"])
 def test_fingerprint_accepts_the_same_weights_in_bf16_and_refuses_others(saved, tmp_path, case):
     path, trained, x, _ = saved[case]

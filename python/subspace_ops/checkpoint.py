@@ -4,7 +4,9 @@
     meta = load_adapter(fresh_model_adapted_the_same_way, "rlrr.safetensors")
 
 **What is saved.** Every parameter with ``requires_grad=True`` under its ``named_parameters()`` name
-(the adapter parameters and any other trained parameter, e.g. a task head), plus the tensors a
+(the adapter parameters and any other trained parameter, e.g. a task head), every adapter parameter
+the user has frozen since (a subspace_ops layer's own parameters, HF PEFT's adapter parameters:
+:func:`~subspace_ops.adapters.adapter_parameter_ids`; e.g. LoRA's A frozen for a later phase), plus the tensors a
 module declares through an ``adapter_state()`` method that are not parameters (SVDLinear's
 singular-value fingerprint) under ``"<module>.<key>"``. DDP / ``torch.compile`` wrappers are
 unwrapped, so names are those of the bare model. The file is a plain safetensors file; its header
@@ -25,7 +27,7 @@ metadata (strings) holds:
                        refused too, even in a field that still parses
 ====================== ==============================================================================
 
-**Base-weight fingerprint.** For every frozen parameter (``requires_grad=False``): its shape, dtype
+**Base-weight fingerprint.** For every frozen parameter (``requires_grad=False``, not an adapter's): its shape, dtype
 and, in float64, statistics of a fixed strided sample ``x`` of at most :data:`FINGERPRINT_SAMPLES`
 elements (flat indices ``⌊i·numel/n⌋``): ``Σ|x_i|`` and four signed sums ``Σ c_ji x_i`` with
 ``c_0 = 1`` and ``c_1..3`` fixed pseudo-random signs (a multiplicative hash of i and j). Two
@@ -117,6 +119,17 @@ def _full(t: Tensor) -> Tensor:
     return t
 
 
+def _adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """What a checkpoint holds of ``model``'s parameters: the trainable ones and the adapter parameters,
+    frozen or not. Not ``requires_grad`` alone: an adapter tensor frozen by the user (LoRA's A after a
+    first phase) is still the adapter, and would otherwise be missing from the file and taken for a
+    base weight by the fingerprint."""
+    from .adapters import adapter_parameter_ids
+
+    adapter = adapter_parameter_ids(model)
+    return {n: p for n, p in model.named_parameters() if p.requires_grad or id(p) in adapter}
+
+
 def _merged_modules(model: nn.Module) -> list[str]:
     return [name or "<root>" for name, m in model.named_modules() if getattr(m, "merged", False) is True]
 
@@ -125,9 +138,10 @@ def _adapter_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Modules that describe their adaptation: a string ``method`` and own trainable parameters, or an
     ``adapter_state()`` method."""
     layers = {}
+    saved = {id(p) for p in _adapter_parameters(model).values()}
     for name, m in model.named_modules():
         has_state = callable(getattr(m, "adapter_state", None))
-        owns_trainable = any(p.requires_grad for p in m.parameters(recurse=False))
+        owns_trainable = any(id(p) in saved for p in m.parameters(recurse=False))
         if has_state or (owns_trainable and isinstance(getattr(m, "method", None), str)):
             layers[name] = m
     return layers
@@ -146,7 +160,7 @@ def _join(prefix: str, key: str) -> str:
 def _layer_records(model: nn.Module) -> tuple[dict[str, dict], dict[str, Tensor]]:
     """Per adapter layer: {"method", "state" (non-tensor entries), "tensor_keys"}; and the declared
     adapter tensors that are not trainable parameters, by full name."""
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    trainable = set(_adapter_parameters(model))
     records, extra = {}, {}
     for name, m in _adapter_layers(model).items():
         record: dict[str, Any] = {}
@@ -195,8 +209,9 @@ def base_fingerprint(model: nn.Module) -> dict[str, dict]:
     """The fingerprint of ``model``'s frozen parameters (see the module docstring)."""
     model = _unwrap(model)
     result = {}
+    adapter = _adapter_parameters(model)
     for name, p in model.named_parameters():
-        if p.requires_grad:
+        if name in adapter:
             continue
         flat = _full(p).reshape(-1)
         numel = flat.numel()
@@ -277,7 +292,7 @@ def save_adapter(
     merged = _merged_modules(model)
     if merged:
         raise ValueError(f"cannot save an adapter from merged layers ({_few(merged)}): unmerge them first")
-    tensors = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    tensors = dict(_adapter_parameters(model))
     if not tensors:
         raise ValueError(f"{type(model).__name__} has no trainable parameters: nothing to save")
     records, extra = _layer_records(model)
@@ -413,7 +428,7 @@ def _check_against_model(tensors: dict[str, Tensor], meta: dict, model: nn.Modul
     """Every mismatch between the file and the model, as messages; records the missing names in ``meta``."""
     problems: list[str] = []
     params = dict(model.named_parameters())
-    trainable = {n: p for n, p in params.items() if p.requires_grad}
+    trainable = _adapter_parameters(model)
     records, declared = _layer_records(model)
     live = {**trainable, **declared}
 
