@@ -565,3 +565,14 @@ def test_peft_several_adapters_switch_the_expert_factors(tmp_path):
     wrapper.delete_adapter("other")
     assert list(wrapper.peft_config) == ["default"]
     torch.testing.assert_close(wrapper.merge_and_unload()(x).logits, first, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["ia3", "ssb"])
+def test_scaling_methods_name_the_experts_when_the_ffn_targets_match_nothing(method):
+    """(IA)³/SSB scale the FFN output by default; on an MoE model that FFN is 3-D expert parameters, and the
+    error says so and how to go on (ff_targets=()), which then adapts the attention alone."""
+    model = _model("mixtral")
+    with pytest.raises(ValueError, match=r"3-D parameters \(e\.g\. model\.layers\.0\.mlp\.experts\..*ff_targets=\(\)"):
+        methods.apply(model, method)
+    _, report = methods.apply(model, method, ff_targets=())
+    assert report.layers and all("experts" not in name for name in report.layers)

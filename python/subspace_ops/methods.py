@@ -659,6 +659,11 @@ def _match_linears(model: nn.Module, argument: str, patterns: Sequence[str],
             raise ValueError(f"{error}; its q, k and v are one query_key_value layer, interleaved per head, "
                              "which cannot be split into q, k, v parts: adapt it whole with a LoRA-type method, "
                              "or name it in targets to scale it as one matrix")
+        experts = unadapted_expert_parameters(model)
+        if experts:  # a Mixture-of-Experts FFN: its projections are 3-D expert parameters, not nn.Linear
+            raise ValueError(f"{error}; its feed-forward layers are Mixture-of-Experts experts stored as 3-D "
+                             f"parameters (e.g. {experts[0]}), which only the LoRA-type methods adapt "
+                             f"(target_parameters); pass {argument}=() to leave them out")
         raise error
     return found
 
