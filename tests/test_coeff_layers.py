@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,10 +12,10 @@ from torch import nn
 
 import subspace_ops
 import subspace_ops.transformers
-from subspace_ops import apply_coeff, apply_rlrr, reference
+from subspace_ops import apply_coeff, apply_rlrr, head_mixing_attention, reference
 from subspace_ops.nn import HeadMix, TimmCoeffAttention
 
-from conftest import papers_sdpa
+from conftest import ON_INTERPRETER, backend_device, papers_sdpa
 
 timm = pytest.importorskip("timm")
 
@@ -44,6 +46,35 @@ def test_head_mix_dropout_on_alpha_only_in_training():
     assert set(dropped.unique().tolist()) <= {0.0, 2.0} and (dropped == 0).any()  # inverted dropout on α
     mix.eval()
     torch.testing.assert_close(mix.mix(), torch.eye(3) + 1.0)
+
+
+def test_head_mixing_attention_under_autocast_takes_inputs_as_sdpa(backend):
+    """Under autocast the op casts q, k, v and a float mask to the autocast dtype, as autocast does for
+    SDPA: LLaMA's rotary embedding hands attention float32 q, k next to a bfloat16 v. At mix = I the
+    result is SDPA's under the same autocast; mix stays float32 and its gradient is that of the
+    formula in float32 on the bfloat16-rounded inputs (the backward runs inside the autocast region,
+    as CPU training loops often call it)."""
+    if backend == "triton" and ON_INTERPRETER:
+        pytest.skip("the Triton interpreter's tl.dot is wrong for bfloat16")
+    device = backend_device(backend)
+    q, k = torch.randn(2, 4, 6, 8, device=device), torch.randn(2, 4, 7, 8, device=device)
+    v = torch.randn(2, 4, 7, 8, device=device).to(torch.bfloat16)
+    mask = torch.randn(2, 1, 6, 7, device=device)  # additive, float32
+    mix = torch.eye(4, device=device, requires_grad=True)
+    with pytest.raises(TypeError, match="v has dtype torch.bfloat16 but q has torch.float32"):
+        head_mixing_attention(q, k, v, mix, attn_mask=mask, backend=backend)  # outside autocast: one dtype
+    with torch.autocast(device, dtype=torch.bfloat16):
+        out = head_mixing_attention(q, k, v, mix, attn_mask=mask, backend=backend)
+        expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out.float().square().sum().backward()
+    assert out.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2)
+    assert mix.grad.dtype == torch.float32
+    mix32 = torch.eye(4, device=device, requires_grad=True)
+    rounded = [t.to(torch.bfloat16).float() for t in (q, k, v, mask)]
+    reference_out = reference.head_mixing_attention(*rounded[:3], mix32, attn_mask=rounded[3])
+    (expected_grad,) = torch.autograd.grad(reference_out, mix32, 2 * out.detach().float())
+    torch.testing.assert_close(mix.grad, expected_grad, rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.parametrize("bad", [dict(num_heads=0), dict(num_heads=2, dropout=1.0)])
@@ -205,6 +236,69 @@ def test_transformers_head_mixing(build):
     assert subspace_ops.transformers.detach_head_mix(model) == model.config.num_hidden_layers
     assert model.config._attn_implementation == "sdpa"
     torch.testing.assert_close(first(model(**kwargs)), before)
+
+
+@pytest.mark.integration
+def test_transformers_llama_head_mixing_under_cpu_autocast():
+    """LLaMA under bfloat16 autocast (HF Trainer bf16=True, accelerate): its rotary embedding returns
+    float32 q, k and v is bfloat16. At α = 0 the model computes what stock SDPA does under the same
+    autocast; with α ≠ 0, what the reference backend does; α (float32) gets a float32 gradient."""
+    torch.manual_seed(0)
+    stock = tiny_llama()
+    model = copy.deepcopy(stock)
+    apply_coeff(model, backend="cpu")
+    mask = torch.ones(2, 11, dtype=torch.long)
+    mask[1, 8:] = 0
+    kwargs = dict(input_ids=torch.randint(3, 50, (2, 11)), attention_mask=mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = stock(**kwargs).logits
+        at_zero = model(**kwargs).logits
+    torch.testing.assert_close(at_zero[:, :8], expected[:, :8], rtol=1e-2, atol=1e-2)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, HeadMix):
+                m.alpha.normal_(0, 0.3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = model(**kwargs).logits
+    fused.float().square().sum().backward()
+    for m in model.modules():
+        if isinstance(m, HeadMix):
+            assert m.alpha.grad.dtype == torch.float32
+            assert torch.isfinite(m.alpha.grad).all() and m.alpha.grad.abs().sum() > 0
+    _set_backend(model, "reference")
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        by_reference = model(**kwargs).logits
+    assert not torch.allclose(fused[:, :8].float(), expected[:, :8].float(), atol=5e-2)  # α did mix heads
+    torch.testing.assert_close(fused[:, :8].detach(), by_reference[:, :8], rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.integration
+def test_transformers_model_pickled_whole_runs_in_a_fresh_process(tmp_path):
+    """``torch.save(model)`` of a Coeff-adapted model, loaded by a new interpreter that imports nothing
+    of subspace_ops: the config names "subspace_coeff", an entry of transformers' process-wide attention
+    registry that the pickle does not carry; unpickling the head mixes registers it. Same logits."""
+    torch.manual_seed(0)
+    model = tiny_llama()
+    apply_coeff(model, backend="cpu")
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, HeadMix):
+                m.alpha.normal_(0, 0.3)
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, 6:] = 0
+    inputs = dict(input_ids=torch.randint(3, 50, (2, 9)), attention_mask=mask)
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    torch.save(model, tmp_path / "model.pt")
+    torch.save(inputs, tmp_path / "inputs.pt")
+    code = ("import sys, torch\n"
+            "model = torch.load(sys.argv[1], weights_only=False)\n"
+            "with torch.no_grad():\n"
+            "    torch.save(model(**torch.load(sys.argv[2])).logits, sys.argv[3])\n")
+    paths = [str(tmp_path / name) for name in ("model.pt", "inputs.pt", "logits.pt")]
+    result = subprocess.run([sys.executable, "-c", code, *paths], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    torch.testing.assert_close(torch.load(paths[2]), expected)
 
 
 @pytest.mark.integration

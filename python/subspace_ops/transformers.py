@@ -12,6 +12,11 @@ so the model stays usable.
 
 The model's weights are untouched; :func:`detach_head_mix` removes the head mixes and restores the
 previous attention implementation.
+
+The registry is process state, not part of the model: a model pickled whole (``torch.save(model)``)
+names ``"subspace_coeff"`` in its config but carries no registration. The head mixes attached here are
+:class:`TransformersHeadMix`, which registers on unpickling, so ``torch.load(path, weights_only=False)``
+in a fresh process gives a model that runs without importing anything first.
 """
 
 from __future__ import annotations
@@ -23,8 +28,8 @@ from torch import Tensor, nn
 
 from .nn.attention import HeadMix, repeat_kv_heads
 
-__all__ = ["ATTN_IMPLEMENTATION", "attach_head_mix", "attention_modules", "coeff_attention_forward",
-           "check_attachable", "detach_head_mix", "register"]
+__all__ = ["ATTN_IMPLEMENTATION", "TransformersHeadMix", "attach_head_mix", "attention_modules",
+           "coeff_attention_forward", "check_attachable", "detach_head_mix", "register"]
 
 ATTN_IMPLEMENTATION = "subspace_coeff"
 
@@ -80,6 +85,19 @@ def register() -> None:
 
     AttentionInterface.register(ATTN_IMPLEMENTATION, coeff_attention_forward)
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+
+
+class TransformersHeadMix(HeadMix):
+    """The :class:`~subspace_ops.nn.HeadMix` of a transformers attention module (same parameters and
+    state-dict keys). The model finds the function that calls it by the name ``"subspace_coeff"`` in
+    transformers' registries, which live in the process; unpickling one (``torch.load`` of a whole
+    model, ``copy.deepcopy``) registers that name, so a pickled model runs in a fresh process. The
+    hook sits here rather than on HeadMix, which timm and diffusers models also hold: only
+    transformers models need the registry, and this module already depends on transformers."""
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        register()
 
 
 def _calls_attention_interface(module: nn.Module) -> bool:
@@ -148,16 +166,16 @@ def attach_head_mix(
     model: nn.Module, *, dropout: float = 0.0, backend: Optional[str] = None,
     modules: Optional[list[tuple[str, nn.Module]]] = None,
 ) -> list[str]:
-    """Give every attention module of ``model`` (or the given ``modules``) a zero-init HeadMix and
-    switch the model to ``"subspace_coeff"``. Returns the module names. Checks everything before
-    changing anything."""
+    """Give every attention module of ``model`` (or the given ``modules``) a zero-init
+    :class:`TransformersHeadMix` and switch the model to ``"subspace_coeff"``. Returns the module
+    names. Checks everything before changing anything."""
     modules = check_attachable(model, modules)
     register()
     previous = model.config._attn_implementation
     for name, module in modules:
         heads = _num_heads(name, module)
         device = next(module.parameters()).device
-        module.head_mix = HeadMix(heads, dropout=dropout, backend=backend, device=device)
+        module.head_mix = TransformersHeadMix(heads, dropout=dropout, backend=backend, device=device)
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
     model._subspace_previous_attn = previous
     return [name for name, _ in modules]

@@ -15,10 +15,22 @@ i sees keys j ≤ i, also when Nq ≠ Nk) and, unlike SDPA, may be combined with
 row that sees no key gets probabilities 0: its output and gradients are 0, not NaN. The mask is
 converted once to an additive tensor of its own (unbroadcast) shape and passed as an expanded view,
 so a key-padding mask [B, 1, 1, Nk] costs B·Nk elements, not B·H·Nq·Nk. Masks are not trained.
+
+Under ``torch.autocast`` the op behaves as SDPA (on autocast's lower-precision list): q, k, v and a
+floating ``attn_mask`` are cast to the autocast dtype at the Python entry (float64 stays, as autocast
+leaves it), so q and k in float32 from a rotary embedding and v in bfloat16 are accepted. ``mix``
+keeps its own dtype: the fused kernels take it in the accumulation dtype anyway, and rounding
+``I + α`` to bfloat16 would erase diagonal updates below 2⁻⁸; its gradient comes back in its dtype
+(float32 for the layers' α). The cast is done here before dispatch rather than by
+``torch.library.register_autocast`` on the registered op: the eager path calls the kernels without
+going through that op, and a registered autocast rule would cast every floating input, ``mix`` and
+the float32 additive mask included. The kernels run with autocast off, so that torch ops inside them
+(the chunked Triton strategy's matmuls) keep their dtypes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
@@ -37,11 +49,26 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    # torch.is_autocast_enabled raises for device types autocast does not know (meta tensors).
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
+def _autocast_off(device_type: str):
+    """Autocast disabled for ``device_type`` while the kernels run: their inputs are already in the
+    dtypes they need, and torch ops inside them must not be recast (the backward also runs under
+    autocast when ``loss.backward()`` is called inside the autocast region, as on CPU it may be)."""
+    if _autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _forward_impl(
     q: Tensor, k: Tensor, v: Tensor, mix: Tensor, mask: Optional[Tensor], is_causal: bool, scale: float, backend: str
 ) -> tuple[Tensor, Tensor]:
     kernels = kernel_module(backend, "head_mixing_attention")
-    return kernels.head_mixing_attention_forward(q, k, v, mix, mask, is_causal, scale)
+    with _autocast_off(q.device.type):
+        return kernels.head_mixing_attention_forward(q, k, v, mix, mask, is_causal, scale)
 
 
 _forward_op = torch.library.custom_op("subspace_ops::head_mixing_attention", mutates_args=())(_forward_impl)
@@ -58,7 +85,9 @@ def _backward_impl(
     is_causal: bool, scale: float, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     kernels = kernel_module(backend, "head_mixing_attention")
-    return kernels.head_mixing_attention_backward(grad_out.contiguous(), q, k, v, mix, mask, lse, is_causal, scale)
+    with _autocast_off(q.device.type):
+        return kernels.head_mixing_attention_backward(grad_out.contiguous(), q, k, v, mix, mask, lse, is_causal,
+                                                      scale)
 
 
 _backward_op = torch.library.custom_op("subspace_ops::head_mixing_attention_backward", mutates_args=())(
@@ -128,6 +157,23 @@ def additive_mask(attn_mask: Tensor, dtype: torch.dtype, shape: torch.Size) -> T
     return additive.expand(shape)
 
 
+def _autocast_inputs(
+    q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor]
+) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+    """q, k, v and a floating ``attn_mask`` as SDPA receives them under autocast for q's device: the
+    floating ones other than float64 cast to the autocast dtype (autocast's rule for its lower-precision
+    ops); unchanged outside autocast. Non-tensors pass through for :func:`_check_inputs` to name."""
+    if not isinstance(q, Tensor) or not _autocast_enabled(q.device.type):
+        return q, k, v, attn_mask
+    dtype = torch.get_autocast_dtype(q.device.type)
+
+    def cast(t):
+        eligible = isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64
+        return t.to(dtype) if eligible and t.device.type == q.device.type else t
+
+    return cast(q), cast(k), cast(v), cast(attn_mask)
+
+
 def _check_inputs(q: Tensor, k: Tensor, v: Tensor, mix: Tensor, attn_mask: Optional[Tensor]) -> None:
     check_tensor("q", q, ndims=(4,))
     check_tensor("k", k, ndims=(4,))
@@ -178,8 +224,10 @@ def head_mixing_attention(
 
     q [B, H, Nq, d], k and v [B, H, Nk, d] (one dtype: float32, float16, bfloat16 or float64),
     mix [H, H] (any floating dtype; its gradient comes back in that dtype). ``scale`` defaults to
-    1/√d. See the module docstring for masks. ``backend``: reference / cpu / triton / None (best).
+    1/√d. See the module docstring for masks and autocast. ``backend``: reference / cpu / triton /
+    None (best).
     """
+    q, k, v, attn_mask = _autocast_inputs(q, k, v, attn_mask)
     _check_inputs(q, k, v, mix, attn_mask)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     name = resolve_backend(backend, q.device)
