@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import inspect
 import json
+import pickle
 import re
 
 import pytest
@@ -399,3 +402,156 @@ def test_roberta_coeff_disable_unload_and_failed_load(tmp_path):
     plain = peft_model.unload()
     assert plain.config._attn_implementation == "sdpa" and no_subspace_modules(plain)
     assert torch.equal(logits(plain), base_logits)
+
+
+# ---------------------------------------------------------------------------------------------
+# HF Trainer with its default arguments (it inspects forward's signature: the wrapper shows the wrapped one)
+def tiny_bert(seed: int = 0, cls: str = "BertForSequenceClassification") -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=32, num_labels=3,
+                                     attention_probs_dropout_prob=0.0, hidden_dropout_prob=0.0)
+    return getattr(transformers, cls)(config)
+
+
+def tiny_llama(seed: int = 0) -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=32))
+
+
+def classification_rows(n: int = 8) -> list[dict]:
+    """What a datasets table gives Trainer, an unused column ("idx") included."""
+    g = torch.Generator().manual_seed(5)
+    return [{"input_ids": torch.randint(0, 64, (8,), generator=g), "labels": torch.tensor(i % 3), "idx": i}
+            for i in range(n)]
+
+
+def trainer_for(model: nn.Module, rows: list[dict], out, **args):
+    """A Trainer with TrainingArguments' defaults except what a tiny CPU run needs (and ``args``)."""
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    callbacks = args.pop("callbacks", None)
+    args = {"max_steps": 2, "per_device_train_batch_size": 2, "per_device_eval_batch_size": 4, **args}
+    targs = transformers.TrainingArguments(output_dir=str(out), use_cpu=True, report_to=[], disable_tqdm=True,
+                                           save_strategy=args.pop("save_strategy", "no"), **args)
+    return transformers.Trainer(model=model, args=targs, train_dataset=rows, eval_dataset=rows, callbacks=callbacks)
+
+
+def mean_loss(model: nn.Module, batches: list[dict]) -> float:
+    """The model's own loss averaged over eval batches of 4: what Trainer's eval_loss must be."""
+    with torch.no_grad():
+        losses = [model(**{k: torch.stack([r[k] for r in batches[i:i + 4]]) for k in ("input_ids", "labels")}).loss
+                  for i in range(0, len(batches), 4)]
+    return torch.stack(losses).mean().item()
+
+
+def test_wrapper_forward_shows_the_wrapped_models_signature():
+    transformers = pytest.importorskip("transformers")
+    from transformers.utils import can_return_loss, find_labels
+
+    for cls in ("BertForSequenceClassification", "BertForQuestionAnswering", "BertForPreTraining"):
+        base = tiny_bert(cls=cls)
+        expected = inspect.signature(type(base).forward)
+        labels = find_labels(type(base))
+        wrapper = get_peft_model(base, ("lora", {"backend": "cpu"}))
+        assert isinstance(wrapper, SubspacePeftModel) and type(wrapper).__name__ == f"SubspacePeftModel[{cls}]"
+        assert inspect.signature(wrapper.forward) == inspect.signature(base.forward)  # Trainer's input columns
+        assert inspect.signature(type(wrapper).forward) == expected
+        assert find_labels(type(wrapper)) == labels and labels  # labels / start_positions.. / next_sentence_label
+        assert can_return_loss(type(wrapper)) == can_return_loss(type(base))
+    assert type(get_peft_model(tiny_bert(), "lora")) is type(wrapper := get_peft_model(tiny_bert(), "lora"))
+    assert isinstance(wrapper.base_model, transformers.BertForSequenceClassification)
+
+
+def test_wrapper_pickles_copies_and_compiles_with_its_signature_class(tmp_path):
+    from subspace_ops import peft_model
+
+    model = get_peft_model(tiny_bert(), ("lora", {"backend": "cpu"})).eval()
+    perturb(model)
+    ids = torch.stack([r["input_ids"] for r in classification_rows(2)])
+    out = model(ids).logits
+    copied = copy.deepcopy(model)
+    assert type(copied) is type(model) and torch.equal(copied(ids).logits, out)
+    torch.save(model, tmp_path / "wrapper.pt")
+    peft_model._SIGNATURE_CLASSES.clear()  # as in a new process: loading makes the class again
+    loaded = torch.load(tmp_path / "wrapper.pt", weights_only=False)
+    assert type(loaded).__name__ == "SubspacePeftModel[BertForSequenceClassification]"
+    assert torch.equal(loaded(ids).logits, out)
+    assert inspect.signature(loaded.forward) == inspect.signature(tiny_bert().forward)
+    assert torch.equal(pickle.loads(pickle.dumps(model))(ids).logits, out)
+    compiled = torch.compile(model, fullgraph=True)
+    torch.testing.assert_close(compiled(input_ids=ids).logits, out, rtol=1e-5, atol=1e-6)
+
+
+def test_trainer_defaults_train_and_evaluate_with_eval_loss(tmp_path):
+    rows = classification_rows()
+    model = get_peft_model(tiny_bert(), ("lora", {"backend": "cpu"}))
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    trainer = trainer_for(model, rows, tmp_path)  # remove_unused_columns=True: keeps input_ids, labels
+    assert trainer.label_names == ["labels"]
+    trainer.train()
+    assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
+    metrics = trainer.evaluate()
+    assert metrics["eval_loss"] == pytest.approx(mean_loss(model.eval(), rows), rel=1e-5)
+
+
+def test_trainer_load_best_model_at_end(tmp_path):
+    safetensors = pytest.importorskip("safetensors.torch")
+    model = get_peft_model(tiny_bert(), ("lora", {"backend": "cpu"}))
+    # greater_is_better: the worst loss is "best", so the restored checkpoint is not the last one
+    trainer = trainer_for(model, classification_rows(), tmp_path, max_steps=3, eval_strategy="steps", eval_steps=1,
+                          save_strategy="steps", save_steps=1, load_best_model_at_end=True, learning_rate=0.05,
+                          greater_is_better=True)
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert trainer.args.metric_for_best_model == "loss" and not best.endswith("checkpoint-3")
+    saved = safetensors.load_file(f"{best}/model.safetensors")
+    assert all(torch.equal(p, saved[n]) for n, p in model.state_dict().items())  # the best one, restored
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(trainer.state.best_metric, rel=1e-6)
+
+
+def test_trainer_resume_continues_identically_and_checkpoints_hold_the_adapter(tmp_path):
+    from subspace_ops.peft_model import SaveAdapterCallback
+
+    rows = classification_rows()
+
+    def run(out, resume=None):
+        model = get_peft_model(tiny_bert(), ("lora", {"backend": "cpu"}))
+        trainer = trainer_for(model, rows, out, max_steps=4, save_strategy="steps", save_steps=2,
+                              callbacks=[SaveAdapterCallback()])
+        trainer.train(resume_from_checkpoint=resume)
+        return model
+
+    straight = run(tmp_path / "a")
+    resumed = run(tmp_path / "b", resume=str(tmp_path / "a" / "checkpoint-2"))
+    theirs = resumed.state_dict()
+    assert all(torch.equal(p, theirs[n]) for n, p in straight.state_dict().items())
+
+    ids = torch.stack([r["input_ids"] for r in rows])
+    for step in (2, 4):  # every checkpoint directory loads with from_pretrained, as the full state_dict does
+        directory = tmp_path / "a" / f"checkpoint-{step}"
+        full = get_peft_model(tiny_bert(), ("lora", {"backend": "cpu"}))
+        full.load_state_dict(pytest.importorskip("safetensors.torch").load_file(directory / "model.safetensors"))
+        adapter = SubspacePeftModel.from_pretrained(tiny_bert(), directory)
+        assert torch.equal(adapter(ids).logits, full.eval()(ids).logits)
+    straight.save_pretrained(tmp_path / "final")  # the adapter-only output of a run
+    assert torch.equal(SubspacePeftModel.from_pretrained(tiny_bert(), tmp_path / "final")(ids).logits,
+                       straight.eval()(ids).logits)
+
+
+def test_trainer_defaults_on_a_causal_lm(tmp_path):
+    g = torch.Generator().manual_seed(7)
+    rows = []
+    for _ in range(8):
+        ids = torch.randint(0, 64, (10,), generator=g)
+        rows.append({"input_ids": ids, "attention_mask": torch.ones(10, dtype=torch.long), "labels": ids.clone()})
+    model = get_peft_model(tiny_llama(), ("lora", {"backend": "cpu"}))
+    trainer = trainer_for(model, rows, tmp_path)
+    assert trainer.label_names == ["labels"]
+    trainer.train()
+    metrics = trainer.evaluate()
+    assert metrics["eval_loss"] == pytest.approx(mean_loss(model.eval(), rows), rel=1e-5)

@@ -22,10 +22,20 @@ layers would have to imitate in full. The trade-offs of the wrapper instead:
 - (-) it is not a ``peft.PeftModel``: ``isinstance`` checks and code that reaches into PEFT internals
   (``model.base_model.model``, ``peft.tuners`` layer types, ``PeftModel.from_pretrained`` on our
   directories, PEFT's hub helpers) do not work; ``model.get_base_model()`` is the adapted model. Training
-  loops that only call the methods below work; HF ``Trainer`` trains it (``forward`` takes its kwargs) but,
-  not recognizing a PeftModel, writes the full ``state_dict`` in its checkpoints: call
-  ``model.save_pretrained(dir)`` for adapter-only files. For PEFT's *own* LoRA / IA3 on our kernels use
+  loops that only call the methods below work. For PEFT's *own* LoRA / IA3 on our kernels use
   :func:`subspace_ops.peft.accelerate` instead.
+
+**HF Trainer.** Trainer unwraps only a ``peft.PeftModel``; for anything else it reads the model's
+``forward`` signature: the instance's for the input columns it keeps (``remove_unused_columns``), the
+class's (and class name) for the label names (``find_labels``: no labels, no ``eval_loss``). So the wrapper
+is an instance of a subclass made once per wrapped class (``SubspacePeftModel[BertForSequenceClassification]``)
+whose ``forward`` shows the wrapped class's signature (it still passes every argument through): Trainer's
+defaults then act as on the bare model. Pickle / ``torch.save`` / ``deepcopy`` rebuild that subclass from
+the wrapped class. Trainer's checkpoints hold the full ``state_dict`` (what ``resume_from_checkpoint`` and
+``load_best_model_at_end`` load back); ``callbacks=[SaveAdapterCallback()]`` also writes
+``save_pretrained`` into each ``checkpoint-N`` directory, and ``trainer.model.save_pretrained(dir)`` gives
+the adapter-only output (``trainer.save_model()`` writes the full ``state_dict``). Not covered: label
+smoothing on a causal LM (Trainer shifts the labels only for a model whose class name is a causal LM's).
 
 **The interface** (PEFT's names and semantics unless stated):
 
@@ -93,6 +103,7 @@ merged layers (of any kind): the merged weights would keep the active adapter's 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 from typing import Any, Iterator, Optional, Sequence, Union
@@ -214,6 +225,37 @@ def _carry_processor_state(name: str, current: nn.Module, other: nn.Module) -> N
         diffusers_integration.carry_processor_state(current, other)
 
 
+_SIGNATURE_CLASSES: dict[type, type] = {}
+
+
+def _signature_class(base: type) -> type:
+    """The subclass of :class:`SubspacePeftModel` for models of class ``base`` (made once): its ``forward``
+    has ``base.forward``'s signature, which is what HF Trainer reads (see the module docstring). Where that
+    signature cannot be read, SubspacePeftModel itself (``forward(*args, **kwargs)``)."""
+    if base not in _SIGNATURE_CLASSES:
+        try:
+            signature = inspect.signature(base.forward)  # with ``self``, as for any function read from a class
+        except (TypeError, ValueError):
+            return SubspacePeftModel
+
+        def forward(self: SubspacePeftModel, *args: Any, **kwargs: Any) -> Any:
+            return self.base_model(*args, **kwargs)
+
+        # The name keeps the wrapped class's: Trainer's find_labels also reads it ("QuestionAnswering").
+        name = f"SubspacePeftModel[{base.__name__}]"
+        forward.__signature__ = signature
+        forward.__qualname__ = f"{name}.forward"
+        namespace = {"__module__": __name__, "__qualname__": name, "__doc__": SubspacePeftModel.__doc__,
+                     "forward": forward, "_signature_of": base}
+        _SIGNATURE_CLASSES[base] = type(name, (SubspacePeftModel,), namespace)
+    return _SIGNATURE_CLASSES[base]
+
+
+def _new_with_signature_of(base: type) -> SubspacePeftModel:
+    """An empty instance of ``_signature_class(base)``, for unpickling (SubspacePeftModel.__reduce_ex__)."""
+    return SubspacePeftModel.__new__(_signature_class(base))
+
+
 def _new_expert_parametrizations(model: nn.Module, existing: set[int]) -> list[tuple[str, str]]:
     """``(owner module name, parameter name)`` of every :class:`~subspace_ops.nn.experts.LowRankExperts`
     parametrization in ``model`` whose layer is not one of the modules ``existing`` (ids)."""
@@ -230,6 +272,23 @@ class SubspacePeftModel(ForwardsAttributes, nn.Module):
     """The PeftModel-like wrapper returned by :func:`get_peft_model` (see the module docstring)."""
 
     _wrapped = "base_model"  # attributes the wrapper lacks are the model's (config, generate, ...)
+    _signature_of: Optional[type] = None  # on a subclass from _signature_class: the wrapped class
+
+    def __new__(cls, model: Any = None, *args: Any, **kwargs: Any) -> "SubspacePeftModel":
+        # model=None: unpickling / copying, which pass the class to make (see __reduce_ex__). A subclass of
+        # the user's own keeps its forward; another signature class (type(w).from_pretrained) is replaced.
+        made_here = cls is SubspacePeftModel or cls._signature_of is not None
+        if made_here and isinstance(model, nn.Module) and not isinstance(model, SubspacePeftModel):
+            cls = _signature_class(type(model))
+        return super().__new__(cls)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        # A class from _signature_class is made at run time and has no importable name: pickle (torch.save,
+        # deepcopy) rebuilds it from the wrapped class instead; the state is nn.Module's as usual.
+        reduced = super().__reduce_ex__(protocol)
+        if type(self)._signature_of is None:
+            return reduced
+        return (_new_with_signature_of, (type(self)._signature_of,), *reduced[2:])
 
     def __init__(self, model: nn.Module, config: ConfigLike, adapter_name: str = "default") -> None:
         super().__init__()
@@ -585,3 +644,48 @@ class SubspacePeftModel(ForwardsAttributes, nn.Module):
         if not is_trainable:
             self.eval()
         return meta
+
+
+# ---------------------------------------------------------------------------------------------
+# HF Trainer
+def _save_adapter_callback_class() -> type:
+    """Made on first use, so that importing this module does not import transformers."""
+    from accelerate.utils import extract_model_from_parallel
+    from transformers import TrainerCallback
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    class SaveAdapterCallback(TrainerCallback):
+        """``Trainer(..., callbacks=[SaveAdapterCallback()])``: after Trainer writes a checkpoint, writes the
+        wrapper's ``save_pretrained`` files into it too (``adapter_model.safetensors``, ``adapter_config.json``),
+        so every ``checkpoint-N`` loads with ``SubspacePeftModel.from_pretrained``. Trainer's own files stay
+        (its ``resume_from_checkpoint`` / ``load_best_model_at_end`` read the full ``model.safetensors``)."""
+
+        def on_save(self, args: Any, state: Any, control: Any, model: Optional[nn.Module] = None,
+                    **kwargs: Any) -> None:
+            if not args.should_save:  # only the process that wrote the checkpoint
+                return
+            wrapper = extract_model_from_parallel(model, keep_torch_compile=False) if model is not None else None
+            if not isinstance(wrapper, SubspacePeftModel):
+                raise TypeError(f"SaveAdapterCallback: the Trainer's model must be a SubspacePeftModel "
+                                f"(get_peft_model), got {type(wrapper).__name__}")
+            directory = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+            if not os.path.isdir(directory):  # e.g. a hyperparameter-search trial's run directory
+                raise RuntimeError(f"SaveAdapterCallback: Trainer's checkpoint directory {directory!r} does not "
+                                   "exist; call model.save_pretrained(dir) yourself for this run")
+            wrapper.save_pretrained(directory)
+
+    SaveAdapterCallback.__module__ = __name__
+    SaveAdapterCallback.__qualname__ = "SaveAdapterCallback"
+    return SaveAdapterCallback
+
+
+_LAZY: dict[str, type] = {}
+
+
+def __getattr__(name: str) -> Any:
+    # SaveAdapterCallback subclasses transformers' TrainerCallback: built on first use (pickle finds it here too)
+    if name == "SaveAdapterCallback":
+        if name not in _LAZY:
+            _LAZY[name] = _save_adapter_callback_class()
+        return _LAZY[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
