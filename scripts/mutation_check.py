@@ -740,6 +740,57 @@ MUTANTS = [
            'tests/test_moe_experts.py -k roll',
            "apply's rollback leaves expert adapters attached before a later step raised (parametrized module, moved p"
            'arameters)'),
+    # session 19, second round: Coeff under autocast and unpickled, HF Trainer with the wrapper, frozen
+    # adapter tensors in checkpoints, the MoE hint of the scaling methods
+    Mutant('P176', 'python/subspace_ops/ops/head_mixing_attention.py',
+           '    q, k, v, attn_mask = _autocast_inputs(q, k, v, attn_mask)\n    _check_inputs',
+           '    _check_inputs',
+           'tests/test_coeff_layers.py -k autocast',
+           "head_mixing_attention ignores torch.autocast: LLaMA's float32 rotary q/k next to bfloat16 v raise TypeErr"
+           'or (Coeff under bf16 autocast / Trainer bf16)'),
+    Mutant('P177', 'python/subspace_ops/transformers.py',
+           '        super().__setstate__(state)\n        register()\n',
+           '        super().__setstate__(state)\n',
+           'tests/test_coeff_layers.py -k pickled',
+           "a Coeff-adapted transformers model saved with torch.save(model) fails in a fresh process: 'subspace_coeff"
+           "' is not registered on unpickling"),
+    Mutant('P178', 'python/subspace_ops/peft_model.py',
+           '            cls = _signature_class(type(model))\n',
+           '            pass\n',
+           'tests/test_peft_model.py -k trainer_defaults_train',
+           "get_peft_model wrapper shows forward(*args, **kwargs): Trainer's remove_unused_columns drops every column"),
+    Mutant('P179', 'python/subspace_ops/peft_model.py',
+           '        forward.__signature__ = signature\n',
+           '',
+           'tests/test_peft_model.py -k trainer_defaults_on_a_causal_lm',
+           "wrapper's forward signature is not the wrapped model's: no label_names / input columns under Trainer"),
+    Mutant('P180', 'python/subspace_ops/peft_model.py',
+           '        name = f"SubspacePeftModel[{base.__name__}]"\n',
+           '        name = "SubspacePeftModel"\n',
+           'tests/test_peft_model.py -k forward_shows',
+           "wrapper class name loses the wrapped class's: find_labels misses QA models' start/end_positions"),
+    Mutant('P181', 'python/subspace_ops/peft_model.py',
+           '        if type(self)._signature_of is None:\n            return reduced\n',
+           '        if True:\n            return reduced\n',
+           'tests/test_peft_model.py -k pickles_copies',
+           'the per-class wrapper subclass pickles by name and torch.save / pickle of the wrapper fail'),
+    Mutant('P182', 'python/subspace_ops/peft_model.py',
+           '            wrapper.save_pretrained(directory)\n',
+           '            pass\n',
+           'tests/test_peft_model.py -k resume_continues',
+           "SaveAdapterCallback writes no adapter files into Trainer's checkpoint directories"),
+    Mutant('P183', 'python/subspace_ops/checkpoint.py',
+           '    return {n: p for n, p in model.named_parameters() if p.requires_grad or id(p) in adapter}',
+           '    return {n: p for n, p in model.named_parameters() if p.requires_grad}',
+           'tests/test_checkpoint.py -k froze',
+           "save_adapter drops adapter tensors the user froze (LoRA's A): a strict load refuses the file, strict=Fals"
+           'e loads random A'),
+    Mutant('P184', 'python/subspace_ops/methods.py',
+           '        experts = unadapted_expert_parameters(model)\n        if experts:  # a Mixture-of-Experts FFN',
+           '        experts = []\n        if experts:  # a Mixture-of-Experts FFN',
+           'tests/test_moe_experts.py -k scaling_methods',
+           '(IA)3/SSB on an MoE model: the ff_targets error does not say the FFN is 3-D expert parameters nor ff_targ'
+           'ets=()'),
 ]
 
 
