@@ -791,6 +791,11 @@ MUTANTS = [
            'tests/test_moe_experts.py -k scaling_methods',
            '(IA)3/SSB on an MoE model: the ff_targets error does not say the FFN is 3-D expert parameters nor ff_targ'
            'ets=()'),
+    Mutant('P185', 'python/subspace_ops/peft_model.py',
+           '                     "forward": forward, "_get_name": _get_name, "_signature_of": base}',
+           '                     "forward": forward, "_signature_of": base}',
+           'tests/test_peft_model.py -k label_smoothing',
+           "Trainer's label smoothing on a causal LM wrapped by get_peft_model does not shift the labels (class name)"),
 ]
 
 

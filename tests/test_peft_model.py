@@ -555,3 +555,21 @@ def test_trainer_defaults_on_a_causal_lm(tmp_path):
     trainer.train()
     metrics = trainer.evaluate()
     assert metrics["eval_loss"] == pytest.approx(mean_loss(model.eval(), rows), rel=1e-5)
+
+
+def test_trainer_label_smoothing_on_a_causal_lm_shifts_the_labels(tmp_path):
+    """Trainer's label smoother shifts the labels only for a model whose _get_name() is a causal LM's: the
+    wrapper answers with the wrapped model's name, so its loss is the bare model's (unshifted labels would
+    smooth towards the wrong tokens, silently). The repr keeps the wrapper's own class name."""
+    g = torch.Generator().manual_seed(3)
+    rows = [{"input_ids": ids, "attention_mask": torch.ones(10, dtype=torch.long), "labels": ids.clone()}
+            for ids in torch.randint(0, 64, (4, 10), generator=g)]
+    model = get_peft_model(tiny_llama(), ("lora", {"backend": "cpu"}))
+    batch = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+    wrapped = trainer_for(model, rows, tmp_path / "wrapped", label_smoothing_factor=0.1)
+    bare = trainer_for(model.base_model, rows, tmp_path / "bare", label_smoothing_factor=0.1)
+    with torch.no_grad():
+        ours = wrapped.compute_loss(model, dict(batch))
+        expected = bare.compute_loss(model.base_model, dict(batch))
+    assert ours.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert repr(model).startswith("SubspacePeftModel[LlamaForCausalLM](\n  (base_model): LlamaForCausalLM(")

@@ -34,8 +34,9 @@ defaults then act as on the bare model. Pickle / ``torch.save`` / ``deepcopy`` r
 the wrapped class. Trainer's checkpoints hold the full ``state_dict`` (what ``resume_from_checkpoint`` and
 ``load_best_model_at_end`` load back); ``callbacks=[SaveAdapterCallback()]`` also writes
 ``save_pretrained`` into each ``checkpoint-N`` directory, and ``trainer.model.save_pretrained(dir)`` gives
-the adapter-only output (``trainer.save_model()`` writes the full ``state_dict``). Not covered: label
-smoothing on a causal LM (Trainer shifts the labels only for a model whose class name is a causal LM's).
+the adapter-only output (``trainer.save_model()`` writes the full ``state_dict``). Label smoothing on a
+causal LM: Trainer shifts the labels only for a model whose ``_get_name()`` is a causal LM's, so the
+wrapper's ``_get_name()`` is the wrapped model's (its repr keeps the wrapper's class name).
 
 **The interface** (PEFT's names and semantics unless stated):
 
@@ -241,12 +242,17 @@ def _signature_class(base: type) -> type:
         def forward(self: SubspacePeftModel, *args: Any, **kwargs: Any) -> Any:
             return self.base_model(*args, **kwargs)
 
+        def _get_name(self: SubspacePeftModel) -> str:
+            # Trainer's label smoothing shifts the labels only for a model whose _get_name() is a causal
+            # LM class's name; nn.Module's own use of it, the repr, keeps this class's name (__repr__).
+            return self.base_model._get_name()
+
         # The name keeps the wrapped class's: Trainer's find_labels also reads it ("QuestionAnswering").
         name = f"SubspacePeftModel[{base.__name__}]"
         forward.__signature__ = signature
         forward.__qualname__ = f"{name}.forward"
         namespace = {"__module__": __name__, "__qualname__": name, "__doc__": SubspacePeftModel.__doc__,
-                     "forward": forward, "_signature_of": base}
+                     "forward": forward, "_get_name": _get_name, "_signature_of": base}
         _SIGNATURE_CLASSES[base] = type(name, (SubspacePeftModel,), namespace)
     return _SIGNATURE_CLASSES[base]
 
@@ -281,6 +287,10 @@ class SubspacePeftModel(ForwardsAttributes, nn.Module):
         if made_here and isinstance(model, nn.Module) and not isinstance(model, SubspacePeftModel):
             cls = _signature_class(type(model))
         return super().__new__(cls)
+
+    def __repr__(self) -> str:
+        # nn.Module's repr starts with _get_name(), which a signature class gives the wrapped model's name
+        return type(self).__name__ + super().__repr__()[len(self._get_name()):]
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         # A class from _signature_class is made at run time and has no importable name: pickle (torch.save,
