@@ -23,7 +23,7 @@ import inspect
 import re
 import sys
 from dataclasses import dataclass, field
-from typing import Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -185,9 +185,15 @@ def find_modules(model: nn.Module, patterns: Sequence[str], kind: type = nn.Modu
     full (the task head) gets no adapter. SigLIP's pooling ``head`` holds an ``mlp.fc1``/``fc2`` that the
     default targets name; an adapter there would be trained beside the full weights it adapts (or, for
     the SVD methods, would refuse the weight's gradient)."""
-    skipped = [name for name, _ in model.named_modules() if name and _matches(name, skip_under)] if skip_under else []
+    inside = _inside(model, skip_under)
     return [(name, m) for name, m in model.named_modules() if name and isinstance(m, kind) and _matches(name, patterns)
-            and not any(name == s or name.startswith(s + ".") for s in skipped)]
+            and not inside(name)]
+
+
+def _inside(model: nn.Module, skip_under: Sequence[str]) -> Callable[[str], bool]:
+    """Whether a module name is one of the modules matching ``skip_under`` or inside one."""
+    skipped = [name for name, _ in model.named_modules() if name and _matches(name, skip_under)] if skip_under else []
+    return lambda name: any(name == s or name.startswith(s + ".") for s in skipped)
 
 
 def find_parameters(model: nn.Module, patterns: Sequence[str],
@@ -199,11 +205,10 @@ def find_parameters(model: nn.Module, patterns: Sequence[str],
     its own name, not as ``parametrizations.<name>.original``."""
     from torch.nn.utils import parametrize
 
-    skipped = [name for name, _ in model.named_modules() if name and _matches(name, skip_under)] if skip_under else []
+    inside = _inside(model, skip_under)
     found = []
     for mname, module in model.named_modules():
-        if isinstance(module, parametrize.ParametrizationList) or \
-                any(mname == s or mname.startswith(s + ".") for s in skipped):
+        if isinstance(module, parametrize.ParametrizationList) or inside(mname):
             continue
         names = [n for n, p in module._parameters.items() if p is not None]
         if parametrize.is_parametrized(module):

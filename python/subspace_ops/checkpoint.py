@@ -70,6 +70,8 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
+from .adapters import _join_name
+
 __all__ = [
     "AdapterLoadError",
     "FINGERPRINT_SAMPLES",
@@ -153,10 +155,6 @@ def _split_state(state: dict) -> tuple[dict[str, Tensor], dict[str, Any]]:
     return tensors, other
 
 
-def _join(prefix: str, key: str) -> str:
-    return f"{prefix}.{key}" if prefix else key
-
-
 def _layer_records(model: nn.Module) -> tuple[dict[str, dict], dict[str, Tensor]]:
     """Per adapter layer: {"method", "state" (non-tensor entries), "tensor_keys"}; and the declared
     adapter tensors that are not trainable parameters, by full name."""
@@ -171,7 +169,7 @@ def _layer_records(model: nn.Module) -> tuple[dict[str, dict], dict[str, Tensor]
             record["state"] = _jsonable(other, f"{name}.adapter_state()")
             record["tensor_keys"] = sorted(tensors)
             for key, t in tensors.items():
-                full = _join(name, key)
+                full = _join_name(name, key)
                 if full not in trainable:
                     extra[full] = t
         records[name] = record
@@ -536,7 +534,7 @@ def _copy_in(path: str, model: nn.Module, tensors: dict[str, Tensor], saved_laye
     declared = {}  # full name -> (layer name, key) of declared adapter tensors that are not parameters
     for lname, record in saved_layers.items():
         for key in record.get("tensor_keys", []):
-            declared[_join(lname, key)] = (lname, key)
+            declared[_join_name(lname, key)] = (lname, key)
     # Snapshot everything the copy or a layer's load_adapter_state writes: the loaded parameters and
     # the tensors each layer declares in its adapter state (adapter-sized, never the base weights).
     targets: dict[int, Tensor] = {}
@@ -554,8 +552,8 @@ def _copy_in(path: str, model: nn.Module, tensors: dict[str, Tensor], saved_laye
             if not callable(getattr(m, "load_adapter_state", None)):
                 continue
             state = dict(record.get("state", {}))
-            state.update({key: tensors[_join(lname, key)] for key in record.get("tensor_keys", [])
-                          if _join(lname, key) in tensors})
+            state.update({key: tensors[_join_name(lname, key)] for key in record.get("tensor_keys", [])
+                          if _join_name(lname, key) in tensors})
             m.load_adapter_state(state)
         for name, t in tensors.items():
             if name in params:

@@ -151,6 +151,11 @@ def _build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     return parser, bench
 
 
+def _device(name: Optional[str]) -> torch.device:
+    """``--device``, or where the ops run by default: CUDA when torch sees a GPU, else the CPU."""
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def _backend_problem(backend: Optional[str], device: torch.device) -> str:
     """Why our ops cannot run on ``device`` with ``backend`` (``--backend``; None: what
     ``$SUBSPACE_OPS_BACKEND`` or the device's default picks), or "" when they can. bench and verify
@@ -175,7 +180,7 @@ def _verify(args) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("subspace-ops verify: --device cuda, but torch sees no CUDA device here", file=sys.stderr)
         return 2
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _device(args.device)
     problems = [p for p in dict.fromkeys(_backend_problem(b, device) for b in args.backend or [None]) if p]
     if problems:
         for problem in problems:
@@ -246,7 +251,7 @@ def _bench(args: argparse.Namespace, bench: argparse.ArgumentParser) -> int:
     names = args.cases or [name for name, case in CASES.items() if case.in_default_run]
     cases = [CASES[name] for name in dict.fromkeys(names)]
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         bench.error("argument --device: cuda requested but torch.cuda.is_available() is False")
     problem = _backend_problem(args.backend, device)

@@ -157,8 +157,9 @@ def carry_processor_state(source: object, target: object) -> None:
 
 def _swaps_with(current: object, new: object) -> bool:
     """Whether ``new`` is the processor ``current`` (a head-mixing copy) replaced, or the copy of ``current``."""
-    return getattr(current, "replaced", None) is new if is_head_mix_processor(current) else \
-        is_head_mix_processor(new) and getattr(new, "replaced", None) is current
+    if is_head_mix_processor(current):
+        return getattr(current, "replaced", None) is new
+    return is_head_mix_processor(new) and getattr(new, "replaced", None) is current
 
 
 def detach_head_mix(model: nn.Module) -> int:

@@ -486,6 +486,10 @@ class BitFitConfig(MethodConfig):
         self.targets = _patterns("targets", self.targets)
 
 
+#: The LoRA family's G (001 eq. 17-19): LoRA none (G = I), AdaLoRA / TriLoRA diagonal, FLoRA a free r×r matrix.
+G_BY_METHOD = {"lora": "none", "adalora": "diag", "trilora": "diag", "flora": "full"}
+
+
 @dataclass
 class _LowRankConfig(MethodConfig):
     """Shared by the LoRA family. ``rank`` r = 8 and ``alpha`` = 8 (s = alpha / r = 1): LoRA's RoBERTa
@@ -523,10 +527,17 @@ class _LowRankConfig(MethodConfig):
         if self.target_parameters:
             self._check_target_parameters()
 
+    @property
+    def _additive(self) -> bool:
+        """Whether the method's change is W + s·A G B alone (the LoRA family's G kinds), the only form a 3-D
+        expert parameter can take: DoRA's row normalization and PA's / MPC_n's nonlinearity have no place
+        in a weight read by the experts' own forward."""
+        return self.name in G_BY_METHOD and self.mpc != "n"
+
     def _check_target_parameters(self) -> None:
         """Expert parameters get W + s·A G B added to the weight itself (nn/experts.py), which has no place for
         a nonlinearity, a per-row normalization or an input dropout."""
-        if self.name in ("dora", "pa") or self.mpc == "n":
+        if not self._additive:
             kind = "mpc='n'" if self.mpc == "n" else self.name
             raise ValueError(f"target_parameters: {kind} cannot adapt 3-D expert parameters (only an additive "
                              "W + s·A G B fits a weight read by the experts' own forward); use lora, adalora, trilora "
@@ -779,7 +790,7 @@ def _apply_lowrank(model: nn.Module, c: _LowRankConfig) -> AdaptReport:
     elif isinstance(c, DoRAConfig):
         make = lambda lin: DoRALinear(lin, c.rank, detach_norm=c.detach_norm, **kw)  # noqa: E731
     else:
-        g = {"lora": "none", "adalora": "diag", "trilora": "diag", "flora": "full"}[c.name]
+        g = G_BY_METHOD[c.name]
         init = getattr(c, "init", "lora")
 
         def make(lin: nn.Linear) -> nn.Module:
@@ -834,7 +845,7 @@ def _expert_layers(model: nn.Module, c: _LowRankConfig) -> list[tuple[str, nn.Mo
     """The expert layers of ``c.target_parameters``, built (and so checked) before anything changes."""
     if not c.target_parameters:
         return []
-    g = {"lora": "none", "adalora": "diag", "trilora": "diag", "flora": "full"}[c.name]
+    g = G_BY_METHOD[c.name]
     init = getattr(c, "init", "lora")
     return [(name, owner, attribute, experts_nn.LowRankExperts(getattr(owner, attribute), c.rank, layout=layout,
                                                                  g=g, alpha=c.alpha, init=init))
@@ -849,7 +860,7 @@ def _note_unadapted_experts(model: nn.Module, c: _LowRankConfig, report: AdaptRe
     if not names:
         return
     example = tuple(dict.fromkeys(".".join(n.split(".")[-2:]) for n in names))
-    if c.name in ("dora", "pa") or c.mpc == "n":
+    if not c._additive:
         how = f"{c.name} cannot adapt them; lora, adalora, trilora and flora can, with target_parameters={example}"
     else:
         how = f"to adapt them per expert, pass target_parameters={example}"
@@ -1014,12 +1025,6 @@ def _attn_implementation(model: nn.Module) -> Optional[str]:
     return getattr(getattr(model, "config", None), "_attn_implementation", None)
 
 
-def _expert_adapters(model: nn.Module) -> list[tuple[nn.Module, str]]:
-    """``(module, parameter name)`` of every expert adapter (:class:`~subspace_ops.nn.LowRankExperts`)."""
-    return [(m, name) for m in model.modules() if torch.nn.utils.parametrize.is_parametrized(m)
-            for name, plist in m.parametrizations.items() if isinstance(plist[0], experts_nn.LowRankExperts)]
-
-
 @contextmanager
 def _restore_on_error(model: nn.Module) -> Iterator[None]:
     """Undo module replacements, expert adapters attached, requires_grad changes, a transformers
@@ -1028,7 +1033,7 @@ def _restore_on_error(model: nn.Module) -> Iterator[None]:
 
     flags = [(p, p.requires_grad) for p in model.parameters()]
     children = [(m, dict(m._modules)) for m in model.modules()]
-    expert_adapters = set(_expert_adapters(model))
+    expert_layers = {id(layer) for *_, layer in experts_nn.adapters(model)}
     attn = _attn_implementation(model)
     had_previous = hasattr(model, "_subspace_previous_attn")
     processors = diffusers_integration.processors(model)
@@ -1037,8 +1042,9 @@ def _restore_on_error(model: nn.Module) -> Iterator[None]:
     except BaseException:
         diffusers_integration.set_processors(model, processors)  # before _modules: a processor may be one
         # before _modules too: a parametrization swaps its module's class and moves the parameter
-        for module, name in [key for key in _expert_adapters(model) if key not in expert_adapters]:
-            experts_nn.detach(module, name)
+        for _, module, name, layer in experts_nn.adapters(model):
+            if id(layer) not in expert_layers:
+                experts_nn.detach(module, name)
         for module, kids in children:
             module._modules.clear()
             module._modules.update(kids)

@@ -111,7 +111,6 @@ from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from . import checkpoint, methods
 from . import diffusers as diffusers_integration
@@ -262,18 +261,6 @@ def _new_with_signature_of(base: type) -> SubspacePeftModel:
     return SubspacePeftModel.__new__(_signature_class(base))
 
 
-def _new_expert_parametrizations(model: nn.Module, existing: set[int]) -> list[tuple[str, str]]:
-    """``(owner module name, parameter name)`` of every :class:`~subspace_ops.nn.experts.LowRankExperts`
-    parametrization in ``model`` whose layer is not one of the modules ``existing`` (ids)."""
-    found = []
-    for name, module in model.named_modules():
-        if parametrize.is_parametrized(module):
-            for attribute, plist in module.parametrizations.items():
-                if isinstance(plist[0], experts_nn.LowRankExperts) and id(plist[0]) not in existing:
-                    found.append((name, attribute))
-    return found
-
-
 class SubspacePeftModel(ForwardsAttributes, nn.Module):
     """The PeftModel-like wrapper returned by :func:`get_peft_model` (see the module docstring)."""
 
@@ -326,7 +313,9 @@ class SubspacePeftModel(ForwardsAttributes, nn.Module):
         self._processors_adapted = {n: processors_after[n] for n in self._processors_before}
         # Expert parameters adapted by target_parameters: a parametrization of the module that owns them
         # (nn/experts.py), not a replaced module, so the module swaps below never reach them.
-        self._experts = _new_expert_parametrizations(model, {id(m) for m in before.values()})
+        modules_before = {id(m) for m in before.values()}
+        self._experts = [(owner, attribute) for owner, _, attribute, layer in experts_nn.adapters(model)
+                         if id(layer) not in modules_before]
         # One adapter = the values of the tensors the method made trainable (adapter + head), by name.
         existing = {id(p) for p, _ in flags}
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -371,6 +360,10 @@ class SubspacePeftModel(ForwardsAttributes, nn.Module):
             owner = self.base_model.get_submodule(owner_name)
             layers.append((owner, attribute, owner.parametrizations[attribute][0]))
         return layers
+
+    def _merged_layers(self) -> list[str]:
+        """Names of the layers (of any kind, expert adapters included) whose adapter is merged now."""
+        return [n for n, m in self.base_model.named_modules() if getattr(m, "merged", False) is True]
 
     def _detach_experts(self, keep_merged: bool = False) -> None:
         """Remove the expert parametrizations: each parameter is the plain Parameter it was (same object,
@@ -433,7 +426,7 @@ class SubspacePeftModel(ForwardsAttributes, nn.Module):
             raise ValueError(f"unknown adapter {adapter_name!r}; adapters: {list(self.peft_config)}")
         if adapter_name == self.active_adapter:
             return
-        merged = [n for n, m in self.base_model.named_modules() if getattr(m, "merged", False) is True]
+        merged = self._merged_layers()
         if merged:  # the merged weights hold the active adapter's ΔW, which new factor values would not change
             raise ValueError(f"set_adapter: layers {merged[:4]} are merged; unmerge them first "
                              "(subspace_ops.adapters.unmerge_all)")
@@ -462,7 +455,7 @@ class SubspacePeftModel(ForwardsAttributes, nn.Module):
         if self._disabled:  # nested: already the base model
             yield
             return
-        merged = [n for n, m in self.base_model.named_modules() if getattr(m, "merged", False) is True]
+        merged = self._merged_layers()
         if merged:
             raise ValueError(f"disable_adapter: layers {merged[:4]} are merged; unmerge them first "
                              "(subspace_ops.adapters.unmerge_all)")

@@ -43,7 +43,7 @@ from torch.nn.utils import parametrize
 
 from .lowrank import G_KINDS, _check_rank, _scaling
 
-__all__ = ["EXPERT_LAYOUTS", "LowRankExperts", "attach", "detach", "expert_layout"]
+__all__ = ["EXPERT_LAYOUTS", "LowRankExperts", "adapters", "attach", "detach", "expert_layout"]
 
 #: Layouts of experts modules that transformers' ``@use_experts_implementation`` does not describe
 #: (no ``is_transposed`` attribute), by class name, read from their forward: Llama-4 multiplies
@@ -190,6 +190,14 @@ class LowRankExperts(nn.Module):
         return (f"method={self.method}, experts={self.num_experts}, in_features={self.in_features}, "
                 f"out_features={self.out_features}, layout={self.layout}, rank={self.rank}, g={self.g_kind}, "
                 f"alpha={self.alpha:g}{state}")
+
+
+def adapters(model: nn.Module) -> list[tuple[str, nn.Module, str, LowRankExperts]]:
+    """``(owner name, owner module, parameter name, layer)`` of every :class:`LowRankExperts` attached in
+    ``model``."""
+    return [(name, module, attribute, plist[0]) for name, module in model.named_modules()
+            if parametrize.is_parametrized(module)
+            for attribute, plist in module.parametrizations.items() if isinstance(plist[0], LowRankExperts)]
 
 
 def _enter_cache(module: nn.Module, args: tuple) -> None:
