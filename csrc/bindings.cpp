@@ -53,10 +53,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("svd_delta_linear_backward", &subspace_ops::svd_delta_linear_backward, py::arg("grad_y"), py::arg("x2d"),
         py::arg("weight"), py::arg("u"), py::arg("v"), py::arg("d"), py::arg("need_x"), py::arg("need_d"));
   m.def("head_mixing_attention_forward", &subspace_ops::head_mixing_attention_forward, py::arg("q"), py::arg("k"),
-        py::arg("v"), py::arg("mix"), py::arg("mask"), py::arg("is_causal"), py::arg("scale"));
+        py::arg("v"), py::arg("mix"), py::arg("mask"), py::arg("is_causal"), py::arg("scale"),
+        py::arg("dropout_p") = 0.0, py::arg("seed") = py::none());
   m.def("head_mixing_attention_backward", &subspace_ops::head_mixing_attention_backward, py::arg("grad_out"),
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("mix"), py::arg("mask"), py::arg("lse"),
-        py::arg("is_causal"), py::arg("scale"));
+        py::arg("is_causal"), py::arg("scale"), py::arg("dropout_p") = 0.0, py::arg("seed") = py::none());
   m.def("lowrank_linear_forward", &subspace_ops::lowrank_linear_forward, py::arg("x2d"), py::arg("x_dropped2d"),
         py::arg("weight"), py::arg("a"), py::arg("g"), py::arg("b"), py::arg("bias"), py::arg("scaling"));
   m.def("lowrank_linear_backward", &subspace_ops::lowrank_linear_backward, py::arg("grad_y"), py::arg("x2d"),

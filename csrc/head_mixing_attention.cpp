@@ -27,6 +27,12 @@
 //  - else (many threads, small batch): two phases: the query blocks compute D, dmix and dQ, then
 //    the key blocks, each owned by one thread, recompute P and E to get dK/dV (two more GEMMs).
 // dmix partials are summed in chunk order too, so results are deterministic for a thread count.
+//
+// Dropout (dropout_p > 0, the backbone's attention dropout on the map that multiplies V): the mixed
+// tile M is multiplied by keep / (1 − p) before O += M V, and in the backward T (= ∂O/∂M) and M
+// get the same factor (then E, dmix and dV follow from them unchanged). keep is regenerated from the
+// seed by a counter-based hash (reference.attention_dropout_keep; tiles::apply_dropout) wherever it
+// is needed, so nothing of the mask is stored.
 #include "head_mixing_attention.h"
 
 #include <ATen/Dispatch.h>
@@ -72,6 +78,8 @@ struct Problem {
   bool causal = false;
   double scale = 1.0;
   int64_t batch = 0, heads = 0, n_q = 0, n_k = 0, dim = 0;
+  double dropout_p = 0.0;
+  uint32_t drop_threshold = 0, seed_lo = 0, seed_hi = 0;  // see reference.attention_dropout_keep
 
   // Keys that query rows [.., i1) can see: SDPA's top-left causal triangle keeps j <= i.
   int64_t key_end(int64_t i1) const { return causal ? std::min(n_k, i1) : n_k; }
@@ -83,7 +91,8 @@ struct Problem {
 at::ScalarType acc_type(const at::Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
 Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mix,
-                     const std::optional<at::Tensor>& mask, bool is_causal, double scale) {
+                     const std::optional<at::Tensor>& mask, bool is_causal, double scale, double dropout_p,
+                     const std::optional<at::Tensor>& seed) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k, v must be [B, H, N, D]");
   TORCH_CHECK(k.sizes() == v.sizes(), "k and v must have the same shape, got ", k.sizes(), " and ", v.sizes());
   TORCH_CHECK(q.size(0) == k.size(0) && q.size(1) == k.size(1) && q.size(3) == k.size(3),
@@ -111,8 +120,34 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   p.n_q = q.size(2);
   p.n_k = k.size(2);
   p.dim = q.size(3);
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ", dropout_p);
+  if (dropout_p > 0.0) {
+    TORCH_CHECK(seed.has_value() && seed->defined() && seed->numel() == 1 && seed->scalar_type() == at::kLong,
+                "dropout_p > 0 needs seed, a one-element int64 tensor");
+    const uint64_t value = static_cast<uint64_t>(seed->item<int64_t>());
+    p.dropout_p = dropout_p;
+    p.seed_lo = static_cast<uint32_t>(value);
+    p.seed_hi = static_cast<uint32_t>(value >> 32);
+    // ⌊p · 2³²⌋ as reference.dropout_threshold (p < 1, so below 2³²).
+    p.drop_threshold = static_cast<uint32_t>(std::min(4294967295.0, std::floor(dropout_p * 4294967296.0)));
+  }
   return p;
 }
+
+// The dropout keys of query rows [i0, i0 + rows) of every head of batch b, [H, rows], into keys (or
+// nullptr without dropout): reference.attention_dropout_keep's key = mix32(row ⊕ seed_lo) ⊕ seed_hi.
+const uint32_t* dropout_keys(const Problem& p, int64_t b, int64_t i0, int64_t rows, std::vector<uint32_t>& keys) {
+  if (p.dropout_p <= 0.0) return nullptr;
+  keys.resize(p.heads * rows);
+  for (int64_t h = 0; h < p.heads; ++h) {
+    for (int64_t i = 0; i < rows; ++i) {
+      const auto row = static_cast<uint32_t>((b * p.heads + h) * p.n_q + i0 + i);  // mod 2³²
+      keys[h * rows + i] = tiles::dropout_hash(row ^ p.seed_lo) ^ p.seed_hi;
+    }
+  }
+  return keys.data();
+}
+
 
 // A flat per-thread buffer handing out contiguous [H, keys, rows] views.
 struct Tile {
@@ -128,6 +163,14 @@ Tile make_tile(const Problem& p, int64_t elements) { return {at::empty({elements
 at::Tensor flat2d(const at::Tensor& t) { return t.view({t.size(0), t.size(1) * t.size(2)}); }
 
 tiles::Shape shape_of(const at::Tensor& tile) { return {tile.size(0), tile.size(1), tile.size(2), tile.stride(0)}; }
+
+// tile [H, keys, rows] (keys from j0) ← tile ⊙ keep / (1 − p) when keys is not null.
+template <typename T>
+void drop(const Problem& p, const uint32_t* keys, int64_t j0, at::Tensor& tile) {
+  if (keys == nullptr) return;
+  tiles::apply_dropout(tile.data_ptr<T>(), shape_of(tile), keys, j0, p.drop_threshold,
+                       static_cast<T>(1.0 / (1.0 - p.dropout_p)));
+}
 
 // Whether the GEMMs run on head_mixing_gemm's AVX-512 loops (float32 with a head size they take)
 // rather than on ATen's (MKL) batched GEMMs.
@@ -263,16 +306,18 @@ void parallel_chunks(int64_t chunks, const Body& body) {
 }
 
 // o [H, rows, D] += Mᵀ V for keys [j0, j0 + p_tile.size(1)), with M_h = Σ_g coef[h, g] P_g
-// (tiles::mix_heads), mixed kMixChunk keys at a time into `mixed`.
+// (tiles::mix_heads) times the dropout factor (drop_keys: dropout_keys), mixed kMixChunk keys at a
+// time into `mixed`.
 template <typename T>
 void mix_and_accumulate(const Problem& p, int64_t b, int64_t j0, const at::Tensor& p_tile, const T* coef,
-                        Tile& mixed, at::Tensor& o) {
+                        const uint32_t* drop_keys, Tile& mixed, at::Tensor& o) {
   const int64_t keys = p_tile.size(1), rows = p_tile.size(2);
   for (int64_t c0 = 0; c0 < keys; c0 += kMixChunk) {
     const int64_t c1 = std::min(keys, c0 + kMixChunk);
     const at::Tensor chunk = p_tile.slice(1, c0, c1);
     at::Tensor m = mixed.view(p.heads, c1 - c0, rows);
     tiles::mix_heads(coef, chunk.data_ptr<T>(), shape_of(chunk), m.data_ptr<T>(), m.stride(0));
+    drop<T>(p, drop_keys, j0 + c0, m);
     bool own_gemm = false;
     if constexpr (std::is_same_v<T, float>) {  // O_h += M_hᵀ V_h (M_h is key-major)
       own_gemm = uses_own_gemm(p);
@@ -335,8 +380,8 @@ void finish_lse(const T* running_max, const T* sums, int64_t n_stats, T* row_lse
 // exp(S − m_c), m_c the running max when it was done, and the mix folds exp(m_c − m) / Σ into its
 // coefficients. Then o = Σ_chunks (mix @ P) V. Row log-sum-exp → row_lse.
 template <typename T>
-void forward_one_pass(const Problem& p, int64_t b, int64_t i0, int64_t i1, ForwardScratch<T>& fs, at::Tensor& o,
-                      T* row_lse) {
+void forward_one_pass(const Problem& p, int64_t b, int64_t i0, int64_t i1, const uint32_t* drop_keys,
+                      ForwardScratch<T>& fs, at::Tensor& o, T* row_lse) {
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
   const int64_t rows = i1 - i0, keys = p.key_end(i1), n_stats = p.heads * rows;
   T *running_max = fs.stats.a.data(), *sums = fs.stats.b.data(), *shift = fs.stats.c.data();
@@ -359,7 +404,7 @@ void forward_one_pass(const Problem& p, int64_t b, int64_t i0, int64_t i1, Forwa
       shift[r] = sums[r] > 0 && chunk_shift[r] != kNegInf ? std::exp(chunk_shift[r] - running_max[r]) / sums[r] : T(0);
     }
     const T* coef = mixing_coefficients(p.mix, rows, fs.stats.mix_coef, shift);
-    mix_and_accumulate<T>(p, b, c0, chunk_tile(c0, c1), coef, fs.mixed, o);
+    mix_and_accumulate<T>(p, b, c0, chunk_tile(c0, c1), coef, drop_keys, fs.mixed, o);
   }
 }
 
@@ -368,7 +413,7 @@ void forward_one_pass(const Problem& p, int64_t b, int64_t i0, int64_t i1, Forwa
 // a fully masked row, P = 0).
 template <typename T>
 void forward_two_passes(const Problem& p, const Blocking& blk, int64_t b, int64_t i0, int64_t i1,
-                        ForwardScratch<T>& fs, at::Tensor& o, T* row_lse) {
+                        const uint32_t* drop_keys, ForwardScratch<T>& fs, at::Tensor& o, T* row_lse) {
   const int64_t rows = i1 - i0, keys = p.key_end(i1), n_stats = p.heads * rows;
   T *running_max = fs.stats.a.data(), *sums = fs.stats.b.data(), *shift = fs.stats.c.data();
   std::fill(running_max, running_max + n_stats, -std::numeric_limits<T>::infinity());
@@ -385,7 +430,7 @@ void forward_two_passes(const Problem& p, const Blocking& blk, int64_t b, int64_
     at::Tensor s = fs.probs.view(p.heads, j1 - j0, rows);
     scores(p, b, i0, i1, j0, j1, s, fs.query_pack, static_cast<T*>(nullptr));
     tiles::exp_shifted(s.data_ptr<T>(), shape_of(s), row_lse, static_cast<T*>(nullptr));
-    mix_and_accumulate<T>(p, b, j0, s, coef, fs.mixed, o);
+    mix_and_accumulate<T>(p, b, j0, s, coef, drop_keys, fs.mixed, o);
   }
 }
 
@@ -398,15 +443,17 @@ void forward_items(const Problem& p, const Blocking& blk, at::Tensor& out, at::T
   parallel_chunks(chunks, [&](int64_t chunk) {
     ForwardScratch<T>& fs = scratch[chunk];
     std::vector<T> row_lse(p.heads * blk.query_rows);
+    std::vector<uint32_t> key_buffer;
     for (int64_t item = chunk; item < p.batch * q_blocks; item += chunks) {
       const int64_t b = item / q_blocks, i0 = (item % q_blocks) * blk.query_rows;
       const int64_t i1 = std::min(p.n_q, i0 + blk.query_rows), rows = i1 - i0;
       at::Tensor o = fs.acc.view(p.heads, rows, p.dim).zero_();
       pack_queries(p, b, i0, i1, fs.query_pack);
+      const uint32_t* drop_keys = dropout_keys(p, b, i0, rows, key_buffer);
       if (p.key_end(i1) <= blk.key_block) {
-        forward_one_pass(p, b, i0, i1, fs, o, row_lse.data());
+        forward_one_pass(p, b, i0, i1, drop_keys, fs, o, row_lse.data());
       } else {
-        forward_two_passes(p, blk, b, i0, i1, fs, o, row_lse.data());
+        forward_two_passes(p, blk, b, i0, i1, drop_keys, fs, o, row_lse.data());
       }
       out[b].slice(1, i0, i1).copy_(o);
       store_rows(row_lse.data(), lse, b, i0, rows);
@@ -458,25 +505,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_items(const 
     }
   }
 
-  // probs ← P, dots ← T = V dOᵀ, mixed ← E_g = Σ_h mix[h, g] T_h, as [H, keys, rows] tiles.
+  // probs ← P, dots ← T = V dOᵀ (⊙ the dropout factor), mixed ← E_g = Σ_h mix[h, g] T_h, as
+  // [H, keys, rows] tiles.
   const auto tile_products = [&](int64_t b, int64_t i0, int64_t i1, int64_t j0, int64_t j1, const T* row_lse,
-                                 const T* coef_e, const QueryPack& pack, at::Tensor& s, at::Tensor& t, at::Tensor& e) {
+                                 const T* coef_e, const uint32_t* drop_keys, const QueryPack& pack, at::Tensor& s,
+                                 at::Tensor& t, at::Tensor& e) {
     scores(p, b, i0, i1, j0, j1, s, pack, static_cast<T*>(nullptr));
     tiles::exp_shifted(s.data_ptr<T>(), shape_of(s), row_lse, static_cast<T*>(nullptr));
     at::bmm_out(t, p.v[b].slice(1, j0, j1), d_out[b].slice(1, i0, i1).transpose(1, 2));
+    drop<T>(p, drop_keys, j0, t);
     tiles::mix_heads(coef_e, t.data_ptr<T>(), shape_of(t), e.data_ptr<T>(), e.stride(0));
   };
-  // dK[keys] += scale · dSᵀ Q, and M = mix @ P into T's buffer (T is spent): dV[keys] += Mᵀ dO.
-  const auto key_grads = [&](int64_t b, int64_t i0, int64_t i1, const T* coef_m, const at::Tensor& s,
-                             at::Tensor& t, const at::Tensor& ds, at::Tensor dk_rows, at::Tensor dv_rows) {
+  // dK[keys] += scale · dSᵀ Q, and M = mix @ P (⊙ the dropout factor) into T's buffer (T is spent):
+  // dV[keys] += Mᵀ dO.
+  const auto key_grads = [&](int64_t b, int64_t i0, int64_t i1, int64_t j0, const T* coef_m,
+                             const uint32_t* drop_keys, const at::Tensor& s, at::Tensor& t, const at::Tensor& ds,
+                             at::Tensor dk_rows, at::Tensor dv_rows) {
     dk_rows.baddbmm_(ds, p.q[b].slice(1, i0, i1), /*beta=*/1, /*alpha=*/p.scale);
     tiles::mix_heads(coef_m, s.data_ptr<T>(), shape_of(s), t.data_ptr<T>(), t.stride(0));
+    drop<T>(p, drop_keys, j0, t);
     dv_rows.baddbmm_(t, d_out[b].slice(1, i0, i1));
   };
 
   // Per query block: D, dmix, dQ, and (unless two phases) dK/dV.
   const auto query_block = [&](int64_t chunk, int64_t b, int64_t i0, BackwardTiles& tl, RowScratch<T>& stats,
-                               at::Tensor& dmix, at::Tensor& dq_acc) {
+                               std::vector<uint32_t>& key_buffer, at::Tensor& dmix, at::Tensor& dq_acc) {
     const int64_t i1 = std::min(p.n_q, i0 + blk.query_rows), rows = i1 - i0, keys = p.key_end(i1);
     T *row_lse = stats.a.data(), *d = stats.b.data();
     load_rows(lse, b, i0, rows, row_lse);
@@ -484,6 +537,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_items(const 
     std::fill(d, d + p.heads * rows, T(0));
     const T* coef_e = mixing_coefficients(mix_t, rows, stats.mix_t_coef);
     const T* coef_m = mixing_coefficients(p.mix, rows, stats.mix_coef);
+    const uint32_t* drop_keys = dropout_keys(p, b, i0, rows, key_buffer);
     at::Tensor dq_rows = dq_acc.narrow(0, 0, p.heads * rows * p.dim).view({p.heads, rows, p.dim}).zero_();
     at::Tensor dk_b = plan == KeyGradients::kThreadCopies && chunk > 0 ? dk_parts[chunk][b] : dk[b];
     at::Tensor dv_b = plan == KeyGradients::kThreadCopies && chunk > 0 ? dv_parts[chunk][b] : dv[b];
@@ -493,7 +547,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_items(const 
         const int64_t j1 = std::min(keys, j0 + blk.key_block), cols = j1 - j0;
         at::Tensor s = tl.probs.view(p.heads, cols, rows), t = tl.dots.view(p.heads, cols, rows);
         at::Tensor e = tl.mixed.view(p.heads, cols, rows);
-        tile_products(b, i0, i1, j0, j1, row_lse, coef_e, tl.query_pack, s, t, e);
+        tile_products(b, i0, i1, j0, j1, row_lse, coef_e, drop_keys, tl.query_pack, s, t, e);
         if (pass == 0) {  // dmix[h, g] += Σ T_h ⊙ P_g ; D_g += rowsum(P_g ⊙ E_g)
           dmix.addmm_(flat2d(t), flat2d(s).t());
           tiles::add_row_dots(e.data_ptr<T>(), s.data_ptr<T>(), shape_of(e), d);
@@ -502,7 +556,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_items(const 
           tiles::softmax_grad(e.data_ptr<T>(), s.data_ptr<T>(), shape_of(e), d);
           dq_rows.baddbmm_(e.transpose(1, 2), p.k[b].slice(1, j0, j1), /*beta=*/1, /*alpha=*/p.scale);
           if (plan != KeyGradients::kTwoPhases)
-            key_grads(b, i0, i1, coef_m, s, t, e, dk_b.slice(1, j0, j1), dv_b.slice(1, j0, j1));
+            key_grads(b, i0, i1, j0, coef_m, drop_keys, s, t, e, dk_b.slice(1, j0, j1), dv_b.slice(1, j0, j1));
         }
       }
     }
@@ -512,9 +566,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_items(const 
 
   parallel_chunks(chunks, [&](int64_t chunk) {
     RowScratch<T> stats(p.heads, blk.query_rows);
+    std::vector<uint32_t> key_buffer;
     for (int64_t item = chunk; item < items; item += chunks) {
       const auto run = [&](int64_t b, int64_t i0) {
-        query_block(chunk, b, i0, tiles_of[chunk], stats, dmix_parts[chunk], dq_rows_of[chunk]);
+        query_block(chunk, b, i0, tiles_of[chunk], stats, key_buffer, dmix_parts[chunk], dq_rows_of[chunk]);
       };
       if (by_batch) {
         for (int64_t qb = 0; qb < q_blocks; ++qb) run(item, qb * blk.query_rows);
@@ -533,6 +588,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_items(const 
     parallel_chunks(key_chunks, [&](int64_t chunk) {
       BackwardTiles& tl = tiles_of[chunk];
       RowScratch<T> stats(p.heads, query_chunk);
+      std::vector<uint32_t> key_buffer;
       for (int64_t item = chunk; item < p.batch * k_blocks; item += key_chunks) {
         const int64_t b = item / k_blocks, j0 = (item % k_blocks) * kKeyBlock;
         const int64_t j1 = std::min(p.n_k, j0 + kKeyBlock), cols = j1 - j0;
@@ -546,9 +602,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_items(const 
           const T* coef_m = mixing_coefficients(p.mix, rows, stats.mix_coef);
           at::Tensor s = tl.probs.view(p.heads, cols, rows), t = tl.dots.view(p.heads, cols, rows);
           at::Tensor e = tl.mixed.view(p.heads, cols, rows);
-          tile_products(b, i0, i1, j0, j1, row_lse, coef_e, tl.query_pack, s, t, e);
+          const uint32_t* drop_keys = dropout_keys(p, b, i0, rows, key_buffer);
+          tile_products(b, i0, i1, j0, j1, row_lse, coef_e, drop_keys, tl.query_pack, s, t, e);
           tiles::softmax_grad(e.data_ptr<T>(), s.data_ptr<T>(), shape_of(e), d);
-          key_grads(b, i0, i1, coef_m, s, t, e, dk[b].slice(1, j0, j1), dv[b].slice(1, j0, j1));
+          key_grads(b, i0, i1, j0, coef_m, drop_keys, s, t, e, dk[b].slice(1, j0, j1), dv[b].slice(1, j0, j1));
         }
       }
     });
@@ -564,8 +621,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_items(const 
 std::tuple<at::Tensor, at::Tensor> head_mixing_attention_forward(const at::Tensor& q, const at::Tensor& k,
                                                                  const at::Tensor& v, const at::Tensor& mix,
                                                                  const std::optional<at::Tensor>& mask,
-                                                                 bool is_causal, double scale) {
-  const Problem p = make_problem(q, k, v, mix, mask, is_causal, scale);
+                                                                 bool is_causal, double scale, double dropout_p,
+                                                                 const std::optional<at::Tensor>& seed) {
+  const Problem p = make_problem(q, k, v, mix, mask, is_causal, scale, dropout_p, seed);
   at::Tensor out = at::empty({p.batch, p.heads, p.n_q, p.dim}, p.q.options());
   at::Tensor lse = at::empty({p.batch, p.heads, p.n_q}, p.q.options());
   AT_DISPATCH_FLOATING_TYPES(p.q.scalar_type(), "head_mixing_attention_forward",
@@ -575,8 +633,9 @@ std::tuple<at::Tensor, at::Tensor> head_mixing_attention_forward(const at::Tenso
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> head_mixing_attention_backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mix,
-    const std::optional<at::Tensor>& mask, const at::Tensor& lse, bool is_causal, double scale) {
-  const Problem p = make_problem(q, k, v, mix, mask, is_causal, scale);
+    const std::optional<at::Tensor>& mask, const at::Tensor& lse, bool is_causal, double scale, double dropout_p,
+    const std::optional<at::Tensor>& seed) {
+  const Problem p = make_problem(q, k, v, mix, mask, is_causal, scale, dropout_p, seed);
   TORCH_CHECK(grad_out.sizes() == q.sizes(), "grad_out must have q's shape ", q.sizes(), ", got ", grad_out.sizes());
   TORCH_CHECK(lse.dim() == 3 && lse.size(0) == p.batch && lse.size(1) == p.heads && lse.size(2) == p.n_q,
               "lse must be [B, H, Nq], got ", lse.sizes());

@@ -14,15 +14,19 @@ namespace subspace_ops {
 // [B, H, Nq, Nk] (zero strides allowed; -inf = masked). is_causal: query i sees keys j <= i.
 // -> (out [B, H, Nq, D] in q's dtype, lse [B, H, Nq]: the row log-sum-exp of the masked, scaled
 // scores, +inf for a fully masked row so that its probabilities are exp(s - lse) = 0).
-// lse is float64 for float64 inputs, float32 otherwise.
+// lse is float64 for float64 inputs, float32 otherwise. dropout_p > 0: dropout on the mixed maps with
+// the mask reference.attention_dropout_keep draws from seed (a one-element int64 tensor); the
+// backward takes the same dropout_p and seed.
 std::tuple<at::Tensor, at::Tensor> head_mixing_attention_forward(const at::Tensor& q, const at::Tensor& k,
                                                                  const at::Tensor& v, const at::Tensor& mix,
                                                                  const std::optional<at::Tensor>& mask,
-                                                                 bool is_causal, double scale);
+                                                                 bool is_causal, double scale, double dropout_p = 0.0,
+                                                                 const std::optional<at::Tensor>& seed = std::nullopt);
 
 // -> (dq, dk, dv in the inputs' dtype, dmix [H, H] in lse's dtype).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> head_mixing_attention_backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mix,
-    const std::optional<at::Tensor>& mask, const at::Tensor& lse, bool is_causal, double scale);
+    const std::optional<at::Tensor>& mask, const at::Tensor& lse, bool is_causal, double scale, double dropout_p = 0.0,
+    const std::optional<at::Tensor>& seed = std::nullopt);
 
 }  // namespace subspace_ops

@@ -272,7 +272,31 @@ SUBSPACE_OPS_INLINE void softmax_grad_impl(T* e, const T* p, Shape shape, const 
   }
 }
 
+template <typename T>
+SUBSPACE_OPS_INLINE void apply_dropout_impl(T* t, Shape shape, const uint32_t* row_keys, int64_t j0,
+                                            uint32_t threshold, T keep_scale) {
+  for (int64_t h = 0; h < shape.heads; ++h) {
+    const uint32_t* keys = row_keys + h * shape.rows;
+    for (int64_t c = 0; c < shape.keys; ++c) {
+      const uint32_t col = static_cast<uint32_t>(j0 + c);
+      T* row = t + h * shape.head_stride + c * shape.rows;
+      for (int64_t i = 0; i < shape.rows; ++i) {
+        row[i] = dropout_hash(col ^ keys[i]) >= threshold ? row[i] * keep_scale : T(0);
+      }
+    }
+  }
+}
+
 }  // namespace
+
+SUBSPACE_OPS_ISA_CLONES void apply_dropout(float* t, Shape shape, const uint32_t* row_keys, int64_t j0,
+                                           uint32_t threshold, float keep_scale) {
+  apply_dropout_impl(t, shape, row_keys, j0, threshold, keep_scale);
+}
+void apply_dropout(double* t, Shape shape, const uint32_t* row_keys, int64_t j0, uint32_t threshold,
+                   double keep_scale) {
+  apply_dropout_impl(t, shape, row_keys, j0, threshold, keep_scale);
+}
 
 SUBSPACE_OPS_ISA_CLONES void row_max(const float* s, Shape shape, float* out) { row_max_impl(s, shape, out); }
 void row_max(const double* s, Shape shape, double* out) { row_max_impl(s, shape, out); }

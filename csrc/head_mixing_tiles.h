@@ -38,6 +38,22 @@ void mix_heads(const double* coef, const double* src, Shape shape, double* dst, 
 void add_row_dots(const float* a, const float* b, Shape shape, float* out);
 void add_row_dots(const double* a, const double* b, Shape shape, double* out);
 
+// The 32-bit hash of the attention dropout mask (reference._mix32; a bijection): unsigned arithmetic
+// wraps mod 2³² as the reference's does.
+inline uint32_t dropout_hash(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7FEB352DU;
+  x ^= x >> 15;
+  x *= 0x846CA68BU;
+  return x ^ (x >> 16);
+}
+
+// t[h, c, i] ← t[h, c, i] · keep_scale where dropout_hash((j0 + c) ⊕ row_keys[h, i]) ≥ threshold, else 0:
+// reference.attention_dropout_keep for keys j0 + c, with row_keys [heads, rows] that row's key.
+void apply_dropout(float* t, Shape shape, const uint32_t* row_keys, int64_t j0, uint32_t threshold, float keep_scale);
+void apply_dropout(double* t, Shape shape, const uint32_t* row_keys, int64_t j0, uint32_t threshold,
+                   double keep_scale);
+
 // e[h, c, i] ← p[h, c, i] · (e[h, c, i] − d[h, i]): the softmax backward dS = P ⊙ (E − D).
 void softmax_grad(float* e, const float* p, Shape shape, const float* d);
 void softmax_grad(double* e, const double* p, Shape shape, const double* d);

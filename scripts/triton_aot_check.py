@@ -185,22 +185,25 @@ def _cases(precisions: list, quick: bool) -> list[tuple[str, Callable[[], None],
                                            True, dropout, True, True, True, g is not None)
             cases.append((f"lowrank_linear {name} g={g_kind} dropout={dropout}", lowrank, True))
 
-        # Head-mixing attention: the presets (ViT-B H12 d64, LLM H32 d128), a small LLM (H8 d128),
-        # causal, a padding mask, cross attention, d = 256, and ViT-H's 16 heads of 80.
-        shapes = [(2, 12, 197, 197, 64, False, False), (1, 32, 256, 256, 128, True, False),
-                  (1, 8, 256, 256, 128, True, False), (2, 4, 100, 77, 64, False, True),
-                  (2, 12, 64, 64, 64, False, True),
-                  (1, 4, 128, 128, 256, False, False), (1, 16, 128, 128, 80, False, False)]
-        for batch, heads, n_q, n_k, dim, causal, masked in shapes[:3] if quick else shapes:
+        # Head-mixing attention: the presets (ViT-B H12 d64, LLM H32 d128), ViT-B with attention
+        # dropout (the hash mask's uint32 arithmetic), a small LLM (H8 d128), causal, a padding mask,
+        # cross attention, d = 256, and ViT-H's 16 heads of 80.
+        shapes = [(2, 12, 197, 197, 64, False, False, 0.0), (2, 12, 197, 197, 64, False, False, 0.1),
+                  (1, 32, 256, 256, 128, True, False, 0.0), (1, 8, 256, 256, 128, True, False, 0.0),
+                  (2, 4, 100, 77, 64, False, True, 0.0), (2, 12, 64, 64, 64, False, True, 0.0),
+                  (1, 4, 128, 128, 256, False, False, 0.0), (1, 16, 128, 128, 80, False, False, 0.0)]
+        for batch, heads, n_q, n_k, dim, causal, masked, dropout_p in shapes[:4] if quick else shapes:
             def attention(batch=batch, heads=heads, n_q=n_q, n_k=n_k, dim=dim, causal=causal, masked=masked,
-                          randn=randn):
+                          dropout_p=dropout_p, randn=randn):
                 q, k, v = randn(batch, heads, n_q, dim), randn(batch, heads, n_k, dim), randn(batch, heads, n_k, dim)
                 mix = randn(heads, heads)
                 mask = randn(batch, 1, 1, n_k).expand(batch, heads, n_q, n_k) if masked else None
-                out, lse = hm.head_mixing_attention_forward(q, k, v, mix, mask, causal, dim ** -0.5)
-                hm.head_mixing_attention_backward(randn(*out.shape), q, k, v, mix, mask, lse, causal, dim ** -0.5)
+                seed = torch.tensor([2**40 + 7], dtype=torch.int64) if dropout_p else None
+                options = (dim ** -0.5, dropout_p, seed)
+                out, lse = hm.head_mixing_attention_forward(q, k, v, mix, mask, causal, *options)
+                hm.head_mixing_attention_backward(randn(*out.shape), q, k, v, mix, mask, lse, causal, *options)
             label = f"B{batch} H{heads} Nq{n_q} Nk{n_k} d{dim}" + (" causal" if causal else "") + (
-                " mask" if masked else "")
+                " mask" if masked else "") + (f" dropout {dropout_p}" if dropout_p else "")
             # The chunked strategy (too many heads · dims for the fused kernels) launches no kernel.
             plan = hm.strategy(heads, dim, dtype, masked)
             cases.append((f"head_mixing_attention {name} {label} ({plan})", attention, plan == "fused"))

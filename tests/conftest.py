@@ -126,3 +126,29 @@ def papers_sdpa(alphas):
         out = torch.einsum("hg,bgqk,bhkd->bhqd", mix.to(query), scores.softmax(-1), value)
         return out.transpose(1, 2).contiguous().transpose(1, 2) if query.transpose(1, 2).is_contiguous() else out
     return attention
+
+
+def recorded_dropout(monkeypatch) -> list:
+    """The dropout_p of every head_mixing_attention call the Coeff layers make, in order."""
+    import subspace_ops.nn.attention as attention
+
+    calls, op = [], attention.head_mixing_attention
+
+    def recording(*args, dropout_p=0.0, **kwargs):
+        calls.append(dropout_p)
+        return op(*args, dropout_p=dropout_p, **kwargs)
+
+    monkeypatch.setattr(attention, "head_mixing_attention", recording)
+    return calls
+
+
+def train_step_outputs(model, backend, seed, *args, **kwargs):
+    """model(*args) in training mode with every head mix on ``backend``, after torch.manual_seed(seed)."""
+    from subspace_ops.nn import HeadMix
+
+    for m in model.modules():
+        if isinstance(m, HeadMix):
+            m.backend = backend
+    model.train()
+    torch.manual_seed(seed)
+    return model(*args, **kwargs)

@@ -480,3 +480,22 @@ def test_pytest_benchmark_suite_runs_every_variant_once(tmp_path):
     passed = int(summary.split(" passed")[0].split()[-1])
     assert passed >= 20, summary  # ours, naive, naive+compile, frozen, full FT (+ PEFT) x 2 modes, per case
     assert "failed" not in summary and "error" not in summary
+
+
+def test_head_mixing_dropout_case_drops_in_every_variant():
+    """head-mixing-attention-dropout: ours, the naive form and SDPA all train with dropout 0.1 (two
+    forwards differ), FlexAttention (no dropout) is left out, and it is not in a bare run."""
+    from subspace_ops.bench.harness import run_case
+
+    case, cpu = CASES["head-mixing-attention-dropout"], torch.device("cpu")
+    assert not case.in_default_run
+    variants = {v.name: v for v in case.make_variants("cpu")}
+    assert "flex" not in variants and {"subspace_ops", "naive", "naive+compile", "sdpa"} <= set(variants)
+    chosen = [variants[name] for name in ("subspace_ops", "naive", "sdpa")]
+    for variant in chosen:
+        workload = variant.setup((1, 2, 16, 8), torch.float32, cpu)
+        first, second = workload.forward(), workload.forward()
+        assert first.shape == (1, 2, 16, 8) and not torch.equal(first, second), variant.name
+    rows = run_case(case, (1, 2, 16, 8), dtype=torch.float32, device=cpu, modes=("fwd+bwd",), repeats=1, warmup=1,
+                    variants=chosen, measure_memory=False)
+    assert [r.status for r in rows] == ["ok"] * 3, [r.note for r in rows]

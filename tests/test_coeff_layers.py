@@ -15,7 +15,7 @@ import subspace_ops.transformers
 from subspace_ops import apply_coeff, apply_rlrr, head_mixing_attention, reference
 from subspace_ops.nn import HeadMix, TimmCoeffAttention
 
-from conftest import ON_INTERPRETER, backend_device, papers_sdpa
+from conftest import ON_INTERPRETER, backend_device, papers_sdpa, recorded_dropout, train_step_outputs
 
 timm = pytest.importorskip("timm")
 
@@ -118,9 +118,24 @@ def test_timm_attention_variants_unchanged_at_zero_alpha(options):
     torch.testing.assert_close(layer(x), block(x), rtol=1e-5, atol=1e-5)
 
 
-def test_timm_attention_with_attention_dropout_is_refused():
-    with pytest.raises(ValueError, match="attn_drop"):
-        TimmCoeffAttention(tiny_vit(attn_drop_rate=0.1).blocks[0].attn)
+def test_timm_attention_keeps_the_blocks_attention_dropout(monkeypatch):
+    """A block built with attn_drop_rate keeps its attention dropout: in training the op gets the
+    block's p (and the fused backend drops what the reference drops for the same seed); in
+    evaluation p = 0, and at α = 0 the layer is the block."""
+    block = tiny_vit(attn_drop_rate=0.25).blocks[0].attn
+    layer = TimmCoeffAttention(block, backend="cpu")
+    with torch.no_grad():
+        layer.head_mix.alpha.normal_(0, 0.3)
+    x = torch.randn(2, 17, 48)
+    calls = recorded_dropout(monkeypatch)
+    out = train_step_outputs(layer, "cpu", 1, x)
+    assert calls == [0.25]
+    torch.testing.assert_close(out, train_step_outputs(layer, "reference", 1, x), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(train_step_outputs(layer, "cpu", 2, x), out)  # another seed, another mask
+    zero = TimmCoeffAttention(block, backend="cpu").eval()
+    calls.clear()
+    torch.testing.assert_close(zero(x), block.eval()(x), rtol=1e-5, atol=1e-5)
+    assert calls == [0.0]
 
 
 @pytest.mark.integration
@@ -302,17 +317,35 @@ def test_transformers_model_pickled_whole_runs_in_a_fresh_process(tmp_path):
 
 
 @pytest.mark.integration
-def test_transformers_attention_dropout_is_refused():
-    config = transformers.RobertaConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                                        intermediate_size=64, attention_probs_dropout_prob=0.1)
-    model = transformers.RobertaModel(config)
-    with pytest.raises(ValueError, match="attention dropout"):
-        apply_coeff(model)
-    assert not any(isinstance(m, HeadMix) for m in model.modules())  # nothing changed
-    assert all(p.requires_grad for p in model.parameters())
-    gpt2 = transformers.GPT2Model(transformers.GPT2Config(vocab_size=50, n_embd=32, n_layer=1, n_head=4))
-    with pytest.raises(ValueError, match="attention dropout 0.1 .* attn_pdrop=0.0"):  # GPT-2's attn_dropout
-        apply_coeff(gpt2)
+@pytest.mark.parametrize("family", ["roberta", "gpt2"])
+def test_transformers_attention_dropout_is_applied_in_training(monkeypatch, family):
+    """RoBERTa (attention_probs_dropout_prob) and GPT-2 (attn_pdrop) keep their attention dropout of
+    0.1 under Coeff: the op gets p = 0.1 in training (fused = reference for the same seed) and 0 in
+    evaluation, where α = 0 is the stock model."""
+    if family == "roberta":
+        config = transformers.RobertaConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                            intermediate_size=64, attention_probs_dropout_prob=0.1,
+                                            hidden_dropout_prob=0.0, attn_implementation="sdpa")
+        model = transformers.RobertaModel(config).eval()
+    else:
+        config = transformers.GPT2Config(vocab_size=50, n_embd=32, n_layer=1, n_head=4, resid_pdrop=0.0,
+                                         embd_pdrop=0.0, attn_implementation="sdpa")
+        model = transformers.GPT2Model(config).eval()
+    ids = torch.randint(3, 50, (2, 9))
+    stock = model(input_ids=ids)[0]
+    apply_coeff(model, backend="cpu")
+    calls = recorded_dropout(monkeypatch)
+    torch.testing.assert_close(model.eval()(input_ids=ids)[0], stock, rtol=1e-5, atol=1e-5)
+    assert calls == [0.0]
+    for m in model.modules():
+        if isinstance(m, HeadMix):
+            with torch.no_grad():
+                m.alpha.normal_(0, 0.3)
+    calls.clear()
+    out = train_step_outputs(model, "cpu", 3, input_ids=ids)[0]
+    assert calls == [0.1]
+    torch.testing.assert_close(out, train_step_outputs(model, "reference", 3, input_ids=ids)[0],
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_transformers_attention_function_takes_a_mask_longer_than_the_keys():

@@ -68,10 +68,10 @@ def _assert_same_training_step(plain: nn.Module, checkpointed: nn.Module, loss: 
     assert adapter_grads and any(g.abs().sum() > 0 for g in adapter_grads)
 
 
-def _tiny_llama() -> nn.Module:
+def _tiny_llama(**options) -> nn.Module:
     config = transformers.LlamaConfig(
         vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=64, max_position_embeddings=64, attn_implementation="sdpa", use_cache=False,
+        intermediate_size=64, max_position_embeddings=64, attn_implementation="sdpa", use_cache=False, **options,
     )
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(config)
@@ -96,6 +96,14 @@ def test_transformers_llama_gradient_checkpointing(name, reentrant):
     _assert_llama_step_unchanged_by_checkpointing(_adapted(_tiny_llama(), name), reentrant)
 
 
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])
+def test_coeff_attention_dropout_under_checkpointing(reentrant):
+    """The backbone's attention dropout under Coeff (LLaMA's attention_dropout) draws its mask from a
+    seed taken from torch's RNG, which checkpointing replays: the recomputed forward drops what the
+    first one dropped."""
+    _assert_llama_step_unchanged_by_checkpointing(_adapted(_tiny_llama(attention_dropout=0.3), "coeff"), reentrant)
+
+
 @pytest.mark.parametrize("kind", ["lora", "ia3"])
 def test_peft_model_on_our_ops_gradient_checkpointing(kind):
     """HF PEFT's own LoRA (with dropout) and IA3 layers run on our ops by subspace_ops.peft.accelerate,
@@ -113,11 +121,13 @@ def test_peft_model_on_our_ops_gradient_checkpointing(kind):
     _assert_llama_step_unchanged_by_checkpointing(model, reentrant=True)
 
 
-@pytest.mark.parametrize("name", list(METHODS))
+@pytest.mark.parametrize("name", [*METHODS, "coeff+attn_drop"])
 def test_timm_vit_gradient_checkpointing(name):
     torch.manual_seed(0)
+    attn_drop = 0.3 if name == "coeff+attn_drop" else 0.0  # the block's own attention dropout, kept by Coeff
+    name = name.split("+")[0]
     vit = timm.models.vision_transformer.VisionTransformer(
-        img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=10)
+        img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=10, attn_drop_rate=attn_drop)
     plain = _adapted(vit, name)
     checkpointed = copy.deepcopy(plain)
     checkpointed.set_grad_checkpointing(True)

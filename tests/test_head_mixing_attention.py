@@ -67,13 +67,16 @@ def make_inputs(case, dtype, device, cases=CASES):
     return (*tensors, mix.to(device=device, dtype=torch.float32 if dtype != torch.float64 else dtype).requires_grad_())
 
 
-def run(case, inputs, backend, grad_out, cases=CASES):
+def run(case, inputs, backend, grad_out, cases=CASES, dropout_p=0.0):
+    """(out, grads of q, k, v, mix); with dropout, every run draws the same seed (the same mask)."""
     batch, heads, n_q, n_k, _, causal, kind = cases[case]
     q, k, v, mix = inputs
     mask = make_mask(kind, batch, heads, n_q, n_k, q.device)
     if mask is not None and mask.is_floating_point():
         mask = mask.to(q.dtype)
-    out = subspace_ops.head_mixing_attention(q, k, v, mix, attn_mask=mask, is_causal=causal, backend=backend)
+    torch.manual_seed(2024)
+    out = subspace_ops.head_mixing_attention(q, k, v, mix, attn_mask=mask, is_causal=causal, dropout_p=dropout_p,
+                                             backend=backend)
     return out, torch.autograd.grad(out, inputs, grad_out.to(out.dtype))
 
 
@@ -83,18 +86,18 @@ def _dtypes(backend):
     return [torch.float32, torch.bfloat16]
 
 
-def float64_truth(case, device, cases=CASES):
+def float64_truth(case, device, cases=CASES, dropout_p=0.0):
     """(grad_out, (out, grads) of the float64 reference) for a case."""
     inputs = make_inputs(case, torch.float64, device, cases)
     grad_out = torch.randn(inputs[0].shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     grad_out = grad_out.to(device)
-    return grad_out, run(case, inputs, "reference", grad_out, cases)
+    return grad_out, run(case, inputs, "reference", grad_out, cases, dropout_p)
 
 
-def check_dtype_against_truth(label, case, backend, dtype, device, grad_out, truth, cases=CASES):
+def check_dtype_against_truth(label, case, backend, dtype, device, grad_out, truth, cases=CASES, dropout_p=0.0):
     """``backend`` in ``dtype`` against the float64 truth, with the reference in ``dtype`` setting the bound."""
-    out_ref, grads_ref = run(case, make_inputs(case, dtype, device, cases), "reference", grad_out, cases)
-    out, grads = run(case, make_inputs(case, dtype, device, cases), backend, grad_out, cases)
+    out_ref, grads_ref = run(case, make_inputs(case, dtype, device, cases), "reference", grad_out, cases, dropout_p)
+    out, grads = run(case, make_inputs(case, dtype, device, cases), backend, grad_out, cases, dropout_p)
     out64, grads64 = truth
     check_close(f"{label}/{dtype}/out", out, out64, out_ref)
     for name, a, t, r in zip(("dq", "dk", "dv", "dmix"), grads, grads64, grads_ref):
@@ -158,7 +161,10 @@ def test_opcheck_and_compile(fused_backend):
     keep = make_mask("key-padding", 2, 3, 6, 9, device)
     mask = additive_mask(keep, torch.float32, torch.Size((2, 3, 6, 9)))
     torch.library.opcheck(torch.ops.subspace_ops.head_mixing_attention.default,
-                          (q, k, v, mix, mask, True, 0.25, fused_backend))
+                          (q, k, v, mix, mask, True, 0.25, 0.0, None, fused_backend))
+    seed = torch.tensor([12345], dtype=torch.int64, device=device)
+    torch.library.opcheck(torch.ops.subspace_ops.head_mixing_attention.default,
+                          (q, k, v, mix, mask, False, 0.25, 0.5, seed, fused_backend))
     if fused_backend == "triton" and ON_INTERPRETER:
         return  # compiling around the interpreter adds nothing but minutes
 
@@ -254,6 +260,9 @@ def test_cpu_memory_is_linear_in_sequence_length():
         (dict(q=torch.randint(0, 3, (2, 3, 6, 8))), TypeError, "q"),
         (dict(attn_mask=torch.ones(2, 3, 7, 9, dtype=torch.bool)), ValueError, "attn_mask must broadcast"),
         (dict(attn_mask=torch.ones(2, 1, 1, 9, dtype=torch.int64)), TypeError, "attn_mask must be boolean"),
+        (dict(dropout_p=1.0), ValueError, r"dropout_p must be a float in \[0, 1\), got 1.0"),
+        (dict(dropout_p=-0.1), ValueError, "dropout_p must be"),
+        (dict(dropout_p="0.1"), ValueError, "dropout_p must be"),
     ],
 )
 def test_bad_input(change, error, message):
@@ -316,3 +325,126 @@ def test_strategy_rule():
     assert strategy(8, 64, torch.bfloat16, has_mask=True) == "chunked"  # BERT's 12 heads too
     assert chunk_rows(torch.empty(2, 32, 4096, 128), 4096) == 128  # one score chunk ≈ q's size
     assert chunk_rows(torch.empty(1, 32, 8, 128), 4096) == 8  # never more rows than there are
+
+
+# ---- Dropout on the mixed maps (the backbone's attention dropout) ----
+
+DROPOUT_CASES = ["vit-like", "causal-cross", "key-padding", "twelve-heads", "eight-heads", "additive"]
+
+
+@pytest.mark.parametrize("case", DROPOUT_CASES)
+def test_dropout_matches_float64_reference(backend, case):
+    """Every backend draws reference.attention_dropout_keep's mask for the same seed: forward and
+    gradients equal the reference's, which applies the mask to the materialized mixed maps."""
+    device = backend_device(backend)
+    grad_out, truth = float64_truth(case, device, dropout_p=0.25)
+    if backend != "reference":
+        ours64 = run(case, make_inputs(case, torch.float64, device), backend, grad_out, dropout_p=0.25)
+        assert_float64_tight(case, ours64, truth)
+    for dtype in _dtypes(backend):
+        check_dtype_against_truth(case, case, backend, dtype, device, grad_out, truth, dropout_p=0.25)
+
+
+@pytest.mark.parametrize("causal, kind", [(False, None), (True, "key-padding")])
+def test_dropout_gradcheck_float64(backend, causal, kind):
+    device = backend_device(backend)
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(2, 2, n, 4, generator=g, dtype=torch.float64) for n in (4, 5, 5))
+    mix = torch.eye(2, dtype=torch.float64) + 0.5 * torch.randn(2, 2, generator=g, dtype=torch.float64)
+    inputs = [t.to(device).requires_grad_(True) for t in (q, k, v, mix)]
+    mask = make_mask(kind, 2, 2, 4, 5, device)
+
+    def fn(q, k, v, mix):
+        torch.manual_seed(5)  # the same mask at every evaluation
+        return subspace_ops.head_mixing_attention(q, k, v, mix, attn_mask=mask, is_causal=causal, dropout_p=0.5,
+                                                  backend=backend)
+
+    assert torch.autograd.gradcheck(fn, inputs, atol=1e-7, fast_mode=True)
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("case", ["key-chunks-causal", "long-key-row", "gemm-tails-additive"])
+def test_cpu_kernel_paths_with_dropout(case, threads):
+    """The C++ kernel's other paths (several key chunks, two-pass forward, the two-phase backward at
+    3 threads) regenerate the same mask as the reference."""
+    require_backend("cpu")
+    saved_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        grad_out, truth = float64_truth(case, "cpu", CPU_PATH_CASES, dropout_p=0.25)
+        ours64 = run(case, make_inputs(case, torch.float64, "cpu", CPU_PATH_CASES), "cpu", grad_out, CPU_PATH_CASES,
+                     dropout_p=0.25)
+        assert_float64_tight(case, ours64, truth)
+    finally:
+        torch.set_num_threads(saved_threads)
+
+
+@pytest.mark.parametrize("case", ["vit-like", "causal", "key-padding"])
+def test_chunked_strategy_with_dropout(chunked_triton, case):
+    grad_out, truth = float64_truth(case, "cpu", dropout_p=0.25)
+    assert_float64_tight(case, run(case, make_inputs(case, torch.float64, "cpu"), chunked_triton, grad_out,
+                                   dropout_p=0.25), truth)
+
+
+def test_dropout_mask_statistics():
+    """The hash mask keeps each entry with probability 1 − p, independently of the position: the
+    kept fraction overall, per key column and per (batch, head, row), within 5 binomial sigmas, and
+    different seeds or neighbouring rows give different masks."""
+    from subspace_ops.reference import attention_dropout_keep
+
+    p = 0.1
+    keep = attention_dropout_keep(987654321987, p, 2, 4, 64, 256).double()
+    n = keep.numel()
+    assert abs(keep.mean().item() - (1 - p)) < 5 * (p * (1 - p) / n) ** 0.5
+    per_column = keep.mean(dim=(0, 1, 2))  # 512 samples each
+    assert (per_column - (1 - p)).abs().max().item() < 5 * (p * (1 - p) / 512) ** 0.5
+    per_row = keep.mean(dim=-1)  # 256 samples each
+    assert (per_row - (1 - p)).abs().max().item() < 5 * (p * (1 - p) / 256) ** 0.5
+    flat = keep.flatten() - keep.mean()  # neighbours along the key axis are uncorrelated
+    assert abs((flat[:-1] * flat[1:]).mean().item()) / flat.var().item() < 0.02
+    other_seed = attention_dropout_keep(987654321988, p, 2, 4, 64, 256).double()
+    assert (keep != other_seed).double().mean().item() > 0.15  # 2p(1−p) = 0.18 for independent masks
+    assert (keep[:, :, 1:] != keep[:, :, :-1]).double().mean().item() > 0.15
+    rows = attention_dropout_keep(987654321987, p, 2, 4, 64, 256, rows=(10, 20)).double()
+    assert torch.equal(rows, keep[:, :, 10:20])
+
+
+def test_dropout_is_unbiased_and_off_at_zero():
+    """E[dropout(M)] = M: the mean output over many seeds approaches the output without dropout;
+    dropout_p = 0 draws nothing (the generator's state is untouched) and changes nothing."""
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 3, 6, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    mix = torch.eye(3, dtype=torch.float64) + 0.3 * torch.randn(3, 3, generator=g, dtype=torch.float64)
+    plain = subspace_ops.head_mixing_attention(q, k, v, mix, backend="reference")
+    torch.manual_seed(0)
+    outs = torch.stack([subspace_ops.head_mixing_attention(q, k, v, mix, dropout_p=0.3, backend="reference")
+                        for _ in range(2000)])
+    assert not torch.equal(outs[0], outs[1])
+    spread = outs.std(0) / 2000**0.5
+    assert ((outs.mean(0) - plain).abs() <= 5 * spread + 1e-12).all()
+    state = torch.get_rng_state()
+    again = subspace_ops.head_mixing_attention(q, k, v, mix, dropout_p=0.0, backend="reference")
+    assert torch.equal(torch.get_rng_state(), state) and torch.equal(again, plain)
+
+
+def test_dropout_compiles(fused_backend):
+    """dropout_p with torch.compile(fullgraph=True): the seed is drawn inside the graph. With
+    inductor's fallback_random the compiled step draws eager's seed, so both give the same result."""
+    if fused_backend == "triton" and ON_INTERPRETER:
+        pytest.skip("compiling around the interpreter adds nothing but minutes")
+    import torch._inductor.config as inductor_config
+
+    device = backend_device(fused_backend)
+    q, k, v, mix = make_inputs("vit-like", torch.float32, device)
+
+    def loss(q, k, v, mix):
+        return subspace_ops.head_mixing_attention(q, k, v, mix, dropout_p=0.3, backend=fused_backend).square().sum()
+
+    with inductor_config.patch(fallback_random=True):
+        compiled = torch.compile(loss, fullgraph=True)
+        torch.manual_seed(9)
+        actual = torch.autograd.grad(compiled(q, k, v, mix), [q, k, v, mix])
+    torch.manual_seed(9)
+    expected = torch.autograd.grad(loss(q, k, v, mix), [q, k, v, mix])
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e)

@@ -16,7 +16,7 @@ from subspace_ops.nn import SSF, sdpa_head_mixing
 from subspace_ops.nn.sdpa_head_mixing import is_head_mixing
 from subspace_ops.peft_model import get_peft_model
 
-from conftest import papers_sdpa
+from conftest import papers_sdpa, recorded_dropout, train_step_outputs
 
 timm = pytest.importorskip("timm")
 
@@ -343,6 +343,27 @@ def test_coeff_mixes_the_heads_of_timm_attention_that_calls_sdpa(name, monkeypat
         expected = _attention_outputs(reference, x, blocks)
     assert (expected - base).abs().max() > 1e-3 * base.abs().max()
     torch.testing.assert_close(ours.detach(), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.integration
+def test_coeff_keeps_the_attention_dropout_of_timm_attention_that_calls_sdpa(monkeypatch):
+    """BEiT built with attn_drop_rate passes dropout_p to SDPA in training: the head-mixed call gets it
+    (the fused backend drops what the reference drops for the same seed) and 0 in evaluation."""
+    model_name, kwargs = FAMILIES["beit"]
+    model = timm.create_model(model_name, pretrained=False, num_classes=5, attn_drop_rate=0.25, **kwargs)
+    methods.apply(model, "coeff", backend="cpu")
+    with torch.no_grad():
+        for m in model.modules():
+            if is_head_mixing(m):
+                m.head_mix.alpha.normal_(0, 0.3)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    calls = recorded_dropout(monkeypatch)
+    out = train_step_outputs(model, "cpu", 4, x)
+    assert calls == [0.25]
+    torch.testing.assert_close(out, train_step_outputs(model, "reference", 4, x), rtol=1e-5, atol=1e-5)
+    calls.clear()
+    model.eval()(x)
+    assert calls == [0.0]
 
 
 @pytest.mark.integration

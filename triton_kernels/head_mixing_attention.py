@@ -36,6 +36,12 @@ FlashAttention's D = rowsum(dO ⊙ O) does not hold once heads are mixed, so D t
 Where all heads of a block do not fit one SM (padded H x D above what ``strategy`` allows, as for
 LLaMA-7B's 32 x 128), the wrappers run the chunked strategy of head_mixing_chunked.py instead.
 
+Dropout (``dropout_p`` > 0, the backbone's attention dropout) scales M_h by a keep mask / (1 − p)
+before it multiplies V_h. The mask is the counter-based hash of
+``reference.attention_dropout_keep`` (``_dropout_scale``), recomputed from the seed wherever M or T
+appears: the forward's M, the dQ kernel's T (then E = mixᵀ (mask ⊙ T), and dmix sums mask ⊙ T), the
+dK/dV kernel's T and M. Nothing of it is stored.
+
 Memory: the forward saves only lse [B, H, Nq] (besides the inputs); no [B, H, Nq, Nk] tensor exists
 anywhere. The backward adds D [B, H, Nq] and the dmix partials [B · ceil(Nq / BLOCK_M), H, H].
 lse, D, dmix and all accumulators are float32 (float64 for float64 inputs, to keep gradcheck's
@@ -56,6 +62,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import reference
 from . import _common
 from ._common import accumulation_types as _acc, interpreting as _interpreting, matmul_precision as _precision
 from .head_mixing_chunked import chunked_backward, chunked_forward, padded_sizes, strategy
@@ -79,6 +86,29 @@ def _masked_scores(s, rows, cols, in_bounds, mask_ptrs, scale,
     if IS_CAUSAL:
         keep = keep & (cols <= rows)
     return tl.where(keep, s, float("-inf"))
+
+
+@triton.jit
+def _mix32(x):
+    """reference._mix32 on uint32 (multiplications wrap mod 2³², shifts are logical)."""
+    x = x ^ (x >> 16)
+    x = x * 0x7FEB352D
+    x = x ^ (x >> 15)
+    x = x * 0x846CA68B
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _dropout_scale(seed_ptr, b, heads, rows, cols, H, NQ, threshold, dropout_p, ACC: tl.constexpr):
+    """1 / (1 − p) where reference.attention_dropout_keep keeps entry (b, head, row, col), else 0;
+    heads, rows, cols are index tensors broadcastable to the tile."""
+    seed = tl.load(seed_ptr)  # int64 in [0, 2⁶²): truncation gives the low word, the shift the high
+    row = ((b * H + heads) * NQ + rows).to(tl.uint32)  # mod 2³², as the reference
+    key = _mix32(row ^ seed.to(tl.uint32)) ^ (seed >> 32).to(tl.uint32)
+    bits = _mix32(cols.to(tl.uint32) ^ key)
+    # 1 − p in float32 (p arrives as a float32 scalar), the division in ACC: exact for p = 2⁻ⁿ multiples.
+    keep_scale = tl.full((), 1.0, ACC) / (1.0 - dropout_p)
+    return tl.where(bits.to(tl.int64) >= threshold, keep_scale, 0.0)
 
 
 @triton.jit
@@ -196,8 +226,8 @@ def _block_probs(q, lse, k_base, v_base, m_base, cols, r3, head_ok, row_ok, dim_
 
 @triton.jit
 def _forward_kernel(
-    q_ptr, k_ptr, v_ptr, mix_ptr, mask_ptr, lse_ptr, out_ptr,
-    H, NQ, NK, D, scale,
+    q_ptr, k_ptr, v_ptr, mix_ptr, mask_ptr, lse_ptr, out_ptr, seed_ptr,
+    H, NQ, NK, D, scale, threshold, dropout_p,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -205,7 +235,7 @@ def _forward_kernel(
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_lb, stride_lh, stride_lm,
     stride_ob, stride_oh, stride_om, stride_od,
-    HP: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+    HP: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
     MIX_DOT: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr, MIX_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -235,30 +265,35 @@ def _forward_kernel(
         k, v, p = _block_probs(q, lse, k_base, v_base, m_base, n0 + cols0, r3, head_ok, row_ok, dim_ok, NK,
                                stride_kn, stride_vn, stride_mn, scale, IS_CAUSAL, HAS_MASK, ACC, PRECISION)
         mixed = _mix_heads(w, p, HP, BLOCK_M, BLOCK_N, MIX_DOT, MIX_PRECISION)
+        if DROPOUT:
+            mixed *= _dropout_scale(seed_ptr, b, h3, r3, (n0 + cols0)[None, None, :], H, NQ, threshold, dropout_p,
+                                    ACC)
         acc = tl.dot(mixed.to(v.dtype), v, acc, input_precision=PRECISION, out_dtype=ACC)
     tl.store(out_ptr + b * stride_ob + h3 * stride_oh + r3 * stride_om + d3 * stride_od,
              acc.to(out_ptr.dtype.element_ty), mask=q_ok)
 
 
 @triton.jit
-def _dq_block_products(q, do, wt, lse, k_base, v_base, m_base, cols, r3, head_ok, row_ok, dim_ok,
-                       NK, stride_kn, stride_vn, stride_mn, scale,
-                       IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HP: tl.constexpr,
+def _dq_block_products(q, do, wt, lse, k_base, v_base, m_base, cols, h3, r3, head_ok, row_ok, dim_ok,
+                       NK, stride_kn, stride_vn, stride_mn, scale, seed_ptr, b, H, NQ, threshold, dropout_p,
+                       IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, HP: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MIX_DOT: tl.constexpr, ACC: tl.constexpr,
                        PRECISION: tl.constexpr, MIX_PRECISION: tl.constexpr):
     """The dQ kernel's products for one key block (both of its passes recompute them): K,
-    P = exp(S − L), T = dO Vᵀ and E_g = Σ_h mix[h, g] T_h."""
+    P = exp(S − L), T = dO Vᵀ (times the dropout mask / (1 − p)) and E_g = Σ_h mix[h, g] T_h."""
     k, v, p = _block_probs(q, lse, k_base, v_base, m_base, cols, r3, head_ok, row_ok, dim_ok, NK, stride_kn,
                            stride_vn, stride_mn, scale, IS_CAUSAL, HAS_MASK, ACC, PRECISION)
     t = tl.dot(do, tl.permute(v, (0, 2, 1)), input_precision=PRECISION, out_dtype=ACC)
+    if DROPOUT:
+        t *= _dropout_scale(seed_ptr, b, h3, r3, cols[None, None, :], H, NQ, threshold, dropout_p, ACC)
     e = _mix_heads(wt, t, HP, BLOCK_M, BLOCK_N, MIX_DOT, MIX_PRECISION)
     return k, p, t, e
 
 
 @triton.jit
 def _backward_dq_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, mix_ptr, mask_ptr, lse_ptr, delta_ptr, dq_ptr, dmix_part_ptr,
-    H, NQ, NK, D, scale,
+    q_ptr, k_ptr, v_ptr, do_ptr, mix_ptr, mask_ptr, lse_ptr, delta_ptr, dq_ptr, dmix_part_ptr, seed_ptr,
+    H, NQ, NK, D, scale, threshold, dropout_p,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -267,7 +302,7 @@ def _backward_dq_kernel(
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_lb, stride_lh, stride_lm,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    HP: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+    HP: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
     MIX_DOT: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr, MIX_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -300,8 +335,9 @@ def _backward_dq_kernel(
     delta = tl.zeros((HP, BLOCK_M), ACC)
     dmix = tl.zeros((HP, HP), ACC)
     for n0 in range(0, end, BLOCK_N):
-        k, p, t, e = _dq_block_products(q, do, wt, lse, k_base, v_base, m_base, n0 + cols0, r3, head_ok, row_ok,
-                                        dim_ok, NK, stride_kn, stride_vn, stride_mn, scale, IS_CAUSAL, HAS_MASK, HP,
+        k, p, t, e = _dq_block_products(q, do, wt, lse, k_base, v_base, m_base, n0 + cols0, h3, r3, head_ok, row_ok,
+                                        dim_ok, NK, stride_kn, stride_vn, stride_mn, scale, seed_ptr, b, H, NQ,
+                                        threshold, dropout_p, IS_CAUSAL, HAS_MASK, DROPOUT, HP,
                                         BLOCK_M, BLOCK_N, MIX_DOT, ACC, PRECISION, MIX_PRECISION)
         delta += tl.sum(p * e, axis=2)
         dmix += _pair_sums(t, p, HP, BLOCK_M, BLOCK_N, MIX_DOT, MIX_PRECISION)
@@ -313,8 +349,9 @@ def _backward_dq_kernel(
     # Pass 2: dQ_g = scale · (P_g ⊙ (E_g − D_g)) K_g, with P, T, E recomputed.
     dq = tl.zeros((HP, BLOCK_M, BLOCK_D), ACC)
     for n0 in range(0, end, BLOCK_N):
-        k, p, t, e = _dq_block_products(q, do, wt, lse, k_base, v_base, m_base, n0 + cols0, r3, head_ok, row_ok,
-                                        dim_ok, NK, stride_kn, stride_vn, stride_mn, scale, IS_CAUSAL, HAS_MASK, HP,
+        k, p, t, e = _dq_block_products(q, do, wt, lse, k_base, v_base, m_base, n0 + cols0, h3, r3, head_ok, row_ok,
+                                        dim_ok, NK, stride_kn, stride_vn, stride_mn, scale, seed_ptr, b, H, NQ,
+                                        threshold, dropout_p, IS_CAUSAL, HAS_MASK, DROPOUT, HP,
                                         BLOCK_M, BLOCK_N, MIX_DOT, ACC, PRECISION, MIX_PRECISION)
         ds = p * (e - delta[:, :, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION, out_dtype=ACC)
@@ -324,8 +361,8 @@ def _backward_dq_kernel(
 
 @triton.jit
 def _backward_dkv_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, mix_ptr, mask_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
-    H, NQ, NK, D, scale,
+    q_ptr, k_ptr, v_ptr, do_ptr, mix_ptr, mask_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, seed_ptr,
+    H, NQ, NK, D, scale, threshold, dropout_p,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -335,7 +372,7 @@ def _backward_dkv_kernel(
     stride_lb, stride_lh, stride_lm,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    HP: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+    HP: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
     MIX_DOT: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr, MIX_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -378,9 +415,14 @@ def _backward_dkv_kernel(
                            scale, IS_CAUSAL, HAS_MASK)
         p = tl.exp(s - lse[:, None, :])  # Pᵀ
         t = tl.dot(v, tl.permute(do, (0, 2, 1)), input_precision=PRECISION, out_dtype=ACC)  # Tᵀ
+        if DROPOUT:
+            kept = _dropout_scale(seed_ptr, b, h3, r_s, c3, H, NQ, threshold, dropout_p, ACC)  # [HP, N, M]
+            t *= kept
         e = _mix_heads(wt, t, HP, BLOCK_N, BLOCK_M, MIX_DOT, MIX_PRECISION)  # Eᵀ
         ds = p * (e - delta[:, None, :])  # dSᵀ
         mixed = _mix_heads(w, p, HP, BLOCK_N, BLOCK_M, MIX_DOT, MIX_PRECISION)  # Mᵀ
+        if DROPOUT:
+            mixed *= kept
         dv = tl.dot(mixed.to(do.dtype), do, dv, input_precision=PRECISION, out_dtype=ACC)
         dk = tl.dot(ds.to(q.dtype), q, dk, input_precision=PRECISION, out_dtype=ACC)
     tl.store(dk_ptr + b * stride_dkb + h3 * stride_dkh + c3 * stride_dkn + d3 * stride_dkd,
@@ -399,7 +441,7 @@ _INTERPRETER_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16}
 # HP · BLOCK_M · BLOCK_D accumulators have a chance to stay in registers, and the prune below drops
 # the ones that obviously cannot. Autotuning is keyed on (H, D, causal, mask, dtype), not on the
 # sequence lengths, so that varying lengths do not re-tune.
-_KEY = ["H", "D", "IS_CAUSAL", "HAS_MASK"]
+_KEY = ["H", "D", "IS_CAUSAL", "HAS_MASK", "DROPOUT"]
 _LSE_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
     for bm, bn, w, s in [(64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3), (64, 32, 4, 4)]
@@ -466,19 +508,29 @@ def _strides4(t: torch.Tensor | None) -> tuple:
     return tuple(t.stride()) if t is not None else (0, 0, 0, 0)
 
 
-def _common_meta(q: torch.Tensor, mask: torch.Tensor | None, is_causal: bool) -> dict:
+def _common_meta(q: torch.Tensor, mask: torch.Tensor | None, is_causal: bool, dropout_p: float) -> dict:
     hp, block_d = padded_sizes(q.shape[1], q.shape[3])
     return {
         "HP": hp,
         "BLOCK_D": block_d,
         "IS_CAUSAL": bool(is_causal),
         "HAS_MASK": mask is not None,
+        "DROPOUT": dropout_p > 0.0,
         # A tl.dot over the head axis needs >= 8 fp32 elements of reduction on CUDA.
         "MIX_DOT": hp >= 8,
         "ACC": _acc(q)[0],
         "PRECISION": _precision(q),
         "MIX_PRECISION": _mix_precision(q),
     }
+
+
+def _dropout_args(dropout_p: float, seed: torch.Tensor | None, unused: torch.Tensor) -> tuple:
+    """(seed pointer, threshold, p) kernel arguments; ``unused`` stands in for the seed without dropout."""
+    if dropout_p <= 0.0:
+        return unused, 0, 0.0
+    if seed is None or seed.numel() != 1 or seed.dtype != torch.int64:
+        raise ValueError("dropout_p > 0 needs seed, a one-element int64 tensor")
+    return seed, reference.dropout_threshold(dropout_p), float(dropout_p)
 
 
 def _check_mask(mask: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor) -> None:
@@ -502,10 +554,13 @@ def head_mixing_attention_forward(
     mask: torch.Tensor | None,
     is_causal: bool,
     scale: float,
+    dropout_p: float = 0.0,
+    seed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [B, H, Nq, D] in q's dtype, lse [B, H, Nq]) for q [B, H, Nq, D], k, v [B, H, Nk, D],
     mix [H, H] and an additive mask viewed as [B, H, Nq, Nk] (or None). lse is float32 (float64
-    for float64 inputs), +inf on fully masked rows; it is all the backward needs besides the inputs."""
+    for float64 inputs), +inf on fully masked rows; it is all the backward needs besides the inputs
+    (and ``seed``, the one-element int64 tensor the dropout mask is drawn from when dropout_p > 0)."""
     _check_mask(mask, q, k)
     batch, heads, n_q, dim = q.shape
     n_k = k.shape[2]
@@ -518,15 +573,16 @@ def head_mixing_attention_forward(
         return out.zero_(), lse.fill_(float("inf"))
     # Too many heads x dims for one SM's shared memory: the chunked strategy (head_mixing_chunked.py).
     if not _interpreting(q) and strategy(heads, dim, q.dtype, mask is not None) == "chunked":
-        return chunked_forward(q, k, v, mix, mask, is_causal, scale)
-    meta = _common_meta(q, mask, is_causal)
+        return chunked_forward(q, k, v, mix, mask, is_causal, scale, dropout_p, seed)
+    meta = _common_meta(q, mask, is_causal, dropout_p)
     mask_arg = mask if mask is not None else lse  # never read when HAS_MASK is False
+    seed_arg, threshold, dropout_p = _dropout_args(dropout_p, seed, lse)
     sizes = (heads, n_q, n_k, dim, float(scale))
 
     lse_meta = {key: meta[key] for key in ("BLOCK_D", "IS_CAUSAL", "HAS_MASK", "ACC", "PRECISION")}
     lse_args = (q, k, mask_arg, lse, *sizes, *q.stride(), *k.stride(), *_strides4(mask), *lse.stride())
     fwd_args = (
-        q, k, v, mix, mask_arg, lse, out, *sizes,
+        q, k, v, mix, mask_arg, lse, out, seed_arg, *sizes, threshold, dropout_p,
         *q.stride(), *k.stride(), *v.stride(), *mix.stride(), *_strides4(mask), *lse.stride(), *out.stride(),
     )
     if _interpreting(q):
@@ -549,6 +605,8 @@ def head_mixing_attention_backward(
     lse: torch.Tensor,
     is_causal: bool,
     scale: float,
+    dropout_p: float = 0.0,
+    seed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv in the dtypes of q, k, v, dmix [H, H] in lse's dtype: float32, float64 for
     float64 inputs), from the lse of :func:`head_mixing_attention_forward`."""
@@ -563,9 +621,10 @@ def head_mixing_attention_backward(
         return dq.zero_(), dk.zero_(), dv.zero_(), torch.zeros(heads, heads, dtype=acc_torch, device=q.device)
     interpreting = _interpreting(q)
     if not interpreting and strategy(heads, dim, q.dtype, mask is not None) == "chunked":
-        return chunked_backward(grad_out, q, k, v, mix, mask, lse, is_causal, scale)
-    meta = _common_meta(q, mask, is_causal)
+        return chunked_backward(grad_out, q, k, v, mix, mask, lse, is_causal, scale, dropout_p, seed)
+    meta = _common_meta(q, mask, is_causal, dropout_p)
     mask_arg = mask if mask is not None else lse  # never read when HAS_MASK is False
+    seed_arg, threshold, dropout_p = _dropout_args(dropout_p, seed, lse)
     block_m_dq = _INTERPRETER_BLOCKS["BLOCK_M"] if interpreting else _dq_block_m(meta["HP"], meta["BLOCK_D"])
     programs_dq = batch * triton.cdiv(n_q, block_m_dq)
     delta = torch.empty(batch, heads, n_q, dtype=acc_torch, device=q.device)  # D; contiguous, see kernels
@@ -573,9 +632,10 @@ def head_mixing_attention_backward(
 
     inputs = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *mix.stride(), *_strides4(mask),
               *lse.stride())
-    sizes = (heads, n_q, n_k, dim, float(scale))
-    dq_args = (q, k, v, grad_out, mix, mask_arg, lse, delta, dq, dmix_part, *sizes, *inputs, *dq.stride())
-    dkv_args = (q, k, v, grad_out, mix, mask_arg, lse, delta, dk, dv, *sizes, *inputs, *dk.stride(), *dv.stride())
+    sizes = (heads, n_q, n_k, dim, float(scale), threshold, dropout_p)
+    dq_args = (q, k, v, grad_out, mix, mask_arg, lse, delta, dq, dmix_part, seed_arg, *sizes, *inputs, *dq.stride())
+    dkv_args = (q, k, v, grad_out, mix, mask_arg, lse, delta, dk, dv, seed_arg, *sizes, *inputs, *dk.stride(),
+                *dv.stride())
     # The dK/dV kernel reads D, so the dQ kernel (which writes it) runs first.
     if interpreting:
         b = _INTERPRETER_BLOCKS

@@ -19,6 +19,9 @@ and in the backward, recomputing P and M per chunk (T_h = dO_h[c] V_hᵀ, E_g = 
     dV_h += M_hᵀ dO_h[c]     dmix[h, g] += Σ T_h ⊙ P_g     D_g = rowsum(P_g ⊙ E_g)
     dS_g = P_g ⊙ (E_g − D_g)     dQ_g[c] = scale · dS_g K_g     dK_g += scale · dS_gᵀ Q_g[c]
 
+With dropout (p > 0), M and T of a chunk are multiplied by keep / (1 − p), the mask of
+``reference.attention_dropout_keep`` for the chunk's rows (one more score-shaped temporary).
+
 Memory: a few score-shaped [B, H, rows, Nk] float32 temporaries of one chunk, whose rows are chosen
 so that each holds about as many elements as q (at least 16 rows): O(N) per head like the fused
 kernels, with a larger constant. Scores and products are formed in float32 (bf16/fp16 operands,
@@ -31,6 +34,8 @@ from typing import Optional
 
 import torch
 import triton
+
+from .. import reference
 
 __all__ = ["FUSED_MAX_ROW_BYTES", "FUSED_MAX_ROW_BYTES_MASKED", "chunk_rows", "chunked_backward", "chunked_forward",
            "padded_sizes", "strategy"]
@@ -94,22 +99,42 @@ def _mix_heads(mix: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return torch.einsum("hg,bgik->bhik", mix, p)
 
 
-def chunked_forward(q, k, v, mix, mask, is_causal: bool, scale: float):
+def _seed_value(dropout_p: float, seed: Optional[torch.Tensor]) -> int:
+    return int(seed.item()) if dropout_p > 0.0 else 0  # one host read per call, not per chunk
+
+
+def _dropout_scale(dropout_p: float, seed: int, q: torch.Tensor, n_k: int, r0: int, r1: int,
+                   acc: torch.dtype) -> Optional[torch.Tensor]:
+    """keep / (1 − p) for query rows [r0, r1) (reference.attention_dropout_keep's mask), or None."""
+    if dropout_p <= 0.0:
+        return None
+    batch, heads, n_q, _ = q.shape
+    keep = reference.attention_dropout_keep(seed, dropout_p, batch, heads, n_q, n_k, rows=(r0, r1), device=q.device)
+    return keep.to(acc) / (1.0 - dropout_p)
+
+
+def chunked_forward(q, k, v, mix, mask, is_causal: bool, scale: float, dropout_p: float = 0.0, seed=None):
     """(out [B, H, Nq, D] in q's dtype, lse [B, H, Nq]) as head_mixing_attention_forward."""
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     batch, heads, n_q, dim = q.shape
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty(batch, heads, n_q, dtype=acc, device=q.device)
     mix_acc, v_acc = mix.to(acc), v.to(acc)
+    seed = _seed_value(dropout_p, seed)
     step = chunk_rows(q, k.shape[2])
     for r0 in range(0, n_q, step):
         r1 = min(n_q, r0 + step)
         p, lse[:, :, r0:r1] = _probabilities(q, k, mask, None, r0, r1, is_causal, scale, acc)
-        out[:, :, r0:r1] = (_mix_heads(mix_acc, p) @ v_acc).to(q.dtype)
+        mixed = _mix_heads(mix_acc, p)
+        drop = _dropout_scale(dropout_p, seed, q, k.shape[2], r0, r1, acc)
+        if drop is not None:
+            mixed = mixed * drop
+        out[:, :, r0:r1] = (mixed @ v_acc).to(q.dtype)
     return out, lse
 
 
-def chunked_backward(grad_out, q, k, v, mix, mask, lse, is_causal: bool, scale: float):
+def chunked_backward(grad_out, q, k, v, mix, mask, lse, is_causal: bool, scale: float, dropout_p: float = 0.0,
+                     seed=None):
     """(dq, dk, dv, dmix) as head_mixing_attention_backward."""
     acc = lse.dtype
     n_q = q.shape[2]
@@ -118,13 +143,18 @@ def chunked_backward(grad_out, q, k, v, mix, mask, lse, is_causal: bool, scale: 
     dk = torch.zeros(k.shape, dtype=acc, device=k.device)
     dv = torch.zeros(v.shape, dtype=acc, device=v.device)
     dmix = torch.zeros(mix.shape, dtype=acc, device=mix.device)
+    seed = _seed_value(dropout_p, seed)
     step = chunk_rows(q, k.shape[2])
     for r0 in range(0, n_q, step):
         r1 = min(n_q, r0 + step)
         p, _ = _probabilities(q, k, mask, lse[:, :, r0:r1], r0, r1, is_causal, scale, acc)
         do = grad_out[:, :, r0:r1].to(acc)
-        dv += _mix_heads(mix_acc, p).transpose(-1, -2) @ do  # Mᵀ dO
+        mixed = _mix_heads(mix_acc, p)
         t = do @ v_acc.transpose(-1, -2)  # T_h = dO_h V_hᵀ
+        drop = _dropout_scale(dropout_p, seed, q, k.shape[2], r0, r1, acc)
+        if drop is not None:  # the mask on M (forward) and on T = ∂out/∂M
+            mixed, t = mixed * drop, t * drop
+        dv += mixed.transpose(-1, -2) @ do  # Mᵀ dO
         dmix += torch.einsum("bhik,bgik->hg", t, p)
         e = torch.einsum("hg,bhik->bgik", mix_acc, t)  # E_g = Σ_h mix[h, g] T_h
         ds = p * (e - (p * e).sum(-1, keepdim=True))

@@ -30,6 +30,7 @@ __all__ = [
     "svdiff_delta",
     # §3
     "coeff_mix",
+    "attention_dropout_keep",
     "head_mixing_attention",
     # §4
     "lowrank_delta_weight",
@@ -158,13 +159,17 @@ def head_mixing_attention(
     attn_mask: Optional[Tensor] = None,
     is_causal: bool = False,
     scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+    dropout_seed: Optional[int] = None,
 ) -> Tensor:
     """Materializes every head's [Nq, Nk] probability map, as the papers' code does.
 
     q [B, H, Nq, d], k and v [B, H, Nk, d], mix [H, H]. ``attn_mask`` as in SDPA: boolean (True
     = attend) or additive float, broadcastable to [B, H, Nq, Nk]; ``is_causal`` is SDPA's top-left
     aligned lower triangle. A query row whose keys are all masked gets probabilities 0 (and so an
-    output of zeros) instead of NaN.
+    output of zeros) instead of NaN. ``dropout_p`` > 0 drops entries of each mixed map M_h (the map
+    that multiplies V_h, where the backbone drops its probabilities) with the mask of
+    :func:`attention_dropout_keep` for ``dropout_seed``, and scales the kept ones by 1 / (1 − p).
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     scores = torch.einsum("bhid,bhjd->bhij", q, k) * scale
@@ -187,7 +192,60 @@ def head_mixing_attention(
     total = weights.sum(dim=-1, keepdim=True)
     probs = weights / torch.where(total > 0, total, torch.ones_like(total))
     mixed = torch.einsum("hg,bgij->bhij", mix, probs)  # M_h = Σ_g mix[h, g] P_g
+    if dropout_p > 0.0:
+        if dropout_seed is None:
+            raise ValueError("dropout_seed is required when dropout_p > 0")
+        keep = attention_dropout_keep(int(dropout_seed), dropout_p, *mixed.shape, device=mixed.device)
+        mixed = torch.where(keep, mixed / (1.0 - dropout_p), torch.zeros_like(mixed))
     return torch.einsum("bhij,bhjd->bhid", mixed, v)  # O_h = M_h V_h
+
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mul32(x: Tensor, constant: int) -> Tensor:
+    """x · constant mod 2³² for int64 x in [0, 2³²), without overflowing int64: the constant is split
+    in 16-bit halves, so that each partial product stays below 2⁴⁸."""
+    low, high = constant & 0xFFFF, constant >> 16
+    return (x * low + (((x * high) & 0xFFFF) << 16)) & _MASK32
+
+
+def _mix32(x: Tensor) -> Tensor:
+    """A 32-bit integer hash (xor-shift-multiply, the "lowbias32" constants); a bijection."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def dropout_threshold(dropout_p: float) -> int:
+    """The 32-bit threshold below which a hash value drops its entry: ⌊p · 2³²⌋."""
+    return min(_MASK32, int(dropout_p * 2.0**32))
+
+
+def attention_dropout_keep(seed: int, dropout_p: float, batch: int, heads: int, n_q: int, n_k: int, *,
+                           rows: Optional[tuple[int, int]] = None, device=None) -> Tensor:
+    """The keep mask [B, H, Nq, Nk] (bool) of head-mixing attention's dropout, as every backend draws it.
+
+    A counter-based hash, so that a backward (and every backend) regenerates the forward's mask from
+    the seed instead of storing B·H·Nq·Nk bits:
+
+        row  = (b · H + h) · Nq + i                       (mod 2³²)
+        key  = mix32(row ⊕ seed_lo) ⊕ seed_hi              seed = seed_hi · 2³² + seed_lo
+        keep = mix32(j ⊕ key) ≥ ⌊p · 2³²⌋
+
+    ``rows = (r0, r1)`` gives only query rows [r0, r1) (the chunked Triton strategy's blocks).
+    """
+    r0, r1 = rows if rows is not None else (0, n_q)
+    seed_lo, seed_hi = seed & _MASK32, (seed >> 32) & _MASK32
+    b = torch.arange(batch, dtype=torch.int64, device=device)[:, None, None]
+    h = torch.arange(heads, dtype=torch.int64, device=device)[None, :, None]
+    i = torch.arange(r0, r1, dtype=torch.int64, device=device)[None, None, :]
+    row = ((b * heads + h) * n_q + i) & _MASK32
+    key = _mix32(row ^ seed_lo) ^ seed_hi  # [B, H, rows]
+    j = torch.arange(n_k, dtype=torch.int64, device=device)
+    return _mix32(j ^ key[..., None]) >= dropout_threshold(dropout_p)
 
 
 # ---------------------------------------------------------------------------------------------

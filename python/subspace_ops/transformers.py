@@ -52,9 +52,6 @@ def coeff_attention_forward(
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
-    if dropout > 0.0:
-        raise ValueError(f"attention-probability dropout {dropout} is not supported by head-mixing attention; "
-                         "set the model config's attention dropout to 0")
     for name in ("softcap", "s_aux", "sinks"):  # logit soft-capping, attention sinks: not in the op
         if kwargs.get(name) is not None:
             raise ValueError(f"head-mixing attention does not support {name} (its model's attention is not "
@@ -74,7 +71,9 @@ def coeff_attention_forward(
         attention_mask = create_position_bias_mask(position_bias[..., : key.shape[2]], attention_mask, is_causal,
                                                    query, key)
         is_causal = False
-    out = head_mix(query, key, value, attn_mask=attention_mask, is_causal=is_causal, scale=scaling)
+    # transformers passes the module's attention dropout in training and 0.0 in evaluation.
+    out = head_mix(query, key, value, attn_mask=attention_mask, is_causal=is_causal, scale=scaling,
+                   dropout_p=float(dropout))
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -129,16 +128,6 @@ def _num_heads(name: str, module: nn.Module) -> int:
     raise ValueError(f"{name}: cannot tell its number of attention heads (no num_attention_heads / num_heads)")
 
 
-def _attention_dropout(module: nn.Module) -> float:
-    for attr in ("dropout", "attention_dropout", "dropout_prob", "attn_dropout"):  # attn_dropout: GPT-2
-        value = getattr(module, attr, None)
-        if isinstance(value, nn.Dropout):
-            return value.p
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and value:
-            return float(value)
-    return 0.0
-
-
 def check_attachable(model: nn.Module, modules: Optional[list[tuple[str, nn.Module]]] = None
                      ) -> list[tuple[str, nn.Module]]:
     """The attention modules :func:`attach_head_mix` would adapt; raises if any cannot be."""
@@ -153,10 +142,6 @@ def check_attachable(model: nn.Module, modules: Optional[list[tuple[str, nn.Modu
         raise ValueError(f"no attention modules found in {type(model).__name__}")
     for name, module in modules:
         _num_heads(name, module)
-        if _attention_dropout(module) > 0:
-            raise ValueError(f"{name}: attention dropout {_attention_dropout(module)} is not supported by the fused "
-                             "head-mixing op; build the model with attention dropout 0 (e.g. "
-                             "attention_probs_dropout_prob=0.0, attention_dropout=0.0, or GPT-2's attn_pdrop=0.0)")
         if getattr(module, "head_mix", None) is not None:
             raise ValueError(f"{name} already has a head mix")
     return modules

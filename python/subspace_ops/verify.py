@@ -88,7 +88,8 @@ def _run_svd(backend, t, kw):
                                          path=path)
 
 
-def _attention(b: int, h: int, nq: int, nk: int, d: int, causal: bool, padding: bool) -> Callable:
+def _attention(b: int, h: int, nq: int, nk: int, d: int, causal: bool, padding: bool,
+               dropout_p: float = 0.0) -> Callable:
     def make(dtype, device, g):
         tensors = dict(q=_randn(g, b, h, nq, d), k=_randn(g, b, h, nk, d), v=_randn(g, b, h, nk, d),
                        mix=torch.eye(h, dtype=torch.float64) + _randn(g, h, h, scale=0.3))
@@ -96,7 +97,7 @@ def _attention(b: int, h: int, nq: int, nk: int, d: int, causal: bool, padding: 
         if padding:
             mask = torch.rand(b, 1, 1, nk, generator=g) > 0.3
             mask[..., 0] = True
-        return tensors, dict(attn_mask=mask, is_causal=causal)
+        return tensors, dict(attn_mask=mask, is_causal=causal, dropout_p=dropout_p)
     return make
 
 
@@ -104,9 +105,10 @@ def _run_attention(backend, t, kw):
     import subspace_ops
 
     mask = kw["attn_mask"]
+    torch.manual_seed(0)  # with dropout, every backend draws the same seed: the reference's mask
     return subspace_ops.head_mixing_attention(t["q"], t["k"], t["v"], t["mix"], is_causal=kw["is_causal"],
                                               attn_mask=None if mask is None else mask.to(t["q"].device),
-                                              backend=backend)
+                                              dropout_p=kw["dropout_p"], backend=backend)
 
 
 def _lowrank(m: int, k: int, n: int, rank: int, g_kind: str) -> Callable:
@@ -152,6 +154,11 @@ CHECKS: list[Check] = [
           _run_attention),
     Check("head_mixing_attention", "key padding B=2 H=2 Nq=600 Nk=1100 d=8",
           _attention(2, 2, 600, 1100, 8, False, True), _run_attention),
+    # Dropout on the mixed maps: the kernels' hash mask must be the reference's, bit for bit.
+    Check("head_mixing_attention", "dropout 0.25 key padding B=2 H=3 N=13 d=16",
+          _attention(2, 3, 13, 13, 16, False, True, 0.25), _run_attention),
+    Check("head_mixing_attention", "dropout 0.1 causal B=1 H=4 N=300 d=16",
+          _attention(1, 4, 300, 300, 16, True, False, 0.1), _run_attention),
     Check("lowrank_linear", "LoRA M=7 K=33 N=20 r=4", _lowrank(7, 33, 20, 4, "none"), _run_lowrank),
     Check("lowrank_linear", "FLoRA M=197 K=17 N=33 r=4", _lowrank(197, 17, 33, 4, "full"), _run_lowrank),
 ]

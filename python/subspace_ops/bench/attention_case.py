@@ -1,4 +1,4 @@
-"""Cases ``head-mixing-attention`` and ``head-mixing-attention-causal`` (METHODS.md §3).
+"""Cases ``head-mixing-attention``, ``-causal`` and ``-dropout`` (METHODS.md §3).
 
 Coeff-Tuning's ``O_h = Σ_g α'[h, g] softmax(scale Q_g K_gᵀ) V_h`` with q, k, v [B, H, N, d] and a
 dense α' = I + α (α ~ N(0, 0.1²)); q, k, v and α require grad (a layer inside a network).
@@ -21,6 +21,10 @@ Variants, side by side in one run:
     no backward on CPU, so there its forward runs on inputs that do not require grad and its
     fwd+bwd row is skipped.
 
+``head-mixing-attention-dropout`` trains with attention dropout p = 0.1 (BERT's, BART's): ours with
+``dropout_p``, the naive form with ``F.dropout`` on its mixed maps, SDPA with its ``dropout_p``
+(FlexAttention has none and is left out).
+
 Shapes ``B,H,N,d`` (self attention, Nq = Nk = N). Presets: ``vit-b`` (64, 12, 197, 64),
 ``llm`` (8, 32, 1024, 128) and (2, 32, 4096, 128), ``cpu`` (1, 8, 2048, 64) and ``cpu-4096``
 (1, 8, 4096, 64), the issue's CPU targets (time at 2048, memory at 4096). A bare ``subspace-ops bench``
@@ -39,7 +43,8 @@ import torch.nn.functional as F
 from .common import fresh_copy
 from .harness import Case, Shape, Variant, VariantSkipped, Workload
 
-__all__ = ["HEAD_MIXING_ATTENTION", "HEAD_MIXING_ATTENTION_CAUSAL", "attention_variants"]
+__all__ = ["HEAD_MIXING_ATTENTION", "HEAD_MIXING_ATTENTION_CAUSAL", "HEAD_MIXING_ATTENTION_DROPOUT",
+           "attention_variants"]
 
 
 def _inputs(shape: Shape, dtype: torch.dtype, device: torch.device, *, mixing: bool = True):
@@ -56,14 +61,21 @@ def _inputs(shape: Shape, dtype: torch.dtype, device: torch.device, *, mixing: b
     return q, k, v, alpha, grad_out, params
 
 
-def _naive(q, k, v, alpha, causal: bool):
+def _naive(q, k, v, alpha, causal: bool, dropout_p: float = 0.0):
     from subspace_ops import reference
 
     mix = torch.eye(alpha.shape[0], device=alpha.device) + alpha
-    return reference.head_mixing_attention(q, k, v, mix.to(q.dtype), is_causal=causal)
+    if dropout_p == 0.0:
+        return reference.head_mixing_attention(q, k, v, mix.to(q.dtype), is_causal=causal)
+    # The papers' code with the backbone's dropout: maps materialized, mixed, F.dropout, times V.
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if causal:
+        scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1), float("-inf"))
+    mixed = torch.einsum("hg,bgij->bhij", mix.to(q.dtype), scores.softmax(-1))
+    return F.dropout(mixed, dropout_p) @ v
 
 
-def _setup_ours(backend: Optional[str], causal: bool):
+def _setup_ours(backend: Optional[str], causal: bool, dropout_p: float = 0.0):
     def setup(shape: Shape, dtype: torch.dtype, device: torch.device) -> Workload:
         import subspace_ops
 
@@ -72,18 +84,20 @@ def _setup_ours(backend: Optional[str], causal: bool):
         eye = torch.eye(shape[1], device=device)
 
         def forward() -> torch.Tensor:
-            return subspace_ops.head_mixing_attention(q, k, v, eye + alpha, is_causal=causal, backend=chosen)
+            return subspace_ops.head_mixing_attention(q, k, v, eye + alpha, is_causal=causal, dropout_p=dropout_p,
+                                                      backend=chosen)
 
         return Workload(forward, params, grad_out, backend=chosen)
 
     return setup
 
 
-def _setup_naive(causal: bool, compiled: bool):
+def _setup_naive(causal: bool, compiled: bool, dropout_p: float = 0.0):
     def setup(shape: Shape, dtype: torch.dtype, device: torch.device) -> Workload:
         q, k, v, alpha, grad_out, params = _inputs(shape, dtype, device)
         fn = torch.compile(fresh_copy(_naive), dynamic=False) if compiled else _naive
-        return Workload(lambda: fn(q, k, v, alpha, causal), params, grad_out, "inductor" if compiled else "torch")
+        return Workload(lambda: fn(q, k, v, alpha, causal, dropout_p), params, grad_out,
+                        "inductor" if compiled else "torch")
 
     return setup
 
@@ -91,7 +105,7 @@ def _setup_naive(causal: bool, compiled: bool):
 _SDPA_KERNELS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}
 
 
-def _setup_sdpa(causal: bool, kernel: Optional[str]):
+def _setup_sdpa(causal: bool, kernel: Optional[str], dropout_p: float = 0.0):
     def setup(shape: Shape, dtype: torch.dtype, device: torch.device) -> Workload:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -101,7 +115,7 @@ def _setup_sdpa(causal: bool, kernel: Optional[str]):
 
         def forward() -> torch.Tensor:
             with context():
-                return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout_p)
 
         try:
             forward()
@@ -135,18 +149,24 @@ def _setup_flex(causal: bool):
     return setup
 
 
-def attention_variants(backend: Optional[str] = None, *, causal: bool = False) -> list[Variant]:
-    kind = "causal " if causal else ""
-    return [
-        Variant("subspace_ops", _setup_ours(backend, causal), description=f"{kind}subspace_ops.head_mixing_attention"),
-        Variant("naive", _setup_naive(causal, False), description="per-head [N, N] maps mixed by einsum (eager)"),
-        Variant("naive+compile", _setup_naive(causal, True), optional=True,
+def attention_variants(backend: Optional[str] = None, *, causal: bool = False,
+                       dropout_p: float = 0.0) -> list[Variant]:
+    kind = ("causal " if causal else "") + (f"dropout {dropout_p} " if dropout_p else "")
+    variants = [
+        Variant("subspace_ops", _setup_ours(backend, causal, dropout_p),
+                description=f"{kind}subspace_ops.head_mixing_attention"),
+        Variant("naive", _setup_naive(causal, False, dropout_p),
+                description="per-head [N, N] maps mixed by einsum (eager)"),
+        Variant("naive+compile", _setup_naive(causal, True, dropout_p), optional=True,
                 description="torch.compile of the naive form"),
-        Variant("sdpa", _setup_sdpa(causal, None), description="F.scaled_dot_product_attention, no mixing"),
-        *[Variant(f"sdpa {kernel}", _setup_sdpa(causal, kernel), optional=True,
+        Variant("sdpa", _setup_sdpa(causal, None, dropout_p), description="F.scaled_dot_product_attention, no mixing"),
+        *[Variant(f"sdpa {kernel}", _setup_sdpa(causal, kernel, dropout_p), optional=True,
                   description=f"SDPA pinned to the {kernel} kernel, no mixing") for kernel in _SDPA_KERNELS],
-        Variant("flex", _setup_flex(causal), optional=True, description="FlexAttention (compiled), no mixing"),
     ]
+    if dropout_p == 0.0:  # FlexAttention has no dropout
+        variants.append(Variant("flex", _setup_flex(causal), optional=True,
+                                description="FlexAttention (compiled), no mixing"))
+    return variants
 
 
 _PRESETS = {
@@ -157,20 +177,22 @@ _PRESETS = {
 }
 
 
-def _case(causal: bool) -> Case:
+def _case(causal: bool, dropout_p: float = 0.0) -> Case:
     return Case(
-        name="head-mixing-attention" + ("-causal" if causal else ""),
+        name="head-mixing-attention" + ("-causal" if causal else "") + ("-dropout" if dropout_p else ""),
         description=("causal " if causal else "")
-        + "Coeff-Tuning O_h = Σ_g α'[h,g] softmax(QK_gᵀ/√d) V_h; q, k, v, α trained (METHODS.md §3)",
-        make_variants=functools.partial(attention_variants, causal=causal),
+        + "Coeff-Tuning O_h = Σ_g α'[h,g] softmax(QK_gᵀ/√d) V_h; q, k, v, α trained (METHODS.md §3)"
+        + (f"; attention dropout {dropout_p} on the mixed maps (SDPA: on its probabilities)" if dropout_p else ""),
+        make_variants=functools.partial(attention_variants, causal=causal, dropout_p=dropout_p),
         baselines={"forward": "sdpa", "inference": "sdpa", "fwd+bwd": "sdpa"},
         dim_names=("B", "H", "N", "d"),
         presets=_PRESETS,
         default_presets={"cuda": ["vit-b", "llm"], "cpu": ["cpu"]},
         default_dtype={"cuda": torch.bfloat16, "cpu": torch.float32},
-        in_default_run=not causal,
+        in_default_run=not causal and not dropout_p,
     )
 
 
 HEAD_MIXING_ATTENTION = _case(causal=False)
 HEAD_MIXING_ATTENTION_CAUSAL = _case(causal=True)
+HEAD_MIXING_ATTENTION_DROPOUT = _case(causal=False, dropout_p=0.1)

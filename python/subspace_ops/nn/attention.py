@@ -15,9 +15,11 @@ holding a :class:`HeadMix` (:mod:`subspace_ops.diffusers` sets it on every ``Att
 default processor; other supported processors get a routed copy, see
 :mod:`subspace_ops.nn.sdpa_head_mixing`).
 
-The paper's dropout on α (p = 0.1 when α is tuned with SSF) is ``HeadMix(dropout=p)``. Dropout on
-the attention probabilities themselves is not supported by the fused op; layers refuse to attach
-to blocks that use it in training (set ``attn_drop``/``attention_probs_dropout_prob`` to 0).
+The paper's dropout on α (p = 0.1 when α is tuned with SSF) is ``HeadMix(dropout=p)``. The
+backbone's own attention dropout (timm's ``attn_drop``, BERT's ``attention_probs_dropout_prob``,
+BART's ``attention_dropout``) is kept, in training only, and applied where the backbone applies it:
+to the map that multiplies V_h, which is now the mixed map M_h (``dropout_p`` of
+:func:`~subspace_ops.head_mixing_attention`; the mask is drawn inside the fused kernels).
 """
 
 from __future__ import annotations
@@ -44,6 +46,12 @@ def repeat_kv_heads(states: Tensor, heads: int) -> Tensor:
     return states.repeat_interleave(heads // kv_heads, dim=1)
 
 
+def _dropout_p(attn_drop: nn.Module, training: bool) -> float:
+    """The probability of a timm block's ``attn_drop`` (an nn.Dropout, or Identity when it has none)
+    while training, as timm passes it to SDPA; 0 in evaluation."""
+    return float(attn_drop.p) if training and isinstance(attn_drop, nn.Dropout) else 0.0
+
+
 class HeadMix(nn.Module):
     """α [H, H], zero init; ``forward(q, k, v, ...)`` = head-mixing attention with α' = I + Dropout(α)."""
 
@@ -64,9 +72,10 @@ class HeadMix(nn.Module):
         return reference.coeff_mix(self.alpha, self.dropout, self.training)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Optional[Tensor] = None,
-                is_causal: bool = False, scale: Optional[float] = None) -> Tensor:
+                is_causal: bool = False, scale: Optional[float] = None, dropout_p: float = 0.0) -> Tensor:
+        """``dropout_p``: the backbone's attention dropout, as the caller passes it to SDPA (0 in eval)."""
         return head_mixing_attention(q, k, v, self.mix(), attn_mask=attn_mask, is_causal=is_causal, scale=scale,
-                                     backend=self.backend)
+                                     dropout_p=dropout_p, backend=self.backend)
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, dropout={self.dropout}, backend={self.backend or 'auto'}"
@@ -83,9 +92,6 @@ class TimmCoeffAttention(nn.Module):
         if missing:
             raise TypeError(f"attention must be a timm Attention block (fused qkv); {type(attention).__name__} "
                             f"lacks {missing}")
-        if getattr(attention, "attn_drop", None) is not None and attention.attn_drop.p > 0:
-            raise ValueError(f"attention probabilities dropout (attn_drop.p={attention.attn_drop.p}) is not supported "
-                             "by the fused head-mixing op; build the model with attn_drop_rate=0")
         self.num_heads = attention.num_heads
         self.head_dim = attention.head_dim
         self.attn_dim = getattr(attention, "attn_dim", self.num_heads * self.head_dim)
@@ -102,7 +108,8 @@ class TimmCoeffAttention(nn.Module):
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
-        x = self.head_mix(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale)
+        x = self.head_mix(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale,
+                          dropout_p=_dropout_p(self.attn_drop, self.training))
         x = x.transpose(1, 2).reshape(batch, tokens, self.attn_dim)
         x = self.norm(x)
         if gate is not None:

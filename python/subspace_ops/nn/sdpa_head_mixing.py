@@ -15,7 +15,8 @@ The copy's class is a subclass of the module's, made on first use and registered
 with 4-D [B, H, N, d] inputs; otherwise it raises (a module computing attention another way would
 silently ignore α). A module whose forward computes the attention by hand (Swin-V2's cosine
 attention) runs the SDPA form of its forward from :mod:`subspace_ops.nn.sdpa_forms` instead.
-Attention-probability dropout is refused, as by the other Coeff layers.
+SDPA's ``dropout_p`` (timm's ``attn_drop`` in training) is passed on to the op, which drops
+entries of the mixed maps (see :mod:`subspace_ops.nn.attention`).
 
 :func:`processor_with_head_mixing` does the same for a diffusers attention processor: the copy's
 class subclasses the processor's class (and nn.Module, for a plain callable processor) and routes
@@ -59,16 +60,14 @@ class _RouteSdpa(TorchFunctionMode):
             return func(*args, **kwargs)
         options = dict(zip(_SDPA_PARAMETERS, args)) | kwargs  # callers pass q, k, v by position or by name
         query, key, value = options["query"], options["key"], options["value"]
-        if options.get("dropout_p", 0.0):
-            raise ValueError(f"{self.owner}: attention-probability dropout ({options['dropout_p']}) is not supported "
-                             "by head mixing; build the model with attn_drop_rate=0")
         if query.dim() != 4:
             raise ValueError(f"{self.owner} calls SDPA with {query.dim()}-D queries; head mixing needs [B, H, N, d]")
         if options.get("enable_gqa", False):
             key, value = repeat_kv_heads(key, query.shape[1]), repeat_kv_heads(value, query.shape[1])
         self.calls += 1
         out = self.head_mix(query, key, value, attn_mask=options.get("attn_mask"),
-                            is_causal=bool(options.get("is_causal", False)), scale=options.get("scale"))
+                            is_causal=bool(options.get("is_causal", False)), scale=options.get("scale"),
+                            dropout_p=float(options.get("dropout_p", 0.0)))
         if query.transpose(1, 2).is_contiguous():
             # SDPA's output follows the queries' [B, N, H, d] memory layout, which callers may rely on
             # (SD3's IP-Adapter processor views out.transpose(1, 2)); the copy is one reshape would make
@@ -164,10 +163,6 @@ def with_head_mixing(attention: nn.Module, num_heads: int, *, dropout: float = 0
                      backend: Optional[str] = None) -> nn.Module:
     """A copy of ``attention`` with a zero-init ``head_mix`` (α [num_heads, num_heads]) applied to its
     SDPA call (see the module docstring). ``attention`` itself is not changed."""
-    attn_drop = getattr(attention, "attn_drop", None)
-    if isinstance(attn_drop, nn.Dropout) and attn_drop.p > 0:
-        raise ValueError(f"{type(attention).__name__}: attention probabilities dropout (attn_drop.p={attn_drop.p}) is "
-                         "not supported by head mixing; build the model with attn_drop_rate=0")
     mixed = _module_copy(attention)
     if hasattr(mixed, "fused_attn"):  # timm: the SDPA path (the manual one computes the same at α = 0)
         mixed.fused_attn = True

@@ -16,6 +16,15 @@ row that sees no key gets probabilities 0: its output and gradients are 0, not N
 converted once to an additive tensor of its own (unbroadcast) shape and passed as an expanded view,
 so a key-padding mask [B, 1, 1, Nk] costs B·Nk elements, not B·H·Nq·Nk. Masks are not trained.
 
+``dropout_p`` is the backbone's attention-probability dropout (BERT's and BART's 0.1), applied where
+the backbone applies it: to the map that multiplies V_h, here the mixed map M_h, whose entries are
+zeroed with probability p and the rest scaled by 1 / (1 − p). (Coeff-Tuning's own regularizer, the
+dropout on α, is the layer's; it reaches this op inside ``mix``.) The mask is not stored: every
+backend regenerates it from a 64-bit seed with the counter-based hash of
+:func:`subspace_ops.reference.attention_dropout_keep`, so forward and backward agree and every
+backend (and the reference) draws the same mask for the same seed. The seed is drawn from torch's
+generator of q's device at each call, so ``torch.manual_seed`` makes a run repeatable.
+
 Under ``torch.autocast`` the op behaves as SDPA (on autocast's lower-precision list): q, k, v and a
 floating ``attn_mask`` are cast to the autocast dtype at the Python entry (float64 stays, as autocast
 leaves it), so q and k in float32 from a rotary embedding and v in bfloat16 are accepted. ``mix``
@@ -64,30 +73,31 @@ def _autocast_off(device_type: str):
 
 
 def _forward_impl(
-    q: Tensor, k: Tensor, v: Tensor, mix: Tensor, mask: Optional[Tensor], is_causal: bool, scale: float, backend: str
+    q: Tensor, k: Tensor, v: Tensor, mix: Tensor, mask: Optional[Tensor], is_causal: bool, scale: float,
+    dropout_p: float, seed: Optional[Tensor], backend: str,
 ) -> tuple[Tensor, Tensor]:
     kernels = kernel_module(backend, "head_mixing_attention")
     with _autocast_off(q.device.type):
-        return kernels.head_mixing_attention_forward(q, k, v, mix, mask, is_causal, scale)
+        return kernels.head_mixing_attention_forward(q, k, v, mix, mask, is_causal, scale, dropout_p, seed)
 
 
 _forward_op = torch.library.custom_op("subspace_ops::head_mixing_attention", mutates_args=())(_forward_impl)
 
 
 @_forward_op.register_fake
-def _(q, k, v, mix, mask, is_causal, scale, backend):
+def _(q, k, v, mix, mask, is_causal, scale, dropout_p, seed, backend):
     lse = q.new_empty(q.shape[:-1], dtype=_accumulation_dtype(q.dtype))
     return torch.empty_like(q, memory_format=torch.contiguous_format), lse
 
 
 def _backward_impl(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, mix: Tensor, mask: Optional[Tensor], lse: Tensor,
-    is_causal: bool, scale: float, backend: str,
+    is_causal: bool, scale: float, dropout_p: float, seed: Optional[Tensor], backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     kernels = kernel_module(backend, "head_mixing_attention")
     with _autocast_off(q.device.type):
         return kernels.head_mixing_attention_backward(grad_out.contiguous(), q, k, v, mix, mask, lse, is_causal,
-                                                      scale)
+                                                      scale, dropout_p, seed)
 
 
 _backward_op = torch.library.custom_op("subspace_ops::head_mixing_attention_backward", mutates_args=())(
@@ -96,7 +106,7 @@ _backward_op = torch.library.custom_op("subspace_ops::head_mixing_attention_back
 
 
 @_backward_op.register_fake
-def _(grad_out, q, k, v, mix, mask, lse, is_causal, scale, backend):
+def _(grad_out, q, k, v, mix, mask, lse, is_causal, scale, dropout_p, seed, backend):
     # The kernels return contiguous gradients whatever the layout of q, k, v (timm's are slices of qkv).
     dense = torch.contiguous_format
     return (torch.empty_like(q, memory_format=dense), torch.empty_like(k, memory_format=dense),
@@ -104,20 +114,21 @@ def _(grad_out, q, k, v, mix, mask, lse, is_causal, scale, backend):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, mix, mask, is_causal, scale, backend = inputs
+    q, k, v, mix, mask, is_causal, scale, dropout_p, seed, backend = inputs
     _, lse = output
-    ctx.save_for_backward(q, k, v, mix, mask, lse)
-    ctx.is_causal, ctx.scale, ctx.backend = is_causal, scale, backend
+    ctx.save_for_backward(q, k, v, mix, mask, lse, seed)
+    ctx.is_causal, ctx.scale, ctx.dropout_p, ctx.backend = is_causal, scale, dropout_p, backend
     ctx.mix_dtype = mix.dtype
 
 
 def _gradients(ctx, grad_out, grad_lse, backward_kernels):
     refuse_double_backward("head_mixing_attention")
-    q, k, v, mix, mask, lse = ctx.saved_tensors
-    dq, dk, dv, dmix = backward_kernels(grad_out, q, k, v, mix, mask, lse, ctx.is_causal, ctx.scale, ctx.backend)
+    q, k, v, mix, mask, lse, seed = ctx.saved_tensors
+    dq, dk, dv, dmix = backward_kernels(grad_out, q, k, v, mix, mask, lse, ctx.is_causal, ctx.scale, ctx.dropout_p,
+                                        seed, ctx.backend)
     need = ctx.needs_input_grad
     return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None,
-            dmix.to(ctx.mix_dtype) if need[3] else None, None, None, None, None)
+            dmix.to(ctx.mix_dtype) if need[3] else None, None, None, None, None, None, None)
 
 
 _forward_op.register_autograd(
@@ -130,9 +141,10 @@ class _EagerHeadMixingAttention(torch.autograd.Function):
     """Eager-mode path over the same kernels (torch.compile traces the registered op)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, mix, mask, is_causal, scale, backend):
-        out, lse = _forward_impl(q, k, v, mix, mask, is_causal, scale, backend)
-        _setup_context(ctx, (q, k, v, mix, mask, is_causal, scale, backend), (out, lse))
+    def forward(ctx, q, k, v, mix, mask, is_causal, scale, dropout_p, seed, backend):
+        args = (q, k, v, mix, mask, is_causal, scale, dropout_p, seed, backend)
+        out, lse = _forward_impl(*args)
+        _setup_context(ctx, args, (out, lse))
         ctx.mark_non_differentiable(lse)
         return out, lse
 
@@ -172,6 +184,12 @@ def _autocast_inputs(
         return t.to(dtype) if eligible and t.device.type == q.device.type else t
 
     return cast(q), cast(k), cast(v), cast(attn_mask)
+
+
+def _check_dropout(dropout_p) -> float:
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    return float(dropout_p)
 
 
 def _check_inputs(q: Tensor, k: Tensor, v: Tensor, mix: Tensor, attn_mask: Optional[Tensor]) -> None:
@@ -218,29 +236,36 @@ def head_mixing_attention(
     attn_mask: Optional[Tensor] = None,
     is_causal: bool = False,
     scale: Optional[float] = None,
+    dropout_p: float = 0.0,
     backend: Optional[str] = None,
 ) -> Tensor:
     """``O_h = Σ_g mix[h, g] · softmax(scale · Q_g K_gᵀ + mask)_g · V_h`` → [B, H, Nq, d].
 
     q [B, H, Nq, d], k and v [B, H, Nk, d] (one dtype: float32, float16, bfloat16 or float64),
     mix [H, H] (any floating dtype; its gradient comes back in that dtype). ``scale`` defaults to
-    1/√d. See the module docstring for masks and autocast. ``backend``: reference / cpu / triton /
-    None (best).
+    1/√d. ``dropout_p`` in [0, 1): dropout on the mixed maps (as SDPA's on its probabilities; pass 0
+    in evaluation). See the module docstring for masks, dropout and autocast. ``backend``: reference /
+    cpu / triton / None (best).
     """
     q, k, v, attn_mask = _autocast_inputs(q, k, v, attn_mask)
     _check_inputs(q, k, v, mix, attn_mask)
+    dropout_p = _check_dropout(dropout_p)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     name = resolve_backend(backend, q.device)
+    # One int64 seed per call from q's device's generator, drawn whatever the backend (see above).
+    seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=q.device) if dropout_p > 0.0 else None
     if name == "reference":
         return reference.head_mixing_attention(q, k, v, mix.to(q.dtype), attn_mask=attn_mask, is_causal=is_causal,
-                                               scale=scale)
+                                               scale=scale, dropout_p=dropout_p,
+                                               dropout_seed=None if seed is None else int(seed.item()))
     acc = _accumulation_dtype(q.dtype)
     mask = None
     if attn_mask is not None:
         mask = additive_mask(attn_mask, acc, torch.Size((q.shape[0], q.shape[1], q.shape[2], k.shape[2])))
     mix_acc = mix.to(acc)
     if torch.compiler.is_compiling():
-        out, _ = torch.ops.subspace_ops.head_mixing_attention(q, k, v, mix_acc, mask, is_causal, scale, name)
+        out, _ = torch.ops.subspace_ops.head_mixing_attention(q, k, v, mix_acc, mask, is_causal, scale, dropout_p,
+                                                              seed, name)
     else:
-        out, _ = _EagerHeadMixingAttention.apply(q, k, v, mix_acc, mask, is_causal, scale, name)
+        out, _ = _EagerHeadMixingAttention.apply(q, k, v, mix_acc, mask, is_causal, scale, dropout_p, seed, name)
     return out
