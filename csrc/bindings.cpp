@@ -4,6 +4,7 @@
 #include <sstream>
 
 #include "head_mixing_attention.h"
+#include "head_mixing_gemm.h"
 #include "lowrank_linear.h"
 #include "rescaled_linear.h"
 #include "rescaled_linear_autograd.h"
@@ -66,5 +67,25 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("need_b"), py::arg("need_g"));
   m.def("rescaled_linear_avx512_rows", &subspace_ops::rescaled_avx512::max_rows,
         "The most rows (tokens) float32 rescaled_linear runs on its AVX-512 GEMMs here; 0 without AVX-512.");
+  m.def(
+      "head_mixing_isa",
+      [](std::optional<std::string> choice) {
+        namespace gemm = subspace_ops::gemm;
+        if (choice) {
+          const std::string& name = *choice;
+          TORCH_CHECK(name == "avx512" || name == "avx2" || name == "none" || name == "auto",
+                      "isa must be 'avx512', 'avx2', 'none' or 'auto', got '", name, "'");
+          gemm::set_isa(name == "auto" ? std::nullopt
+                                       : std::optional<gemm::Isa>(name == "avx512" ? gemm::Isa::kAvx512
+                                                                  : name == "avx2" ? gemm::Isa::kAvx2
+                                                                                   : gemm::Isa::kNone));
+        }
+        const gemm::Isa now = gemm::isa();
+        return std::string(now == gemm::Isa::kAvx512 ? "avx512" : now == gemm::Isa::kAvx2 ? "avx2" : "none");
+      },
+      py::arg("choice") = py::none(),
+      "The vector instruction set of the float32 head-mixing CPU kernel's own loops (GEMMs, exp): 'avx512', "
+      "'avx2' or 'none' (ATen's GEMMs, portable loops). With choice, caps it first ('auto': this CPU's widest; "
+      "never wider than the CPU runs). For tests and benchmarks; not thread-safe against running kernels.");
   m.def("build_info", &build_info);
 }

@@ -40,7 +40,7 @@ void add_row_dots(const double* a, const double* b, Shape shape, double* out);
 
 // The 32-bit hash of the attention dropout mask (reference._mix32; a bijection): unsigned arithmetic
 // wraps mod 2³² as the reference's does.
-inline uint32_t dropout_hash(uint32_t x) {
+inline __attribute__((always_inline)) uint32_t dropout_hash(uint32_t x) {
   x ^= x >> 16;
   x *= 0x7FEB352DU;
   x ^= x >> 15;

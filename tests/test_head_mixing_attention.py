@@ -448,3 +448,51 @@ def test_dropout_compiles(fused_backend):
     expected = torch.autograd.grad(loss(q, k, v, mix), [q, k, v, mix])
     for a, e in zip(actual, expected):
         torch.testing.assert_close(a, e)
+
+
+# ---- The C++ kernel's own loops on each instruction set this CPU runs ----
+
+
+@pytest.fixture(params=["avx512", "avx2", "none"])
+def cpu_isa(request):
+    """The float32 head-mixing kernel with its own GEMM and exp loops capped at one instruction set
+    (AVX-512; AVX2 + FMA, which AVX-512 CPUs also run; none: ATen's GEMMs and the portable loops), so
+    that every path this CPU can take is tested whatever its widest is."""
+    require_backend("cpu")
+    from subspace_ops.backends import cpu_extension
+
+    extension = cpu_extension()
+    got = extension.head_mixing_isa(request.param)
+    try:
+        if got != request.param:
+            pytest.skip(f"this CPU does not run {request.param} (widest: {got})")
+        yield request.param
+    finally:
+        extension.head_mixing_isa("auto")
+
+
+@pytest.mark.parametrize("case", ["gemm-tails-additive", "gemm-causal-d64", "gemm-chunks-d16", "key-chunks-causal"])
+def test_cpu_isa_paths_match_reference(cpu_isa, case):
+    """d = 48, 64, 16 and 8 (a multiple of AVX2's 8 lanes, not of AVX-512's 16): scores with the row max
+    from registers, tails of rows and keys, the accumulation's column blocks, and exp on each ISA."""
+    grad_out, truth = float64_truth(case, "cpu", CPU_PATH_CASES)
+    check_dtype_against_truth(f"{cpu_isa}/{case}", case, "cpu", torch.float32, "cpu", grad_out, truth,
+                              CPU_PATH_CASES)
+    grad_out, truth = float64_truth(case, "cpu", CPU_PATH_CASES, dropout_p=0.25)
+    check_dtype_against_truth(f"{cpu_isa}/{case}/dropout", case, "cpu", torch.float32, "cpu", grad_out, truth,
+                              CPU_PATH_CASES, dropout_p=0.25)
+
+
+def test_cpu_isa_switch_is_reported_and_validated():
+    require_backend("cpu")
+    from subspace_ops.backends import cpu_extension
+
+    extension = cpu_extension()
+    widest = extension.head_mixing_isa("auto")
+    assert widest in ("avx512", "avx2", "none")
+    try:
+        assert extension.head_mixing_isa("none") == "none"
+        with pytest.raises(RuntimeError, match="isa must be"):
+            extension.head_mixing_isa("sse")
+    finally:
+        assert extension.head_mixing_isa("auto") == widest
