@@ -168,10 +168,18 @@ __attribute__((target("avx2,fma"))) void exp_shifted_avx2(float* s, Shape shape,
       const __m256 row_shift = _mm256_maskload_ps(shift + h * shape.rows + i0, lanes);
       __m256 row_sum = _mm256_setzero_ps();
       float* x = s + h * shape.head_stride + i0;
-      for (int64_t c = 0; c < shape.keys; ++c, x += shape.rows) {
-        const __m256 p = exp8(_mm256_sub_ps(_mm256_maskload_ps(x, lanes), row_shift));
-        _mm256_maskstore_ps(x, lanes, p);
-        row_sum = _mm256_add_ps(row_sum, p);  // masked-off lanes add exp(0 − 0) = 1, never stored
+      if (lanes_used == 8) {  // plain loads and stores: Zen cores run vmaskmovps stores in microcode
+        for (int64_t c = 0; c < shape.keys; ++c, x += shape.rows) {
+          const __m256 p = exp8(_mm256_sub_ps(_mm256_loadu_ps(x), row_shift));
+          _mm256_storeu_ps(x, p);
+          row_sum = _mm256_add_ps(row_sum, p);
+        }
+      } else {
+        for (int64_t c = 0; c < shape.keys; ++c, x += shape.rows) {
+          const __m256 p = exp8(_mm256_sub_ps(_mm256_maskload_ps(x, lanes), row_shift));
+          _mm256_maskstore_ps(x, lanes, p);
+          row_sum = _mm256_add_ps(row_sum, p);  // masked-off lanes add exp(0 − 0) = 1, never stored
+        }
       }
       if (sums != nullptr) {
         float* acc = sums + h * shape.rows + i0;
