@@ -5,10 +5,10 @@
 //   P_g = exp(S_g − L_g)                    L_g = row log-sum-exp, saved for the backward
 //   M_h = Σ_g mix[h,g] P_g                  the head mix (a vectorized loop, head_mixing_tiles.cpp)
 //   O_h = M_h V_h                           a GEMM per head
-// In float32 with a head size that is a multiple of 16, on an AVX-512 CPU, the forward's GEMMs (and
-// the backward's scores) run on register-blocked loops made for these thin tiles
-// (head_mixing_gemm.cpp, which also takes the row max from its registers); otherwise on ATen's
-// batched GEMMs (MKL).
+// In float32 with a head size that is a multiple of the vector width (16 floats on AVX-512, 8 on
+// AVX2), every per-head GEMM of the forward and the backward runs on register-blocked loops made for
+// these thin tiles (head_mixing_gemm.cpp, which also takes the row max from its registers);
+// otherwise on ATen's batched GEMMs (MKL). Only the backward's dmix (an H × H result) stays on ATen.
 // When the whole key row of a block fits the tile budget (ViT, and N ≤ ~4k at H = 8) this is one
 // pass; otherwise a first pass over key blocks computes L and a second recomputes P block by block.
 //
@@ -182,16 +182,21 @@ const T* head_rows(const at::Tensor& t, int64_t b, int64_t h, int64_t row) {
   return t.const_data_ptr<T>() + ((b * t.size(1) + h) * t.size(2) + row) * t.size(3);
 }
 
-// The current query block's rows of every head, packed for gemm::scores_abt (scale folded in);
-// unused (empty) when the GEMMs are ATen's.
+// The current query block's rows of every head of q (scale folded in) or of dO, packed for
+// gemm::scores_abt; unused (empty) when the GEMMs are ATen's.
 using QueryPack = std::vector<gemm::PackedRows>;
 
-void pack_queries(const Problem& p, int64_t b, int64_t i0, int64_t i1, QueryPack& pack) {
+void pack_query_rows(const Problem& p, const at::Tensor& rows_of, double alpha, int64_t b, int64_t i0, int64_t i1,
+                     QueryPack& pack) {
   if (!uses_own_gemm(p)) return;
   pack.resize(p.heads);
   for (int64_t h = 0; h < p.heads; ++h) {
-    gemm::pack_rows(head_rows<float>(p.q, b, h, i0), p.dim, i1 - i0, p.dim, static_cast<float>(p.scale), pack[h]);
+    gemm::pack_rows(head_rows<float>(rows_of, b, h, i0), p.dim, i1 - i0, p.dim, static_cast<float>(alpha), pack[h]);
   }
+}
+
+void pack_queries(const Problem& p, int64_t b, int64_t i0, int64_t i1, QueryPack& pack) {
+  pack_query_rows(p, p.q, p.scale, b, i0, i1, pack);
 }
 
 // s [H, j1−j0, i1−i0] ← (scale · Q Kᵀ + mask)ᵀ for query rows [i0, i1) (packed in `pack`) and keys
@@ -475,7 +480,7 @@ KeyGradients key_gradient_plan(const Problem& p, int64_t q_items) {
 
 struct BackwardTiles {
   Tile probs, dots, mixed;
-  QueryPack query_pack;
+  QueryPack query_pack, grad_pack;  // the query block's q (scaled) and dO
   BackwardTiles(const Problem& p, int64_t elems)
       : probs(make_tile(p, elems)), dots(make_tile(p, elems)), mixed(make_tile(p, elems)) {}
 };
@@ -505,26 +510,46 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_items(const 
     }
   }
 
+  // With own_gemm the products below run on head_mixing_gemm's loops (float32, a head size they
+  // take), else on ATen's batched GEMMs.
+  const bool own_gemm = uses_own_gemm(p);
+  // rows [..] += key-major tile [H, keys, rows]ᵀ · x[b] rows [i0, i1), per head: dK += dSᵀ Q, dV += Mᵀ dO.
+  const auto add_tile_t_times = [&](at::Tensor& rows_out, const at::Tensor& tile, const at::Tensor& x, int64_t b,
+                                    int64_t i0) {
+    const int64_t keys = tile.size(1), rows = tile.size(2);
+    if (!own_gemm) return void(rows_out.baddbmm_(tile, x[b].slice(1, i0, i0 + rows)));
+    for (int64_t h = 0; h < p.heads; ++h) {
+      gemm::multiply_add(tile.const_data_ptr<float>() + h * tile.stride(0), rows, keys, head_rows<float>(x, b, h, i0),
+                         p.dim, rows, p.dim, rows_out.data_ptr<float>() + h * rows_out.stride(0), rows_out.stride(1));
+    }
+  };
   // probs ← P, dots ← T = V dOᵀ (⊙ the dropout factor), mixed ← E_g = Σ_h mix[h, g] T_h, as
   // [H, keys, rows] tiles.
   const auto tile_products = [&](int64_t b, int64_t i0, int64_t i1, int64_t j0, int64_t j1, const T* row_lse,
-                                 const T* coef_e, const uint32_t* drop_keys, const QueryPack& pack, at::Tensor& s,
+                                 const T* coef_e, const uint32_t* drop_keys, const BackwardTiles& tl, at::Tensor& s,
                                  at::Tensor& t, at::Tensor& e) {
-    scores(p, b, i0, i1, j0, j1, s, pack, static_cast<T*>(nullptr));
+    scores(p, b, i0, i1, j0, j1, s, tl.query_pack, static_cast<T*>(nullptr));
     tiles::exp_shifted(s.data_ptr<T>(), shape_of(s), row_lse, static_cast<T*>(nullptr));
-    at::bmm_out(t, p.v[b].slice(1, j0, j1), d_out[b].slice(1, i0, i1).transpose(1, 2));
+    if (own_gemm) {  // T_h = V_h dO_hᵀ, key-major: the scores' GEMM with dO's rows packed
+      for (int64_t h = 0; h < p.heads; ++h) {
+        gemm::scores_abt(head_rows<float>(p.v, b, h, j0), p.dim, j1 - j0, tl.grad_pack[h],
+                         t.data_ptr<float>() + h * t.stride(0), t.stride(1), nullptr);
+      }
+    } else {
+      at::bmm_out(t, p.v[b].slice(1, j0, j1), d_out[b].slice(1, i0, i1).transpose(1, 2));
+    }
     drop<T>(p, drop_keys, j0, t);
     tiles::mix_heads(coef_e, t.data_ptr<T>(), shape_of(t), e.data_ptr<T>(), e.stride(0));
   };
-  // dK[keys] += scale · dSᵀ Q, and M = mix @ P (⊙ the dropout factor) into T's buffer (T is spent):
-  // dV[keys] += Mᵀ dO.
-  const auto key_grads = [&](int64_t b, int64_t i0, int64_t i1, int64_t j0, const T* coef_m,
-                             const uint32_t* drop_keys, const at::Tensor& s, at::Tensor& t, const at::Tensor& ds,
-                             at::Tensor dk_rows, at::Tensor dv_rows) {
-    dk_rows.baddbmm_(ds, p.q[b].slice(1, i0, i1), /*beta=*/1, /*alpha=*/p.scale);
+  // dK[keys] += dSᵀ Q (dS carries the scale), and M = mix @ P (⊙ the dropout factor) into T's
+  // buffer (T is spent): dV[keys] += Mᵀ dO.
+  const auto key_grads = [&](int64_t b, int64_t i0, int64_t j0, const T* coef_m, const uint32_t* drop_keys,
+                             const at::Tensor& s, at::Tensor& t, const at::Tensor& ds, at::Tensor dk_rows,
+                             at::Tensor dv_rows) {
+    add_tile_t_times(dk_rows, ds, p.q, b, i0);
     tiles::mix_heads(coef_m, s.data_ptr<T>(), shape_of(s), t.data_ptr<T>(), t.stride(0));
     drop<T>(p, drop_keys, j0, t);
-    dv_rows.baddbmm_(t, d_out[b].slice(1, i0, i1));
+    add_tile_t_times(dv_rows, t, d_out, b, i0);
   };
 
   // Per query block: D, dmix, dQ, and (unless two phases) dK/dV.
@@ -534,6 +559,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_items(const 
     T *row_lse = stats.a.data(), *d = stats.b.data();
     load_rows(lse, b, i0, rows, row_lse);
     pack_queries(p, b, i0, i1, tl.query_pack);
+    pack_query_rows(p, d_out, 1.0, b, i0, i1, tl.grad_pack);
     std::fill(d, d + p.heads * rows, T(0));
     const T* coef_e = mixing_coefficients(mix_t, rows, stats.mix_t_coef);
     const T* coef_m = mixing_coefficients(p.mix, rows, stats.mix_coef);
@@ -547,16 +573,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_items(const 
         const int64_t j1 = std::min(keys, j0 + blk.key_block), cols = j1 - j0;
         at::Tensor s = tl.probs.view(p.heads, cols, rows), t = tl.dots.view(p.heads, cols, rows);
         at::Tensor e = tl.mixed.view(p.heads, cols, rows);
-        tile_products(b, i0, i1, j0, j1, row_lse, coef_e, drop_keys, tl.query_pack, s, t, e);
+        tile_products(b, i0, i1, j0, j1, row_lse, coef_e, drop_keys, tl, s, t, e);
         if (pass == 0) {  // dmix[h, g] += Σ T_h ⊙ P_g ; D_g += rowsum(P_g ⊙ E_g)
           dmix.addmm_(flat2d(t), flat2d(s).t());
           tiles::add_row_dots(e.data_ptr<T>(), s.data_ptr<T>(), shape_of(e), d);
         }
-        if (one_pass || pass == 1) {  // dS = P ⊙ (E − D); dQ += scale · dS K
-          tiles::softmax_grad(e.data_ptr<T>(), s.data_ptr<T>(), shape_of(e), d);
-          dq_rows.baddbmm_(e.transpose(1, 2), p.k[b].slice(1, j0, j1), /*beta=*/1, /*alpha=*/p.scale);
+        if (one_pass || pass == 1) {  // dS = scale · P ⊙ (E − D); dQ += dS K
+          tiles::softmax_grad(e.data_ptr<T>(), s.data_ptr<T>(), shape_of(e), d, static_cast<T>(p.scale));
+          if (own_gemm) {  // dQ_h += dS_hᵀ K_h with dS_h key-major: the forward's O += Mᵀ V
+            for (int64_t h = 0; h < p.heads; ++h) {
+              gemm::accumulate_atb(e.data_ptr<float>() + h * e.stride(0), rows, head_rows<float>(p.k, b, h, j0),
+                                   p.dim, cols, rows, p.dim, dq_rows.data_ptr<float>() + h * dq_rows.stride(0),
+                                   dq_rows.stride(1));
+            }
+          } else {
+            dq_rows.baddbmm_(e.transpose(1, 2), p.k[b].slice(1, j0, j1));
+          }
           if (plan != KeyGradients::kTwoPhases)
-            key_grads(b, i0, i1, j0, coef_m, drop_keys, s, t, e, dk_b.slice(1, j0, j1), dv_b.slice(1, j0, j1));
+            key_grads(b, i0, j0, coef_m, drop_keys, s, t, e, dk_b.slice(1, j0, j1), dv_b.slice(1, j0, j1));
         }
       }
     }
@@ -598,14 +632,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_items(const 
           load_rows(lse, b, i0, rows, row_lse);
           load_rows(row_d, b, i0, rows, d);
           pack_queries(p, b, i0, i1, tl.query_pack);
+          pack_query_rows(p, d_out, 1.0, b, i0, i1, tl.grad_pack);
           const T* coef_e = mixing_coefficients(mix_t, rows, stats.mix_t_coef);
           const T* coef_m = mixing_coefficients(p.mix, rows, stats.mix_coef);
           at::Tensor s = tl.probs.view(p.heads, cols, rows), t = tl.dots.view(p.heads, cols, rows);
           at::Tensor e = tl.mixed.view(p.heads, cols, rows);
           const uint32_t* drop_keys = dropout_keys(p, b, i0, rows, key_buffer);
-          tile_products(b, i0, i1, j0, j1, row_lse, coef_e, drop_keys, tl.query_pack, s, t, e);
-          tiles::softmax_grad(e.data_ptr<T>(), s.data_ptr<T>(), shape_of(e), d);
-          key_grads(b, i0, i1, j0, coef_m, drop_keys, s, t, e, dk[b].slice(1, j0, j1), dv[b].slice(1, j0, j1));
+          tile_products(b, i0, i1, j0, j1, row_lse, coef_e, drop_keys, tl, s, t, e);
+          tiles::softmax_grad(e.data_ptr<T>(), s.data_ptr<T>(), shape_of(e), d, static_cast<T>(p.scale));
+          key_grads(b, i0, j0, coef_m, drop_keys, s, t, e, dk[b].slice(1, j0, j1), dv[b].slice(1, j0, j1));
         }
       }
     });

@@ -115,6 +115,15 @@ void accumulate_atb(const float* a, int64_t lda, const float* b, int64_t ldb, in
   }
 }
 
+void multiply_add(const float* a, int64_t lda, int64_t keys, const float* b, int64_t ldb, int64_t depth,
+                  int64_t cols, float* c, int64_t ldc) {
+  if (isa() == Isa::kAvx512) {
+    isa_avx512::multiply_add(a, lda, keys, b, ldb, depth, cols, c, ldc);
+  } else {
+    isa_avx2::multiply_add(a, lda, keys, b, ldb, depth, cols, c, ldc);
+  }
+}
+
 #else  // not x86-64 GCC/Clang: never available, so never called
 
 Isa isa() { return Isa::kNone; }
@@ -125,6 +134,9 @@ void scores_abt(const float*, int64_t, int64_t, const PackedRows&, float*, int64
 }
 void accumulate_atb(const float*, int64_t, const float*, int64_t, int64_t, int64_t, int64_t, float*, int64_t) {
   throw std::logic_error("gemm::accumulate_atb called where gemm::available() is false");
+}
+void multiply_add(const float*, int64_t, int64_t, const float*, int64_t, int64_t, int64_t, float*, int64_t) {
+  throw std::logic_error("gemm::multiply_add called where gemm::available() is false");
 }
 
 #endif

@@ -46,4 +46,11 @@ void scores_abt(const float* a, int64_t lda, int64_t keys, const PackedRows& b, 
 void accumulate_atb(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t keys, int64_t rows,
                     int64_t dim, float* c, int64_t ldc);
 
+// c[j, t] += Σ_s a[j, s] · b[s, t] for j < keys, t < cols, s < depth (C += A B; the backward's
+// dK += dS Q and dV += M dO with dS, M key-major). a: [keys, depth] with row stride lda, b: [depth,
+// cols] with row stride ldb, c: [keys, cols] with row stride ldc; cols a multiple of the vector
+// width (as `available` requires of the head size).
+void multiply_add(const float* a, int64_t lda, int64_t keys, const float* b, int64_t ldb, int64_t depth,
+                  int64_t cols, float* c, int64_t ldc);
+
 }  // namespace subspace_ops::gemm

@@ -227,27 +227,22 @@ __attribute__((target("avx2,fma"))) void apply_dropout_avx2(float* t, Shape shap
 
 #endif
 
-// One 64-byte vector of T; GCC/Clang lower it to whatever the clone's ISA has (1 zmm, 2 ymm, 4 xmm).
-template <typename T>
-struct Vector;
-template <>
-struct Vector<float> {
-  typedef float type __attribute__((vector_size(64)));
-};
-template <>
-struct Vector<double> {
-  typedef double type __attribute__((vector_size(64)));
+// One vector of T, 64 bytes unless said otherwise; GCC/Clang lower it to whatever the clone's ISA
+// has (64 bytes: 1 zmm, 2 ymm, 4 xmm).
+template <typename T, int Bytes = 64>
+struct Vector {
+  typedef T type __attribute__((vector_size(Bytes)));
 };
 
-template <typename T>
-SUBSPACE_OPS_INLINE typename Vector<T>::type load(const T* p) {
-  typename Vector<T>::type v;
+template <typename V, typename T>
+SUBSPACE_OPS_INLINE V load(const T* p) {
+  V v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
 
-template <typename T>
-SUBSPACE_OPS_INLINE void store(T* p, const typename Vector<T>::type& v) {
+template <typename V, typename T>
+SUBSPACE_OPS_INLINE void store(T* p, const V& v) {
   std::memcpy(p, &v, sizeof(v));
 }
 
@@ -257,10 +252,10 @@ constexpr int64_t kMaxVectorHeads = 64;  // mix_heads keeps one vector per input
 // the KU·H input vectors stay in registers, and each coefficient vector loaded feeds KU FMAs. (With
 // H a runtime value the input vectors live on the stack, and the loop issues about two loads per
 // FMA: measured 1.8x slower at H = 8, 32 rows.)
-template <typename T, int H, int KU>
+template <typename T, int Bytes, int H, int KU>
 SUBSPACE_OPS_INLINE void mix_vector_rows_fixed(const T* coef, const T* src, Shape shape, T* dst,
                                                int64_t dst_head_stride, int64_t vector_rows) {
-  using Vec = typename Vector<T>::type;
+  using Vec = typename Vector<T, Bytes>::type;
   constexpr int64_t kWidth = sizeof(Vec) / sizeof(T);
   const int64_t rows = shape.rows, keys = shape.keys;
   int64_t c = 0;
@@ -269,17 +264,17 @@ SUBSPACE_OPS_INLINE void mix_vector_rows_fixed(const T* coef, const T* src, Shap
     for (int64_t i0 = 0; i0 < vector_rows; i0 += kWidth) {
       Vec x[U][H];
       for (int u = 0; u < U; ++u)
-        for (int g = 0; g < H; ++g) x[u][g] = load(src + g * shape.head_stride + (c0 + u) * rows + i0);
+        for (int g = 0; g < H; ++g) x[u][g] = load<Vec>(src + g * shape.head_stride + (c0 + u) * rows + i0);
       for (int h = 0; h < H; ++h) {
         const T* coef_h = coef + h * H * rows + i0;
         Vec acc[U];
-        const Vec first = load(coef_h);
+        const Vec first = load<Vec>(coef_h);
         for (int u = 0; u < U; ++u) acc[u] = first * x[u][0];
         for (int g = 1; g < H; ++g) {
-          const Vec coef_g = load(coef_h + g * rows);
+          const Vec coef_g = load<Vec>(coef_h + g * rows);
           for (int u = 0; u < U; ++u) acc[u] += coef_g * x[u][g];
         }
-        for (int u = 0; u < U; ++u) store(dst + h * dst_head_stride + (c0 + u) * rows + i0, acc[u]);
+        for (int u = 0; u < U; ++u) store<Vec>(dst + h * dst_head_stride + (c0 + u) * rows + i0, acc[u]);
       }
     }
   };
@@ -288,21 +283,21 @@ SUBSPACE_OPS_INLINE void mix_vector_rows_fixed(const T* coef, const T* src, Shap
 }
 
 // The same for any head count up to kMaxVectorHeads, one key row at a time.
-template <typename T>
+template <typename T, int Bytes>
 SUBSPACE_OPS_INLINE void mix_vector_rows_any(const T* coef, const T* src, Shape shape, T* dst, int64_t dst_head_stride,
                                              int64_t vector_rows) {
-  using Vec = typename Vector<T>::type;
+  using Vec = typename Vector<T, Bytes>::type;
   constexpr int64_t kWidth = sizeof(Vec) / sizeof(T);
   const int64_t heads = shape.heads, rows = shape.rows;
   Vec x[kMaxVectorHeads];
   for (int64_t c = 0; c < shape.keys; ++c) {
     for (int64_t i0 = 0; i0 < vector_rows; i0 += kWidth) {
-      for (int64_t g = 0; g < heads; ++g) x[g] = load(src + g * shape.head_stride + c * rows + i0);
+      for (int64_t g = 0; g < heads; ++g) x[g] = load<Vec>(src + g * shape.head_stride + c * rows + i0);
       for (int64_t h = 0; h < heads; ++h) {
         const T* coef_h = coef + h * heads * rows + i0;
-        Vec acc = load(coef_h) * x[0];
-        for (int64_t g = 1; g < heads; ++g) acc += load(coef_h + g * rows) * x[g];
-        store(dst + h * dst_head_stride + c * rows + i0, acc);
+        Vec acc = load<Vec>(coef_h) * x[0];
+        for (int64_t g = 1; g < heads; ++g) acc += load<Vec>(coef_h + g * rows) * x[g];
+        store<Vec>(dst + h * dst_head_stride + c * rows + i0, acc);
       }
     }
   }
@@ -312,21 +307,37 @@ SUBSPACE_OPS_INLINE void mix_vector_rows_any(const T* coef, const T* src, Shape 
 // are loaded once and every output head is a chain of FMAs over them (coefficients from L1).
 // Explicit vectors, because the autovectorizer turns the same loop into one that keeps the
 // accumulator in memory (2x slower). Common head counts get a compile-time H (registers, above).
-template <typename T>
+// Bytes: the vector size, 64 (AVX-512's 32 registers hold the blocks below) or 32 for AVX2's 16
+// registers (with 64-byte vectors, each 2 ymm, the H = 8 blocks spilled: mix_heads took ~10% of
+// the forward + backward on a Zen 3 EPYC at H = 8, N = 2048).
+template <typename T, int Bytes = 64>
 SUBSPACE_OPS_INLINE void mix_heads_impl(const T* coef, const T* src, Shape shape, T* dst, int64_t dst_head_stride) {
-  using Vec = typename Vector<T>::type;
+  using Vec = typename Vector<T, Bytes>::type;
   constexpr int64_t kWidth = sizeof(Vec) / sizeof(T);
   const int64_t heads = shape.heads, rows = shape.rows;
   // Rows covered by whole vectors (none for H > 64); the rest go through the scalar loop below.
   const int64_t vector_rows = heads <= kMaxVectorHeads ? rows - rows % kWidth : 0;
   if (vector_rows > 0) {
-    switch (heads) {  // KU: as many key rows as leave the H·KU input vectors in registers
-      case 4: mix_vector_rows_fixed<T, 4, 4>(coef, src, shape, dst, dst_head_stride, vector_rows); break;
-      case 6: mix_vector_rows_fixed<T, 6, 3>(coef, src, shape, dst, dst_head_stride, vector_rows); break;
-      case 8: mix_vector_rows_fixed<T, 8, 2>(coef, src, shape, dst, dst_head_stride, vector_rows); break;
-      case 12: mix_vector_rows_fixed<T, 12, 2>(coef, src, shape, dst, dst_head_stride, vector_rows); break;
-      case 16: mix_vector_rows_fixed<T, 16, 1>(coef, src, shape, dst, dst_head_stride, vector_rows); break;
-      default: mix_vector_rows_any(coef, src, shape, dst, dst_head_stride, vector_rows);
+    // KU: as many key rows as leave the H·KU input vectors, KU accumulators and a coefficient in
+    // registers (32 of them for 64-byte vectors, 16 for 32-byte ones).
+    constexpr bool kWide = Bytes == 64;
+    const auto fixed = [&](auto heads_c, auto key_rows_c) {
+      mix_vector_rows_fixed<T, Bytes, decltype(heads_c)::value, decltype(key_rows_c)::value>(
+          coef, src, shape, dst, dst_head_stride, vector_rows);
+    };
+    using std::integral_constant;
+    switch (heads) {
+      case 4: fixed(integral_constant<int, 4>{}, integral_constant<int, kWide ? 4 : 2>{}); break;
+      case 6: fixed(integral_constant<int, 6>{}, integral_constant<int, kWide ? 3 : 2>{}); break;
+      case 8: fixed(integral_constant<int, 8>{}, integral_constant<int, kWide ? 2 : 1>{}); break;
+      case 12: fixed(integral_constant<int, 12>{}, integral_constant<int, kWide ? 2 : 1>{}); break;
+      case 16:
+        if constexpr (kWide) {
+          fixed(integral_constant<int, 16>{}, integral_constant<int, 1>{});
+          break;
+        }
+        [[fallthrough]];
+      default: mix_vector_rows_any<T, Bytes>(coef, src, shape, dst, dst_head_stride, vector_rows);
     }
   }
   for (int64_t h = 0; h < heads; ++h) {  // the rows past the last full vector (all rows for H > 64)
@@ -354,12 +365,12 @@ SUBSPACE_OPS_INLINE void add_row_dots_impl(const T* a, const T* b, Shape shape, 
 }
 
 template <typename T>
-SUBSPACE_OPS_INLINE void softmax_grad_impl(T* e, const T* p, Shape shape, const T* d) {
+SUBSPACE_OPS_INLINE void softmax_grad_impl(T* e, const T* p, Shape shape, const T* d, T scale) {
   for (int64_t h = 0; h < shape.heads; ++h) {
     const T* dh = d + h * shape.rows;
     for (int64_t c = 0; c < shape.keys; ++c) {
       const int64_t at = h * shape.head_stride + c * shape.rows;
-      for (int64_t i = 0; i < shape.rows; ++i) e[at + i] = p[at + i] * (e[at + i] - dh[i]);
+      for (int64_t i = 0; i < shape.rows; ++i) e[at + i] = scale * p[at + i] * (e[at + i] - dh[i]);
     }
   }
 }
@@ -409,8 +420,18 @@ SUBSPACE_OPS_ISA_CLONES void exp_shifted(float* s, Shape shape, const float* shi
 }
 void exp_shifted(double* s, Shape shape, const double* shift, double* sums) { exp_shifted_impl(s, shape, shift, sums); }
 
+#if SUBSPACE_OPS_HAVE_X86_EXP
+static __attribute__((target("avx2,fma"))) void mix_heads_avx2(const float* coef, const float* src, Shape shape,
+                                                                float* dst, int64_t dst_head_stride) {
+  mix_heads_impl<float, 32>(coef, src, shape, dst, dst_head_stride);
+}
+#endif
+
 SUBSPACE_OPS_ISA_CLONES void mix_heads(const float* coef, const float* src, Shape shape, float* dst,
                                        int64_t dst_head_stride) {
+#if SUBSPACE_OPS_HAVE_X86_EXP
+  if (gemm::isa() == gemm::Isa::kAvx2) return mix_heads_avx2(coef, src, shape, dst, dst_head_stride);
+#endif
   mix_heads_impl(coef, src, shape, dst, dst_head_stride);
 }
 void mix_heads(const double* coef, const double* src, Shape shape, double* dst, int64_t dst_head_stride) {
@@ -422,9 +443,11 @@ SUBSPACE_OPS_ISA_CLONES void add_row_dots(const float* a, const float* b, Shape 
 }
 void add_row_dots(const double* a, const double* b, Shape shape, double* out) { add_row_dots_impl(a, b, shape, out); }
 
-SUBSPACE_OPS_ISA_CLONES void softmax_grad(float* e, const float* p, Shape shape, const float* d) {
-  softmax_grad_impl(e, p, shape, d);
+SUBSPACE_OPS_ISA_CLONES void softmax_grad(float* e, const float* p, Shape shape, const float* d, float scale) {
+  softmax_grad_impl(e, p, shape, d, scale);
 }
-void softmax_grad(double* e, const double* p, Shape shape, const double* d) { softmax_grad_impl(e, p, shape, d); }
+void softmax_grad(double* e, const double* p, Shape shape, const double* d, double scale) {
+  softmax_grad_impl(e, p, shape, d, scale);
+}
 
 }  // namespace subspace_ops::tiles

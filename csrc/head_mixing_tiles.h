@@ -54,8 +54,9 @@ void apply_dropout(float* t, Shape shape, const uint32_t* row_keys, int64_t j0, 
 void apply_dropout(double* t, Shape shape, const uint32_t* row_keys, int64_t j0, uint32_t threshold,
                    double keep_scale);
 
-// e[h, c, i] ← p[h, c, i] · (e[h, c, i] − d[h, i]): the softmax backward dS = P ⊙ (E − D).
-void softmax_grad(float* e, const float* p, Shape shape, const float* d);
-void softmax_grad(double* e, const double* p, Shape shape, const double* d);
+// e[h, c, i] ← scale · p[h, c, i] · (e[h, c, i] − d[h, i]): the softmax backward dS = P ⊙ (E − D),
+// times the scores' scale (which every product of dS carries: dQ = scale · dS K, dK = scale · dSᵀ Q).
+void softmax_grad(float* e, const float* p, Shape shape, const float* d, float scale);
+void softmax_grad(double* e, const double* p, Shape shape, const double* d, double scale);
 
 }  // namespace subspace_ops::tiles

@@ -458,10 +458,22 @@ def cpu_isa(request):
         extension.head_mixing_isa("auto")
 
 
+@pytest.mark.parametrize("threads", [2, 3])
 @pytest.mark.parametrize("case", ["gemm-tails-additive", "gemm-causal-d64", "gemm-chunks-d16", "key-chunks-causal"])
-def test_cpu_isa_paths_match_reference(cpu_isa, case):
+def test_cpu_isa_paths_match_reference(cpu_isa, case, threads):
     """d = 48, 64, 16 and 8 (a multiple of AVX2's 8 lanes, not of AVX-512's 16): scores with the row max
-    from registers, tails of rows and keys, the accumulation's column blocks, and exp on each ISA."""
+    from registers, tails of rows and keys, the accumulation's column blocks, exp, and the backward's
+    products (T, dQ, dK, dV) on each ISA; 2 threads share dK/dV through a private copy (or own whole
+    batches), 3 threads take the two-phase backward (query blocks, then key blocks)."""
+    saved_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _check_isa_case(cpu_isa, case)
+    finally:
+        torch.set_num_threads(saved_threads)
+
+
+def _check_isa_case(cpu_isa, case):
     grad_out, truth = float64_truth(case, "cpu", CPU_PATH_CASES)
     check_dtype_against_truth(f"{cpu_isa}/{case}", case, "cpu", torch.float32, "cpu", grad_out, truth,
                               CPU_PATH_CASES)
