@@ -28,6 +28,7 @@ struct Simd {
   static constexpr int64_t kLanes = 16;
   static constexpr int kScoreKeys1 = 16, kScoreKeys2 = 8;  // 16 accumulators either way
   static constexpr int kAccRows = 6, kAccVectors = 4;      // 64 columns by 6 rows: 24 accumulators
+  static constexpr int64_t kAccumulateKeyStep = 64;
   static inline __attribute__((always_inline)) Vec zero() { return _mm512_setzero_ps(); }
   static inline __attribute__((always_inline)) Vec set1(float x) { return _mm512_set1_ps(x); }
   static inline __attribute__((always_inline)) Vec load(const float* p) { return _mm512_loadu_ps(p); }
@@ -50,6 +51,7 @@ struct Simd {
   static constexpr int64_t kLanes = 8;
   static constexpr int kScoreKeys1 = 12, kScoreKeys2 = 6;  // 12 accumulators of the 16 registers
   static constexpr int kAccRows = 6, kAccVectors = 2;      // 16 columns by 6 rows: 12 accumulators
+  static constexpr int64_t kAccumulateKeyStep = 256;
   static inline __attribute__((always_inline)) Vec zero() { return _mm256_setzero_ps(); }
   static inline __attribute__((always_inline)) Vec set1(float x) { return _mm256_set1_ps(x); }
   static inline __attribute__((always_inline)) Vec load(const float* p) { return _mm256_loadu_ps(p); }
