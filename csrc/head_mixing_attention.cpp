@@ -310,6 +310,44 @@ void parallel_chunks(int64_t chunks, const Body& body) {
   });
 }
 
+// The per-head products of a key-major tile [H, keys, rows] (dims 1, 2 dense) with rows of x, a
+// contiguous [B, H, N, D] tensor, on head_mixing_gemm's loops when uses_own_gemm, else on ATen's
+// batched GEMMs:
+// out [H, rows, D] += tileᵀ x[b, :, j0 : j0 + keys]   (sum over keys: O += Mᵀ V, dQ += dSᵀ K);
+template <typename T>
+void add_key_sum(const Problem& p, at::Tensor& out, const at::Tensor& tile, const at::Tensor& x, int64_t b,
+                 int64_t j0) {
+  const int64_t keys = tile.size(1), rows = tile.size(2);
+  if constexpr (std::is_same_v<T, float>) {
+    if (uses_own_gemm(p)) {
+      for (int64_t h = 0; h < p.heads; ++h) {
+        gemm::accumulate_atb(tile.const_data_ptr<float>() + h * tile.stride(0), rows, head_rows<float>(x, b, h, j0),
+                             p.dim, keys, rows, p.dim, out.data_ptr<float>() + h * out.stride(0), out.stride(1));
+      }
+      return;
+    }
+  }
+  out.baddbmm_(tile.transpose(1, 2), x[b].slice(1, j0, j0 + keys));
+}
+
+// out [H, keys, D] += tile x[b, :, i0 : i0 + rows]   (sum over query rows: dK += dSᵀ Q, dV += Mᵀ dO
+// with dS, M key-major).
+template <typename T>
+void add_row_sum(const Problem& p, at::Tensor out, const at::Tensor& tile, const at::Tensor& x, int64_t b,
+                 int64_t i0) {
+  const int64_t keys = tile.size(1), rows = tile.size(2);
+  if constexpr (std::is_same_v<T, float>) {
+    if (uses_own_gemm(p)) {
+      for (int64_t h = 0; h < p.heads; ++h) {
+        gemm::multiply_add(tile.const_data_ptr<float>() + h * tile.stride(0), rows, keys, head_rows<float>(x, b, h, i0),
+                           p.dim, rows, p.dim, out.data_ptr<float>() + h * out.stride(0), out.stride(1));
+      }
+      return;
+    }
+  }
+  out.baddbmm_(tile, x[b].slice(1, i0, i0 + rows));
+}
+
 // o [H, rows, D] += Mᵀ V for keys [j0, j0 + p_tile.size(1)), with M_h = Σ_g coef[h, g] P_g
 // (tiles::mix_heads) times the dropout factor (drop_keys: dropout_keys), mixed kMixChunk keys at a
 // time into `mixed`.
@@ -323,15 +361,7 @@ void mix_and_accumulate(const Problem& p, int64_t b, int64_t j0, const at::Tenso
     at::Tensor m = mixed.view(p.heads, c1 - c0, rows);
     tiles::mix_heads(coef, chunk.data_ptr<T>(), shape_of(chunk), m.data_ptr<T>(), m.stride(0));
     drop<T>(p, drop_keys, j0 + c0, m);
-    bool own_gemm = false;
-    if constexpr (std::is_same_v<T, float>) {  // O_h += M_hᵀ V_h (M_h is key-major)
-      own_gemm = uses_own_gemm(p);
-      for (int64_t h = 0; own_gemm && h < p.heads; ++h) {
-        gemm::accumulate_atb(m.data_ptr<float>() + h * m.stride(0), rows, head_rows<float>(p.v, b, h, j0 + c0),
-                             p.dim, c1 - c0, rows, p.dim, o.data_ptr<float>() + h * o.stride(0), o.stride(1));
-      }
-    }
-    if (!own_gemm) o.baddbmm_(m.transpose(1, 2), p.v[b].slice(1, j0 + c0, j0 + c1));
+    add_key_sum<T>(p, o, m, p.v, b, j0 + c0);
   }
 }
 
@@ -510,19 +540,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_items(const 
     }
   }
 
-  // With own_gemm the products below run on head_mixing_gemm's loops (float32, a head size they
-  // take), else on ATen's batched GEMMs.
-  const bool own_gemm = uses_own_gemm(p);
-  // rows [..] += key-major tile [H, keys, rows]ᵀ · x[b] rows [i0, i1), per head: dK += dSᵀ Q, dV += Mᵀ dO.
-  const auto add_tile_t_times = [&](at::Tensor& rows_out, const at::Tensor& tile, const at::Tensor& x, int64_t b,
-                                    int64_t i0) {
-    const int64_t keys = tile.size(1), rows = tile.size(2);
-    if (!own_gemm) return void(rows_out.baddbmm_(tile, x[b].slice(1, i0, i0 + rows)));
-    for (int64_t h = 0; h < p.heads; ++h) {
-      gemm::multiply_add(tile.const_data_ptr<float>() + h * tile.stride(0), rows, keys, head_rows<float>(x, b, h, i0),
-                         p.dim, rows, p.dim, rows_out.data_ptr<float>() + h * rows_out.stride(0), rows_out.stride(1));
-    }
-  };
   // probs ← P, dots ← T = V dOᵀ (⊙ the dropout factor), mixed ← E_g = Σ_h mix[h, g] T_h, as
   // [H, keys, rows] tiles.
   const auto tile_products = [&](int64_t b, int64_t i0, int64_t i1, int64_t j0, int64_t j1, const T* row_lse,
@@ -530,7 +547,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_items(const 
                                  at::Tensor& t, at::Tensor& e) {
     scores(p, b, i0, i1, j0, j1, s, tl.query_pack, static_cast<T*>(nullptr));
     tiles::exp_shifted(s.data_ptr<T>(), shape_of(s), row_lse, static_cast<T*>(nullptr));
-    if (own_gemm) {  // T_h = V_h dO_hᵀ, key-major: the scores' GEMM with dO's rows packed
+    if (uses_own_gemm(p)) {  // T_h = V_h dO_hᵀ, key-major: the scores' GEMM with dO's rows packed
       for (int64_t h = 0; h < p.heads; ++h) {
         gemm::scores_abt(head_rows<float>(p.v, b, h, j0), p.dim, j1 - j0, tl.grad_pack[h],
                          t.data_ptr<float>() + h * t.stride(0), t.stride(1), nullptr);
@@ -546,10 +563,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_items(const 
   const auto key_grads = [&](int64_t b, int64_t i0, int64_t j0, const T* coef_m, const uint32_t* drop_keys,
                              const at::Tensor& s, at::Tensor& t, const at::Tensor& ds, at::Tensor dk_rows,
                              at::Tensor dv_rows) {
-    add_tile_t_times(dk_rows, ds, p.q, b, i0);
+    add_row_sum<T>(p, dk_rows, ds, p.q, b, i0);
     tiles::mix_heads(coef_m, s.data_ptr<T>(), shape_of(s), t.data_ptr<T>(), t.stride(0));
     drop<T>(p, drop_keys, j0, t);
-    add_tile_t_times(dv_rows, t, d_out, b, i0);
+    add_row_sum<T>(p, dv_rows, t, d_out, b, i0);
   };
 
   // Per query block: D, dmix, dQ, and (unless two phases) dK/dV.
@@ -580,15 +597,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_items(const 
         }
         if (one_pass || pass == 1) {  // dS = scale · P ⊙ (E − D); dQ += dS K
           tiles::softmax_grad(e.data_ptr<T>(), s.data_ptr<T>(), shape_of(e), d, static_cast<T>(p.scale));
-          if (own_gemm) {  // dQ_h += dS_hᵀ K_h with dS_h key-major: the forward's O += Mᵀ V
-            for (int64_t h = 0; h < p.heads; ++h) {
-              gemm::accumulate_atb(e.data_ptr<float>() + h * e.stride(0), rows, head_rows<float>(p.k, b, h, j0),
-                                   p.dim, cols, rows, p.dim, dq_rows.data_ptr<float>() + h * dq_rows.stride(0),
-                                   dq_rows.stride(1));
-            }
-          } else {
-            dq_rows.baddbmm_(e.transpose(1, 2), p.k[b].slice(1, j0, j1));
-          }
+          add_key_sum<T>(p, dq_rows, e, p.k, b, j0);
           if (plan != KeyGradients::kTwoPhases)
             key_grads(b, i0, j0, coef_m, drop_keys, s, t, e, dk_b.slice(1, j0, j1), dv_b.slice(1, j0, j1));
         }

@@ -99,12 +99,13 @@ bool available(int64_t dim) {
 void scores_abt(const float* a, int64_t lda, int64_t keys, const PackedRows& b, float* c, int64_t ldc,
                 float* row_max) {
   const bool avx512 = isa() == Isa::kAvx512;
+  const float* bt = b.data.data();
   if (row_max != nullptr) {
-    avx512 ? isa_avx512::scores_all_rows<true>(a, lda, keys, b, c, ldc, row_max)
-           : isa_avx2::scores_all_rows<true>(a, lda, keys, b, c, ldc, row_max);
+    avx512 ? isa_avx512::scores_all_rows<true>(a, lda, keys, bt, b.ld, b.rows, b.dim, c, ldc, row_max)
+           : isa_avx2::scores_all_rows<true>(a, lda, keys, bt, b.ld, b.rows, b.dim, c, ldc, row_max);
   } else {
-    avx512 ? isa_avx512::scores_all_rows<false>(a, lda, keys, b, c, ldc, row_max)
-           : isa_avx2::scores_all_rows<false>(a, lda, keys, b, c, ldc, row_max);
+    avx512 ? isa_avx512::scores_all_rows<false>(a, lda, keys, bt, b.ld, b.rows, b.dim, c, ldc, row_max)
+           : isa_avx2::scores_all_rows<false>(a, lda, keys, bt, b.ld, b.rows, b.dim, c, ldc, row_max);
   }
 }
 
