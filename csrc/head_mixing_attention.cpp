@@ -404,19 +404,44 @@ void score_and_fold(const Problem& p, int64_t b, int64_t i0, int64_t i1, int64_t
   tiles::exp_shifted(s.data_ptr<T>(), shape_of(s), shift, sums);
 }
 
-// row_lse = max + log Σ, +inf for a fully masked row (so that exp(s − lse) = 0 later).
+// row_lse = max + log Σ, +inf for a fully masked row (so that exp(s − lse) = 0 later), and row_lost
+// = (max − row_lse) + log Σ, what that sum lost to rounding, kept where it exceeds a few ulps (as the
+// Triton kernels: head_mixing_chunked.lost_tolerance). It matters where the max is so large that
+// max + log Σ == max (every key of the row masked with transformers' finfo.min): there exp(s − lse)
+// would give each of the row's n keys probability 1, and exp(s − lse) · exp(−lost) gives 1/n.
 template <typename T>
-void finish_lse(const T* running_max, const T* sums, int64_t n_stats, T* row_lse) {
-  for (int64_t r = 0; r < n_stats; ++r) row_lse[r] = sums[r] > 0 ? running_max[r] + std::log(sums[r]) : T(kInf);
+void finish_lse(const T* running_max, const T* sums, int64_t n_stats, T* row_lse, T* row_lost) {
+  const T tolerance = 16 * std::numeric_limits<T>::epsilon();
+  for (int64_t r = 0; r < n_stats; ++r) {
+    const T log_sum = sums[r] > 0 ? std::log(sums[r]) : T(0);
+    row_lse[r] = sums[r] > 0 ? running_max[r] + log_sum : T(kInf);
+    const T lost = sums[r] > 0 ? (running_max[r] - row_lse[r]) + log_sum : T(0);
+    row_lost[r] = std::abs(lost) > tolerance ? lost : T(0);
+  }
+}
+
+// P ← P · exp(−lost) on the rows of a [heads, keys, rows] tile of exp(S − L) whose L lost part of log Σ
+// (finish_lse); no other row is touched.
+template <typename T>
+void restore_lost_sums(at::Tensor& s, const T* row_lost) {
+  const int64_t heads = s.size(0), keys = s.size(1), rows = s.size(2);
+  T* data = s.data_ptr<T>();
+  for (int64_t h = 0; h < heads; ++h) {
+    for (int64_t i = 0; i < rows; ++i) {
+      if (row_lost[h * rows + i] == T(0)) continue;
+      const T factor = std::exp(-row_lost[h * rows + i]);
+      for (int64_t c = 0; c < keys; ++c) data[h * s.stride(0) + c * s.stride(1) + i * s.stride(2)] *= factor;
+    }
+  }
 }
 
 // The whole key row fits the tile: one pass over key chunks of kMixChunk keys, each scored and
 // exponentiated while it is in cache, with an online row max (as FlashAttention's): chunk c keeps
 // exp(S − m_c), m_c the running max when it was done, and the mix folds exp(m_c − m) / Σ into its
-// coefficients. Then o = Σ_chunks (mix @ P) V. Row log-sum-exp → row_lse.
+// coefficients. Then o = Σ_chunks (mix @ P) V. Row log-sum-exp → row_lse, row_lost.
 template <typename T>
 void forward_one_pass(const Problem& p, int64_t b, int64_t i0, int64_t i1, const uint32_t* drop_keys,
-                      ForwardScratch<T>& fs, at::Tensor& o, T* row_lse) {
+                      ForwardScratch<T>& fs, at::Tensor& o, T* row_lse, T* row_lost) {
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
   const int64_t rows = i1 - i0, keys = p.key_end(i1), n_stats = p.heads * rows;
   T *running_max = fs.stats.a.data(), *sums = fs.stats.b.data(), *shift = fs.stats.c.data();
@@ -430,7 +455,7 @@ void forward_one_pass(const Problem& p, int64_t b, int64_t i0, int64_t i1, const
     score_and_fold(p, b, i0, i1, c0, c0 + s.size(1), s, fs, running_max, sums, shift);
     std::copy(running_max, running_max + n_stats, fs.chunk_shifts.data() + chunk * n_stats);  // m_c
   }
-  finish_lse(running_max, sums, n_stats, row_lse);
+  finish_lse(running_max, sums, n_stats, row_lse, row_lost);
   const int64_t n_chunks = (keys + kMixChunk - 1) / kMixChunk;
   for (int64_t chunk = n_chunks - 1; chunk >= 0; --chunk) {  // the last chunks done are still in cache
     const int64_t c0 = chunk * kMixChunk, c1 = std::min(keys, c0 + kMixChunk);
@@ -444,11 +469,12 @@ void forward_one_pass(const Problem& p, int64_t b, int64_t i0, int64_t i1, const
 }
 
 // The key row is longer than the tile: pass 1 over key blocks computes the row log-sum-exp (the
-// same running max and sums), pass 2 recomputes P = exp(S − L) block by block and mixes it (+inf L:
-// a fully masked row, P = 0).
+// same running max and sums), pass 2 recomputes P = exp(S − L) (· exp(−lost)) block by block and mixes
+// it (+inf L: a fully masked row, P = 0).
 template <typename T>
 void forward_two_passes(const Problem& p, const Blocking& blk, int64_t b, int64_t i0, int64_t i1,
-                        const uint32_t* drop_keys, ForwardScratch<T>& fs, at::Tensor& o, T* row_lse) {
+                        const uint32_t* drop_keys, ForwardScratch<T>& fs, at::Tensor& o, T* row_lse,
+                        T* row_lost) {
   const int64_t rows = i1 - i0, keys = p.key_end(i1), n_stats = p.heads * rows;
   T *running_max = fs.stats.a.data(), *sums = fs.stats.b.data(), *shift = fs.stats.c.data();
   std::fill(running_max, running_max + n_stats, -std::numeric_limits<T>::infinity());
@@ -458,26 +484,28 @@ void forward_two_passes(const Problem& p, const Blocking& blk, int64_t b, int64_
     at::Tensor s = fs.probs.view(p.heads, j1 - j0, rows);
     score_and_fold(p, b, i0, i1, j0, j1, s, fs, running_max, sums, shift);
   }
-  finish_lse(running_max, sums, n_stats, row_lse);
+  finish_lse(running_max, sums, n_stats, row_lse, row_lost);
   const T* coef = mixing_coefficients(p.mix, rows, fs.stats.mix_coef);
   for (int64_t j0 = 0; j0 < keys; j0 += blk.key_block) {
     const int64_t j1 = std::min(keys, j0 + blk.key_block);
     at::Tensor s = fs.probs.view(p.heads, j1 - j0, rows);
     scores(p, b, i0, i1, j0, j1, s, fs.query_pack, static_cast<T*>(nullptr));
     tiles::exp_shifted(s.data_ptr<T>(), shape_of(s), row_lse, static_cast<T*>(nullptr));
+    restore_lost_sums(s, row_lost);
     mix_and_accumulate<T>(p, b, j0, s, coef, drop_keys, fs.mixed, o);
   }
 }
 
 template <typename T>
 void forward_items(const Problem& p, const Blocking& blk, at::Tensor& out, at::Tensor& lse) {
+  at::Tensor lse_rows = lse[0], lost_rows = lse[1];
   const int64_t q_blocks = (p.n_q + blk.query_rows - 1) / blk.query_rows;
   const int64_t chunks = chunk_count(p.batch * q_blocks);
   std::vector<ForwardScratch<T>> scratch;
   for (int64_t c = 0; c < chunks; ++c) scratch.emplace_back(p, blk);
   parallel_chunks(chunks, [&](int64_t chunk) {
     ForwardScratch<T>& fs = scratch[chunk];
-    std::vector<T> row_lse(p.heads * blk.query_rows);
+    std::vector<T> row_lse(p.heads * blk.query_rows), row_lost(p.heads * blk.query_rows);
     std::vector<uint32_t> key_buffer;
     for (int64_t item = chunk; item < p.batch * q_blocks; item += chunks) {
       const int64_t b = item / q_blocks, i0 = (item % q_blocks) * blk.query_rows;
@@ -486,12 +514,13 @@ void forward_items(const Problem& p, const Blocking& blk, at::Tensor& out, at::T
       pack_queries(p, b, i0, i1, fs.query_pack);
       const uint32_t* drop_keys = dropout_keys(p, b, i0, rows, key_buffer);
       if (p.key_end(i1) <= blk.key_block) {
-        forward_one_pass(p, b, i0, i1, drop_keys, fs, o, row_lse.data());
+        forward_one_pass(p, b, i0, i1, drop_keys, fs, o, row_lse.data(), row_lost.data());
       } else {
-        forward_two_passes(p, blk, b, i0, i1, drop_keys, fs, o, row_lse.data());
+        forward_two_passes(p, blk, b, i0, i1, drop_keys, fs, o, row_lse.data(), row_lost.data());
       }
       out[b].slice(1, i0, i1).copy_(o);
-      store_rows(row_lse.data(), lse, b, i0, rows);
+      store_rows(row_lse.data(), lse_rows, b, i0, rows);
+      store_rows(row_lost.data(), lost_rows, b, i0, rows);
     }
   });
 }
@@ -519,6 +548,7 @@ template <typename T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_items(const Problem& p, const Blocking& blk,
                                                                           const at::Tensor& d_out,
                                                                           const at::Tensor& lse) {
+  const at::Tensor lse_rows = lse[0], lost_rows = lse[1];
   const int64_t q_blocks = (p.n_q + blk.query_rows - 1) / blk.query_rows;
   const KeyGradients plan = key_gradient_plan(p, p.batch * q_blocks);
   const bool by_batch = plan == KeyGradients::kOwnedBatches;  // items: whole batches, else query blocks
@@ -543,10 +573,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_items(const 
   // probs ← P, dots ← T = V dOᵀ (⊙ the dropout factor), mixed ← E_g = Σ_h mix[h, g] T_h, as
   // [H, keys, rows] tiles.
   const auto tile_products = [&](int64_t b, int64_t i0, int64_t i1, int64_t j0, int64_t j1, const T* row_lse,
-                                 const T* coef_e, const uint32_t* drop_keys, const BackwardTiles& tl, at::Tensor& s,
-                                 at::Tensor& t, at::Tensor& e) {
+                                 const T* row_lost, const T* coef_e, const uint32_t* drop_keys,
+                                 const BackwardTiles& tl, at::Tensor& s, at::Tensor& t, at::Tensor& e) {
     scores(p, b, i0, i1, j0, j1, s, tl.query_pack, static_cast<T*>(nullptr));
     tiles::exp_shifted(s.data_ptr<T>(), shape_of(s), row_lse, static_cast<T*>(nullptr));
+    restore_lost_sums(s, row_lost);
     if (uses_own_gemm(p)) {  // T_h = V_h dO_hᵀ, key-major: the scores' GEMM with dO's rows packed
       for (int64_t h = 0; h < p.heads; ++h) {
         gemm::scores_abt(head_rows<float>(p.v, b, h, j0), p.dim, j1 - j0, tl.grad_pack[h],
@@ -573,8 +604,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_items(const 
   const auto query_block = [&](int64_t chunk, int64_t b, int64_t i0, BackwardTiles& tl, RowScratch<T>& stats,
                                std::vector<uint32_t>& key_buffer, at::Tensor& dmix, at::Tensor& dq_acc) {
     const int64_t i1 = std::min(p.n_q, i0 + blk.query_rows), rows = i1 - i0, keys = p.key_end(i1);
-    T *row_lse = stats.a.data(), *d = stats.b.data();
-    load_rows(lse, b, i0, rows, row_lse);
+    T *row_lse = stats.a.data(), *d = stats.b.data(), *row_lost = stats.c.data();
+    load_rows(lse_rows, b, i0, rows, row_lse);
+    load_rows(lost_rows, b, i0, rows, row_lost);
     pack_queries(p, b, i0, i1, tl.query_pack);
     pack_query_rows(p, d_out, 1.0, b, i0, i1, tl.grad_pack);
     std::fill(d, d + p.heads * rows, T(0));
@@ -590,7 +622,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_items(const 
         const int64_t j1 = std::min(keys, j0 + blk.key_block), cols = j1 - j0;
         at::Tensor s = tl.probs.view(p.heads, cols, rows), t = tl.dots.view(p.heads, cols, rows);
         at::Tensor e = tl.mixed.view(p.heads, cols, rows);
-        tile_products(b, i0, i1, j0, j1, row_lse, coef_e, drop_keys, tl, s, t, e);
+        tile_products(b, i0, i1, j0, j1, row_lse, row_lost, coef_e, drop_keys, tl, s, t, e);
         if (pass == 0) {  // dmix[h, g] += Σ T_h ⊙ P_g ; D_g += rowsum(P_g ⊙ E_g)
           dmix.addmm_(flat2d(t), flat2d(s).t());
           tiles::add_row_dots(e.data_ptr<T>(), s.data_ptr<T>(), shape_of(e), d);
@@ -637,8 +669,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_items(const 
         const int64_t j1 = std::min(p.n_k, j0 + kKeyBlock), cols = j1 - j0;
         for (int64_t i0 = p.query_begin(j0); i0 < p.n_q; i0 += query_chunk) {
           const int64_t i1 = std::min(p.n_q, i0 + query_chunk), rows = i1 - i0;
-          T *row_lse = stats.a.data(), *d = stats.b.data();
-          load_rows(lse, b, i0, rows, row_lse);
+          T *row_lse = stats.a.data(), *d = stats.b.data(), *row_lost = stats.c.data();
+          load_rows(lse_rows, b, i0, rows, row_lse);
+          load_rows(lost_rows, b, i0, rows, row_lost);
           load_rows(row_d, b, i0, rows, d);
           pack_queries(p, b, i0, i1, tl.query_pack);
           pack_query_rows(p, d_out, 1.0, b, i0, i1, tl.grad_pack);
@@ -647,7 +680,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_items(const 
           at::Tensor s = tl.probs.view(p.heads, cols, rows), t = tl.dots.view(p.heads, cols, rows);
           at::Tensor e = tl.mixed.view(p.heads, cols, rows);
           const uint32_t* drop_keys = dropout_keys(p, b, i0, rows, key_buffer);
-          tile_products(b, i0, i1, j0, j1, row_lse, coef_e, drop_keys, tl, s, t, e);
+          tile_products(b, i0, i1, j0, j1, row_lse, row_lost, coef_e, drop_keys, tl, s, t, e);
           tiles::softmax_grad(e.data_ptr<T>(), s.data_ptr<T>(), shape_of(e), d, static_cast<T>(p.scale));
           key_grads(b, i0, j0, coef_m, drop_keys, s, t, e, dk[b].slice(1, j0, j1), dv[b].slice(1, j0, j1));
         }
@@ -669,7 +702,7 @@ std::tuple<at::Tensor, at::Tensor> head_mixing_attention_forward(const at::Tenso
                                                                  const std::optional<at::Tensor>& seed) {
   const Problem p = make_problem(q, k, v, mix, mask, is_causal, scale, dropout_p, seed);
   at::Tensor out = at::empty({p.batch, p.heads, p.n_q, p.dim}, p.q.options());
-  at::Tensor lse = at::empty({p.batch, p.heads, p.n_q}, p.q.options());
+  at::Tensor lse = at::empty({2, p.batch, p.heads, p.n_q}, p.q.options());  // (L, lost): see finish_lse
   AT_DISPATCH_FLOATING_TYPES(p.q.scalar_type(), "head_mixing_attention_forward",
                              [&] { forward_items<scalar_t>(p, blocking(p), out, lse); });
   return {out.to(q.scalar_type()), lse};
@@ -681,8 +714,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> head_mixing_attention
     const std::optional<at::Tensor>& seed) {
   const Problem p = make_problem(q, k, v, mix, mask, is_causal, scale, dropout_p, seed);
   TORCH_CHECK(grad_out.sizes() == q.sizes(), "grad_out must have q's shape ", q.sizes(), ", got ", grad_out.sizes());
-  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == p.batch && lse.size(1) == p.heads && lse.size(2) == p.n_q,
-              "lse must be [B, H, Nq], got ", lse.sizes());
+  TORCH_CHECK(lse.dim() == 4 && lse.size(0) == 2 && lse.size(1) == p.batch && lse.size(2) == p.heads &&
+                  lse.size(3) == p.n_q,
+              "lse must be [2, B, H, Nq] (L and what it lost), got ", lse.sizes());
   const at::Tensor d_out = grad_out.detach().to(p.q.scalar_type()).contiguous();
   const at::Tensor row_lse = lse.detach().to(p.q.scalar_type()).contiguous();
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grads;

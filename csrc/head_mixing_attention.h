@@ -12,8 +12,9 @@ namespace subspace_ops {
 
 // q [B, H, Nq, D], k and v [B, H, Nk, D], mix [H, H]; mask an additive floating tensor viewed as
 // [B, H, Nq, Nk] (zero strides allowed; -inf = masked). is_causal: query i sees keys j <= i.
-// -> (out [B, H, Nq, D] in q's dtype, lse [B, H, Nq]: the row log-sum-exp of the masked, scaled
-// scores, +inf for a fully masked row so that its probabilities are exp(s - lse) = 0).
+// -> (out [B, H, Nq, D] in q's dtype, lse [2, B, H, Nq]: lse[0] the row log-sum-exp L of the masked,
+// scaled scores, +inf for a fully masked row so that its probabilities are exp(s - L) = 0; lse[1] what
+// max + log-sum lost to rounding in L, nonzero only where the row max is huge: P = exp((s - L) - lse[1])).
 // lse is float64 for float64 inputs, float32 otherwise. dropout_p > 0: dropout on the mixed maps with
 // the mask reference.attention_dropout_keep draws from seed (a one-element int64 tensor); the
 // backward takes the same dropout_p and seed.

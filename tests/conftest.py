@@ -5,12 +5,22 @@ chosen when triton is imported (importing subspace_ops imports it through torch.
 variable is set here, before anything else is imported.
 """
 
+import hashlib
 import os
+import tempfile
+from pathlib import Path
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# torch.compile's on-disk caches key a graph on the names of its custom ops, not on their fake kernels:
+# after a change to an op's outputs (a shape, a layout), a cache warmed by the old sources replays the
+# old graph. The tests keep their inductor cache per version of the ops' sources.
+_OPS_SOURCES = sorted((Path(__file__).resolve().parents[1] / "python" / "subspace_ops" / "ops").glob("*.py"))
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdir(), "subspace_ops_inductor_" + (
+    hashlib.sha256(b"".join(p.read_bytes() for p in _OPS_SOURCES)).hexdigest()[:16])))
 
 import pytest  # noqa: E402
 
@@ -84,6 +94,19 @@ def linear_case_tensors(device, out_features: int = 6, in_features: int = 8) -> 
                    g=torch.randn(2, 2), b=torch.randn(2, k), u=torch.linalg.qr(torch.randn(n, 3))[0],
                    v=torch.linalg.qr(torch.randn(k, 3))[0])
     return {name: t.to(device) for name, t in tensors.items()}
+
+
+def strided(t):
+    """The same values in a non-contiguous layout: the last two dimensions transposed in memory (a 1-D
+    tensor: every other element of a buffer). A leaf with t's requires_grad; None stays None."""
+    if t is None:
+        return None
+    with torch.no_grad():
+        if t.dim() >= 2:
+            out = t.transpose(-1, -2).contiguous().transpose(-1, -2)
+        else:
+            out = t.new_empty(2 * t.numel())[::2].copy_(t)
+    return out.requires_grad_(t.requires_grad)
 
 
 @pytest.fixture(autouse=True)

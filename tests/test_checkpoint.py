@@ -316,6 +316,40 @@ def test_same_shapes_other_method_is_refused(tmp_path):
     _assert_bit_identical(other, before)
 
 
+@pytest.mark.parametrize("method, saved_with, loaded_with, message", [
+    ("lora", {}, {"alpha": 32}, r"scaling 1\.0 in the file, 4\.0 here"),
+    ("dora", {"alpha": 16}, {}, r"scaling 2\.0 in the file, 1\.0 here"),
+    ("pa", {}, {"activation": "gelu"}, "activation_name 'relu' in the file, 'gelu' here"),
+    ("adapter", {}, {"activation": "relu"}, "activation_name 'gelu' in the file, 'relu' here"),
+], ids=["lora-alpha", "dora-alpha", "pa-activation", "adapter-activation"])
+def test_same_tensors_other_function_is_refused(method, saved_with, loaded_with, message, tmp_path):
+    """LoRA's α and an adapter's activation change what the same tensors compute; the file records them."""
+    from subspace_ops import methods
+
+    path = tmp_path / f"{method}.safetensors"
+    model, _ = methods.apply(_vit(), method, **saved_with)
+    save_adapter(model, path, method=method)
+    other, _ = methods.apply(_vit(), method, **loaded_with)
+    before = _snapshot(other)
+    with pytest.raises(AdapterLoadError, match=message):
+        load_adapter(other, path)
+    _assert_bit_identical(other, before)
+    same, _ = methods.apply(_vit(), method, **saved_with)
+    load_adapter(same, path)
+
+
+def test_files_without_function_attributes_still_load(saved, tmp_path):
+    """Files written before the layer records held function attributes load as before."""
+    def drop_attributes(meta):
+        records = json.loads(meta["layers"])
+        assert any("attributes" in r for r in records.values())  # RLRR records its splits
+        stripped = {n: {k: v for k, v in r.items() if k != "attributes"} for n, r in records.items()}
+        return {**meta, "layers": json.dumps(stripped, sort_keys=True)}
+
+    old = _rewrite(saved["vit-rlrr"][0], tmp_path / "old.safetensors", metadata=drop_attributes)
+    load_adapter(_adapted("vit-rlrr"), old)
+
+
 @pytest.mark.parametrize("method", ["ia3", "ssl", "ssb"])
 def test_other_fused_qkv_setting_is_named_in_the_error(method, tmp_path):
     """(IA)³/SSL/SSB on timm's fused qkv: 'split' (k and v parts) and 'shared' (whole matrix) give

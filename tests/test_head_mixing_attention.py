@@ -159,6 +159,33 @@ def test_fully_masked_rows_are_zero(backend):
     assert grads[0][0].abs().max() == 0 and grads[1][1, :, 4:].abs().max() == 0  # no key seen, no gradient
 
 
+def _check_rows_masked_with_finfo_min(backend, n_k):
+    """transformers' padding masks add finfo(dtype).min: a row whose every key is padding has scores that
+    all round to that value, which the reference (as SDPA's math) averages uniformly. Its max is so large
+    that max + log Σ == max, so the kernels keep what that sum lost (lse[1]); without it the backward (and
+    the Triton forward) gave each of the row's keys probability 1 instead of 1/n."""
+    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
+        g = torch.Generator().manual_seed(5)
+        q, k, v = (torch.randn(1, 2, n, 8, generator=g, dtype=dtype) for n in (5, n_k, n_k))
+        mix = torch.eye(2, dtype=dtype) + 0.3 * torch.randn(2, 2, generator=g, dtype=dtype)
+        mask = torch.zeros(1, 1, 5, n_k, dtype=dtype)
+        mask[..., :2, :] = torch.finfo(dtype).min  # rows 0, 1: every key padding
+        mask[..., 2, n_k // 2:] = torch.finfo(dtype).min  # row 2: half its keys
+        grad_out = torch.randn(1, 2, 5, 8, generator=g, dtype=dtype)
+        results = {}
+        for name in (backend, "reference"):
+            inputs = [t.clone().requires_grad_() for t in (q, k, v, mix)]
+            out = subspace_ops.head_mixing_attention(*inputs, attn_mask=mask, backend=name)
+            results[name] = (out, *torch.autograd.grad(out, inputs, grad_out))
+        for what, a, b in zip(("out", "dq", "dk", "dv", "dmix"), results[backend], results["reference"]):
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=f"{dtype} Nk={n_k} {what}")
+
+
+@pytest.mark.parametrize("n_k", [7, 700])  # one pass of the cpu forward, and two (keys beyond its tile)
+def test_rows_masked_with_finfo_min(backend, n_k):
+    _check_rows_masked_with_finfo_min(backend, n_k)
+
+
 def test_opcheck_and_compile(fused_backend):
     device = backend_device(fused_backend)
     q, k, v, mix = make_inputs("key-padding", torch.float32, device)
@@ -257,6 +284,8 @@ def test_cpu_memory_is_linear_in_sequence_length():
     "change, error, message",
     [
         (dict(q=torch.randn(2, 3, 6)), ValueError, "q must be 4-D"),
+        (dict(q=torch.randn(2, 3, 6, 0), k=torch.randn(2, 3, 9, 0), v=torch.randn(2, 3, 9, 0)), ValueError,
+         r"q must have a head size d >= 1"),
         (dict(k=torch.randn(2, 3, 9, 4)), ValueError, "k must be"),
         (dict(v=torch.randn(2, 3, 8, 8)), ValueError, "v must have k's shape"),
         (dict(mix=torch.randn(4, 4)), ValueError, "mix must be"),
@@ -273,8 +302,20 @@ def test_bad_input(change, error, message):
     args = dict(q=torch.randn(2, 3, 6, 8), k=torch.randn(2, 3, 9, 8), v=torch.randn(2, 3, 9, 8), mix=torch.eye(3))
     args.update(change)
     mask = args.pop("attn_mask", None)
-    with pytest.raises(error, match=message):
-        subspace_ops.head_mixing_attention(**args, attn_mask=mask, backend="cpu")
+    for backend in ("cpu", "reference"):
+        with pytest.raises(error, match=message):
+            subspace_ops.head_mixing_attention(**args, attn_mask=mask, backend=backend)
+
+
+def test_a_float64_additive_mask_is_added_in_the_scores_dtype(backend):
+    """As the fused kernels do, the reference adds a float mask in q's dtype (it raised before)."""
+    device = backend_device(backend)
+    q, k, v = (torch.randn(1, 2, 5, 4, device=device) for _ in range(3))
+    mask = torch.randn(1, 1, 5, 5, dtype=torch.float64, device=device)
+    out = subspace_ops.head_mixing_attention(q, k, v, torch.eye(2, device=device), attn_mask=mask, backend=backend)
+    expected = subspace_ops.head_mixing_attention(q, k, v, torch.eye(2, device=device), attn_mask=mask.float(),
+                                                  backend="reference")
+    torch.testing.assert_close(out, expected)
 
 
 # ---- The Triton backend's chunked strategy (heads · dim too large for the fused kernels) ----
@@ -298,6 +339,10 @@ def test_chunked_strategy_matches_float64_reference(chunked_triton, case):
     grad_out, truth = float64_truth(case, "cpu")
     for dtype in (torch.float32, torch.bfloat16):
         check_dtype_against_truth(f"chunked/{case}", case, chunked_triton, dtype, "cpu", grad_out, truth)
+
+
+def test_chunked_strategy_rows_masked_with_finfo_min(chunked_triton):
+    _check_rows_masked_with_finfo_min(chunked_triton, 7)
 
 
 @pytest.mark.parametrize("causal, kind", [(True, None), (False, "key-padding"), (True, "additive")])

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from subspace_ops.ops.lowrank_linear import lowrank_linear
 from subspace_ops.testing import check_close
 
-from conftest import ON_INTERPRETER, backend_device
+from conftest import ON_INTERPRETER, backend_device, strided
 
 # M tokens, K in, N out, rank r, G kind; K, N are not multiples of any tile, M covers decode (1),
 # tiny (7) and a ViT sequence (197); r from 1 to 80.
@@ -141,9 +141,12 @@ def test_opcheck(fused_backend, g_kind, dropout, requires_grad):
     torch.library.opcheck(torch.ops.subspace_ops.lowrank_linear.default, args)
 
 
-@pytest.mark.parametrize("dropout", [False, True])
-def test_opcheck_backward(fused_backend, dropout):
+@pytest.mark.parametrize("dropout, layout", [(False, "contiguous"), (True, "contiguous"), (True, "strided")])
+def test_opcheck_backward(fused_backend, dropout, layout):
+    """The gradients' fake layouts are the kernels' (contiguous) whatever the inputs' layout."""
     args = _op_args(fused_backend, "full", dropout, False)
+    if layout == "strided":
+        args = tuple(strided(t) if isinstance(t, torch.Tensor) else t for t in args)
     y, h0 = torch.ops.subspace_ops.lowrank_linear(*args)
     grad_y = torch.randn_like(y)
     x, x_dropped, weight, a, g, b, _, scaling, backend = args
@@ -202,6 +205,8 @@ def _base_args():
 BAD_INPUTS = [
     (dict(x=torch.randn(4, 7)), ValueError, "x must have size 8"),
     (dict(weight=torch.randn(6)), ValueError, "weight must be 2-D"),
+    (dict(x=torch.randn(4, 0), weight=torch.randn(6, 0), b=torch.randn(3, 0)), ValueError,
+     "weight must have at least one input feature"),
     (dict(a=torch.randn(5, 3)), ValueError, "a must have size 6"),
     (dict(a=torch.randn(6, 0), b=torch.randn(0, 8)), ValueError, "a must have rank r >= 1"),
     (dict(b=torch.randn(2, 8)), ValueError, "b must have size 3"),

@@ -359,6 +359,69 @@ def test_merge_unmerge_exact_or_clear_error(name):
         assert_merge_round_trip(model, x)
 
 
+MERGEABLE = [n for n in ALL if n not in NOT_MERGEABLE | {"bitfit", "coeff"}]
+
+
+@pytest.mark.parametrize("name", MERGEABLE)
+def test_unmerge_after_a_dtype_conversion_gives_the_converted_originals(name):
+    """merge -> .to(float64) -> unmerge holds exactly what unmerge -> .to(float64) holds: the kept
+    originals follow the module's conversion (they are not parameters, so Module._apply alone would not)."""
+    model, x = tiny_vit(), vit_input()
+    methods.apply(model, name, **cpu_kw(name))
+    perturb(model)
+    expected = copy.deepcopy(model).double().state_dict()
+    merge_all(model)
+    model.double()
+    unmerge_all(model)
+    state = model.state_dict()
+    assert state.keys() == expected.keys()
+    assert all(state[k].dtype == torch.float64 and torch.equal(state[k], expected[k]) for k in expected)
+    torch.testing.assert_close(model(x.double()), copy.deepcopy(model).float()(x).double(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["lora", "rlrr", "svdiff"])
+def test_unmerge_refuses_weights_replaced_while_merged(name):
+    """load_state_dict into a merged model, then unmerge: restoring the originals would discard the loaded
+    weights, so unmerge_all refuses before unmerging any layer. Reloading the same merged weights is fine."""
+    model = tiny_vit()
+    methods.apply(model, name, **cpu_kw(name))
+    perturb(model)
+    merge_all(model)
+    merged_state = {k: v.clone() for k, v in model.state_dict().items()}
+    other = {k: v + 0.01 if v.is_floating_point() else v for k, v in merged_state.items()}
+    model.load_state_dict(other)
+    with pytest.raises(RuntimeError, match=r"nothing was unmerged: .*weight changed after merge\(\)"):
+        unmerge_all(model)
+    layers = [m for m in model.modules() if getattr(m, "merged", False)]
+    assert layers and all(torch.equal(model.state_dict()[k], other[k]) for k in other)
+    with pytest.raises(RuntimeError, match="load_state_dict on the merged model"):
+        layers[0].unmerge()
+    assert all(m.merged for m in layers)
+    model.load_state_dict(merged_state)
+    assert unmerge_all(model) == len(layers)
+
+
+def test_repr_names_a_backend_the_layers_device_cannot_run():
+    """A layer built with backend="cpu" (or "triton") before it is moved to its device prints, not raises."""
+    layer = LowRankLinear(nn.Linear(8, 8, device="meta"), 2, backend="cpu")
+    assert "backend=cpu (unavailable: backend 'cpu' is unavailable for meta tensors" in repr(layer)
+
+
+def test_layers_pickled_merged_by_earlier_releases_still_unmerge():
+    """Before the merge record, a merged layer kept its originals in ``_originals``."""
+    layer = LowRankLinear(nn.Linear(6, 5), 2)
+    perturb(layer)
+    original = layer.weight.detach().clone()
+    layer.merge()
+    state = dict(layer.__dict__)
+    state["_originals"] = tuple(state.pop("_merge_record")[0])
+    old = LowRankLinear.__new__(LowRankLinear)
+    old.__setstate__(state)
+    assert old.merged
+    old.unmerge()
+    assert torch.equal(old.weight, original) and not old.merged
+
+
 @pytest.mark.parametrize("kw", [{"mpc": "n"}, {"mpc": "n", "activation": "gelu"}])
 def test_lora_mpc_n_is_pa_and_not_mergeable(kw):
     model = tiny_vit()
@@ -591,6 +654,10 @@ BAD_CALLS = [
     (("dora",), {"backend": "cuda"}, "backend must be one of"),
     (("rlrr",), {"fused_qkv": "maybe"}, "fused_qkv must be one of"),
     (("spectral",), {"rank": 100}, "rank must be <="),  # fails while building layers: rolled back
+    # A typo in trainable would freeze the head without a word; the defaults' other families' heads are exempt.
+    (("lora",), {"trainable": ("head", "hed")}, r"trainable pattern\(s\) \['hed'\] match no module of"),
+    (("rlrr",), {"exclude": ("blocks.7",)}, r"exclude pattern\(s\) \['blocks.7'\] match no module"),
+    (("coeff",), {"trainable": ("classifer",)}, r"trainable pattern\(s\) \['classifer'\]"),
 ]
 
 

@@ -198,6 +198,19 @@ class RMSBlock(nn.Module):
         return self.norm(self.q_proj(self.input_layernorm(x)))
 
 
+@pytest.mark.parametrize("inner, dim, message", [
+    (nn.LayerNorm(8), 16, "dim must be LayerNorm's output width 8, got 16"),
+    (nn.Linear(4, 8), 4, "dim must be Linear's output width 8, got 4"),
+    (nn.Conv2d(3, 8, 2), 3, "dim must be Conv2d's output width 8, got 3"),
+    (nn.LayerNorm(8), 0, "dim must be a positive int"),
+    (nn.LayerNorm(8), -1, "dim must be a positive int"),
+    (nn.LayerNorm(8), 8.0, "dim must be a positive int"),
+])
+def test_ssf_checks_dim(inner, dim, message):
+    with pytest.raises(ValueError, match=message):
+        SSF(inner, dim)
+
+
 def test_ssf_after_rms_norms_trains_and_refuses_merge_all():
     """RMSNorms (torch's and a library's own) get SSF; merge_all then refuses before merging anything,
     since β has no bias to go into, and leaves every weight as it was."""

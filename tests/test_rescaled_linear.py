@@ -15,7 +15,7 @@ from subspace_ops.backends import BackendUnavailableError, resolve_backend
 from subspace_ops.ops.rescaled_linear import CPU_STACKED_MAX_ROWS, choose_path, cpu_stacked_max_tokens
 from subspace_ops.testing import check_close
 
-from conftest import ON_INTERPRETER, backend_device, require_backend
+from conftest import ON_INTERPRETER, backend_device, require_backend, strided
 
 # Each case: M tokens, K in, N out, rank r, and which features are on. K, N are not multiples of
 # any tile size; M covers decode (1), tiny (7) and a ViT sequence (197).
@@ -163,8 +163,12 @@ def test_opcheck(fused_backend, requires_grad):
     torch.library.opcheck(torch.ops.subspace_ops.rescaled_linear.default, _opcheck_args(fused_backend, requires_grad))
 
 
-def test_opcheck_backward(fused_backend):
-    x, weight, s_l, s_r, bias, residual, backend = _opcheck_args(fused_backend, False)
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_opcheck_backward(fused_backend, layout):
+    """The gradients' fake layouts are the kernels' (contiguous) whatever the inputs' layout."""
+    args = _opcheck_args(fused_backend, False)
+    x, weight, s_l, s_r, bias, residual, backend = [strided(a) if layout == "strided" and isinstance(a, torch.Tensor)
+                                                    else a for a in args]
     grad_y = torch.randn(2, 5, 10, device=x.device)
     for needs in [(True, True, True), (True, False, False), (False, False, True)]:
         torch.library.opcheck(
@@ -202,6 +206,8 @@ BAD_INPUTS = [
     (dict(weight=torch.randn(6)), ValueError, "weight must be 2-D"),
     (dict(s_l=torch.randn(5)), ValueError, "s_l must have size 6"),
     (dict(s_r=torch.randn(8, 2), s_l=torch.randn(6, 3)), ValueError, "same rank"),
+    (dict(s_r=torch.randn(8, 3)), ValueError, "same rank"),  # a vector s_l is r = 1
+    (dict(s_l=torch.randn(6, 2)), ValueError, "same rank"),
     (dict(s_r=torch.randn(8, 1, 1)), ValueError, "s_r must be 1-D or 2-D"),
     (dict(bias=torch.randn(5)), ValueError, "bias must have size 6"),
     (dict(x=torch.randn(4, 8, dtype=torch.float64)), TypeError, "weight has dtype torch.float32 but x"),
@@ -214,6 +220,8 @@ BAD_INPUTS = [
     (dict(x=torch.tensor(1.0), weight=torch.randn(6, 1), s_r=None), ValueError, "x must have at least 1"),
     (dict(s_l=torch.randn(6, 0), s_r=torch.randn(8, 0)), ValueError, "s_l must have rank >= 1"),
     (dict(bias=torch.randn(6, 1)), ValueError, "bias must be 1-D"),
+    (dict(x=torch.randn(4, 0), weight=torch.randn(6, 0), s_r=torch.randn(0)), ValueError,
+     "weight must have at least one input feature"),  # no model has a Linear without inputs
 ]
 
 

@@ -27,8 +27,10 @@ def make_inputs(M, K, N, k, dtype, device, *, batch=False, noncontiguous=False):
     out = dict(x=x, weight=weight, u=u, v=v, d=d, bias=bias)
     out = {n: t.to(device=device, dtype=dtype) for n, t in out.items()}
     if noncontiguous:
-        out["x"] = out["x"].T.contiguous().T
-        out["weight"] = out["weight"].T.contiguous().T
+        for n in ("x", "weight", "u", "v"):
+            out[n] = out[n].T.contiguous().T
+        for n in ("d", "bias"):  # every other element of a buffer (stride 2), as e.g. s[::2] would be
+            out[n] = torch.stack([out[n], torch.full_like(out[n], float("nan"))], dim=-1).view(-1)[::2]
     for n in ("x", "d", "bias"):
         out[n].requires_grad_(True)
     return out
@@ -47,7 +49,7 @@ def test_matches_float64_reference(backend, case, path):
     device = backend_device(backend)
     dtypes = [torch.float32] if backend == "triton" and ON_INTERPRETER else [torch.float32, torch.bfloat16]
     for dtype in dtypes:
-        extra = dict(batch=case == "k5-m197", noncontiguous=case == "k1")
+        extra = dict(batch=case == "k5-m197", noncontiguous=case in ("k1", "m1"))
         truth = make_inputs(M, K, N, k, torch.float64, device, **extra)
         grad_y = torch.randn(*truth["x"].shape[:-1], N, dtype=torch.float64).to(device)
         y64, g64 = run(truth, "reference", None, grad_y)
@@ -112,9 +114,9 @@ def test_path_rule():
     assert choose_path(384, 768, 768) == "merged" and choose_path(383, 768, 768) == "unmerged"
 
 
-@pytest.mark.parametrize("keep_weight", [False, True])
-def test_opcheck(fused_backend, keep_weight):
-    inputs = make_inputs(5, 12, 10, 3, torch.float32, backend_device(fused_backend))
+@pytest.mark.parametrize("keep_weight, layout", [(False, "contiguous"), (True, "contiguous"), (False, "strided")])
+def test_opcheck(fused_backend, keep_weight, layout):
+    inputs = make_inputs(5, 12, 10, 3, torch.float32, backend_device(fused_backend), noncontiguous=layout == "strided")
     args = (inputs["x"], inputs["weight"], inputs["u"], inputs["v"], inputs["d"], inputs["bias"], fused_backend,
             keep_weight)
     torch.library.opcheck(torch.ops.subspace_ops.svd_delta_linear.default, args)
@@ -143,6 +145,8 @@ BAD = [
     (dict(v=torch.randn(8, 2)), ValueError, "v must have size 3"),
     (dict(d=torch.randn(4)), ValueError, "d must have size 3"),
     (dict(d=torch.randn(3, 1)), ValueError, "d must be 1-D"),
+    (dict(x=torch.randn(4, 0), weight=torch.randn(6, 0), v=torch.randn(0, 3)), ValueError,
+     "weight must have at least one input feature"),
     (dict(u=torch.randn(6, 3, dtype=torch.float64)), TypeError, "u has dtype"),
     (dict(weight=torch.randn(6, 8, requires_grad=True)), ValueError, "weight must be frozen"),
 ]

@@ -11,7 +11,7 @@ row log-sum-exp L_g must be known before any mixing. Hence two forward kernels:
 
 - ``_lse_kernel``, one program per (batch, head, query block): L over key blocks with an online
   max/sum (FlashAttention's recurrence without the P·V product). A fully masked row gets L = +inf,
-  so that exp(S − L) = 0 there and its output and gradients are 0, never NaN.
+  so that exp(S − L) = 0 there and its output and gradients are 0, never NaN (and lo, below).
 - ``_forward_kernel``, one program per (batch, query block) holding all H heads (padded to HP, the
   next power of two, with masks) in 3-D tiles [HP, BLOCK_M, ·]: over key blocks it recomputes
   P = exp(S − L) with a batched dot, mixes M = mix @ P ([HP, HP] @ [HP, BLOCK_M·BLOCK_N]) and
@@ -42,7 +42,13 @@ before it multiplies V_h. The mask is the counter-based hash of
 appears: the forward's M, the dQ kernel's T (then E = mixᵀ (mask ⊙ T), and dmix sums mask ⊙ T), the
 dK/dV kernel's T and M. Nothing of it is stored.
 
-Memory: the forward saves only lse [B, H, Nq] (besides the inputs); no [B, H, Nq, Nk] tensor exists
+Row statistics: ``lse`` [2, B, H, Nq] holds L = max + log Σ and what that sum lost to rounding,
+lo = (max − L) + log Σ, kept where it exceeds a few ulps (:func:`lost_tolerance`), else 0; every
+recomputation is P = exp((S − L) − lo). lo matters where the row max is so large that L == max: a
+row whose every key carries a huge finite mask (transformers' ``finfo.min`` padding), where
+exp(S − L) alone would give each of its n keys probability 1 instead of 1/n.
+
+Memory: the forward saves only lse (besides the inputs); no [B, H, Nq, Nk] tensor exists
 anywhere. The backward adds D [B, H, Nq] and the dmix partials [B · ceil(Nq / BLOCK_M), H, H].
 lse, D, dmix and all accumulators are float32 (float64 for float64 inputs, to keep gradcheck's
 precision). Every input is addressed through its strides; nothing is copied to make it contiguous.
@@ -65,7 +71,7 @@ import triton.language as tl
 from .. import reference
 from . import _common
 from ._common import accumulation_types as _acc, interpreting as _interpreting, matmul_precision as _precision
-from .head_mixing_chunked import chunked_backward, chunked_forward, padded_sizes, strategy
+from .head_mixing_chunked import chunked_backward, chunked_forward, lost_tolerance, padded_sizes, strategy
 
 __all__ = ["head_mixing_attention_backward", "head_mixing_attention_forward", "strategy"]
 
@@ -169,9 +175,10 @@ def _lse_kernel(
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_mb, stride_mh, stride_mm, stride_mn,
-    stride_lb, stride_lh, stride_lm,
+    stride_lp, stride_lb, stride_lh, stride_lm,
     BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    LOST_TOLERANCE: tl.constexpr,
 ):
     # Program: one head h of batch b, query rows [pid_m·BLOCK_M, +BLOCK_M); 2-D tiles.
     num_m = tl.cdiv(NQ, BLOCK_M)
@@ -204,16 +211,23 @@ def _lse_kernel(
         row_sum = row_sum * tl.exp(row_max - shift) + tl.sum(tl.exp(s - shift[:, None]), axis=1)
         row_max = new_max
     # A fully masked row (sum 0) gets +inf; log(1) keeps the discarded branch free of log(0).
-    lse = tl.where(row_sum > 0, row_max + tl.log(tl.where(row_sum > 0, row_sum, 1.0)), float("inf"))
-    tl.store(lse_ptr + b * stride_lb + h * stride_lh + rows * stride_lm, lse, mask=row_ok)
+    log_sum = tl.log(tl.where(row_sum > 0, row_sum, 1.0))
+    lse = tl.where(row_sum > 0, row_max + log_sum, float("inf"))
+    # What max + log Σ lost to rounding (all of log Σ when the max is a mask of finfo.min): P = exp((S − L) − lo).
+    lost = tl.where(row_sum > 0, (row_max - lse) + log_sum, 0.0)
+    lost = tl.where(tl.abs(lost) > LOST_TOLERANCE, lost, 0.0)
+    offsets = b * stride_lb + h * stride_lh + rows * stride_lm
+    tl.store(lse_ptr + offsets, lse, mask=row_ok)
+    tl.store(lse_ptr + stride_lp + offsets, lost, mask=row_ok)
 
 
 @triton.jit
-def _block_probs(q, lse, k_base, v_base, m_base, cols, r3, head_ok, row_ok, dim_ok, NK, stride_kn, stride_vn,
+def _block_probs(q, lse, lost, k_base, v_base, m_base, cols, r3, head_ok, row_ok, dim_ok, NK, stride_kn, stride_vn,
                  stride_mn, scale, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, ACC: tl.constexpr,
                  PRECISION: tl.constexpr):
-    """K, V and P = exp(S − L) of a query block (q [HP, M, D], row log-sum-exp lse [HP, M]) for the
-    keys `cols`; score tiles are [HP, M, N]. The forward and both passes of the dQ kernel use it."""
+    """K, V and P = exp((S − L) − lo) of a query block (q [HP, M, D], row log-sum-exp lse [HP, M] and
+    what its rounding lost, lost [HP, M]) for the keys `cols`; score tiles are [HP, M, N]. The forward
+    and both passes of the dQ kernel use it."""
     c_kv, c_s = cols[None, :, None], cols[None, None, :]  # key index in [HP, N, D] / [HP, M, N] tiles
     kv_ok = head_ok & (c_kv < NK) & dim_ok
     k = tl.load(k_base + c_kv * stride_kn, mask=kv_ok, other=0.0)
@@ -221,7 +235,7 @@ def _block_probs(q, lse, k_base, v_base, m_base, cols, r3, head_ok, row_ok, dim_
     s = tl.dot(q, tl.permute(k, (0, 2, 1)), input_precision=PRECISION, out_dtype=ACC)
     s = _masked_scores(s, r3, c_s, head_ok & row_ok & (c_s < NK), m_base + c_s * stride_mn,
                        scale, IS_CAUSAL, HAS_MASK)
-    return k, v, tl.exp(s - lse[:, :, None])
+    return k, v, tl.exp((s - lse[:, :, None]) - lost[:, :, None])
 
 
 @triton.jit
@@ -233,7 +247,7 @@ def _forward_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_mixh, stride_mixg,
     stride_mb, stride_mh, stride_mm, stride_mn,
-    stride_lb, stride_lh, stride_lm,
+    stride_lp, stride_lb, stride_lh, stride_lm,
     stride_ob, stride_oh, stride_om, stride_od,
     HP: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
     MIX_DOT: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr, MIX_PRECISION: tl.constexpr,
@@ -253,8 +267,10 @@ def _forward_kernel(
     q_ok = head_ok & row_ok & dim_ok
     q = tl.load(q_ptr + b * stride_qb + h3 * stride_qh + r3 * stride_qm + d3 * stride_qd, mask=q_ok, other=0.0)
     # Padded heads and rows read L = +inf, so their P is exactly 0 and they add nothing to the mix.
-    lse = tl.load(lse_ptr + b * stride_lb + heads[:, None] * stride_lh + rows[None, :] * stride_lm,
-                  mask=(heads[:, None] < H) & (rows[None, :] < NQ), other=float("inf"))
+    hm_ok = (heads[:, None] < H) & (rows[None, :] < NQ)
+    l_offsets = b * stride_lb + heads[:, None] * stride_lh + rows[None, :] * stride_lm
+    lse = tl.load(lse_ptr + l_offsets, mask=hm_ok, other=float("inf"))
+    lost = tl.load(lse_ptr + stride_lp + l_offsets, mask=hm_ok, other=0.0)
     w = _load_mix(mix_ptr, H, stride_mixh, stride_mixg, HP, ACC)  # w[h, g] = mix[h, g]
     k_base = k_ptr + b * stride_kb + h3 * stride_kh + d3 * stride_kd
     v_base = v_ptr + b * stride_vb + h3 * stride_vh + d3 * stride_vd
@@ -262,7 +278,7 @@ def _forward_kernel(
     acc = tl.zeros((HP, BLOCK_M, BLOCK_D), ACC)
     end = tl.minimum(NK, (pid_m + 1) * BLOCK_M) if IS_CAUSAL else NK
     for n0 in range(0, end, BLOCK_N):
-        k, v, p = _block_probs(q, lse, k_base, v_base, m_base, n0 + cols0, r3, head_ok, row_ok, dim_ok, NK,
+        k, v, p = _block_probs(q, lse, lost, k_base, v_base, m_base, n0 + cols0, r3, head_ok, row_ok, dim_ok, NK,
                                stride_kn, stride_vn, stride_mn, scale, IS_CAUSAL, HAS_MASK, ACC, PRECISION)
         mixed = _mix_heads(w, p, HP, BLOCK_M, BLOCK_N, MIX_DOT, MIX_PRECISION)
         if DROPOUT:
@@ -274,14 +290,14 @@ def _forward_kernel(
 
 
 @triton.jit
-def _dq_block_products(q, do, wt, lse, k_base, v_base, m_base, cols, h3, r3, head_ok, row_ok, dim_ok,
+def _dq_block_products(q, do, wt, lse, lost, k_base, v_base, m_base, cols, h3, r3, head_ok, row_ok, dim_ok,
                        NK, stride_kn, stride_vn, stride_mn, scale, seed_ptr, b, H, NQ, threshold, dropout_p,
                        IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, HP: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MIX_DOT: tl.constexpr, ACC: tl.constexpr,
                        PRECISION: tl.constexpr, MIX_PRECISION: tl.constexpr):
     """The dQ kernel's products for one key block (both of its passes recompute them): K,
     P = exp(S − L), T = dO Vᵀ (times the dropout mask / (1 − p)) and E_g = Σ_h mix[h, g] T_h."""
-    k, v, p = _block_probs(q, lse, k_base, v_base, m_base, cols, r3, head_ok, row_ok, dim_ok, NK, stride_kn,
+    k, v, p = _block_probs(q, lse, lost, k_base, v_base, m_base, cols, r3, head_ok, row_ok, dim_ok, NK, stride_kn,
                            stride_vn, stride_mn, scale, IS_CAUSAL, HAS_MASK, ACC, PRECISION)
     t = tl.dot(do, tl.permute(v, (0, 2, 1)), input_precision=PRECISION, out_dtype=ACC)
     if DROPOUT:
@@ -300,7 +316,7 @@ def _backward_dq_kernel(
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_mixh, stride_mixg,
     stride_mb, stride_mh, stride_mm, stride_mn,
-    stride_lb, stride_lh, stride_lm,
+    stride_lp, stride_lb, stride_lh, stride_lm,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     HP: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
     MIX_DOT: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr, MIX_PRECISION: tl.constexpr,
@@ -323,8 +339,9 @@ def _backward_dq_kernel(
     do = tl.load(do_ptr + b * stride_dob + h3 * stride_doh + r3 * stride_dom + d3 * stride_dod,
                  mask=q_ok, other=0.0).to(q.dtype)
     hm_ok = (heads[:, None] < H) & (rows[None, :] < NQ)
-    lse = tl.load(lse_ptr + b * stride_lb + heads[:, None] * stride_lh + rows[None, :] * stride_lm,
-                  mask=hm_ok, other=float("inf"))
+    l_offsets = b * stride_lb + heads[:, None] * stride_lh + rows[None, :] * stride_lm
+    lse = tl.load(lse_ptr + l_offsets, mask=hm_ok, other=float("inf"))
+    lost = tl.load(lse_ptr + stride_lp + l_offsets, mask=hm_ok, other=0.0)
     wt = _load_mix(mix_ptr, H, stride_mixg, stride_mixh, HP, ACC)  # wt[g, h] = mix[h, g]: E = wt @ T
     k_base = k_ptr + b * stride_kb + h3 * stride_kh + d3 * stride_kd
     v_base = v_ptr + b * stride_vb + h3 * stride_vh + d3 * stride_vd
@@ -335,8 +352,8 @@ def _backward_dq_kernel(
     delta = tl.zeros((HP, BLOCK_M), ACC)
     dmix = tl.zeros((HP, HP), ACC)
     for n0 in range(0, end, BLOCK_N):
-        k, p, t, e = _dq_block_products(q, do, wt, lse, k_base, v_base, m_base, n0 + cols0, h3, r3, head_ok, row_ok,
-                                        dim_ok, NK, stride_kn, stride_vn, stride_mn, scale, seed_ptr, b, H, NQ,
+        k, p, t, e = _dq_block_products(q, do, wt, lse, lost, k_base, v_base, m_base, n0 + cols0, h3, r3, head_ok,
+                                        row_ok, dim_ok, NK, stride_kn, stride_vn, stride_mn, scale, seed_ptr, b, H, NQ,
                                         threshold, dropout_p, IS_CAUSAL, HAS_MASK, DROPOUT, HP,
                                         BLOCK_M, BLOCK_N, MIX_DOT, ACC, PRECISION, MIX_PRECISION)
         delta += tl.sum(p * e, axis=2)
@@ -349,8 +366,8 @@ def _backward_dq_kernel(
     # Pass 2: dQ_g = scale · (P_g ⊙ (E_g − D_g)) K_g, with P, T, E recomputed.
     dq = tl.zeros((HP, BLOCK_M, BLOCK_D), ACC)
     for n0 in range(0, end, BLOCK_N):
-        k, p, t, e = _dq_block_products(q, do, wt, lse, k_base, v_base, m_base, n0 + cols0, h3, r3, head_ok, row_ok,
-                                        dim_ok, NK, stride_kn, stride_vn, stride_mn, scale, seed_ptr, b, H, NQ,
+        k, p, t, e = _dq_block_products(q, do, wt, lse, lost, k_base, v_base, m_base, n0 + cols0, h3, r3, head_ok,
+                                        row_ok, dim_ok, NK, stride_kn, stride_vn, stride_mn, scale, seed_ptr, b, H, NQ,
                                         threshold, dropout_p, IS_CAUSAL, HAS_MASK, DROPOUT, HP,
                                         BLOCK_M, BLOCK_N, MIX_DOT, ACC, PRECISION, MIX_PRECISION)
         ds = p * (e - delta[:, :, None])
@@ -369,7 +386,7 @@ def _backward_dkv_kernel(
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_mixh, stride_mixg,
     stride_mb, stride_mh, stride_mm, stride_mn,
-    stride_lb, stride_lh, stride_lm,
+    stride_lp, stride_lb, stride_lh, stride_lm,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     HP: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
@@ -407,13 +424,14 @@ def _backward_dkv_kernel(
         q = tl.load(q_base + r_q * stride_qm, mask=q_ok, other=0.0)
         do = tl.load(do_base + r_q * stride_dom, mask=q_ok, other=0.0).to(q.dtype)
         hm_ok = (heads[:, None] < H) & (rows[None, :] < NQ)
-        lse = tl.load(lse_ptr + b * stride_lb + heads[:, None] * stride_lh + rows[None, :] * stride_lm,
-                      mask=hm_ok, other=float("inf"))
+        l_offsets = b * stride_lb + heads[:, None] * stride_lh + rows[None, :] * stride_lm
+        lse = tl.load(lse_ptr + l_offsets, mask=hm_ok, other=float("inf"))
+        lost = tl.load(lse_ptr + stride_lp + l_offsets, mask=hm_ok, other=0.0)
         delta = tl.load(delta_ptr + (b * H + heads[:, None]) * NQ + rows[None, :], mask=hm_ok, other=0.0)
         s = tl.dot(k, tl.permute(q, (0, 2, 1)), input_precision=PRECISION, out_dtype=ACC)  # Sᵀ
         s = _masked_scores(s, r_s, c3, head_ok & col_ok & (r_s < NQ), m_base + r_s * stride_mm,
                            scale, IS_CAUSAL, HAS_MASK)
-        p = tl.exp(s - lse[:, None, :])  # Pᵀ
+        p = tl.exp((s - lse[:, None, :]) - lost[:, None, :])  # Pᵀ
         t = tl.dot(v, tl.permute(do, (0, 2, 1)), input_precision=PRECISION, out_dtype=ACC)  # Tᵀ
         if DROPOUT:
             kept = _dropout_scale(seed_ptr, b, h3, r_s, c3, H, NQ, threshold, dropout_p, ACC)  # [HP, N, M]
@@ -557,20 +575,22 @@ def head_mixing_attention_forward(
     dropout_p: float = 0.0,
     seed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out [B, H, Nq, D] in q's dtype, lse [B, H, Nq]) for q [B, H, Nq, D], k, v [B, H, Nk, D],
-    mix [H, H] and an additive mask viewed as [B, H, Nq, Nk] (or None). lse is float32 (float64
-    for float64 inputs), +inf on fully masked rows; it is all the backward needs besides the inputs
+    """(out [B, H, Nq, D] in q's dtype, lse [2, B, H, Nq]) for q [B, H, Nq, D], k, v [B, H, Nk, D],
+    mix [H, H] and an additive mask viewed as [B, H, Nq, Nk] (or None). lse (L and lo, see the module
+    docstring) is float32 (float64 for float64 inputs), L = +inf on fully masked rows; it is all the
+    backward needs besides the inputs
     (and ``seed``, the one-element int64 tensor the dropout mask is drawn from when dropout_p > 0)."""
     _check_mask(mask, q, k)
     batch, heads, n_q, dim = q.shape
     n_k = k.shape[2]
     acc_torch = _acc(q)[1]
     out = torch.empty(batch, heads, n_q, dim, dtype=q.dtype, device=q.device)
-    lse = torch.empty(batch, heads, n_q, dtype=acc_torch, device=q.device)
+    lse = torch.empty(2, batch, heads, n_q, dtype=acc_torch, device=q.device)  # (L, what L lost), see above
     if lse.numel() == 0:
         return out, lse
-    if n_k == 0:  # every row fully masked
-        return out.zero_(), lse.fill_(float("inf"))
+    if n_k == 0:  # every row fully masked: L = +inf, nothing lost
+        lse[0].fill_(float("inf"))
+        return out.zero_(), lse.index_fill_(0, torch.tensor([1], device=lse.device), 0.0)
     # Too many heads x dims for one SM's shared memory: the chunked strategy (head_mixing_chunked.py).
     if not _interpreting(q) and strategy(heads, dim, q.dtype, mask is not None) == "chunked":
         return chunked_forward(q, k, v, mix, mask, is_causal, scale, dropout_p, seed)
@@ -580,6 +600,7 @@ def head_mixing_attention_forward(
     sizes = (heads, n_q, n_k, dim, float(scale))
 
     lse_meta = {key: meta[key] for key in ("BLOCK_D", "IS_CAUSAL", "HAS_MASK", "ACC", "PRECISION")}
+    lse_meta["LOST_TOLERANCE"] = lost_tolerance(acc_torch)
     lse_args = (q, k, mask_arg, lse, *sizes, *q.stride(), *k.stride(), *_strides4(mask), *lse.stride())
     fwd_args = (
         q, k, v, mix, mask_arg, lse, out, seed_arg, *sizes, threshold, dropout_p,

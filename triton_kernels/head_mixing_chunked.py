@@ -8,7 +8,7 @@ LLaMA-7B); with an attention-mask tensor (padding masks: BERT, RoBERTa) only up 
 that. There the Triton backend runs this strategy instead, chosen by :func:`strategy`, which callers
 can ask.
 
-Same math and the same saved state as the fused kernels (only lse [B, H, Nq]), with cuBLAS products
+Same math and the same saved state as the fused kernels (only lse [2, B, H, Nq]), with cuBLAS products
 on a chunk of query rows at a time: for rows c,
 
     S_g = scale · Q_g[c] K_gᵀ + mask     P_g = exp(S_g − L_g)     M_h = Σ_g mix[h, g] P_g
@@ -38,7 +38,7 @@ import triton
 from .. import reference
 
 __all__ = ["FUSED_MAX_ROW_BYTES", "FUSED_MAX_ROW_BYTES_MASKED", "chunk_rows", "chunked_backward", "chunked_forward",
-           "padded_sizes", "strategy"]
+           "lost_tolerance", "padded_sizes", "row_stats", "strategy"]
 
 # Largest HP · BLOCK_D · element size (heads and head dim each padded to a power of two) whose fused
 # kernels fit an sm_90 SM's shared memory (scripts/triton_aot_check.py): 1024 heads·dims in 16-bit
@@ -78,9 +78,28 @@ def _scores(q_rows: torch.Tensor, k: torch.Tensor, acc: torch.dtype) -> torch.Te
     return q_rows.to(acc) @ k.to(acc).transpose(-1, -2)
 
 
+def lost_tolerance(acc: torch.dtype) -> float:
+    """Below this, what max + log Σ lost to rounding (lo) is stored as 0: a few ulps, as the rounding of
+    any row's L (so that the C++ kernels correct only rows where it matters)."""
+    return 16 * torch.finfo(acc).eps
+
+
+def row_stats(s: torch.Tensor) -> torch.Tensor:
+    """[2, ...] (L, lo) of scores s [..., Nk] (see head_mixing_attention.py's docstring): L = +inf and
+    lo = 0 on rows with no finite score."""
+    row_max = s.amax(dim=-1) if s.shape[-1] else s.new_full(s.shape[:-1], float("-inf"))
+    seen = row_max > float("-inf")
+    shift = torch.where(seen, row_max, torch.zeros_like(row_max))
+    log_sum = torch.log(torch.exp(s - shift[..., None]).sum(-1).clamp_min(torch.finfo(s.dtype).tiny))
+    lse = torch.where(seen, shift + log_sum, torch.full_like(shift, float("inf")))
+    lost = torch.where(seen, (shift - lse) + log_sum, torch.zeros_like(shift))
+    return torch.stack([lse, torch.where(lost.abs() > lost_tolerance(s.dtype), lost, torch.zeros_like(lost))])
+
+
 def _probabilities(q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Tensor], lse_rows: Optional[torch.Tensor],
                    r0: int, r1: int, is_causal: bool, scale: float, acc: torch.dtype):
-    """(P, lse) for query rows [r0, r1): P = exp(S − lse), lse = +inf on rows that see no key."""
+    """(P, lse [2, B, H, rows]) for query rows [r0, r1): P = exp((S − L) − lo), L = +inf on rows that see
+    no key."""
     s = _scores(q[:, :, r0:r1], k, acc) * scale
     if mask is not None:
         s = s + mask[:, :, r0:r1].to(acc)
@@ -89,9 +108,8 @@ def _probabilities(q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Tensor
         cols = torch.arange(k.shape[2], device=q.device)[None, :]
         s = s.masked_fill(cols > rows, float("-inf"))
     if lse_rows is None:
-        lse_rows = torch.logsumexp(s, dim=-1)
-        lse_rows = lse_rows.masked_fill(lse_rows == float("-inf"), float("inf"))
-    return torch.exp(s - lse_rows[..., None]), lse_rows
+        lse_rows = row_stats(s)
+    return torch.exp((s - lse_rows[0][..., None]) - lse_rows[1][..., None]), lse_rows
 
 
 def _mix_heads(mix: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
@@ -114,17 +132,17 @@ def _dropout_scale(dropout_p: float, seed: int, q: torch.Tensor, n_k: int, r0: i
 
 
 def chunked_forward(q, k, v, mix, mask, is_causal: bool, scale: float, dropout_p: float = 0.0, seed=None):
-    """(out [B, H, Nq, D] in q's dtype, lse [B, H, Nq]) as head_mixing_attention_forward."""
+    """(out [B, H, Nq, D] in q's dtype, lse [2, B, H, Nq]) as head_mixing_attention_forward."""
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     batch, heads, n_q, dim = q.shape
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    lse = torch.empty(batch, heads, n_q, dtype=acc, device=q.device)
+    lse = torch.empty(2, batch, heads, n_q, dtype=acc, device=q.device)
     mix_acc, v_acc = mix.to(acc), v.to(acc)
     seed = _seed_value(dropout_p, seed)
     step = chunk_rows(q, k.shape[2])
     for r0 in range(0, n_q, step):
         r1 = min(n_q, r0 + step)
-        p, lse[:, :, r0:r1] = _probabilities(q, k, mask, None, r0, r1, is_causal, scale, acc)
+        p, lse[..., r0:r1] = _probabilities(q, k, mask, None, r0, r1, is_causal, scale, acc)
         mixed = _mix_heads(mix_acc, p)
         drop = _dropout_scale(dropout_p, seed, q, k.shape[2], r0, r1, acc)
         if drop is not None:
@@ -147,7 +165,7 @@ def chunked_backward(grad_out, q, k, v, mix, mask, lse, is_causal: bool, scale: 
     step = chunk_rows(q, k.shape[2])
     for r0 in range(0, n_q, step):
         r1 = min(n_q, r0 + step)
-        p, _ = _probabilities(q, k, mask, lse[:, :, r0:r1], r0, r1, is_causal, scale, acc)
+        p, _ = _probabilities(q, k, mask, lse[..., r0:r1], r0, r1, is_causal, scale, acc)
         do = grad_out[:, :, r0:r1].to(acc)
         mixed = _mix_heads(mix_acc, p)
         t = do @ v_acc.transpose(-1, -2)  # T_h = dO_h V_hᵀ

@@ -229,6 +229,15 @@ def _scale_strides(s_l: torch.Tensor, s_r: torch.Tensor) -> tuple:
     return s_l.stride(0), s_l.stride(1), s_r.stride(0), s_r.stride(1)
 
 
+def _rank(weight: torch.Tensor, s_l: torch.Tensor, s_r: torch.Tensor) -> int:
+    """R of s_l [N, R] and s_r [K, R]: the kernels index both by it, so other shapes would read past them."""
+    if s_l.dim() != 2 or s_r.dim() != 2 or s_l.shape[0] != weight.shape[0] or s_r.shape[0] != weight.shape[1] \
+            or s_l.shape[1] != s_r.shape[1]:
+        raise ValueError(f"s_l and s_r must be [N, R] and [K, R] for weight [N, K] = {list(weight.shape)}, got "
+                         f"{list(s_l.shape)} and {list(s_r.shape)}")
+    return s_l.shape[1]
+
+
 # ----------------------------------------------------------------------------------------------
 # Launch wrappers
 
@@ -243,7 +252,7 @@ def rescaled_linear_forward(
 ) -> torch.Tensor:
     """y [M, N] = x2d (W ⊙ (c + s_l s_rᵀ))ᵀ + bias, for x2d [M, K], weight [N, K], s_l [N, R], s_r [K, R]."""
     M, K = x2d.shape
-    N, R = weight.shape[0], s_l.shape[1]
+    N, R = weight.shape[0], _rank(weight, s_l, s_r)
     y = torch.empty(M, N, dtype=x2d.dtype, device=x2d.device)
     if M == 0 or N == 0:
         return y
@@ -280,7 +289,7 @@ def rescaled_linear_backward(
     """(gx [M, K], gw [N, K], gs_l [N, R], gs_r [K, R]), each None unless requested (need_scales
     gives both scale gradients). The bias gradient is left to the caller."""
     M, K = x2d.shape
-    N, R = weight.shape[0], s_l.shape[1]
+    N, R = weight.shape[0], _rank(weight, s_l, s_r)
     c = 1.0 if residual else 0.0
     acc_tl, acc_torch = _acc(x2d)
     precision = _precision(x2d)

@@ -27,7 +27,7 @@ __all__ = ["svd_basis_weight", "svd_delta_linear_forward", "svd_delta_linear_bac
 def _svd_basis_weight_kernel(
     w_ptr, u_ptr, v_ptr, d_ptr, out_ptr,
     N, K, RANK,
-    stride_wn, stride_wk, stride_un, stride_uj, stride_vk, stride_vj,
+    stride_wn, stride_wk, stride_un, stride_uj, stride_vk, stride_vj, stride_d,
     PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
@@ -45,7 +45,7 @@ def _svd_basis_weight_kernel(
                     mask=mask_n[:, None] & mask_j[None, :], other=0.0)
         v = tl.load(v_ptr + offs_k[:, None] * stride_vk + offs_j[None, :] * stride_vj,
                     mask=mask_k[:, None] & mask_j[None, :], other=0.0)
-        d = tl.load(d_ptr + offs_j, mask=mask_j, other=0.0)
+        d = tl.load(d_ptr + offs_j * stride_d, mask=mask_j, other=0.0)  # d may be a strided view
         scaled_u = (u.to(acc_dtype) * d.to(acc_dtype)[None, :]).to(u.dtype)
         acc = tl.dot(scaled_u, tl.trans(v), acc, input_precision=PRECISION, out_dtype=acc_dtype)
     tl.store(out_ptr + rows_n[:, None] * K + offs_k[None, :], acc.to(out_ptr.dtype.element_ty),
@@ -123,7 +123,7 @@ def svd_basis_weight(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, d: 
     grid = (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(K, meta["BLOCK_K"]))
     _svd_basis_weight_kernel[grid](
         weight, u, v, d, out, N, K, rank,
-        weight.stride(0), weight.stride(1), u.stride(0), u.stride(1), v.stride(0), v.stride(1),
+        weight.stride(0), weight.stride(1), u.stride(0), u.stride(1), v.stride(0), v.stride(1), d.stride(0),
         PRECISION=_precision(weight), **meta,
     )
     return out

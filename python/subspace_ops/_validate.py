@@ -38,6 +38,20 @@ def check_like(name: str, value: Tensor, ref_name: str, ref: Tensor) -> None:
         raise ValueError(f"{name} is on {value.device} but {ref_name} is on {ref.device}; they must match")
 
 
+def check_linear(x: object, weight: object) -> tuple[int, int]:
+    """x [..., K] and weight [N, K] of a linear op, with K >= 1 (the kernels' row layouts need a
+    feature; no model has an nn.Linear without inputs). Returns (N, K)."""
+    check_tensor("x", x, min_ndim=1)
+    check_tensor("weight", weight, ndims=(2,))
+    out_features, in_features = weight.shape
+    if in_features == 0:
+        raise ValueError(f"weight must have at least one input feature (in_features = weight.shape[1] >= 1), "
+                         f"got shape {tuple(weight.shape)}")
+    check_size("x", x, -1, in_features, "in_features = weight.shape[1]")
+    check_like("weight", weight, "x", x)
+    return out_features, in_features
+
+
 def refuse_double_backward(op: str) -> None:
     """Called first in a fused backward. Grad mode is on there only under ``create_graph=True``; the
     kernels (and the tensors a forward saves for them) are not differentiable, so the graph autograd

@@ -43,6 +43,7 @@ __all__ = [
     "apply_svd",
     "count_parameters",
     "find_linears",
+    "check_patterns_match",
     "find_modules",
     "find_parameters",
     "make_weights_contiguous",
@@ -174,6 +175,22 @@ def _matches(name: str, patterns: Iterable[str]) -> bool:
     last = name.rsplit(".", 1)[-1]
     return any(fnmatch.fnmatchcase(last, p) if "." not in p else
                fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, "*." + p) for p in patterns)
+
+
+def check_patterns_match(model: nn.Module, *, trainable: Sequence[str] = (), exclude: Sequence[str] = ()) -> None:
+    """Raise ValueError when a ``trainable`` or ``exclude`` pattern matches no module of ``model``: a typo
+    in ``trainable`` would otherwise leave the task head frozen without a word. Patterns of the registry's
+    defaults (``methods.DEFAULT_TRAINABLE``, ``DEFAULT_EXCLUDE``) are exempt: they list the heads and
+    exclusions of several model families at once, so on one model most of them match nothing."""
+    from .methods import DEFAULT_EXCLUDE, DEFAULT_TRAINABLE
+
+    names = [name for name, _ in model.named_modules() if name]
+    for argument, patterns in (("trainable", trainable), ("exclude", exclude)):
+        unmatched = [p for p in patterns if p not in DEFAULT_TRAINABLE + DEFAULT_EXCLUDE
+                     and not any(_matches(name, (p,)) for name in names)]
+        if unmatched:
+            raise ValueError(f"{argument} pattern(s) {unmatched} match no module of {type(model).__name__} "
+                             f"(patterns are find_modules globs over module names)")
 
 
 def find_modules(model: nn.Module, patterns: Sequence[str], kind: type = nn.Module,
@@ -404,6 +421,7 @@ def apply_rlrr(
     """
     if fused_qkv not in ("split", "shared"):
         raise ValueError(f"fused_qkv must be 'split' or 'shared', got {fused_qkv!r}")
+    check_patterns_match(model, trainable=trainable, exclude=exclude)
     skip = tuple(trainable) + tuple(exclude)
     linears = find_linears(model, targets, skip_under=skip)
     if not linears:
@@ -512,6 +530,7 @@ def apply_svd(
     if method not in SVD_METHODS:
         raise ValueError(f"method must be one of {SVD_METHODS}, got {method!r}")
     targets = SVD_TARGETS[method] if targets is None else targets
+    check_patterns_match(model, trainable=trainable, exclude=exclude)
     linears = find_linears(model, targets, skip_under=tuple(trainable) + tuple(exclude))
     if not linears:
         raise no_linear_error(model, "targets", targets)
@@ -602,6 +621,7 @@ def apply_coeff(
     """
     from . import diffusers as diffusers_integration
 
+    check_patterns_match(model, trainable=trainable, exclude=exclude)
     plain, sdpa = _timm_attention_blocks(model, skip_under=tuple(trainable) + tuple(exclude))
     blocks = plain + sdpa
     hf_modules, diffusers_modules = [], []
@@ -670,8 +690,15 @@ def merge_all(model: nn.Module) -> int:
 
 
 def unmerge_all(model: nn.Module) -> int:
-    """``unmerge()`` every merged layer of ``model``; returns how many were unmerged."""
+    """``unmerge()`` every merged layer of ``model``; returns how many were unmerged.
+
+    Raises RuntimeError before unmerging anything when a layer would refuse (its merged weights changed
+    since ``merge()``, e.g. by ``load_state_dict``), so the model is never left half unmerged.
+    """
     layers = [m for m in model.modules() if hasattr(m, "unmerge") and getattr(m, "merged", False)]
+    problems = [p for m in layers if callable(getattr(m, "unmerge_problem", None)) and (p := m.unmerge_problem())]
+    if problems:
+        raise RuntimeError(f"{len(problems)} layer(s) cannot be unmerged, so nothing was unmerged: " + problems[0])
     for m in layers:
         m.unmerge()
     return len(layers)

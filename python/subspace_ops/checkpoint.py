@@ -19,7 +19,9 @@ metadata (strings) holds:
 ``method``             the ``method`` argument of :func:`save_adapter` (e.g. ``"rlrr"``, ``"siva"``)
 ``config``             JSON of the ``config`` argument (how the model was adapted; not interpreted)
 ``layers``             JSON: per module with a ``method`` attribute or an ``adapter_state()``, its
-                       method and the non-tensor entries of its adapter state (SVD ranks, …)
+                       method, the attributes that change what it computes (the names in its
+                       ``function_attributes``: LoRA's scaling α/r, an adapter's activation, a fused
+                       layer's splits) and the non-tensor entries of its adapter state (SVD ranks, …)
 ``base_fingerprint``   JSON: the fingerprint of the frozen parameters (below)
 ``tensor_sha256``      JSON: per tensor, the SHA-256 of its bytes (safetensors itself has no checksum,
                        so flipped bytes in the data section would otherwise load as wrong numbers)
@@ -43,7 +45,8 @@ Buffers (e.g. BatchNorm statistics) are not fingerprinted.
 **Loading** validates everything before touching the model: the file is readable, is safetensors,
 has our header with a known format version, every tensor's checksum, every tensor name exists in the
 model (a trainable parameter or a declared adapter tensor) with the same shape and a float dtype the
-live tensor can take, per-layer methods and adapter states agree, and the fingerprint matches the
+live tensor can take, per-layer methods, function attributes and adapter states agree (files written
+before function attributes were recorded have none, and are checked without them), and the fingerprint matches the
 model's frozen parameters. Only then are the tensors copied in place under ``torch.no_grad``
 (layers with a ``load_adapter_state`` method get their declared state through it, so their own
 checks run too); the touched tensors are snapshotted first and restored if anything fails during the
@@ -70,6 +73,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
+from ._fingerprint import FINGERPRINT_SAMPLES, fingerprint, fingerprint_mismatch
 from .adapters import _join_name
 
 __all__ = [
@@ -86,8 +90,6 @@ __all__ = [
 FORMAT = "subspace_ops.adapter"
 FORMAT_VERSION = 1
 KNOWN_FORMAT_VERSIONS = (1,)
-FINGERPRINT_SAMPLES = 1024
-_SIGNED_SUMS = 4
 _MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 
 
@@ -156,14 +158,18 @@ def _split_state(state: dict) -> tuple[dict[str, Tensor], dict[str, Any]]:
 
 
 def _layer_records(model: nn.Module) -> tuple[dict[str, dict], dict[str, Tensor]]:
-    """Per adapter layer: {"method", "state" (non-tensor entries), "tensor_keys"}; and the declared
-    adapter tensors that are not trainable parameters, by full name."""
+    """Per adapter layer: {"method", "attributes" (its function_attributes), "state" (non-tensor
+    entries), "tensor_keys"}; and the declared adapter tensors that are not trainable parameters, by
+    full name."""
     trainable = set(_adapter_parameters(model))
     records, extra = {}, {}
     for name, m in _adapter_layers(model).items():
         record: dict[str, Any] = {}
         if isinstance(getattr(m, "method", None), str):
             record["method"] = m.method
+        attributes = getattr(m, "function_attributes", ())
+        if attributes:  # same tensors under another scaling or activation compute another function
+            record["attributes"] = _jsonable({a: getattr(m, a) for a in attributes}, f"{name}'s function_attributes")
         if callable(getattr(m, "adapter_state", None)):
             tensors, other = _split_state(m.adapter_state())
             record["state"] = _jsonable(other, f"{name}.adapter_state()")
@@ -185,23 +191,6 @@ def _jsonable(value: Any, what: str) -> Any:
 
 # ---------------------------------------------------------------------------------------------
 # fingerprint
-def _sign_weights(n: int) -> Tensor:
-    """[1 + _SIGNED_SUMS - 1, n] float64: a row of ones and fixed pseudo-random ±1 rows."""
-    i = torch.arange(1, n + 1, dtype=torch.int64)
-    rows = [torch.ones(n, dtype=torch.float64)]
-    for j in range(1, _SIGNED_SUMS):
-        h = (i * (2 * j + 1) * 2654435761 + j * 40503) % (1 << 32)  # Knuth's multiplicative hash
-        rows.append(1.0 - 2.0 * ((h >> 31) & 1).to(torch.float64))
-    return torch.stack(rows)
-
-
-def _unit_roundoff(dtype_name: str) -> float:
-    dtype = getattr(torch, dtype_name, None)
-    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
-        return torch.finfo(dtype).eps / 2
-    return 0.0
-
-
 @torch.no_grad()
 def base_fingerprint(model: nn.Module) -> dict[str, dict]:
     """The fingerprint of ``model``'s frozen parameters (see the module docstring)."""
@@ -209,20 +198,8 @@ def base_fingerprint(model: nn.Module) -> dict[str, dict]:
     result = {}
     adapter = _adapter_parameters(model)
     for name, p in model.named_parameters():
-        if name in adapter:
-            continue
-        flat = _full(p).reshape(-1)
-        numel = flat.numel()
-        n = min(numel, FINGERPRINT_SAMPLES)
-        index = torch.arange(n, dtype=torch.int64, device=flat.device) * numel // max(n, 1)
-        sample = flat[index].to(device="cpu", dtype=torch.float64)
-        sums = _sign_weights(n) @ sample if n else torch.zeros(_SIGNED_SUMS, dtype=torch.float64)
-        result[name] = {
-            "shape": list(p.shape),
-            "dtype": str(p.dtype).removeprefix("torch."),
-            "abs": float(sample.abs().sum()),
-            "sums": [float(s) for s in sums],
-        }
+        if name not in adapter:
+            result[name] = fingerprint(_full(p))
     return result
 
 
@@ -243,16 +220,9 @@ def fingerprint_mismatches(saved: dict, live: dict, *, strict: bool = True) -> l
         a, b = saved[name], live[name]
         if list(a["shape"]) != list(b["shape"]):
             problems.append(f"frozen parameter {name} has shape {b['shape']}, the file's base had {a['shape']}")
-            continue
-        u = max(_unit_roundoff(a["dtype"]), _unit_roundoff(b["dtype"]))
-        scale = max(a["abs"], b["abs"])
-        tol = (2.0 * u + 1e-12) * scale
-        diffs = [abs(x - y) for x, y in zip(a["sums"], b["sums"])] + [abs(a["abs"] - b["abs"])]
-        if len(a["sums"]) != len(b["sums"]) or max(diffs) > tol:
-            problems.append(
-                f"frozen parameter {name} differs from the base weights the adapter was trained on "
-                f"(checksum difference {max(diffs):.3g} > tolerance {tol:.3g} for {a['dtype']} vs {b['dtype']})"
-            )
+        elif problem := fingerprint_mismatch(a, b):
+            problems.append(f"frozen parameter {name} differs from the base weights the adapter was trained on "
+                            f"({problem})")
     return problems
 
 
@@ -464,6 +434,12 @@ def _check_against_model(tensors: dict[str, Tensor], meta: dict, model: nn.Modul
             continue
         if saved.get("method") != current.get("method"):
             problems.append(f"layer {name}: method {saved.get('method')!r} in the file, {current.get('method')!r} here")
+        elif "attributes" in saved and saved["attributes"] != current.get("attributes"):
+            here = current.get("attributes", {})
+            differ = [f"{a} {v!r} in the file, {here.get(a)!r} here" for a, v in sorted(saved["attributes"].items())
+                      if here.get(a) != v]
+            problems.append(f"layer {name}: " + ("; ".join(differ) or
+                                                 f"attributes {saved['attributes']} in the file, {here} here"))
         elif saved.get("state") != current.get("state") or saved.get("tensor_keys") != current.get("tensor_keys"):
             problems.append(f"layer {name}: adapter state {saved.get('state')} in the file, {current.get('state')} here")
 

@@ -40,8 +40,9 @@ filter subspace and adds a learned recombination of it, 003 §4) are "combinatio
 of timm ViTs (``qkv``, ``proj``, ``fc1``, ``fc2``), BERT/RoBERTa (``query``, ``key``, ``value``,
 ``*.intermediate.dense``, ``*.output.dense``) and LLaMA (``q_proj`` … ``down_proj``) at once, so one
 config works on all three; a model's classification head, pooler and embeddings are not targeted.
-Target patterns that match nothing raise ValueError. ``exclude`` names modules no target reaches into
-(as PEFT's ``exclude_modules``; by default timm's relative-position MLPs, :data:`DEFAULT_EXCLUDE`).
+Target patterns that match nothing raise ValueError, and so do ``trainable`` and ``exclude`` patterns
+other than the defaults (which list several model families' heads). ``exclude`` names modules no target
+reaches into (as PEFT's ``exclude_modules``; by default timm's relative-position MLPs, :data:`DEFAULT_EXCLUDE`).
 
 **Fused qkv.** timm's fused ``qkv`` (and GPT-2's ``c_attn``) is split into q, k, v by ``rlrr``,
 ``siva``, ``sam-parser`` and ``svdiff``, and ``ia3``/``ssl``/``ssb`` scale its key and value parts only
@@ -102,6 +103,7 @@ from .adapters import (
     apply_coeff,
     apply_rlrr,
     apply_svd,
+    check_patterns_match,
     find_linears,
     find_modules,
     find_parameters,
@@ -1078,6 +1080,7 @@ def apply(model: nn.Module, config_or_name: Union[str, MethodConfig], **override
     config = _resolve(config_or_name, overrides)
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_patterns_match(model, trainable=config.trainable, exclude=config.exclude)
     existing = {id(m) for m in model.modules()}
     with _restore_on_error(model):
         report = _APPLIERS[config.name](model, config)

@@ -180,7 +180,7 @@ def head_mixing_attention(
     if attn_mask is not None and attn_mask.dtype == torch.bool:
         keep = keep & attn_mask
     elif attn_mask is not None:
-        scores = scores + attn_mask
+        scores = scores + attn_mask.to(scores.dtype)  # in the scores' dtype, as the fused kernels add it
     keep = keep.expand_as(scores)
     scores = scores.masked_fill(~keep, float("-inf"))
     if n_k == 0:  # no keys at all: every row is fully masked (amax has nothing to reduce)

@@ -94,6 +94,7 @@ class ParallelAdapterLinear(MergeableLinear):
     """
 
     method = "pa"
+    function_attributes = ("scaling", "activation_name")
 
     def __init__(
         self,
@@ -194,6 +195,7 @@ class SequentialAdapter(ForwardsAttributes, nn.Module):
     """
 
     method = "adapter"
+    function_attributes = ("activation_name",)  # recorded by adapter checkpoints (see MergeableLinear)
     # Attributes the adapter does not have come from the wrapped module: a model's own code may read them
     # (T5's feed-forward reads ``self.wo.weight.dtype``).
     _wrapped = "module"

@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from .base import RestoresOriginals
 from .lowrank import G_KINDS, _check_rank, _scaling
 
 __all__ = ["EXPERT_LAYOUTS", "LowRankExperts", "adapters", "attach", "detach", "expert_layout"]
@@ -66,7 +67,7 @@ def expert_layout(module: nn.Module) -> Optional[str]:
     return EXPERT_LAYOUTS.get(_own_class(module).__name__)
 
 
-class LowRankExperts(nn.Module):
+class LowRankExperts(RestoresOriginals):
     """A parametrization ``W -> W + s·A G B`` per expert of a 3-D expert parameter (module docstring).
 
     Args:
@@ -80,6 +81,8 @@ class LowRankExperts(nn.Module):
 
     Parameters: ``lora_a [E, N, r]``, ``lora_b [E, r, K]``, ``lora_g`` (None, [E, r] or [E, r, r]).
     """
+
+    function_attributes = ("scaling",)  # recorded by adapter checkpoints (see MergeableLinear)
 
     def __init__(self, weight: Tensor, rank: int, *, layout: str, g: str = "none", alpha: Optional[float] = None,
                  init: str = "lora") -> None:
@@ -119,7 +122,6 @@ class LowRankExperts(nn.Module):
                 self.lora_g.zero_()
                 self.lora_a.normal_(0.0, 0.02)
                 self.lora_b.normal_(0.0, 0.02)
-        self._originals: Optional[Tensor] = None
         # True: reads return the base tensor as it is (SubspacePeftModel.disable_adapter). A flag rather than
         # detaching: the parametrization, the factors and optimizer references stay exactly as they are.
         self.disabled = False
@@ -127,10 +129,6 @@ class LowRankExperts(nn.Module):
         # would be a cycle in modules()) nor a weakref: deepcopy must map it to the copy's own list, or
         # merging a copied model would write into the original's weights.
         self._owner: Optional[list] = None
-
-    @property
-    def merged(self) -> bool:
-        return self._originals is not None
 
     def low_rank_factors(self) -> tuple[Tensor, Tensor]:
         """(A [E, N, r], B [E, r, K]): per expert the factors the MPC regularizers constrain (G excluded)."""
@@ -166,6 +164,9 @@ class LowRankExperts(nn.Module):
             raise RuntimeError("LowRankExperts is not attached to an experts parameter (use attach())")
         return owner.original
 
+    def _merged_parameters(self) -> tuple[list[str], list[Optional[Tensor]]]:
+        return ["the experts parameter"], [self._original()]
+
     @torch.no_grad()
     def merge(self) -> None:
         """Fold ΔW into the base parameter (reads then return it unchanged); unmerge() restores it exactly."""
@@ -174,16 +175,15 @@ class LowRankExperts(nn.Module):
         original = self._original()
         delta = self.delta_weight()
         merged = (original.to(delta.dtype) + delta).to(original.dtype)
-        self._originals = original.data
+        originals = [original.data]
         original.data = merged
+        self._keep_originals(originals)
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Restore the exact base tensor saved by :meth:`merge`."""
-        if not self.merged:
-            raise RuntimeError("LowRankExperts is not merged")
-        self._original().data = self._originals
-        self._originals = None
+        original = self._original()
+        (original.data,) = self._take_originals()
 
     def extra_repr(self) -> str:
         state = (", merged" if self.merged else "") + (", disabled" if self.disabled else "")
@@ -241,7 +241,7 @@ def detach(module: nn.Module, name: str, *, keep_merged: bool = False) -> None:
                          "merged LowRankExperts; merge() it first, or detach with keep_merged=False")
     if isinstance(layer, LowRankExperts) and layer.merged:
         if keep_merged:
-            layer._originals = None  # original's data is the merged tensor: it stays as the plain parameter
+            layer._merge_record = None  # original's data is the merged tensor: it stays as the plain parameter
         else:
             layer.unmerge()  # remove_parametrizations keeps original's current data, which would be the merged one
     parametrize.remove_parametrizations(module, name, leave_parametrized=False)

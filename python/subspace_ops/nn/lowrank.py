@@ -88,6 +88,8 @@ class LowRankLinear(MergeableLinear):
     ``ones [r]`` or ``eye(r)``).
     """
 
+    function_attributes = ("scaling",)
+
     def __init__(
         self,
         base: nn.Linear,
@@ -229,6 +231,7 @@ class DoRALinear(MergeableLinear):
     """
 
     method = "dora"
+    function_attributes = ("scaling",)
 
     def __init__(
         self,

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from .. import reference
 from ..ops import rescaled_linear
 from ..ops.rescaled_linear import choose_path, cpu_stacked_max_tokens
-from .base import ForwardsAttributes, MergeableLinear, NotMergeableError, compute_dtype
+from .base import ForwardsAttributes, MergeableLinear, NotMergeableError, RestoresOriginals, compute_dtype
 
 __all__ = ["RLRRLinear", "ScaledLinear", "SSF"]
 
@@ -57,6 +57,7 @@ class RLRRLinear(MergeableLinear):
     """
 
     method = "rlrr"
+    function_attributes = ("splits",)
 
     def __init__(
         self, base: nn.Linear, *, splits: Optional[Sequence[int]] = None, backend: Optional[str] = None
@@ -125,6 +126,8 @@ class ScaledLinear(MergeableLinear):
             fused qkv adapt the keys and values only: ``scaled_parts=(False, True, True)``.
     Scales start at one, so the layer starts equal to ``base``.
     """
+
+    function_attributes = ("splits", "scaled_parts")
 
     def __init__(
         self,
@@ -242,7 +245,24 @@ class ScaledLinear(MergeableLinear):
         return self._describe() + f", scales={sides}{parts}, path={path} ({dtype} weights)"
 
 
-class SSF(ForwardsAttributes, nn.Module):
+def _output_width(module: nn.Module) -> Optional[int]:
+    """The channel count of torch's own norms, Linear and convolutions (None for other modules, whose
+    attributes of those names may mean something else: transformers' patch embeddings' num_channels
+    is their input's)."""
+    if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+        return module.normalized_shape[-1] if module.normalized_shape else None
+    if isinstance(module, nn.GroupNorm):
+        return module.num_channels
+    if isinstance(module, nn.modules.batchnorm._NormBase):
+        return module.num_features
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return module.out_channels
+    return None
+
+
+class SSF(ForwardsAttributes, RestoresOriginals):
     """Scale-and-shift after a module: ``y = inner(x) · γ + β`` over the channel dimension
     ``channel_dim`` (the last one; 1 after a channels-first norm such as timm's LayerNorm2d in ConvNeXt).
 
@@ -266,6 +286,11 @@ class SSF(ForwardsAttributes, nn.Module):
         super().__init__()
         if channel_dim not in (-1, 1):
             raise ValueError(f"channel_dim must be -1 (channels last) or 1 (channels first), got {channel_dim!r}")
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"dim must be a positive int (the channel count), got {dim!r}")
+        width = _output_width(inner)
+        if width is not None and width != dim:
+            raise ValueError(f"dim must be {type(inner).__name__}'s output width {width}, got {dim}")
         self.inner = inner
         self.dim = dim
         self.channel_dim = channel_dim
@@ -275,11 +300,6 @@ class SSF(ForwardsAttributes, nn.Module):
         self.gamma = nn.Parameter(torch.empty(dim, device=device, dtype=dtype).normal_(1.0, 0.02))
         self.beta = nn.Parameter(torch.empty(dim, device=device, dtype=dtype).normal_(0.0, 0.02))
         self.fold_into = fold_into
-        self._originals: Optional[tuple[Tensor, Tensor]] = None
-
-    @property
-    def merged(self) -> bool:
-        return self._originals is not None
 
     def forward(self, x: Tensor, *args, **kwargs) -> Union[Tensor, tuple]:
         y = self.inner(x, *args, **kwargs)  # e.g. Hiera's patch_embed(x, mask=...)
@@ -317,6 +337,11 @@ class SSF(ForwardsAttributes, nn.Module):
         return (f"SSF can only merge into a module with a weight and a bias of {self.dim} channels (or a bias-free "
                 f"nn.Linear / nn.Conv2d); {type(target).__name__} has weight {shapes[0]} and bias {shapes[1]}")
 
+    def _merged_parameters(self) -> tuple[list[str], list[Optional[Tensor]]]:
+        target, weight, bias = self._fold_target()
+        prefix = f"{self.fold_into}." if self.fold_into else ""
+        return [f"inner.{prefix}weight", f"inner.{prefix}bias"], [weight, bias]
+
     @torch.no_grad()
     def merge(self) -> None:
         if self.merged:
@@ -325,25 +350,23 @@ class SSF(ForwardsAttributes, nn.Module):
             raise NotMergeableError(self._not_mergeable())
         target, weight, bias = self._fold_target()
         gamma = self.gamma.to(weight.dtype).reshape(-1, *([1] * (weight.dim() - 1)))
-        self._originals = (weight.data, None if bias is None else bias.data)
+        originals = (weight.data, None if bias is None else bias.data)
         weight.data = weight.data * gamma
         if bias is None:  # β alone is the shift; a copy, frozen like the weight it sits beside
             target.bias = nn.Parameter(self.beta.detach().to(weight.dtype, copy=True), requires_grad=False)
         else:
             bias.data = bias.data * self.gamma.to(bias.dtype) + self.beta.to(bias.dtype)
+        self._keep_originals(originals)
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        if not self.merged:
-            raise RuntimeError("SSF is not merged")
         target = self.inner.get_submodule(self.fold_into)
-        weight, bias = self._originals
+        weight, bias = self._take_originals()
         target.weight.data = weight
         if bias is None:  # the bias merge() created goes: the layer is bias-free again, state_dict keys included
             target.bias = None
         else:
             target.bias.data = bias
-        self._originals = None
 
     def extra_repr(self) -> str:
         layout = ", channels first" if self.channel_dim == 1 else ""

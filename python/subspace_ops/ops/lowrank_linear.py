@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import reference
-from .._validate import check_like, check_size, check_tensor, refuse_double_backward
+from .._validate import check_like, check_linear, check_size, check_tensor, refuse_double_backward
 from ..backends import resolve_backend
 from ._dispatch import kernel_module
 from ._sizes import rows_to_shape
@@ -159,13 +159,14 @@ _lowrank_linear_backward_op = torch.library.custom_op(
 @_lowrank_linear_backward_op.register_fake
 def _(grad_y, x, x_dropped, weight, a, g, b, h0, scaling, backend, need_x, need_x_dropped, need_weight, need_a,
       need_b, need_g):
+    dense = torch.contiguous_format  # the kernels return contiguous gradients whatever the inputs' layout
     return (
-        torch.empty_like(x) if need_x else x.new_empty(0),
-        torch.empty_like(x) if need_x_dropped and x_dropped is not None else x.new_empty(0),
-        torch.empty_like(weight) if need_weight else x.new_empty(0),
-        torch.empty_like(a) if need_a else x.new_empty(0),
-        torch.empty_like(b) if need_b else x.new_empty(0),
-        torch.empty_like(g) if need_g and g is not None else x.new_empty(0),
+        torch.empty_like(x, memory_format=dense) if need_x else x.new_empty(0),
+        torch.empty_like(x, memory_format=dense) if need_x_dropped and x_dropped is not None else x.new_empty(0),
+        torch.empty_like(weight, memory_format=dense) if need_weight else x.new_empty(0),
+        torch.empty_like(a, memory_format=dense) if need_a else x.new_empty(0),
+        torch.empty_like(b, memory_format=dense) if need_b else x.new_empty(0),
+        torch.empty_like(g, memory_format=dense) if need_g and g is not None else x.new_empty(0),
     )
 
 
@@ -230,11 +231,7 @@ class _EagerLowRankLinear(torch.autograd.Function):
 
 
 def _check_inputs(x, weight, a, g, b, bias) -> None:
-    check_tensor("x", x, min_ndim=1)
-    check_tensor("weight", weight, ndims=(2,))
-    out_features, in_features = weight.shape
-    check_size("x", x, -1, in_features, "in_features = weight.shape[1]")
-    check_like("weight", weight, "x", x)
+    out_features, in_features = check_linear(x, weight)
     check_tensor("a", a, ndims=(2,))
     check_size("a", a, 0, out_features, "out_features = weight.shape[0]")
     rank = a.shape[1]

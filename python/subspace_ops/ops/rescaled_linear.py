@@ -42,6 +42,12 @@ Three paths (``path=``; :func:`choose_path` picks one when None, and the layers 
   so the bound of 8 rows is kept for its smaller reads of W. On a GPU the Triton kernels
   already read W once, so the rule keeps them there. Autograd saves the stacked GEMM output
   [(c + r)·M, N] when s_l is trained.
+
+The paths agree up to rounding on finite inputs. With an infinite input they may differ in kind:
+the separable and stacked paths sum the blocks' products, so an infinite x can give inf − inf = NaN
+where the modulated kernels (and the reference, which forms W') give ±inf; PEFT's unmerged LoRA
+does the same. Either way the output is non-finite, which AMP's GradScaler treats alike.
+The reference backend has no paths (it forms W') and ignores ``path``.
 """
 
 from __future__ import annotations
@@ -53,7 +59,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from .._validate import check_like, check_size, check_tensor, refuse_double_backward
+from .._validate import check_like, check_linear, check_size, check_tensor, refuse_double_backward
 from ..backends import resolve_backend_for
 from ._dispatch import kernel_module
 from ._sizes import rows_to_shape, size_for_choice
@@ -297,7 +303,8 @@ def _backward_impl(
     )
     return (
         gx.reshape(x.shape) if need_x else x.new_empty(0),
-        gw if need_weight else x.new_empty(0),
+        # contiguous as the fake kernel says (the cpu kernels return a transposed weight's gradient transposed)
+        gw.contiguous() if need_weight else x.new_empty(0),
         gs_l if need_scales else x.new_empty(0),
         gs_r if need_scales else x.new_empty(0),
     )
@@ -310,11 +317,12 @@ _rescaled_linear_backward_op = torch.library.custom_op(
 
 @_rescaled_linear_backward_op.register_fake
 def _(grad_y, x, weight, s_l, s_r, residual, backend, need_x, need_weight, need_scales):
+    dense = torch.contiguous_format  # the kernels return contiguous gradients whatever the inputs' layout
     return (
-        torch.empty_like(x) if need_x else x.new_empty(0),
-        torch.empty_like(weight) if need_weight else x.new_empty(0),
-        torch.empty_like(s_l) if need_scales else x.new_empty(0),
-        torch.empty_like(s_r) if need_scales else x.new_empty(0),
+        torch.empty_like(x, memory_format=dense) if need_x else x.new_empty(0),
+        torch.empty_like(weight, memory_format=dense) if need_weight else x.new_empty(0),
+        torch.empty_like(s_l, memory_format=dense) if need_scales else x.new_empty(0),
+        torch.empty_like(s_r, memory_format=dense) if need_scales else x.new_empty(0),
     )
 
 
@@ -375,11 +383,7 @@ class _EagerRescaledLinear(torch.autograd.Function):
 
 
 def _check_inputs(x, weight, s_l, s_r, bias) -> None:
-    check_tensor("x", x, min_ndim=1)
-    check_tensor("weight", weight, ndims=(2,))
-    out_features, in_features = weight.shape
-    check_size("x", x, -1, in_features, "in_features = weight.shape[1]")
-    check_like("weight", weight, "x", x)
+    out_features, in_features = check_linear(x, weight)
     ranks = {}
     for name, scale, length, what in (
         ("s_l", s_l, out_features, "out_features = weight.shape[0]"),
@@ -390,13 +394,12 @@ def _check_inputs(x, weight, s_l, s_r, bias) -> None:
         check_tensor(name, scale, ndims=(1, 2))
         check_size(name, scale, 0, length, what)
         check_like(name, scale, "x", x)
-        if scale.dim() == 2:
-            if scale.shape[1] < 1:
-                raise ValueError(f"{name} must have rank >= 1 columns, got shape {tuple(scale.shape)}")
-            ranks[name] = scale.shape[1]
+        if scale.dim() == 2 and scale.shape[1] < 1:
+            raise ValueError(f"{name} must have rank >= 1 columns, got shape {tuple(scale.shape)}")
+        ranks[name] = scale.shape[1] if scale.dim() == 2 else 1
     if len(set(ranks.values())) > 1:
-        raise ValueError(f"s_l and s_r must have the same rank r, got s_l {tuple(s_l.shape)} and "
-                         f"s_r {tuple(s_r.shape)}")
+        raise ValueError(f"s_l and s_r must have the same rank r (a vector is r = 1), got s_l {tuple(s_l.shape)} "
+                         f"and s_r {tuple(s_r.shape)}")
     if bias is not None:
         check_tensor("bias", bias, ndims=(1,))
         check_size("bias", bias, 0, out_features, "out_features = weight.shape[0]")
@@ -463,7 +466,7 @@ def rescaled_linear(
         residual: RLRR's ``W + s_l ⊙ W ⊙ s_r`` (True) or the plain ``s_l ⊙ W ⊙ s_r`` of SSB/SSL/(IA)³.
         backend: "reference", "cpu", "triton" or None (best available; see :mod:`subspace_ops.backends`).
         path: "modulated", "separable" (only without the residual and at rank 1), "stacked" or None
-            for :func:`choose_path`; see the module docstring.
+            for :func:`choose_path`; see the module docstring. The reference backend ignores it.
 
     All tensors must share x's dtype and device. Returns ``[..., N]``.
     """

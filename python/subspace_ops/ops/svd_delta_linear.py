@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from .._validate import check_like, check_size, check_tensor, refuse_double_backward
+from .._validate import check_like, check_linear, check_size, check_tensor, refuse_double_backward
 from ..backends import resolve_backend
 from ._dispatch import kernel_module
 from ._sizes import rows_to_shape, size_for_choice
@@ -101,7 +101,9 @@ _svd_delta_linear_backward_op = torch.library.custom_op(
 
 @_svd_delta_linear_backward_op.register_fake
 def _(grad_y, x, weight, u, v, d, w_eff, backend, need_x, need_d):
-    return (torch.empty_like(x) if need_x else x.new_empty(0), torch.empty_like(d) if need_d else d.new_empty(0))
+    dense = torch.contiguous_format  # the kernels return contiguous gradients whatever the inputs' layout
+    return (torch.empty_like(x, memory_format=dense) if need_x else x.new_empty(0),
+            torch.empty_like(d, memory_format=dense) if need_d else d.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):
@@ -147,11 +149,7 @@ class _EagerSvdDeltaLinear(torch.autograd.Function):
 
 
 def _check_inputs(x, weight, u, v, d, bias) -> None:
-    check_tensor("x", x, min_ndim=1)
-    check_tensor("weight", weight, ndims=(2,))
-    out_features, in_features = weight.shape
-    check_size("x", x, -1, in_features, "in_features = weight.shape[1]")
-    check_like("weight", weight, "x", x)
+    out_features, in_features = check_linear(x, weight)
     check_tensor("u", u, ndims=(2,))
     check_size("u", u, 0, out_features, "out_features = weight.shape[0]")
     check_tensor("v", v, ndims=(2,))
@@ -183,8 +181,9 @@ def svd_delta_linear(
 ) -> Tensor:
     """``y = x (W + U diag(d) Vᵀ)ᵀ + bias`` with frozen W [N, K], U [N, k], V [K, k] and trained d [k].
 
-    ``path``: "merged", "unmerged" or None for :func:`choose_path`. ``backend``: as every op
-    (the unmerged path is the same PyTorch GEMMs on every backend). Returns ``[..., N]``.
+    ``path``: "merged", "unmerged" or None for :func:`choose_path` (the reference backend, the
+    paper's formula, ignores it). ``backend``: as every op (the unmerged path is the same PyTorch
+    GEMMs on every backend). Returns ``[..., N]``.
     """
     _check_inputs(x, weight, u, v, d, bias)
     if path is not None and path not in PATHS:
