@@ -6,7 +6,7 @@ extension if the mutant is in csrc/, runs the tests that should catch it, and pu
 (also on Ctrl-C). A mutant is *killed* when those tests fail; a *surviving* mutant is a bug the suite
 would let through: add a test that kills it, then list it here.
 
-    python scripts/mutation_check.py              # all (~45 min on 2 cores: each csrc/ mutant rebuilds)
+    python scripts/mutation_check.py              # all (~55 min on 2 cores: each csrc/ mutant rebuilds)
     python scripts/mutation_check.py T6 C4        # some
     python scripts/mutation_check.py --list
 
