@@ -11,7 +11,7 @@ row log-sum-exp L_g must be known before any mixing. Hence two forward kernels:
 
 - ``_lse_kernel``, one program per (batch, head, query block): L over key blocks with an online
   max/sum (FlashAttention's recurrence without the P·V product). A fully masked row gets L = +inf,
-  so that exp(S − L) = 0 there and its output and gradients are 0, never NaN (and lo, below).
+  so that exp(S − L) = 0 there and its output and gradients are 0, never NaN (and `lost`, below).
 - ``_forward_kernel``, one program per (batch, query block) holding all H heads (padded to HP, the
   next power of two, with masks) in 3-D tiles [HP, BLOCK_M, ·]: over key blocks it recomputes
   P = exp(S − L) with a batched dot, mixes M = mix @ P ([HP, HP] @ [HP, BLOCK_M·BLOCK_N]) and
@@ -43,8 +43,8 @@ appears: the forward's M, the dQ kernel's T (then E = mixᵀ (mask ⊙ T), and d
 dK/dV kernel's T and M. Nothing of it is stored.
 
 Row statistics: ``lse`` [2, B, H, Nq] holds L = max + log Σ and what that sum lost to rounding,
-lo = (max − L) + log Σ, kept where it exceeds a few ulps (:func:`lost_tolerance`), else 0; every
-recomputation is P = exp((S − L) − lo). lo matters where the row max is so large that L == max: a
+lost = (max − L) + log Σ, kept where it exceeds a few ulps (:func:`lost_tolerance`), else 0; every
+recomputation is P = exp((S − L) − lost). lost matters where the row max is so large that L == max: a
 row whose every key carries a huge finite mask (transformers' ``finfo.min`` padding), where
 exp(S − L) alone would give each of its n keys probability 1 instead of 1/n.
 
@@ -213,7 +213,7 @@ def _lse_kernel(
     # A fully masked row (sum 0) gets +inf; log(1) keeps the discarded branch free of log(0).
     log_sum = tl.log(tl.where(row_sum > 0, row_sum, 1.0))
     lse = tl.where(row_sum > 0, row_max + log_sum, float("inf"))
-    # What max + log Σ lost to rounding (all of log Σ when the max is a mask of finfo.min): P = exp((S − L) − lo).
+    # What max + log Σ lost to rounding (all of log Σ when the max is a mask of finfo.min).
     lost = tl.where(row_sum > 0, (row_max - lse) + log_sum, 0.0)
     lost = tl.where(tl.abs(lost) > LOST_TOLERANCE, lost, 0.0)
     offsets = b * stride_lb + h * stride_lh + rows * stride_lm
@@ -222,10 +222,18 @@ def _lse_kernel(
 
 
 @triton.jit
+def _load_row_stats(lse_ptr, offsets, ok, stride_lp):
+    """(L, lost) at ``offsets`` of lse[0] and lse[1]; L = +inf and lost = 0 where not ``ok`` (padded
+    heads and rows: their P is exactly 0 and they add nothing)."""
+    return (tl.load(lse_ptr + offsets, mask=ok, other=float("inf")),
+            tl.load(lse_ptr + stride_lp + offsets, mask=ok, other=0.0))
+
+
+@triton.jit
 def _block_probs(q, lse, lost, k_base, v_base, m_base, cols, r3, head_ok, row_ok, dim_ok, NK, stride_kn, stride_vn,
                  stride_mn, scale, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, ACC: tl.constexpr,
                  PRECISION: tl.constexpr):
-    """K, V and P = exp((S − L) − lo) of a query block (q [HP, M, D], row log-sum-exp lse [HP, M] and
+    """K, V and P = exp((S − L) − lost) of a query block (q [HP, M, D], row log-sum-exp lse [HP, M] and
     what its rounding lost, lost [HP, M]) for the keys `cols`; score tiles are [HP, M, N]. The forward
     and both passes of the dQ kernel use it."""
     c_kv, c_s = cols[None, :, None], cols[None, None, :]  # key index in [HP, N, D] / [HP, M, N] tiles
@@ -267,10 +275,8 @@ def _forward_kernel(
     q_ok = head_ok & row_ok & dim_ok
     q = tl.load(q_ptr + b * stride_qb + h3 * stride_qh + r3 * stride_qm + d3 * stride_qd, mask=q_ok, other=0.0)
     # Padded heads and rows read L = +inf, so their P is exactly 0 and they add nothing to the mix.
-    hm_ok = (heads[:, None] < H) & (rows[None, :] < NQ)
-    l_offsets = b * stride_lb + heads[:, None] * stride_lh + rows[None, :] * stride_lm
-    lse = tl.load(lse_ptr + l_offsets, mask=hm_ok, other=float("inf"))
-    lost = tl.load(lse_ptr + stride_lp + l_offsets, mask=hm_ok, other=0.0)
+    lse, lost = _load_row_stats(lse_ptr, b * stride_lb + heads[:, None] * stride_lh + rows[None, :] * stride_lm,
+                                (heads[:, None] < H) & (rows[None, :] < NQ), stride_lp)
     w = _load_mix(mix_ptr, H, stride_mixh, stride_mixg, HP, ACC)  # w[h, g] = mix[h, g]
     k_base = k_ptr + b * stride_kb + h3 * stride_kh + d3 * stride_kd
     v_base = v_ptr + b * stride_vb + h3 * stride_vh + d3 * stride_vd
@@ -296,7 +302,7 @@ def _dq_block_products(q, do, wt, lse, lost, k_base, v_base, m_base, cols, h3, r
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MIX_DOT: tl.constexpr, ACC: tl.constexpr,
                        PRECISION: tl.constexpr, MIX_PRECISION: tl.constexpr):
     """The dQ kernel's products for one key block (both of its passes recompute them): K,
-    P = exp(S − L), T = dO Vᵀ (times the dropout mask / (1 − p)) and E_g = Σ_h mix[h, g] T_h."""
+    P = exp((S − L) − lost), T = dO Vᵀ (times the dropout mask / (1 − p)) and E_g = Σ_h mix[h, g] T_h."""
     k, v, p = _block_probs(q, lse, lost, k_base, v_base, m_base, cols, r3, head_ok, row_ok, dim_ok, NK, stride_kn,
                            stride_vn, stride_mn, scale, IS_CAUSAL, HAS_MASK, ACC, PRECISION)
     t = tl.dot(do, tl.permute(v, (0, 2, 1)), input_precision=PRECISION, out_dtype=ACC)
@@ -339,9 +345,8 @@ def _backward_dq_kernel(
     do = tl.load(do_ptr + b * stride_dob + h3 * stride_doh + r3 * stride_dom + d3 * stride_dod,
                  mask=q_ok, other=0.0).to(q.dtype)
     hm_ok = (heads[:, None] < H) & (rows[None, :] < NQ)
-    l_offsets = b * stride_lb + heads[:, None] * stride_lh + rows[None, :] * stride_lm
-    lse = tl.load(lse_ptr + l_offsets, mask=hm_ok, other=float("inf"))
-    lost = tl.load(lse_ptr + stride_lp + l_offsets, mask=hm_ok, other=0.0)
+    lse, lost = _load_row_stats(lse_ptr, b * stride_lb + heads[:, None] * stride_lh + rows[None, :] * stride_lm,
+                                hm_ok, stride_lp)
     wt = _load_mix(mix_ptr, H, stride_mixg, stride_mixh, HP, ACC)  # wt[g, h] = mix[h, g]: E = wt @ T
     k_base = k_ptr + b * stride_kb + h3 * stride_kh + d3 * stride_kd
     v_base = v_ptr + b * stride_vb + h3 * stride_vh + d3 * stride_vd
@@ -424,9 +429,8 @@ def _backward_dkv_kernel(
         q = tl.load(q_base + r_q * stride_qm, mask=q_ok, other=0.0)
         do = tl.load(do_base + r_q * stride_dom, mask=q_ok, other=0.0).to(q.dtype)
         hm_ok = (heads[:, None] < H) & (rows[None, :] < NQ)
-        l_offsets = b * stride_lb + heads[:, None] * stride_lh + rows[None, :] * stride_lm
-        lse = tl.load(lse_ptr + l_offsets, mask=hm_ok, other=float("inf"))
-        lost = tl.load(lse_ptr + stride_lp + l_offsets, mask=hm_ok, other=0.0)
+        lse, lost = _load_row_stats(lse_ptr, b * stride_lb + heads[:, None] * stride_lh + rows[None, :] * stride_lm,
+                                    hm_ok, stride_lp)
         delta = tl.load(delta_ptr + (b * H + heads[:, None]) * NQ + rows[None, :], mask=hm_ok, other=0.0)
         s = tl.dot(k, tl.permute(q, (0, 2, 1)), input_precision=PRECISION, out_dtype=ACC)  # Sᵀ
         s = _masked_scores(s, r_s, c3, head_ok & col_ok & (r_s < NQ), m_base + r_s * stride_mm,
@@ -576,10 +580,10 @@ def head_mixing_attention_forward(
     seed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [B, H, Nq, D] in q's dtype, lse [2, B, H, Nq]) for q [B, H, Nq, D], k, v [B, H, Nk, D],
-    mix [H, H] and an additive mask viewed as [B, H, Nq, Nk] (or None). lse (L and lo, see the module
+    mix [H, H] and an additive mask viewed as [B, H, Nq, Nk] (or None). lse (L and lost, see the module
     docstring) is float32 (float64 for float64 inputs), L = +inf on fully masked rows; it is all the
-    backward needs besides the inputs
-    (and ``seed``, the one-element int64 tensor the dropout mask is drawn from when dropout_p > 0)."""
+    backward needs besides the inputs (and ``seed``, the one-element int64 tensor the dropout mask is
+    drawn from when dropout_p > 0)."""
     _check_mask(mask, q, k)
     batch, heads, n_q, dim = q.shape
     n_k = k.shape[2]
@@ -590,7 +594,8 @@ def head_mixing_attention_forward(
         return out, lse
     if n_k == 0:  # every row fully masked: L = +inf, nothing lost
         lse[0].fill_(float("inf"))
-        return out.zero_(), lse.index_fill_(0, torch.tensor([1], device=lse.device), 0.0)
+        lse[1].zero_()
+        return out.zero_(), lse
     # Too many heads x dims for one SM's shared memory: the chunked strategy (head_mixing_chunked.py).
     if not _interpreting(q) and strategy(heads, dim, q.dtype, mask is not None) == "chunked":
         return chunked_forward(q, k, v, mix, mask, is_causal, scale, dropout_p, seed)

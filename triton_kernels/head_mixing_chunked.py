@@ -79,14 +79,14 @@ def _scores(q_rows: torch.Tensor, k: torch.Tensor, acc: torch.dtype) -> torch.Te
 
 
 def lost_tolerance(acc: torch.dtype) -> float:
-    """Below this, what max + log Σ lost to rounding (lo) is stored as 0: a few ulps, as the rounding of
+    """Below this, what max + log Σ lost to rounding (lost) is stored as 0: a few ulps, as the rounding of
     any row's L (so that the C++ kernels correct only rows where it matters)."""
     return 16 * torch.finfo(acc).eps
 
 
 def row_stats(s: torch.Tensor) -> torch.Tensor:
-    """[2, ...] (L, lo) of scores s [..., Nk] (see head_mixing_attention.py's docstring): L = +inf and
-    lo = 0 on rows with no finite score."""
+    """[2, ...] (L, lost) of scores s [..., Nk] (see head_mixing_attention.py's docstring): L = +inf and
+    lost = 0 on rows with no finite score."""
     row_max = s.amax(dim=-1) if s.shape[-1] else s.new_full(s.shape[:-1], float("-inf"))
     seen = row_max > float("-inf")
     shift = torch.where(seen, row_max, torch.zeros_like(row_max))
@@ -98,7 +98,7 @@ def row_stats(s: torch.Tensor) -> torch.Tensor:
 
 def _probabilities(q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Tensor], lse_rows: Optional[torch.Tensor],
                    r0: int, r1: int, is_causal: bool, scale: float, acc: torch.dtype):
-    """(P, lse [2, B, H, rows]) for query rows [r0, r1): P = exp((S − L) − lo), L = +inf on rows that see
+    """(P, lse [2, B, H, rows]) for query rows [r0, r1): P = exp((S − L) − lost), L = +inf on rows that see
     no key."""
     s = _scores(q[:, :, r0:r1], k, acc) * scale
     if mask is not None:

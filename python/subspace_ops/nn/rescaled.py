@@ -338,7 +338,7 @@ class SSF(ForwardsAttributes, RestoresOriginals):
                 f"nn.Linear / nn.Conv2d); {type(target).__name__} has weight {shapes[0]} and bias {shapes[1]}")
 
     def _merged_parameters(self) -> tuple[list[str], list[Optional[Tensor]]]:
-        target, weight, bias = self._fold_target()
+        _, weight, bias = self._fold_target()
         prefix = f"{self.fold_into}." if self.fold_into else ""
         return [f"inner.{prefix}weight", f"inner.{prefix}bias"], [weight, bias]
 

@@ -5,7 +5,7 @@
 in SDPA's layout (q [B, H, Nq, d], k and v [B, H, Nk, d]); the layer passes ``mix = I + Dropout(α)``.
 The fused backends never hold a [B, H, Nq, Nk] tensor: the forward saves q, k, v, mix, the mask
 view and the per-row statistics ``lse`` [2, B, H, Nq] (float32, or float64 for float64 inputs): the
-log-sum-exp L and what its rounding lost, lo, so that P = exp((S − L) − lo) stays exact where the row
+log-sum-exp L and what its rounding lost, so that P = exp((S − L) − lost) stays exact where the row
 max is so large that max + log Σ == max (a row whose every key carries transformers' ``finfo.min``
 padding mask); i.e. O(N) memory per head, as SDPA. Registered as ``subspace_ops::head_mixing_attention``
 (+ ``_backward``); kernels in ``csrc/head_mixing_attention.cpp`` and
@@ -88,7 +88,7 @@ _forward_op = torch.library.custom_op("subspace_ops::head_mixing_attention", mut
 
 @_forward_op.register_fake
 def _(q, k, v, mix, mask, is_causal, scale, dropout_p, seed, backend):
-    lse = q.new_empty((2, *q.shape[:-1]), dtype=_accumulation_dtype(q.dtype))  # (L, lo) per row
+    lse = q.new_empty((2, *q.shape[:-1]), dtype=_accumulation_dtype(q.dtype))  # (L, lost) per row
     return torch.empty_like(q, memory_format=torch.contiguous_format), lse
 
 
