@@ -348,12 +348,12 @@ def test_merge_unmerge_exact_or_clear_error(name):
     model, x = tiny_vit(), vit_input()
     methods.apply(model, name, **cpu_kw(name))
     perturb(model)
-    if name in NOT_MERGEABLE:
+    if name in NOT_MERGEABLE or name == "coeff":  # head mixing acts on attention maps: no weight form
         assert not methods.METHODS[name].mergeable
         with pytest.raises(NotMergeableError, match="cannot be merged"):
             merge_all(model)
         assert not any(getattr(m, "merged", False) for m in model.modules())
-    elif name in ("bitfit", "coeff"):  # bitfit trains the weights' own biases; HeadMix has no merge()
+    elif name == "bitfit":  # bitfit trains the weights' own biases: nothing to merge
         assert merge_all(model) == 0
     else:
         assert_merge_round_trip(model, x)
@@ -695,6 +695,37 @@ def test_methods_combine():
     assert second.adapter_params == 18
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == \
         first.adapter_params + second.adapter_params + 490
+
+
+@pytest.mark.parametrize("second", ["lora", "rlrr", "siva", "ia3", "dora", "coeff"])
+def test_bitfit_biases_stay_trained_by_a_later_method(second, tmp_path):
+    """bitfit then another method: the biases BitFit unfroze stay trainable, get the reference's
+    gradients through the layer that now wraps them, and are saved in the adapter file."""
+    from subspace_ops import checkpoint
+
+    def adapted(backend):
+        model = tiny_vit()
+        methods.apply(model, "bitfit")
+        methods.apply(model, second, **({"backend": backend} if backend else {}))
+        return model
+
+    model, x = adapted("cpu"), vit_input()
+    biases = [n for n, _ in tiny_vit().named_parameters() if n.endswith("bias") and not n.startswith("head")]
+    assert biases and all(model.get_parameter(n).requires_grad for n in biases)
+    perturb(model)
+    twin = adapted("reference")
+    twin.load_state_dict(model.state_dict())
+    model(x).square().sum().backward()
+    twin(x).square().sum().backward()
+    for n in biases:
+        grad = model.get_parameter(n).grad
+        assert grad is not None and grad.abs().sum() > 0, n
+        torch.testing.assert_close(grad, twin.get_parameter(n).grad, rtol=1e-4, atol=1e-5)
+    checkpoint.save_adapter(model, tmp_path / "a.safetensors", method=f"bitfit+{second}")
+    fresh = adapted("cpu")
+    checkpoint.load_adapter(fresh, tmp_path / "a.safetensors")
+    for n in biases:
+        assert torch.equal(fresh.get_parameter(n), model.get_parameter(n)), n
 
 
 def test_merge_all_refuses_before_merging_anything():

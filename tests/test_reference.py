@@ -166,15 +166,20 @@ def test_spectral_adapter_eq32_equals_eq33():
 
 
 def test_mpc_regularizers():
-    q, _ = torch.linalg.qr(torch.randn(8, 3, **f64))  # orthonormal columns
+    # Ours: a [N, r] the up projection, b [r, K] the down projection (nn.Linear convention). 001 writes
+    # eq. 20-21 with its A [in, r] the down and B [r, out] the up projection (001 Table 1): A = bᵀ, B = aᵀ.
+    up, _ = torch.linalg.qr(torch.randn(8, 3, **f64))  # orthonormal columns
     rows, _ = torch.linalg.qr(torch.randn(7, 3, **f64))
-    b_orthonormal = rows.T  # [3, 7] with orthonormal rows
-    assert ref.mpc_orthogonal(q, b_orthonormal).item() == pytest.approx(0.0, abs=1e-20)
-    b_orthogonal = torch.diag(torch.tensor([1.0, 2.0, 3.0], **f64)) @ b_orthonormal
-    assert ref.mpc_diagonal(q, b_orthogonal).item() == pytest.approx(0.0, abs=1e-20)
-    assert ref.mpc_orthogonal(q, b_orthogonal).item() == pytest.approx(0 + 9 + 64)  # (4-1)² + (9-1)²
+    down = rows.T  # [3, 7] with orthonormal rows
+    norms = torch.diag(torch.tensor([1.0, 2.0, 3.0], **f64))
+    assert ref.mpc_orthogonal(up, down).item() == pytest.approx(0.0, abs=1e-20)
+    # MPC_d lets the up projection's columns have any norms, not the down projection's rows.
+    assert ref.mpc_diagonal(up @ norms, down).item() == pytest.approx(0.0, abs=1e-20)
+    assert ref.mpc_diagonal(up, norms @ down).item() == pytest.approx(0 + 9 + 64)  # (4-1)² + (9-1)²
+    assert ref.mpc_orthogonal(up @ norms, down).item() == pytest.approx(0 + 9 + 64)
     a, b = torch.randn(5, 2, **f64), torch.randn(2, 4, **f64)
-    ata, bbt = a.T @ a, b @ b.T
+    paper_a, paper_b = b.T, a.T  # 001's down [in, r] and up [r, out]
+    ata, bbt = paper_a.T @ paper_a, paper_b @ paper_b.T
     expected_o = sum((ata[i, j] - float(i == j)) ** 2 + (bbt[i, j] - float(i == j)) ** 2 for i in range(2) for j in range(2))
     expected_d = sum((ata[i, j] - float(i == j)) ** 2 + (bbt[i, j] if i != j else 0) ** 2 for i in range(2) for j in range(2))
     assert ref.mpc_orthogonal(a, b).item() == pytest.approx(float(expected_o), rel=1e-12)

@@ -48,13 +48,30 @@ def test_siva_tunes_the_smallest_singular_values_chosen_by_perc():
         base.weight.copy_(q1 @ torch.diag(torch.tensor([6.0, 5, 4, 3, 2, 1], dtype=torch.float64)) @ q2.T)
     # σ² = 36, 25, 16, 9, 4, 1 (total 91): the top 4 hold 86/91 = 94.5% < 95%, the top 5 hold 98.9%.
     layer = SVDLinear(base, "siva", perc=0.95)
-    assert layer.ranks == (1,) and torch.allclose(layer.sigma, torch.tensor([1.0]))
+    assert layer.ranks == (1,) and torch.allclose(layer.sigma, torch.tensor([1.0], dtype=torch.float64))
     assert SVDLinear(copy.deepcopy(base), "siva", perc=0.9).ranks == (2,)
     assert SVDLinear(copy.deepcopy(base), "siva", rank=3).ranks == (3,)
     # The tuned direction is the smallest singular pair: u σ vᵀ of the original W.
     torch.testing.assert_close(layer.u[:, 0].abs(), q1[:, 5].abs())
     full = SVDLinear(copy.deepcopy(base), "sam-parser")
     assert full.ranks == (6,) and torch.allclose(full.s, full.sigma.double())
+
+
+@pytest.mark.parametrize("method", ["sam-parser", "svdiff"])
+def test_float64_layers_keep_float64_singular_values(method):
+    # d = s - σ and relu(σ + s) - σ are float64-exact only with σ kept in float64: with s = 2σ
+    # SAM-PARSER's W_eff is 2W, and with s = -σ SVDiff's is 0 (001 eq. 4-5), to float64 rounding.
+    base = nn.Linear(24, 20, bias=False, dtype=torch.float64)
+    w = base.weight.detach().clone()
+    layer = SVDLinear(base, method)
+    assert layer.sigma.dtype == torch.float64
+    with torch.no_grad():
+        layer.s.copy_(2 * layer.sigma if method == "sam-parser" else -layer.sigma)
+    expected = 2 * w if method == "sam-parser" else torch.zeros_like(w)
+    weight, _ = layer.merged_weight_and_bias()
+    torch.testing.assert_close(weight, expected, rtol=0, atol=1e-13)
+    x = torch.randn(5, 24, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), x @ expected.T, rtol=0, atol=1e-13)
 
 
 def test_fused_qkv_parts_equal_separate_layers():

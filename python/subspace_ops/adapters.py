@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from .nn import SSF, SVD_METHODS, RLRRLinear, SVDLinear
-from .nn.base import MergeableLinear
+from .nn.base import BITFIT_MARK, MergeableLinear
 from .nn.attention import TimmCoeffAttention
 from .nn.sdpa_head_mixing import with_head_mixing
 
@@ -467,11 +467,18 @@ def _peft_adapter_parameter_ids(model: nn.Module) -> set[int]:
             for p in getattr(m, attr).parameters()}
 
 
+def _bitfit_bias_ids(model: nn.Module) -> set[int]:
+    """ids of the biases BitFit trains (modules carrying ``nn.base.BITFIT_MARK``)."""
+    return {id(m.bias) for m in model.modules()
+            if getattr(m, BITFIT_MARK, False) and isinstance(getattr(m, "bias", None), nn.Parameter)}
+
+
 def adapter_parameter_ids(model: nn.Module) -> set[int]:
     """Parameters added by an earlier ``apply_*`` call (the direct parameters of subspace_ops layers,
-    except the wrapped layer's own ``weight``/``bias``) or by HF PEFT (its tuner layers' adapter
-    parameters): a method applied after them leaves their ``requires_grad`` as it is."""
-    return _layer_parameter_ids(model, wrapped=False) | _peft_adapter_parameter_ids(model)
+    except the wrapped layer's own ``weight``/``bias``), the biases an earlier BitFit trains, or HF
+    PEFT's (its tuner layers' adapter parameters): a method applied after them leaves their
+    ``requires_grad`` as it is."""
+    return _layer_parameter_ids(model, wrapped=False) | _bitfit_bias_ids(model) | _peft_adapter_parameter_ids(model)
 
 
 def _start_report(model: nn.Module, method: str) -> tuple[AdaptReport, set[int]]:

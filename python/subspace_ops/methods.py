@@ -63,7 +63,8 @@ that forms the adapted parameter once per forward (:mod:`subspace_ops.nn.experts
 ``trainable`` patterns (default :data:`DEFAULT_TRAINABLE`: the task head, ``head``, ``classifier``,
 ``score``, ..., trained in all the papers' experiments; nothing matches on a bare backbone). Layers inside
 a ``trainable`` module get no adapter: they are trained in full. Parameters of methods applied earlier stay
-trainable (methods combine, e.g. ``coeff`` after ``ssf``). The report counts the method's parameters as
+trainable (methods combine, e.g. ``coeff`` after ``ssf``, or ``lora`` after ``bitfit``: a layer wrapping a
+bias BitFit trains keeps it trainable). The report counts the method's parameters as
 ``adapter_params`` (for ``bitfit``: the unfrozen biases) and the head as ``other_trainable_params``.
 
 **Errors** (unknown method name, unknown config field, invalid value, patterns matching nothing) raise
@@ -117,6 +118,7 @@ from .adapters import (
 from .backends import BACKENDS
 from .nn import experts as experts_nn
 from .nn.adapters import ACTIVATIONS, ParallelAdapterLinear, SequentialAdapter, SpectralLinear
+from .nn.base import BITFIT_MARK
 from .nn.lowrank import DoRALinear, LowRankLinear
 from .nn.rescaled import ScaledLinear
 
@@ -755,22 +757,23 @@ def _apply_coeff(model: nn.Module, c: CoeffConfig) -> AdaptReport:
 
 
 def _apply_bitfit(model: nn.Module, c: BitFitConfig) -> AdaptReport:
-    biases: dict[int, tuple[str, nn.Parameter]] = {}
+    biases: dict[int, tuple[str, nn.Module, nn.Parameter]] = {}
     for name, module in find_modules(model, c.targets, skip_under=c.exclude):
         bias = getattr(module, "bias", None)
         if isinstance(bias, nn.Parameter) and bias.is_floating_point():
-            biases.setdefault(id(bias), (name, bias))
+            biases.setdefault(id(bias), (name, module, bias))
     if not biases:
         raise ValueError(f"targets {c.targets} match no module with a bias parameter in {type(model).__name__}")
     report, backbone = _start_report(model, "bitfit")
-    for name, bias in biases.values():
+    for name, module, bias in biases.values():
         bias.requires_grad_(True)
+        setattr(module, BITFIT_MARK, True)  # so that methods applied later keep it trainable
         report.layers.append(name)
     report = _finish_report(model, report, backbone, c.trainable)
     # The biases are the method's parameters, but they belong to the backbone: count them as adapter
     # parameters (except those of the fully trained head, which stay "other").
     head = {id(p) for _, m in (find_modules(model, c.trainable) if c.trainable else []) for p in m.parameters()}
-    moved = sum(b.numel() for key, (_, b) in biases.items() if key not in head)
+    moved = sum(b.numel() for key, (_, _, b) in biases.items() if key not in head)
     report.other_trainable_params -= moved
     report.adapter_params += moved
     return report
@@ -1102,7 +1105,8 @@ def mpc_loss(model: nn.Module, kind: str = "o", weight: float = 1.0) -> Tensor:
     """``weight · Σ_layers MPC(A, B)`` over every low-rank layer's ``low_rank_factors()`` (A [N, r], B [r, K]).
 
     ``kind`` "o": MPC_o, ``‖AᵀA − I‖²_F + ‖BBᵀ − I‖²_F`` (001 eq. 20, ``reference.mpc_orthogonal``);
-    "d": MPC_d, ``‖AᵀA − I‖²_F + ‖BBᵀ − diag(BBᵀ)‖²_F`` (eq. 21, ``reference.mpc_diagonal``). Computed in
+    "d": MPC_d, ``‖BBᵀ − I‖²_F + ‖AᵀA − diag(AᵀA)‖²_F`` (eq. 21, ``reference.mpc_diagonal``: 001's A is the
+    down projection, our B; its B the up projection, our A). Computed in
     float32 or better; differentiable in every A and B. Add it to the task loss. Raises ValueError if
     ``kind`` is not "o"/"d" or the model has no low-rank layer.
     """

@@ -115,7 +115,7 @@ from torch import nn
 from . import checkpoint, methods
 from . import diffusers as diffusers_integration
 from .adapters import is_conv1d, merge_all, replace_module, unmerge_all
-from .nn import SSF, HeadMix, NotMergeableError, TimmCoeffAttention
+from .nn import SSF, HeadMix, NotMergeableError
 from .nn import experts as experts_nn
 from .nn.base import ForwardsAttributes, MergeableLinear
 
@@ -509,9 +509,7 @@ class SubspacePeftModel(ForwardsAttributes, nn.Module):
         model = self.base_model
         blockers = {}
         for name, m in model.named_modules():
-            if isinstance(m, (HeadMix, TimmCoeffAttention)):
-                blockers[name] = "head mixing (coeff) acts on attention maps and has no weight form"
-            elif getattr(m, "mergeable", True) is False:
+            if getattr(m, "mergeable", True) is False:  # HeadMix (coeff) included
                 why = m._not_mergeable() if hasattr(m, "_not_mergeable") else f"{type(m).__name__} has no weight form"
                 blockers[name] = why
         if blockers:

@@ -331,13 +331,22 @@ def spectral_adapter_weight(u: Tensor, sigma: Tensor, v: Tensor, a: Tensor, b: T
 
 
 def mpc_orthogonal(a: Tensor, b: Tensor) -> Tensor:
-    """MPC_o (001 eq. 20): ‖AᵀA − I‖²_F + ‖BBᵀ − I‖²_F for a [N, r], b [r, K]."""
+    """MPC_o (001 eq. 20): ‖AᵀA − I‖²_F + ‖BBᵀ − I‖²_F for the up projection a [N, r] and the down
+    projection b [r, K] (both semi-orthogonal; symmetric in the two, so 001's swapped letters, see
+    :func:`mpc_diagonal`, do not matter)."""
     eye = torch.eye(a.shape[1], dtype=a.dtype, device=a.device)
     return (a.T @ a - eye).square().sum() + (b @ b.T - eye).square().sum()
 
 
 def mpc_diagonal(a: Tensor, b: Tensor) -> Tensor:
-    """MPC_d (001 eq. 21): ‖AᵀA − I‖²_F + ‖BBᵀ − diag(BBᵀ)‖²_F (B's rows orthogonal, any norms)."""
+    """MPC_d (001 eq. 21) for the up projection a [N, r] and the down projection b [r, K]:
+    ‖b bᵀ − I‖²_F + ‖aᵀa − diag(aᵀa)‖²_F, the down projection semi-orthogonal, the up projection's r
+    columns only mutually orthogonal (any norms).
+
+    001 writes ‖AᵀA − I‖²_F + ‖BBᵀ − diag(BBᵀ)‖²_F in its own notation (Table 1, ``x ↦ xW``), where
+    A [in, r] is the down and B [r, out] the up projection: its A is our bᵀ, its B our aᵀ. METHODS.md
+    §4 renames A to the up projection but copies eq. 21 letter for letter, which would swap the two
+    constraints; the paper is the authority. (MPC_o is symmetric in the factors.)"""
     eye = torch.eye(a.shape[1], dtype=a.dtype, device=a.device)
-    gram = b @ b.T
-    return (a.T @ a - eye).square().sum() + (gram - torch.diag(torch.diagonal(gram))).square().sum()
+    gram = a.T @ a
+    return (b @ b.T - eye).square().sum() + (gram - torch.diag(torch.diagonal(gram))).square().sum()

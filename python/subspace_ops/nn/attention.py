@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from .. import reference
 from ..ops.head_mixing_attention import head_mixing_attention
+from .base import NotMergeableError
 
 __all__ = ["CoeffAttnProcessor", "HeadMix", "TimmCoeffAttention", "repeat_kv_heads"]
 
@@ -53,7 +54,14 @@ def _dropout_p(attn_drop: nn.Module, training: bool) -> float:
 
 
 class HeadMix(nn.Module):
-    """α [H, H], zero init; ``forward(q, k, v, ...)`` = head-mixing attention with α' = I + Dropout(α)."""
+    """α [H, H], zero init; ``forward(q, k, v, ...)`` = head-mixing attention with α' = I + Dropout(α).
+
+    Not mergeable: it mixes the heads' attention maps, which no change of a weight reproduces, so
+    :meth:`merge` (and :func:`~subspace_ops.adapters.merge_all` on a model holding one) raises
+    :class:`~subspace_ops.nn.NotMergeableError`."""
+
+    mergeable = False
+    merged = False
 
     def __init__(self, num_heads: int, *, dropout: float = 0.0, backend: Optional[str] = None,
                  device=None, dtype=None) -> None:
@@ -76,6 +84,12 @@ class HeadMix(nn.Module):
         """``dropout_p``: the backbone's attention dropout, as the caller passes it to SDPA (0 in eval)."""
         return head_mixing_attention(q, k, v, self.mix(), attn_mask=attn_mask, is_causal=is_causal, scale=scale,
                                      dropout_p=dropout_p, backend=self.backend)
+
+    def _not_mergeable(self) -> str:
+        return "head mixing (coeff) acts on attention maps and has no weight form"
+
+    def merge(self) -> None:
+        raise NotMergeableError(f"{type(self).__name__} cannot be merged: {self._not_mergeable()}")
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, dropout={self.dropout}, backend={self.backend or 'auto'}"

@@ -10,7 +10,13 @@ from torch import Tensor, nn
 from .._fingerprint import fingerprint, fingerprint_mismatch
 from ..backends import BackendUnavailableError, resolve_backend
 
-__all__ = ["ForwardsAttributes", "MergeableLinear", "NotMergeableError", "RestoresOriginals", "compute_dtype"]
+__all__ = ["BITFIT_MARK", "ForwardsAttributes", "MergeableLinear", "NotMergeableError", "RestoresOriginals",
+           "compute_dtype"]
+
+# Set (True) on a module whose own ``bias`` BitFit trains. Methods applied later leave that bias trainable
+# (methods combine), and a layer wrapping the module keeps it trainable and carries the mark. A module
+# attribute, not one on the Parameter: deepcopy and ``.to()`` with swapped tensors drop Parameter attributes.
+BITFIT_MARK = "_subspace_ops_bitfit"
 
 
 class NotMergeableError(RuntimeError):
@@ -126,7 +132,9 @@ class MergeableLinear(RestoresOriginals):
         self.weight = base.weight
         self.bias = base.bias
         self.weight.requires_grad_(False)
-        if self.bias is not None:
+        if getattr(base, BITFIT_MARK, False):  # BitFit, applied earlier, trains this bias
+            setattr(self, BITFIT_MARK, True)
+        elif self.bias is not None:
             self.bias.requires_grad_(False)
         self.backend = backend
 

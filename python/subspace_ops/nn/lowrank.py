@@ -152,8 +152,14 @@ def dora_row_norm(weight: Tensor, a: Tensor, b: Tensor, scaling: float, weight_s
 
     i.e. one thin GEMM ``W Bᵀ [N, r]`` (the only pass over W besides ‖W_n‖², which ``weight_sq`` may
     supply), the r×r Gram ``B Bᵀ`` and row sums of [N, r] products. Computed in the inputs' dtype
-    (callers pass float32 or better: the expansion subtracts nothing, but ‖W_n‖² dominates), clamped at
-    0 before the square root. Differentiable in all of weight, a, b.
+    (callers pass float32 or better), clamped at 0 before the square root. Differentiable in all of
+    weight, a, b.
+
+    Accuracy: the cross term is negative when the adapter points against W_n, so the sum cancels; the
+    squared norm's relative error is about u·‖W_n‖²/‖W_n + s(AB)_n‖² (u the unit roundoff). It is
+    float32-accurate while the adapted row keeps a fair part of W_n's norm, as fine-tuning updates small
+    against W do; an adapter that cancels most of a row (‖W'_n‖ = 1% of ‖W_n‖: u·10⁴) loses digits
+    there, which the merged layer (the norm of the formed row) does not.
     """
     if weight_sq is None:  # a reduction over W's rows: no [N, K] temporary, as weight.square() would be
         weight_sq = torch.linalg.vector_norm(weight, dim=1).square()

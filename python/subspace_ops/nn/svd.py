@@ -1,7 +1,8 @@
 """SVD-basis layers (METHODS.md §2): SiVA, SAM-PARSER and SVDiff in one class, :class:`SVDLinear`.
 
 At attach time the frozen weight is decomposed once, ``W = U Σ Vᵀ`` (thin SVD on the layer's
-device, in float64 for float64 weights and float32 otherwise); the chosen singular directions
+device, in float64 for float64 weights and float32 otherwise, which is also the dtype of the kept
+singular values ``sigma``); the chosen singular directions
 become frozen buffers ``u [N, k]``, ``v [K, k]`` in the weight's dtype, and the layer trains one
 vector ``s [k]`` turned into ``d`` by the method:
 
@@ -111,7 +112,7 @@ class SVDLinear(MergeableLinear):
         dtype = self.weight.dtype
         self.register_buffer("u", torch.cat(us, dim=1).to(dtype))
         self.register_buffer("v", torch.cat(vs, dim=1).to(dtype))
-        self.register_buffer("sigma", torch.cat(sigmas).to(torch.float32))
+        self.register_buffer("sigma", torch.cat(sigmas))  # in the SVD's dtype: float64 for float64 weights
         self.register_buffer("fingerprint", torch.cat(fingerprint).to(dtype))
         self.ranks = tuple(ranks)
         init = self.sigma.clone() if method == "sam-parser" else torch.zeros_like(self.sigma)
