@@ -908,6 +908,23 @@ MUTANTS = [
            "a layer wrapping a BitFit-trained bias freezes it"),
     Mutant("P206", "python/subspace_ops/nn/attention.py", "    mergeable = False\n    merged = False\n", "",
            "tests/test_methods.py -k merge_unmerge_exact", "merge_all skips Coeff's head mixing silently"),
+    Mutant("P207", "python/subspace_ops/_validate.py", "    if torch._C._functorch.peek_interpreter_stack() is not None:",
+           "    if False:", "tests/test_double_backward.py -k torch_func",
+           "torch.func transforms reach the fused kernels' autograd (torch's opaque error)"),
+    Mutant("P208", "python/subspace_ops/nn/svd.py",
+           '        if method == "siva" and rank is None and self.weight.is_meta:', "        if False:",
+           "tests/test_methods.py -k meta_device", "SiVA on meta weights silently picks k from meta singular values"),
+    Mutant("P209", "python/subspace_ops/nn/rescaled.py",
+           "torch.block_diag(*(part[:, None] for part in s_l.split(self.splits)))",
+           "s_l[:, None].expand(-1, len(self.splits))", "tests/test_rescaled_layers.py",
+           "RLRR's fused-qkv S_l not block-sparse: each row scaled by every part's s_r"),
+    Mutant("P210", "python/subspace_ops/peft_model.py", "        if biased:\n            warnings.warn(",
+           "        if False:\n            warnings.warn(", "tests/test_peft_model.py -k bias_to_a_linear",
+           "merge_and_unload adds biases a bias-free architecture cannot reload, without a word"),
+    Mutant("P211", "python/subspace_ops/bench/harness.py",
+           '            raise ValueError(f"{path}: not a subspace-ops bench JSON file (it is not JSON: {exc})") from None',
+           "            raise", "tests/test_bench_cli.py -k plot_command",
+           "plot of a non-JSON file prints the parser's message without the file name"),
 ]
 
 

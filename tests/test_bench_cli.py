@@ -403,7 +403,10 @@ def test_plot_command_bad_input(tmp_path, capsys):
     not_bench.write_text("[1, 2]")
     no_timing = tmp_path / "empty.json"  # a bench file whose variants all skipped or failed
     no_timing.write_text('{"meta": {}, "results": []}')
+    csv_file = tmp_path / "results.csv"  # the bench's --csv output passed by mistake
+    csv_file.write_text("case,variant\nrescaled-linear,ours\n")
     for argv, message in (
+        (["plot", str(csv_file), "--out", str(tmp_path / "p.png")], f"{csv_file}: not a subspace-ops bench JSON"),
         (["plot", str(tmp_path / "missing.json"), "--out", str(tmp_path / "p.png")], "no such file"),
         (["plot", str(no_timing), "--out", str(tmp_path / "p.png")], "nothing to plot"),
         (["plot", str(not_bench), "--out", str(tmp_path / "p.png")], "not a subspace-ops bench JSON file"),

@@ -728,6 +728,34 @@ def test_bitfit_biases_stay_trained_by_a_later_method(second, tmp_path):
         assert torch.equal(fresh.get_parameter(n), model.get_parameter(n)), n
 
 
+@pytest.mark.parametrize("name", ALL)
+def test_adapted_on_the_meta_device_then_loaded(name):
+    """Big-model init: build and adapt on the meta device, then to_empty + load_state_dict (or
+    load_state_dict(assign=True)) gives the model adapted with real weights: all the layers' state is in
+    their state_dict. SiVA's perc rule needs the weights' singular values, so it refuses meta weights."""
+    kw = {"rank": 2} if name == "siva" else {}
+    real, x = tiny_vit(), vit_input()
+    methods.apply(real, name, **kw)
+    perturb(real)
+    with torch.device("meta"):
+        model = timm.models.vision_transformer.VisionTransformer(
+            img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=10).eval()
+    methods.apply(model, name, **kw)
+    for assign in (False, True):
+        loaded = copy.deepcopy(model)
+        if not assign:
+            loaded.to_empty(device="cpu")
+        loaded.load_state_dict(real.state_dict(), strict=True, assign=assign)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x), real(x), rtol=0, atol=0)
+    if name == "siva":
+        with torch.device("meta"):
+            meta = timm.models.vision_transformer.VisionTransformer(
+                img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=10)
+        with pytest.raises(ValueError, match="meta device"):
+            methods.apply(meta, "siva")
+
+
 def test_merge_all_refuses_before_merging_anything():
     """A model mixing mergeable (LoRA) and non-mergeable (PA with ReLU) layers is left untouched."""
     from subspace_ops import adapters

@@ -1,5 +1,5 @@
 """Argument checks shared by every op: errors name the argument and say what was expected; and the
-refusal of what the fused kernels cannot do (double backward)."""
+refusal of what the fused kernels cannot do (double backward, torch.func transforms)."""
 
 from __future__ import annotations
 
@@ -50,6 +50,17 @@ def check_linear(x: object, weight: object) -> tuple[int, int]:
     check_size("x", x, -1, in_features, "in_features = weight.shape[1]")
     check_like("weight", weight, "x", x)
     return out_features, in_features
+
+
+def refuse_functorch(op: str) -> None:
+    """Called in eager mode before a fused kernel runs. Its autograd (an ``autograd.Function`` around the
+    kernels, or the C++ node of the cpu RLRR path) cannot run under torch.func transforms, whose own
+    error names neither the op nor the way out: refuse with both."""
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        raise RuntimeError(
+            f"{op}: torch.func transforms (grad, vmap, jacrev, jvp, ...; e.g. per-sample gradients) are not "
+            "supported by the fused backends; use backend='reference' (pure PyTorch) under them"
+        )
 
 
 def refuse_double_backward(op: str) -> None:

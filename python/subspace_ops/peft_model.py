@@ -107,6 +107,7 @@ import contextlib
 import inspect
 import json
 import os
+import warnings
 from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
@@ -526,12 +527,14 @@ class SubspacePeftModel(ForwardsAttributes, nn.Module):
                 raise ValueError(f"safe_merge: non-finite values in {bad[:4]} after merging; nothing changed")
         self._detach_experts(keep_merged=True)  # the expert parameters become plain, holding W + ΔW
         replaced = dict(self._replaced)
+        biased = []
         for name, m in reversed(list(model.named_modules())):  # deepest first
             if isinstance(m, MergeableLinear):
                 original = replaced.get(name)
                 if isinstance(original, nn.Linear) and original.weight is m.weight:
                     if original.bias is not m.bias:  # merging created a bias (e.g. RLRR's shift)
                         original.bias = m.bias
+                        biased.append(name)
                     plain: nn.Module = original
                 elif original is not None and is_conv1d(original):  # GPT-2's layer: weight stored [in, out]
                     original.weight.data = m.weight.data.t().contiguous()
@@ -544,6 +547,14 @@ class SubspacePeftModel(ForwardsAttributes, nn.Module):
                 replace_module(model, name, plain)
             elif isinstance(m, SSF):  # merged into its inner module's weights
                 replace_module(model, name, m.inner)
+        if biased:
+            warnings.warn(
+                f"merge_and_unload: merging gave {len(biased)} bias-free linear layer(s) a bias (e.g. "
+                f"{biased[-1]}: RLRR's shift has no other place in a merged weight). The model computes what the "
+                "adapted one did, but its architecture may declare no bias there (a transformers config's "
+                "attention_bias / mlp_bias, or none at all), so save_pretrained + from_pretrained would drop "
+                "them. Save the merged state_dict yourself, or save the adapter (save_pretrained before merging)",
+                stacklevel=2)
         return self._finish_unload()
 
     def unload(self) -> nn.Module:

@@ -602,7 +602,10 @@ def write_json(results: Sequence[Result], path: str, meta: Optional[Mapping[str,
 def read_json(path: str) -> list[Result]:
     """The results of a file written by :func:`write_json` (``--json``), e.g. to plot them again."""
     with open(path) as f:
-        payload = json.load(f)
+        try:
+            payload = json.load(f)
+        except json.JSONDecodeError as exc:  # e.g. the --csv file: name the file, not only the parse error
+            raise ValueError(f"{path}: not a subspace-ops bench JSON file (it is not JSON: {exc})") from None
     if not isinstance(payload, dict) or not isinstance(payload.get("results"), list):
         raise ValueError(f"{path}: not a subspace-ops bench JSON file (expected {{'meta': ..., 'results': [...]}})")
     fields = {f.name for f in dataclasses.fields(Result)} - {"dims"}

@@ -70,20 +70,16 @@ class RLRRLinear(MergeableLinear):
             torch.stack([_kaiming_uniform_vector(self.in_features) for _ in splits]).to(device, dtype)
         )
         self.shift = nn.Parameter(torch.zeros(self.out_features, device=device, dtype=dtype))
-        # part_mask[n, j] = 1 where output row n belongs to fused part j.
-        part_mask = torch.zeros(self.out_features, len(splits), dtype=dtype, device=device)
-        start = 0
-        for j, size in enumerate(splits):
-            part_mask[start : start + size, j] = 1
-            start += size
-        self.register_buffer("part_mask", part_mask, persistent=False)
 
     def scale_matrices(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """(S_l [N, parts], S_r [K, parts]) in ``dtype``; S_l is zero outside each row's own part."""
+        """(S_l [N, parts], S_r [K, parts]) in ``dtype``; S_l is zero outside each row's own part.
+
+        S_l is built from ``splits`` on every call rather than kept as a buffer: the layer's state is
+        then all in its state_dict, so a model adapted on the meta device and then loaded is complete."""
         s_l = self.s_l.to(dtype)
         if len(self.splits) == 1:
             return s_l, self.s_r[0].to(dtype)
-        return s_l[:, None] * self.part_mask.to(dtype), self.s_r.T.to(dtype)
+        return torch.block_diag(*(part[:, None] for part in s_l.split(self.splits))), self.s_r.T.to(dtype)
 
     def merged_weight_and_bias(self) -> tuple[Tensor, Optional[Tensor]]:
         s_l, s_r = self.scale_matrices(self.weight.dtype)

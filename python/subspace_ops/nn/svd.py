@@ -85,6 +85,9 @@ class SVDLinear(MergeableLinear):
             raise ValueError(f"tuned_parts must index parts {tuple(range(len(parts)))}, got {tuned_parts}")
         if rank is not None and (method != "siva" or rank < 0):
             raise ValueError("rank (a fixed k) is a SiVA option and must be >= 0")
+        if method == "siva" and rank is None and self.weight.is_meta:
+            raise ValueError("perc: SiVA chooses k from the weight's singular values, and a weight on the meta "
+                             "device has none; adapt after loading the weights, or give a fixed rank=k")
         self.method, self.path = method, path
         self.parts, self.tuned_parts = parts, tuned
 

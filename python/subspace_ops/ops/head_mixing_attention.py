@@ -49,7 +49,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from .._validate import check_like, check_tensor, refuse_double_backward
+from .._validate import check_like, check_tensor, refuse_double_backward, refuse_functorch
 from ..backends import resolve_backend
 from ._dispatch import kernel_module
 
@@ -271,5 +271,6 @@ def head_mixing_attention(
         out, _ = torch.ops.subspace_ops.head_mixing_attention(q, k, v, mix_acc, mask, is_causal, scale, dropout_p,
                                                               seed, name)
     else:
+        refuse_functorch("head_mixing_attention")
         out, _ = _EagerHeadMixingAttention.apply(q, k, v, mix_acc, mask, is_causal, scale, dropout_p, seed, name)
     return out

@@ -38,7 +38,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import reference
-from .._validate import check_like, check_linear, check_size, check_tensor, refuse_double_backward
+from .._validate import (
+    check_like, check_linear, check_size, check_tensor, refuse_double_backward, refuse_functorch,
+)
 from ..backends import resolve_backend
 from ._dispatch import kernel_module
 from ._sizes import rows_to_shape
@@ -308,4 +310,5 @@ def lowrank_linear(
     args = (x, x_dropped, weight, a, g, b, bias, float(scaling), name)
     if torch.compiler.is_compiling():
         return torch.ops.subspace_ops.lowrank_linear(*args)[0]
+    refuse_functorch("lowrank_linear")
     return _EagerLowRankLinear.apply(*args)

@@ -59,7 +59,9 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from .._validate import check_like, check_linear, check_size, check_tensor, refuse_double_backward
+from .._validate import (
+    check_like, check_linear, check_size, check_tensor, refuse_double_backward, refuse_functorch,
+)
 from ..backends import resolve_backend_for
 from ._dispatch import kernel_module
 from ._sizes import rows_to_shape, size_for_choice
@@ -477,6 +479,8 @@ def rescaled_linear(
     else:
         try:
             name, chosen, rank = _route(x, s_l, s_r, residual, backend, path)
+            if name != "reference":
+                refuse_functorch("rescaled_linear")
             if name == "cpu" and chosen == "modulated":
                 # The C++ node checks every argument itself (its kernels index memory by them), so
                 # the Python checks run only once it has raised, to name the wrong argument: run

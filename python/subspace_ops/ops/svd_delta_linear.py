@@ -33,7 +33,9 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from .._validate import check_like, check_linear, check_size, check_tensor, refuse_double_backward
+from .._validate import (
+    check_like, check_linear, check_size, check_tensor, refuse_double_backward, refuse_functorch,
+)
 from ..backends import resolve_backend
 from ._dispatch import kernel_module
 from ._sizes import rows_to_shape, size_for_choice
@@ -197,4 +199,5 @@ def svd_delta_linear(
     keep_weight = keeps_merged_weight(tokens, weight.shape[0], u.shape[1])
     if torch.compiler.is_compiling():
         return torch.ops.subspace_ops.svd_delta_linear(x, weight, u, v, d, bias, name, keep_weight)[0]
+    refuse_functorch("svd_delta_linear")
     return _EagerSvdDeltaLinear.apply(x, weight, u, v, d, bias, name, keep_weight)[0]
