@@ -925,6 +925,10 @@ MUTANTS = [
            '            raise ValueError(f"{path}: not a subspace-ops bench JSON file (it is not JSON: {exc})") from None',
            "            raise", "tests/test_bench_cli.py -k plot_command",
            "plot of a non-JSON file prints the parser's message without the file name"),
+    Mutant("P212", "python/subspace_ops/adapters.py", 'if getattr(m, "mergeable", True) is False}',
+           'if getattr(m, "mergeable", True) is False and hasattr(m, "weight")}',
+           "tests/test_methods.py -k merge_unmerge_exact tests/test_peft_model.py -k refuses_non_mergeable",
+           "merge_all / merge_and_unload skip head mixing (a non-mergeable layer without a weight)"),
 ]
 
 

@@ -39,12 +39,13 @@ LINEAR_METHODS = [n for n in ALL if n != "coeff"]
 # ------------------------------------------------------------------------------------------------
 # Models
 # ------------------------------------------------------------------------------------------------
+VIT_CONFIG = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=10)
+
+
 @functools.lru_cache(maxsize=None)
 def _vit_base() -> nn.Module:
     torch.manual_seed(1234)
-    return timm.models.vision_transformer.VisionTransformer(
-        img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=10
-    ).eval()
+    return timm.models.vision_transformer.VisionTransformer(**VIT_CONFIG).eval()
 
 
 @functools.lru_cache(maxsize=None)
@@ -738,8 +739,7 @@ def test_adapted_on_the_meta_device_then_loaded(name):
     methods.apply(real, name, **kw)
     perturb(real)
     with torch.device("meta"):
-        model = timm.models.vision_transformer.VisionTransformer(
-            img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=10).eval()
+        model = timm.models.vision_transformer.VisionTransformer(**VIT_CONFIG).eval()
     methods.apply(model, name, **kw)
     for assign in (False, True):
         loaded = copy.deepcopy(model)
@@ -750,8 +750,7 @@ def test_adapted_on_the_meta_device_then_loaded(name):
             torch.testing.assert_close(loaded(x), real(x), rtol=0, atol=0)
     if name == "siva":
         with torch.device("meta"):
-            meta = timm.models.vision_transformer.VisionTransformer(
-                img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=10)
+            meta = timm.models.vision_transformer.VisionTransformer(**VIT_CONFIG)
         with pytest.raises(ValueError, match="meta device"):
             methods.apply(meta, "siva")
 

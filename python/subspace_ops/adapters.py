@@ -48,6 +48,7 @@ __all__ = [
     "find_parameters",
     "make_weights_contiguous",
     "merge_all",
+    "merge_blockers",
     "unmerge_all",
     "replace_module",
     "unadapted_expert_parameters",
@@ -676,21 +677,26 @@ def make_weights_contiguous(model: nn.Module) -> int:
     return changed
 
 
+def merge_blockers(model: nn.Module) -> dict[str, str]:
+    """``{module name: why}`` for every layer of ``model`` whose adaptation has no weight form
+    (``mergeable`` False: an adapter with a nonlinearity, Coeff-Tuning's head mixing)."""
+    return {name: m._not_mergeable() if hasattr(m, "_not_mergeable") else f"{type(m).__name__} has no weight form"
+            for name, m in model.named_modules() if getattr(m, "mergeable", True) is False}
+
+
 def merge_all(model: nn.Module) -> int:
     """``merge()`` every adapted layer of ``model``; returns how many were merged.
 
     Raises :class:`~subspace_ops.nn.NotMergeableError` before merging anything when a layer cannot
-    be merged (an adapter with a nonlinearity), so the model is never left half merged.
+    be merged (:func:`merge_blockers`), so the model is never left half merged.
     """
     from .nn import NotMergeableError
 
-    layers = [m for m in model.modules() if hasattr(m, "merge") and hasattr(m, "merged") and not m.merged]
-    blocked = [m for m in layers if not getattr(m, "mergeable", True)]
+    blocked = merge_blockers(model)
     if blocked:
-        reasons = dict.fromkeys(m._not_mergeable() if hasattr(m, "_not_mergeable") else
-                                f"{type(m).__name__} cannot be merged" for m in blocked)
         raise NotMergeableError(f"{len(blocked)} layer(s) cannot be merged, so nothing was merged: "
-                                + "; ".join(reasons))
+                                + "; ".join(dict.fromkeys(blocked.values())))
+    layers = [m for m in model.modules() if hasattr(m, "merge") and hasattr(m, "merged") and not m.merged]
     for m in layers:
         m.merge()
     return len(layers)

@@ -115,7 +115,7 @@ from torch import nn
 
 from . import checkpoint, methods
 from . import diffusers as diffusers_integration
-from .adapters import is_conv1d, merge_all, replace_module, unmerge_all
+from .adapters import is_conv1d, merge_all, merge_blockers, replace_module, unmerge_all
 from .nn import SSF, HeadMix, NotMergeableError
 from .nn import experts as experts_nn
 from .nn.base import ForwardsAttributes, MergeableLinear
@@ -508,11 +508,7 @@ class SubspacePeftModel(ForwardsAttributes, nn.Module):
             raise ValueError(f"adapter_names: only the active adapter ({self.active_adapter!r}) can be merged; "
                              "set_adapter() the one to merge first")
         model = self.base_model
-        blockers = {}
-        for name, m in model.named_modules():
-            if getattr(m, "mergeable", True) is False:  # HeadMix (coeff) included
-                why = m._not_mergeable() if hasattr(m, "_not_mergeable") else f"{type(m).__name__} has no weight form"
-                blockers[name] = why
+        blockers = merge_blockers(model)
         if blockers:
             method = self.peft_config[self.active_adapter].name
             reasons = "; ".join(dict.fromkeys(blockers.values()))

@@ -229,11 +229,12 @@ class SequentialAdapter(ForwardsAttributes, nn.Module):
     merged = False
     mergeable = False
 
+    def _not_mergeable(self) -> str:
+        return ("SequentialAdapter cannot be merged: its nonlinearity acts on the wrapped module's output "
+                "(001 eq. 22), so the adapted layer has no weight form")
+
     def merge(self) -> None:
-        raise NotMergeableError(
-            "SequentialAdapter cannot be merged: its nonlinearity acts on the wrapped module's output "
-            "(001 eq. 22), so the adapted layer has no weight form"
-        )
+        raise NotMergeableError(self._not_mergeable())
 
     def unmerge(self) -> None:
         raise RuntimeError("SequentialAdapter is not merged")
