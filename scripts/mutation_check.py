@@ -929,6 +929,8 @@ MUTANTS = [
            'if getattr(m, "mergeable", True) is False and hasattr(m, "weight")}',
            "tests/test_methods.py -k merge_unmerge_exact tests/test_peft_model.py -k refuses_non_mergeable",
            "merge_all / merge_and_unload skip head mixing (a non-mergeable layer without a weight)"),
+    Mutant("P213", "MANIFEST.in", "recursive-include csrc *.cpp *.h *.inc", "recursive-include csrc *.cpp",
+           "tests/test_packaging.py", "the sdist leaves out csrc's headers (a build from it cannot compile)"),
 ]
 
 
