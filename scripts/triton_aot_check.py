@@ -140,6 +140,7 @@ def _cases(precisions: list, quick: bool) -> list[tuple[str, Callable[[], None],
     """(name, call, launches) triples: each call runs launch wrappers as the ops do on CUDA."""
     import torch
 
+    from subspace_ops.triton_kernels import _common
     from subspace_ops.triton_kernels import head_mixing_attention as hm
     from subspace_ops.triton_kernels import lowrank_linear as lr
     from subspace_ops.triton_kernels import rescaled_linear as rl
@@ -187,11 +188,15 @@ def _cases(precisions: list, quick: bool) -> list[tuple[str, Callable[[], None],
 
         # Head-mixing attention: the issue's presets (ViT-B H12 d64, LLM H32 d128), ViT-B with attention
         # dropout (the hash mask's uint32 arithmetic), a small LLM (H8 d128), causal, a padding mask,
-        # cross attention, d = 256, and ViT-H's 16 heads of 80.
+        # cross attention, d = 256, ViT-H's 16 heads of 80, and two that the fused kernels take in
+        # float32 and float64 too (verify's and the fp64 gradchecks' sizes; 8 heads of 64 with dropout,
+        # float32's limit), and 4 heads of 64 (the 16-bit limit on sm_86/sm_89).
         shapes = [(2, 12, 197, 197, 64, False, False, 0.0), (2, 12, 197, 197, 64, False, False, 0.1),
                   (1, 32, 256, 256, 128, True, False, 0.0), (1, 8, 256, 256, 128, True, False, 0.0),
                   (2, 4, 100, 77, 64, False, True, 0.0), (2, 12, 64, 64, 64, False, True, 0.0),
-                  (1, 4, 128, 128, 256, False, False, 0.0), (1, 16, 128, 128, 80, False, False, 0.0)]
+                  (1, 4, 128, 128, 256, False, False, 0.0), (1, 16, 128, 128, 80, False, False, 0.0),
+                  (2, 3, 13, 13, 16, False, False, 0.0), (2, 8, 64, 64, 64, True, False, 0.1),
+                  (2, 4, 64, 64, 64, True, False, 0.1)]
         for batch, heads, n_q, n_k, dim, causal, masked, dropout_p in shapes[:4] if quick else shapes:
             def attention(batch=batch, heads=heads, n_q=n_q, n_k=n_k, dim=dim, causal=causal, masked=masked,
                           dropout_p=dropout_p, randn=randn):
@@ -205,7 +210,7 @@ def _cases(precisions: list, quick: bool) -> list[tuple[str, Callable[[], None],
             label = f"B{batch} H{heads} Nq{n_q} Nk{n_k} d{dim}" + (" causal" if causal else "") + (
                 " mask" if masked else "") + (f" dropout {dropout_p}" if dropout_p else "")
             # The chunked strategy (too many heads · dims for the fused kernels) launches no kernel.
-            plan = hm.strategy(heads, dim, dtype, masked)
+            plan = hm.strategy(heads, dim, dtype, masked, _common.shared_memory(torch.empty(0)))
             cases.append((f"head_mixing_attention {name} {label} ({plan})", attention, plan == "fused"))
     return cases
 
@@ -236,6 +241,7 @@ def main(argv: Optional[list] = None) -> int:
     # The wrappers pick CUDA tiles and CUDA matmul precision for CUDA tensors; these are CPU tensors.
     _common.targets_gpu = lambda t: True
     _common._device_sms = lambda device: SMS.get(args.arch, 132)
+    _common._device_shared_memory = lambda device: SHARED_LIMIT.get(args.arch, _common.SM90_SHARED_MEMORY)
 
     failed = False
     limit = SHARED_LIMIT.get(args.arch)

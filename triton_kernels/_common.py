@@ -3,16 +3,18 @@ matmul precision."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["INTERPRETER_SMS", "accumulation_types", "gemm_configs", "grouped_tile", "interpreting", "m_chunk",
-           "m_chunk_for", "matmul_precision", "num_sms", "prune_gemm_configs", "targets_gpu"]
+__all__ = ["INTERPRETER_SMS", "SM90_SHARED_MEMORY", "accumulation_types", "gemm_configs", "grouped_tile",
+           "interpreting", "launches_on_device_of", "m_chunk", "m_chunk_for", "matmul_precision", "num_sms",
+           "prune_gemm_configs", "shared_memory", "targets_gpu", "tf32_allowed", "tuning_rows"]
 
 
 @triton.jit
@@ -39,11 +41,60 @@ def interpreting(t: torch.Tensor) -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1" or not targets_gpu(t)
 
 
+def tf32_allowed() -> bool:
+    """Whether torch runs float32 CUDA matmuls in TF32, however the user said so. torch >= 2.9 has
+    ``torch.backends.cuda.matmul.fp32_precision`` (set directly, through the generic
+    ``torch.backends.fp32_precision``, or by the legacy setters); its legacy getter ``allow_tf32``
+    raises once the new API has been used, so it is read only on older torch."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    return precision == "tf32" if precision is not None else bool(matmul.allow_tf32)
+
+
 def matmul_precision(t: torch.Tensor) -> str:
     """tl.dot's input precision: TF32 for float32 only where torch allows it for its own matmuls."""
-    if t.dtype == torch.float32 and targets_gpu(t) and torch.backends.cuda.matmul.allow_tf32:
+    if t.dtype == torch.float32 and targets_gpu(t) and tf32_allowed():
         return "tf32"
     return "ieee"
+
+
+def launches_on_device_of(launch: Callable) -> Callable:
+    """Decorates a launch wrapper so its kernels run on the device of its first tensor argument.
+    Triton launches on the *current* CUDA device and stream, not on the tensors' device: tensors on
+    cuda:1 while device 0 is current (a model split over GPUs) would fault or race without this. A
+    no-op for CPU tensors (the interpreter)."""
+
+    @functools.wraps(launch)
+    def wrapper(*args, **kwargs):
+        tensor = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        with torch.cuda.device_of(tensor) if tensor is not None else contextlib.nullcontext():
+            return launch(*args, **kwargs)
+
+    wrapper.launches_on_device_of = True
+    return wrapper
+
+
+def tuning_rows(rows: int) -> int:
+    """What the GEMM autotuners key on instead of a token count: the next power of two. Keyed on the
+    count itself, every new batch shape (dynamic padding changes it nearly every step) would
+    benchmark every config again; within a power of two the best tiles hardly change."""
+    return triton.next_power_of_2(max(int(rows), 1))
+
+
+# Shared memory one block may use on an H100/H200 (sm_90), the GPU the fused head-mixing limits and the
+# fixed SVD tiles were sized for (scripts/triton_aot_check.py).
+SM90_SHARED_MEMORY = 232448
+
+
+@functools.lru_cache(maxsize=None)
+def _device_shared_memory(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+
+
+def shared_memory(t: torch.Tensor) -> int:
+    """Shared memory (bytes) one block may use on ``t``'s GPU: 227 KiB on an H100, 163 KiB on an A100,
+    99 KiB on sm_86/sm_89 (L4, L40S, RTX 4090, A10); scripts/triton_aot_check.py answers for its target."""
+    return _device_shared_memory(t.device)
 
 
 def accumulation_types(t: torch.Tensor):

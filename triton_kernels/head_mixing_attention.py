@@ -568,6 +568,15 @@ def _check_mask(mask: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor) -> 
 # Launch wrappers
 
 
+def _runs_chunked(q: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    """Whether a call on q [B, H, N, d] takes the chunked strategy: on a GPU whose shared memory cannot
+    hold all heads of a query block (:func:`strategy`); the interpreter runs the fused kernels on any shape."""
+    if _interpreting(q):
+        return False
+    return strategy(q.shape[1], q.shape[3], q.dtype, mask is not None, _common.shared_memory(q)) == "chunked"
+
+
+@_common.launches_on_device_of
 def head_mixing_attention_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -597,7 +606,7 @@ def head_mixing_attention_forward(
         lse[1].zero_()
         return out.zero_(), lse
     # Too many heads x dims for one SM's shared memory: the chunked strategy (head_mixing_chunked.py).
-    if not _interpreting(q) and strategy(heads, dim, q.dtype, mask is not None) == "chunked":
+    if _runs_chunked(q, mask):
         return chunked_forward(q, k, v, mix, mask, is_causal, scale, dropout_p, seed)
     meta = _common_meta(q, mask, is_causal, dropout_p)
     mask_arg = mask if mask is not None else lse  # never read when HAS_MASK is False
@@ -621,6 +630,7 @@ def head_mixing_attention_forward(
     return out, lse
 
 
+@_common.launches_on_device_of
 def head_mixing_attention_backward(
     grad_out: torch.Tensor,
     q: torch.Tensor,
@@ -646,7 +656,7 @@ def head_mixing_attention_backward(
     if batch * heads * n_q * n_k == 0:  # no score exists: every gradient is 0
         return dq.zero_(), dk.zero_(), dv.zero_(), torch.zeros(heads, heads, dtype=acc_torch, device=q.device)
     interpreting = _interpreting(q)
-    if not interpreting and strategy(heads, dim, q.dtype, mask is not None) == "chunked":
+    if _runs_chunked(q, mask):
         return chunked_backward(grad_out, q, k, v, mix, mask, lse, is_causal, scale, dropout_p, seed)
     meta = _common_meta(q, mask, is_causal, dropout_p)
     mask_arg = mask if mask is not None else lse  # never read when HAS_MASK is False

@@ -36,9 +36,10 @@ import torch
 import triton
 
 from .. import reference
+from ._common import SM90_SHARED_MEMORY
 
-__all__ = ["FUSED_MAX_ROW_BYTES", "FUSED_MAX_ROW_BYTES_MASKED", "chunk_rows", "chunked_backward", "chunked_forward",
-           "lost_tolerance", "padded_sizes", "row_stats", "strategy"]
+__all__ = ["FUSED_LIMITS_BY_SHARED_MEMORY", "FUSED_MAX_ROW_BYTES", "FUSED_MAX_ROW_BYTES_MASKED", "chunk_rows",
+           "chunked_backward", "chunked_forward", "lost_tolerance", "padded_sizes", "row_stats", "strategy"]
 
 # Largest HP · BLOCK_D · element size (heads and head dim each padded to a power of two) whose fused
 # kernels fit an sm_90 SM's shared memory (scripts/triton_aot_check.py): 1024 heads·dims in 16-bit
@@ -47,6 +48,11 @@ __all__ = ["FUSED_MAX_ROW_BYTES", "FUSED_MAX_ROW_BYTES_MASKED", "chunk_rows", "c
 # of 64 (or 8 of 32) for 60-90 KiB.
 FUSED_MAX_ROW_BYTES = 2048
 FUSED_MAX_ROW_BYTES_MASKED = 512
+# The row-byte limits (unmasked, masked) by a GPU's shared memory per block, each checked by
+# scripts/triton_aot_check.py: at least 161 KiB (H100/H200, A100: the dQ kernel's smallest config
+# asks for 164,864 B at 2048 row bytes) the limits above; at least 99 KiB (sm_86/sm_89: L4, L40S,
+# RTX 4090, A10) 512 either way (8 heads of 64 in bf16 already ask for 128 KiB there); less: none.
+FUSED_LIMITS_BY_SHARED_MEMORY = ((164864, FUSED_MAX_ROW_BYTES, FUSED_MAX_ROW_BYTES_MASKED), (101376, 512, 512))
 
 
 def padded_sizes(heads: int, dim: int) -> tuple[int, int]:
@@ -54,12 +60,15 @@ def padded_sizes(heads: int, dim: int) -> tuple[int, int]:
     return triton.next_power_of_2(heads), max(16, triton.next_power_of_2(dim))
 
 
-def strategy(heads: int, dim: int, dtype: torch.dtype, has_mask: bool = False) -> str:
+def strategy(heads: int, dim: int, dtype: torch.dtype, has_mask: bool = False,
+             shared_memory: int = SM90_SHARED_MEMORY) -> str:
     """"fused" (the all-heads Triton kernels) or "chunked" (this module) for H heads of size dim,
-    with or without an attention-mask tensor (is_causal alone needs none)."""
+    with or without an attention-mask tensor (is_causal alone needs none), on a GPU whose blocks may
+    use ``shared_memory`` bytes (``_common.shared_memory(q)``; default: an H100's)."""
     padded_heads, padded_dim = padded_sizes(heads, dim)
     row_bytes = padded_heads * padded_dim * dtype.itemsize
-    limit = FUSED_MAX_ROW_BYTES_MASKED if has_mask else FUSED_MAX_ROW_BYTES
+    limit = next((masked if has_mask else unmasked for least, unmasked, masked in FUSED_LIMITS_BY_SHARED_MEMORY
+                  if shared_memory >= least), 0)
     return "fused" if row_bytes <= limit else "chunked"
 
 

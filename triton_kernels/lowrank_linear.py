@@ -35,17 +35,18 @@ import triton
 import triton.language as tl
 
 from ._common import gemm_configs as _gemm_configs, grouped_tile as _grouped_tile, interpreting as _interpreting
-from ._common import matmul_precision as _precision, prune_gemm_configs as _prune_gemm_configs
+from ._common import launches_on_device_of as _launches_on_device_of, matmul_precision as _precision
+from ._common import prune_gemm_configs as _prune_gemm_configs, tuning_rows as _tuning_rows
 
 __all__ = ["lowrank_linear_forward", "lowrank_linear_backward", "gemm_lowrank"]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M_BUCKET"])
 def _gemm_lowrank_kernel(
     p_ptr, q_ptr, l_ptr, r_ptr, bias_ptr, out_ptr,
     M, C, D, R,
     stride_pm, stride_pd, stride_qc, stride_qd, stride_lm, stride_lr, stride_rc, stride_rr, stride_bias,
-    stride_om, stride_oc,
+    stride_om, stride_oc, M_BUCKET,
     HAS_LOWRANK: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_D: tl.constexpr, ACC: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, GROUP: tl.constexpr,
@@ -93,7 +94,8 @@ _INTERPRETER_BLOCKS = dict(BLOCK_M=16, BLOCK_C=16, BLOCK_D=16, GROUP=4)
 
 
 _gemm_lowrank_tuned = triton.autotune(
-    _gemm_configs("BLOCK_M", "BLOCK_C", "BLOCK_D"), key=["M", "C", "D", "R", "HAS_LOWRANK", "HAS_BIAS"],
+    _gemm_configs("BLOCK_M", "BLOCK_C", "BLOCK_D"),
+    key=["M_BUCKET", "C", "D", "R", "HAS_LOWRANK", "HAS_BIAS", "PRECISION"],
     prune_configs_by={"early_config_prune": _prune_gemm_configs(
         "BLOCK_D", dict(BLOCK_M=64, BLOCK_C=64, BLOCK_D=16), fma_names=("BLOCK_M", "BLOCK_C"))},
 )(triton.heuristics({"EVEN_D": lambda a: a["D"] % a["BLOCK_D"] == 0})(_gemm_lowrank_kernel))
@@ -108,6 +110,7 @@ def _block_r(rank: int) -> int:
     return min(64, max(16, triton.next_power_of_2(max(rank, 1))))
 
 
+@_launches_on_device_of
 def gemm_lowrank(p: torch.Tensor, q: torch.Tensor, low: Optional[torch.Tensor], right: Optional[torch.Tensor],
                  bias: Optional[torch.Tensor]) -> torch.Tensor:
     """``p qᵀ + low rightᵀ + bias`` [M, C] for p [M, D], q [C, D], low [M, R], right [C, R] (any strides;
@@ -127,8 +130,9 @@ def gemm_lowrank(p: torch.Tensor, q: torch.Tensor, low: Optional[torch.Tensor], 
         p.stride(0), p.stride(1), q.stride(0), q.stride(1), lo.stride(0), lo.stride(1), ro.stride(0), ro.stride(1),
         bias.stride(0) if bias is not None else 0, out.stride(0), out.stride(1),
     )
-    meta = dict(HAS_LOWRANK=has_lowrank, HAS_BIAS=bias is not None, ACC=_acc(p), PRECISION=_precision(p),
-                BLOCK_R=_block_r(R))
+    # Tuned per power of two of M and per float32 precision, as rescaled_linear's GEMMs (see _KEY there).
+    meta = dict(M_BUCKET=_tuning_rows(M), HAS_LOWRANK=has_lowrank, HAS_BIAS=bias is not None, ACC=_acc(p),
+                PRECISION=_precision(p), BLOCK_R=_block_r(R))
     if _interpreting(p):
         blocks = _INTERPRETER_BLOCKS
         grid = (triton.cdiv(M, blocks["BLOCK_M"]) * triton.cdiv(C, blocks["BLOCK_C"]),)
@@ -157,6 +161,7 @@ def _down_projection(b: torch.Tensor, g: Optional[torch.Tensor]) -> torch.Tensor
     return b * g[:, None] if g.dim() == 1 else g @ b
 
 
+@_launches_on_device_of
 def lowrank_linear_forward(
     x2d: torch.Tensor,
     x_dropped2d: Optional[torch.Tensor],
@@ -174,6 +179,7 @@ def lowrank_linear_forward(
     return y, h0
 
 
+@_launches_on_device_of
 def lowrank_linear_backward(
     grad_y: torch.Tensor,
     x2d: torch.Tensor,

@@ -34,7 +34,8 @@ import triton.language as tl
 
 from ._common import accumulation_types as _acc, gemm_configs as _gemm_configs, grouped_tile as _grouped_tile
 from ._common import interpreting as _interpreting, matmul_precision as _precision
-from ._common import m_chunk_for as _m_chunk_for, prune_gemm_configs as _prune_gemm_configs
+from ._common import launches_on_device_of as _launches_on_device_of, m_chunk_for as _m_chunk_for
+from ._common import prune_gemm_configs as _prune_gemm_configs, tuning_rows as _tuning_rows
 
 __all__ = ["rescaled_linear_forward", "rescaled_linear_backward"]
 
@@ -52,13 +53,13 @@ def _modulate(w, sl_ptrs, sr_ptrs, mask_n, mask_k, stride_slr, stride_srr, c,
     return w.to(ACC) * mod
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M_BUCKET"])
 def _forward_kernel(
     x_ptr, w_ptr, sl_ptr, sr_ptr, b_ptr, y_ptr,
     M, N, K,
     stride_xm, stride_xk, stride_wn, stride_wk,
     stride_sln, stride_slr, stride_srk, stride_srr, stride_b, stride_ym, stride_yn,
-    c,
+    c, M_BUCKET,
     R: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):
@@ -94,13 +95,13 @@ def _forward_kernel(
              acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M_BUCKET"])
 def _grad_x_kernel(
     gy_ptr, w_ptr, sl_ptr, sr_ptr, gx_ptr,
     M, N, K,
     stride_gym, stride_gyn, stride_wn, stride_wk,
     stride_sln, stride_slr, stride_srk, stride_srr, stride_gxm, stride_gxk,
-    c,
+    c, M_BUCKET,
     R: tl.constexpr, EVEN_N: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):
@@ -132,13 +133,13 @@ def _grad_x_kernel(
              acc.to(gx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M_BUCKET"])
 def _grad_scales_kernel(
     gy_ptr, x_ptr, w_ptr, sl_ptr, sr_ptr, part_l_ptr, part_r_ptr, gw_ptr,
     M, N, K, M_CHUNK,
     stride_gym, stride_gyn, stride_xm, stride_xk, stride_wn, stride_wk,
     stride_sln, stride_slr, stride_srk, stride_srr, stride_gwn, stride_gwk,
-    c,
+    c, M_BUCKET,
     R: tl.constexpr, NEED_SCALES: tl.constexpr, NEED_WEIGHT: tl.constexpr, EVEN_M: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
@@ -208,7 +209,10 @@ _SCALES_CONFIGS = [
     triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s) for bm, w, s in [(64, 8, 3), (64, 8, 4), (32, 8, 4)]
 ]
 
-_KEY = ["M", "N", "K", "R"]  # the autotuner adds the tensors' dtypes
+# The autotuner adds the tensors' dtypes. M_BUCKET (tuning_rows(M)) instead of M: a new token count
+# within the same power of two reuses the tiles tuned for it; M itself is a plain argument. PRECISION:
+# TF32 and IEEE float32 are pruned to different tiles (_common.prune_gemm_configs).
+_KEY = ["M_BUCKET", "N", "K", "R", "PRECISION"]
 _forward_tuned = triton.autotune(
     _gemm_configs("BLOCK_M", "BLOCK_N", "BLOCK_K"), key=_KEY,
     prune_configs_by={"early_config_prune": _prune_gemm_configs(
@@ -220,7 +224,7 @@ _grad_x_tuned = triton.autotune(
         "BLOCK_N", dict(BLOCK_M=64, BLOCK_K=64, BLOCK_N=16), fma_names=("BLOCK_M", "BLOCK_K"))},
 )(triton.heuristics({"EVEN_N": lambda a: a["N"] % a["BLOCK_N"] == 0})(_grad_x_kernel))
 _grad_scales_tuned = triton.autotune(
-    _SCALES_CONFIGS, key=_KEY + ["M_CHUNK", "NEED_WEIGHT", "NEED_SCALES"],
+    _SCALES_CONFIGS, key=_KEY + ["NEED_WEIGHT", "NEED_SCALES"],
     prune_configs_by={"early_config_prune": _prune_gemm_configs("BLOCK_M", dict(BLOCK_M=16))},
 )(triton.heuristics({"EVEN_M": lambda a: a["M"] % a["BLOCK_M"] == 0})(_grad_scales_kernel))
 
@@ -242,6 +246,7 @@ def _rank(weight: torch.Tensor, s_l: torch.Tensor, s_r: torch.Tensor) -> int:
 # Launch wrappers
 
 
+@_launches_on_device_of
 def rescaled_linear_forward(
     x2d: torch.Tensor,
     weight: torch.Tensor,
@@ -265,7 +270,8 @@ def rescaled_linear_forward(
         bias.stride(0) if bias is not None else 0, y.stride(0), y.stride(1),
         1.0 if residual else 0.0,
     )
-    meta = dict(R=R, HAS_BIAS=bias is not None, ACC=_acc(x2d)[0], PRECISION=_precision(x2d))
+    meta = dict(M_BUCKET=_tuning_rows(M), R=R, HAS_BIAS=bias is not None, ACC=_acc(x2d)[0],
+                PRECISION=_precision(x2d))
     if _interpreting(x2d):
         b = _INTERPRETER_BLOCKS
         grid = (triton.cdiv(M, b["BLOCK_M"]) * triton.cdiv(N, b["BLOCK_N"]),)
@@ -275,6 +281,7 @@ def rescaled_linear_forward(
     return y
 
 
+@_launches_on_device_of
 def rescaled_linear_backward(
     grad_y: torch.Tensor,
     x2d: torch.Tensor,
@@ -308,7 +315,7 @@ def rescaled_linear_backward(
                 *_scale_strides(s_l, s_r), gx.stride(0), gx.stride(1),
                 c,
             )
-            meta = dict(R=R, ACC=acc_tl, PRECISION=precision)
+            meta = dict(M_BUCKET=_tuning_rows(M), R=R, ACC=acc_tl, PRECISION=precision)
             if interpreting:
                 b = _INTERPRETER_BLOCKS
                 grid = (triton.cdiv(M, b["BLOCK_M"]) * triton.cdiv(K, b["BLOCK_K"]),)
@@ -351,7 +358,8 @@ def rescaled_linear_backward(
         *_scale_strides(s_l, s_r), gw_arg.stride(0), gw_arg.stride(1),
         c,
     )
-    meta = dict(R=R, NEED_SCALES=need_scales, NEED_WEIGHT=need_weight, ACC=acc_tl, PRECISION=precision)
+    meta = dict(M_BUCKET=_tuning_rows(M), R=R, NEED_SCALES=need_scales, NEED_WEIGHT=need_weight, ACC=acc_tl,
+                PRECISION=precision)
     grid = (tiles_n * tiles_k, chunks)
     if interpreting:
         # m_chunk is a multiple of BLOCK_M, so chunks stay unmasked exactly when M is.

@@ -18,7 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import interpreting as _interpreting, m_chunk_for as _m_chunk_for, matmul_precision as _precision
+from ._common import interpreting as _interpreting, launches_on_device_of as _launches_on_device_of
+from ._common import m_chunk_for as _m_chunk_for, matmul_precision as _precision, shared_memory as _shared_memory
 
 __all__ = ["svd_basis_weight", "svd_delta_linear_forward", "svd_delta_linear_backward"]
 
@@ -102,6 +103,11 @@ _GRAD_D_BLOCKS_SMALL = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, BLOCK_J=16)
 _M_CHUNK_ALIGN = 128  # M chunks of the dd kernel: a multiple of every GPU BLOCK_M
 
 
+# Shared memory the dd kernel's TF32 tiles (_GRAD_D_BLOCKS with half the M step) ask for (ptxas, sm_89);
+# GPUs with less (sm_86/sm_89: 99 KiB) take the small tiles, which ask for at most 64 KiB.
+_GRAD_D_TF32_SHARED = 131072
+
+
 def _blocks(t: torch.Tensor, gpu_blocks: dict, small_blocks: dict) -> dict:
     if _interpreting(t):
         return {name: _INTERPRETER_BLOCKS[name] for name in gpu_blocks if name.startswith("BLOCK")}
@@ -110,10 +116,13 @@ def _blocks(t: torch.Tensor, gpu_blocks: dict, small_blocks: dict) -> dict:
     if t.dtype == torch.float32 and "BLOCK_M" in gpu_blocks:
         # TF32: half the M step keeps a pipeline stage as many bytes as with 16-bit inputs (the dd
         # kernel's 3 stages would otherwise ask for 192 KiB, more than an A100's 163).
+        if _shared_memory(t) < _GRAD_D_TF32_SHARED:
+            return small_blocks
         return {**gpu_blocks, "BLOCK_M": gpu_blocks["BLOCK_M"] // 2}
     return gpu_blocks
 
 
+@_launches_on_device_of
 def svd_basis_weight(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """W_eff = W + U diag(d) Vᵀ in W's dtype, never forming U diag(d) Vᵀ on its own."""
     N, K = weight.shape
@@ -129,10 +138,12 @@ def svd_basis_weight(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, d: 
     return out
 
 
+@_launches_on_device_of
 def svd_delta_linear_forward(x2d, weight, u, v, d, bias: Optional[torch.Tensor]) -> torch.Tensor:
     return torch.nn.functional.linear(x2d, svd_basis_weight(weight, u, v, d), bias)
 
 
+@_launches_on_device_of
 def svd_delta_linear_backward(grad_y, x2d, weight, u, v, d, need_x: bool, need_d: bool):
     """(gx or None, gd or None); gx forms W_eff again (the op asks for it only when the forward did
     not keep its W_eff: ops/svd_delta_linear.py)."""
