@@ -4,7 +4,7 @@ These are the ground truth the fused backends are tested against: each one is a 
 transcription of the math (materializing W' or the H×N×N attention maps where the math does), uses
 only differentiable torch ops, and works in any dtype (tests run them in float64).
 
-Section numbers refer to ../shared/METHODS.md; equation numbers to the papers in ../shared/papers/.
+Section numbers refer to docs/METHODS.md; equation numbers to the four papers (README's methods table).
 """
 
 from __future__ import annotations
@@ -145,9 +145,12 @@ def svdiff_delta(s: Tensor, sigma: Tensor) -> Tensor:
 # §3 Head-mixing attention (Coeff-Tuning, 003): O_h = Σ_g mix[h, g] softmax(scale Q_g K_gᵀ + mask) V_h
 # ---------------------------------------------------------------------------------------------
 def coeff_mix(alpha: Tensor, dropout_p: float = 0.0, training: bool = False) -> Tensor:
-    """α' = I + Dropout(α) for α [H, H] (zero init: the layer starts as standard attention)."""
-    eye = torch.eye(alpha.shape[0], dtype=alpha.dtype, device=alpha.device)
-    return eye + F.dropout(alpha, dropout_p, training)
+    """α' = I + Dropout(α) for α [H, H] (zero init: the layer starts as standard attention), in at
+    least float32: in bfloat16 the sum would round away every diagonal update below 2⁻⁸ (a model cast
+    with ``.to(torch.bfloat16)`` holds α in bfloat16)."""
+    acc = torch.promote_types(alpha.dtype, torch.float32)
+    eye = torch.eye(alpha.shape[0], dtype=acc, device=alpha.device)
+    return eye + F.dropout(alpha.to(acc), dropout_p, training)
 
 
 def head_mixing_attention(
@@ -191,7 +194,10 @@ def head_mixing_attention(
     weights = torch.exp(scores - row_max)
     total = weights.sum(dim=-1, keepdim=True)
     probs = weights / torch.where(total > 0, total, torch.ones_like(total))
-    mixed = torch.einsum("hg,bgij->bhij", mix, probs)  # M_h = Σ_g mix[h, g] P_g
+    # M_h = Σ_g mix[h, g] P_g, with mix in its own dtype where that is wider than the probabilities'
+    # (I + α in float32 next to bfloat16 maps: rounding it to bfloat16 would erase small updates of α).
+    acc = torch.promote_types(mix.dtype, probs.dtype)
+    mixed = torch.einsum("hg,bgij->bhij", mix.to(acc), probs.to(acc)).to(probs.dtype)
     if dropout_p > 0.0:
         if dropout_seed is None:
             raise ValueError("dropout_seed is required when dropout_p > 0")

@@ -259,7 +259,7 @@ def head_mixing_attention(
     # One int64 seed per call from q's device's generator, drawn whatever the backend (see above).
     seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=q.device) if dropout_p > 0.0 else None
     if name == "reference":
-        return reference.head_mixing_attention(q, k, v, mix.to(q.dtype), attn_mask=attn_mask, is_causal=is_causal,
+        return reference.head_mixing_attention(q, k, v, mix, attn_mask=attn_mask, is_causal=is_causal,
                                                scale=scale, dropout_p=dropout_p,
                                                dropout_seed=None if seed is None else int(seed.item()))
     acc = _accumulation_dtype(q.dtype)
