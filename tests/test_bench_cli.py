@@ -166,6 +166,9 @@ def test_presets_depend_on_the_device():
         (["bench", "--json", "/no/such/dir/r.json"], "argument --json"),
         (["bench", "--json", "/"], "argument --json: '/' is a directory"),  # refused before the bench runs
         (["bench", "--csv", "/proc/r.csv"], "argument --csv: cannot write '/proc/r.csv'"),
+        (["bench", "rescaled-linear", "--shape", "8,8,8", "--repeats", "1", "--warmup", "0", "--no-compile",
+          "--plot", "/tmp/r.txt"],
+         "subspace-ops bench: error: argument --plot: '/tmp/r.txt' does not name an image format"),  # before running
     ],
 )
 def test_bad_arguments_are_named(argv, message, capsys):
@@ -387,6 +390,8 @@ def test_e2e_methods_option_times_any_registry_method(tmp_path, capsys):
     assert status == 0, capsys.readouterr().out
     rows = json.loads(out.read_text())["results"]
     assert {r["variant"] for r in rows} == {"bitfit", "bitfit+compile", "peft LoRA r=8", "full FT", "frozen forward"}
+    assert json.loads(out.read_text())["meta"]["modes"] == ["train"]  # what the e2e case ran, not --mode's default
+    assert "modes train;" in capsys.readouterr().out
     assert next(r["backend"] for r in rows if r["variant"] == "bitfit+compile") == "inductor of torch"
     assert next(r["backend"] for r in rows if r["variant"] == "bitfit") == "torch"  # no op backend to name
     assert all(r["status"] in ("ok", "skipped") for r in rows), rows
@@ -411,10 +416,13 @@ def test_plot_command_bad_input(tmp_path, capsys):
         (["plot", str(no_timing), "--out", str(tmp_path / "p.png")], "nothing to plot"),
         (["plot", str(not_bench), "--out", str(tmp_path / "p.png")], "not a subspace-ops bench JSON file"),
         (["plot", str(not_bench), "--out", str(tmp_path / "no" / "p.png")], "argument --out"),
+        (["plot", str(not_bench), "--out", str(tmp_path / "p.txt")], "does not name an image format"),
     ):
         with pytest.raises(SystemExit) as exc:
             main(argv)
-        assert exc.value.code == 2 and message in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and message in err
+        assert "subspace-ops plot: error:" in err  # the plot command's usage, not the top-level one
 
 
 def test_cpu_timing_runs_every_variant_each_round_in_shuffled_orders():
@@ -502,3 +510,17 @@ def test_head_mixing_dropout_case_drops_in_every_variant():
     rows = run_case(case, (1, 2, 16, 8), dtype=torch.float32, device=cpu, modes=("fwd+bwd",), repeats=1, warmup=1,
                     variants=chosen, measure_memory=False)
     assert [r.status for r in rows] == ["ok"] * 3, [r.note for r in rows]
+
+
+def test_reproduction_update_checks_its_file_before_building_the_tables(tmp_path, capsys, monkeypatch):
+    from subspace_ops.bench import reproduction
+
+    monkeypatch.setattr(reproduction, "parameter_table", lambda: pytest.fail("built the tables first"))
+    no_section = tmp_path / "notes.md"
+    no_section.write_text("no generated section here\n")
+    for path, message in ((no_section, "has no <!-- BEGIN GENERATED TABLE -->"),
+                          (tmp_path / "missing.md", "cannot read")):
+        with pytest.raises(SystemExit) as exc:
+            reproduction.main(["--update", str(path)])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and "argument --update" in err and message in err

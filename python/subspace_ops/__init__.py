@@ -2,8 +2,12 @@
 
 Functional ops live at the top level (``subspace_ops.rescaled_linear``), layers in
 ``subspace_ops.nn``, the pure-PyTorch ground truth in ``subspace_ops.reference``, and backend
-selection in ``subspace_ops.backends``.
+selection in ``subspace_ops.backends``. The integrations (``subspace_ops.timm``, ``.peft``,
+``.transformers``, ``.diffusers``), ``.triton_kernels``, ``.testing``, ``.verify`` and ``.bench`` are
+imported on first access, so ``import subspace_ops`` does not import timm, transformers or diffusers.
 """
+
+import importlib as _importlib
 
 from . import methods, nn, reference
 from .adapters import AdaptReport, apply_coeff, apply_rlrr, apply_svd
@@ -32,3 +36,13 @@ __all__ = [
     "resolve_backend",
     "svd_delta_linear",
 ]
+
+# Submodules imported when first used as an attribute (PEP 562), as the README writes them
+# (``subspace_ops.peft.accelerate(model)`` after a plain ``import subspace_ops``).
+_LAZY_SUBMODULES = ("bench", "diffusers", "peft", "testing", "timm", "transformers", "triton_kernels", "verify")
+
+
+def __getattr__(name: str):
+    if name in _LAZY_SUBMODULES:
+        return _importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

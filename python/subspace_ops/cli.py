@@ -3,9 +3,11 @@
 ``subspace-ops bench [CASE ...] [options]``
     Microbenchmarks: every variant of each case (our op, the naive formula, ``torch.compile`` of
     it, standard layers, PEFT LoRA) side by side; median time, ratio to a baseline, peak memory.
-    A bare ``subspace-ops bench`` runs every case with the device's default shapes and dtype
-    (CUDA: ViT-B M=12608, bfloat16; CPU: M=4096 and M=197, K=N=768, float32), forward and
-    forward+backward. See :mod:`subspace_ops.bench.harness` for what is measured and how.
+    A bare ``subspace-ops bench`` runs the five op cases (rescaled-linear, scaled-linear,
+    svd-delta-linear, lowrank-linear, head-mixing-attention; ``--list`` marks them "default") with the
+    device's default shapes and dtype (CUDA: ViT-B M=12608, bfloat16; CPU: M=4096 and M=197,
+    K=N=768, float32), forward and forward+backward; the causal and dropout head-mixing cases and the
+    end-to-end training steps (e2e*) run when named. See :mod:`subspace_ops.bench.harness` for what is measured and how.
 ``subspace-ops plot RESULTS.json [...] --out PNG``
     Draw the bar charts of ``bench --plot`` again from files written by ``bench --json``.
 ``subspace-ops backends``
@@ -74,7 +76,9 @@ def _per_method_cases() -> list[str]:
     return [name for name, case in CASES.items() if case.per_method]
 
 
-def _build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+def _build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser, argparse.ArgumentParser]:
+    """(the top-level parser, the bench subparser, the plot subparser): each subcommand reports its
+    usage errors with its own usage line."""
     from . import __version__
     from .bench.cases import CASES
     from .bench.harness import cpu_threads_available
@@ -93,13 +97,14 @@ def _build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         description="Time every variant of each CASE side by side, forward and/or forward+backward, "
                     "and measure each iteration's peak memory.",
         epilog="examples:\n"
-               "  subspace-ops bench                                   # default case, shapes, dtype\n"
+               "  subspace-ops bench                                   # the default cases, shapes, dtype\n"
                "  subspace-ops bench --shape llama-7b --mode fwd+bwd --plot out.png\n"
                "  subspace-ops bench rescaled-linear --shape 4096,768,768 --threads 2 --json r.json",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     bench.add_argument("cases", nargs="*", metavar="CASE",
-                       help=f"case(s) to run (default: all): {', '.join(CASES)}")
+                       help=f"case(s) to run: {', '.join(CASES)} (default: the ones `--list` marks "
+                            f"default: {', '.join(n for n, c in CASES.items() if c.in_default_run)})")
     bench.add_argument("--shape", action="append", metavar="SHAPE",
                        help=f"a preset ({', '.join(presets)}) or comma-separated sizes, e.g. M,K,N; "
                             "repeatable (default: the case's default preset for the device)")
@@ -148,7 +153,7 @@ def _build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     verify.add_argument("--dtype", action="append", choices=sorted(DTYPES),
                         help="dtype to check (repeatable; default: float32 and bfloat16)")
     verify.add_argument("--op", action="append", help="check only this op (repeatable)")
-    return parser, bench
+    return parser, bench, plot
 
 
 def _device(name: Optional[str]) -> torch.device:
@@ -205,7 +210,7 @@ def _list_cases() -> str:
 
     lines = []
     for case in CASES.values():
-        lines.append(f"{case.name}: {case.description}")
+        lines.append(f"{case.name}{' (default)' if case.in_default_run else ''}: {case.description}")
         lines.append(f"  shape: {','.join(case.dim_names)}; baselines: "
                      + ", ".join(f"{mode} -> {name}" for mode, name in case.baselines.items()))
         for variant in case.make_variants(None):
@@ -215,6 +220,19 @@ def _list_cases() -> str:
                                for dev, shapes in by_device.items())
             lines.append(f"  preset {name}: {shapes}")
     return "\n".join(lines)
+
+
+def _check_image_format(parser: argparse.ArgumentParser, option: str, path: Optional[str]) -> None:
+    """Before any work: the file name's extension must be an image format matplotlib writes."""
+    if path is None:
+        return
+    from matplotlib.figure import Figure
+
+    formats = Figure().canvas.get_supported_filetypes()
+    extension = os.path.splitext(path)[1].lstrip(".").lower()
+    if extension not in formats:
+        parser.error(f"argument {option}: {path!r} does not name an image format matplotlib writes "
+                     f"(give a file name ending in one of: .{', .'.join(sorted(formats))}; e.g. .png)")
 
 
 def _check_writable(bench: argparse.ArgumentParser, option: str, path: Optional[str]) -> None:
@@ -259,6 +277,7 @@ def _bench(args: argparse.Namespace, bench: argparse.ArgumentParser) -> int:
         bench.error(problem)
     if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
         bench.error("argument --plot: needs matplotlib (pip install 'subspace_ops[plot]')")
+    _check_image_format(bench, "--plot", args.plot)
     for option in ("json", "csv", "plot"):
         _check_writable(bench, f"--{option}", getattr(args, option))
 
@@ -296,8 +315,9 @@ def _bench(args: argparse.Namespace, bench: argparse.ArgumentParser) -> int:
     threads_before = torch.get_num_threads()
     threads = args.threads or (cpu_threads_available() if device.type == "cpu" else threads_before)
     torch.set_num_threads(threads)
+    run_modes = list(dict.fromkeys(mode for case in cases for mode in (case.modes or modes)))  # e2e: train only
     try:
-        print(f"subspace-ops bench on {device_name(device)}: modes {', '.join(modes)}; "
+        print(f"subspace-ops bench on {device_name(device)}: modes {', '.join(run_modes)}; "
               f"{warmup} warm-up + {repeats} timed iterations per variant", flush=True)
         results = []
         for case in cases:
@@ -309,7 +329,7 @@ def _bench(args: argparse.Namespace, bench: argparse.ArgumentParser) -> int:
                 print(format_table(rows), flush=True)
                 results += rows
         meta = run_metadata(argv=sys.argv[1:] if args.argv is None else list(args.argv), device=device_name(device),
-                            modes=list(modes), warmup=warmup, repeats=repeats, threads=threads)
+                            modes=run_modes, warmup=warmup, repeats=repeats, threads=threads)
     finally:
         torch.set_num_threads(threads_before)
 
@@ -340,6 +360,7 @@ def _plot(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     parent = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(parent):
         parser.error(f"argument --out: directory {parent!r} does not exist")
+    _check_image_format(parser, "--out", args.out)
     try:
         results = [r for path in args.json for r in read_json(path)]
     except (ValueError, TypeError) as exc:  # not JSON, or not a bench file
@@ -373,7 +394,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     Usage errors raise ``SystemExit(2)`` with argparse's message naming the argument.
     """
-    parser, bench = _build_parser()
+    parser, bench, plot = _build_parser()
     args = parser.parse_args(argv)
     args.argv = None if argv is None else list(argv)
     if args.command == "backends":
@@ -381,7 +402,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command == "verify":
         return _verify(args)
     if args.command == "plot":
-        return _plot(args, parser)
+        return _plot(args, plot)
     return _bench(args, bench)
 
 

@@ -578,6 +578,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--update", metavar="PATH",
                         help="rewrite the generated section of PATH (docs/REPRODUCTION.md) instead of printing")
     args = parser.parse_args(argv)
+    if args.update:  # checked before the backbones are built (that takes a while)
+        try:
+            with open(args.update, encoding="utf-8") as f:
+                text = f.read()
+        except OSError as exc:
+            parser.error(f"argument --update: cannot read {args.update!r}: {exc.strerror}")
+        if BEGIN not in text or END not in text:
+            parser.error(f"argument --update: {args.update!r} has no {BEGIN} … {END} section to rewrite")
     rows = parameter_table()
     if args.json:
         print(json.dumps([dataclasses.asdict(r) for r in rows], indent=1, ensure_ascii=False))
