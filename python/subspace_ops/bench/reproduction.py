@@ -45,6 +45,7 @@ __all__ = [
     "format_markdown",
     "mean_head",
     "parameter_table",
+    "read_updatable",
     "update_doc",
 ]
 
@@ -556,12 +557,19 @@ def format_markdown(rows: list[Row]) -> str:
 BEGIN, END = "<!-- BEGIN GENERATED TABLE -->", "<!-- END GENERATED TABLE -->"
 
 
-def update_doc(path: str, table: str) -> bool:
-    """Replace the text between ``BEGIN`` and ``END`` in ``path`` with ``table``; True if it changed."""
+def read_updatable(path: str) -> str:
+    """The text of ``path``, which must hold the ``BEGIN`` … ``END`` section :func:`update_doc` rewrites
+    (ValueError otherwise; OSError if it cannot be read)."""
     with open(path, encoding="utf-8") as f:
         text = f.read()
     if BEGIN not in text or END not in text:
-        raise ValueError(f"{path} has no {BEGIN} … {END} section to update")
+        raise ValueError(f"{path!r} has no {BEGIN} … {END} section to update")
+    return text
+
+
+def update_doc(path: str, table: str) -> bool:
+    """Replace the text between ``BEGIN`` and ``END`` in ``path`` with ``table``; True if it changed."""
+    text = read_updatable(path)
     head, rest = text.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
     new = f"{head}{BEGIN}\n{table}\n{END}{tail}"
@@ -580,12 +588,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.update:  # checked before the backbones are built (that takes a while)
         try:
-            with open(args.update, encoding="utf-8") as f:
-                text = f.read()
+            read_updatable(args.update)
         except OSError as exc:
             parser.error(f"argument --update: cannot read {args.update!r}: {exc.strerror}")
-        if BEGIN not in text or END not in text:
-            parser.error(f"argument --update: {args.update!r} has no {BEGIN} … {END} section to rewrite")
+        except ValueError as exc:
+            parser.error(f"argument --update: {exc}")
     rows = parameter_table()
     if args.json:
         print(json.dumps([dataclasses.asdict(r) for r in rows], indent=1, ensure_ascii=False))
