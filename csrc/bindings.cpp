@@ -4,14 +4,23 @@
 #include <sstream>
 
 #include "head_mixing_attention.h"
-#include "head_mixing_gemm.h"
 #include "lowrank_linear.h"
 #include "rescaled_linear.h"
 #include "rescaled_linear_autograd.h"
-#include "rescaled_linear_avx512.h"
+#include "cpu_simd.h"
+#include "rescaled_linear_gemm.h"
 #include "svd_delta_linear.h"
 
 namespace {
+
+const char* isa_name(subspace_ops::simd::Isa isa) {
+  switch (isa) {
+    case subspace_ops::simd::Isa::kAvx512: return "avx512";
+    case subspace_ops::simd::Isa::kAvx2: return "avx2";
+    case subspace_ops::simd::Isa::kNone: break;
+  }
+  return "none";
+}
 
 std::string build_info() {
   std::ostringstream out;
@@ -29,7 +38,8 @@ std::string build_info() {
       << ", no OpenMP (at::parallel_for runs serially)"
 #endif
       << ", torch " << TORCH_VERSION << "; block budget " << (subspace_ops::kMaxBlockBytes >> 10) << " KiB"
-      << "; rescaled_linear float32 AVX-512 GEMM rows: " << subspace_ops::rescaled_avx512::max_rows()
+      << "; float32 kernel loops: " << isa_name(subspace_ops::simd::isa())
+      << "; rescaled_linear float32 own-GEMM rows: " << subspace_ops::rescaled_gemm::max_rows()
       << " (0: ATen's only)\n"
       << at::get_parallel_info();
   return out.str();
@@ -65,27 +75,28 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x_dropped2d"), py::arg("weight"), py::arg("a"), py::arg("g"), py::arg("b"), py::arg("h0"),
         py::arg("scaling"), py::arg("need_x"), py::arg("need_x_dropped"), py::arg("need_weight"), py::arg("need_a"),
         py::arg("need_b"), py::arg("need_g"));
-  m.def("rescaled_linear_avx512_rows", &subspace_ops::rescaled_avx512::max_rows,
-        "The most rows (tokens) float32 rescaled_linear runs on its AVX-512 GEMMs here; 0 without AVX-512.");
+  m.def("rescaled_linear_gemm_rows", &subspace_ops::rescaled_gemm::max_rows,
+        "The most rows (tokens) float32 rescaled_linear runs on its own GEMMs (AVX-512 or AVX2 + FMA) here; "
+        "0 where neither runs (ATen's GEMMs then).");
   m.def(
-      "head_mixing_isa",
+      "cpu_isa",
       [](std::optional<std::string> choice) {
-        namespace gemm = subspace_ops::gemm;
+        namespace simd = subspace_ops::simd;
         if (choice) {
           const std::string& name = *choice;
           TORCH_CHECK(name == "avx512" || name == "avx2" || name == "none" || name == "auto",
                       "isa must be 'avx512', 'avx2', 'none' or 'auto', got '", name, "'");
-          gemm::set_isa(name == "auto" ? std::nullopt
-                                       : std::optional<gemm::Isa>(name == "avx512" ? gemm::Isa::kAvx512
-                                                                  : name == "avx2" ? gemm::Isa::kAvx2
-                                                                                   : gemm::Isa::kNone));
+          simd::set_isa(name == "auto" ? std::nullopt
+                                       : std::optional<simd::Isa>(name == "avx512" ? simd::Isa::kAvx512
+                                                                  : name == "avx2" ? simd::Isa::kAvx2
+                                                                                   : simd::Isa::kNone));
         }
-        const gemm::Isa now = gemm::isa();
-        return std::string(now == gemm::Isa::kAvx512 ? "avx512" : now == gemm::Isa::kAvx2 ? "avx2" : "none");
+        return std::string(isa_name(simd::isa()));
       },
       py::arg("choice") = py::none(),
-      "The vector instruction set of the float32 head-mixing CPU kernel's own loops (GEMMs, exp): 'avx512', "
-      "'avx2' or 'none' (ATen's GEMMs, portable loops). With choice, caps it first ('auto': this CPU's widest; "
-      "never wider than the CPU runs). For tests and benchmarks; not thread-safe against running kernels.");
+      "The vector instruction set of the float32 CPU kernels' own loops (head mixing's GEMMs and exp, "
+      "rescaled_linear's GEMMs): 'avx512', 'avx2' or 'none' (ATen's GEMMs, portable loops). With choice, caps it "
+      "first ('auto': this CPU's widest; never wider than the CPU runs). For tests and benchmarks; not "
+      "thread-safe against running kernels.");
   m.def("build_info", &build_info);
 }

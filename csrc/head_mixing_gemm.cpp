@@ -8,36 +8,22 @@
 // fewer registers.
 #include "head_mixing_gemm.h"
 
-#include "avx512_tile.h"
-
 #include <algorithm>
-#include <atomic>
 #include <limits>
 #include <stdexcept>
 #include <vector>
 
 namespace subspace_ops::gemm {
 
-#if SUBSPACE_OPS_HAVE_AVX512  // x86-64 with GCC/Clang: both instruction sets can be compiled
+#if SUBSPACE_OPS_X86_SIMD  // x86-64 with GCC/Clang: both instruction sets can be compiled
 
 #pragma GCC push_options
 #pragma GCC target("avx512f")
 namespace isa_avx512 {
-struct Simd {
-  using Vec = __m512;
-  static constexpr int64_t kLanes = 16;
+struct Simd : simd::Avx512Ops {
   static constexpr int kScoreKeys1 = 16, kScoreKeys2 = 8;  // 16 accumulators either way
   static constexpr int kAccRows = 6, kAccVectors = 4;      // 64 columns by 6 rows: 24 accumulators
   static constexpr int64_t kAccumulateKeyStep = 64;
-  static inline __attribute__((always_inline)) Vec zero() { return _mm512_setzero_ps(); }
-  static inline __attribute__((always_inline)) Vec set1(float x) { return _mm512_set1_ps(x); }
-  static inline __attribute__((always_inline)) Vec load(const float* p) { return _mm512_loadu_ps(p); }
-  static inline __attribute__((always_inline)) void store(float* p, Vec v) { _mm512_storeu_ps(p, v); }
-  static inline __attribute__((always_inline)) void store_first(float* p, int lanes, Vec v) {
-    _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << lanes) - 1u), v);
-  }
-  static inline __attribute__((always_inline)) Vec fmadd(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
-  static inline __attribute__((always_inline)) Vec max(Vec a, Vec b) { return _mm512_max_ps(a, b); }
 };
 #include "head_mixing_gemm_kernels.inc"
 }  // namespace isa_avx512
@@ -46,49 +32,14 @@ struct Simd {
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace isa_avx2 {
-struct Simd {
-  using Vec = __m256;
-  static constexpr int64_t kLanes = 8;
+struct Simd : simd::Avx2Ops {
   static constexpr int kScoreKeys1 = 12, kScoreKeys2 = 6;  // 12 accumulators of the 16 registers
   static constexpr int kAccRows = 6, kAccVectors = 2;      // 16 columns by 6 rows: 12 accumulators
   static constexpr int64_t kAccumulateKeyStep = 256;
-  static inline __attribute__((always_inline)) Vec zero() { return _mm256_setzero_ps(); }
-  static inline __attribute__((always_inline)) Vec set1(float x) { return _mm256_set1_ps(x); }
-  static inline __attribute__((always_inline)) Vec load(const float* p) { return _mm256_loadu_ps(p); }
-  static inline __attribute__((always_inline)) void store(float* p, Vec v) { _mm256_storeu_ps(p, v); }
-  // A whole vector takes a plain store: AMD's Zen cores run vmaskmovps stores in microcode (~12
-  // cycles where a store takes 1), and the scores store their last vector of rows through here.
-  static inline __attribute__((always_inline)) void store_first(float* p, int lanes, Vec v) {
-    if (lanes == kLanes) return _mm256_storeu_ps(p, v);
-    const __m256i index = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    _mm256_maskstore_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(lanes), index), v);
-  }
-  static inline __attribute__((always_inline)) Vec fmadd(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
-  static inline __attribute__((always_inline)) Vec max(Vec a, Vec b) { return _mm256_max_ps(a, b); }
 };
 #include "head_mixing_gemm_kernels.inc"
 }  // namespace isa_avx2
 #pragma GCC pop_options
-
-namespace {
-
-bool cpu_has_avx2_fma() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
-}
-
-// 0: the widest this CPU runs; else a forced Isa (set_isa), never wider than the CPU runs.
-std::atomic<int> forced_isa{0};
-
-}  // namespace
-
-Isa isa() {
-  const Isa best = avx512::cpu_supported() ? Isa::kAvx512 : (cpu_has_avx2_fma() ? Isa::kAvx2 : Isa::kNone);
-  const int forced = forced_isa.load(std::memory_order_relaxed);
-  return forced == 0 ? best : std::min(best, static_cast<Isa>(forced - 1));
-}
-
-void set_isa(std::optional<Isa> choice) { forced_isa.store(choice ? static_cast<int>(*choice) + 1 : 0); }
 
 bool available(int64_t dim) {
   const Isa current = isa();
@@ -129,8 +80,6 @@ void multiply_add(const float* a, int64_t lda, int64_t keys, const float* b, int
 
 #else  // not x86-64 GCC/Clang: never available, so never called
 
-Isa isa() { return Isa::kNone; }
-void set_isa(std::optional<Isa>) {}
 bool available(int64_t) { return false; }
 void scores_abt(const float*, int64_t, int64_t, const PackedRows&, float*, int64_t, float*) {
   throw std::logic_error("gemm::scores_abt called where gemm::available() is false");

@@ -17,13 +17,15 @@
 #include <optional>
 #include <vector>
 
+#include "cpu_simd.h"
+
 namespace subspace_ops::gemm {
 
-// The instruction set the loops below run with: the widest this CPU has, unless set_isa chose a
-// narrower one (tests run the AVX2 loops on AVX-512 CPUs that way; nullopt restores the default).
-enum class Isa { kNone = 0, kAvx2 = 1, kAvx512 = 2 };
-Isa isa();
-void set_isa(std::optional<Isa> choice);
+// The instruction set the loops below run with (cpu_simd.h): the widest this CPU has, unless
+// set_isa chose a narrower one (tests run the AVX2 loops on AVX-512 CPUs that way).
+using simd::Isa;
+using simd::isa;
+using simd::set_isa;
 
 // Whether the loops below may be called for head size `dim` on this CPU.
 bool available(int64_t dim);

@@ -25,8 +25,8 @@
 // over blocks of K. The backward's blocks of N are shared: one pass over W[blk] and G[blk] reduces
 // G[blk] into the scale gradients and overwrites it with W'[blk] for gx, so W is read once per backward.
 //
-// float32 with at most rescaled_avx512::kMaxRows rows on an AVX-512 CPU skips all of the above: the
-// GEMMs of rescaled_linear_avx512.cpp form W' while packing it and reduce G tile by tile in registers,
+// float32 with at most rescaled_gemm::kMaxRows rows on an AVX-512 or AVX2 + FMA CPU skips all of the
+// above: the GEMMs of rescaled_linear_gemm.cpp form W' while packing it and reduce G tile by tile in registers,
 // so no block of W' or G is ever written (at M = 197, K = N = 768, 2 threads, each kernel runs within
 // 0.95-1.11× of MKL's GEMM for the same product; the ATen-blocked kernels' three calls took 2.79-3.11 ms
 // where three torch.mm took 2.29-2.57; beyond ~512 rows ATen's GEMMs, which block M, win).
@@ -44,7 +44,7 @@
 #include <utility>
 #include <vector>
 
-#include "rescaled_linear_avx512.h"
+#include "rescaled_linear_gemm.h"
 
 // The row loops below are written to auto-vectorize; on x86-64 GCC also emits AVX-512 and AVX2
 // copies and picks one when the library is loaded (the default build flags only allow SSE2).
@@ -230,22 +230,22 @@ bool accumulate_over(int64_t step, int64_t dim, at::ScalarType dtype) {
   return (dtype == at::kFloat || dtype == at::kDouble) && step >= std::min(dim, kMinAccumulateDepth);
 }
 
-// float32 on an AVX-512 CPU with at most rescaled_avx512::kMaxRows rows: the GEMMs of
-// rescaled_linear_avx512.cpp, which form W' while packing it and reduce G while it is in registers,
+// float32 on an AVX-512 or AVX2 + FMA CPU with at most rescaled_gemm::kMaxRows rows: the GEMMs of
+// rescaled_linear_gemm.cpp, which form W' while packing it and reduce G while it is in registers,
 // replace the ATen GEMMs over blocks of W' below.
-bool use_avx512(const at::Tensor& x2d, int64_t n, int64_t k) {
+bool use_own_gemms(const at::Tensor& x2d, int64_t n, int64_t k) {
   const int64_t m = x2d.size(0);
-  return x2d.scalar_type() == at::kFloat && m > 0 && m <= rescaled_avx512::max_rows() && n > 0 && k > 0;
+  return x2d.scalar_type() == at::kFloat && m > 0 && m <= rescaled_gemm::max_rows() && n > 0 && k > 0;
 }
 
-// W' in o's orientation as the AVX-512 kernels take it; a and b_t own the contiguous scales it points to.
-struct Avx512Weight {
+// W' in o's orientation as the own GEMMs take it; a and b_t own the contiguous scales it points to.
+struct GemmWeight {
   at::Tensor a, b_t;
-  rescaled_avx512::ModulatedWeight view;
+  rescaled_gemm::ModulatedWeight view;
 };
 
-Avx512Weight avx512_weight(const Oriented& o, double c) {
-  Avx512Weight out{o.a.contiguous(), o.b.t().contiguous(), {}};
+GemmWeight gemm_weight(const Oriented& o, double c) {
+  GemmWeight out{o.a.contiguous(), o.b.t().contiguous(), {}};
   out.view = {o.w.const_data_ptr<float>(), o.w.stride(0),         o.w.size(0), o.w.size(1),
               out.a.const_data_ptr<float>(), out.b_t.const_data_ptr<float>(), o.a.size(1), static_cast<float>(c)};
   return out;
@@ -281,25 +281,25 @@ void check_inputs(const at::Tensor& x2d, const at::Tensor& weight, const at::Ten
 struct Gradients {
   at::Tensor gx;        // [M, K]
   at::Tensor gw_o;      // [P, Q]
-  at::Tensor a_grad;    // [P, r] accumulator, zeroed (the AVX-512 kernels write it instead)
+  at::Tensor a_grad;    // [P, r] accumulator, zeroed (the own GEMMs write it instead)
   at::Tensor b_grad_t;  // [threads, r, Q] accumulators, zeroed (backward_aten only)
-  at::Tensor b_grad;    // [Q, r] (backward_avx512 only: written whole)
+  at::Tensor b_grad;    // [Q, r] (backward_own_gemms only: written whole)
 };
 
-void backward_avx512(const at::Tensor& grad_y, const at::Tensor& x2d, const Oriented& o, double c,
+void backward_own_gemms(const at::Tensor& grad_y, const at::Tensor& x2d, const Oriented& o, double c,
                      const Gradients& out) {
-  const Avx512Weight w = avx512_weight(o, c);
+  const GemmWeight w = gemm_weight(o, c);
   const at::Tensor x_rows = unit_column_stride(x2d), gy_rows = unit_column_stride(grad_y);
   const int64_t m = x2d.size(0);
   if (out.gx.defined()) {  // gx = gy W': its columns run along K, which is o's P exactly when o is transposed
-    rescaled_avx512::modulated_matmul(gy_rows.const_data_ptr<float>(), gy_rows.stride(0), m, w.view, o.transposed,
+    rescaled_gemm::modulated_matmul(gy_rows.const_data_ptr<float>(), gy_rows.stride(0), m, w.view, o.transposed,
                                       nullptr, out.gx.mutable_data_ptr<float>(), out.gx.stride(0));
   }
   const bool need_scales = out.a_grad.defined(), need_weight = out.gw_o.defined();
   if (need_scales || need_weight) {  // G in o's orientation: gyᵀ x [N, K], or xᵀ gy when o is Wᵀ
     const at::Tensor& ap = o.transposed ? x_rows : gy_rows;
     const at::Tensor& bq = o.transposed ? gy_rows : x_rows;
-    rescaled_avx512::reduce_weight_gradients(
+    rescaled_gemm::reduce_weight_gradients(
         ap.const_data_ptr<float>(), ap.stride(0), bq.const_data_ptr<float>(), bq.stride(0), m, w.view,
         need_scales ? out.a_grad.mutable_data_ptr<float>() : nullptr,
         need_scales ? out.b_grad.mutable_data_ptr<float>() : nullptr,
@@ -384,10 +384,10 @@ at::Tensor rescaled_linear_forward(const at::Tensor& x2d, const at::Tensor& weig
   at::Tensor y = at::empty({m, n}, x2d.options());
   if (k == 0 || n == 0) return has_bias ? y.copy_(bias->expand({m, n})) : y.zero_();
 
-  if (use_avx512(x2d, n, k)) {
-    const Avx512Weight w = avx512_weight(o, c);
+  if (use_own_gemms(x2d, n, k)) {
+    const GemmWeight w = gemm_weight(o, c);
     const at::Tensor x_rows = unit_column_stride(x2d), bias_c = has_bias ? bias->contiguous() : at::Tensor();
-    rescaled_avx512::modulated_matmul(x_rows.const_data_ptr<float>(), x_rows.stride(0), m, w.view, !o.transposed,
+    rescaled_gemm::modulated_matmul(x_rows.const_data_ptr<float>(), x_rows.stride(0), m, w.view, !o.transposed,
                                       has_bias ? bias_c.const_data_ptr<float>() : nullptr, y.mutable_data_ptr<float>(),
                                       n);
     return y;
@@ -445,12 +445,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rescaled_linear_backw
   at::Tensor gx, gw, gs_l, gs_r;
   if (need_x) gx = at::empty_like(x2d, at::MemoryFormat::Contiguous);
   // In o's orientation (o.w is [P, Q]): gw_o [P, Q]; the scale gradients of o's rows a_grad [P, r] and of its
-  // columns, b_grad [Q, r] (AVX-512 kernels) or accumulators b_grad_t [threads, r, Q] summed below (ATen).
+  // columns, b_grad [Q, r] (own GEMMs) or accumulators b_grad_t [threads, r, Q] summed below (ATen).
   Gradients out;
   out.gx = gx;
   if (need_weight) out.gw_o = at::empty(o.w.sizes(), weight.options());
-  const bool avx512 = use_avx512(x2d, n, k);
-  if (need_scales && avx512) {
+  const bool own_gemms = use_own_gemms(x2d, n, k);
+  if (need_scales && own_gemms) {
     out.a_grad = at::empty({o.w.size(0), r}, x2d.options());
     out.b_grad = at::empty({o.w.size(1), r}, x2d.options());
   } else if (need_scales) {
@@ -458,15 +458,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rescaled_linear_backw
     out.a_grad = at::zeros({o.w.size(0), r}, acc_options);
     out.b_grad_t = at::zeros({at::get_num_threads(), r, o.w.size(1)}, acc_options);
   }
-  if (avx512) {
-    backward_avx512(grad_y, x2d, o, c, out);
+  if (own_gemms) {
+    backward_own_gemms(grad_y, x2d, o, c, out);
   } else {
     backward_aten(grad_y, x2d, o, c, out);
   }
   if (need_weight) gw = o.transposed ? out.gw_o.t() : out.gw_o;
   if (need_scales) {
-    const at::Tensor grad_a = avx512 ? out.a_grad : out.a_grad.to(s_l.scalar_type());
-    const at::Tensor grad_b = avx512 ? out.b_grad : out.b_grad_t.sum(0).t().contiguous().to(s_l.scalar_type());
+    const at::Tensor grad_a = own_gemms ? out.a_grad : out.a_grad.to(s_l.scalar_type());
+    const at::Tensor grad_b = own_gemms ? out.b_grad : out.b_grad_t.sum(0).t().contiguous().to(s_l.scalar_type());
     gs_l = o.transposed ? grad_b : grad_a;
     gs_r = o.transposed ? grad_a : grad_b;
   }

@@ -32,6 +32,7 @@ HM = "tests/test_head_mixing_attention.py tests/test_triton_gpu_tiles.py"
 LR = "tests/test_lowrank_linear.py tests/test_triton_gpu_tiles.py"
 COEFF = "tests/test_coeff_layers.py tests/test_gradient_checkpointing.py tests/test_methods.py tests/test_timm_apply.py"
 PA = "tests/test_peft_accelerate.py"
+RLG = "tests/test_rescaled_linear.py -k gemm_tiling"
 PEFT = "python/subspace_ops/peft.py"
 VERIFY = "python/subspace_ops/verify.py"
 
@@ -86,8 +87,8 @@ MUTANTS = [
            "tests/test_svd_delta_linear.py", "dd takes block 0's rows of U for every block of G"),
     Mutant("C5", "csrc/lowrank_linear.cpp", "      ga = p.mul_(g->mul(scaling));", "      ga = p.mul_(scaling);",
            LR + " -k cpu", "dA ignores a diagonal G"),
-    Mutant("C6", "csrc/rescaled_linear_avx512.cpp", "(1u << std::max<int64_t>(count, 0)) - 1u",
-           "(1u << std::max<int64_t>(count - 1, 0)) - 1u",
+    Mutant("C6", "csrc/cpu_simd.h", "static_cast<Mask>((1u << (count > 0 ? count : 0)) - 1u)",
+           "static_cast<Mask>((1u << (count > 1 ? count - 1 : 0)) - 1u)",
            "tests/test_rescaled_linear.py tests/test_ctest.py -k 'cpu or ctest'",
            "AVX-512 tails drop their last lane (AVX-512 CPUs only)", avx512_only=True),
     Mutant("C7", "csrc/head_mixing_gemm_kernels.inc",
@@ -980,6 +981,23 @@ MUTANTS = [
            "tests/test_bench_cli.py -k reproduction_update", "reproduction --update builds every table, then fails"),
     Mutant("P229", "python/subspace_ops/cli.py", "modes=run_modes, warmup=warmup", "modes=list(modes), warmup=warmup",
            "tests/test_bench_cli.py -k e2e_methods", "an e2e run records modes it did not run"),
+    # Session 26: rescaled_linear's own GEMMs on AVX2 + FMA (csrc/rescaled_linear_gemm_kernels.inc, cpu_simd.h)
+    Mutant("C17", "csrc/cpu_simd.h", "return {_mm256_cmpgt_epi32(_mm256_set1_epi32(clamped), index), count >= kLanes};",
+           "return {_mm256_cmpgt_epi32(_mm256_set1_epi32(clamped), index), count >= kLanes - 2};", RLG,
+           "AVX2: 6- and 7-lane tails load and store whole vectors (read past a row, write past a tile)"),
+    Mutant("C18", "csrc/cpu_simd.h", "      r[4 + c] = _mm256_permute2f128_ps(u[c], u[4 + c], 0x31);",
+           "      r[4 + c] = _mm256_permute2f128_ps(u[c], u[4 + c], 0x21);", RLG,
+           "AVX2 8×8 transpose: columns 4-7 take the wrong 128-bit halves (W' packed along P wrong)"),
+    Mutant("C19", "csrc/cpu_simd.h", "    return _mm_cvtss_f32(_mm_add_ss(sum, _mm_movehdup_ps(sum)));",
+           "    return _mm_cvtss_f32(sum);", RLG, "AVX2 horizontal sum drops a lane (ds_l or ds_r wrong)"),
+    Mutant("C20", "csrc/rescaled_linear_gemm_kernels.inc",
+           "            matmul_tile<R>(in + i * ld_in + d0, ld_in, panel, steps, d0 == 0, bias_cols,",
+           "            matmul_tile<R>(in + i * ld_in + d0, ld_in, panel, steps, true, bias_cols,", RLG,
+           "own GEMMs: each packed panel overwrites the output instead of adding to the earlier panels"),
+    Mutant("C21", "csrc/rescaled_linear_gemm_kernels.inc",
+           "          column[v] = Simd::fmadd(a_value, gw_prod, column[v]);",
+           "          column[v] = Simd::fmadd(a_value, g[i][v], column[v]);", RLG,
+           "own GEMMs: b_grad reduced from G instead of G ⊙ W"),
 ]
 
 
@@ -994,10 +1012,10 @@ def _rebuild() -> None:
 
 
 def _cpu_runs_avx512() -> bool:
-    """Whether the built extension takes its AVX-512 float32 path on this CPU."""
+    """Whether the built extension's float32 loops run AVX-512 on this CPU."""
     from subspace_ops.backends import cpu_extension
 
-    return cpu_extension().rescaled_linear_avx512_rows() > 0
+    return cpu_extension().cpu_isa() == "avx512"
 
 
 def check(mutant: Mutant) -> str:

@@ -127,6 +127,25 @@ def fused_backend(request) -> str:
     return request.param
 
 
+@pytest.fixture(params=["avx512", "avx2", "none"])
+def cpu_isa(request):
+    """The cpu backend's float32 kernels with their own loops (head mixing's GEMMs and exp,
+    rescaled_linear's GEMMs; csrc/cpu_simd.h) capped at one instruction set (AVX-512; AVX2 + FMA,
+    which AVX-512 CPUs also run; none: ATen's GEMMs and the portable loops), so that every path this
+    CPU can take is tested whatever its widest is."""
+    require_backend("cpu")
+    from subspace_ops.backends import cpu_extension
+
+    extension = cpu_extension()
+    got = extension.cpu_isa(request.param)
+    try:
+        if got != request.param:
+            pytest.skip(f"this CPU does not run {request.param} (widest: {got})")
+        yield request.param
+    finally:
+        extension.cpu_isa("auto")
+
+
 def papers_sdpa(alphas):
     """F.scaled_dot_product_attention's signature computing Coeff-Tuning's head mixing as 003 eq. 11–12
     write it: every head's softmax map P_g, mixed by I + α, times V_h, i.e. O_h = Σ_g (I + α)[h, g] P_g V_h.

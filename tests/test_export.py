@@ -110,7 +110,7 @@ def test_llama_exports_with_dynamic_batch_and_sequence(name):
     )
     torch.manual_seed(0)
     model = _adapted(transformers.LlamaForCausalLM(config), name, **({"trainable": ()} if name == "rlrr" else {}))
-    # 26 tokens: above the cpu backend's stacked-path bound for RLRR (24 rows without AVX-512, 4 with),
+    # 26 tokens: above the cpu backend's stacked-path bound for RLRR (24 tokens on ATen GEMMs, 4 on its own),
     # so that the example takes the fused op on any CPU and the exported program keeps it.
     ids = torch.randint(3, 50, (2, 13), generator=torch.Generator().manual_seed(0))
     dims = {"input_ids": {0: Dim("batch", min=1, max=16), 1: Dim("seq", min=2, max=60)}}

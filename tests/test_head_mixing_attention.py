@@ -488,24 +488,6 @@ def test_dropout_compiles(fused_backend):
 # ---- The C++ kernel's own loops on each instruction set this CPU runs ----
 
 
-@pytest.fixture(params=["avx512", "avx2", "none"])
-def cpu_isa(request):
-    """The float32 head-mixing kernel with its own GEMM and exp loops capped at one instruction set
-    (AVX-512; AVX2 + FMA, which AVX-512 CPUs also run; none: ATen's GEMMs and the portable loops), so
-    that every path this CPU can take is tested whatever its widest is."""
-    require_backend("cpu")
-    from subspace_ops.backends import cpu_extension
-
-    extension = cpu_extension()
-    got = extension.head_mixing_isa(request.param)
-    try:
-        if got != request.param:
-            pytest.skip(f"this CPU does not run {request.param} (widest: {got})")
-        yield request.param
-    finally:
-        extension.head_mixing_isa("auto")
-
-
 @pytest.mark.parametrize("threads", [2, 3])
 @pytest.mark.parametrize("case", ["gemm-tails-additive", "gemm-causal-d64", "gemm-chunks-d16", "key-chunks-causal"])
 def test_cpu_isa_paths_match_reference(cpu_isa, case, threads):
@@ -535,11 +517,11 @@ def test_cpu_isa_switch_is_reported_and_validated():
     from subspace_ops.backends import cpu_extension
 
     extension = cpu_extension()
-    widest = extension.head_mixing_isa("auto")
+    widest = extension.cpu_isa("auto")
     assert widest in ("avx512", "avx2", "none")
     try:
-        assert extension.head_mixing_isa("none") == "none"
+        assert extension.cpu_isa("none") == "none"
         with pytest.raises(RuntimeError, match="isa must be"):
-            extension.head_mixing_isa("sse")
+            extension.cpu_isa("sse")
     finally:
-        assert extension.head_mixing_isa("auto") == widest
+        assert extension.cpu_isa("auto") == widest

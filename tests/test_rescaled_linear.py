@@ -333,14 +333,15 @@ def test_path_rule_and_errors():
 
 @pytest.mark.parametrize("m", [203, 512, 513])
 @pytest.mark.parametrize("weight_layout", ["rows", "transposed"])
-def test_cpu_float32_gemm_tiling(m, weight_layout):
-    """The cpu backend's float32 GEMMs (csrc/rescaled_linear_avx512.cpp on AVX-512 CPUs, up to 512
-    rows; ATen's beyond) on shapes that cross every tile edge: 203 rows = 33 six-row tiles + 5 and
-    two 128-step chunks of G's reduction; K = 150 (two 128-step chunks), N = 130 (64-column panels
-    + 2); W stored as [N, K] or as a transposed [K, N] (GPT-2's Conv1D). Rank 3, residual, bias, and
-    every gradient, W's included, against the float64 reference."""
-    require_backend("cpu")
-    k, n, rank = 150, 130, 3
+def test_cpu_float32_gemm_tiling(cpu_isa, m, weight_layout):
+    """The cpu backend's float32 GEMMs (csrc/rescaled_linear_gemm_kernels.inc, up to 512 rows, on
+    each instruction set this CPU runs; ATen's beyond, and with cpu_isa "none") on shapes that cross
+    every tile edge: 203 rows = 33 six-row tiles + 5, and two 128-step chunks of G's reduction on
+    AVX-512; K = 1030 = 8·128 + 6 = 1024 + 6 (packed panels of 128 steps on AVX-512, 1024 on AVX2,
+    each with a 6-step tail, so the output accumulates over panels), N = 130 (64- and 16-column
+    panels + 2); W stored as [N, K] or as a transposed [K, N] (GPT-2's Conv1D). Rank 3, residual,
+    bias, and every gradient, W's included, against the float64 reference."""
+    k, n, rank = 1030, 130, 3
     g = torch.Generator().manual_seed(5)
     x64 = torch.randn(m, k, generator=g, dtype=torch.float64)
     w64 = torch.randn(n, k, generator=g, dtype=torch.float64) / k**0.5
@@ -409,7 +410,7 @@ def test_cpu_eager_node_refuses_double_backward():
 def test_separable_path_runs_one_gemm_per_pass():
     """SSB's step on the separable path: one GEMM forward, one backward (no G = gyᵀ x, no W pass),
     counted with the profiler, against three ATen GEMMs for the modulated kernels' G-based scale
-    gradients (in float64: in float32 on an AVX-512 CPU those run GEMMs of their own, not ATen's)."""
+    gradients (in float64: in float32 on AVX2/AVX-512 CPUs those run GEMMs of their own, not ATen's)."""
     from torch.profiler import ProfilerActivity, profile
 
     require_backend("cpu")

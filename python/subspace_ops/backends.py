@@ -64,9 +64,9 @@ def _cpu_extension() -> tuple[Optional[object], str]:
             f"the C++ extension subspace_ops._C is not built ({exc}); reinstall with "
             "`pip install --no-build-isolation .` and a C++ compiler"
         )
-    # Which GEMMs float32 rescaled_linear runs depends on the CPU (csrc/rescaled_linear_avx512.h): say so.
-    rows = module.rescaled_linear_avx512_rows()
-    gemms = f"AVX-512 kernels up to {rows} rows, ATen beyond" if rows else "ATen (no AVX-512 on this CPU)"
+    # Which loops the float32 kernels run depends on the CPU (csrc/cpu_simd.h): say so.
+    isa, rows = module.cpu_isa(), module.rescaled_linear_gemm_rows()
+    gemms = f"own {isa} GEMMs up to {rows} rows, ATen beyond" if rows else "ATen (no AVX2 + FMA on this CPU)"
     return module, f"C++ extension subspace_ops._C (rescaled_linear float32 GEMMs: {gemms})"
 
 

@@ -15,8 +15,8 @@ Three paths (``path=``; :func:`choose_path` picks one when None, and the layers 
 
 - ``"modulated"``: the fused kernels above, for any c and rank r. A training step costs the three
   GEMMs of full fine-tuning (the scale gradients need G) plus passes over W. On the ``cpu`` backend,
-  float32 with up to 512 tokens on an AVX-512 CPU runs GEMMs of its own
-  (``csrc/rescaled_linear_avx512.cpp``) that form W' while packing it and reduce G while it is in
+  float32 with up to 512 tokens on an AVX-512 or AVX2 + FMA CPU runs GEMMs of its own
+  (``csrc/rescaled_linear_gemm_kernels.inc``) that form W' while packing it and reduce G while it is in
   registers, so those passes vanish; otherwise (float64, 16-bit, more tokens, other CPUs) ATen's GEMMs
   over blocks of W'. ``subspace_ops.backend_report()`` says which this CPU runs.
 - ``"separable"`` (the default without the residual, at rank 1, in float32/float64: SSB, SSL, (IA)³
@@ -27,7 +27,7 @@ Three paths (``path=``; :func:`choose_path` picks one when None, and the layers 
   two GEMMs per step instead of three, and no G. Autograd saves z [.., N] when s_l is trained (as
   PEFT's (IA)³ saves its base layer's output) instead of nothing N-sized.
 - ``"stacked"`` (the default of the ``cpu`` backend for a few tokens, M·(c + r) ≤ 8 in float32
-  where the AVX-512 GEMMs run, ≤ 48 otherwise, in float32/float64: decoding, tiny batches):
+  where the own GEMMs run, ≤ 48 otherwise, in float32/float64: decoding, tiny batches):
   W' = c·W + Σ_j diag(s_l[:, j]) W diag(s_r[:, j]), so the c + r input blocks
   [c·x; x ⊙ s_r[:, 1]; …] go through one GEMM with the frozen W, whose output blocks are scaled by
   s_l and summed; the backward is one more GEMM of the stacked [c·gy; gy ⊙ s_l[:, 1]; …] with W.
@@ -36,10 +36,12 @@ Three paths (``path=``; :func:`choose_path` picks one when None, and the layers 
   twice). Measured fwd+bwd on 2 CPU threads at K = N = 768 (``subspace-ops bench rescaled-linear
   --shape M,768,768`` has both rows): against the ATen-based modulated kernels, RLRR rank 1
   1.35-1.45× faster at M = 1-4, 1.1× at M = 16, even at M = 32, slower beyond; rank 3 (timm's
-  fused qkv) 1.3-1.45× faster at M = 1-4, even at M = 12. Against the AVX-512 float32 GEMMs,
+  fused qkv) 1.3-1.45× faster at M = 1-4, even at M = 12. Against the own float32 GEMMs (AVX-512),
   rank 1: 1.1-1.25× faster at M = 1-4, 1.2-1.4× slower at M = 8-24; since those run under a C++
   autograd node (2026-12-01) the two paths take the same time at M = 1-4 (0.95-1.05×, two runs),
-  so the bound of 8 rows is kept for its smaller reads of W. On a GPU the Triton kernels
+  so the bound of 8 rows is kept for its smaller reads of W. With the AVX2 build of those GEMMs
+  (AMD EPYC Zen 3, 2026-12-03) the two also tie at M = 1 and 4 (1.39 vs 1.38 ms, 1.39 vs 1.29 ms
+  fwd+bwd), so the same bound holds there. On a GPU the Triton kernels
   already read W once, so the rule keeps them there. Autograd saves the stacked GEMM output
   [(c + r)·M, N] when s_l is trained.
 
@@ -72,34 +74,34 @@ PATHS = ("modulated", "separable", "stacked")
 
 # The stacked path is the cpu backend's default while M·(c + r) ≤ this many stacked rows (see the
 # module docstring for the measurements behind it): against the modulated kernels on ATen GEMMs
-# (float64, or CPUs without AVX-512), and against the AVX-512 float32 GEMMs, which pack W' as they go.
+# (float64, or CPUs without AVX2), and against the own float32 GEMMs (AVX-512 or AVX2), which pack W' as they go.
 CPU_STACKED_MAX_ROWS = 48
-CPU_STACKED_MAX_ROWS_AVX512 = 8
+CPU_STACKED_MAX_ROWS_OWN_GEMMS = 8
 
 
 @functools.lru_cache(maxsize=None)
-def _cpu_avx512_rows() -> int:
+def _cpu_own_gemm_rows() -> int:
     """The extension's answer, asked once: choose_path runs on every call."""
     from ..backends import BackendUnavailableError, cpu_extension
 
     try:
-        return cpu_extension().rescaled_linear_avx512_rows()
+        return cpu_extension().rescaled_linear_gemm_rows()
     except BackendUnavailableError:
         return 0
 
 
 # A property of the machine: Dynamo runs it eagerly and keeps the answer as a constant.
 @torch.compiler.assume_constant_result
-def _cpu_float32_gemms_are_avx512() -> bool:
-    return _cpu_avx512_rows() > 0
+def _cpu_float32_gemms_are_own() -> bool:
+    return _cpu_own_gemm_rows() > 0
 
 
 def cpu_stacked_max_tokens(residual: bool, rank: int, dtype: torch.dtype = torch.float32) -> int:
     """The most tokens M for which the cpu backend stacks by default: M·(c + r) ≤ the stacked-row
-    bound for ``dtype`` on this CPU (CPU_STACKED_MAX_ROWS_AVX512 for float32 where the AVX-512 GEMMs
+    bound for ``dtype`` on this CPU (CPU_STACKED_MAX_ROWS_OWN_GEMMS for float32 where the own GEMMs
     run, else CPU_STACKED_MAX_ROWS)."""
-    avx512 = dtype == torch.float32 and _cpu_float32_gemms_are_avx512()
-    return (CPU_STACKED_MAX_ROWS_AVX512 if avx512 else CPU_STACKED_MAX_ROWS) // (rank + int(residual))
+    own_gemms = dtype == torch.float32 and _cpu_float32_gemms_are_own()
+    return (CPU_STACKED_MAX_ROWS_OWN_GEMMS if own_gemms else CPU_STACKED_MAX_ROWS) // (rank + int(residual))
 
 
 def choose_path(residual: bool, rank: int, dtype: torch.dtype = torch.float32, tokens: Optional[int] = None,

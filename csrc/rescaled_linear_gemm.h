@@ -1,19 +1,20 @@
-// Rescaled linear's float32 GEMMs on AVX-512 CPUs, with W' = W ⊙ (c + S_l S_rᵀ) formed while a GEMM
-// packs its weight operand and the scale gradients reduced from G = gyᵀ x while G is still in registers.
-// Called by rescaled_linear.cpp for float32 inputs of up to kMaxRows rows, where it replaces the ATen
-// GEMMs over blocks of W' (see rescaled_linear_avx512.cpp for why and for the measurements).
+// Rescaled linear's float32 GEMMs of its own (AVX-512 or AVX2 + FMA), with W' = W ⊙ (c + S_l S_rᵀ)
+// formed while a GEMM packs its weight operand and the scale gradients reduced from G = gyᵀ x while G
+// is still in registers. Called by rescaled_linear.cpp for float32 inputs of up to max_rows() rows,
+// where they replace the ATen GEMMs over blocks of W' (see rescaled_linear_gemm.cpp for why and for
+// the measurements).
 #pragma once
 
 #include <cstdint>
 
-namespace subspace_ops::rescaled_avx512 {
+namespace subspace_ops::rescaled_gemm {
 
 // Above this many rows (tokens) the ATen GEMMs over blocks of W' are used instead: there the passes
-// over W are a small part of a step, and the hand-written GEMM does not block the M dimension.
+// over W are a small part of a step, and these GEMMs do not block the M dimension.
 constexpr int64_t kMaxRows = 512;
 
-// The most rows these kernels take on this CPU: kMaxRows where avx512::cpu_supported() (the one
-// AVX-512 check of the extension, avx512_tile.h), else 0 (then they must not be called).
+// The most rows these kernels take on this CPU: kMaxRows where simd::isa() (cpu_simd.h) is AVX-512 or
+// AVX2 + FMA, else 0 (then they must not be called).
 int64_t max_rows();
 
 // W' in W's stored orientation: w [P, Q] (row stride ld_w, unit stride along Q), and
@@ -39,8 +40,8 @@ void modulated_matmul(const float* in, int64_t ld_in, int64_t m, const Modulated
 //   b_grad[q, j] = Σ_p (G ⊙ w)[p, q] · a[p, j]           ([Q, rank], contiguous)
 //   gw[p, q]     = G[p, q] · (c + Σ_j a[p, j] b_t[j, q])   (row stride ld_gw)
 // a_grad and b_grad (both or neither) and gw may be null. The sums run in a fixed order (no atomics),
-// so the result is the same every run for a given thread count.
+// so the result is the same every run for a given thread count and instruction set.
 void reduce_weight_gradients(const float* ap, int64_t ld_ap, const float* bq, int64_t ld_bq, int64_t m,
                              const ModulatedWeight& w, float* a_grad, float* b_grad, float* gw, int64_t ld_gw);
 
-}  // namespace subspace_ops::rescaled_avx512
+}  // namespace subspace_ops::rescaled_gemm
