@@ -17,6 +17,7 @@ holds them) are reported as warnings: they cost speed, not correctness.
     python scripts/triton_aot_check.py                 # sm_90 (H100/H200), every dtype and config
     python scripts/triton_aot_check.py --quick         # one config per launch, bfloat16 and float64
     python scripts/triton_aot_check.py --arch 80 --json out.json
+    python scripts/triton_aot_check.py --quick --shard 0/2 & python scripts/triton_aot_check.py --quick --shard 1/2
 
 How it works: Triton's active driver is replaced by one that only names the target (no device is
 opened), ``JITFunction.run`` compiles and returns instead of launching, and ``Autotuner.run``
@@ -224,7 +225,15 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--only", metavar="TEXT", help="only the cases whose name contains TEXT")
     parser.add_argument("--quick", action="store_true", help="one config per launch and fewer attention shapes")
     parser.add_argument("--json", metavar="PATH", help="write every compiled kernel's record here")
+    parser.add_argument("--shard", metavar="I/N", default="0/1",
+                        help="only every N-th case from the I-th (0-based): N processes compile in parallel")
     args = parser.parse_args(argv)
+    try:
+        shard, shards = (int(part) for part in args.shard.split("/"))
+        if not 0 <= shard < shards:
+            raise ValueError
+    except ValueError:
+        parser.error(f"--shard must be I/N with 0 <= I < N, got {args.shard!r}")
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("unset TRITON_INTERPRET: it replaces the kernels by interpreted ones, which do not compile")
 
@@ -247,7 +256,7 @@ def main(argv: Optional[list] = None) -> int:
     limit = SHARED_LIMIT.get(args.arch)
     print(f"Triton AOT compile for sm_{args.arch} (shared memory limit "
           f"{limit if limit else 'unknown'} bytes): {', '.join(precisions)}")
-    for case, call, launches in _cases(precisions, args.quick):
+    for case, call, launches in _cases(precisions, args.quick)[shard::shards]:
         if args.only and args.only not in case:
             continue
         state["case"] = case
