@@ -983,8 +983,8 @@ MUTANTS = [
            "tests/test_bench_cli.py -k e2e_methods", "an e2e run records modes it did not run"),
     # Session 26: rescaled_linear's own GEMMs on AVX2 + FMA (csrc/rescaled_linear_gemm_kernels.inc, cpu_simd.h)
     Mutant("C17", "csrc/cpu_simd.h", "return {_mm256_cmpgt_epi32(_mm256_set1_epi32(clamped), index), count >= kLanes};",
-           "return {_mm256_cmpgt_epi32(_mm256_set1_epi32(clamped), index), count >= kLanes - 2};", RLG,
-           "AVX2: 6- and 7-lane tails load and store whole vectors (read past a row, write past a tile)"),
+           "return {_mm256_cmpgt_epi32(_mm256_set1_epi32(clamped - 1), index), count >= kLanes};", RLG,
+           "AVX2 tails drop their last lane"),
     Mutant("C18", "csrc/cpu_simd.h", "      r[4 + c] = _mm256_permute2f128_ps(u[c], u[4 + c], 0x31);",
            "      r[4 + c] = _mm256_permute2f128_ps(u[c], u[4 + c], 0x21);", RLG,
            "AVX2 8×8 transpose: columns 4-7 take the wrong 128-bit halves (W' packed along P wrong)"),
