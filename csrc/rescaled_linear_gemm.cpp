@@ -20,11 +20,12 @@
 // Measured warm against MKL's GEMMs for the same shapes (torch.mm, M = 197, K = N = 768, 2 threads,
 // interleaved). AVX-512 (Intel Xeon VM): forward 0.95-0.98×, gx 1.05-1.07×, scale gradients
 // 1.07-1.11× of MKL's dW GEMM (which writes dW; these write nothing weight-sized). AVX2 (AMD EPYC
-// Zen 3 VM, 2026-12-03): forward 0.79-0.96× torch.addmm, backward (gx and the scale gradients)
-// 0.88-1.06× MKL's two GEMMs, where the ATen-blocked kernels took 1.06-1.50× and 1.01-1.19×.
-// The AVX2 panel depth was chosen there from 128, 256, 512, 768 and 1024 steps: the forward's ratio to
-// torch.addmm went 1.04, 1.01-1.12, 0.94-0.96, 0.90-0.96, 0.79-0.89 (one build per depth, so noisy;
-// not profiled further). A 1024-step panel is 64 KB, in L2; K ≤ 1024 is then one panel deep.
+// Zen 3 VM, 2026-12-03, best of 9 rounds): forward 0.99× torch.addmm, backward (gx and the scale
+// gradients) 1.05× MKL's two GEMMs, where the ATen-blocked kernels took 1.14× and 1.08×. The AVX2
+// panel depth was chosen there from 128, 256, 512, 768 and 1024 steps: the forward's ratio to
+// torch.addmm fell with depth, 1.04 at 128 to 0.79-0.89 at 1024 (one build per depth in a noisy
+// hour, so only the trend is solid; not profiled further). A 1024-step panel is 64 KB, in L2, and
+// K ≤ 1024 is one panel deep.
 #include "rescaled_linear_gemm.h"
 
 #include "cpu_simd.h"

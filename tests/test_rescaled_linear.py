@@ -331,16 +331,18 @@ def test_path_rule_and_errors():
         subspace_ops.rescaled_linear(x, weight, s_l[:, 0], s_r[:, 0], residual=True, path="separable")
 
 
+@pytest.mark.parametrize("threads", [2, 3])
 @pytest.mark.parametrize("m", [203, 512, 513])
 @pytest.mark.parametrize("weight_layout", ["rows", "transposed"])
-def test_cpu_float32_gemm_tiling(cpu_isa, m, weight_layout):
+def test_cpu_float32_gemm_tiling(cpu_isa, m, weight_layout, threads):
     """The cpu backend's float32 GEMMs (csrc/rescaled_linear_gemm_kernels.inc, up to 512 rows, on
     each instruction set this CPU runs; ATen's beyond, and with cpu_isa "none") on shapes that cross
     every tile edge: 203 rows = 33 six-row tiles + 5, and two 128-step chunks of G's reduction on
     AVX-512; K = 1030 = 8·128 + 6 = 1024 + 6 (packed panels of 128 steps on AVX-512, 1024 on AVX2,
     each with a 6-step tail, so the output accumulates over panels), N = 130 (64- and 16-column
     panels + 2); W stored as [N, K] or as a transposed [K, N] (GPT-2's Conv1D). Rank 3, residual,
-    bias, and every gradient, W's included, against the float64 reference."""
+    bias, and every gradient, W's included, against the float64 reference. At 2 and 3 threads: the
+    threads split the output's panels, and G's rows into one run of whole tiles per thread."""
     k, n, rank = 1030, 130, 3
     g = torch.Generator().manual_seed(5)
     x64 = torch.randn(m, k, generator=g, dtype=torch.float64)
@@ -360,7 +362,13 @@ def test_cpu_float32_gemm_tiling(cpu_isa, m, weight_layout):
         return [y, *torch.autograd.grad(y, leaves, gy64.to(dtype))]
 
     names = ["y", "dx", "ds_l", "ds_r", "dbias", "dweight"]
-    for name, got, truth, ref32 in zip(names, grads(torch.float32, "cpu"), grads(torch.float64, "reference"),
+    saved_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got_cpu = grads(torch.float32, "cpu")
+    finally:
+        torch.set_num_threads(saved_threads)
+    for name, got, truth, ref32 in zip(names, got_cpu, grads(torch.float64, "reference"),
                                        grads(torch.float32, "reference")):
         check_close(f"m{m}/{weight_layout}/{name}", got, truth, ref32)
 
