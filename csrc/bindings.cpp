@@ -1,23 +1,30 @@
 // Python bindings of the C++ CPU kernels: the module subspace_ops._C.
 #include <torch/extension.h>
 
+#include <algorithm>
+#include <iterator>
 #include <sstream>
+#include <utility>
 
+#include "cpu_simd.h"
 #include "head_mixing_attention.h"
 #include "lowrank_linear.h"
 #include "rescaled_linear.h"
 #include "rescaled_linear_autograd.h"
-#include "cpu_simd.h"
 #include "rescaled_linear_gemm.h"
 #include "svd_delta_linear.h"
 
 namespace {
 
-const char* isa_name(subspace_ops::simd::Isa isa) {
-  switch (isa) {
-    case subspace_ops::simd::Isa::kAvx512: return "avx512";
-    case subspace_ops::simd::Isa::kAvx2: return "avx2";
-    case subspace_ops::simd::Isa::kNone: break;
+namespace simd = subspace_ops::simd;
+
+// The names cpu_isa() takes and returns, one per simd::Isa.
+constexpr std::pair<const char*, simd::Isa> kIsaNames[] = {
+    {"avx512", simd::Isa::kAvx512}, {"avx2", simd::Isa::kAvx2}, {"none", simd::Isa::kNone}};
+
+const char* isa_name(simd::Isa isa) {
+  for (const auto& [name, value] : kIsaNames) {
+    if (value == isa) return name;
   }
   return "none";
 }
@@ -38,7 +45,7 @@ std::string build_info() {
       << ", no OpenMP (at::parallel_for runs serially)"
 #endif
       << ", torch " << TORCH_VERSION << "; block budget " << (subspace_ops::kMaxBlockBytes >> 10) << " KiB"
-      << "; float32 kernel loops: " << isa_name(subspace_ops::simd::isa())
+      << "; float32 kernel loops: " << isa_name(simd::isa())
       << "; rescaled_linear float32 own-GEMM rows: " << subspace_ops::rescaled_gemm::max_rows()
       << " (0: ATen's only)\n"
       << at::get_parallel_info();
@@ -81,15 +88,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "cpu_isa",
       [](std::optional<std::string> choice) {
-        namespace simd = subspace_ops::simd;
-        if (choice) {
-          const std::string& name = *choice;
-          TORCH_CHECK(name == "avx512" || name == "avx2" || name == "none" || name == "auto",
-                      "isa must be 'avx512', 'avx2', 'none' or 'auto', got '", name, "'");
-          simd::set_isa(name == "auto" ? std::nullopt
-                                       : std::optional<simd::Isa>(name == "avx512" ? simd::Isa::kAvx512
-                                                                  : name == "avx2" ? simd::Isa::kAvx2
-                                                                                   : simd::Isa::kNone));
+        if (choice == "auto") {
+          simd::set_isa(std::nullopt);
+        } else if (choice) {
+          const auto named = std::find_if(std::begin(kIsaNames), std::end(kIsaNames),
+                                          [&](const auto& entry) { return *choice == entry.first; });
+          TORCH_CHECK(named != std::end(kIsaNames), "isa must be 'avx512', 'avx2', 'none' or 'auto', got '", *choice,
+                      "'");
+          simd::set_isa(named->second);
         }
         return std::string(isa_name(simd::isa()));
       },
