@@ -5,6 +5,7 @@ chosen when triton is imported (importing subspace_ops imports it through torch.
 variable is set here, before anything else is imported.
 """
 
+import contextlib
 import hashlib
 import os
 import tempfile
@@ -46,6 +47,18 @@ def require_backend(backend: str) -> None:
     if backend in allowed:
         pytest.skip(f"backend {backend!r} unavailable: {status.reason}")
     pytest.fail(f"backend {backend!r} unavailable: {status.reason} (set SUBSPACE_OPS_ALLOW_MISSING={backend} to skip)")
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int):
+    """Runs the block with torch (and the C++ kernels' at::parallel_for) on `threads` threads, then
+    restores the count: the kernels split their work differently by thread count."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
 
 
 def move_off_init(model: torch.nn.Module) -> torch.nn.Module:

@@ -10,7 +10,7 @@ import subspace_ops
 from subspace_ops.ops.head_mixing_attention import additive_mask
 from subspace_ops.testing import check_close
 
-from conftest import ON_INTERPRETER, backend_device, require_backend
+from conftest import ON_INTERPRETER, backend_device, require_backend, torch_threads
 
 # name -> (B, H, Nq, Nk, d, is_causal, mask kind). Odd sizes, H = 1, 4, 6, 8, 12, 16 and 20, d not a
 # power of two, cross attention (Nq != Nk) both ways, causal with Nq != Nk (top-left triangle).
@@ -244,15 +244,11 @@ def assert_float64_tight(case, ours, truth):
 @pytest.mark.parametrize("case", sorted(CPU_PATH_CASES))
 def test_cpu_kernel_paths_match_reference(case, threads):
     require_backend("cpu")
-    saved_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         grad_out, truth = float64_truth(case, "cpu", CPU_PATH_CASES)
         ours64 = run(case, make_inputs(case, torch.float64, "cpu", CPU_PATH_CASES), "cpu", grad_out, CPU_PATH_CASES)
         assert_float64_tight(case, ours64, truth)
         check_dtype_against_truth(case, case, "cpu", torch.float32, "cpu", grad_out, truth, CPU_PATH_CASES)
-    finally:
-        torch.set_num_threads(saved_threads)
 
 
 @pytest.mark.parametrize("case", ["four-heads-d80", "six-heads-padding", "eight-heads", "twelve-heads",
@@ -403,15 +399,11 @@ def test_cpu_kernel_paths_with_dropout(case, threads):
     """The C++ kernel's other paths (several key chunks, two-pass forward, the two-phase backward at
     3 threads) regenerate the same mask as the reference."""
     require_backend("cpu")
-    saved_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         grad_out, truth = float64_truth(case, "cpu", CPU_PATH_CASES, dropout_p=0.25)
         ours64 = run(case, make_inputs(case, torch.float64, "cpu", CPU_PATH_CASES), "cpu", grad_out, CPU_PATH_CASES,
                      dropout_p=0.25)
         assert_float64_tight(case, ours64, truth)
-    finally:
-        torch.set_num_threads(saved_threads)
 
 
 @pytest.mark.parametrize("case", ["vit-like", "causal", "key-padding"])
@@ -495,12 +487,8 @@ def test_cpu_isa_paths_match_reference(cpu_isa, case, threads):
     from registers, tails of rows and keys, the accumulation's column blocks, exp, and the backward's
     products (T, dQ, dK, dV) on each ISA; 2 threads share dK/dV through a private copy (or own whole
     batches), 3 threads take the two-phase backward (query blocks, then key blocks)."""
-    saved_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         _check_isa_case(cpu_isa, case)
-    finally:
-        torch.set_num_threads(saved_threads)
 
 
 def _check_isa_case(cpu_isa, case):

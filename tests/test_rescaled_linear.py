@@ -15,7 +15,7 @@ from subspace_ops.backends import BackendUnavailableError, resolve_backend
 from subspace_ops.ops.rescaled_linear import CPU_STACKED_MAX_ROWS, choose_path, cpu_stacked_max_tokens
 from subspace_ops.testing import check_close
 
-from conftest import ON_INTERPRETER, backend_device, require_backend, strided
+from conftest import ON_INTERPRETER, backend_device, require_backend, strided, torch_threads
 
 # Each case: M tokens, K in, N out, rank r, and which features are on. K, N are not multiples of
 # any tile size; M covers decode (1), tiny (7) and a ViT sequence (197).
@@ -362,12 +362,8 @@ def test_cpu_float32_gemm_tiling(cpu_isa, m, weight_layout, threads):
         return [y, *torch.autograd.grad(y, leaves, gy64.to(dtype))]
 
     names = ["y", "dx", "ds_l", "ds_r", "dbias", "dweight"]
-    saved_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         got_cpu = grads(torch.float32, "cpu")
-    finally:
-        torch.set_num_threads(saved_threads)
     for name, got, truth, ref32 in zip(names, got_cpu, grads(torch.float64, "reference"),
                                        grads(torch.float32, "reference")):
         check_close(f"m{m}/{weight_layout}/{name}", got, truth, ref32)
