@@ -506,9 +506,7 @@ MUTANTS = [
            'tests/test_bench_cli.py -k reports_the_env_override',
            "`subspace-ops backends` ignores SUBSPACE_OPS_BACKEND (no override lines: the table's default looks in use)"),
     Mutant('P132', 'python/subspace_ops/bench/cases.py',
-           '        taken = "" if chosen == "reference" else f" {path or choose_path(residual, 1, dtype, shape[0], ch'
-           'osen)}"',
-           '        taken = f" {path or choose_path(residual, 1, dtype, shape[0], chosen)}"',
+           '            if chosen == "reference":\n                return chosen\n', '',
            'tests/test_bench_cli.py -k name_no_path',
            'bench rows of rescaled/scaled-linear on the reference backend carry a path label (modulated/stacked) it d'
            'oes not take'),
@@ -998,6 +996,21 @@ MUTANTS = [
            "          column[v] = Simd::fmadd(a_value, gw_prod, column[v]);",
            "          column[v] = Simd::fmadd(a_value, g[i][v], column[v]);", RLG,
            "own GEMMs: b_grad reduced from G instead of G ⊙ W"),
+    # Session 27: SSB/SSL/(IA)³ calls without a gradient (rescaled_linear's choose_path needs_grad)
+    Mutant("P230", "python/subspace_ops/ops/rescaled_linear.py",
+           "        if not needs_grad and _forward_only_modulates(dtype, tokens, backend):",
+           "        if False:", RL + " -k 'path_rule or without_gradient'",
+           "evaluation of SSB on the own float32 GEMMs keeps the slower separable path"),
+    Mutant("P231", "python/subspace_ops/ops/rescaled_linear.py",
+           "        return (z * s_l1 if bias is None else torch.addcmul(bias, z, s_l1)), z",
+           "        return (z.mul_(s_l1) if bias is None else torch.addcmul(bias, z, s_l1, out=z)), z",
+           RL + " -k 'matches_float64 and (ssb or ia3)'", "separable path: y written over the z that ds_l needs"),
+    Mutant("P232", "python/subspace_ops/ops/rescaled_linear.py",
+           "    return torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in tensors)",
+           "    return torch.is_grad_enabled()", RL + " -k without_gradient",
+           "a call on frozen tensors counted as needing a gradient"),
+    Mutant("P233", "python/subspace_ops/bench/cases.py", "chosen, mode != 'inference')}", "chosen)}",
+           "tests/test_bench_cli.py -k path_of_their_mode", "scaled-linear inference rows name the training path"),
 ]
 
 

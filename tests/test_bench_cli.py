@@ -18,6 +18,8 @@ from subspace_ops.bench.harness import Case, Variant, VariantSkipped, Workload, 
 from subspace_ops.cli import main
 from subspace_ops.ops.rescaled_linear import choose_path
 
+from conftest import require_backend
+
 TINY = ["--shape", "8,16,24", "--repeats", "2", "--warmup", "1", "--device", "cpu"]
 VARIANTS = {"subspace_ops", "subspace_ops modulated", "naive", "naive+compile", "frozen F.linear", "full FT", "peft LoRA r=8"}
 MODES = ("forward", "fwd+bwd")
@@ -232,8 +234,22 @@ def test_reference_backend_rows_name_no_path(case_name, shape, expected, how, mo
         monkeypatch.setenv("SUBSPACE_OPS_BACKEND", "reference")
         backend = None
     ours = {v.name: v for v in CASES[case_name].make_variants(backend) if v.name.startswith("subspace_ops")}
-    labels = {name: v.setup(shape, torch.float32, torch.device("cpu")).backend for name, v in ours.items()}
-    assert labels == expected
+    for mode in ("forward", "inference"):
+        labels = {name: v.setup(shape, torch.float32, torch.device("cpu")).label(mode) for name, v in ours.items()}
+        assert labels == expected
+
+
+def test_scaled_linear_rows_name_the_path_of_their_mode():
+    """SSB's path depends on whether the call records a gradient (choose_path's needs_grad): the
+    inference rows (no_grad) and the training rows each name the path that ran in that mode."""
+    from subspace_ops.backends import cpu_extension
+
+    require_backend("cpu")
+    own_gemms = cpu_extension().rescaled_linear_gemm_rows() > 0
+    ours = next(v for v in CASES["scaled-linear"].make_variants("cpu") if v.name == "subspace_ops")
+    workload = ours.setup((197, 16, 16), torch.float32, torch.device("cpu"))
+    assert workload.label("inference") == ("cpu modulated" if own_gemms else "cpu separable")
+    assert workload.label("forward") == workload.label("fwd+bwd") == "cpu separable"
 
 
 def test_methods_error_names_every_case_that_takes_methods(monkeypatch, capsys):

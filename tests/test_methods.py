@@ -30,7 +30,9 @@ ALL = methods.list_methods()
 # inits), so the output moves at attach; they are checked against the reference formulas instead.
 NOT_ZERO_INIT = {"rlrr", "ssf"}
 # Zero-init, but the adapted path is a different computation (a kernel, or m/‖W‖ rounding): equal to rounding.
-CLOSE_AT_INIT = {"coeff", "dora"}
+# ssb, ssl, ia3: evaluated without gradients beyond 8 tokens on the cpu backend's own float32 GEMMs, they
+# take the modulated kernels (a GEMM of their own where the pretrained layer runs MKL's; choose_path).
+CLOSE_AT_INIT = {"coeff", "dora", "ssb", "ssl", "ia3"}
 NOT_MERGEABLE = {"pa", "adapter"}
 # Linear methods checked on RoBERTa as well (coeff is an attention method, covered in test_coeff_layers).
 LINEAR_METHODS = [n for n in ALL if n != "coeff"]
@@ -308,7 +310,9 @@ def test_scaled_methods_on_a_fused_qkv_split_or_shared(name):
     with torch.no_grad():
         q = torch.nn.functional.linear(h, layer.weight[:d], layer.bias[:d])
         out = layer(h)
-    torch.testing.assert_close(out[..., :d], q, rtol=0, atol=0)  # q untouched
+    # q untouched: W's rows as they are (equal to the rounding of a different GEMM where the call,
+    # made without gradients, takes the modulated kernels; see CLOSE_AT_INIT)
+    torch.testing.assert_close(out[..., :d], q)
     assert not torch.allclose(out[..., d:], torch.nn.functional.linear(h, layer.weight[d:], layer.bias[d:]))
     with pytest.raises(ValueError, match="fused_qkv must be one of"):
         methods.get_config(name, fused_qkv="maybe")

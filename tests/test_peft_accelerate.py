@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from subspace_ops.ops.rescaled_linear import choose_path
 from subspace_ops.testing import check_close
 
 from conftest import backend_device
@@ -537,14 +538,22 @@ def test_accelerated_model_compiles_to_the_fused_ops(config):
         return gm.forward
 
     compiled = torch.compile(model, backend=capture, fullgraph=True)
-    x = X()
+    x = X()  # 12 tokens
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), reference(x))
     assert len(graphs) == 1
-    if config == "ia3":  # float32 (IA)³ takes rescaled_linear's separable path: torch ops, no fused op
-        assert graphs[0].count("subspace_ops.rescaled_linear") == 0 and graphs[0].count("matmul") == 3
-    else:
+    if config == "lora":
         assert graphs[0].count("subspace_ops.lowrank_linear") == 3
+        return
+    # float32 (IA)³ with a gradient takes rescaled_linear's separable path (torch ops, no fused op);
+    # without one, the fused op where choose_path says so (the own float32 GEMMs beyond 8 tokens).
+    modulated = choose_path(False, 1, torch.float32, tokens=12, backend="cpu", needs_grad=False) == "modulated"
+    assert graphs[0].count("subspace_ops.rescaled_linear") == (3 if modulated else 0)
+    assert graphs[0].count("matmul") == (0 if modulated else 3)
+    torch.testing.assert_close(compiled(x), reference(x))  # grad mode on: Dynamo traces again
+    assert len(graphs) == 2  # the separable path's autograd.Function, traced whole (its matmuls inside)
+    assert graphs[1].count("subspace_ops.rescaled_linear") == 0
+    assert graphs[1].count("= call_function[target=torch.ops.higher_order.autograd_function_apply]") == 3
 
 
 @pytest.mark.parametrize("version", ["0.20.1", "0.22.0", "1.0.0", "not-a-version"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 
@@ -12,7 +13,9 @@ import torch.nn.functional as F
 import subspace_ops
 from subspace_ops import reference
 from subspace_ops.backends import BackendUnavailableError, resolve_backend
-from subspace_ops.ops.rescaled_linear import CPU_STACKED_MAX_ROWS, choose_path, cpu_stacked_max_tokens
+from subspace_ops.ops.rescaled_linear import (
+    CPU_STACKED_MAX_ROWS, CPU_STACKED_MAX_ROWS_OWN_GEMMS, choose_path, cpu_stacked_max_tokens,
+)
 from subspace_ops.testing import check_close
 
 from conftest import ON_INTERPRETER, backend_device, require_backend, strided, torch_threads
@@ -321,6 +324,17 @@ def test_path_rule_and_errors():
     assert choose_path(False, 2, torch.float32, tokens=tokens + 1, backend="cpu") == "modulated"
     assert choose_path(True, 1, torch.float32, tokens=1, backend="triton") == "modulated"  # reads W once
     assert choose_path(True, 1, torch.bfloat16, tokens=1, backend="cpu") == "modulated"
+    # A call without a gradient: the own float32 GEMMs' forward beats the separable one's two
+    # scalings beyond the few tokens the cpu backend stacks; not in float64 (ATen GEMMs) nor on triton.
+    bound = cpu_stacked_max_tokens(False, 1, torch.float32)
+    own = bound == CPU_STACKED_MAX_ROWS_OWN_GEMMS
+    assert choose_path(False, 1, torch.float32, tokens=bound, backend="cpu", needs_grad=False) == "separable"
+    beyond = "modulated" if own else "separable"
+    assert choose_path(False, 1, torch.float32, tokens=bound + 1, backend="cpu", needs_grad=False) == beyond
+    assert choose_path(False, 1, torch.float32, tokens=4096, backend="cpu") == "separable"
+    assert choose_path(False, 1, torch.float64, tokens=4096, backend="cpu", needs_grad=False) == "separable"
+    assert choose_path(False, 1, torch.float32, tokens=4096, backend="triton", needs_grad=False) == "separable"
+    assert choose_path(False, 1, torch.float32, needs_grad=False) == "separable"  # tokens unknown
     x, weight = torch.randn(3, 8), torch.randn(5, 8)
     s_l, s_r = torch.randn(5, 2), torch.randn(8, 2)
     with pytest.raises(ValueError, match="path must be one of"):
@@ -430,6 +444,56 @@ def test_separable_path_runs_one_gemm_per_pass():
 
     assert gemms("separable", torch.float32) == 2
     assert gemms("modulated", torch.float64) >= 3
+
+
+@pytest.mark.parametrize("recording", ["no_grad", "inference_mode", "nothing_trained"])
+def test_call_without_gradient_takes_the_forward_only_path(recording):
+    """A call autograd does not record (evaluation) takes choose_path(..., needs_grad=False): on the
+    own float32 GEMMs, the modulated kernels beyond the stacked bound; with a gradient, the separable
+    path. The bits tell which path ran: the two round differently."""
+    from subspace_ops.backends import cpu_extension
+
+    require_backend("cpu")
+    own_gemms = cpu_extension().rescaled_linear_gemm_rows() > 0
+    bound = cpu_stacked_max_tokens(False, 1, torch.float32)
+    g = torch.Generator().manual_seed(3)
+    for tokens in (bound, bound + 1, 197):
+        x = torch.randn(tokens, 96, generator=g)
+        weight = torch.randn(80, 96, generator=g) / 10
+        s_l, s_r, bias = (torch.randn(n, generator=g).requires_grad_() for n in (80, 96, 80))
+        forced = {path: subspace_ops.rescaled_linear(x, weight, s_l, s_r, bias, residual=False, backend="cpu",
+                                                     path=path).detach() for path in ("separable", "modulated")}
+        assert not torch.equal(forced["separable"], forced["modulated"])
+        expected = "modulated" if own_gemms and tokens > bound else "separable"
+        assert choose_path(False, 1, torch.float32, tokens, "cpu", needs_grad=False) == expected
+        if recording == "nothing_trained":
+            context, args = contextlib.nullcontext(), (x, weight, *(t.detach() for t in (s_l, s_r, bias)))
+        else:
+            context, args = getattr(torch, recording)(), (x, weight, s_l, s_r, bias)
+        with context:
+            y = subspace_ops.rescaled_linear(*args, residual=False, backend="cpu")
+        assert torch.equal(y, forced[expected]), (tokens, expected)
+        y = subspace_ops.rescaled_linear(x, weight, s_l, s_r, bias, residual=False, backend="cpu")
+        assert torch.equal(y.detach(), forced["separable"]) and y.requires_grad
+
+
+@pytest.mark.parametrize("given", ["s_l+bias", "s_l", "bias", "s_r-only"])
+def test_separable_path_without_gradient_writes_only_its_output(given):
+    """Without a gradient the separable path writes y over its GEMM's output z: the result matches
+    the float64 reference (3-D input) and no input changes."""
+    g = torch.Generator().manual_seed(5)
+    randn = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
+    given64 = dict(x=randn(2, 5, 24), weight=randn(16, 24), s_l=randn(16) if "s_l" in given else None,
+                   s_r=randn(24), bias=randn(16) if "bias" in given else None)
+    truth = reference.rescaled_linear(**given64, residual=False)
+    for dtype in (torch.float64, torch.float32):
+        inputs = {name: None if t is None else t.to(dtype) for name, t in given64.items()}
+        before = {name: None if t is None else t.clone() for name, t in inputs.items()}
+        with torch.no_grad():
+            y = subspace_ops.rescaled_linear(**inputs, residual=False, path="separable")
+        assert y.shape == truth.shape and y.dtype == dtype
+        torch.testing.assert_close(y.double(), truth, rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=1e-5)
+        assert all(t is None or torch.equal(t, before[name]) for name, t in inputs.items())
 
 
 def test_stacked_path_runs_one_gemm_per_pass():

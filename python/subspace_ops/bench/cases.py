@@ -97,9 +97,13 @@ def _setup_ours(backend: Optional[str], residual: bool = True, path: Optional[st
 
         from ..ops.rescaled_linear import choose_path
 
-        # Which path ran; the reference backend takes none (it always materializes W'), whatever `path` says.
-        taken = "" if chosen == "reference" else f" {path or choose_path(residual, 1, dtype, shape[0], chosen)}"
-        label = chosen + taken
+        def label(mode: str) -> str:
+            """Which path ran; the reference backend takes none (it always materializes W'), whatever
+            `path` says. Only "inference" runs without recording a gradient."""
+            if chosen == "reference":
+                return chosen
+            return f"{chosen} {path or choose_path(residual, 1, dtype, shape[0], chosen, mode != 'inference')}"
+
         return Workload(forward, [x, s_l, s_r, bias], inp.grad_output, backend=label)
 
     return setup

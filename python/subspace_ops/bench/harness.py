@@ -88,7 +88,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -132,16 +132,22 @@ class Workload:
     ``forward`` runs one forward pass and returns the output; ``params`` are the tensors whose
     ``.grad`` a training step fills (reset to ``None`` after every fwd+bwd iteration);
     ``grad_output`` is the fixed upstream gradient for fwd+bwd (``None``: the variant has no
-    backward); ``backend`` is a free-form label for the tables ("torch", "inductor", "cpu", ...).
+    backward); ``backend`` is a free-form label for the tables ("torch", "inductor", "cpu", ...),
+    or a function of the mode that returns it (an op whose path depends on whether it records a
+    gradient).
     """
 
     forward: Callable[[], torch.Tensor]
     params: Sequence[torch.Tensor] = ()
     grad_output: Optional[torch.Tensor] = None
-    backend: str = ""
+    backend: Union[str, Callable[[str], str]] = ""
     train_step: Optional[Callable[[], None]] = None  # mode "train": one full optimizer step
     items: Optional[tuple[int, str]] = None  # (count, unit) processed per step, e.g. (64, "img")
     no_backward: str = ""  # why grad_output is None, for the fwd+bwd table (default: a generic reason)
+
+    def label(self, mode: str) -> str:
+        """The backend label of ``mode``'s rows."""
+        return self.backend(mode) if callable(self.backend) else self.backend
 
 
 @dataclass(frozen=True)
@@ -518,7 +524,7 @@ def run_case(
             status, note = notes.get(v.name, ("ok", ""))
             workload = workloads.get(v.name)
             r = Result(case.name, v.name, shape_text, dims, dtype_name, dev_name,
-                       workload.backend if workload else "", mode, baseline=base, status=status, note=note)
+                       workload.label(mode) if workload else "", mode, baseline=base, status=status, note=note)
             if v.name in timing:
                 r.median_ms, r.q25_ms, r.q75_ms = timing[v.name]
                 if base in timing and timing[base][0] > 0:

@@ -238,6 +238,11 @@ class ScaledLinear(MergeableLinear):
             parts = f", splits={self.splits}, scaled_parts={self.scaled_parts}"
             rank = len(self.splits) if self.s_r is not None else 1
             path = "separable per part" if self._by_part(dtype) else choose_path(False, rank, dtype)
+        if path.startswith("separable"):
+            # Without a gradient (evaluation) the cpu backend may modulate instead (see choose_path).
+            tokens = cpu_stacked_max_tokens(False, 1, dtype) + 1
+            if choose_path(False, 1, dtype, tokens, backend="cpu", needs_grad=False) == "modulated":
+                path += f"; without gradients on cpu: modulated from {tokens} tokens"
         return self._describe() + f", scales={sides}{parts}, path={path} ({dtype} weights)"
 
 

@@ -25,7 +25,9 @@ Three paths (``path=``; :func:`choose_path` picks one when None, and the layers 
   every backend (nothing to fuse; the GEMM is torch's). The backward is one more GEMM,
   u = (gy ⊙ s_l) W, with gx = u ⊙ s_r, ds_r = Σ_m x ⊙ u and ds_l = Σ_m gy ⊙ z, z = (x ⊙ s_r) Wᵀ:
   two GEMMs per step instead of three, and no G. Autograd saves z [.., N] when s_l is trained (as
-  PEFT's (IA)³ saves its base layer's output) instead of nothing N-sized.
+  PEFT's (IA)³ saves its base layer's output) instead of nothing N-sized. A call that needs no
+  gradient (evaluation) writes y over z, and on the ``cpu`` backend's own float32 GEMMs (below) takes
+  the modulated path beyond 8 tokens: forming W' while packing it costs less than the two scalings.
 - ``"stacked"`` (the default of the ``cpu`` backend for a few tokens, M·(c + r) ≤ 8 in float32
   where the own GEMMs run, ≤ 48 otherwise, in float32/float64: decoding, tiny batches):
   W' = c·W + Σ_j diag(s_l[:, j]) W diag(s_r[:, j]), so the c + r input blocks
@@ -104,12 +106,29 @@ def cpu_stacked_max_tokens(residual: bool, rank: int, dtype: torch.dtype = torch
     return (CPU_STACKED_MAX_ROWS_OWN_GEMMS if own_gemms else CPU_STACKED_MAX_ROWS) // (rank + int(residual))
 
 
+def _forward_only_modulates(dtype: torch.dtype, tokens: Optional[int], backend: Optional[str]) -> bool:
+    """Whether a separable (SSB/SSL/(IA)³) call that needs no gradient runs faster modulated: on the
+    cpu backend's own float32 GEMMs beyond the few tokens where the separable path's two small
+    scalings cost less than packing W'. Measured without gradients (``subspace-ops bench
+    scaled-linear --mode inference``, K = N = 768, 2 threads, AVX2, 2026-12-03): separable vs
+    modulated 0.137 vs 0.210 ms at M = 1, 0.246 vs 0.235 at 8, 0.715 vs 0.620 at 64, 1.94 vs 1.55 at
+    197, 27.9 vs 27.0 at 4096. With a gradient the separable path's two GEMMs beat three. float64 (ATen
+    GEMMs over blocks of W') measured the other way at M = 48-197 (2.87 vs 3.04 ms at 197), and on a
+    GPU it is unmeasured, so both keep the separable path."""
+    return (backend == "cpu" and dtype == torch.float32 and tokens is not None and _cpu_float32_gemms_are_own()
+            and tokens > cpu_stacked_max_tokens(False, 1, dtype))
+
+
 def choose_path(residual: bool, rank: int, dtype: torch.dtype = torch.float32, tokens: Optional[int] = None,
-                backend: Optional[str] = None) -> str:
+                backend: Optional[str] = None, needs_grad: bool = True) -> str:
     """The path ``rescaled_linear`` takes when ``path=None``.
 
-    "separable" where W' = diag(s_l) W diag(s_r) (no residual, rank 1) in float32/float64; else
-    "stacked" on the ``cpu`` backend when ``tokens`` (M) · (c + r) ≤ the bound of
+    "separable" where W' = diag(s_l) W diag(s_r) (no residual, rank 1) in float32/float64, except a
+    call that needs no gradient (``needs_grad=False``: evaluation, ``torch.no_grad``) on the ``cpu``
+    backend in float32 where the own GEMMs run, with more tokens than
+    ``cpu_stacked_max_tokens(False, 1)``: that one is "modulated", whose GEMM forms W' while packing it
+    where the separable path scales x and z in two more passes over activations and allocates z
+    beside y; else "stacked" on the ``cpu`` backend when ``tokens`` (M) · (c + r) ≤ the bound of
     :func:`cpu_stacked_max_tokens` in
     float32/float64; else "modulated". In 16-bit dtypes the separable and stacked paths would round
     their GEMM outputs to 16 bits before the s_l scale, where the modulated kernels round W' (formed
@@ -117,6 +136,8 @@ def choose_path(residual: bool, rank: int, dtype: torch.dtype = torch.float32, t
     still forces either)."""
     full_precision = dtype in (torch.float32, torch.float64)
     if not residual and rank == 1 and full_precision:
+        if not needs_grad and _forward_only_modulates(dtype, tokens, backend):
+            return "modulated"
         return "separable"
     stacks = backend == "cpu" and full_precision and tokens is not None
     if stacks and tokens <= cpu_stacked_max_tokens(residual, rank, dtype):
@@ -134,25 +155,33 @@ def _scaled_matmul(a: Tensor, b: Tensor, scale: Optional[Tensor]) -> Tensor:
     return (a * scale) @ b
 
 
+def _separable_forward(x: Tensor, weight: Tensor, s_l: Optional[Tensor], s_r: Optional[Tensor],
+                       bias: Optional[Tensor], keep_z: bool) -> tuple[Tensor, Optional[Tensor]]:
+    """(y, z) with y = z ⊙ s_l + b, z = (x ⊙ s_r) Wᵀ (as [M, N]) for rank-1 scales (None = ones). z is
+    returned only when ``keep_z`` and s_l is given (s_l's gradient needs it); otherwise y is written
+    over z, so the call allocates one M×N tensor, as a plain linear layer does."""
+    x2 = x.reshape(-1, x.shape[-1])
+    s_l1 = None if s_l is None else s_l.reshape(-1)
+    z = _scaled_matmul(x2, weight.T, None if s_r is None else s_r.reshape(-1))
+    if s_l1 is None:
+        return (z if bias is None else z.add_(bias)), None
+    if keep_z:
+        return (z * s_l1 if bias is None else torch.addcmul(bias, z, s_l1)), z
+    return (z.mul_(s_l1) if bias is None else torch.addcmul(bias, z, s_l1, out=z)), None
+
+
 class _Separable(torch.autograd.Function):
     """y = ((x ⊙ s_r) Wᵀ) ⊙ s_l + b for rank-1 scales (None = ones), in as few passes over
     activations as torch ops allow: a scale that feeds a GEMM rides on whichever operand is smaller
     (:func:`_scaled_matmul`), and z = (x ⊙ s_r) Wᵀ is kept only when s_l is trained (its gradient
-    is Σ_m gy ⊙ z)."""
+    is Σ_m gy ⊙ z). A call that needs no gradient skips this node: :func:`_separable_forward`."""
 
     @staticmethod
     def forward(ctx, x, weight, s_l, s_r, bias):
-        x2 = x.reshape(-1, x.shape[-1])
-        s_l1 = None if s_l is None else s_l.reshape(-1)
-        s_r1 = None if s_r is None else s_r.reshape(-1)
-        z = _scaled_matmul(x2, weight.T, s_r1)  # (x ⊙ s_r) Wᵀ
-        if s_l1 is None:
-            y = z if bias is None else z.add_(bias)  # z is not needed for any gradient then
-        else:
-            y = z * s_l1 if bias is None else torch.addcmul(bias, z, s_l1)
         need_x, need_weight, need_s_l, need_s_r, _ = ctx.needs_input_grad
-        ctx.save_for_backward(x2 if (need_s_r or need_weight) else None, weight, s_l1, s_r1,
-                              z if need_s_l else None)
+        y, z = _separable_forward(x, weight, s_l, s_r, bias, keep_z=need_s_l)
+        ctx.save_for_backward(x.reshape(-1, x.shape[-1]) if (need_s_r or need_weight) else None, weight,
+                              None if s_l is None else s_l.reshape(-1), None if s_r is None else s_r.reshape(-1), z)
         ctx.shapes = (x.shape, None if s_l is None else s_l.shape, None if s_r is None else s_r.shape)
         return rows_to_shape(y, x.shape[:-1])
 
@@ -411,7 +440,7 @@ def _check_inputs(x, weight, s_l, s_r, bias) -> None:
 
 
 def _route(x: Tensor, s_l: Optional[Tensor], s_r: Optional[Tensor], residual: bool, backend: Optional[str],
-           path: Optional[str]) -> tuple[str, Optional[str], int]:
+           path: Optional[str], needs_grad: bool) -> tuple[str, Optional[str], int]:
     """(backend, path, rank r) of a call: the path is None for the reference backend.
 
     Cheap on purpose: on a CPU each Python call here runs right after the previous layer's GEMM has
@@ -428,7 +457,13 @@ def _route(x: Tensor, s_l: Optional[Tensor], s_r: Optional[Tensor], residual: bo
     if name == "reference":
         return name, None, rank
     tokens = size_for_choice(x.numel() // max(x.shape[-1], 1))
-    return name, path or choose_path(residual, rank, x.dtype, tokens, name), rank
+    return name, path or choose_path(residual, rank, x.dtype, tokens, name, needs_grad), rank
+
+
+def _needs_grad(*tensors: Optional[Tensor]) -> bool:
+    """Whether autograd will record this call (grad mode on and some input requires grad). Runs
+    before the argument checks, so a wrong argument (not a tensor) just does not count."""
+    return torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
 
 
 def _rank(s_l: Optional[Tensor], s_r: Optional[Tensor]) -> int:
@@ -475,12 +510,13 @@ def rescaled_linear(
     All tensors must share x's dtype and device. Returns ``[..., N]``.
     """
     compiling = torch.compiler.is_compiling()
+    needs_grad = _needs_grad(x, weight, s_l, s_r, bias)
     if compiling:
         _check_inputs(x, weight, s_l, s_r, bias)
-        name, chosen, rank = _route(x, s_l, s_r, residual, backend, path)
+        name, chosen, rank = _route(x, s_l, s_r, residual, backend, path, needs_grad)
     else:
         try:
-            name, chosen, rank = _route(x, s_l, s_r, residual, backend, path)
+            name, chosen, rank = _route(x, s_l, s_r, residual, backend, path, needs_grad)
             if name != "reference":
                 refuse_functorch("rescaled_linear")
             if name == "cpu" and chosen == "modulated":
@@ -499,6 +535,8 @@ def rescaled_linear(
     if name == "reference":
         return reference.rescaled_linear(x, weight, s_l, s_r, bias, residual=residual)
     if chosen == "separable":
+        if not needs_grad:
+            return rows_to_shape(_separable_forward(x, weight, s_l, s_r, bias, keep_z=False)[0], x.shape[:-1])
         return _Separable.apply(x, weight, s_l, s_r, bias)
     if chosen == "stacked":
         return _Stacked.apply(x, weight, s_l, s_r, bias, residual, rank)
