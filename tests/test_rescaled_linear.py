@@ -204,6 +204,22 @@ def test_compile_fullgraph_matches_eager(fused_backend, method, tokens):
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("tokens", [64, 4])
+def test_compile_fullgraph_without_gradient(fused_backend, tokens):
+    """Evaluation under torch.compile traces the no-gradient paths whole (the separable path writing
+    y over z; the modulated op where choose_path takes it) and matches eager."""
+    device = backend_device(fused_backend)
+    layer = subspace_ops.nn.ScaledLinear.ssb(torch.nn.Linear(12, 9), backend=fused_backend).to(device)
+    with torch.no_grad():
+        layer.s_l.normal_(), layer.s_r.normal_()
+    x = torch.randn(2, tokens // 2, 12, device=device)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager" if fused_backend == "triton" else "inductor")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), layer(x))
+        torch.testing.assert_close(layer(x), reference.rescaled_linear(x, layer.weight, layer.s_l, layer.s_r,
+                                                                       layer.bias, residual=False))
+
+
 BAD_INPUTS = [
     (dict(x=torch.randn(4, 7)), ValueError, "x must have size 8"),
     (dict(weight=torch.randn(6)), ValueError, "weight must be 2-D"),
