@@ -29,7 +29,8 @@ transformers = pytest.importorskip("transformers")
 VIT_METHODS = {
     "rlrr": ({}, "rescaled_linear"),
     "coeff": ({}, "head_mixing_attention"),
-    "sam-parser": ({}, "svd_delta_linear"),
+    "sam-parser": ({"path": "merged"}, "svd_delta_linear"),
+    "svdiff": ({}, None),  # SVDLinear's basis path at these sizes: torch ops
     "siva": ({"perc": 0.5}, None),
     "lora": ({}, "lowrank_linear"),
     "dora": ({}, "lowrank_linear"),  # the registry's detach_norm=True: a detach, no grad-mode switch

@@ -32,7 +32,8 @@ NOT_ZERO_INIT = {"rlrr", "ssf"}
 # Zero-init, but the adapted path is a different computation (a kernel, or m/‖W‖ rounding): equal to rounding.
 # ssb, ssl, ia3: evaluated without gradients beyond 8 tokens on the cpu backend's own float32 GEMMs, they
 # take the modulated kernels (a GEMM of their own where the pretrained layer runs MKL's; choose_path).
-CLOSE_AT_INIT = {"coeff", "dora", "ssb", "ssl", "ia3"}
+# sam-parser, svdiff: their basis path computes U Σ Vᵀ in place of W (SVDLinear.chosen_path).
+CLOSE_AT_INIT = {"coeff", "dora", "ssb", "ssl", "ia3", "sam-parser", "svdiff"}
 NOT_MERGEABLE = {"pa", "adapter"}
 # Linear methods checked on RoBERTa as well (coeff is an attention method, covered in test_coeff_layers).
 LINEAR_METHODS = [n for n in ALL if n != "coeff"]

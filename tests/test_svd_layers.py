@@ -134,14 +134,133 @@ def test_bf16_adapter_state_loads_onto_the_float32_weights_it_came_from(when):
 
 
 def test_paths_agree_and_are_reported():
-    layer = SVDLinear(nn.Linear(16, 16), "sam-parser")
+    layer = SVDLinear(nn.Linear(16, 16), "siva", rank=8)
     _perturb(layer)
     x_small, x_big = torch.randn(2, 16), torch.randn(64, 16)
     assert layer.chosen_path(2) == "unmerged" and layer.chosen_path(64) == "merged"
     for x in (x_small, x_big):
         expected = reference.svd_delta_linear(x, layer.weight, layer.u, layer.v, layer.delta(), layer.bias)
         torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
-    assert "method=sam-parser" in repr(layer) and "path=auto" in repr(layer)
+    assert "method=siva" in repr(layer) and "path=auto" in repr(layer) and "basis" not in repr(layer)
+    assert "basis where cheaper" in repr(SVDLinear(nn.Linear(16, 16), "sam-parser"))
+
+
+SAM_SVDIFF = ("sam-parser", "svdiff")
+
+
+@pytest.mark.parametrize("method", SAM_SVDIFF)
+@pytest.mark.parametrize("parts, tuned", [(None, None), ((16, 8, 16), None), ((16, 8, 16), (2, 0))],
+                         ids=["one-part", "qkv-all", "qkv-v-and-q"])
+def test_basis_path_equals_the_reference(method, parts, tuned):
+    """((x V) ⊙ (σ + d)) Uᵀ + b equals x (W + U diag(d) Vᵀ)ᵀ + b (float64: exactly up to the SVD's
+    rounding; float32 to its tolerance), gradients included, also over a fused projection's parts
+    with one part left alone and tuned_parts out of order (U's columns follow tuned_parts)."""
+    torch.manual_seed(0)
+    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 2e-5)):
+        layer = SVDLinear(nn.Linear(24, 40).to(dtype), method, parts=parts, tuned_parts=tuned, path="basis")
+        _perturb(layer)
+        with torch.no_grad():
+            layer.bias.normal_()
+        x = torch.randn(3, 5, 24, dtype=dtype, requires_grad=True)
+        y = layer(x)
+        expected = reference.svd_delta_linear(x, layer.weight, layer.u, layer.v, layer.delta(), layer.bias)
+        torch.testing.assert_close(y, expected, rtol=tol, atol=tol)
+        gy = torch.randn_like(y)
+        ours = torch.autograd.grad(y, [x, layer.s], gy)
+        theirs = torch.autograd.grad(expected, [x, layer.s], gy)
+        for a, b in zip(ours, theirs):
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+    layer = SVDLinear(nn.Linear(6, 9).double(), method, parts=parts and (3, 3, 3),
+                      tuned_parts=tuned, path="basis")
+    _perturb(layer)
+    torch.autograd.gradcheck(lambda x, s: torch.func.functional_call(layer, {"s": s}, (x,)),
+                             (torch.randn(4, 6, dtype=torch.float64, requires_grad=True),
+                              layer.s.detach().clone().requires_grad_()))
+
+
+@pytest.mark.parametrize("method", SAM_SVDIFF)
+def test_basis_path_rule(method):
+    """The cheaper of the op's path and the basis path in multiply-adds (the basis weighted by
+    BASIS_FLOPS_WEIGHT): basis for small M at 768×768, and for a training step at every M of a
+    768→3072 layer; merged beyond ~960 tokens at 768×768 (training) and from 788 without a gradient."""
+    layer = SVDLinear(nn.Linear(768, 768), method)
+    assert layer.basis_spans_weight()
+    assert layer.chosen_path(197) == "basis" and layer.chosen_path(788) == "basis"
+    assert layer.chosen_path(2048) == "merged" and layer.chosen_path(4096) == "merged"
+    assert layer.chosen_path(197, needs_grad=False) == "basis"
+    assert layer.chosen_path(788, needs_grad=False) == "merged"
+    wide = SVDLinear(nn.Linear(768, 3072), method)
+    assert all(wide.chosen_path(m) == "basis" for m in (1, 197, 4096, 65536))
+    qkv = SVDLinear(nn.Linear(768, 3 * 768), method, parts=(768, 768, 768))  # measured: merged at 4096
+    assert qkv.chosen_path(788) == "basis" and qkv.chosen_path(4096) == "merged"
+    siva = SVDLinear(nn.Linear(768, 768), "siva")
+    assert not siva.basis_spans_weight() and siva.chosen_path(197) == "unmerged"
+    # The forward asks with needs_grad as autograd will record the call; the bits tell the path.
+    twins = {}
+    for path in ("merged", "basis"):
+        twins[path] = copy.copy(layer)
+        twins[path].path = path
+    x = torch.randn(788, 768)
+    with torch.no_grad():
+        forced = {path: twin(x) for path, twin in twins.items()}
+        assert not torch.equal(forced["merged"], forced["basis"])
+        assert torch.equal(layer(x), forced["merged"])
+    assert torch.equal(layer(x).detach(), twins["basis"](x).detach())
+
+
+@pytest.mark.parametrize("method", SAM_SVDIFF)
+def test_basis_path_follows_the_weight(method):
+    """The basis path reads U, Σ, V, not W: once W is no longer U Σ Vᵀ (load_state_dict of other weights,
+    an in-place copy_) the layer takes the op's path with the new W, and takes the basis path again
+    when W is back; 16-bit weights and a trainable W never take it; path="basis" then says why."""
+    torch.manual_seed(0)
+    layer = SVDLinear(nn.Linear(24, 20), method)
+    _perturb(layer)
+    x = torch.randn(6, 24)
+    original = {n: t.clone() for n, t in layer.state_dict().items()}
+
+    def expected() -> torch.Tensor:
+        return reference.svd_delta_linear(x, layer.weight, layer.u, layer.v, layer.delta(), layer.bias)
+
+    assert layer.chosen_path(6) == "basis"
+    torch.testing.assert_close(layer(x), expected(), rtol=2e-5, atol=2e-5)
+    other = dict(original, weight=torch.randn(20, 24))
+    layer.load_state_dict(other)
+    assert not layer.basis_spans_weight() and layer.chosen_path(6) == "unmerged"
+    torch.testing.assert_close(layer(x), expected(), rtol=1e-5, atol=1e-5)  # the new W
+    with torch.no_grad():
+        layer.weight.copy_(original["weight"])
+    assert layer.basis_spans_weight() and layer.chosen_path(6) == "basis"
+    with torch.no_grad():
+        layer.weight[3, 5] += 1e-3  # one entry, in place
+    assert layer.chosen_path(6) == "unmerged"
+    torch.testing.assert_close(layer(x), expected(), rtol=1e-5, atol=1e-5)
+    layer.load_state_dict(original)
+    assert layer.chosen_path(6) == "basis"
+    layer.weight.requires_grad_(True)  # not silently left without its gradient: the op refuses it
+    assert layer.chosen_path(6) == "unmerged"
+    with pytest.raises(ValueError, match="weight must be frozen"):
+        layer(x)
+    layer.weight.requires_grad_(False)
+    forced = SVDLinear(nn.Linear(24, 20), method, path="basis")
+    forced.to(torch.bfloat16)
+    with pytest.raises(RuntimeError, match="path='basis'.*needs float32/float64"):
+        forced(x.to(torch.bfloat16))
+    with pytest.raises(ValueError, match="path='basis' needs every singular direction"):
+        SVDLinear(nn.Linear(24, 20), "siva", path="basis")
+    with pytest.raises(ValueError, match="path must be"):
+        SVDLinear(nn.Linear(24, 20), method, path="fast")
+
+
+@pytest.mark.parametrize("needs_grad", [True, False])
+def test_basis_path_compiles_fullgraph(needs_grad):
+    layer = SVDLinear(nn.Linear(24, 40), "sam-parser", parts=(16, 8, 16), tuned_parts=(2, 0))
+    _perturb(layer)
+    x = torch.randn(2, 5, 24)
+    assert layer.chosen_path(10, needs_grad) == "basis"
+    compiled = torch.compile(layer, fullgraph=True)
+    with torch.set_grad_enabled(needs_grad):
+        torch.testing.assert_close(compiled(x), layer(x))
 
 
 def test_bad_options():

@@ -441,7 +441,7 @@ class _SVDConfig(MethodConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.targets = _patterns("targets", self.targets)
-        _choice("path", self.path, (None, "merged", "unmerged"))
+        _choice("path", self.path, (None, "merged", "unmerged", "basis"))  # basis: every singular direction
         self.backend = _backend(self.backend)
 
 

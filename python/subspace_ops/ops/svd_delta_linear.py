@@ -40,7 +40,7 @@ from ..backends import resolve_backend
 from ._dispatch import kernel_module
 from ._sizes import rows_to_shape, size_for_choice
 
-__all__ = ["svd_delta_linear", "choose_path", "keeps_merged_weight"]
+__all__ = ["svd_delta_linear", "choose_path", "keeps_merged_weight", "path_flops"]
 
 PATHS = ("merged", "unmerged")
 
@@ -48,6 +48,18 @@ PATHS = ("merged", "unmerged")
 def choose_path(tokens: int, out_features: int, in_features: int) -> str:
     """METHODS.md §2 cost rule: merge when M·(N + K)·k ≥ N·K·k."""
     return "merged" if tokens * (out_features + in_features) >= out_features * in_features else "unmerged"
+
+
+def path_flops(path: str, tokens: int, out_features: int, in_features: int, rank: int,
+               needs_grad: bool = True) -> int:
+    """Multiply-adds of one call on ``path`` ("merged" or "unmerged"), and of its backward when
+    ``needs_grad`` (W frozen): what :class:`~subspace_ops.nn.SVDLinear` weighs its basis path against.
+    Merged: form W_eff (N·K·k), one GEMM, and in the backward gx, G and dd from G's tiles (N·K·k);
+    unmerged: x Wᵀ plus the two low-rank products, each once more backward (gx; dd needs no G)."""
+    m, n, kk = tokens, out_features, in_features
+    if path == "merged":
+        return (3 if needs_grad else 1) * m * n * kk + (2 if needs_grad else 1) * n * kk * rank
+    return (2 if needs_grad else 1) * m * (n * kk + rank * (n + kk))
 
 
 def keeps_merged_weight(tokens: int, out_features: int, rank: int) -> bool:
