@@ -1028,13 +1028,17 @@ MUTANTS = [
     Mutant("P238", "python/subspace_ops/nn/svd.py", "BASIS_FLOPS_WEIGHT = 1.15", "BASIS_FLOPS_WEIGHT = 1.0",
            "tests/test_svd_layers.py -k basis", "basis path taken for a ViT qkv at M=4096 (measured slower)"),
     Mutant("P239", "python/subspace_ops/nn/svd.py",
-           "            needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.s.requires_grad)",
-           "            needs_grad = True", "tests/test_svd_layers.py -k basis",
+           "        needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.s.requires_grad)",
+           "        needs_grad = True", "tests/test_svd_layers.py -k basis",
            "evaluation weighs the basis path as for a training step"),
     Mutant("P240", "python/subspace_ops/nn/svd.py",
            "        if self.weight.requires_grad or not self.basis_spans_weight():",
            "        if not self.basis_spans_weight():", "tests/test_svd_layers.py -k basis",
            "a trainable W takes the basis path (no gradient for W, silently)"),
+    Mutant("P241", "python/subspace_ops/nn/svd.py",
+           '        if self.weight.requires_grad or self.resolved_backend() == "reference" or not self.basis_spans_weight():',
+           "        if self.weight.requires_grad or not self.basis_spans_weight():", "tests/test_svd_layers.py -k basis",
+           "the reference backend (the ground truth, and the bench's naive rows) takes the basis path"),
 ]
 
 

@@ -252,6 +252,20 @@ def test_basis_path_follows_the_weight(method):
         SVDLinear(nn.Linear(24, 20), method, path="fast")
 
 
+@pytest.mark.parametrize("method", SAM_SVDIFF)
+def test_reference_backend_forms_the_weight(method):
+    """The reference backend is the ground truth (and the bench's naive rows): it forms W' whatever
+    the layer's path, the basis path included."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 24)
+    for path in (None, "basis"):
+        layer = SVDLinear(nn.Linear(24, 20), method, backend="reference", path=path)
+        _perturb(layer)
+        assert path is not None or layer.chosen_path(6) == "unmerged"
+        expected = reference.svd_delta_linear(x, layer.weight, layer.u, layer.v, layer.delta(), layer.bias)
+        assert torch.equal(layer(x), expected)
+
+
 @pytest.mark.parametrize("needs_grad", [True, False])
 def test_basis_path_compiles_fullgraph(needs_grad):
     layer = SVDLinear(nn.Linear(24, 40), "sam-parser", parts=(16, 8, 16), tuned_parts=(2, 0))

@@ -245,7 +245,8 @@ class SVDLinear(MergeableLinear):
         if self.path is not None:
             return self.path
         op_path = choose_path(tokens, self.out_features, self.in_features)
-        if self.weight.requires_grad or not self.basis_spans_weight():  # the basis path has no gradient for W
+        # The basis path has no gradient for W; the reference backend is the ground truth (it forms W').
+        if self.weight.requires_grad or self.resolved_backend() == "reference" or not self.basis_spans_weight():
             return op_path
         op_cost = path_flops(op_path, tokens, self.out_features, self.in_features, self.rank, needs_grad)
         return "basis" if self._basis_flops(tokens, needs_grad) < op_cost else op_path
@@ -272,23 +273,31 @@ class SVDLinear(MergeableLinear):
             return nn.functional.linear(x, self.weight, self.bias)
         dtype = compute_dtype(x, self.weight)
         cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+        if self._takes_basis_path(x, dtype):
+            return self._basis_forward(x.to(dtype), cast(self.bias))
+        return svd_delta_linear(
+            x.to(dtype), cast(self.weight), cast(self.u), cast(self.v), cast(self.delta()), cast(self.bias),
+            backend=self.backend, path=None if self.path == "basis" else self.path,  # basis: reference backend
+        )
+
+    def _takes_basis_path(self, x: Tensor, dtype: torch.dtype) -> bool:
+        """Whether this call runs the basis path: forced (``path="basis"``, which raises where it
+        cannot apply) or chosen (:meth:`chosen_path`); never on the reference backend."""
+        if self.path not in (None, "basis") or self.method == "siva" or self.resolved_backend() == "reference":
+            return False
+        full_precision = dtype in (torch.float32, torch.float64)
         if self.path == "basis":
-            if dtype not in (torch.float32, torch.float64) or self.weight.requires_grad \
-                    or not self.basis_spans_weight():
+            if not full_precision or self.weight.requires_grad or not self.basis_spans_weight():
                 raise RuntimeError(
                     f"SVDLinear(path='basis') computes U diag(σ + d) Vᵀ in place of W: it needs float32/float64, "
                     f"a frozen weight and W = U Σ Vᵀ (the weight unchanged since attach); this call has {dtype}, "
                     f"weight.requires_grad={self.weight.requires_grad}, W = U Σ Vᵀ: {self._basis_exact}")
-            return self._basis_forward(x.to(dtype), cast(self.bias))
-        if self.path is None and self.method != "siva" and dtype in (torch.float32, torch.float64):
-            needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.s.requires_grad)
-            tokens = size_for_choice(x.numel() // max(self.in_features, 1))  # no guard on a dynamic size
-            if self.chosen_path(tokens, needs_grad) == "basis":
-                return self._basis_forward(x.to(dtype), cast(self.bias))
-        return svd_delta_linear(
-            x.to(dtype), cast(self.weight), cast(self.u), cast(self.v), cast(self.delta()), cast(self.bias),
-            backend=self.backend, path=self.path,
-        )
+            return True
+        if not full_precision:
+            return False
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.s.requires_grad)
+        tokens = size_for_choice(x.numel() // max(self.in_features, 1))  # no guard on a dynamic size
+        return self.chosen_path(tokens, needs_grad) == "basis"
 
     # ---- adapter checkpoints: s only, tied to the weights it was trained on
     def adapter_state(self) -> dict:
