@@ -253,7 +253,7 @@ def test_basis_path_follows_the_weight(method):
 
 
 @pytest.mark.parametrize("method", SAM_SVDIFF)
-def test_reference_backend_forms_the_weight(method):
+def test_reference_backend_forms_the_weight_not_the_basis(method):
     """The reference backend is the ground truth (and the bench's naive rows): it forms W' whatever
     the layer's path, the basis path included."""
     torch.manual_seed(0)
