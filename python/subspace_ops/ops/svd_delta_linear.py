@@ -56,10 +56,10 @@ def path_flops(path: str, tokens: int, out_features: int, in_features: int, rank
     ``needs_grad`` (W frozen): what :class:`~subspace_ops.nn.SVDLinear` weighs its basis path against.
     Merged: form W_eff (N·K·k), one GEMM, and in the backward gx, G and dd from G's tiles (N·K·k);
     unmerged: x Wᵀ plus the two low-rank products, each once more backward (gx; dd needs no G)."""
-    m, n, kk = tokens, out_features, in_features
+    weight_size = out_features * in_features
     if path == "merged":
-        return (3 if needs_grad else 1) * m * n * kk + (2 if needs_grad else 1) * n * kk * rank
-    return (2 if needs_grad else 1) * m * (n * kk + rank * (n + kk))
+        return (3 if needs_grad else 1) * tokens * weight_size + (2 if needs_grad else 1) * weight_size * rank
+    return (2 if needs_grad else 1) * tokens * (weight_size + rank * (out_features + in_features))
 
 
 def keeps_merged_weight(tokens: int, out_features: int, rank: int) -> bool:
