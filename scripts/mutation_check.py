@@ -1039,6 +1039,11 @@ MUTANTS = [
            '        if self.weight.requires_grad or self.resolved_backend() == "reference" or not self.basis_spans_weight():',
            "        if self.weight.requires_grad or not self.basis_spans_weight():", "tests/test_svd_layers.py -k basis",
            "the reference backend (the ground truth, and the bench's naive rows) takes the basis path"),
+    Mutant("P242", "python/subspace_ops/nn/svd.py", "        if self._basis_key is not None and _is_fsdp2(self):",
+           "        if False:", "tests/test_svd_layers.py -k fsdp2",
+           "under FSDP2 every forward checks W = U Σ Vᵀ again (a matrix-vector product and a host sync)"),
+    Mutant("P243", "python/subspace_ops/nn/svd.py", "        self.recheck_basis()  # W may hold other values now\n", "",
+           "tests/test_svd_layers.py -k fsdp2", "under FSDP2, load_state_dict of other weights keeps the basis path"),
 ]
 
 

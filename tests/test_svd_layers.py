@@ -266,6 +266,42 @@ def test_reference_backend_forms_the_weight_not_the_basis(method):
         assert torch.equal(layer(x), expected)
 
 
+def test_basis_check_after_a_write_through_data_and_under_fsdp2(tmp_path, monkeypatch):
+    """A write through weight.data bypasses the version counter: recheck_basis() asks again. Under
+    FSDP2 (one gloo rank) W is refilled every forward, but checked only at attach and after
+    load_state_dict, not at every call (each check is a matrix-vector product and a host sync)."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    layer = SVDLinear(nn.Linear(24, 20), "sam-parser")
+    layer.weight.data[2, 3] += 0.1
+    assert layer.chosen_path(6) == "basis"  # not seen: .data has its own version counter
+    layer.recheck_basis()
+    assert layer.chosen_path(6) == "unmerged"
+
+    checks = []
+    original = SVDLinear._weight_matches_basis
+    monkeypatch.setattr(SVDLinear, "_weight_matches_basis", lambda self: checks.append(1) or original(self))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = nn.Sequential(SVDLinear(nn.Linear(24, 24), "sam-parser"), nn.ReLU(),
+                              SVDLinear(nn.Linear(24, 20), "svdiff"))
+        assert len(checks) == 2
+        for m in (model[0], model[2], model):
+            fully_shard(m)
+        x = torch.randn(6, 24)
+        for _ in range(3):
+            model(x).sum().backward()
+        assert len(checks) == 2 and model[0]._basis_exact and model[2]._basis_exact
+        model.load_state_dict(model.state_dict())
+        model(x).sum().backward()
+        model(x).sum().backward()
+        assert len(checks) == 4
+    finally:
+        dist.destroy_process_group()
+
+
 @pytest.mark.parametrize("needs_grad", [True, False])
 def test_basis_path_compiles_fullgraph(needs_grad):
     layer = SVDLinear(nn.Linear(24, 40), "sam-parser", parts=(16, 8, 16), tuned_parts=(2, 0))

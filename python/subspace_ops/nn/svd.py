@@ -57,7 +57,7 @@ from torch import Tensor, nn
 
 from .. import reference
 from ..ops import svd_delta_linear
-from ..ops._sizes import size_for_choice
+from ..ops._sizes import rows_to_shape, size_for_choice
 from ..ops.svd_delta_linear import choose_path, path_flops
 from .base import MergeableLinear, compute_dtype
 
@@ -71,6 +71,15 @@ SVD_METHODS = ("siva", "sam-parser", "svdiff")
 # threads: 332 ms per step against 259 ms merged); with it every case of the measurements in the
 # module docstring takes the faster path.
 BASIS_FLOPS_WEIGHT = 1.15
+
+
+def _is_fsdp2(module: nn.Module) -> bool:
+    """Whether ``fully_shard`` (FSDP2) manages ``module``'s parameters."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without FSDP2
+        return False
+    return isinstance(module, FSDPModule)
 
 
 class SVDLinear(MergeableLinear):
@@ -217,17 +226,30 @@ class SVDLinear(MergeableLinear):
         (16-bit U, V would round the reconstruction to 16 bits). Checked (:meth:`_weight_matches_basis`)
         at attach and again, in eager mode, whenever the weight tensor is another or changed in place
         (its storage, device or version counter: ``load_state_dict``, ``copy_``, ``.to()``); under
-        ``torch.compile`` the last eager answer stands. Writes through ``weight.data`` bypass the
-        version counter: after such an edit call this method (or take ``path="merged"``)."""
+        ``torch.compile`` the last eager answer stands, and under FSDP2 (which refills W every forward)
+        the answer stands until ``load_state_dict``. Writes through ``weight.data`` bypass the version
+        counter: after such an edit call :meth:`recheck_basis` (or take ``path="merged"``)."""
         if self.method == "siva" or self.weight.dtype not in (torch.float32, torch.float64):
             return False
         if torch.compiler.is_compiling():
+            return self._basis_exact
+        if self._basis_key is not None and _is_fsdp2(self):
+            # FSDP2 all-gathers W into a refilled tensor every forward; its values change only through
+            # load_state_dict, which clears the key (_load_from_state_dict) so that the next call checks.
             return self._basis_exact
         w = self.weight
         key = (w._version, w.data_ptr(), w.device, w.dtype)
         if key != self._basis_key:
             self._basis_exact, self._basis_key = self._weight_matches_basis(), key
         return self._basis_exact
+
+    def recheck_basis(self) -> None:
+        """Check W = U Σ Vᵀ again at the next call (after writing W through ``weight.data``)."""
+        self._basis_key = None
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self.recheck_basis()  # W may hold other values now
 
     def _basis_flops(self, tokens: int, needs_grad: bool) -> int:
         """Multiply-adds of the basis path (and its backward when ``needs_grad``): x V over every tuned
@@ -266,7 +288,7 @@ class SVDLinear(MergeableLinear):
             else:
                 outputs.append(nn.functional.linear(scaled[:, columns], u[rows, columns], b))
         y = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return rows_to_shape(y, x.shape[:-1])  # not a view: callers may write into the output (FSDP2 warns)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
