@@ -208,7 +208,7 @@ class SVDLinear(MergeableLinear):
         W to about one unit (float32 and float64, 6×6 to 3072×768); an edit of W moves its row's
         product by |ΔW_ij| (float32, unit-norm rows, K = 768: edits above ~1e-4 are seen)."""
         w = self.weight
-        if w.is_meta or w.dtype not in (torch.float32, torch.float64):
+        if w.is_meta:  # (the dtype is checked by basis_spans_weight, the only caller)
             return False
         index = torch.arange(self.in_features, dtype=torch.int64)
         probe = (1.0 - 2.0 * ((index * 2654435761 % (1 << 32)) >> 31)).to(w.device, w.dtype)
@@ -305,10 +305,12 @@ class SVDLinear(MergeableLinear):
     def _takes_basis_path(self, x: Tensor, dtype: torch.dtype) -> bool:
         """Whether this call runs the basis path: forced (``path="basis"``, which raises where it
         cannot apply) or chosen (:meth:`chosen_path`); never on the reference backend."""
-        if self.path not in (None, "basis") or self.method == "siva" or self.resolved_backend() == "reference":
+        if self.path not in (None, "basis") or self.method == "siva":
             return False
         full_precision = dtype in (torch.float32, torch.float64)
         if self.path == "basis":
+            if self.resolved_backend() == "reference":  # chosen_path asks this for path=None
+                return False
             if not full_precision or self.weight.requires_grad or not self.basis_spans_weight():
                 raise RuntimeError(
                     f"SVDLinear(path='basis') computes U diag(σ + d) Vᵀ in place of W: it needs float32/float64, "
