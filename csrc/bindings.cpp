@@ -7,6 +7,7 @@
 #include <utility>
 
 #include "cpu_simd.h"
+#include "few_rows_matmul.h"
 #include "head_mixing_attention.h"
 #include "lowrank_linear.h"
 #include "rescaled_linear.h"
@@ -82,6 +83,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x_dropped2d"), py::arg("weight"), py::arg("a"), py::arg("g"), py::arg("b"), py::arg("h0"),
         py::arg("scaling"), py::arg("need_x"), py::arg("need_x_dropped"), py::arg("need_weight"), py::arg("need_a"),
         py::arg("need_b"), py::arg("need_g"));
+  m.def("few_rows_matmul", &subspace_ops::few_rows::matmul, py::arg("a"), py::arg("weight"),
+        py::arg("transpose_weight"),
+        "a · weightᵀ (transpose_weight) or a · weight for float32 a of at most 16 rows, reading the weight once "
+        "(csrc/few_rows_matmul.h).");
+  m.def("few_rows_prefers", &subspace_ops::few_rows::prefers, py::arg("rows"), py::arg("transpose_weight"),
+        "Whether a float32 product of this many rows with a weight runs faster on few_rows_matmul than on "
+        "ATen's GEMM on this CPU (csrc/few_rows_matmul.h).");
   m.def("rescaled_linear_gemm_rows", &subspace_ops::rescaled_gemm::max_rows,
         "The most rows (tokens) float32 rescaled_linear runs on its own GEMMs (AVX-512 or AVX2 + FMA) here; "
         "0 where neither runs (ATen's GEMMs then).");

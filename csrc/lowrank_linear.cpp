@@ -9,6 +9,8 @@
 //   dA = s·(gyᵀ h0) Gᵀ  [N, r]      dB = s·Gᵀ (tᵀ x_d)  [r, K]      dW = gyᵀ x (only when W is trained)
 //   dG = s·tᵀ h0 (full)  or its diagonal
 //
+// With a few rows (decoding) the products with W run on csrc/few_rows_matmul.h's loops, which read W once.
+//
 // ΔW = s·A G B is never formed, and no [M, N] tensor is allocated besides y (PEFT's LoRA writes three:
 // the base output, the adapter output and their scaled sum) and no [M, K] one besides gx. The adapter's
 // extra work is five GEMMs with an inner or outer dimension r, i.e. O((M + N + K)·r) memory traffic on
@@ -22,6 +24,8 @@
 // 4.565 -> 0.686 ms at M = 4096, K = N = 768; 0.693 -> 0.236 and 0.855 -> 0.265 ms at M = 788,
 // N = 1536, K = 384; 0.090 -> 0.034 and 0.093 -> 0.043 ms at M = 197, K = N = 768.
 #include "lowrank_linear.h"
+
+#include "few_rows_matmul.h"
 
 namespace subspace_ops {
 namespace {
@@ -75,7 +79,13 @@ std::tuple<at::Tensor, at::Tensor> lowrank_linear_forward(const at::Tensor& x2d,
   check_inputs(x2d, x_dropped2d, weight, a, g, b);
   const at::Tensor& xd = present(x_dropped2d) ? *x_dropped2d : x2d;
   at::Tensor h0 = at::mm(xd, b.t());
-  at::Tensor y = present(bias) ? at::addmm(*bias, x2d, weight.t()) : at::mm(x2d, weight.t());
+  at::Tensor y;
+  if (few_rows::prefers(x2d.size(0), true) && x2d.scalar_type() == at::kFloat) {  // decoding: W read once
+    y = few_rows::matmul(x2d, weight, true);
+    if (present(bias)) y.add_(*bias);
+  } else {
+    y = present(bias) ? at::addmm(*bias, x2d, weight.t()) : at::mm(x2d, weight.t());
+  }
   y.addmm_(h0, up_projection(a, g).t(), /*beta=*/1, /*alpha=*/scaling);  // accumulates into y in place
   return {y, h0};
 }
@@ -101,7 +111,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor gx, gxd, gw, ga, gb, gg, t;
   if (adapter_x || need_b || need_g) t = at::mm(a.t(), grad_y.t()).t();  // [M, r], a transposed view
   if (need_x) {
-    gx = at::mm(grad_y, weight);
+    gx = few_rows::product(grad_y, weight, false);
     if (!dropped) gx.addmm_(t, down_projection(b, g), /*beta=*/1, /*alpha=*/scaling);  // gy W + s·t G B
   }
   if (need_x_dropped) gxd = at::mm(t, down_projection(b, g).mul(scaling));

@@ -514,13 +514,15 @@ def test_separable_path_without_gradient_writes_only_its_output(given):
 
 def test_stacked_path_runs_one_gemm_per_pass():
     """RLRR's step on the stacked path (a few tokens on the cpu backend, its default there): one
-    GEMM forward and one backward over the stacked blocks, W frozen."""
+    GEMM forward and one backward over the stacked blocks, W frozen. In float64 (float32's products
+    run on the few-rows loops instead: tests/test_few_rows_matmul.py counts those)."""
     from torch.profiler import ProfilerActivity, profile
 
     require_backend("cpu")
-    x = torch.randn(1, 2, 48, requires_grad=True)  # 2 tokens · (1 + 3) = 8 stacked rows
-    weight = torch.randn(40, 48)
-    s_l, s_r = torch.randn(40, 3, requires_grad=True), torch.randn(48, 3, requires_grad=True)
+    x = torch.randn(1, 2, 48, requires_grad=True, dtype=torch.float64)  # 2 tokens · (1 + 3) = 8 stacked rows
+    weight = torch.randn(40, 48, dtype=torch.float64)
+    s_l = torch.randn(40, 3, requires_grad=True, dtype=torch.float64)
+    s_r = torch.randn(48, 3, requires_grad=True, dtype=torch.float64)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         subspace_ops.rescaled_linear(x, weight, s_l, s_r, backend="cpu").sum().backward()
     assert sum(e.count for e in prof.key_averages() if e.key in ("aten::mm", "aten::addmm", "aten::addmm_")) == 2

@@ -57,6 +57,7 @@ from torch import Tensor, nn
 
 from .. import reference
 from ..ops import svd_delta_linear
+from ..ops._few_rows import cpu_float32_eager, weight_product
 from ..ops._sizes import rows_to_shape, size_for_choice
 from ..ops.svd_delta_linear import choose_path, path_flops
 from .base import MergeableLinear, compute_dtype
@@ -273,20 +274,29 @@ class SVDLinear(MergeableLinear):
         op_cost = path_flops(op_path, tokens, self.out_features, self.in_features, self.rank, needs_grad)
         return "basis" if self._basis_flops(tokens, needs_grad) < op_cost else op_path
 
-    def _basis_forward(self, x: Tensor, bias: Optional[Tensor]) -> Tensor:
+    def _basis_forward(self, x: Tensor, bias: Optional[Tensor], needs_grad: bool) -> Tensor:
         """((x V) ⊙ (σ + d)) Uᵀ + b, part by part (U is block-sparse over a fused projection's parts);
-        autograd saves x V [M, k] for the gradient of s."""
+        autograd saves x V [M, k] for the gradient of s. A cpu-backend float32 call that records no
+        gradient (decoding) runs its products on the few-rows loops where they have a few rows."""
         dtype = x.dtype
+        few_rows = not needs_grad and cpu_float32_eager(self.resolved_backend(), dtype)
         x2 = x.reshape(-1, self.in_features)
-        scaled = (x2 @ self.v.to(dtype)) * self.singular_values().to(dtype)
+        scaled = weight_product(x2, self.v.to(dtype), False, few_rows) * self.singular_values().to(dtype)
         u = self.u.to(dtype)
         outputs = []
+
+        def linear(inputs: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
+            if not few_rows:
+                return nn.functional.linear(inputs, w, b)
+            out = weight_product(inputs, w, True, True)
+            return out if b is None else out.add_(b)
+
         for rows, columns in self._part_slices():
             b = None if bias is None else bias[rows]
             if columns is None:  # a part left alone: its pretrained rows
-                outputs.append(nn.functional.linear(x2, self.weight[rows].to(dtype), b))
+                outputs.append(linear(x2, self.weight[rows].to(dtype), b))
             else:
-                outputs.append(nn.functional.linear(scaled[:, columns], u[rows, columns], b))
+                outputs.append(linear(scaled[:, columns], u[rows, columns], b))
         y = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
         return rows_to_shape(y, x.shape[:-1])  # not a view: callers may write into the output (FSDP2 warns)
 
@@ -296,7 +306,9 @@ class SVDLinear(MergeableLinear):
         dtype = compute_dtype(x, self.weight)
         cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
         if self._takes_basis_path(x, dtype):
-            return self._basis_forward(x.to(dtype), cast(self.bias))
+            needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                         for t in (x, self.s, self.bias))
+            return self._basis_forward(x.to(dtype), cast(self.bias), needs_grad)
         return svd_delta_linear(
             x.to(dtype), cast(self.weight), cast(self.u), cast(self.v), cast(self.delta()), cast(self.bias),
             backend=self.backend, path=None if self.path == "basis" else self.path,  # basis: reference backend

@@ -68,6 +68,7 @@ from .._validate import (
 )
 from ..backends import resolve_backend_for
 from ._dispatch import kernel_module
+from ._few_rows import cpu_float32_eager, weight_product
 from ._sizes import rows_to_shape, size_for_choice
 
 __all__ = ["rescaled_linear", "choose_path", "cpu_stacked_max_tokens"]
@@ -145,24 +146,14 @@ def choose_path(residual: bool, rank: int, dtype: torch.dtype = torch.float32, t
     return "modulated"
 
 
-def _scaled_matmul(a: Tensor, b: Tensor, scale: Optional[Tensor]) -> Tensor:
-    """(a ⊙ scale) @ b, the scale running over a's columns (b's rows), applied to whichever of the
-    two is smaller: a [M, L] or b [L, C], i.e. M vs C rows of L (a transient copy, never saved)."""
-    if scale is None:
-        return a @ b
-    if size_for_choice(a.shape[0]) >= size_for_choice(b.shape[1]):
-        return a @ (b * scale[:, None])
-    return (a * scale) @ b
-
-
 def _separable_forward(x: Tensor, weight: Tensor, s_l: Optional[Tensor], s_r: Optional[Tensor],
-                       bias: Optional[Tensor], keep_z: bool) -> tuple[Tensor, Optional[Tensor]]:
+                       bias: Optional[Tensor], keep_z: bool, few_rows: bool) -> tuple[Tensor, Optional[Tensor]]:
     """(y, z) with y = z ⊙ s_l + b, z = (x ⊙ s_r) Wᵀ (as [M, N]) for rank-1 scales (None = ones). z is
     returned only when ``keep_z`` and s_l is given (s_l's gradient needs it); otherwise y is written
     over z, so the call allocates one M×N tensor, as a plain linear layer does."""
     x2 = x.reshape(-1, x.shape[-1])
     s_l1 = None if s_l is None else s_l.reshape(-1)
-    z = _scaled_matmul(x2, weight.T, None if s_r is None else s_r.reshape(-1))
+    z = weight_product(x2, weight, True, few_rows, None if s_r is None else s_r.reshape(-1))
     if s_l1 is None:
         return (z if bias is None else z.add_(bias)), None
     if keep_z:
@@ -173,16 +164,19 @@ def _separable_forward(x: Tensor, weight: Tensor, s_l: Optional[Tensor], s_r: Op
 class _Separable(torch.autograd.Function):
     """y = ((x ⊙ s_r) Wᵀ) ⊙ s_l + b for rank-1 scales (None = ones), in as few passes over
     activations as torch ops allow: a scale that feeds a GEMM rides on whichever operand is smaller
-    (:func:`_scaled_matmul`), and z = (x ⊙ s_r) Wᵀ is kept only when s_l is trained (its gradient
-    is Σ_m gy ⊙ z). A call that needs no gradient skips this node: :func:`_separable_forward`."""
+    (:func:`~subspace_ops.ops._few_rows.weight_product`), and z = (x ⊙ s_r) Wᵀ is kept only when s_l
+    is trained (its gradient is Σ_m gy ⊙ z). With a few tokens on the cpu backend in float32 the
+    products with W run on the few-rows loops (``few_rows``). A call that needs no gradient skips this
+    node: :func:`_separable_forward`."""
 
     @staticmethod
-    def forward(ctx, x, weight, s_l, s_r, bias):
-        need_x, need_weight, need_s_l, need_s_r, _ = ctx.needs_input_grad
-        y, z = _separable_forward(x, weight, s_l, s_r, bias, keep_z=need_s_l)
+    def forward(ctx, x, weight, s_l, s_r, bias, few_rows):
+        need_x, need_weight, need_s_l, need_s_r, _, _ = ctx.needs_input_grad
+        y, z = _separable_forward(x, weight, s_l, s_r, bias, keep_z=need_s_l, few_rows=few_rows)
         ctx.save_for_backward(x.reshape(-1, x.shape[-1]) if (need_s_r or need_weight) else None, weight,
                               None if s_l is None else s_l.reshape(-1), None if s_r is None else s_r.reshape(-1), z)
         ctx.shapes = (x.shape, None if s_l is None else s_l.shape, None if s_r is None else s_r.shape)
+        ctx.few_rows = few_rows
         return rows_to_shape(y, x.shape[:-1])
 
     @staticmethod
@@ -190,7 +184,7 @@ class _Separable(torch.autograd.Function):
         refuse_double_backward("rescaled_linear (separable path)")
         x2, weight, s_l1, s_r1, z = ctx.saved_tensors
         x_shape, s_l_shape, s_r_shape = ctx.shapes
-        need_x, need_weight, need_s_l, need_s_r, need_bias = ctx.needs_input_grad
+        need_x, need_weight, need_s_l, need_s_r, need_bias, _ = ctx.needs_input_grad
         gy = grad_y.reshape(-1, grad_y.shape[-1])
         gx = gw = gs_l = gs_r = gb = None
         if need_s_l:
@@ -198,7 +192,7 @@ class _Separable(torch.autograd.Function):
         if need_bias:
             gb = gy.sum(0)
         if need_x or need_s_r:
-            u = _scaled_matmul(gy, weight, s_l1)  # (gy ⊙ s_l) W
+            u = weight_product(gy, weight, False, ctx.few_rows, s_l1)  # (gy ⊙ s_l) W
             if need_s_r:
                 gs_r = torch.linalg.vecdot(u, x2, dim=0).reshape(s_r_shape)  # Σ_m u ⊙ x
             if need_x:
@@ -206,7 +200,7 @@ class _Separable(torch.autograd.Function):
         if need_weight:
             gy_l = gy if s_l1 is None else gy * s_l1
             gw = gy_l.T @ (x2 if s_r1 is None else x2 * s_r1)
-        return gx, gw, gs_l, gs_r, gb
+        return gx, gw, gs_l, gs_r, gb, None
 
 
 def _scale_columns(scale: Optional[Tensor], length: int) -> Optional[Tensor]:
@@ -255,26 +249,27 @@ class _Stacked(torch.autograd.Function):
     sizes this path is for, each torch call's own cost is a visible part of the step."""
 
     @staticmethod
-    def forward(ctx, x, weight, s_l, s_r, bias, residual, rank):
+    def forward(ctx, x, weight, s_l, s_r, bias, residual, rank, few_rows):
         out_features, in_features = weight.shape
         x2 = x.reshape(-1, in_features)
         s_l_cols, s_r_cols = _scale_columns(s_l, out_features), _scale_columns(s_r, in_features)
-        z = _stack_blocks(x2, s_r_cols, rank, residual) @ weight.T  # [(c + r)·M, N]
+        z = weight_product(_stack_blocks(x2, s_r_cols, rank, residual), weight, True, few_rows)  # [(c + r)·M, N]
         y = _combine_blocks(z, s_l_cols, rank, residual)
         if bias is not None:
             y += bias
-        need_x, need_weight, need_s_l, need_s_r, _, _, _ = ctx.needs_input_grad
+        need_x, need_weight, need_s_l, need_s_r, _, _, _, _ = ctx.needs_input_grad
         ctx.save_for_backward(x2 if (need_s_r or need_weight) else None, weight, s_l_cols, s_r_cols,
                               z if need_s_l else None)
-        ctx.meta = (residual, rank, x.shape, None if s_l is None else s_l.shape, None if s_r is None else s_r.shape)
+        ctx.meta = (residual, rank, few_rows, x.shape, None if s_l is None else s_l.shape,
+                    None if s_r is None else s_r.shape)
         return rows_to_shape(y, x.shape[:-1])
 
     @staticmethod
     def backward(ctx, grad_y):
         refuse_double_backward("rescaled_linear (stacked path)")
         x2, weight, s_l_cols, s_r_cols, z = ctx.saved_tensors
-        residual, rank, x_shape, s_l_shape, s_r_shape = ctx.meta
-        need_x, need_weight, need_s_l, need_s_r, need_bias, _, _ = ctx.needs_input_grad
+        residual, rank, few_rows, x_shape, s_l_shape, s_r_shape = ctx.meta
+        need_x, need_weight, need_s_l, need_s_r, need_bias, _, _, _ = ctx.needs_input_grad
         gy = grad_y.reshape(-1, grad_y.shape[-1])
         gx = gw = gs_l = gs_r = gb = None
         if need_s_l:
@@ -284,14 +279,14 @@ class _Stacked(torch.autograd.Function):
         if need_x or need_s_r or need_weight:
             stacked_gy = _stack_blocks(gy, s_l_cols, rank, residual)
             if need_x or need_s_r:
-                u = stacked_gy @ weight  # [(c + r)·M, K]
+                u = weight_product(stacked_gy, weight, False, few_rows)  # [(c + r)·M, K]
                 if need_s_r:
                     gs_r = _column_dots(u, x2, rank, residual).reshape(s_r_shape)  # Σ_m x ⊙ (gy ⊙ s_l[:, j]) W
                 if need_x:
                     gx = _combine_blocks(u, s_r_cols, rank, residual).reshape(x_shape)
             if need_weight:
                 gw = stacked_gy.T @ _stack_blocks(x2, s_r_cols, rank, residual)
-        return gx, gw, gs_l, gs_r, gb, None, None
+        return gx, gw, gs_l, gs_r, gb, None, None, None
 
 
 def _forward_impl(
@@ -535,11 +530,14 @@ def rescaled_linear(
     if name == "reference":
         return reference.rescaled_linear(x, weight, s_l, s_r, bias, residual=residual)
     if chosen == "separable":
+        few_rows = cpu_float32_eager(name, x.dtype)
         if not needs_grad:
-            return rows_to_shape(_separable_forward(x, weight, s_l, s_r, bias, keep_z=False)[0], x.shape[:-1])
-        return _Separable.apply(x, weight, s_l, s_r, bias)
+            y = _separable_forward(x, weight, s_l, s_r, bias, keep_z=False, few_rows=few_rows)[0]
+            return rows_to_shape(y, x.shape[:-1])
+        return _Separable.apply(x, weight, s_l, s_r, bias, few_rows)
     if chosen == "stacked":
-        return _Stacked.apply(x, weight, s_l, s_r, bias, residual, rank)
+        few_rows = cpu_float32_eager(name, x.dtype)
+        return _Stacked.apply(x, weight, s_l, s_r, bias, residual, rank, few_rows)
     out_features, in_features = weight.shape
     args = (x, weight, _scale_matrix(s_l, out_features, rank, x), _scale_matrix(s_r, in_features, rank, x), bias,
             residual, name)

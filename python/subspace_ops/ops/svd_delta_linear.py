@@ -38,6 +38,7 @@ from .._validate import (
 )
 from ..backends import resolve_backend
 from ._dispatch import kernel_module
+from ._few_rows import cpu_float32_eager, weight_product
 from ._sizes import rows_to_shape, size_for_choice
 
 __all__ = ["svd_delta_linear", "choose_path", "keeps_merged_weight", "path_flops"]
@@ -182,6 +183,19 @@ def _check_inputs(x, weight, u, v, d, bias) -> None:
             raise ValueError(f"{name} must be frozen (requires_grad=False): svd_delta_linear trains d only")
 
 
+def _unmerged_without_gradient(x: Tensor, weight: Tensor, u: Tensor, v: Tensor, d: Tensor,
+                               bias: Optional[Tensor]) -> Tensor:
+    """The unmerged path of a cpu-backend float32 call that records no gradient (decoding): its three
+    products with W, V and U on the few-rows loops where they have a few rows (ops/_few_rows.py),
+    summed into one [M, N] buffer."""
+    x2 = x.reshape(-1, x.shape[-1])
+    y = weight_product(x2, weight, True, True)
+    y.add_(weight_product(weight_product(x2, v, False, True) * d, u, True, True))
+    if bias is not None:
+        y.add_(bias)
+    return rows_to_shape(y, x.shape[:-1])
+
+
 def svd_delta_linear(
     x: Tensor,
     weight: Tensor,
@@ -207,6 +221,10 @@ def svd_delta_linear(
         return reference.svd_delta_linear(x, weight, u, v, d, bias)
     tokens = size_for_choice(x.numel() // max(x.shape[-1], 1))
     if (path or choose_path(tokens, *weight.shape)) == "unmerged":
+        if cpu_float32_eager(name, x.dtype) and not (torch.is_grad_enabled() and (x.requires_grad or d.requires_grad
+                                                                                  or bias is not None
+                                                                                  and bias.requires_grad)):
+            return _unmerged_without_gradient(x, weight, u, v, d, bias)
         return torch.nn.functional.linear(x, weight, bias) + ((x @ v) * d) @ u.T
     keep_weight = keeps_merged_weight(tokens, weight.shape[0], u.shape[1])
     if torch.compiler.is_compiling():
