@@ -17,12 +17,12 @@ namespace subspace_ops::few_rows {
 // The most rows these loops take (matmul's bound).
 constexpr int64_t kMaxRows = 16;
 
-// The most rows for which callers use them: measured against ATen's products (MKL) on 2 threads (AMD
-// EPYC Zen 3, AVX2, 2026-12-03), a · Wᵀ was 1.4-2.5× faster with 1 row (ATen's GEMV), 2.2-4.5× with 4
-// and 1.1-2.7× with 8, at K = N = 768 up to K = 4096, N = 11008, and 0.75-1.5× with 16; a · W was
-// 2-2.7× faster with 2-4 rows and 1.1-2.4× with 8, but with 1 row (a walk down W's columns against
-// ATen's GEMV along its rows) 0.8× at K = N = 4096, so a · W starts at 2 rows.
-constexpr int64_t kPreferredRows = 8;
+// The most rows for which callers use them: all of them. Measured against ATen's products (MKL) on 2
+// threads (AMD EPYC Zen 3, AVX2, 2026-12-03) at K = N = 768, K = N = 1024, K = N = 4096 and K = 4096,
+// N = 11008: a · Wᵀ 1.6-2.5× faster with 1 row (ATen's GEMV), 3.3-4.7× with 2-4, 1.8-3.8× with 8 and
+// 1.3-2.7× with 16; a · W 1.5-3.7× with 2-16 rows, but with 1 row (a walk down W's columns against
+// ATen's GEMV along its rows) 0.76-0.78× at K = 4096 (1.1-1.7× at 768-1024), so a · W starts at 2 rows.
+constexpr int64_t kPreferredRows = kMaxRows;
 
 // kMaxRows where simd::isa() (cpu_simd.h) is AVX-512 or AVX2 + FMA, else 0 (where it is 0, matmul runs
 // ATen's product: tests cap the instruction set after callers have asked).

@@ -108,12 +108,12 @@ def test_rescaled_linear_products_with_w_take_the_few_rows_loops(monkeypatch, re
 
 
 def test_more_rows_and_other_dtypes_keep_torch_products(monkeypatch):
-    """Beyond 8 rows (few_rows::kPreferredRows), in float64 and on the reference backend, no few-rows
+    """Beyond 16 rows (few_rows::kPreferredRows), in float64 and on the reference backend, no few-rows
     product runs."""
     require_backend("cpu")
     calls = _counting_few_rows(monkeypatch)
     w = torch.randn(40, 48)
-    over = 9
+    over = 17
     assert not cpu_extension().few_rows_prefers(over, True)
     subspace_ops.rescaled_linear(torch.randn(over, 48), w, torch.randn(40), torch.randn(48), residual=False,
                                  backend="cpu", path="separable")

@@ -207,3 +207,53 @@ def test_dora_without_bias_and_with_dropout():
     dropped = nn.functional.dropout(x, 0.5, True)
     scale = layer.magnitude / (layer.weight + layer.lora_a @ layer.lora_b).norm(dim=1)
     torch.testing.assert_close(y, scale * (x @ layer.weight.T + dropped @ layer.lora_b.T @ layer.lora_a.T))
+
+
+def test_dora_evaluation_keeps_the_weight_norms_only_while_the_weight_is_unchanged(monkeypatch):
+    """Calls without gradients reuse ‖W_n‖² (DoRALinear._kept_weight_sq) and, in float32 on the cpu
+    backend, take W Bᵀ from the few-rows loops; every way the frozen W can change is seen: an in-place
+    write (version counter), load_state_dict, a new tensor, .to(); writes through .data are not, and
+    forget_weight_norms() drops the kept norms. Each output is compared with the reference formula."""
+    layer = DoRALinear(nn.Linear(40, 24), 8, backend="cpu")
+    _perturb(layer)
+    computed = []
+    original = torch.linalg.vector_norm
+    monkeypatch.setattr(torch.linalg, "vector_norm", lambda *a, **k: computed.append(1) or original(*a, **k))
+    x = torch.randn(3, 40)
+
+    def check(expect_recomputed: bool) -> None:
+        computed.clear()
+        with torch.no_grad():
+            got = layer(x)
+        recomputed = bool(computed)
+        expected = reference.dora_linear(x.double(), layer.weight.double(), layer.lora_a.double(),
+                                         layer.lora_b.double(), layer.magnitude.double(), layer.bias.double(),
+                                         scaling=layer.scaling)
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+        assert recomputed == expect_recomputed
+
+    check(True)
+    check(False)  # kept
+    with torch.no_grad():
+        layer.weight.mul_(1.5)  # in place: a new version
+    check(True)
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    state["weight"] = torch.randn(24, 40)
+    layer.load_state_dict(state)
+    check(True)
+    layer.weight = nn.Parameter(torch.randn(24, 40), requires_grad=False)
+    check(True)
+    layer.to(torch.float64)
+    x = x.double()
+    check(True)
+    layer.weight.data.mul_(0.5)  # not seen: the kept norms are stale until forgotten
+    with torch.no_grad():
+        stale = layer(x)
+    layer.forget_weight_norms()
+    check(True)
+    with torch.no_grad():
+        assert not torch.allclose(stale, layer(x))
+    # A training call computes the norm with its graph each time, whatever is kept.
+    computed.clear()
+    layer(x.requires_grad_()).sum().backward()
+    assert computed and layer.lora_a.grad is not None

@@ -14,7 +14,8 @@ import subspace_ops
 from subspace_ops import reference
 from subspace_ops.backends import BackendUnavailableError, resolve_backend
 from subspace_ops.ops.rescaled_linear import (
-    CPU_STACKED_MAX_ROWS, CPU_STACKED_MAX_ROWS_OWN_GEMMS, choose_path, cpu_stacked_max_tokens,
+    CPU_STACKED_MAX_ROWS, CPU_STACKED_MAX_ROWS_OWN_GEMMS, CPU_STACKED_MAX_ROWS_OWN_GEMMS_FORWARD_ONLY, choose_path,
+    cpu_stacked_max_tokens,
 )
 from subspace_ops.testing import check_close
 
@@ -338,12 +339,18 @@ def test_path_rule_and_errors():
     assert choose_path(True, 1, torch.float32, tokens=tokens + 1, backend="cpu") == "modulated"
     tokens = cpu_stacked_max_tokens(False, 2, torch.float32)
     assert choose_path(False, 2, torch.float32, tokens=tokens + 1, backend="cpu") == "modulated"
+    # Where the own float32 GEMMs run, a training call stacks up to 16 rows, one without gradients up to 8.
+    if cpu_stacked_max_tokens(True, 1, torch.float32) == CPU_STACKED_MAX_ROWS_OWN_GEMMS // 2:
+        assert cpu_stacked_max_tokens(True, 1, torch.float32, needs_grad=False) == 4
+        assert choose_path(True, 1, torch.float32, tokens=8, backend="cpu") == "stacked"
+        assert choose_path(True, 1, torch.float32, tokens=8, backend="cpu", needs_grad=False) == "modulated"
+        assert choose_path(True, 1, torch.float32, tokens=4, backend="cpu", needs_grad=False) == "stacked"
     assert choose_path(True, 1, torch.float32, tokens=1, backend="triton") == "modulated"  # reads W once
     assert choose_path(True, 1, torch.bfloat16, tokens=1, backend="cpu") == "modulated"
     # A call without a gradient: the own float32 GEMMs' forward beats the separable one's two
     # scalings beyond the few tokens the cpu backend stacks; not in float64 (ATen GEMMs) nor on triton.
-    bound = cpu_stacked_max_tokens(False, 1, torch.float32)
-    own = bound == CPU_STACKED_MAX_ROWS_OWN_GEMMS
+    bound = cpu_stacked_max_tokens(False, 1, torch.float32, needs_grad=False)
+    own = bound == CPU_STACKED_MAX_ROWS_OWN_GEMMS_FORWARD_ONLY
     assert choose_path(False, 1, torch.float32, tokens=bound, backend="cpu", needs_grad=False) == "separable"
     beyond = "modulated" if own else "separable"
     assert choose_path(False, 1, torch.float32, tokens=bound + 1, backend="cpu", needs_grad=False) == beyond
@@ -471,7 +478,7 @@ def test_call_without_gradient_takes_the_forward_only_path(recording):
 
     require_backend("cpu")
     own_gemms = cpu_extension().rescaled_linear_gemm_rows() > 0
-    bound = cpu_stacked_max_tokens(False, 1, torch.float32)
+    bound = cpu_stacked_max_tokens(False, 1, torch.float32, needs_grad=False)
     g = torch.Generator().manual_seed(3)
     for tokens in (bound, bound + 1, 197):
         x = torch.randn(tokens, 96, generator=g)

@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import reference
+from ..backends import resolve_backend
+from ..ops._few_rows import cpu_float32_eager, weight_product
 from ..ops.lowrank_linear import lowrank_linear
 from .base import MergeableLinear, compute_dtype
 
@@ -145,13 +147,14 @@ class LowRankLinear(MergeableLinear):
         return self._describe() + f", rank={self.rank}, g={self.g_kind}, alpha={self.alpha:g}, dropout={self.dropout:g}"
 
 
-def dora_row_norm(weight: Tensor, a: Tensor, b: Tensor, scaling: float, weight_sq: Optional[Tensor] = None) -> Tensor:
+def dora_row_norm(weight: Tensor, a: Tensor, b: Tensor, scaling: float, weight_sq: Optional[Tensor] = None,
+                  weight_b: Optional[Tensor] = None) -> Tensor:
     """‖W_n + s·(A B)_n‖ for every output row n, without forming W + s·AB [N, K]:
 
         ‖W_n + s(AB)_n‖² = ‖W_n‖² + 2s·A_n·(W Bᵀ)_n + s²·A_n (B Bᵀ) A_nᵀ
 
-    i.e. one thin GEMM ``W Bᵀ [N, r]`` (the only pass over W besides ‖W_n‖², which ``weight_sq`` may
-    supply), the r×r Gram ``B Bᵀ`` and row sums of [N, r] products. Computed in the inputs' dtype
+    i.e. one thin GEMM ``W Bᵀ [N, r]`` (the only pass over W besides ‖W_n‖²; ``weight_sq`` and
+    ``weight_b`` may supply either), the r×r Gram ``B Bᵀ`` and row sums of [N, r] products. Computed in the inputs' dtype
     (callers pass float32 or better), clamped at 0 before the square root. Differentiable in all of
     weight, a, b.
 
@@ -163,30 +166,40 @@ def dora_row_norm(weight: Tensor, a: Tensor, b: Tensor, scaling: float, weight_s
     """
     if weight_sq is None:  # a reduction over W's rows: no [N, K] temporary, as weight.square() would be
         weight_sq = torch.linalg.vector_norm(weight, dim=1).square()
-    cross = (a * (weight @ b.T)).sum(1)
+    cross = (a * (weight @ b.T if weight_b is None else weight_b)).sum(1)
     quad = ((a @ (b @ b.T)) * a).sum(1)
     return (weight_sq + (2.0 * scaling) * cross + (scaling * scaling) * quad).clamp_min(0).sqrt()
 
 
-def _dora_norm(weight: Tensor, a: Tensor, b: Tensor, scaling: float, acc: torch.dtype, detach: bool) -> Tensor:
+def _dora_norm(weight: Tensor, a: Tensor, b: Tensor, scaling: float, acc: torch.dtype, detach: bool,
+               weight_sq: Optional[Tensor] = None, few_rows: bool = False) -> Tensor:
     """:func:`dora_row_norm` of the tensors as given, in ``acc``; ``detach``: a constant for autograd
     (its inputs detached, so no graph is built for it; detach() rather than a no_grad block:
     torch.export records grad-mode switches as wrap_with_set_grad_enabled nodes, which its loader
-    rejects, torch 2.14)."""
-    parts = [t.detach() if detach else t for t in (weight, a, b)]
-    return dora_row_norm(*(t.to(acc) for t in parts), scaling)
+    rejects, torch 2.14). ``few_rows`` (:func:`~subspace_ops.ops._few_rows.cpu_float32_eager`): W Bᵀ
+    is computed as (B Wᵀ)ᵀ on the cpu backend's few-rows loops (r rows, W read once) where no
+    gradient flows through it."""
+    weight, a, b = (t.detach() if detach else t for t in (weight, a, b))
+    weight, a, b = weight.to(acc), a.to(acc), b.to(acc)
+    weight_b = None
+    if few_rows and not (torch.is_grad_enabled() and (weight.requires_grad or b.requires_grad)):
+        weight_b = weight_product(b, weight, True, True).T
+    return dora_row_norm(weight, a, b, scaling, weight_sq, weight_b)
 
 
 def dora_linear(x: Tensor, weight: Tensor, a: Tensor, b: Tensor, magnitude: Tensor, bias: Optional[Tensor],
                 scaling: float, *, detach_norm: bool, dropout_p: float = 0.0, training: bool = False,
-                backend: Optional[str] = None) -> Tensor:
+                backend: Optional[str] = None, weight_sq: Optional[Tensor] = None) -> Tensor:
     """DoRA's forward: ``c ⊙ lowrank_linear(x, W, A, None, B) + bias`` with ``c = m / ‖W + s·AB‖`` per
     output row, the norm from :func:`dora_row_norm` in float32 or better from ``weight``, ``a``, ``b``
-    as given (no [N, K] tensor); the op runs in ``x``'s dtype (``bias`` already in it). Serves
-    :class:`DoRALinear` and PEFT's DoRA layers accelerated by :mod:`subspace_ops.peft`."""
+    as given (no [N, K] tensor; ``weight_sq``: ‖W_n‖² if the caller keeps it); the op runs in ``x``'s
+    dtype (``bias`` already in it). Serves :class:`DoRALinear` and PEFT's DoRA layers accelerated by
+    :mod:`subspace_ops.peft`."""
     dtype = x.dtype
     acc = _acc_dtype(dtype)
-    scale = (magnitude.to(acc) / _dora_norm(weight, a, b, scaling, acc, detach_norm)).to(dtype)
+    few_rows = cpu_float32_eager(resolve_backend(backend, weight.device), acc)
+    norm = _dora_norm(weight, a, b, scaling, acc, detach_norm, weight_sq, few_rows)
+    scale = (magnitude.to(acc) / norm).to(dtype)
     z = lowrank_linear(x, weight.to(dtype), a.to(dtype), None, b.to(dtype), None, scaling=scaling,
                        dropout_p=dropout_p, training=training, backend=backend)
     return _ScaleFeatures.apply(z, scale, bias)
@@ -241,6 +254,11 @@ class DoRALinear(MergeableLinear):
     Parameters: ``lora_a [N, r]`` (zeros), ``lora_b [r, K]`` (kaiming-uniform) and ``magnitude [N]``,
     initialized to the row norms of W, so the layer starts exactly at the wrapped one (up to rounding
     of m / ‖W‖).
+
+    A call that records no gradient (evaluation, decoding) reuses ‖W_n‖² from the previous such call
+    while the frozen W is the same tensor, unchanged (its version counter, storage, device), so that a
+    decoding step reads W twice (x Wᵀ and W Bᵀ) instead of three times; writes through
+    ``weight.data`` bypass the version counter: call :meth:`forget_weight_norms` after them.
     """
 
     method = "dora"
@@ -265,10 +283,33 @@ class DoRALinear(MergeableLinear):
         with torch.no_grad():
             norms = self.weight.to(_acc_dtype(self.weight.dtype)).norm(dim=1)
         self.magnitude = nn.Parameter(norms.to(self.weight.dtype))
+        self.forget_weight_norms()
 
     def low_rank_factors(self) -> tuple[Tensor, Tensor]:
         """(A [N, r], B [r, K])."""
         return self.lora_a, self.lora_b
+
+    def forget_weight_norms(self) -> None:
+        """Drop the kept ‖W_n‖² (see the class docstring): the next call computes it again."""
+        self._weight_sq: Optional[Tensor] = None
+        self._weight_sq_of: tuple = ()
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self.forget_weight_norms()  # W may hold other values now
+
+    def _kept_weight_sq(self, acc: torch.dtype) -> Optional[Tensor]:
+        """‖W_n‖² in ``acc`` for a call that records no gradient, computed once per weight tensor and
+        state (the tensor itself, its version counter, storage, device); None under torch.compile."""
+        if torch.compiler.is_compiling():
+            return None
+        w = self.weight
+        state = (w._version, w.data_ptr(), w.device, acc)
+        if self._weight_sq is None or not self._weight_sq_of or self._weight_sq_of[0] is not w \
+                or self._weight_sq_of[1:] != state:
+            self._weight_sq = torch.linalg.vector_norm(w.detach().to(acc), dim=1).square()
+            self._weight_sq_of = (w, *state)
+        return self._weight_sq
 
     def row_norm(self, dtype: Optional[torch.dtype] = None) -> Tensor:
         """‖W + s·AB‖ per output row [N], in float32 or better (``dtype``'s promotion with float32)."""
@@ -284,10 +325,14 @@ class DoRALinear(MergeableLinear):
         if self.merged:
             return F.linear(x, self.weight, self.bias)
         dtype = compute_dtype(x, self.weight)
+        records_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, self.weight, self.lora_a, self.lora_b, self.magnitude,
+                                                        self.bias))
+        weight_sq = None if records_grad else self._kept_weight_sq(_acc_dtype(dtype))
         return dora_linear(x.to(dtype), self.weight, self.lora_a, self.lora_b, self.magnitude,
                            None if self.bias is None else self.bias.to(dtype), self.scaling,
                            detach_norm=self.detach_norm, dropout_p=self.dropout, training=self.training,
-                           backend=self.backend)
+                           backend=self.backend, weight_sq=weight_sq)
 
     def extra_repr(self) -> str:
         return (self._describe() + f", rank={self.rank}, alpha={self.alpha:g}, dropout={self.dropout:g}, "

@@ -101,7 +101,9 @@ class RLRRLinear(MergeableLinear):
         parts = f", splits={self.splits}" if len(self.splits) > 1 else ""
         rank = len(self.splits)
         fp32, fp64 = (cpu_stacked_max_tokens(True, rank, dtype) for dtype in (torch.float32, torch.float64))
-        path = f"path=auto (cpu: stacked up to {fp32} tokens in fp32, {fp64} in fp64, else modulated)"
+        fp32_eval = cpu_stacked_max_tokens(True, rank, torch.float32, needs_grad=False)
+        path = (f"path=auto (cpu: stacked up to {fp32} tokens in fp32 ({fp32_eval} without gradients), {fp64} in "
+                f"fp64, else modulated)")
         return self._describe() + parts + ", " + path
 
 
@@ -240,7 +242,7 @@ class ScaledLinear(MergeableLinear):
             path = "separable per part" if self._by_part(dtype) else choose_path(False, rank, dtype)
         if path.startswith("separable"):
             # Without a gradient (evaluation) the cpu backend may modulate instead (see choose_path).
-            tokens = cpu_stacked_max_tokens(False, 1, dtype) + 1
+            tokens = cpu_stacked_max_tokens(False, 1, dtype, needs_grad=False) + 1
             if choose_path(False, 1, dtype, tokens, backend="cpu", needs_grad=False) == "modulated":
                 path += f"; without gradients on cpu: modulated from {tokens} tokens"
         return self._describe() + f", scales={sides}{parts}, path={path} ({dtype} weights)"

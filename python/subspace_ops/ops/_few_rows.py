@@ -1,10 +1,10 @@
 """Products with a frozen weight on the cpu backend's few-rows loops (``csrc/few_rows_matmul.h``).
 
 With a few rows (decoding one or a few tokens, the stacked path's blocks) MKL's GEMM re-reads or packs
-W for every few rows, so on the CPUs measured ``x · Wᵀ`` with 2-8 rows costs 2-4× one row's GEMV.
+W for every few rows, so on the CPU measured ``x · Wᵀ`` with 2-8 rows costs 2-4× one row's GEMV.
 The extension's loops stream W from memory once and use each vector of it for every row: on 2 threads
-(AMD EPYC Zen 3, AVX2) 1.4-4.5× faster than torch's product at 1-8 rows; the C++ side
-(``few_rows::prefers``) holds the rule and the measurements. The ops' Python paths (rescaled_linear's
+(AMD EPYC Zen 3, AVX2) 1.3-4.7× faster than torch's products at 1-16 rows (``x · W`` from 2 rows);
+the C++ side (``few_rows::prefers``) holds the rule and the measurements. The ops' Python paths (rescaled_linear's
 stacked and separable paths, svd_delta_linear's unmerged path, SVDLinear's basis path) call
 :func:`weight_product` where they would write ``rows @ W.T``; the C++ kernels (lowrank_linear) call
 the loops themselves. Only in eager mode: under ``torch.compile`` the products stay torch's, which

@@ -28,8 +28,9 @@ Three paths (``path=``; :func:`choose_path` picks one when None, and the layers 
   PEFT's (IA)³ saves its base layer's output) instead of nothing N-sized. A call that needs no
   gradient (evaluation) writes y over z, and on the ``cpu`` backend's own float32 GEMMs (below) takes
   the modulated path beyond 8 tokens: forming W' while packing it costs less than the two scalings.
-- ``"stacked"`` (the default of the ``cpu`` backend for a few tokens, M·(c + r) ≤ 8 in float32
-  where the own GEMMs run, ≤ 48 otherwise, in float32/float64: decoding, tiny batches):
+- ``"stacked"`` (the default of the ``cpu`` backend for a few tokens, M·(c + r) ≤ 16 in float32
+  where the own GEMMs run (≤ 8 in a call without gradients), ≤ 48 otherwise, in float32/float64:
+  decoding, tiny batches):
   W' = c·W + Σ_j diag(s_l[:, j]) W diag(s_r[:, j]), so the c + r input blocks
   [c·x; x ⊙ s_r[:, 1]; …] go through one GEMM with the frozen W, whose output blocks are scaled by
   s_l and summed; the backward is one more GEMM of the stacked [c·gy; gy ⊙ s_l[:, 1]; …] with W.
@@ -43,9 +44,16 @@ Three paths (``path=``; :func:`choose_path` picks one when None, and the layers 
   autograd node (2026-12-01) the two paths take the same time at M = 1-4 (0.95-1.05×, two runs),
   so the bound of 8 rows is kept for its smaller reads of W. With the AVX2 build of those GEMMs
   (AMD EPYC Zen 3, 2026-12-03) the two also tie at M = 1 and 4 (1.39 vs 1.38 ms, 1.39 vs 1.29 ms
-  fwd+bwd), so the same bound holds there. On a GPU the Triton kernels
-  already read W once, so the rule keeps them there. Autograd saves the stacked GEMM output
-  [(c + r)·M, N] when s_l is trained.
+  fwd+bwd), so the same bound holds there. Since the stacked products with W run on the few-rows
+  loops in float32 (``ops/_few_rows.py``: W read once; before, MKL's GEMM took 2-4× a GEMV with 2-8
+  rows on that CPU), stacked vs modulated per step on the AVX2 VM (2 threads, 2026-12-03, µs,
+  fwd+bwd / without gradients): K = N = 768 rank 1 at 2 stacked rows 471 vs 605 / 133 vs 184, 8 rows
+  551 vs 651 / 201 vs 187, 16 rows 712 vs 761 / 281 vs 222, 24 rows 967 vs 828; rank 3 at 16 rows
+  817 vs 857 / 317 vs 228; K = N = 4096 rank 1 at 2 rows 4.6 vs 45.9 ms / 1.4 vs 6.0 ms (the
+  modulated step reduces the scale gradients over all N·K elements of G, ~45 ms there at any M ≤
+  16), 16 rows 13.6 vs 49.6 / 5.4 vs 7.2. Hence 16 stacked rows with a gradient and 8 without.
+  On a GPU the Triton kernels already read W once, so the rule keeps them there. Autograd saves the
+  stacked GEMM output [(c + r)·M, N] when s_l is trained.
 
 The paths agree up to rounding on finite inputs. With an infinite input they may differ in kind:
 the separable and stacked paths sum the blocks' products, so an infinite x can give inf − inf = NaN
@@ -77,9 +85,11 @@ PATHS = ("modulated", "separable", "stacked")
 
 # The stacked path is the cpu backend's default while M·(c + r) ≤ this many stacked rows (see the
 # module docstring for the measurements behind it): against the modulated kernels on ATen GEMMs
-# (float64, or CPUs without AVX2), and against the own float32 GEMMs (AVX-512 or AVX2), which pack W' as they go.
+# (float64, or CPUs without AVX2), and against the own float32 GEMMs (AVX-512 or AVX2), which pack W'
+# as they go, in a training call and in one without gradients.
 CPU_STACKED_MAX_ROWS = 48
-CPU_STACKED_MAX_ROWS_OWN_GEMMS = 8
+CPU_STACKED_MAX_ROWS_OWN_GEMMS = 16
+CPU_STACKED_MAX_ROWS_OWN_GEMMS_FORWARD_ONLY = 8
 
 
 @functools.lru_cache(maxsize=None)
@@ -99,12 +109,16 @@ def _cpu_float32_gemms_are_own() -> bool:
     return _cpu_own_gemm_rows() > 0
 
 
-def cpu_stacked_max_tokens(residual: bool, rank: int, dtype: torch.dtype = torch.float32) -> int:
+def cpu_stacked_max_tokens(residual: bool, rank: int, dtype: torch.dtype = torch.float32,
+                           needs_grad: bool = True) -> int:
     """The most tokens M for which the cpu backend stacks by default: M·(c + r) ≤ the stacked-row
-    bound for ``dtype`` on this CPU (CPU_STACKED_MAX_ROWS_OWN_GEMMS for float32 where the own GEMMs
-    run, else CPU_STACKED_MAX_ROWS)."""
-    own_gemms = dtype == torch.float32 and _cpu_float32_gemms_are_own()
-    return (CPU_STACKED_MAX_ROWS_OWN_GEMMS if own_gemms else CPU_STACKED_MAX_ROWS) // (rank + int(residual))
+    bound for ``dtype`` on this CPU (for float32 where the own GEMMs run CPU_STACKED_MAX_ROWS_OWN_GEMMS,
+    or CPU_STACKED_MAX_ROWS_OWN_GEMMS_FORWARD_ONLY for a call without gradients; else CPU_STACKED_MAX_ROWS)."""
+    if dtype == torch.float32 and _cpu_float32_gemms_are_own():
+        rows = CPU_STACKED_MAX_ROWS_OWN_GEMMS if needs_grad else CPU_STACKED_MAX_ROWS_OWN_GEMMS_FORWARD_ONLY
+    else:
+        rows = CPU_STACKED_MAX_ROWS
+    return rows // (rank + int(residual))
 
 
 def _forward_only_modulates(dtype: torch.dtype, tokens: Optional[int], backend: Optional[str]) -> bool:
@@ -117,7 +131,7 @@ def _forward_only_modulates(dtype: torch.dtype, tokens: Optional[int], backend: 
     GEMMs over blocks of W') measured the other way at M = 48-197 (2.87 vs 3.04 ms at 197), and on a
     GPU it is unmeasured, so both keep the separable path."""
     return (backend == "cpu" and dtype == torch.float32 and tokens is not None and _cpu_float32_gemms_are_own()
-            and tokens > cpu_stacked_max_tokens(False, 1, dtype))
+            and tokens > cpu_stacked_max_tokens(False, 1, dtype, needs_grad=False))
 
 
 def choose_path(residual: bool, rank: int, dtype: torch.dtype = torch.float32, tokens: Optional[int] = None,
@@ -141,7 +155,7 @@ def choose_path(residual: bool, rank: int, dtype: torch.dtype = torch.float32, t
             return "modulated"
         return "separable"
     stacks = backend == "cpu" and full_precision and tokens is not None
-    if stacks and tokens <= cpu_stacked_max_tokens(residual, rank, dtype):
+    if stacks and tokens <= cpu_stacked_max_tokens(residual, rank, dtype, needs_grad):
         return "stacked"
     return "modulated"
 
