@@ -163,6 +163,24 @@ def test_dora_matches_reference(backend):
     assert torch.equal(layer.weight, base.weight)
 
 
+@pytest.mark.parametrize("tokens", [1, 3, 40])
+def test_dora_float32_cpu_gradients_match_float64(tokens):
+    """float32 on the cpu backend (where a call without gradients takes W Bᵀ from the few-rows loops,
+    a training call must keep its gradient to B): every gradient against the float64 reference."""
+    layer = DoRALinear(nn.Linear(48, 40), 8, backend="cpu")
+    _perturb(layer)
+    x = torch.randn(tokens, 48, requires_grad=True)
+    params = [x, layer.lora_a, layer.lora_b, layer.magnitude]
+    y = layer(x)
+    doubled = [t.detach().double().requires_grad_() for t in params]
+    expected = reference.dora_linear(doubled[0], layer.weight.double(), *doubled[1:], layer.bias.double(),
+                                     scaling=layer.scaling)
+    torch.testing.assert_close(y.double(), expected, rtol=1e-4, atol=1e-4)
+    grad_y = torch.randn(y.shape, dtype=torch.float64)
+    for got, want in zip(torch.autograd.grad(y, params, grad_y.float()), torch.autograd.grad(expected, doubled, grad_y)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-3, atol=1e-3)
+
+
 def test_dora_gradients_and_detached_norm():
     base = nn.Linear(10, 7, dtype=torch.float64)
     layer = DoRALinear(base, 2, backend="cpu")

@@ -170,6 +170,10 @@ def test_basis_path_equals_the_reference(method, parts, tuned):
         theirs = torch.autograd.grad(expected, [x, layer.s], gy)
         for a, b in zip(ours, theirs):
             torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+        for tokens in (1, 2, 5, 40):  # without gradients (float32: the few-rows loops up to 16 tokens)
+            with torch.no_grad():
+                torch.testing.assert_close(layer(x.reshape(-1, 24)[:tokens]), expected.reshape(-1, 40)[:tokens],
+                                           rtol=tol, atol=tol)
     layer = SVDLinear(nn.Linear(6, 9).double(), method, parts=parts and (3, 3, 3),
                       tuned_parts=tuned, path="basis")
     _perturb(layer)
