@@ -154,9 +154,9 @@ def dora_row_norm(weight: Tensor, a: Tensor, b: Tensor, scaling: float, weight_s
         ‖W_n + s(AB)_n‖² = ‖W_n‖² + 2s·A_n·(W Bᵀ)_n + s²·A_n (B Bᵀ) A_nᵀ
 
     i.e. one thin GEMM ``W Bᵀ [N, r]`` (the only pass over W besides ‖W_n‖²; ``weight_sq`` and
-    ``weight_b`` may supply either), the r×r Gram ``B Bᵀ`` and row sums of [N, r] products. Computed in the inputs' dtype
-    (callers pass float32 or better), clamped at 0 before the square root. Differentiable in all of
-    weight, a, b.
+    ``weight_b`` may supply either), the r×r Gram ``B Bᵀ`` and row sums of [N, r] products. Computed
+    in the inputs' dtype (callers pass float32 or better), clamped at 0 before the square root.
+    Differentiable in all of weight, a, b (and in a supplied ``weight_b``).
 
     Accuracy: the cross term is negative when the adapter points against W_n, so the sum cancels; the
     squared norm's relative error is about u·‖W_n‖²/‖W_n + s(AB)_n‖² (u the unit roundoff). It is
