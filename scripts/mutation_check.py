@@ -1079,6 +1079,10 @@ MUTANTS = [
            "        rows = CPU_STACKED_MAX_ROWS_OWN_GEMMS if needs_grad else CPU_STACKED_MAX_ROWS_OWN_GEMMS_FORWARD_ONLY",
            "        rows = CPU_STACKED_MAX_ROWS_OWN_GEMMS", "tests/test_rescaled_linear.py -k path_rule",
            "evaluation stacks up to 16 rows, where the modulated kernels are faster beyond 8"),
+    Mutant("P250", "python/subspace_ops/ops/rescaled_linear.py",
+           "            and tokens > CPU_SEPARABLE_FORWARD_ONLY_MAX_TOKENS)", "            and tokens > 8)",
+           "tests/test_rescaled_linear.py -k without_gradient",
+           "SSB evaluation modulates from 9 tokens, where the separable path on the few-rows loops is faster to 16"),
 ]
 
 

@@ -14,7 +14,7 @@ import subspace_ops
 from subspace_ops import reference
 from subspace_ops.backends import BackendUnavailableError, resolve_backend
 from subspace_ops.ops.rescaled_linear import (
-    CPU_STACKED_MAX_ROWS, CPU_STACKED_MAX_ROWS_OWN_GEMMS, CPU_STACKED_MAX_ROWS_OWN_GEMMS_FORWARD_ONLY, choose_path,
+    CPU_SEPARABLE_FORWARD_ONLY_MAX_TOKENS, CPU_STACKED_MAX_ROWS, CPU_STACKED_MAX_ROWS_OWN_GEMMS, choose_path,
     cpu_stacked_max_tokens,
 )
 from subspace_ops.testing import check_close
@@ -349,8 +349,8 @@ def test_path_rule_and_errors():
     assert choose_path(True, 1, torch.bfloat16, tokens=1, backend="cpu") == "modulated"
     # A call without a gradient: the own float32 GEMMs' forward beats the separable one's two
     # scalings beyond the few tokens the cpu backend stacks; not in float64 (ATen GEMMs) nor on triton.
-    bound = cpu_stacked_max_tokens(False, 1, torch.float32, needs_grad=False)
-    own = bound == CPU_STACKED_MAX_ROWS_OWN_GEMMS_FORWARD_ONLY
+    own = cpu_stacked_max_tokens(True, 1, torch.float32) == CPU_STACKED_MAX_ROWS_OWN_GEMMS // 2
+    bound = CPU_SEPARABLE_FORWARD_ONLY_MAX_TOKENS
     assert choose_path(False, 1, torch.float32, tokens=bound, backend="cpu", needs_grad=False) == "separable"
     beyond = "modulated" if own else "separable"
     assert choose_path(False, 1, torch.float32, tokens=bound + 1, backend="cpu", needs_grad=False) == beyond
@@ -478,7 +478,7 @@ def test_call_without_gradient_takes_the_forward_only_path(recording):
 
     require_backend("cpu")
     own_gemms = cpu_extension().rescaled_linear_gemm_rows() > 0
-    bound = cpu_stacked_max_tokens(False, 1, torch.float32, needs_grad=False)
+    bound = CPU_SEPARABLE_FORWARD_ONLY_MAX_TOKENS
     g = torch.Generator().manual_seed(3)
     for tokens in (bound, bound + 1, 197):
         x = torch.randn(tokens, 96, generator=g)

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from .. import reference
 from ..ops import rescaled_linear
-from ..ops.rescaled_linear import choose_path, cpu_stacked_max_tokens
+from ..ops.rescaled_linear import CPU_SEPARABLE_FORWARD_ONLY_MAX_TOKENS, choose_path, cpu_stacked_max_tokens
 from .base import ForwardsAttributes, MergeableLinear, NotMergeableError, RestoresOriginals, compute_dtype
 
 __all__ = ["RLRRLinear", "ScaledLinear", "SSF"]
@@ -242,7 +242,7 @@ class ScaledLinear(MergeableLinear):
             path = "separable per part" if self._by_part(dtype) else choose_path(False, rank, dtype)
         if path.startswith("separable"):
             # Without a gradient (evaluation) the cpu backend may modulate instead (see choose_path).
-            tokens = cpu_stacked_max_tokens(False, 1, dtype, needs_grad=False) + 1
+            tokens = CPU_SEPARABLE_FORWARD_ONLY_MAX_TOKENS + 1
             if choose_path(False, 1, dtype, tokens, backend="cpu", needs_grad=False) == "modulated":
                 path += f"; without gradients on cpu: modulated from {tokens} tokens"
         return self._describe() + f", scales={sides}{parts}, path={path} ({dtype} weights)"

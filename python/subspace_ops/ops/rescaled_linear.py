@@ -90,6 +90,9 @@ PATHS = ("modulated", "separable", "stacked")
 CPU_STACKED_MAX_ROWS = 48
 CPU_STACKED_MAX_ROWS_OWN_GEMMS = 16
 CPU_STACKED_MAX_ROWS_OWN_GEMMS_FORWARD_ONLY = 8
+# SSB/SSL/(IA)³ calls without gradients stay separable up to this many tokens on the cpu backend's own
+# float32 GEMMs (its product runs on the few-rows loops there), and take the modulated kernels beyond.
+CPU_SEPARABLE_FORWARD_ONLY_MAX_TOKENS = 16
 
 
 @functools.lru_cache(maxsize=None)
@@ -123,15 +126,17 @@ def cpu_stacked_max_tokens(residual: bool, rank: int, dtype: torch.dtype = torch
 
 def _forward_only_modulates(dtype: torch.dtype, tokens: Optional[int], backend: Optional[str]) -> bool:
     """Whether a separable (SSB/SSL/(IA)³) call that needs no gradient runs faster modulated: on the
-    cpu backend's own float32 GEMMs beyond the few tokens where the separable path's two small
-    scalings cost less than packing W'. Measured without gradients (``subspace-ops bench
-    scaled-linear --mode inference``, K = N = 768, 2 threads, AVX2, 2026-12-03): separable vs
-    modulated 0.137 vs 0.210 ms at M = 1, 0.246 vs 0.235 at 8, 0.715 vs 0.620 at 64, 1.94 vs 1.55 at
-    197, 27.9 vs 27.0 at 4096. With a gradient the separable path's two GEMMs beat three. float64 (ATen
-    GEMMs over blocks of W') measured the other way at M = 48-197 (2.87 vs 3.04 ms at 197), and on a
-    GPU it is unmeasured, so both keep the separable path."""
+    cpu backend's own float32 GEMMs beyond CPU_SEPARABLE_FORWARD_ONLY_MAX_TOKENS, where packing W'
+    costs less than the separable path's scalings of x and z. Measured without gradients (2 threads,
+    AVX2, 2026-12-03; ``subspace-ops bench scaled-linear --mode inference``, K = N = 768): separable vs
+    modulated 0.715 vs 0.620 ms at M = 64, 1.94 vs 1.55 at 197, 27.9 vs 27.0 at 4096; with the
+    separable product on the few-rows loops (``ops/_few_rows.py``), µs at K = N = 768 / 4096:
+    188 vs 245 / 3072 vs 6627 at M = 8, 207 vs 249 / 5463 vs 7876 at 16, 337 vs 297 / 10668 vs 9267
+    at 24. With a gradient the separable path's two GEMMs beat three. float64 (ATen GEMMs over blocks
+    of W') measured the other way at M = 48-197 (2.87 vs 3.04 ms at 197), and on a GPU it is
+    unmeasured, so both keep the separable path."""
     return (backend == "cpu" and dtype == torch.float32 and tokens is not None and _cpu_float32_gemms_are_own()
-            and tokens > cpu_stacked_max_tokens(False, 1, dtype, needs_grad=False))
+            and tokens > CPU_SEPARABLE_FORWARD_ONLY_MAX_TOKENS)
 
 
 def choose_path(residual: bool, rank: int, dtype: torch.dtype = torch.float32, tokens: Optional[int] = None,
@@ -140,8 +145,8 @@ def choose_path(residual: bool, rank: int, dtype: torch.dtype = torch.float32, t
 
     "separable" where W' = diag(s_l) W diag(s_r) (no residual, rank 1) in float32/float64, except a
     call that needs no gradient (``needs_grad=False``: evaluation, ``torch.no_grad``) on the ``cpu``
-    backend in float32 where the own GEMMs run, with more tokens than
-    ``cpu_stacked_max_tokens(False, 1)``: that one is "modulated", whose GEMM forms W' while packing it
+    backend in float32 where the own GEMMs run, with more than CPU_SEPARABLE_FORWARD_ONLY_MAX_TOKENS
+    tokens: that one is "modulated", whose GEMM forms W' while packing it
     where the separable path scales x and z in two more passes over activations and allocates z
     beside y; else "stacked" on the ``cpu`` backend when ``tokens`` (M) · (c + r) ≤ the bound of
     :func:`cpu_stacked_max_tokens` in
