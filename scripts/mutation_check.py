@@ -1083,6 +1083,14 @@ MUTANTS = [
            "            and tokens > CPU_SEPARABLE_FORWARD_ONLY_MAX_TOKENS)", "            and tokens > 8)",
            "tests/test_rescaled_linear.py -k without_gradient",
            "SSB evaluation modulates from 9 tokens, where the separable path on the few-rows loops is faster to 16"),
+    Mutant("P251", "python/subspace_ops/nn/lowrank.py",
+           "            and rows + b.shape[0] <= FEW_ROWS_MAX and not (training and dropout_p > 0)",
+           "            and rows + b.shape[0] <= FEW_ROWS_MAX", "tests/test_lowrank_layers.py -k dora",
+           "DoRA in training mode without gradients skips the adapter's dropout"),
+    Mutant("P252", "python/subspace_ops/nn/lowrank.py",
+           "    y = y * (magnitude / norm) if bias is None else torch.addcmul(bias, y, magnitude / norm)",
+           "    y = y * (magnitude / norm)", "tests/test_lowrank_layers.py -k dora",
+           "DoRA's decoding step drops the bias"),
 ]
 
 

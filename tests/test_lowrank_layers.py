@@ -276,3 +276,35 @@ def test_dora_evaluation_keeps_the_weight_norms_only_while_the_weight_is_unchang
     computed.clear()
     layer(x.requires_grad_()).sum().backward()
     assert computed and layer.lora_a.grad is not None
+
+
+def test_dora_decoding_step_reads_w_once_only_where_it_applies(monkeypatch):
+    """A float32 cpu call of a few tokens that records no gradient, without active dropout, takes
+    _dora_decoding_step ([x; B] · Wᵀ in one pass over W) and equals the reference, with and without
+    a bias; training calls, active dropout and more than 16 rows of [x; B] take the op."""
+    from subspace_ops.nn import lowrank as lowrank_module
+
+    taken = []
+    original = lowrank_module._dora_decoding_step
+    monkeypatch.setattr(lowrank_module, "_dora_decoding_step", lambda *a: taken.append(1) or original(*a))
+    for bias in (True, False):
+        layer = DoRALinear(nn.Linear(40, 24, bias=bias), 8, dropout=0.1, backend="cpu")
+        _perturb(layer)
+        layer.eval()
+        for tokens in (1, 3, 8, 9):
+            x = torch.randn(1, tokens, 40)
+            taken.clear()
+            with torch.no_grad():
+                got = layer(x)
+            assert bool(taken) == (tokens + 8 <= 16)
+            expected = reference.dora_linear(x.double(), layer.weight.double(), layer.lora_a.double(),
+                                             layer.lora_b.double(), layer.magnitude.double(),
+                                             None if layer.bias is None else layer.bias.double(),
+                                             scaling=layer.scaling)
+            torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+        taken.clear()
+        layer(torch.randn(2, 40, requires_grad=True)).sum().backward()  # records a gradient
+        layer.train()
+        with torch.no_grad():
+            layer(torch.randn(2, 40))  # active dropout on the adapter's input
+        assert not taken

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from .. import reference
 from ..backends import resolve_backend
-from ..ops._few_rows import cpu_float32_eager, weight_product
+from ..ops._few_rows import FEW_ROWS_MAX, cpu_float32_eager, weight_product
 from ..ops.lowrank_linear import lowrank_linear
 from .base import MergeableLinear, compute_dtype
 
@@ -198,11 +198,32 @@ def dora_linear(x: Tensor, weight: Tensor, a: Tensor, b: Tensor, magnitude: Tens
     dtype = x.dtype
     acc = _acc_dtype(dtype)
     few_rows = cpu_float32_eager(resolve_backend(backend, weight.device), acc)
+    rows = x.numel() // max(x.shape[-1], 1)
+    if (few_rows and all(t.dtype == acc for t in (x, weight, a, b, magnitude))
+            and rows + b.shape[0] <= FEW_ROWS_MAX and not (training and dropout_p > 0)
+            and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                     for t in (x, weight, a, b, magnitude, bias)))):
+        return _dora_decoding_step(x, weight, a, b, magnitude, bias, scaling, weight_sq)
     norm = _dora_norm(weight, a, b, scaling, acc, detach_norm, weight_sq, few_rows)
     scale = (magnitude.to(acc) / norm).to(dtype)
     z = lowrank_linear(x, weight.to(dtype), a.to(dtype), None, b.to(dtype), None, scaling=scaling,
                        dropout_p=dropout_p, training=training, backend=backend)
     return _ScaleFeatures.apply(z, scale, bias)
+
+
+def _dora_decoding_step(x: Tensor, weight: Tensor, a: Tensor, b: Tensor, magnitude: Tensor, bias: Optional[Tensor],
+                        scaling: float, weight_sq: Optional[Tensor]) -> Tensor:
+    """:func:`dora_linear` for a float32 cpu call of a few tokens that records no gradient (decoding):
+    x Wᵀ and the norm's W Bᵀ come from one pass over W, as the rows of [x; B] · Wᵀ on the few-rows
+    loops (M + r rows), where the op and the norm would each read W."""
+    x2 = x.reshape(-1, x.shape[-1])
+    tokens = x2.shape[0]
+    both = weight_product(torch.cat([x2, b]), weight, True, True)  # [M + r, N]
+    base, weight_b = both[:tokens], both[tokens:].T  # x Wᵀ [M, N], W Bᵀ [N, r]
+    norm = dora_row_norm(weight, a, b, scaling, weight_sq, weight_b)
+    y = torch.addmm(base, x2 @ b.T, a.T, alpha=scaling)  # x Wᵀ + s·(x Bᵀ) Aᵀ
+    y = y * (magnitude / norm) if bias is None else torch.addcmul(bias, y, magnitude / norm)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
 class _ScaleFeatures(torch.autograd.Function):

@@ -21,10 +21,10 @@ from torch import Tensor
 
 from ._sizes import size_for_choice
 
-__all__ = ["cpu_float32_eager", "scaled_matmul", "weight_product"]
+__all__ = ["FEW_ROWS_MAX", "cpu_float32_eager", "scaled_matmul", "weight_product"]
 
 # The loops' own bound (few_rows::kMaxRows); the rule for fewer rows is asked of the extension.
-_LOOP_MAX_ROWS = 16
+FEW_ROWS_MAX = 16
 
 
 @functools.lru_cache(maxsize=None)
@@ -58,7 +58,7 @@ def weight_product(rows: Tensor, weight: Tensor, transpose: bool, few_rows: bool
     """(rows ⊙ scale) · Wᵀ (``transpose``) or (rows ⊙ scale) · W for rows [M, L], the scale running over
     rows' columns (None: none): on the few-rows loops when ``few_rows`` (:func:`cpu_float32_eager`) and
     the extension prefers them for M rows, else torch's product."""
-    if few_rows and rows.shape[0] <= _LOOP_MAX_ROWS and _prefers(rows.shape[0], transpose):
+    if few_rows and rows.shape[0] <= FEW_ROWS_MAX and _prefers(rows.shape[0], transpose):
         from ..backends import cpu_extension
 
         return cpu_extension().few_rows_matmul(rows if scale is None else rows * scale, weight, transpose)
