@@ -102,11 +102,15 @@ at::Tensor matmul(const at::Tensor& a, const at::Tensor& weight, bool transpose_
   return out;
 }
 
-at::Tensor product(const at::Tensor& a, const at::Tensor& weight, bool transpose_weight) {
+at::Tensor product(const at::Tensor& a, const at::Tensor& weight, bool transpose_weight,
+                   const std::optional<at::Tensor>& bias) {
+  const bool with_bias = bias.has_value() && bias->defined();
   if (a.scalar_type() == at::kFloat && a.dim() == 2 && prefers(a.size(0), transpose_weight)) {
-    return matmul(a, weight, transpose_weight);
+    at::Tensor out = matmul(a, weight, transpose_weight);
+    return with_bias ? out.add_(*bias) : out;
   }
-  return at::mm(a, transpose_weight ? weight.t() : weight);
+  const at::Tensor b = transpose_weight ? weight.t() : weight;
+  return with_bias ? at::addmm(*bias, a, b) : at::mm(a, b);
 }
 
 }  // namespace subspace_ops::few_rows

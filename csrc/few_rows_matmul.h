@@ -11,6 +11,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <optional>
 
 namespace subspace_ops::few_rows {
 
@@ -32,8 +33,10 @@ int64_t max_rows();
 // faster here than ATen's: 1 (· Wᵀ) or 2 (· W) to kPreferredRows rows where max_rows() > 0.
 bool prefers(int64_t rows, bool transpose_weight);
 
-// a · Wᵀ or a · W on these loops where prefers(), else ATen's mm (a and weight of one dtype, CPU).
-at::Tensor product(const at::Tensor& a, const at::Tensor& weight, bool transpose_weight);
+// a · Wᵀ or a · W (+ bias, when given and defined) on these loops where prefers(), else ATen's mm / addmm
+// (a and weight of one dtype, CPU).
+at::Tensor product(const at::Tensor& a, const at::Tensor& weight, bool transpose_weight,
+                   const std::optional<at::Tensor>& bias = std::nullopt);
 
 // a [R, L] float32 (R <= kMaxRows), weight [N, K] float32 with unit stride along either dimension, both
 // on the CPU. transpose_weight: returns a · weightᵀ [R, N] (L = K); else a · weight [R, K] (L = N).

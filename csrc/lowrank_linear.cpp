@@ -79,13 +79,7 @@ std::tuple<at::Tensor, at::Tensor> lowrank_linear_forward(const at::Tensor& x2d,
   check_inputs(x2d, x_dropped2d, weight, a, g, b);
   const at::Tensor& xd = present(x_dropped2d) ? *x_dropped2d : x2d;
   at::Tensor h0 = at::mm(xd, b.t());
-  at::Tensor y;
-  if (few_rows::prefers(x2d.size(0), true) && x2d.scalar_type() == at::kFloat) {  // decoding: W read once
-    y = few_rows::matmul(x2d, weight, true);
-    if (present(bias)) y.add_(*bias);
-  } else {
-    y = present(bias) ? at::addmm(*bias, x2d, weight.t()) : at::mm(x2d, weight.t());
-  }
+  at::Tensor y = few_rows::product(x2d, weight, true, bias);  // decoding: W read once
   y.addmm_(h0, up_projection(a, g).t(), /*beta=*/1, /*alpha=*/scaling);  // accumulates into y in place
   return {y, h0};
 }

@@ -1,5 +1,6 @@
 """Argument checks shared by every op: errors name the argument and say what was expected; and the
-refusal of what the fused kernels cannot do (double backward, torch.func transforms)."""
+refusal of what the fused kernels cannot do (double backward, torch.func transforms); whether autograd
+records a call (the ops' paths without gradients)."""
 
 from __future__ import annotations
 
@@ -50,6 +51,12 @@ def check_linear(x: object, weight: object) -> tuple[int, int]:
     check_size("x", x, -1, in_features, "in_features = weight.shape[1]")
     check_like("weight", weight, "x", x)
     return out_features, in_features
+
+
+def records_gradient(*tensors: object) -> bool:
+    """Whether autograd records a call on these inputs: grad mode on and one of them requires grad.
+    Anything that is not a tensor (None, an argument not checked yet) does not count."""
+    return torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
 
 
 def refuse_functorch(op: str) -> None:

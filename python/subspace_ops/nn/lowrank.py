@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import reference
+from .._validate import records_gradient
 from ..backends import resolve_backend
 from ..ops._few_rows import FEW_ROWS_MAX, cpu_float32_eager, weight_product
 from ..ops.lowrank_linear import lowrank_linear
@@ -182,7 +183,7 @@ def _dora_norm(weight: Tensor, a: Tensor, b: Tensor, scaling: float, acc: torch.
     weight, a, b = (t.detach() if detach else t for t in (weight, a, b))
     weight, a, b = weight.to(acc), a.to(acc), b.to(acc)
     weight_b = None
-    if few_rows and not (torch.is_grad_enabled() and (weight.requires_grad or b.requires_grad)):
+    if few_rows and not records_gradient(weight, b):
         weight_b = weight_product(b, weight, True, True).T
     return dora_row_norm(weight, a, b, scaling, weight_sq, weight_b)
 
@@ -201,8 +202,7 @@ def dora_linear(x: Tensor, weight: Tensor, a: Tensor, b: Tensor, magnitude: Tens
     rows = x.numel() // max(x.shape[-1], 1)
     if (few_rows and all(t.dtype == acc for t in (x, weight, a, b, magnitude))
             and rows + b.shape[0] <= FEW_ROWS_MAX and not (training and dropout_p > 0)
-            and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                                     for t in (x, weight, a, b, magnitude, bias)))):
+            and not records_gradient(x, weight, a, b, magnitude, bias)):
         return _dora_decoding_step(x, weight, a, b, magnitude, bias, scaling, weight_sq)
     norm = _dora_norm(weight, a, b, scaling, acc, detach_norm, weight_sq, few_rows)
     scale = (magnitude.to(acc) / norm).to(dtype)
@@ -346,10 +346,8 @@ class DoRALinear(MergeableLinear):
         if self.merged:
             return F.linear(x, self.weight, self.bias)
         dtype = compute_dtype(x, self.weight)
-        records_grad = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (x, self.weight, self.lora_a, self.lora_b, self.magnitude,
-                                                        self.bias))
-        weight_sq = None if records_grad else self._kept_weight_sq(_acc_dtype(dtype))
+        records = records_gradient(x, self.weight, self.lora_a, self.lora_b, self.magnitude, self.bias)
+        weight_sq = None if records else self._kept_weight_sq(_acc_dtype(dtype))
         return dora_linear(x.to(dtype), self.weight, self.lora_a, self.lora_b, self.magnitude,
                            None if self.bias is None else self.bias.to(dtype), self.scaling,
                            detach_norm=self.detach_norm, dropout_p=self.dropout, training=self.training,

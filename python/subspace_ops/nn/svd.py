@@ -56,6 +56,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import reference
+from .._validate import records_gradient
 from ..ops import svd_delta_linear
 from ..ops._few_rows import cpu_float32_eager, weight_product
 from ..ops._sizes import rows_to_shape, size_for_choice
@@ -265,21 +266,28 @@ class SVDLinear(MergeableLinear):
         """The path a call with ``tokens`` rows takes: ``path`` if set, else the cheaper in multiply-adds
         of the op's own choice (:func:`~subspace_ops.ops.svd_delta_linear.choose_path`) and, where
         :meth:`basis_spans_weight`, the basis path (ties go to the op)."""
+        return self._choose(tokens, needs_grad)[0]
+
+    def _choose(self, tokens: int, needs_grad: bool) -> tuple[str, Optional[str]]:
+        """:meth:`chosen_path` and the backend it resolved on the way (None where it needed none), so
+        that a call's basis path does not resolve it again."""
         if self.path is not None:
-            return self.path
+            return self.path, None
         op_path = choose_path(tokens, self.out_features, self.in_features)
         # The basis path has no gradient for W; the reference backend is the ground truth (it forms W').
-        if self.weight.requires_grad or self.resolved_backend() == "reference" or not self.basis_spans_weight():
-            return op_path
+        if self.weight.requires_grad:
+            return op_path, None
+        backend = self.resolved_backend()
+        if backend == "reference" or not self.basis_spans_weight():
+            return op_path, backend
         op_cost = path_flops(op_path, tokens, self.out_features, self.in_features, self.rank, needs_grad)
-        return "basis" if self._basis_flops(tokens, needs_grad) < op_cost else op_path
+        return ("basis" if self._basis_flops(tokens, needs_grad) < op_cost else op_path), backend
 
-    def _basis_forward(self, x: Tensor, bias: Optional[Tensor], needs_grad: bool) -> Tensor:
+    def _basis_forward(self, x: Tensor, bias: Optional[Tensor], few_rows: bool) -> Tensor:
         """((x V) ⊙ (σ + d)) Uᵀ + b, part by part (U is block-sparse over a fused projection's parts);
-        autograd saves x V [M, k] for the gradient of s. A cpu-backend float32 call that records no
-        gradient (decoding) runs its products on the few-rows loops where they have a few rows."""
+        autograd saves x V [M, k] for the gradient of s. ``few_rows`` (a cpu-backend float32 call that
+        records no gradient: decoding): the products run on the few-rows loops where they have a few rows."""
         dtype = x.dtype
-        few_rows = not needs_grad and cpu_float32_eager(self.resolved_backend(), dtype)
         x2 = x.reshape(-1, self.in_features)
         scaled = weight_product(x2, self.v.to(dtype), False, few_rows) * self.singular_values().to(dtype)
         u = self.u.to(dtype)
@@ -305,35 +313,38 @@ class SVDLinear(MergeableLinear):
             return nn.functional.linear(x, self.weight, self.bias)
         dtype = compute_dtype(x, self.weight)
         cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
-        if self._takes_basis_path(x, dtype):
-            needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                                         for t in (x, self.s, self.bias))
-            return self._basis_forward(x.to(dtype), cast(self.bias), needs_grad)
+        backend = self._basis_backend(x, dtype)
+        if backend is not None:
+            few_rows = not records_gradient(x, self.s, self.bias) and cpu_float32_eager(backend, dtype)
+            return self._basis_forward(x.to(dtype), cast(self.bias), few_rows)
         return svd_delta_linear(
             x.to(dtype), cast(self.weight), cast(self.u), cast(self.v), cast(self.delta()), cast(self.bias),
             backend=self.backend, path=None if self.path == "basis" else self.path,  # basis: reference backend
         )
 
-    def _takes_basis_path(self, x: Tensor, dtype: torch.dtype) -> bool:
-        """Whether this call runs the basis path: forced (``path="basis"``, which raises where it
-        cannot apply) or chosen (:meth:`chosen_path`); never on the reference backend."""
+    def _basis_backend(self, x: Tensor, dtype: torch.dtype) -> Optional[str]:
+        """The backend this call resolved if it runs the basis path, else None: forced (``path="basis"``,
+        which raises where it cannot apply) or chosen (:meth:`chosen_path`); never on the reference
+        backend."""
         if self.path not in (None, "basis") or self.method == "siva":
-            return False
+            return None
         full_precision = dtype in (torch.float32, torch.float64)
         if self.path == "basis":
-            if self.resolved_backend() == "reference":  # chosen_path asks this for path=None
-                return False
+            backend = self.resolved_backend()
+            if backend == "reference":  # _choose asks this for path=None
+                return None
             if not full_precision or self.weight.requires_grad or not self.basis_spans_weight():
                 raise RuntimeError(
                     f"SVDLinear(path='basis') computes U diag(σ + d) Vᵀ in place of W: it needs float32/float64, "
                     f"a frozen weight and W = U Σ Vᵀ (the weight unchanged since attach); this call has {dtype}, "
                     f"weight.requires_grad={self.weight.requires_grad}, W = U Σ Vᵀ: {self._basis_exact}")
-            return True
+            return backend
         if not full_precision:
-            return False
-        needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.s.requires_grad)
+            return None
+        needs_grad = records_gradient(x, self.s)  # the backward's GEMMs (a trained bias needs none)
         tokens = size_for_choice(x.numel() // max(self.in_features, 1))  # no guard on a dynamic size
-        return self.chosen_path(tokens, needs_grad) == "basis"
+        path, backend = self._choose(tokens, needs_grad)
+        return backend if path == "basis" else None
 
     # ---- adapter checkpoints: s only, tied to the weights it was trained on
     def adapter_state(self) -> dict:

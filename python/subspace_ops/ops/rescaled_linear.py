@@ -72,7 +72,7 @@ from torch import Tensor
 
 from .. import reference
 from .._validate import (
-    check_like, check_linear, check_size, check_tensor, refuse_double_backward, refuse_functorch,
+    check_like, check_linear, check_size, check_tensor, records_gradient, refuse_double_backward, refuse_functorch,
 )
 from ..backends import resolve_backend_for
 from ._dispatch import kernel_module
@@ -474,12 +474,6 @@ def _route(x: Tensor, s_l: Optional[Tensor], s_r: Optional[Tensor], residual: bo
     return name, path or choose_path(residual, rank, x.dtype, tokens, name, needs_grad), rank
 
 
-def _needs_grad(*tensors: Optional[Tensor]) -> bool:
-    """Whether autograd will record this call (grad mode on and some input requires grad). Runs
-    before the argument checks, so a wrong argument (not a tensor) just does not count."""
-    return torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
-
-
 def _rank(s_l: Optional[Tensor], s_r: Optional[Tensor]) -> int:
     """r of [L, r] scales; 1 for vectors and None."""
     if s_l is not None and s_l.dim() == 2:
@@ -524,7 +518,7 @@ def rescaled_linear(
     All tensors must share x's dtype and device. Returns ``[..., N]``.
     """
     compiling = torch.compiler.is_compiling()
-    needs_grad = _needs_grad(x, weight, s_l, s_r, bias)
+    needs_grad = records_gradient(x, weight, s_l, s_r, bias)  # before the argument checks: tolerant
     if compiling:
         _check_inputs(x, weight, s_l, s_r, bias)
         name, chosen, rank = _route(x, s_l, s_r, residual, backend, path, needs_grad)
@@ -548,14 +542,13 @@ def rescaled_linear(
         _check_inputs(x, weight, s_l, s_r, bias)  # the other paths' torch ops would broadcast bad shapes
     if name == "reference":
         return reference.rescaled_linear(x, weight, s_l, s_r, bias, residual=residual)
+    few_rows = cpu_float32_eager(name, x.dtype)
     if chosen == "separable":
-        few_rows = cpu_float32_eager(name, x.dtype)
         if not needs_grad:
             y = _separable_forward(x, weight, s_l, s_r, bias, keep_z=False, few_rows=few_rows)[0]
             return rows_to_shape(y, x.shape[:-1])
         return _Separable.apply(x, weight, s_l, s_r, bias, few_rows)
     if chosen == "stacked":
-        few_rows = cpu_float32_eager(name, x.dtype)
         return _Stacked.apply(x, weight, s_l, s_r, bias, residual, rank, few_rows)
     out_features, in_features = weight.shape
     args = (x, weight, _scale_matrix(s_l, out_features, rank, x), _scale_matrix(s_r, in_features, rank, x), bias,

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from .. import reference
 from .._validate import (
-    check_like, check_linear, check_size, check_tensor, refuse_double_backward, refuse_functorch,
+    check_like, check_linear, check_size, check_tensor, records_gradient, refuse_double_backward, refuse_functorch,
 )
 from ..backends import resolve_backend
 from ._dispatch import kernel_module
@@ -221,9 +221,7 @@ def svd_delta_linear(
         return reference.svd_delta_linear(x, weight, u, v, d, bias)
     tokens = size_for_choice(x.numel() // max(x.shape[-1], 1))
     if (path or choose_path(tokens, *weight.shape)) == "unmerged":
-        if cpu_float32_eager(name, x.dtype) and not (torch.is_grad_enabled() and (x.requires_grad or d.requires_grad
-                                                                                  or bias is not None
-                                                                                  and bias.requires_grad)):
+        if cpu_float32_eager(name, x.dtype) and not records_gradient(x, d, bias):
             return _unmerged_without_gradient(x, weight, u, v, d, bias)
         return torch.nn.functional.linear(x, weight, bias) + ((x @ v) * d) @ u.T
     keep_weight = keeps_merged_weight(tokens, weight.shape[0], u.shape[1])
