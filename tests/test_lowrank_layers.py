@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import math
+import pickle
 
 import pytest
 import torch
@@ -279,23 +281,29 @@ def test_dora_evaluation_keeps_the_weight_norms_only_while_the_weight_is_unchang
 
 
 def test_dora_decoding_step_reads_w_once_only_where_it_applies(monkeypatch):
-    """A float32 cpu call of a few tokens that records no gradient, without active dropout, takes
-    _dora_decoding_step ([x; B] · Wᵀ in one pass over W) and equals the reference, with and without
-    a bias; training calls, active dropout and more than 16 rows of [x; B] take the op."""
+    """dora_linear without a kept norm (PEFT's DoRA layers): a float32 cpu call of a few tokens that
+    records no gradient, without active dropout, takes _dora_decoding_step ([x; B] · Wᵀ in one pass
+    over W) and equals the reference, with and without a bias; calls that record a gradient, active
+    dropout and more than 16 rows of [x; B] take the op, as does a call given the row norms."""
     from subspace_ops.nn import lowrank as lowrank_module
 
     taken = []
     original = lowrank_module._dora_decoding_step
     monkeypatch.setattr(lowrank_module, "_dora_decoding_step", lambda *a: taken.append(1) or original(*a))
+
+    def call(layer, x, training=False, row_norm=None):
+        return lowrank_module.dora_linear(x, layer.weight, layer.lora_a, layer.lora_b, layer.magnitude, layer.bias,
+                                          layer.scaling, detach_norm=True, dropout_p=layer.dropout,
+                                          training=training, backend="cpu", row_norm=row_norm)
+
     for bias in (True, False):
         layer = DoRALinear(nn.Linear(40, 24, bias=bias), 8, dropout=0.1, backend="cpu")
         _perturb(layer)
-        layer.eval()
         for tokens in (1, 3, 8, 9):
             x = torch.randn(1, tokens, 40)
             taken.clear()
             with torch.no_grad():
-                got = layer(x)
+                got = call(layer, x)
             assert bool(taken) == (tokens + 8 <= 16)
             expected = reference.dora_linear(x.double(), layer.weight.double(), layer.lora_a.double(),
                                              layer.lora_b.double(), layer.magnitude.double(),
@@ -303,8 +311,85 @@ def test_dora_decoding_step_reads_w_once_only_where_it_applies(monkeypatch):
                                              scaling=layer.scaling)
             torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
         taken.clear()
-        layer(torch.randn(2, 40, requires_grad=True)).sum().backward()  # records a gradient
-        layer.train()
+        call(layer, torch.randn(2, 40, requires_grad=True)).sum().backward()  # records a gradient
         with torch.no_grad():
-            layer(torch.randn(2, 40))  # active dropout on the adapter's input
+            call(layer, torch.randn(2, 40), training=True)  # active dropout on the adapter's input
+            call(layer, torch.randn(2, 40), row_norm=layer.row_norm())  # the norm is known
         assert not taken
+
+
+def test_dora_evaluation_keeps_the_row_norms_while_w_a_b_and_the_scaling_are_unchanged(monkeypatch):
+    """DoRALinear's calls without gradients reuse ‖W_n + s(AB)_n‖ until W, A, B or the scaling
+    change: in-place writes, load_state_dict, a new tensor, a scaling change, and each optimizer's step
+    (SGD, AdamW for-loop / foreach bump the version counters; fused AdamW does not, so the training call
+    before a step drops the kept norms); ‖W_n‖² is not recomputed for a change of A or B alone. Every
+    output equals the reference."""
+    from subspace_ops.nn import lowrank as lowrank_module
+
+    norms, weight_norms = [], []
+    original_norm, original_vector_norm = lowrank_module.dora_row_norm, torch.linalg.vector_norm
+    monkeypatch.setattr(lowrank_module, "dora_row_norm", lambda *a, **k: norms.append(1) or original_norm(*a, **k))
+    monkeypatch.setattr(torch.linalg, "vector_norm",
+                        lambda *a, **k: weight_norms.append(1) or original_vector_norm(*a, **k))
+    layer = DoRALinear(nn.Linear(40, 24), 4, backend="cpu")
+    _perturb(layer)
+    x = torch.randn(1, 40)
+
+    def check(norm_recomputed: bool, weight_norm_recomputed: bool = False) -> None:
+        norms.clear()
+        weight_norms.clear()
+        with torch.no_grad():
+            got = layer(x)
+        assert (bool(norms), bool(weight_norms)) == (norm_recomputed, weight_norm_recomputed)
+        expected = reference.dora_linear(x.double(), layer.weight.double(), layer.lora_a.double(),
+                                         layer.lora_b.double(), layer.magnitude.double(), layer.bias.double(),
+                                         scaling=layer.scaling)
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+
+    check(True, True)
+    check(False)
+    with torch.no_grad():
+        layer.magnitude.mul_(2.0)  # m is not in the norm: nothing to recompute
+    check(False)
+    with torch.no_grad():
+        layer.lora_a.add_(0.1)
+    check(True)
+    with torch.no_grad():
+        layer.lora_b.mul_(1.1)
+    check(True)
+    check(False)
+    for optimizer in (torch.optim.SGD(layer.parameters(), lr=0.1),
+                      torch.optim.AdamW(layer.parameters(), lr=0.1, foreach=False),
+                      torch.optim.AdamW(layer.parameters(), lr=0.1, foreach=True),
+                      torch.optim.AdamW(layer.parameters(), lr=0.1, fused=True)):
+        layer(torch.randn(3, 40)).square().sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        check(True)
+        check(False)
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    state["lora_a"] = torch.randn(24, 4)
+    layer.load_state_dict(state)
+    check(True, True)
+    layer.lora_b = nn.Parameter(torch.randn(4, 40))
+    check(True)
+    layer.scaling = 0.5
+    check(True)
+    with torch.no_grad():
+        layer.weight.add_(0.1)
+    check(True, True)
+    layer.lora_a.data.mul_(2.0)  # not seen until forgotten
+    layer.forget_weight_norms()
+    check(True, True)
+    with torch.no_grad():
+        kept = layer(x)
+    for copied in (pickle.loads(pickle.dumps(layer)), copy.deepcopy(layer)):  # kept norms are not carried
+        norms.clear()
+        with torch.no_grad():
+            torch.testing.assert_close(copied(x), kept, rtol=0, atol=0)
+        assert norms
+    # the reference backend is the papers' formula: it keeps nothing
+    layer = DoRALinear(nn.Linear(40, 24), 4, backend="reference")
+    _perturb(layer)
+    check(True, True)
+    check(True, True)

@@ -607,3 +607,63 @@ def test_roberta_lora_and_ia3_gradients_match(monkeypatch):
         assert sum(counts.values()) == len(report.accelerated)
         for name in results[1]:
             torch.testing.assert_close(results[0][name], results[1][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("base", ["linear", "conv1d"])
+def test_dora_evaluation_keeps_row_norms_until_the_adapter_changes(base, monkeypatch):
+    """Accelerated DoRA layers keep ‖W + sBA‖ between calls without gradients (subspace_ops'
+    RowNormKeeper) and recompute it after every change PEFT makes: a training step with fused AdamW
+    (which bumps no version counter), merge/unmerge (which write W through .data), loading adapter
+    weights, accelerate() after PEFT's own class ran; each output equals PEFT's (GPT-2's Conv1D base:
+    the weight read transposed)."""
+    lowrank_module = importlib.import_module("subspace_ops.nn.lowrank")
+    computed = []
+    original = lowrank_module.dora_row_norm
+    monkeypatch.setattr(lowrank_module, "dora_row_norm", lambda *a, **k: computed.append(1) or original(*a, **k))
+    if base == "linear":
+        reference = _peft_model(_lora(use_dora=True))
+    else:
+        reference = _conv1d(peft.LoraConfig(r=3, lora_alpha=5, target_modules=["fc1", "c_fc", "fc3"],
+                                            fan_in_fan_out=True, use_dora=True))
+    model = copy.deepcopy(reference)
+    assert len(sop_peft.accelerate(model, backend="cpu").accelerated) == 3
+    x = torch.randn(1, 6)
+
+    def check(recomputed: bool) -> None:
+        computed.clear()
+        with torch.no_grad():
+            ours = model(x)
+        assert bool(computed) == recomputed
+        with torch.no_grad():
+            torch.testing.assert_close(ours, reference(x), rtol=1e-5, atol=1e-5)
+
+    check(True)
+    check(False)
+    optimizers = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=0.05, fused=True)
+                  for m in (model, reference)]
+    for m, optimizer in zip((model, reference), optimizers):
+        m(torch.randn(5, 6, generator=torch.Generator().manual_seed(3))).square().sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    check(True)
+    check(False)
+    for m in (model, reference):
+        m.merge_adapter()
+        m.unmerge_adapter()
+    check(True)
+    state = {k: v + 0.1 for k, v in peft.get_peft_model_state_dict(reference).items()}
+    for m in (model, reference):
+        peft.set_peft_model_state_dict(m, state)
+    check(True)
+    check(False)
+    sop_peft.restore(model)
+    with torch.no_grad():
+        for m in (model, reference):  # PEFT's class writes W through .data; accelerate() must not trust kept norms
+            m.merge_adapter()
+            m.unmerge_adapter()
+    sop_peft.accelerate(model, backend="cpu")
+    check(True)
+    if base == "linear":  # (the Conv1D model's class is local to _conv1d: not picklable)
+        restored = pickle.loads(pickle.dumps(model))  # kept norms hold weak references: not pickled
+        with torch.no_grad():
+            torch.testing.assert_close(restored(x), reference(x), rtol=1e-5, atol=1e-5)

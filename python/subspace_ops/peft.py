@@ -90,7 +90,8 @@ from torch import Tensor, nn
 from .adapters import is_conv1d
 from .backends import resolve_backend
 from .nn.base import compute_dtype
-from .nn.lowrank import dora_linear
+from ._validate import records_gradient
+from .nn.lowrank import RowNormKeeper, dora_linear
 
 __all__ = [
     "AccelerateReport",
@@ -106,6 +107,7 @@ __all__ = [
 SUPPORTED_PEFT_VERSIONS = ">=0.21.0,<0.22"
 
 _BACKEND_ATTR = "_subspace_ops_backend"
+_DORA_NORMS_ATTR = "_subspace_ops_dora_norms"  # adapter name -> RowNormKeeper, in an accelerated layer's __dict__
 
 
 class UnsupportedPeftVersionError(RuntimeError):
@@ -372,6 +374,15 @@ class _FusedForward:
         return self._fused(x.to(dtype), weight.to(dtype), bias, name, getattr(self, _BACKEND_ATTR, None))
 
 
+def _dora_norms(layer: nn.Module, adapter: str) -> RowNormKeeper:
+    """The kept DoRA row norms of one adapter of an accelerated LoRA layer (see :class:`RowNormKeeper`)."""
+    return layer.__dict__.setdefault(_DORA_NORMS_ATTR, {}).setdefault(adapter, RowNormKeeper())
+
+
+def _forget_dora_norms(layer: nn.Module) -> None:
+    layer.__dict__.pop(_DORA_NORMS_ATTR, None)
+
+
 def _build_classes() -> dict[str, type]:
     IA3Linear, LoraLinear, AdaLoraLinear = _peft_classes()
 
@@ -411,12 +422,29 @@ def _build_classes() -> dict[str, type]:
                                       training=dropout.training, backend=backend)
             # DoRA: PEFT's result + (c - 1)·x Wᵀ + c·s·x Bᵀ Aᵀ is c ⊙ (x Wᵀ + s·x Bᵀ Aᵀ) + bias, with
             # c = m / ‖W + s·AB‖ per output row, the norm held constant (DoRA §4.3, PEFT) and computed
-            # without the [N, K] matrix W + s·AB that PEFT forms (dropout is inactive here: _dora_reason)
-            out = dora_linear(x, weight, a, b, self.lora_magnitude_vector[name].weight, bias, scaling,
-                              detach_norm=True, backend=backend)
+            # without the [N, K] matrix W + s·AB that PEFT forms (dropout is inactive here: _dora_reason),
+            # or kept from the previous call without gradients while W, A, B are unchanged
+            magnitude = self.lora_magnitude_vector[name].weight
+            norms = _dora_norms(self, name)
+            if records_gradient(x, weight, a, b, magnitude, bias):
+                norms.saw_gradient_call(self.base_layer.weight)
+                row_norm = None
+            else:
+                row_norm = norms.row_norm(self.base_layer.weight, self.lora_B[name].weight, self.lora_A[name].weight,
+                                          scaling, torch.promote_types(x.dtype, torch.float32),
+                                          resolve_backend(backend, x.device),
+                                          transposed_weight=self.fan_in_fan_out)
+            out = dora_linear(x, weight, a, b, magnitude, bias, scaling, detach_norm=True, backend=backend,
+                              row_norm=row_norm)
             # PEFT's DoRA term is (c - 1)·... with c viewed as [1, out]: broadcast against a 1-D input's
             # [out] result it returns [1, out] (plain LoRA keeps [out]); callers may rely on that shape
             return out.unsqueeze(0) if x.dim() == 1 else out
+
+        def unmerge(self, *args: Any, **kwargs: Any) -> None:
+            # PEFT's unmerge writes W back through .data, which no version counter sees (while merged, the
+            # forward is PEFT's and reads no kept norm)
+            _forget_dora_norms(self)
+            return super().unmerge(*args, **kwargs)
 
     class FusedAdaLoraLinear(_FusedForward, AdaLoraLinear):
         """PEFT's AdaLoRA SVDLinear computed by ``lowrank_linear`` (see :mod:`subspace_ops.peft`)."""
@@ -516,6 +544,7 @@ def accelerate(model: nn.Module, *, backend: Optional[str] = None) -> Accelerate
     for name, module, fused, kind in plan:
         module.__class__ = fused
         setattr(module, _BACKEND_ATTR, backend)
+        _forget_dora_norms(module)  # W may have been written (merged, unmerged) while PEFT's class ran it
         report.accelerated[name] = kind
     return report
 
@@ -529,5 +558,6 @@ def restore(model: nn.Module) -> int:
         if type(module) in _CLASSES.values():
             module.__class__ = type(module)._peft_class
             module.__dict__.pop(_BACKEND_ATTR, None)
+            _forget_dora_norms(module)
             restored += 1
     return restored

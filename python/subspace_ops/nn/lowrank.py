@@ -25,6 +25,7 @@ weight's dtype) and keeps the original tensor, so ``unmerge()`` restores it bit 
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Optional
 
 import torch
@@ -188,39 +189,111 @@ def _dora_norm(weight: Tensor, a: Tensor, b: Tensor, scaling: float, acc: torch.
     return dora_row_norm(weight, a, b, scaling, weight_sq, weight_b)
 
 
+class RowNormKeeper:
+    """DoRA's row norms ‖W_n + s·(AB)_n‖ kept between calls that record no gradient (evaluation,
+    decoding), so that such a call reads W once, as LoRA's, instead of two or three times (W Bᵀ,
+    ‖W_n‖², the op). Serves :class:`DoRALinear` and PEFT's DoRA layers accelerated by
+    :mod:`subspace_ops.peft`.
+
+    A kept norm is reused while W, A, B and the scaling are the same tensors, unchanged: each
+    tensor itself (a weak reference: a dead or other tensor never matches, and nothing is held
+    alive), its version counter (in-place writes, ``load_state_dict``), storage and device
+    (``.to()``, ``.data =``). ‖W_n‖², which only W's changes touch, is kept apart, so the first
+    call after a training step redoes only W Bᵀ. Not seen, hence the owner's duties:
+
+    - torch's fused AdamW (``fused=True``; torch 2.14's CPU build) updates parameters without
+      bumping their version counters: the owner calls :meth:`saw_gradient_call` on every call that
+      records a gradient (an optimizer step can only follow one), which drops the row norms (and
+      ‖W_n‖² when W itself is trained);
+    - writes through ``.data`` (PEFT's merge/unmerge write W that way): the owner calls :meth:`forget`.
+
+    None under torch.compile (no state across traced calls) and on the reference backend (the
+    papers' formula, computed afresh each call)."""
+
+    def __init__(self) -> None:
+        self.forget()
+
+    def forget(self, weight_too: bool = True) -> None:
+        """Drop the kept row norms (and ‖W_n‖² with ``weight_too``): the next call computes them."""
+        self._norm: Optional[Tensor] = None
+        self._norm_of: tuple = ()
+        if weight_too:
+            self._weight_sq: Optional[Tensor] = None
+            self._weight_sq_of: tuple = ()
+
+    def __getstate__(self) -> dict:
+        return {}  # not state: weak references do not pickle, and a copy computes its norms anew
+
+    def __setstate__(self, state: dict) -> None:
+        self.forget()
+
+    def saw_gradient_call(self, weight: Tensor) -> None:
+        """A call that records a gradient: a step may follow, so drop what a step may change."""
+        self.forget(weight_too=weight.requires_grad)
+
+    def row_norm(self, weight: Tensor, a: Tensor, b: Tensor, scaling: float, acc: torch.dtype, backend: str,
+                 transposed_weight: bool = False) -> Optional[Tensor]:
+        """‖W_n + s·(AB)_n‖ in ``acc`` for a call that records no gradient, from the kept one while it
+        holds (see the class docstring). ``weight`` is the parameter itself, ``[N, K]`` or, with
+        ``transposed_weight`` (GPT-2's Conv1D under PEFT), ``[K, N]``."""
+        if torch.compiler.is_compiling() or backend == "reference":
+            return None
+        w = weight.t() if transposed_weight else weight
+        weight_state = (_state(weight), acc)
+        if not self._holds(self._weight_sq_of, (weight,), weight_state):
+            self._weight_sq = torch.linalg.vector_norm(w.detach().to(acc), dim=1).square()
+            self._weight_sq_of, self._norm_of = ((weakref.ref(weight),), weight_state), ()
+        norm_state = (weight_state, _state(a), _state(b), scaling)
+        if not self._holds(self._norm_of, (weight, a, b), norm_state):
+            self._norm = _dora_norm(w, a, b, scaling, acc, True, self._weight_sq, cpu_float32_eager(backend, acc))
+            self._norm_of = (tuple(weakref.ref(t) for t in (weight, a, b)), norm_state)
+        return self._norm
+
+    @staticmethod
+    def _holds(kept: tuple, tensors: tuple, state: tuple) -> bool:
+        return bool(kept) and kept[1] == state and all(ref() is t for ref, t in zip(kept[0], tensors))
+
+
+def _state(t: Tensor) -> tuple:
+    return t._version, t.data_ptr(), t.device
+
+
 def dora_linear(x: Tensor, weight: Tensor, a: Tensor, b: Tensor, magnitude: Tensor, bias: Optional[Tensor],
                 scaling: float, *, detach_norm: bool, dropout_p: float = 0.0, training: bool = False,
-                backend: Optional[str] = None, weight_sq: Optional[Tensor] = None) -> Tensor:
+                backend: Optional[str] = None, row_norm: Optional[Tensor] = None) -> Tensor:
     """DoRA's forward: ``c ⊙ lowrank_linear(x, W, A, None, B) + bias`` with ``c = m / ‖W + s·AB‖`` per
     output row, the norm from :func:`dora_row_norm` in float32 or better from ``weight``, ``a``, ``b``
-    as given (no [N, K] tensor; ``weight_sq``: ‖W_n‖² if the caller keeps it); the op runs in ``x``'s
-    dtype (``bias`` already in it). Serves :class:`DoRALinear` and PEFT's DoRA layers accelerated by
-    :mod:`subspace_ops.peft`."""
+    as given (no [N, K] tensor), or ``row_norm`` if the caller keeps it for a call without gradients;
+    the op runs in ``x``'s dtype (``bias`` already in it). Serves :class:`DoRALinear` and PEFT's DoRA
+    layers accelerated by :mod:`subspace_ops.peft`."""
     dtype = x.dtype
     acc = _acc_dtype(dtype)
-    few_rows = cpu_float32_eager(resolve_backend(backend, weight.device), acc)
-    rows = x.numel() // max(x.shape[-1], 1)
-    if (few_rows and all(t.dtype == acc for t in (x, weight, a, b, magnitude))
-            and rows + b.shape[0] <= FEW_ROWS_MAX and not (training and dropout_p > 0)
-            and not records_gradient(x, weight, a, b, magnitude, bias)):
-        return _dora_decoding_step(x, weight, a, b, magnitude, bias, scaling, weight_sq)
-    norm = _dora_norm(weight, a, b, scaling, acc, detach_norm, weight_sq, few_rows)
-    scale = (magnitude.to(acc) / norm).to(dtype)
+    if row_norm is None:
+        few_rows = cpu_float32_eager(resolve_backend(backend, weight.device), acc)
+        rows = x.numel() // max(x.shape[-1], 1)
+        if (few_rows and all(t.dtype == acc for t in (x, weight, a, b, magnitude))
+                and rows + b.shape[0] <= FEW_ROWS_MAX and not (training and dropout_p > 0)
+                and not records_gradient(x, weight, a, b, magnitude, bias)):
+            return _dora_decoding_step(x, weight, a, b, magnitude, bias, scaling)
+        row_norm = _dora_norm(weight, a, b, scaling, acc, detach_norm, few_rows=few_rows)
+    scale = (magnitude.to(acc) / row_norm).to(dtype)
     z = lowrank_linear(x, weight.to(dtype), a.to(dtype), None, b.to(dtype), None, scaling=scaling,
                        dropout_p=dropout_p, training=training, backend=backend)
+    if not records_gradient(z, scale, bias):  # no node to build (its apply binds a signature per call)
+        return _ScaleFeatures.forward(z, scale, bias)
     return _ScaleFeatures.apply(z, scale, bias)
 
 
 def _dora_decoding_step(x: Tensor, weight: Tensor, a: Tensor, b: Tensor, magnitude: Tensor, bias: Optional[Tensor],
-                        scaling: float, weight_sq: Optional[Tensor]) -> Tensor:
-    """:func:`dora_linear` for a float32 cpu call of a few tokens that records no gradient (decoding):
-    x Wᵀ and the norm's W Bᵀ come from one pass over W, as the rows of [x; B] · Wᵀ on the few-rows
-    loops (M + r rows), where the op and the norm would each read W."""
+                        scaling: float) -> Tensor:
+    """:func:`dora_linear` for a float32 cpu call of a few tokens that records no gradient (decoding)
+    and has no kept norm (PEFT's DoRA layers): x Wᵀ and the norm's W Bᵀ come from one pass over W, as the rows of [x; B] · Wᵀ on the
+    few-rows loops (M + r rows), where the op and the norm would each read W."""
     x2 = x.reshape(-1, x.shape[-1])
     tokens = x2.shape[0]
     both = weight_product(torch.cat([x2, b]), weight, True, True)  # [M + r, N]
     base, weight_b = both[:tokens], both[tokens:].T  # x Wᵀ [M, N], W Bᵀ [N, r]
-    norm = dora_row_norm(weight, a, b, scaling, weight_sq, weight_b)
+    norm = dora_row_norm(weight, a, b, scaling, weight_b=weight_b)
     y = torch.addmm(base, x2 @ b.T, a.T, alpha=scaling)  # x Wᵀ + s·(x Bᵀ) Aᵀ
     y = y * (magnitude / norm) if bias is None else torch.addcmul(bias, y, magnitude / norm)
     return y.reshape(*x.shape[:-1], weight.shape[0])
@@ -276,10 +349,10 @@ class DoRALinear(MergeableLinear):
     initialized to the row norms of W, so the layer starts exactly at the wrapped one (up to rounding
     of m / ‖W‖).
 
-    A call that records no gradient (evaluation, decoding) reuses ‖W_n‖² from the previous such call
-    while the frozen W is the same tensor, unchanged (its version counter, storage, device), so that a
-    decoding step reads W twice (x Wᵀ and W Bᵀ) instead of three times; writes through
-    ``weight.data`` bypass the version counter: call :meth:`forget_weight_norms` after them.
+    A call that records no gradient (evaluation, decoding) reuses the row norms of the previous such
+    call while W, A, B and the scaling are unchanged (:class:`RowNormKeeper`), so that a decoding
+    step reads W once, as LoRA's; writes through ``.data`` are not seen: call
+    :meth:`forget_weight_norms` after them.
     """
 
     method = "dora"
@@ -311,26 +384,12 @@ class DoRALinear(MergeableLinear):
         return self.lora_a, self.lora_b
 
     def forget_weight_norms(self) -> None:
-        """Drop the kept ‖W_n‖² (see the class docstring): the next call computes it again."""
-        self._weight_sq: Optional[Tensor] = None
-        self._weight_sq_of: tuple = ()
+        """Drop the kept ‖W_n‖² and row norms (see :class:`RowNormKeeper`): the next call computes them."""
+        self._norms = RowNormKeeper()
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         super()._load_from_state_dict(*args, **kwargs)
-        self.forget_weight_norms()  # W may hold other values now
-
-    def _kept_weight_sq(self, acc: torch.dtype) -> Optional[Tensor]:
-        """‖W_n‖² in ``acc`` for a call that records no gradient, computed once per weight tensor and
-        state (the tensor itself, its version counter, storage, device); None under torch.compile."""
-        if torch.compiler.is_compiling():
-            return None
-        w = self.weight
-        state = (w._version, w.data_ptr(), w.device, acc)
-        if self._weight_sq is None or not self._weight_sq_of or self._weight_sq_of[0] is not w \
-                or self._weight_sq_of[1:] != state:
-            self._weight_sq = torch.linalg.vector_norm(w.detach().to(acc), dim=1).square()
-            self._weight_sq_of = (w, *state)
-        return self._weight_sq
+        self.forget_weight_norms()  # W, A, B may hold other values now
 
     def row_norm(self, dtype: Optional[torch.dtype] = None) -> Tensor:
         """‖W + s·AB‖ per output row [N], in float32 or better (``dtype``'s promotion with float32)."""
@@ -347,11 +406,16 @@ class DoRALinear(MergeableLinear):
             return F.linear(x, self.weight, self.bias)
         dtype = compute_dtype(x, self.weight)
         records = records_gradient(x, self.weight, self.lora_a, self.lora_b, self.magnitude, self.bias)
-        weight_sq = None if records else self._kept_weight_sq(_acc_dtype(dtype))
+        if records:
+            self._norms.saw_gradient_call(self.weight)
+            row_norm = None
+        else:
+            row_norm = self._norms.row_norm(self.weight, self.lora_a, self.lora_b, self.scaling, _acc_dtype(dtype),
+                                            resolve_backend(self.backend, self.weight.device))
         return dora_linear(x.to(dtype), self.weight, self.lora_a, self.lora_b, self.magnitude,
                            None if self.bias is None else self.bias.to(dtype), self.scaling,
                            detach_norm=self.detach_norm, dropout_p=self.dropout, training=self.training,
-                           backend=self.backend, weight_sq=weight_sq)
+                           backend=self.backend, row_norm=row_norm)
 
     def extra_repr(self) -> str:
         return (self._describe() + f", rank={self.rank}, alpha={self.alpha:g}, dropout={self.dropout:g}, "

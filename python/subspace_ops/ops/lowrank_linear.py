@@ -39,7 +39,7 @@ from torch import Tensor
 
 from .. import reference
 from .._validate import (
-    check_like, check_linear, check_size, check_tensor, refuse_double_backward, refuse_functorch,
+    check_like, check_linear, check_size, check_tensor, records_gradient, refuse_double_backward, refuse_functorch,
 )
 from ..backends import resolve_backend
 from ._dispatch import kernel_module
@@ -311,4 +311,6 @@ def lowrank_linear(
     if torch.compiler.is_compiling():
         return torch.ops.subspace_ops.lowrank_linear(*args)[0]
     refuse_functorch("lowrank_linear")
+    if not records_gradient(x, weight, a, g, b, bias):  # evaluation, decoding: no autograd node to build
+        return _forward_impl(*args)[0]
     return _EagerLowRankLinear.apply(*args)

@@ -261,21 +261,29 @@ def _column_dots(stacked: Tensor, rows: Tensor, rank: int, residual: bool) -> Te
     return torch.stack([torch.linalg.vecdot(block, rows, dim=0) for block in scaled], dim=1)
 
 
+def _stacked_forward(x2: Tensor, weight: Tensor, s_l_cols: Optional[Tensor], s_r_cols: Optional[Tensor],
+                     bias: Optional[Tensor], residual: bool, rank: int, few_rows: bool) -> tuple[Tensor, Tensor]:
+    """(y, z) for rows x2 [M, K] and [L, r] scale columns (None = ones): z = [c·x2; x2 ⊙ s_r[:, j]…] Wᵀ,
+    one GEMM of the stacked blocks ([(c + r)·M, N]; s_l's gradient needs it), and y its blocks combined
+    with s_l, plus the bias."""
+    z = weight_product(_stack_blocks(x2, s_r_cols, rank, residual), weight, True, few_rows)
+    y = _combine_blocks(z, s_l_cols, rank, residual)
+    return (y if bias is None else y.add_(bias)), z
+
+
 class _Stacked(torch.autograd.Function):
     """y = c·x Wᵀ + Σ_j ((x ⊙ s_r[:, j]) Wᵀ) ⊙ s_l[:, j] + b as one GEMM of the stacked input blocks
     with W (see the module docstring); the backward is one GEMM of the stacked gradient blocks with W
     (and, only if W is trained, one for dW = Σ_blocks gy_blockᵀ x_block). Few ops on purpose: at the
-    sizes this path is for, each torch call's own cost is a visible part of the step."""
+    sizes this path is for, each torch call's own cost is a visible part of the step. A call that
+    needs no gradient skips this node: :func:`_stacked_forward`."""
 
     @staticmethod
     def forward(ctx, x, weight, s_l, s_r, bias, residual, rank, few_rows):
         out_features, in_features = weight.shape
         x2 = x.reshape(-1, in_features)
         s_l_cols, s_r_cols = _scale_columns(s_l, out_features), _scale_columns(s_r, in_features)
-        z = weight_product(_stack_blocks(x2, s_r_cols, rank, residual), weight, True, few_rows)  # [(c + r)·M, N]
-        y = _combine_blocks(z, s_l_cols, rank, residual)
-        if bias is not None:
-            y += bias
+        y, z = _stacked_forward(x2, weight, s_l_cols, s_r_cols, bias, residual, rank, few_rows)
         need_x, need_weight, need_s_l, need_s_r, _, _, _, _ = ctx.needs_input_grad
         ctx.save_for_backward(x2 if (need_s_r or need_weight) else None, weight, s_l_cols, s_r_cols,
                               z if need_s_l else None)
@@ -549,6 +557,11 @@ def rescaled_linear(
             return rows_to_shape(y, x.shape[:-1])
         return _Separable.apply(x, weight, s_l, s_r, bias, few_rows)
     if chosen == "stacked":
+        if not needs_grad:
+            out_features, in_features = weight.shape
+            y = _stacked_forward(x.reshape(-1, in_features), weight, _scale_columns(s_l, out_features),
+                                 _scale_columns(s_r, in_features), bias, residual, rank, few_rows)[0]
+            return rows_to_shape(y, x.shape[:-1])
         return _Stacked.apply(x, weight, s_l, s_r, bias, residual, rank, few_rows)
     out_features, in_features = weight.shape
     args = (x, weight, _scale_matrix(s_l, out_features, rank, x), _scale_matrix(s_r, in_features, rank, x), bias,
