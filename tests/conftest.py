@@ -16,6 +16,12 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# pytest-xdist workers (the README's `python -m pytest -n 2`) share the cores: torch's intra-op threads
+# split them, so two workers on two cores run one thread each rather than four threads on two cores.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, _cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 # torch.compile's on-disk caches key a graph on the names of its custom ops, not on their fake kernels:
 # after a change to an op's outputs (a shape, a layout), a cache warmed by the old sources replays the
 # old graph. The tests keep their inductor cache per version of the ops' sources.
