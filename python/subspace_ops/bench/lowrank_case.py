@@ -14,11 +14,14 @@ middle of a network; the adapters have rank r = 16 and scaling s = 2, i.e. PEFT'
     ``torch.compile(naive, dynamic=False)``; reported as skipped if compiling fails here.
 ``subspace_ops DoRA``
     :class:`subspace_ops.nn.lowrank.DoRALinear` (r = 16, s = 2, ``detach_norm=True`` as PEFT): the
-    row norm of W + s·AB from a thin GEMM (no [N, K] tensor), the op, one ``addcmul``.
+    row norm of W + s·AB from a thin GEMM (no [N, K] tensor), the op, one ``addcmul``. Calls without
+    gradients (``--mode inference``) reuse the row norms kept from the previous call, as evaluation
+    and decoding do (W, A, B unchanged); a training call computes them.
 ``peft DoRA r=16``
     PEFT's ``LoraConfig(r=16, lora_alpha=32, use_dora=True)`` on one nn.Linear (optional).
 ``peft DoRA r=16 accelerated``
-    The same PEFT model after :func:`subspace_ops.peft.accelerate` (PEFT's layer, our op and row norm).
+    The same PEFT model after :func:`subspace_ops.peft.accelerate` (PEFT's layer, our op and row norm,
+    kept between calls without gradients as in ``subspace_ops DoRA``).
 ``frozen F.linear`` / ``full FT`` / ``peft LoRA r=16``
     The standard layers of every linear case (:func:`subspace_ops.bench.common.standard_linear_layers`).
 
