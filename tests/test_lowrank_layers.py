@@ -281,7 +281,7 @@ def test_dora_evaluation_keeps_the_weight_norms_only_while_the_weight_is_unchang
 
 
 def test_dora_decoding_step_reads_w_once_only_where_it_applies(monkeypatch):
-    """dora_linear without a kept norm (PEFT's DoRA layers): a float32 cpu call of a few tokens that
+    """dora_linear called without a kept norm (the layers keep theirs): a float32 cpu call of a few tokens that
     records no gradient, without active dropout, takes _dora_decoding_step ([x; B] · Wᵀ in one pass
     over W) and equals the reference, with and without a bias; calls that record a gradient, active
     dropout and more than 16 rows of [x; B] take the op, as does a call given the row norms."""

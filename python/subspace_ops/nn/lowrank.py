@@ -287,8 +287,9 @@ def dora_linear(x: Tensor, weight: Tensor, a: Tensor, b: Tensor, magnitude: Tens
 def _dora_decoding_step(x: Tensor, weight: Tensor, a: Tensor, b: Tensor, magnitude: Tensor, bias: Optional[Tensor],
                         scaling: float) -> Tensor:
     """:func:`dora_linear` for a float32 cpu call of a few tokens that records no gradient (decoding)
-    and has no kept norm (PEFT's DoRA layers): x Wᵀ and the norm's W Bᵀ come from one pass over W, as the rows of [x; B] · Wᵀ on the
-    few-rows loops (M + r rows), where the op and the norm would each read W."""
+    and is given no kept norm (a direct call: the layers keep theirs, :class:`RowNormKeeper`): x Wᵀ
+    and the norm's W Bᵀ come from one pass over W, as the rows of [x; B] · Wᵀ on the few-rows loops
+    (M + r rows), where the op and the norm would each read W."""
     x2 = x.reshape(-1, x.shape[-1])
     tokens = x2.shape[0]
     both = weight_product(torch.cat([x2, b]), weight, True, True)  # [M + r, N]
