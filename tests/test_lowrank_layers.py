@@ -393,3 +393,26 @@ def test_dora_evaluation_keeps_the_row_norms_while_w_a_b_and_the_scaling_are_unc
     _perturb(layer)
     check(True, True)
     check(True, True)
+
+
+def test_dora_compiled_training_steps_drop_the_norms_eager_evaluation_kept():
+    """torch.compile(fullgraph=True) traces DoRALinear's 'a gradient call drops the kept norms' as a
+    side effect it replays, so eager evaluation after compiled fused-AdamW steps (which bump no version
+    counter) computes the norms of the new A, B."""
+    torch.manual_seed(0)
+    layer = DoRALinear(nn.Linear(40, 24), 4, backend="cpu")
+    _perturb(layer)
+    x = torch.randn(2, 40)
+    with torch.no_grad():
+        layer(x)  # keeps the norms of the initial A, B
+    compiled = torch.compile(layer, fullgraph=True)
+    optimizer = torch.optim.AdamW([p for p in layer.parameters() if p.requires_grad], lr=0.1, fused=True)
+    for _ in range(2):
+        compiled(torch.randn(3, 40)).square().sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    with torch.no_grad():
+        got = layer(x)
+    expected = reference.dora_linear(x.double(), layer.weight.double(), layer.lora_a.double(), layer.lora_b.double(),
+                                     layer.magnitude.double(), layer.bias.double(), scaling=layer.scaling)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
