@@ -15,7 +15,8 @@ pytest.importorskip("safetensors")
 timm = pytest.importorskip("timm")
 transformers = pytest.importorskip("transformers")
 
-pytestmark = pytest.mark.integration
+# one worker builds the module-scoped fixture once (under `--dist loadgroup`)
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("checkpoint")]
 
 
 def _vit(seed: int = 0) -> nn.Module:

@@ -36,7 +36,8 @@ from conftest import tiny_gpt2
 
 timm = pytest.importorskip("timm")
 
-pytestmark = pytest.mark.integration
+# one worker builds the module-scoped fixture once (under `--dist loadgroup`)
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("distributed")]
 
 WORLD = 2
 BATCH = 4  # each rank takes BATCH // WORLD

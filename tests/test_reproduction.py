@@ -17,7 +17,8 @@ pytest.importorskip("transformers")
 from subspace_ops.bench import reproduction  # noqa: E402
 from subspace_ops.bench.reproduction import Row, format_markdown, parameter_table  # noqa: E402
 
-pytestmark = pytest.mark.integration
+# one worker builds the module-scoped fixture once (under `--dist loadgroup`)
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("reproduction")]
 
 STATUSES = {"match", "match (setting inferred)", "k from paper", "±1 last digit", "differs"}
 
