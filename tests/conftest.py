@@ -16,7 +16,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# pytest-xdist workers (the README's `python -m pytest -n 2 --dist loadgroup`) share the cores: torch's
+# pytest-xdist workers (the README's `python -m pytest -n 2 --dist loadscope`) share the cores: torch's
 # intra-op threads split them, so two workers on two cores run one thread each, not four threads on two.
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

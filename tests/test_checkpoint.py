@@ -15,8 +15,7 @@ pytest.importorskip("safetensors")
 timm = pytest.importorskip("timm")
 transformers = pytest.importorskip("transformers")
 
-# one worker builds the module-scoped fixture once (under `--dist loadgroup`)
-pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("checkpoint")]
+pytestmark = pytest.mark.integration
 
 
 def _vit(seed: int = 0) -> nn.Module:

@@ -36,8 +36,7 @@ from conftest import tiny_gpt2
 
 timm = pytest.importorskip("timm")
 
-# one worker builds the module-scoped fixture once (under `--dist loadgroup`)
-pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("distributed")]
+pytestmark = pytest.mark.integration
 
 WORLD = 2
 BATCH = 4  # each rank takes BATCH // WORLD

@@ -15,7 +15,7 @@ def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text().splitlines()
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     readme_command = _command_after(readme, "# 2. install the test extras and run the full test suite")
-    assert readme_command.endswith("python -m pytest -n 2 --dist loadgroup")  # two pytest-xdist workers
+    assert readme_command.endswith("python -m pytest -n 2 --dist loadscope")  # two pytest-xdist workers
     assert _command_after(ci, "# README test command:") == readme_command
 
 

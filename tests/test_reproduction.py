@@ -17,8 +17,7 @@ pytest.importorskip("transformers")
 from subspace_ops.bench import reproduction  # noqa: E402
 from subspace_ops.bench.reproduction import Row, format_markdown, parameter_table  # noqa: E402
 
-# one worker builds the module-scoped fixture once (under `--dist loadgroup`)
-pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("reproduction")]
+pytestmark = pytest.mark.integration
 
 STATUSES = {"match", "match (setting inferred)", "k from paper", "±1 last digit", "differs"}
 
