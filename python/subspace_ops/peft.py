@@ -425,15 +425,10 @@ def _build_classes() -> dict[str, type]:
             # without the [N, K] matrix W + s·AB that PEFT forms (dropout is inactive here: _dora_reason),
             # or kept from the previous call without gradients while W, A, B are unchanged
             magnitude = self.lora_magnitude_vector[name].weight
-            norms = _dora_norms(self, name)
-            if records_gradient(x, weight, a, b, magnitude, bias):
-                norms.saw_gradient_call(self.base_layer.weight)
-                row_norm = None
-            else:
-                row_norm = norms.row_norm(self.base_layer.weight, self.lora_B[name].weight, self.lora_A[name].weight,
-                                          scaling, torch.promote_types(x.dtype, torch.float32),
-                                          resolve_backend(backend, x.device),
-                                          transposed_weight=self.fan_in_fan_out)
+            row_norm = _dora_norms(self, name).row_norm(
+                self.base_layer.weight, self.lora_B[name].weight, self.lora_A[name].weight, scaling,
+                torch.promote_types(x.dtype, torch.float32), resolve_backend(backend, x.device),
+                recording=records_gradient(x, weight, a, b, magnitude, bias), transposed_weight=self.fan_in_fan_out)
             out = dora_linear(x, weight, a, b, magnitude, bias, scaling, detach_norm=True, backend=backend,
                               row_norm=row_norm)
             # PEFT's DoRA term is (c - 1)·... with c viewed as [1, out]: broadcast against a 1-D input's

@@ -199,12 +199,12 @@ class RowNormKeeper:
     tensor itself (a weak reference: a dead or other tensor never matches, and nothing is held
     alive), its version counter (in-place writes, ``load_state_dict``), storage and device
     (``.to()``, ``.data =``). ‖W_n‖², which only W's changes touch, is kept apart, so the first
-    call after a training step redoes only W Bᵀ. Not seen, hence the owner's duties:
+    call after a training step redoes only W Bᵀ. Not seen by those checks:
 
     - torch's fused AdamW (``fused=True``; torch 2.14's CPU build) updates parameters without
-      bumping their version counters: the owner calls :meth:`saw_gradient_call` on every call that
-      records a gradient (an optimizer step can only follow one), which drops the row norms (and
-      ‖W_n‖² when W itself is trained);
+      bumping their version counters: so a call that records a gradient (an optimizer step can only
+      follow one) drops the row norms, and ‖W_n‖² when W itself is trained (:meth:`row_norm`'s
+      ``recording``);
     - writes through ``.data`` (PEFT's merge/unmerge write W that way): the owner calls :meth:`forget`.
 
     None under torch.compile (no state across traced calls) and on the reference backend (the
@@ -227,15 +227,15 @@ class RowNormKeeper:
     def __setstate__(self, state: dict) -> None:
         self.forget()
 
-    def saw_gradient_call(self, weight: Tensor) -> None:
-        """A call that records a gradient: a step may follow, so drop what a step may change."""
-        self.forget(weight_too=weight.requires_grad)
-
-    def row_norm(self, weight: Tensor, a: Tensor, b: Tensor, scaling: float, acc: torch.dtype, backend: str,
-                 transposed_weight: bool = False) -> Optional[Tensor]:
+    def row_norm(self, weight: Tensor, a: Tensor, b: Tensor, scaling: float, acc: torch.dtype, backend: str, *,
+                 recording: bool, transposed_weight: bool = False) -> Optional[Tensor]:
         """‖W_n + s·(AB)_n‖ in ``acc`` for a call that records no gradient, from the kept one while it
-        holds (see the class docstring). ``weight`` is the parameter itself, ``[N, K]`` or, with
-        ``transposed_weight`` (GPT-2's Conv1D under PEFT), ``[K, N]``."""
+        holds (see the class docstring); None for a call that does (``recording``: its norm carries a
+        graph), which also drops what the step that may follow can change. ``weight`` is the parameter
+        itself, ``[N, K]`` or, with ``transposed_weight`` (GPT-2's Conv1D under PEFT), ``[K, N]``."""
+        if recording:  # also when compiling: Dynamo replays the drop as a side effect of the graph
+            self.forget(weight_too=weight.requires_grad)
+            return None
         if torch.compiler.is_compiling() or backend == "reference":
             return None
         w = weight.t() if transposed_weight else weight
@@ -406,13 +406,10 @@ class DoRALinear(MergeableLinear):
         if self.merged:
             return F.linear(x, self.weight, self.bias)
         dtype = compute_dtype(x, self.weight)
-        records = records_gradient(x, self.weight, self.lora_a, self.lora_b, self.magnitude, self.bias)
-        if records:
-            self._norms.saw_gradient_call(self.weight)
-            row_norm = None
-        else:
-            row_norm = self._norms.row_norm(self.weight, self.lora_a, self.lora_b, self.scaling, _acc_dtype(dtype),
-                                            resolve_backend(self.backend, self.weight.device))
+        row_norm = self._norms.row_norm(
+            self.weight, self.lora_a, self.lora_b, self.scaling, _acc_dtype(dtype),
+            resolve_backend(self.backend, self.weight.device),
+            recording=records_gradient(x, self.weight, self.lora_a, self.lora_b, self.magnitude, self.bias))
         return dora_linear(x.to(dtype), self.weight, self.lora_a, self.lora_b, self.magnitude,
                            None if self.bias is None else self.bias.to(dtype), self.scaling,
                            detach_norm=self.detach_norm, dropout_p=self.dropout, training=self.training,
